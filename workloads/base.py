@@ -85,6 +85,17 @@ class GuestContext(Protocol):
         """Account one completed I/O (a packet, an NVMe command)."""
         ...
 
+    # host second-level churn (the VMM changes the VM's GPA->HPA map)
+    def balloon_inflate(self, t_ns: int, npages: int) -> int:
+        """The guest gives ``npages`` free pages back to the host; returns pages given."""
+        ...
+    def balloon_deflate(self, t_ns: int, npages: int) -> int:
+        """The host returns up to ``npages`` ballooned pages; returns pages returned."""
+        ...
+    def unplug(self, t_ns: int, npages: int) -> int:
+        """The VMM unplugs ``npages`` of guest memory (the guest stops using them first)."""
+        ...
+
 
 class Workload(ABC):
     """A device and its driver loop. Subclasses set ``kind``, ``Params`` and ``start``."""
