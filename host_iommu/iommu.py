@@ -1,0 +1,507 @@
+"""HostIommu: one host's memory, VT-d remapping hardware and the host driver state around it.
+
+Ties together what the hardware holds (root/context/PASID structures in memory, the IOTLB,
+paging-structure caches, PASID and context caches, device-TLBs, the invalidation queue, the
+fault log) and what the host kernel keeps per VM (its memory map and second-level table).
+``translate`` is the hardware's DMA-remapping path for a batch of requests (VT-d spec 3.x
+chapter 3, QEMU vtd_do_iommu_translate); invalidations apply at their modelled effect time
+(``advance_to``), unlike QEMU which completes each descriptor inside the tail write.
+The VMM-facing interfaces (VFIO-style shadow map/unmap, iommufd-style nested allocation and
+invalidation) live in host_iommu/vfio.py and host_iommu/nested.py.
+
+Batch semantics: a batch is one run of DMA requests with no table change or invalidation
+between them. Every request looks up the caches as they were when the batch started; misses
+for the same (DID, PASID, 4-KiB page, access) are coalesced into one walk (the first walks,
+the others wait for it and count as IOTLB hits), and fills apply afterwards in request order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from host_iommu import qi
+from host_iommu.costs import CostModel
+from host_iommu.defs import (
+    ACCESS_WRITE,
+    KIND_DATA,
+    KIND_GUEST_TABLE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    RESULT_DTYPE,
+    FaultReason,
+    Stage,
+)
+from host_iommu.fault import FaultLog
+from host_iommu.iotlb import (
+    IOTLB,
+    ContextCache,
+    DeviceTLB,
+    PagingStructureCache,
+    PasidCache,
+)
+from host_iommu.memory import HostMemory
+from host_iommu.pasid import (
+    CE_P,
+    PASID_ENTRY_WORDS,
+    ContextEntry,
+    PasidEntry,
+    ScalableModeTables,
+    decode_pasid_entry,
+)
+from host_iommu.pgtable import HostTableStore, PageTable
+from host_iommu.qi import InvalidationQueue, InvCommand, apply
+from host_iommu.walk import WalkBatch, Walker
+
+U64 = np.uint64
+
+
+@dataclass(frozen=True)
+class IommuParams:
+    """Hardware and host-driver parameters of one host (the `[host]` config table)."""
+
+    memory_mib: int = 8192
+    haw: int = 46
+    iotlb_entries: int = 1024
+    iotlb_ways: int = 8
+    page_walk_cache: bool = True
+    pwc_entries: int = 256
+    pwc_ways: int = 4
+    pasid_cache_entries: int = 64
+    context_cache_entries: int = 64
+    devtlb_entries: int = 64
+    devtlb_ways: int = 4
+    sl_page_order: int = 0
+    sl_levels: int = 4
+    fault_records: int = 256
+    qi_entries: int = 256
+
+
+@dataclass
+class VmMemory:
+    """A VM's memory as the host sees it: GPA frame -> HPA frame, and its second level."""
+
+    vm: int
+    gpa_frames: int
+    hpa_of: np.ndarray          # int64 per GPA frame, -1 where not backed (ballooned/unplugged)
+    sl: PageTable               # GPA -> HPA, in host memory
+    did: int                    # DID of the VM's second-level (pass-through) domain
+    tags: list[tuple[str, int, int, int]] = field(default_factory=list)
+    # cache tags derived from this second level: (kind, did, sid, pasid); kind "sl" or "nested"
+
+
+@dataclass
+class TranslateStats:
+    translations: int = 0
+    iotlb_hits: int = 0
+    iotlb_misses: int = 0
+    devtlb_hits: int = 0
+    walk_refs: int = 0
+    ctx_refs: int = 0
+    faults: int = 0
+    ad_writes: int = 0
+
+
+class CacheSet:
+    """Every translation cache of one IOMMU, and what each invalidation drops from them.
+
+    The qi.InvalidationTarget that qi.apply dispatches to. Keeping "who caches what" in one
+    place (Linux cache.c keeps cache tags for the same reason) makes it visible that every
+    descriptor reaches every cache that could hold something derived from what it names.
+    """
+
+    def __init__(self, p: IommuParams) -> None:
+        self.iotlb = IOTLB(p.iotlb_entries, p.iotlb_ways)
+        use_pwc = p.page_walk_cache and p.pwc_entries > 0
+        self.fl_pwc = PagingStructureCache(p.pwc_entries, p.pwc_ways, "fl") if use_pwc else None
+        self.sl_pwc = PagingStructureCache(p.pwc_entries, p.pwc_ways, "sl") if use_pwc else None
+        self.pasidc = PasidCache(p.pasid_cache_entries, min(4, p.pasid_cache_entries) or 1)
+        self.ctxc = ContextCache(p.context_cache_entries, min(4, p.context_cache_entries) or 1)
+        self.dtlb = DeviceTLB(p.devtlb_entries, p.devtlb_ways)
+
+    def _pwcs(self):
+        return [c for c in (self.fl_pwc, self.sl_pwc) if c is not None]
+
+    def iotlb_global(self) -> None:
+        self.iotlb.inv_global()
+        for pwc in self._pwcs():
+            pwc.inv_global()
+
+    def iotlb_domain(self, did: int) -> None:
+        self.iotlb.inv_domain(did)
+        for pwc in self._pwcs():
+            pwc.inv_domain(did)
+
+    def iotlb_page(self, did: int, addr: int, am: int, ih: bool) -> None:
+        self.iotlb.inv_page(did, addr, am, int(ih))
+        if not ih and self.sl_pwc is not None:
+            self.sl_pwc.inv_range(did, None, addr, am)
+        if not ih and self.fl_pwc is not None:
+            # first-level structures of nested translations over this second level
+            self.fl_pwc.inv_domain(did)
+
+    def piotlb_pasid(self, did: int, pasid: int) -> None:
+        self.iotlb.inv_pasid(did, pasid)
+        if self.fl_pwc is not None:
+            self.fl_pwc.inv_pasid(did, pasid)
+
+    def piotlb_page(self, did: int, pasid: int, addr: int, am: int, ih: bool) -> None:
+        self.iotlb.inv_pasid_page(did, pasid, addr, am, int(ih))
+        if not ih and self.fl_pwc is not None:
+            self.fl_pwc.inv_range(did, pasid, addr, am)
+
+    def pasid_cache(self, gran: int, did: int, pasid: int) -> None:
+        if gran == qi.QI_PC_GLOBAL:
+            self.pasidc.inv_global()
+        elif gran == qi.QI_PC_PASID_SEL:
+            self.pasidc.inv_pasid(did, pasid)
+        else:
+            self.pasidc.inv_domain(did)
+
+    def context_cache(self, gran: int, did: int, sid: int, fm: int) -> None:
+        if gran == qi.QI_CC_GRAN_DEVICE:
+            self.ctxc.inv_device(sid, fm)
+            self.pasidc.inv_sid(sid)
+        else:  # scalable-mode context entries carry no DID: domain-selective drops all
+            self.ctxc.inv_global()
+            self.pasidc.inv_global()
+
+    def devtlb(self, sid: int, pasid: int | None, addr: int, size_bytes: int) -> None:
+        self.dtlb.inv(sid, pasid, addr, size_bytes)
+
+    def iec(self, gran: int, iidx: int, im: int) -> None:
+        """Interrupt entry cache: interrupt remapping is not emulated."""
+
+
+class HostIommu:
+    """One host: memory, VMs' second levels, remapping hardware. Knows nothing of Ray."""
+
+    def __init__(self, params: IommuParams | None = None, costs: CostModel | None = None,
+                 host: int = 0) -> None:
+        self.p = params or IommuParams()
+        self.costs = costs or CostModel()
+        self.host = host
+        frames = (self.p.memory_mib << 20) >> PAGE_SHIFT
+        self.mem = HostMemory(frames)
+        self.sm = ScalableModeTables(self.mem)
+        p = self.p
+        self.caches = CacheSet(p)
+        c = self.caches
+        self.iotlb, self.fl_pwc, self.sl_pwc = c.iotlb, c.fl_pwc, c.sl_pwc
+        self.walker = Walker(self.mem, p.haw, self.fl_pwc, self.sl_pwc)
+        self.qi = InvalidationQueue(p.qi_entries, self.costs)
+        self.faults = FaultLog(p.fault_records)
+        self.vms: dict[int, VmMemory] = {}
+        self.owner_of_sid: dict[int, int] = {}
+        self.ats_sids: set[int] = set()
+        self.stats = TranslateStats()
+        self.stats_by_vm: dict[int, TranslateStats] = {}
+        self._pending: list[tuple[int, int, InvCommand]] = []
+        self._pending_seq = 0
+        self._next_did = 1
+        self.now_ns = 0
+
+    # --- domains and VMs ------------------------------------------------------------------
+    def alloc_did(self) -> int:
+        did = self._next_did
+        self._next_did += 1
+        if did > 0xFFFF:
+            raise RuntimeError("domain ids exhausted (16-bit DID)")
+        return did
+
+    def create_vm(self, vm: int, memory_bytes: int, sl_levels: int | None = None,
+                  sl_page_order: int | None = None) -> VmMemory:
+        """Give VM ``vm`` its memory and a second level mapping all of it (GPA 0..size)."""
+        if vm in self.vms or vm < 1:
+            raise ValueError(f"VM id {vm} is taken or invalid (ids start at 1)")
+        order = self.p.sl_page_order if sl_page_order is None else sl_page_order
+        levels = self.p.sl_levels if sl_levels is None else sl_levels
+        chunk = 1 << (9 * order)                       # frames per second-level page
+        gpa_frames = -(-(memory_bytes >> PAGE_SHIFT) // chunk) * chunk
+        hpa_of = np.full(gpa_frames, -1, dtype=np.int64)
+        sl = PageTable(HostTableStore(self.mem, 0), "sl", levels, self.p.haw, max_order=order)
+        if chunk == 1:
+            hpa_of[:] = self.mem.alloc_frames(gpa_frames, vm, KIND_DATA)
+        else:
+            for i in range(0, gpa_frames, chunk):
+                base = self.mem.alloc_contiguous(chunk, vm, align=chunk, kind=KIND_DATA)
+                hpa_of[i:i + chunk] = np.arange(base, base + chunk)
+        self._map_sl_runs(sl, hpa_of, 0, gpa_frames, order)
+        vmm = VmMemory(vm, gpa_frames, hpa_of, sl, self.alloc_did())
+        self.vms[vm] = vmm
+        self.stats_by_vm[vm] = TranslateStats()
+        return vmm
+
+    @staticmethod
+    def _map_sl_runs(sl: PageTable, hpa_of: np.ndarray, start: int, end: int,
+                     order: int) -> int:
+        """Map GPA frames [start, end) by runs of physically contiguous frames."""
+        writes = 0
+        f = start
+        frames = hpa_of[start:end]
+        if frames.size == 0:
+            return 0
+        breaks = np.flatnonzero((np.diff(frames) != 1) | (frames[1:] < 0) | (frames[:-1] < 0))
+        bounds = [0, *(breaks + 1).tolist(), frames.size]
+        for a, b in itertools.pairwise(bounds):
+            if frames[a] < 0:
+                continue
+            f = start + a
+            writes += sl.map(f << PAGE_SHIFT, int(frames[a]) << PAGE_SHIFT,
+                             (b - a) << PAGE_SHIFT, max_order=order)
+        return writes
+
+    def attach_device(self, sid: int, vm: int, *, ats: bool = False, fpd: bool = False) -> None:
+        """Assign device ``sid`` to ``vm`` (VFIO device open): context entry + PASID dir."""
+        self.sm.attach_device(sid, fpd=fpd, dte=ats)
+        self.owner_of_sid[sid] = vm
+        if ats:
+            self.ats_sids.add(sid)
+
+    def set_pasid_entry(self, sid: int, pasid: int, entry: PasidEntry) -> None:
+        self.sm.set_pasid_entry(sid, pasid, entry)
+        self.caches.pasidc.inv_pasid(entry.did, pasid)  # programming + 0x7 PASID-selective
+
+    def gpa_to_hpa(self, vm: int, gpa: int) -> int | None:
+        """The VMM's (and KVM's) view of guest memory: None if not backed."""
+        v = self.vms[vm]
+        f = gpa >> PAGE_SHIFT
+        if f < 0 or f >= v.gpa_frames or v.hpa_of[f] < 0:
+            return None
+        return (int(v.hpa_of[f]) << PAGE_SHIFT) | (gpa & (PAGE_SIZE - 1))
+
+    # --- guest memory writes (the guest's own page tables) ---------------------------------
+    def guest_write(self, vm: int, gpa: np.ndarray, value: np.ndarray) -> int:
+        """Guest CPU stores of 64-bit values at GPAs (its first-level table entries).
+
+        Returns how many were dropped because the GPA is not backed (a guest bug: the store
+        goes nowhere, as a store to unbacked memory would fault the vCPU, not the IOMMU).
+        """
+        v = self.vms[vm]
+        f = (np.asarray(gpa, dtype=U64) >> U64(PAGE_SHIFT)).astype(np.int64)
+        ok = (f < v.gpa_frames)
+        ok[ok] &= v.hpa_of[f[ok]] >= 0
+        hf = v.hpa_of[np.where(ok, f, 0)]
+        for frame in np.unique(hf[ok]).tolist():
+            if not self.mem.has_table(frame):
+                self.mem.table(frame)
+                self.mem.kind[frame] = KIND_GUEST_TABLE
+        slots = self.mem.slot_of[hf[ok]]
+        idx = ((np.asarray(gpa, dtype=U64)[ok] >> U64(3)) & U64(511)).astype(np.int64)
+        self.mem.slab[slots, idx] = np.asarray(value, dtype=U64)[ok]
+        self.mem.pte_writes += int(ok.sum())
+        return int((~ok).sum())
+
+    # --- invalidation timing ----------------------------------------------------------------
+    def submit_qi(self, descs: np.ndarray, t_ns: int) -> tuple[int, int]:
+        """Host driver submits descriptors (qi_submit_sync): schedules their effects.
+
+        Returns (completion time of the last wait or of the last descriptor, descriptors).
+        """
+        res = self.qi.submit(descs, t_ns)
+        for t_eff, cmd in res.commands:
+            heapq.heappush(self._pending, (t_eff, self._pending_seq, cmd))
+            self._pending_seq += 1
+        if res.error is not None:  # the host driver's own descriptors are well-formed
+            self.qi.clear_iqe()
+            raise RuntimeError(f"host QI rejected its own descriptor: {res.error}")
+        done = max([t_ns, *res.wait_done_ns, *(t for t, _ in res.commands)])
+        return done, res.processed
+
+    def advance_to(self, t_ns: int) -> None:
+        """Apply every invalidation whose effect time is <= t_ns, in time order."""
+        while self._pending and self._pending[0][0] <= t_ns:
+            _t, _s, cmd = heapq.heappop(self._pending)
+            apply(cmd, self.caches)
+        self.now_ns = max(self.now_ns, t_ns)
+
+    def next_effect_ns(self) -> int | None:
+        return self._pending[0][0] if self._pending else None
+
+    def drain(self) -> None:
+        """Apply all pending invalidations now (end of run / tests)."""
+        while self._pending:
+            apply(heapq.heappop(self._pending)[2], self.caches)
+
+    # --- translation ------------------------------------------------------------------------
+    def _resolve(self, sid: int, pasid: int) -> tuple[PasidEntry | None, int, int, bool, bool]:
+        """(entry, fault, ctx_refs, fpd, dte) for one (sid, pasid), through the caches."""
+        refs = 0
+        chit, _did, cwords = self.caches.ctxc.lookup(np.array([sid]))
+        if chit[0]:
+            w0 = int(cwords[0, 0])
+            ce = ContextEntry(fpd=bool(w0 & 2), dte=bool(w0 & 4),
+                              pasid_dir=w0 & ~0xFFF & 0xFFFF_FFFF_FFFF_FFFF,
+                              pdts=(w0 >> 9) & 7, rid_pasid=int(cwords[0, 1]) & 0xFFFFF)
+        else:
+            ce, fault, r = self.sm.fetch_context(sid)
+            refs += r
+            if ce is None:
+                return None, int(fault), refs, False, False
+            w0 = (ce.pasid_dir | (ce.pdts << 9) | (4 if ce.dte else 0)
+                  | (2 if ce.fpd else 0) | CE_P)
+            self.caches.ctxc.fill(np.array([sid]), np.array([0]),
+                                    np.array([[w0, ce.rid_pasid, 0, 0]], dtype=U64))
+        phit, _pdid, pwords = self.caches.pasidc.lookup(np.array([sid]), np.array([pasid]))
+        if phit[0]:
+            decoded = decode_pasid_entry([int(x) for x in pwords[0]])
+            if isinstance(decoded, FaultReason):
+                return None, int(decoded), refs, ce.fpd, ce.dte
+            return decoded, 0, refs, ce.fpd or decoded.fpd, ce.dte
+        entry, fault, r, fpd = self.sm.fetch_pasid_entry(ce, pasid)
+        refs += r
+        if entry is None:
+            return None, int(fault), refs, fpd, ce.dte
+        words = entry.encode()
+        self.caches.pasidc.fill(np.array([sid]), np.array([pasid]), np.array([entry.did]),
+                              np.array([words[:PASID_ENTRY_WORDS]], dtype=U64))
+        return entry, 0, refs, fpd, ce.dte
+
+    def translate(self, sid: np.ndarray, pasid: np.ndarray, addr: np.ndarray,
+                  access: np.ndarray, t_ns: np.ndarray | None = None) -> np.ndarray:
+        """Translate a batch of DMA requests (each within one 4-KiB page).
+
+        Returns a RESULT_DTYPE array. Faults are recorded in the fault log (unless FPD).
+        """
+        sid = np.asarray(sid, dtype=np.int64)
+        pasid = np.asarray(pasid, dtype=np.int64)
+        addr = np.asarray(addr, dtype=U64)
+        access = np.asarray(access, dtype=np.uint8)
+        n = sid.size
+        out = np.zeros(n, dtype=RESULT_DTYPE)
+        if n == 0:
+            return out
+        # 1. context: one resolution per distinct (sid, pasid), first occurrence pays.
+        key = (sid << 20) | pasid
+        uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+        nu = uniq.size
+        pgtt = np.zeros(nu, np.uint8)
+        did = np.zeros(nu, np.int64)
+        flptr = np.zeros(nu, U64)
+        fl_levels = np.full(nu, 4, np.uint8)
+        slptr = np.zeros(nu, U64)
+        sl_levels = np.full(nu, 4, np.uint8)
+        ssade = np.zeros(nu, bool)
+        cfault = np.zeros(nu, np.uint8)
+        fpd = np.zeros(nu, bool)
+        dte = np.zeros(nu, bool)
+        crefs = np.zeros(nu, np.int64)
+        for u in range(nu):
+            e, f, r, fp, dt = self._resolve(int(uniq[u]) >> 20, int(uniq[u]) & 0xFFFFF)
+            crefs[u], cfault[u], fpd[u], dte[u] = r, f, fp, dt
+            if e is not None:
+                pgtt[u], did[u], flptr[u], fl_levels[u] = e.pgtt, e.did, e.flptr, e.fl_levels
+                slptr[u], sl_levels[u], ssade[u] = e.slptr, e.sl_levels, e.ssade
+        ctx_refs = np.zeros(n, np.int64)
+        ctx_refs[first] = crefs
+        out["ctx_refs"] = ctx_refs
+        r_fault = cfault[inv]
+        out["fault"] = r_fault
+        out["stage"] = np.where(r_fault != 0, Stage.CONTEXT, 0)
+        r_did = did[inv]
+        live = r_fault == 0
+
+        # 2. device-TLB for ATS devices: a hit needs no IOMMU look-up at all.
+        r_dte = dte[inv] & live
+        devtlb_hit = np.zeros(n, bool)
+        if r_dte.any():
+            ix = np.flatnonzero(r_dte)
+            h, hpa, perm, order = self.caches.dtlb.lookup(sid[ix], pasid[ix], addr[ix])
+            need = np.where(access[ix] == ACCESS_WRITE, 2, 1).astype(np.uint8)
+            h &= (perm & need) == need
+            hx = ix[h]
+            devtlb_hit[hx] = True
+            out["hpa"][hx] = hpa[h]
+            out["page_order"][hx] = order[h]
+            live &= ~devtlb_hit
+
+        # 3. IOTLB.
+        ix = np.flatnonzero(live)
+        hit, hpa, perm, order, _pg = self.iotlb.lookup(r_did[ix], pasid[ix], addr[ix])
+        need = np.where(access[ix] == ACCESS_WRITE, 2, 1).astype(np.uint8)
+        hit &= (perm & need) == need
+        out["hpa"][ix[hit]] = hpa[hit]
+        out["page_order"][ix[hit]] = order[hit]
+        out["iotlb_hit"][ix[hit]] = True
+        miss = ix[~hit]
+
+        # 4. walk the misses, coalesced by (did, pasid, page, access).
+        if miss.size:
+            mkey = np.stack([r_did[miss], pasid[miss],
+                             (addr[miss] >> U64(PAGE_SHIFT)).astype(np.int64),
+                             access[miss].astype(np.int64)], axis=1)
+            _u, lead_pos, back = np.unique(mkey, axis=0, return_index=True, return_inverse=True)
+            back = back.reshape(-1)
+            lead_pos = np.sort(lead_pos)
+            # map each miss to its leader (first occurrence in request order)
+            leader_of_key = {}
+            for pos in lead_pos.tolist():
+                leader_of_key[int(back[pos])] = pos
+            lead_idx = np.array([leader_of_key[int(k)] for k in back.tolist()], dtype=np.int64)
+            leaders = miss[lead_pos]
+            u = inv[leaders]
+            wb = WalkBatch(addr=addr[leaders], access=access[leaders], pgtt=pgtt[u], did=did[u],
+                           pasid=pasid[leaders], flptr=flptr[u], fl_levels=fl_levels[u],
+                           slptr=slptr[u], sl_levels=sl_levels[u], ssade=ssade[u])
+            wr = self.walker.walk(wb)
+            self.stats.ad_writes += wr.ad_writes
+            # results for leaders
+            out["hpa"][leaders] = wr.hpa
+            out["fault"][leaders] = wr.fault
+            out["stage"][leaders] = wr.stage
+            out["walk_refs"][leaders] = wr.walk_refs
+            out["page_order"][leaders] = wr.order
+            # followers take the leader's outcome, offset within the page
+            pos_in_leaders = np.searchsorted(lead_pos, lead_idx)
+            followers = np.flatnonzero(lead_idx != np.arange(miss.size))
+            if followers.size:
+                fr = miss[followers]
+                src = pos_in_leaders[followers]
+                ok = wr.fault[src] == 0
+                base = wr.hpa[src] & ~U64(PAGE_SIZE - 1)
+                out["hpa"][fr] = np.where(ok, base | (addr[fr] & U64(PAGE_SIZE - 1)), 0)
+                out["fault"][fr] = wr.fault[src]
+                out["stage"][fr] = wr.stage[src]
+                out["page_order"][fr] = wr.order[src]
+                out["iotlb_hit"][fr] = ok
+            # IOTLB fills for successful walks, in request order
+            okw = wr.fault == 0
+            if okw.any():
+                o = wr.order[okw].astype(np.int64)
+                shift = (PAGE_SHIFT + 9 * o).astype(U64)
+                page_base = (wr.hpa[okw] >> shift) << shift
+                self.iotlb.fill(wb.did[okw], wb.pasid[okw], wb.addr[okw], o, page_base,
+                                wr.perm[okw], wb.pgtt[okw])
+            # device-TLB fills (ATS translation completions)
+            dfill = r_dte[leaders] & okw
+            if dfill.any():
+                o = wr.order[dfill].astype(np.int64)
+                shift = (PAGE_SHIFT + 9 * o).astype(U64)
+                self.caches.dtlb.fill(sid[leaders][dfill], pasid[leaders][dfill],
+                                 addr[leaders][dfill], o, (wr.hpa[dfill] >> shift) << shift,
+                                 wr.perm[dfill])
+        out["hpa"][out["fault"] != 0] = 0
+
+        # 5. statistics and fault records
+        st = self.stats
+        st.translations += n
+        st.devtlb_hits += int(devtlb_hit.sum())
+        st.iotlb_hits += int(out["iotlb_hit"].sum())
+        st.iotlb_misses += int(miss.size - (followers.size if miss.size else 0))
+        st.walk_refs += int(out["walk_refs"].sum())
+        st.ctx_refs += int(out["ctx_refs"].sum())
+        faulted = np.flatnonzero(out["fault"] != 0)
+        st.faults += faulted.size
+        if faulted.size:
+            vm_of = np.array([self.owner_of_sid.get(int(s), 0) for s in sid[faulted]])
+            tt = (np.zeros(faulted.size, np.int64) if t_ns is None
+                  else np.asarray(t_ns, dtype=np.int64)[faulted])
+            self.faults.record(tt, vm_of, sid[faulted], pasid[faulted], addr[faulted],
+                               access[faulted], out["fault"][faulted], out["stage"][faulted],
+                               fpd=fpd[inv][faulted])
+        out["iotlb_hit"] |= devtlb_hit
+        self._last_devtlb_hit = devtlb_hit
+        return out

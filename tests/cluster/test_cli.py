@@ -1,0 +1,196 @@
+"""Command line: user errors exit 2 with "error:" and the key; run/validate/report/trace."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pyarrow as pa
+import pytest
+
+import cluster.config
+from cluster.cli import main
+from cluster.results import RunWriter
+
+
+class Nvme:
+    @dataclass(frozen=True)
+    class Params:
+        rogue_fraction: float = 0.0
+        queue_depth: int = 32
+
+
+REG = SimpleNamespace(WORKLOADS={"nvme": Nvme}, CHURN_PARAMS=None)
+
+GOOD = """\
+[experiment]
+name = "cli"
+[vm.web]
+mode = "shadow"
+policy = "lazy"
+count = 2
+[vm.web.workload]
+kind = "nvme"
+"""
+
+SUMMARY = pa.table({
+    "run": ["r"], "vm": [1], "mode": ["shadow"], "policy": ["strict"], "workload": ["nvme"],
+    "sim_ns": [1000], "ios": [4], "bytes": [4096], "vm_exits": [8], "inv_descriptors": [8],
+    "walk_refs": [0], "translations": [4], "iotlb_hits": [4], "iotlb_misses": [0],
+    "stale_dma": [0], "cross_vm_dma": [0], "faults": [0],
+})
+
+
+@pytest.fixture(autouse=True)
+def registry(monkeypatch):
+    monkeypatch.setattr(cluster.config, "_default_registry", lambda: REG)
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(GOOD)
+    return p
+
+
+@pytest.fixture
+def fake_runner(monkeypatch):
+    calls = []
+    mod = ModuleType("cluster.runner")
+    mod.BACKENDS = ("inproc",)
+
+    def run_config(cfg, out_dir, backend="inproc", overwrite=False):
+        calls.append((cfg, out_dir, backend, overwrite))
+        w = RunWriter(out_dir, cfg, overwrite=overwrite)
+        w.write_table("summary", SUMMARY)
+        return SimpleNamespace(path=w.commit(), summary=SUMMARY)
+
+    mod.run_config = run_config
+    monkeypatch.setitem(sys.modules, "cluster.runner", mod)
+    return calls
+
+
+def user_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert "error:" in out.err and "Traceback" not in out.err
+    return out.err
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    (GOOD + "colour = 1\n", "vm.web.workload.colour"),
+    (GOOD.replace("count = 2", "count = -2"), "vm.web.count"),
+    (GOOD.replace('"shadow"', '"emulated"'), "vm.web.mode"),
+    (GOOD.replace('"nvme"', '"gpu"'), "vm.web.workload.kind"),
+    (GOOD + "queue_depth = 'x'\n", "vm.web.workload.queue_depth"),
+    (GOOD + "[host]\niotlb_ways = 3\n", "host.iotlb_ways"),
+    (GOOD.replace('name = "cli"', 'name = "cli"\nepoch_us = 99999'), "experiment.epoch_us"),
+    (GOOD + "[bogus]\n", "bogus"),
+])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_hostile_configs_exit_2_naming_key(tmp_path, capsys, fake_runner, text, key, command):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    err = user_error(capsys, [command, str(p), "--out", str(tmp_path / "r")]
+                     if command == "run" else [command, str(p)])
+    assert key in err
+    assert fake_runner == []
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("vm.web.count", "vm.web.count"),
+    ("=1", "<empty>"),
+    ("vm.web.vcpus=0", "vm.web.vcpus"),
+])
+def test_bad_set_exits_2(capsys, cfg_file, override, key):
+    assert key in user_error(capsys, ["validate", str(cfg_file), "--set", override])
+
+
+def test_missing_and_unparsable_files(tmp_path, capsys):
+    assert "nope.toml" in user_error(capsys, ["validate", str(tmp_path / "nope.toml")])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[experiment\n")
+    assert "bad.toml" in user_error(capsys, ["validate", str(bad)])
+    assert "nothing" in user_error(capsys, ["report", str(tmp_path / "nothing")])
+    assert "summary.parquet" in user_error(capsys, ["report", str(tmp_path)])
+
+
+def test_validate_prints_resolved_config(capsys, cfg_file):
+    assert main(["validate", str(cfg_file), "--set", "vm.web.count=3"]) == 0
+    out = capsys.readouterr().out
+    assert "web: 3 x shadow/strict" in out and "nvme" in out
+    assert "note: vm.web: shadow mode forces strict" in out
+
+
+def test_run_calls_runner_and_prints_summary(tmp_path, capsys, cfg_file, fake_runner):
+    out_dir = tmp_path / "res"
+    assert main(["run", str(cfg_file), "--out", str(out_dir), "--set", "vm.web.count=1"]) == 0
+    (cfg, out, backend, overwrite) = fake_runner[0]
+    assert cfg.vms[0].count == 1 and out == str(out_dir)
+    assert (backend, overwrite) == ("inproc", False)
+    text = capsys.readouterr().out
+    assert "note: vm.web" in text and "shadow" in text and "results: " in text
+    # the same run again: the existing folder is a user error unless --overwrite
+    assert "already exists" in user_error(capsys, ["run", str(cfg_file), "--out",
+                                                   str(out_dir), "--set", "vm.web.count=1"])
+    assert main(["run", str(cfg_file), "--out", str(out_dir), "--set", "vm.web.count=1",
+                 "--overwrite"]) == 0
+    capsys.readouterr()
+    # report over one run and over the experiment
+    (run_dir,) = (out_dir / "cli").iterdir()
+    for target in (run_dir, out_dir / "cli"):
+        assert main(["report", str(target)]) == 0
+        assert "shadow" in capsys.readouterr().out
+
+
+def test_unknown_backend(capsys, cfg_file, fake_runner):
+    err = user_error(capsys, ["run", str(cfg_file), "--backend", "slurm"])
+    assert "slurm" in err and "inproc" in err and fake_runner == []
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys, cfg_file, fake_runner):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules["cluster.runner"], "run_config", interrupted)
+    assert main(["run", str(cfg_file)]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_usage_error_and_help_return_codes(capsys):
+    assert main([]) == 2
+    assert main(["--help"]) == 0
+    assert "shadow, nested, passthrough" in capsys.readouterr().out
+
+
+@pytest.fixture
+def fake_trace(monkeypatch):
+    mod = ModuleType("workloads.trace")
+
+    class TraceError(Exception):
+        pass
+
+    def import_ftrace(text_path, out_path, device=None):
+        if "garbage" in Path(text_path).read_text():
+            raise TraceError("line 1: not an iommu:map/unmap event")
+        return {"maps": 2, "unmaps": 1, "device": device}
+
+    mod.TraceError = TraceError
+    mod.import_ftrace = import_ftrace
+    monkeypatch.setitem(sys.modules, "workloads.trace", mod)
+
+
+def test_trace_import(tmp_path, capsys, fake_trace):
+    src = tmp_path / "ftrace.txt"
+    src.write_text("ok\n")
+    assert main(["trace", "import", str(src), "-o", str(tmp_path / "t.msgpack"),
+                 "--device", "0000:00:03.0"]) == 0
+    out = capsys.readouterr().out
+    assert "maps: 2" in out and "unmaps: 1" in out and "0000:00:03.0" in out
+    src.write_text("garbage\n")
+    err = user_error(capsys, ["trace", "import", str(src), "-o", str(tmp_path / "t")])
+    assert "not an iommu:map/unmap event" in err and "ftrace.txt" in err
+    assert "missing.txt" in user_error(capsys, ["trace", "import", str(tmp_path / "missing.txt"),
+                                                "-o", str(tmp_path / "t")])

@@ -1,0 +1,233 @@
+"""An NVMe drive and its driver: SQ/CQ rings, PRP1/PRP2 and PRP list pages, closed-loop I/O.
+
+Follows NVMe Base Specification 1.4 (4.1 submission/completion queues, 4.3 Physical Region
+Page entries and lists) and Linux drivers/nvme/host/pci.c (nvme_map_data,
+nvme_pci_setup_prps: PRP2 is the second page when the data spans exactly two pages, else a PRP
+list from a dma_pool; a full list page's last entry chains to the next list page).
+
+Per queue ``q`` (driven by vCPU ``q % vcpus``) ``queue_depth`` commands stay outstanding. A
+command moves through: submitted (buffer allocated, dma_map_sg, PRPs built, SQ entry written,
+doorbell) -> fetched (device reads the 64-byte SQ entry and any PRP list pages) -> transferred
+(reads: media latency then data written to memory; writes: data read from memory then the
+write latency) page by page at ``bandwidth_gbps`` shared by the drive -> completed (16-byte CQ
+entry, MSI-X) -> reaped on the vCPU (dma_unmap_sg, free, ``cpu_per_io_ns``, io_done) and
+replaced by a new command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE
+from workloads.base import DMA_FROM_DEVICE, DMA_TO_DEVICE, Device, GuestContext, Workload
+from workloads.nic import (
+    SizeSampler,
+    check_fraction,
+    check_positive,
+    check_sizes_weights,
+    schedule_at,
+)
+
+SQE_BYTES = 64            # submission queue entry (NVMe 1.4, 4.2)
+CQE_BYTES = 16            # completion queue entry (NVMe 1.4, 4.6)
+PRP_ENTRY_BYTES = 8       # one PRP entry (NVMe 1.4, 4.3)
+PRPS_PER_LIST_PAGE = PAGE_SIZE // PRP_ENTRY_BYTES   # 512 with a 4 KiB controller page
+LBA_BYTES = 512           # I/O sizes are whole 512-byte blocks
+MAX_IO_BYTES = 64 << 20   # far above any real MDTS
+
+
+def prp_layout(npages: int) -> tuple[int, ...]:
+    """Entries the device reads from each PRP list page for an I/O of ``npages`` pages.
+
+    Empty when PRP1 (and PRP2 as a plain page pointer) suffice, i.e. for one or two pages.
+    Otherwise PRP1 holds the first page and PRP2 points to a list of the other ``npages - 1``
+    entries; a list page that overflows gives its last slot to a pointer to the next list page
+    (so it holds 511 data entries + the chain pointer), as nvme_pci_setup_prps builds it.
+    """
+    if npages <= 2:
+        return ()
+    left = npages - 1
+    counts: list[int] = []
+    while left > PRPS_PER_LIST_PAGE:
+        counts.append(PRPS_PER_LIST_PAGE)        # 511 data entries + 1 chain pointer
+        left -= PRPS_PER_LIST_PAGE - 1
+    counts.append(left)
+    return tuple(counts)
+
+
+@dataclass
+class _Command:
+    q: int
+    cid: int
+    nbytes: int
+    read: bool
+    gpa: int
+    segs: list[tuple[int, int]]
+    pages: list[int]                    # DMA address of each data page (PRP1, then the list)
+    prp_lists: list[tuple[int, int]]    # (gpa, iova) of PRP list pages
+    prp_counts: tuple[int, ...]
+    sqe_iova: int
+    t_submit_ns: int
+
+
+@dataclass
+class _Queue:
+    q: int
+    cpu: int
+    sq_iova: int = 0
+    cq_iova: int = 0
+    sq_tail: int = 0
+    cq_head: int = 0
+    outstanding: int = 0
+    prp_pool: list[tuple[int, int]] = field(default_factory=list)   # free (gpa, iova)
+    prp_pool_pages: int = 0
+
+
+class NvmeWorkload(Workload):
+    """An NVMe SSD driven closed-loop at a fixed queue depth per queue."""
+
+    kind = "nvme"
+
+    @dataclass(frozen=True)
+    class Params:
+        rogue_fraction: float = 0.0
+        queues: int = 0                 # 0: one I/O queue pair per vCPU (as Linux)
+        queue_depth: int = 32           # commands outstanding per queue
+        io_sizes: tuple[int, ...] = (4096,)
+        io_weights: tuple[float, ...] = (1.0,)
+        read_fraction: float = 0.7
+        read_latency_us: float = 80.0   # media read latency (TLC NAND class)
+        write_latency_us: float = 20.0  # write into the drive's cache
+        bandwidth_gbps: float = 25.0    # PCIe Gen3 x4 payload rate, about 3.2 GB/s
+        cpu_per_io_ns: int = 2000       # block layer + driver completion work
+
+        def validate(self) -> list[tuple[str, str]]:
+            errors = check_fraction(self.rogue_fraction, "rogue_fraction")
+            errors += check_fraction(self.read_fraction, "read_fraction")
+            errors += check_positive(self.queues, "queues", zero_ok=True)
+            errors += check_positive(self.queue_depth, "queue_depth")
+            errors += check_positive(self.read_latency_us, "read_latency_us", zero_ok=True)
+            errors += check_positive(self.write_latency_us, "write_latency_us", zero_ok=True)
+            errors += check_positive(self.bandwidth_gbps, "bandwidth_gbps")
+            errors += check_positive(self.cpu_per_io_ns, "cpu_per_io_ns", zero_ok=True)
+            errors += check_sizes_weights(self.io_sizes, self.io_weights, "io_sizes",
+                                          "io_weights", LBA_BYTES, MAX_IO_BYTES)
+            errors += [("io_sizes", f"size {s} is not a multiple of {LBA_BYTES}")
+                       for s in self.io_sizes
+                       if isinstance(s, int) and s > 0 and s % LBA_BYTES]
+            return errors
+
+    def __init__(self, params: NvmeWorkload.Params | None = None) -> None:
+        super().__init__(params if params is not None else self.Params())
+        self.queues: list[_Queue] = []
+        self.dev: Device | None = None
+        self.submitted = 0
+        self.completed = 0
+        self.prp_list_commands = 0      # commands that needed a PRP list
+        self.prp_list_pages_used = 0    # list pages over all commands
+        self.max_outstanding = 0
+        self._busy_until: list[int] = []
+        self._media_free_ns = 0         # the drive's data path is shared by all queues
+        self._cid = 0
+
+    def start(self, ctx: GuestContext) -> None:
+        p = self.params
+        self._sizes = SizeSampler(p.io_sizes, p.io_weights)
+        self.dev = ctx.add_device("nvme0")
+        self._busy_until = [0] * ctx.vcpus
+        # NVMe 1.4 4.1.3: a queue of N entries is full with N-1, so depth + 1 entries.
+        entries = p.queue_depth + 1
+        for q in range(p.queues or ctx.vcpus):
+            qu = _Queue(q=q, cpu=q % ctx.vcpus)
+            _, qu.sq_iova = ctx.dma_alloc_coherent(self.dev, entries * SQE_BYTES)
+            _, qu.cq_iova = ctx.dma_alloc_coherent(self.dev, entries * CQE_BYTES)
+            self.queues.append(qu)
+        for qu in self.queues:
+            for _ in range(p.queue_depth):
+                schedule_at(ctx, 0, self._submit, qu.q)
+
+    # --- host side ---------------------------------------------------------------------
+    def _prp_page(self, ctx: GuestContext, qu: _Queue) -> tuple[int, int]:
+        """A PRP list page from the queue's dma_pool (grown on demand, never unmapped)."""
+        if qu.prp_pool:
+            return qu.prp_pool.pop()
+        qu.prp_pool_pages += 1
+        return ctx.dma_alloc_coherent(self.dev, PAGE_SIZE)
+
+    def _submit(self, ctx: GuestContext, t_ns: int, q: int) -> None:
+        p = self.params
+        qu = self.queues[q]
+        cpu = qu.cpu
+        t = t_start = max(t_ns, ctx.cpu_free_at(cpu), self._busy_until[cpu])
+        nbytes = self._sizes.draw(ctx.rng)
+        read = bool(ctx.rng.random() < p.read_fraction)
+        gpa = ctx.alloc_buffer(nbytes)
+        npages = (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+        sg = [(gpa + (i << PAGE_SHIFT), min(PAGE_SIZE, nbytes - (i << PAGE_SHIFT)))
+              for i in range(npages)]
+        direction = DMA_FROM_DEVICE if read else DMA_TO_DEVICE
+        segs, t = ctx.dma_map_sg(cpu, self.dev, sg, direction, t)
+        pages = [a for iova, length in segs
+                 for a in range(iova, iova + length, PAGE_SIZE)]
+        counts = prp_layout(len(pages))
+        lists = [self._prp_page(ctx, qu) for _ in counts]
+        if counts:
+            self.prp_list_commands += 1
+            self.prp_list_pages_used += len(counts)
+        sqe = qu.sq_iova + (qu.sq_tail % (p.queue_depth + 1)) * SQE_BYTES
+        qu.sq_tail += 1
+        self._cid += 1
+        cmd = _Command(q, self._cid, nbytes, read, gpa, segs, pages, lists, counts, sqe,
+                       t_start)
+        qu.outstanding += 1
+        self.submitted += 1
+        self.max_outstanding = max(self.max_outstanding, qu.outstanding)
+        self._busy_until[cpu] = max(self._busy_until[cpu], t)
+        schedule_at(ctx, t, self._fetch, cmd)      # SQ tail doorbell (MMIO, no DMA)
+
+    # --- device side -------------------------------------------------------------------
+    def _fetch(self, ctx: GuestContext, t_ns: int, cmd: _Command) -> None:
+        ctx.device_dma(self.dev, t_ns, cmd.sqe_iova, SQE_BYTES, False)
+        for (_, iova), n in zip(cmd.prp_lists, cmd.prp_counts, strict=True):
+            ctx.device_dma(self.dev, t_ns, iova, n * PRP_ENTRY_BYTES, False)
+        if cmd.read:
+            t_media = t_ns + round(self.params.read_latency_us * 1000.0)
+            schedule_at(ctx, t_media, self._transfer, cmd)
+        else:
+            self._transfer(ctx, t_ns, cmd)
+
+    def _transfer(self, ctx: GuestContext, t_ns: int, cmd: _Command) -> None:
+        bw = self.params.bandwidth_gbps
+        t = max(t_ns, self._media_free_ns)
+        for i, addr in enumerate(cmd.pages):
+            size = min(PAGE_SIZE, cmd.nbytes - (i << PAGE_SHIFT))
+            schedule_at(ctx, t, self._page_dma, cmd, addr, size)
+            t += max(1, round(size * 8 / bw))
+        self._media_free_ns = t
+        if not cmd.read:
+            t += round(self.params.write_latency_us * 1000.0)
+        schedule_at(ctx, t, self._complete, cmd)
+
+    def _page_dma(self, ctx: GuestContext, t_ns: int, cmd: _Command, addr: int,
+                  size: int) -> None:
+        self.device_dma(ctx, self.dev, t_ns, addr, size, cmd.read)
+
+    def _complete(self, ctx: GuestContext, t_ns: int, cmd: _Command) -> None:
+        p = self.params
+        qu = self.queues[cmd.q]
+        cqe = qu.cq_iova + (qu.cq_head % (p.queue_depth + 1)) * CQE_BYTES
+        qu.cq_head += 1
+        ctx.device_dma(self.dev, t_ns, cqe, CQE_BYTES, True)
+        # MSI-X interrupt -> nvme_irq on the queue's vCPU: reap the completion
+        cpu = qu.cpu
+        t = max(t_ns, ctx.cpu_free_at(cpu), self._busy_until[cpu])
+        direction = DMA_FROM_DEVICE if cmd.read else DMA_TO_DEVICE
+        t = ctx.dma_unmap_sg(cpu, self.dev, cmd.segs, direction, t)
+        ctx.free_buffer(cmd.gpa, cmd.nbytes)
+        qu.prp_pool.extend(cmd.prp_lists)
+        t += p.cpu_per_io_ns
+        ctx.io_done(t, cmd.nbytes, t - cmd.t_submit_ns)
+        qu.outstanding -= 1
+        self.completed += 1
+        self._busy_until[cpu] = max(self._busy_until[cpu], t)
+        self._submit(ctx, t, cmd.q)
