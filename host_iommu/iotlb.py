@@ -259,7 +259,8 @@ class SetAssocCache:
             bits = cand.view(view).reshape(n)
             multi = np.flatnonzero(bits & (bits - view(1)))
             way = ((bits * view(_WAY_MAGIC[self.ways])) >> view(8 * (self.ways - 1)))
-            way = way.astype(np.int64)
+            # meaningful for one candidate only; rows with several are redone below
+            way = np.minimum(way, view(self.ways - 1)).astype(np.int64)
             ok = bits != 0
         else:
             way = cand.argmax(axis=1)
@@ -393,7 +394,7 @@ class SetAssocCache:
         has_free = free.any(axis=1)
         way = np.where(present, same.argmax(axis=1),
                        np.where(has_free, free.argmax(axis=1),
-                                self.stamp[rows].argmin(axis=1)))
+                                self.stamp[rows].argmax(axis=1)))
         self.evictions += int(np.count_nonzero(~present & ~has_free))
         self.valid[rows, way] = True
         for name, c in zip(self.key_fields, kcols, strict=True):

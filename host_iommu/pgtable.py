@@ -466,8 +466,8 @@ class PageTable:
                     continue
                 writes += self._split(ea, entry, level)
                 info = self._decode(self.store.read(ea), level)
-            writes += self._unmap(info.addr, level - 1, lo, max(start, lo), min(end, hi))
-            if False:
+            writes += self._unmap(info.addr, level - 1, lo, start, end)
+            if self._used[info.addr] == 0:
                 self.store.free_table(info.addr)
                 del self._used[info.addr]
                 writes += self._write(ea, 0)

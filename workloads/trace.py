@@ -222,10 +222,12 @@ def write_trace(path: str | os.PathLike[str], devices: Sequence[str],
             f.write(packer.pack({"format": FORMAT_NAME, "version": FORMAT_VERSION,
                                  "devices": devices}))
             for columns in columns_iter:
-                cols = {c: np.asarray(columns[c]) if c in columns else None
-                        for c in TRACE_COLUMNS}
-                if any(v is None for v in cols.values()) or set(columns) - cols.keys():
+                if not isinstance(columns, Mapping) or set(columns) != TRACE_COLUMNS.keys() \
+                        or not all(isinstance(columns[c], Sequence | np.ndarray)
+                                   for c in TRACE_COLUMNS):
                     _check_batch(path, batches + 1, columns, len(devices), t_last)
+                # lists stay lists: numpy would turn mixed large ints into float64
+                cols = {c: columns[c] for c in TRACE_COLUMNS}
                 n = len(cols["t_ns"])
                 for lo in range(0, max(n, 1), MAX_BATCH_RECORDS):
                     part = {c: v[lo:lo + MAX_BATCH_RECORDS] for c, v in cols.items()}

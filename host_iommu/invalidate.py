@@ -1,0 +1,64 @@
+"""Host-driver invalidation helpers: turn a range into the VT-d descriptors Linux would queue.
+
+Follows Linux drivers/iommu/intel/cache.c (cache_tag_flush_range, calculate_psi_aligned_address:
+one page-selective descriptor whose 2^AM-page aligned range covers the request; domain- or
+PASID-wide when the range is too large) and dmar.c qi_submit_sync (descriptors then a wait).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from host_iommu import qi
+from host_iommu.defs import PAGE_SHIFT
+
+# Linux falls back to a domain-wide flush when the aligned mask exceeds the hardware's MAMV.
+MAX_AM = 9
+ALL_PAGES = (1 << 64) - 1  # iommufd: npages all-ones with addr 0 means "everything"
+
+
+def psi_aligned(addr: int, npages: int) -> tuple[int, int] | None:
+    """(aligned addr, am) covering [addr, addr + npages pages), or None if wider than MAX_AM."""
+    if npages <= 0:
+        return None
+    start = addr >> PAGE_SHIFT
+    end = start + npages - 1
+    am = max(0, (npages - 1).bit_length())
+    while (start >> am) != (end >> am):
+        am += 1
+    if am > MAX_AM:
+        return None
+    return (start >> am) << am << PAGE_SHIFT, am
+
+
+def pasid_flush_descs(did: int, pasid: int, addr: int, npages: int, *, leaf: bool,
+                      ats_sids: list[int]) -> list[np.void]:
+    """PASID-based IOTLB (+ device-TLB) invalidation of a range, or of the whole PASID."""
+    out: list[np.void] = []
+    psi = None if (addr == 0 and npages == ALL_PAGES) else psi_aligned(addr, npages)
+    if psi is None:
+        out.append(qi.piotlb_desc(did, pasid, qi.QI_GRAN_NONG_PASID))
+        out += [qi.pasid_dev_iotlb_desc(s, s, pasid, 0, 1 << 63) for s in ats_sids]
+    else:
+        a, am = psi
+        out.append(qi.piotlb_desc(did, pasid, qi.QI_GRAN_PSI_PASID, a, am, ih=leaf))
+        out += [qi.pasid_dev_iotlb_desc(s, s, pasid, a, 1 << (am + PAGE_SHIFT))
+                for s in ats_sids]
+    out.append(qi.wait_desc())
+    return out
+
+
+def domain_flush_descs(did: int, addr: int | None, npages: int, *,
+                       ats_sids: list[int]) -> list[np.void]:
+    """IOTLB (0x2) invalidation: page-selective over a range, or domain-selective."""
+    out: list[np.void] = []
+    psi = None if addr is None else psi_aligned(addr, npages)
+    if psi is None:
+        out.append(qi.iotlb_desc(qi.QI_IOTLB_GRAN_DOMAIN, did))
+        out += [qi.dev_iotlb_desc(s, s, 0, 0, 1 << 63) for s in ats_sids]
+    else:
+        a, am = psi
+        out.append(qi.iotlb_desc(qi.QI_IOTLB_GRAN_PAGE, did, a, am))
+        out += [qi.dev_iotlb_desc(s, s, 0, a, 1 << (am + PAGE_SHIFT)) for s in ats_sids]
+    out.append(qi.wait_desc())
+    return out

@@ -1,0 +1,310 @@
+"""Trace format round trip, error reporting, ftrace import and TraceWorkload replay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from workloads.trace import (
+    OP_DMA_READ,
+    OP_DMA_WRITE,
+    OP_MAP,
+    OP_UNMAP,
+    TRACE_COLUMNS,
+    TraceError,
+    TraceWorkload,
+    import_ftrace,
+    read_trace,
+    write_trace,
+)
+
+SAMPLE = Path(__file__).parent / "data" / "iommu_map_unmap.trace.txt"
+HEADER = {"format": "iommu-emu-trace", "version": 1, "devices": ["nic0"]}
+
+
+def batch(rows: list[tuple[int, int, int, int, int, int]]) -> dict[str, list[int]]:
+    return {c: [r[i] for r in rows] for i, c in enumerate(TRACE_COLUMNS)}
+
+
+ROWS = [  # t_ns, op, dev, iova, paddr, size
+    (100, OP_MAP, 0, 0xFFFF_C000, 0x1_2345_6000, 4096),
+    (150, OP_DMA_WRITE, 1, 0xFFFF_C100, 0, 1500),
+    (200, OP_MAP, 1, 0xFFFE_0000, 0x2_0000_0800, 8192),
+    (260, OP_DMA_READ, 1, 0xFFFE_0800, 0, 4096),
+    (300, OP_UNMAP, 0, 0xFFFF_C000, 0, 4096),
+    (300, OP_DMA_WRITE, 0, 0xFFFF_C000, 0, 64),
+    (400, OP_UNMAP, 1, 0xFFFE_0000, 0, 8192),
+    (450, OP_UNMAP, 1, 0xDEAD_0000, 0, 4096),
+]
+
+
+def write_sample(path: Path) -> None:
+    write_trace(path, ["nic0", "nvme0"], [batch(ROWS[:3]), batch([]), batch(ROWS[3:])])
+
+
+def test_round_trip(tmp_path):
+    """write_trace then read_trace gives the same records, typed columns, batch by batch."""
+    path = tmp_path / "t.trace"
+    assert write_trace(path, ["nic0", "nvme0"], [batch(ROWS[:3]), batch(ROWS[3:])]) == 8
+    got = list(read_trace(path))
+    assert len(got) == 2
+    for name, dtype in TRACE_COLUMNS.items():
+        col = np.concatenate([b[name] for b in got])
+        assert col.dtype == dtype
+        assert col.tolist() == [r[list(TRACE_COLUMNS).index(name)] for r in ROWS]
+
+
+def test_numpy_columns_and_big_addresses(tmp_path):
+    """numpy columns are accepted and 64-bit IOVAs survive."""
+    path = tmp_path / "t.trace"
+    cols = {c: np.zeros(3, dtype=d) for c, d in TRACE_COLUMNS.items()}
+    cols["iova"] = np.array([0, 1 << 63, (1 << 64) - 4096], dtype=np.uint64)
+    cols["op"][:] = OP_DMA_READ
+    write_trace(path, ["d"], [cols])
+    (b,) = read_trace(path)
+    assert b["iova"].tolist() == [0, 1 << 63, (1 << 64) - 4096]
+
+
+def test_truncated_file_raises(tmp_path):
+    """Cutting a trace anywhere raises TraceError, never a raw msgpack error."""
+    path = tmp_path / "t.trace"
+    write_sample(path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.trace"
+    for n in (0, 1, 5, len(data) // 2, len(data) - 12, len(data) - 1):
+        cut.write_bytes(data[:n])
+        with pytest.raises(TraceError) as err:
+            list(read_trace(cut))
+        assert str(cut) in str(err.value)
+    # cut exactly at a frame boundary: the missing end frame is noticed
+    header_len = len(msgpack.packb({"format": "iommu-emu-trace", "version": 1,
+                                    "devices": ["nic0", "nvme0"]}))
+    cut.write_bytes(data[:header_len])
+    with pytest.raises(TraceError, match="no end frame"):
+        list(read_trace(cut))
+
+
+def test_random_bytes_raise(tmp_path):
+    """Garbage raises TraceError whatever the bytes."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "g.trace"
+    for _ in range(40):
+        path.write_bytes(rng.integers(0, 256, int(rng.integers(1, 300)),
+                                      dtype=np.uint8).tobytes())
+        with pytest.raises(TraceError):
+            list(read_trace(path))
+
+
+def test_garbled_body_bytes_raise(tmp_path):
+    """Flipping bytes inside a valid trace raises TraceError (or reads cleanly)."""
+    path = tmp_path / "t.trace"
+    write_sample(path)
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(1)
+    bad = tmp_path / "b.trace"
+    raised = 0
+    for _ in range(40):
+        d = bytearray(data)
+        for i in rng.integers(0, len(d), 3):
+            d[int(i)] = int(rng.integers(0, 256))
+        bad.write_bytes(bytes(d))
+        try:
+            list(read_trace(bad))
+        except TraceError:
+            raised += 1
+    assert raised > 0
+
+
+def frames(*objs) -> bytes:
+    return b"".join(msgpack.packb(o) for o in objs)
+
+
+END1 = {"end": True, "batches": 1, "records": 1}
+ONE = batch([(1, OP_MAP, 0, 0x1000, 0x2000, 4096)])
+
+
+@pytest.mark.parametrize(("objs", "what"), [
+    ([{"format": "pcap", "version": 1, "devices": ["a"]}, END1], "header"),
+    ([[1, 2, 3]], "header"),
+    ([{**HEADER, "version": 2}, END1], "version"),
+    ([{**HEADER, "devices": []}, END1], "devices"),
+    ([HEADER, {**ONE, "size": [1, 2]}, END1], "lengths differ"),
+    ([HEADER, {k: v for k, v in ONE.items() if k != "paddr"}, END1], "missing"),
+    ([HEADER, {**ONE, "extra": [1]}, END1], "unknown"),
+    ([HEADER, {**ONE, "op": [7]}, END1], "'op'"),
+    ([HEADER, {**ONE, "dev": [1]}, END1], "'dev'"),
+    ([HEADER, {**ONE, "t_ns": [-1]}, END1], "'t_ns'"),
+    ([HEADER, {**ONE, "size": ["x"]}, END1], "non-integers"),
+    ([HEADER, {**ONE, "size": [1.5]}, END1], "non-integers"),
+    ([HEADER, {**ONE, "iova": 5}, END1], "not arrays"),
+    ([HEADER, batch([(5, 0, 0, 0, 0, 1), (4, 0, 0, 0, 0, 1)]), END1], "decreases"),
+    ([HEADER, batch([(5, OP_UNMAP, 0, 0, 7, 1)]), END1], "paddr"),
+    ([HEADER, "hello", END1], "not a map"),
+    ([HEADER, ONE, {"end": True, "batches": 2, "records": 1}], "end frame counts"),
+    ([HEADER, ONE, END1, ONE], "after the end"),
+    ([HEADER, ONE], "no end frame"),
+])
+def test_bad_frames_raise(tmp_path, objs, what):
+    """Wrong header, columns, lengths, types, ranges or time order each name the problem."""
+    path = tmp_path / "bad.trace"
+    path.write_bytes(frames(*objs))
+    with pytest.raises(TraceError, match=what):
+        list(read_trace(path))
+
+
+def test_decreasing_time_across_batches(tmp_path):
+    """Time must not go back from one batch to the next either."""
+    path = tmp_path / "bad.trace"
+    path.write_bytes(frames(HEADER, batch([(10, 0, 0, 0, 0, 1)]), batch([(9, 0, 0, 0, 0, 1)]),
+                            {"end": True, "batches": 2, "records": 2}))
+    with pytest.raises(TraceError, match="frame 2: t_ns decreases"):
+        list(read_trace(path))
+
+
+def test_write_rejects_bad_batches(tmp_path):
+    """write_trace validates as read_trace does and leaves no file behind."""
+    path = tmp_path / "w.trace"
+    with pytest.raises(TraceError, match="'dev'"):
+        write_trace(path, ["a"], [batch([(1, OP_MAP, 3, 0, 0, 1)])])
+    with pytest.raises(TraceError, match="missing"):
+        write_trace(path, ["a"], [{"t_ns": [1]}])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_import_sample_ftrace(tmp_path):
+    """The sample's map/unmap events import with their counts, times and unmapped sizes."""
+    out = tmp_path / "s.trace"
+    counts = import_ftrace(SAMPLE, out, device="nvme0")
+    text = SAMPLE.read_text().splitlines()
+    assert counts["map"] == sum(": map: " in line for line in text) == 8
+    assert counts["unmap"] == sum(": unmap: " in line for line in text) == 7
+    assert counts["skipped"] == 1 and counts["records"] == 15
+    (b,) = read_trace(out)
+    assert int(b["t_ns"][0]) == 5123_400108_000
+    assert int(b["t_ns"][-1]) == 5123_400213_000
+    first_map = int(np.flatnonzero(b["op"] == OP_MAP)[0])
+    assert int(b["iova"][first_map]) == 0xFFFF_C000
+    assert int(b["paddr"][first_map]) == 0x1_2345_6800
+    assert int(b["size"][first_map]) == 2048
+    unmap_sizes = b["size"][b["op"] == OP_UNMAP].tolist()
+    assert unmap_sizes == [4096, 4096, 8192, 16384, 65536, 4096, 4096]   # unmapped_size
+
+
+@pytest.mark.parametrize(("line", "what"), [
+    ("garbage here", "not an ftrace event line"),
+    ("  a-1  [000] .....  9999.000001: map: IOMMU: iova=0x1000 paddr=0x0 size=1", "bad map"),
+    ("  a-1  [000] .....  9999.000001: unmap: IOMMU: iova=0x0000000000001000 - "
+     "0x0000000000002000 size=4096", "bad unmap"),
+    ("  a-1  [000] .....  9999.000001: map: IOMMU: iova=0x0000000000001000 - "
+     "0x0000000000003000 paddr=0x0000000000005000 size=4096", "does not match size"),
+    ("  a-1  [000] .....  0.000001: map: IOMMU: iova=0x0000000000001000 - "
+     "0x0000000000002000 paddr=0x0000000000005000 size=4096", "backwards"),
+])
+def test_import_bad_line_names_line(tmp_path, line, what):
+    """A malformed line raises TraceError naming its line number."""
+    src = tmp_path / "bad.txt"
+    src.write_text("# tracer: nop\n" + SAMPLE.read_text().splitlines()[12] + "\n" + line + "\n")
+    with pytest.raises(TraceError, match=f"line 3: .*{what}"):
+        import_ftrace(src, tmp_path / "o.trace")
+    assert not (tmp_path / "o.trace").exists()
+
+
+def test_replay_sample_counts(tmp_path, make_ctx):
+    """Replaying the imported sample gives the trace's map and unmap counts."""
+    out = tmp_path / "s.trace"
+    counts = import_ftrace(SAMPLE, out)
+    ctx = make_ctx(vcpus=2)
+    w = TraceWorkload(TraceWorkload.Params(path=str(out)))
+    w.start(ctx)
+    ctx.run_until(10**12)
+    assert (w.maps, w.unmaps) == (counts["map"], counts["unmap"])
+    assert len(ctx.maps) == counts["map"]
+    assert w.unknown_unmaps == 1           # mapped before the trace started
+    # the scatter list's three pieces are unmapped by one traced unmap
+    assert w.unmap_calls == len(ctx.unmaps) == counts["unmap"] + 2
+    assert ctx.live_mappings() == 0
+    # the first unmap went to the raw traced IOVA (a guest error); nothing else did
+    assert len(ctx.errors) == 1 and "0xffffd000" in ctx.errors[0]
+
+
+def test_replay_dmas_follow_mappings(tmp_path, make_ctx):
+    """DMAs go to the emulated IOVA + offset while mapped, to the raw IOVA otherwise."""
+    path = tmp_path / "t.trace"
+    write_sample(path)
+    ctx = make_ctx(vcpus=1)
+    w = TraceWorkload(TraceWorkload.Params(path=str(path), time_scale=2.0))
+    w.start(ctx)
+    ctx.run_until(10**9)
+    assert (w.maps, w.unmaps, w.dmas) == (2, 3, 3)
+    assert [d.dev for d in ctx.dmas] == ["nvme0", "nvme0", "nic0"]
+    assert [d.t_ns for d in ctx.dmas] == [100, 320, 400]       # (t - 100) * 2
+    first, second, third = ctx.dmas
+    assert not first.mapped and first.iova == 0xFFFF_C100      # nvme0 had no mapping there
+    nvme_map = ctx.maps[1]
+    assert second.mapped and second.iova == nvme_map[1] + 0x800 and not second.write
+    assert not third.mapped and third.iova == 0xFFFF_C000 and third.write
+    assert (w.unknown_dmas, w.unknown_unmaps) == (2, 1)
+    # the same traced paddr maps the same guest buffer offset
+    assert nvme_map[1] % 4096 == 0x800
+
+
+def test_replay_loop(tmp_path, make_ctx):
+    """loop=True replays the file again after its end, counts doubling per pass."""
+    path = tmp_path / "t.trace"
+    write_sample(path)
+    ctx = make_ctx()
+    w = TraceWorkload(TraceWorkload.Params(path=str(path), loop=True))
+    w.start(ctx)
+    ctx.run_until(1000)
+    assert w.passes >= 3
+    assert w.maps >= 2 * (w.passes - 1) and w.unmaps >= 3 * (w.passes - 1)
+
+
+def test_params_validate(tmp_path):
+    """validate() catches a missing path, an unreadable file and a bad time scale."""
+    bad = tmp_path / "x.trace"
+    bad.write_bytes(b"\x01\x02")
+    assert [k for k, _ in TraceWorkload.Params().validate()] == ["path"]
+    assert [k for k, _ in TraceWorkload.Params(path=str(tmp_path / "no")).validate()] \
+        == ["path"]
+    assert [k for k, _ in TraceWorkload.Params(path=str(bad)).validate()] == ["path"]
+    good = tmp_path / "g.trace"
+    write_sample(good)
+    assert TraceWorkload.Params(path=str(good)).validate() == []
+    assert [k for k, _ in TraceWorkload.Params(path=str(good), time_scale=0).validate()] \
+        == ["time_scale"]
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 3), st.integers(0, 1),
+                          st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 64) - 1),
+                          st.integers(0, (1 << 64) - 1)), max_size=40),
+       st.integers(1, 5))
+def test_round_trip_property(tmp_path, rows, nbatches):
+    """Any valid records survive write/read unchanged, however they are batched."""
+    rows = sorted(rows)
+    rows = [(t, op, d, iova, paddr if op == OP_MAP else 0, size)
+            for t, op, d, iova, paddr, size in rows]
+    step = -(-len(rows) // nbatches) or 1
+    path = tmp_path / "p.trace"
+    write_trace(path, ["a", "b"], [batch(rows[i:i + step]) for i in range(0, len(rows), step)])
+    got = [tuple(int(b[c][i]) for c in TRACE_COLUMNS)
+           for b in read_trace(path) for i in range(len(b["t_ns"]))]
+    assert got == rows
+
+
+@pytest.mark.parametrize(("columns", "what"), [
+    ({**ONE, "iova": 5}, "not arrays"),
+    ("not a map", "not a map"),
+    ({**ONE, "size": [1, 2]}, "lengths differ"),
+])
+def test_write_rejects_bad_columns(tmp_path, columns, what):
+    """write_trace names bad column containers instead of crashing."""
+    with pytest.raises(TraceError, match=what):
+        write_trace(tmp_path / "w.trace", ["a"], [columns])
