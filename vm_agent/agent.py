@@ -1,0 +1,212 @@
+"""VmAgent: one guest (vCPUs, memory, IOMMU driver, vIOMMU, VMM) running its workload.
+
+The guest side of one VM as a plain object that knows nothing of Ray: it implements the
+GuestContext that workloads drive (workloads/base.py), runs its discrete events up to the end of
+each epoch of virtual time, and hands back the epoch's host operations (host_iommu/protocol.py)
+as one numpy batch: one call per VM per epoch. Events are ordered by (time, sequence), so a run
+is a pure function of the VM's config and seed.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from host_iommu.costs import CostModel
+from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, PAGE_SHIFT, PAGE_SIZE, sid_of
+from host_iommu.pgtable import PageTable
+from host_iommu.protocol import (
+    DMA_ROGUE,
+    OP_DMA,
+    OP_GUEST_WRITE,
+    OP_SL_MAP,
+    OP_SL_UNMAP,
+    EpochReport,
+    OpLog,
+    VmSetup,
+)
+from vm_agent.dma import DmaApi, IommuDomain, make_store_logger
+from vm_agent.memory import GuestMemory, GuestTableStore
+from vm_agent.viommu import VIommu
+from vm_agent.vmm import VMMS
+from workloads.base import Device, Workload
+
+GUEST_COUNTERS = ("maps", "unmaps", "vm_exits", "vmm_map_calls", "vmm_unmap_calls",
+                  "vmm_invalidate_calls", "inv_descriptors", "pte_writes", "pinned_pages",
+                  "ios", "bytes", "io_latency_sum_ns", "cpu_busy_ns", "dma_requests",
+                  "rogue_dma", "lazy_flushes", "iommu_map_events", "dma_api_errors",
+                  "guest_faults_reported", "balloon_pages")
+
+
+class VmAgent:
+    """One guest. ``setup()`` once, then ``run_epoch(t_end)`` / ``receive(report)`` per epoch."""
+
+    def __init__(self, vm: int, *, mode: str, policy: str, flush_queue: str, vcpus: int,
+                 memory_bytes: int, fl_levels: int, ats: bool, workload: Workload,
+                 churn: Any | None, costs: CostModel, seed: int, bus: int | None = None
+                 ) -> None:
+        self.vm = vm
+        self.mode = mode
+        self.policy = policy
+        self.vcpus = vcpus
+        self.memory_bytes = memory_bytes
+        self.fl_levels = fl_levels
+        self.ats = ats
+        self.workload = workload
+        self.churn = churn
+        self.costs = costs
+        self.flush_queue_per_cpu = flush_queue == "percpu"
+        self.rng = np.random.default_rng([seed, vm])
+        self.bus = vm if bus is None else bus
+        self.log = OpLog(vm)
+        self.stats: dict[str, int] = dict.fromkeys(GUEST_COUNTERS, 0)
+        self.mem = GuestMemory(memory_bytes >> PAGE_SHIFT)
+        self.viommu = VIommu(caching_mode=(mode == "shadow"))
+        self.vmm = VMMS[mode](self.log, costs, self.stats)
+        self.dma = DmaApi(mode=mode, costs=costs, log=self.log, vmm=self.vmm, viommu=self.viommu,
+                          stats=self.stats, schedule=self.schedule, ats=ats)
+        self.devices: list[Device] = []
+        self.busy_until = [0] * vcpus
+        self._events: list[tuple[int, int, Callable[..., None], tuple]] = []
+        self._event_seq = 0
+        self.now = 0
+        self.epoch_faults: list[tuple] = []
+
+    # --- set-up --------------------------------------------------------------------------
+    def setup(self) -> VmSetup:
+        """Start the workload (creating devices and rings); the host-side set-up message."""
+        self.workload.start(self)
+        if self.churn is not None:
+            self.churn.start(self)
+        roots = tuple(self.dma.domains[d.sid].table.root for d in self.devices) \
+            if self.mode == "nested" else ()
+        return VmSetup(self.vm, self.memory_bytes, self.mode, tuple(d.sid for d in self.devices),
+                       self.ats, self.fl_levels, roots)
+
+    def add_device(self, name: str, ats: bool = False) -> Device:
+        dev = Device(sid_of(self.bus, len(self.devices), 0), name, ats or self.ats)
+        self.devices.append(dev)
+        table = None
+        if self.mode != "passthrough":
+            store = GuestTableStore(self.mem)
+            store.now = 0
+            if self.mode == "nested":
+                store.on_write = make_store_logger(self.log, store, OP_GUEST_WRITE)
+            fmt, levels = ("fl", self.fl_levels) if self.mode == "nested" else ("sl", 4)
+            table = PageTable(store, fmt, levels, max_order=0)
+        lazy = self.policy == "lazy" and self.mode == "nested"
+        self.dma.add_domain(IommuDomain(dev.sid, self.mode, table, self.vcpus, lazy,
+                                        per_cpu_fq=self.flush_queue_per_cpu))
+        return dev
+
+    # --- events and vCPUs ----------------------------------------------------------------
+    def schedule(self, t_ns: int, fn: Callable[..., None], *args: Any) -> None:
+        heapq.heappush(self._events, (int(t_ns), self._event_seq, fn, args))
+        self._event_seq += 1
+
+    def cpu_free_at(self, cpu: int) -> int:
+        return self.busy_until[cpu % self.vcpus]
+
+    def _start(self, cpu: int, t_ns: int) -> int:
+        return max(int(t_ns), self.busy_until[cpu % self.vcpus])
+
+    def _finish(self, cpu: int, t0: int, t1: int) -> int:
+        self.busy_until[cpu % self.vcpus] = t1
+        self.stats["cpu_busy_ns"] += t1 - t0
+        return t1
+
+    def run_epoch(self, t_end_ns: int) -> np.ndarray:
+        """Run every event before ``t_end_ns``; return the epoch's host operations."""
+        ev = self._events
+        while ev and ev[0][0] < t_end_ns:
+            t, _s, fn, args = heapq.heappop(ev)
+            self.now = t
+            fn(*args)
+        self.now = t_end_ns
+        return self.log.take()
+
+    def receive(self, report: EpochReport) -> None:
+        """Host counters and the faults reported to this guest's vIOMMU for the epoch."""
+        self.host_counters = report.counters
+        self.stats["guest_faults_reported"] += len(report.faults)
+        self.epoch_faults = report.faults
+
+    # --- guest memory ---------------------------------------------------------------------
+    def alloc_buffer(self, size: int) -> int:
+        return self.mem.alloc(max(1, -(-size // PAGE_SIZE)))
+
+    def free_buffer(self, gpa: int, size: int) -> None:
+        self.mem.free(gpa, max(1, -(-size // PAGE_SIZE)))
+
+    # --- DMA API --------------------------------------------------------------------------
+    def dma_alloc_coherent(self, dev: Device, size: int) -> tuple[int, int]:
+        gpa = self.alloc_buffer(size)
+        segs, _t = self.dma.map_segments(0, dev.sid, [(gpa, size)], 0, 0)
+        return gpa, segs[0][0]
+
+    def dma_map(self, cpu: int, dev: Device, gpa: int, size: int, direction: int,
+                t_ns: int) -> tuple[int, int]:
+        t0 = self._start(cpu, t_ns)
+        segs, t1 = self.dma.map_segments(cpu, dev.sid, [(gpa, size)], direction, t0)
+        return segs[0][0], self._finish(cpu, t0, t1)
+
+    def dma_unmap(self, cpu: int, dev: Device, iova: int, size: int, direction: int,
+                  t_ns: int) -> int:
+        t0 = self._start(cpu, t_ns)
+        return self._finish(cpu, t0, self.dma.unmap_range(cpu, dev.sid, iova, t0))
+
+    def dma_map_sg(self, cpu: int, dev: Device, sg: list[tuple[int, int]], direction: int,
+                   t_ns: int) -> tuple[list[tuple[int, int]], int]:
+        t0 = self._start(cpu, t_ns)
+        segs, t1 = self.dma.map_segments(cpu, dev.sid, sg, direction, t0)
+        return segs, self._finish(cpu, t0, t1)
+
+    def dma_unmap_sg(self, cpu: int, dev: Device, segs: list[tuple[int, int]], direction: int,
+                     t_ns: int) -> int:
+        t0 = self._start(cpu, t_ns)
+        return self._finish(cpu, t0, self.dma.unmap_range(cpu, dev.sid, segs[0][0], t0))
+
+    # --- the device side -----------------------------------------------------------------
+    def device_dma(self, dev: Device, t_ns: int, iova: int, size: int, write: bool,
+                   rogue: bool = False) -> None:
+        access = ACCESS_WRITE if write else ACCESS_READ
+        flags = access | (DMA_ROGUE if rogue else 0)
+        end = iova + max(1, size)
+        addr = iova
+        while addr < end:
+            nxt = min(end, (addr | (PAGE_SIZE - 1)) + 1)
+            tag = self.dma.unmap_tag(dev.sid, addr >> PAGE_SHIFT)
+            self.log.add(int(t_ns), OP_DMA, sid=dev.sid, pasid=0,
+                         a0=addr & 0xFFFF_FFFF_FFFF_FFFF, a1=nxt - addr, a2=flags, a3=tag)
+            self.stats["dma_requests"] += 1
+            addr = nxt
+        if rogue:
+            self.stats["rogue_dma"] += 1
+
+    def last_unmapped(self, dev: Device) -> int | None:
+        return self.dma.last_unmapped.get(dev.sid)
+
+    def io_done(self, t_ns: int, nbytes: int, latency_ns: int) -> None:
+        self.stats["ios"] += 1
+        self.stats["bytes"] += int(nbytes)
+        self.stats["io_latency_sum_ns"] += int(latency_ns)
+
+    # --- host second-level churn ------------------------------------------------------------
+    def balloon_inflate(self, t_ns: int, npages: int) -> int:
+        frames = self.mem.balloon_take(npages)
+        for f in frames:
+            self.log.add(int(t_ns), OP_SL_UNMAP, a0=f << PAGE_SHIFT, a1=1)
+        self.stats["balloon_pages"] += len(frames)
+        return len(frames)
+
+    def balloon_deflate(self, t_ns: int, npages: int) -> int:
+        frames = self.mem.balloon_return(npages)
+        for f in frames:
+            self.log.add(int(t_ns), OP_SL_MAP, a0=f << PAGE_SHIFT, a1=1)
+        return len(frames)
+
+    def unplug(self, t_ns: int, npages: int) -> int:
+        return self.balloon_inflate(t_ns, npages)

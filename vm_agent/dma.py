@@ -1,0 +1,245 @@
+"""The guest's DMA API over its IOMMU driver: map, unmap, scatter lists, strict or lazy flush.
+
+Follows Linux drivers/iommu/dma-iommu.c (iommu_dma_map_page / __iommu_dma_map: allocate an
+IOVA, iommu_map, iotlb_sync_map; __iommu_dma_unmap: iommu_unmap, then either a strict
+invalidation with a wait or queue_iova onto the flush queue; iommu_dma_map_sg: one IOVA range
+for the whole list) and drivers/iommu/intel/iommu.c for what the VT-d driver writes: under
+caching mode (shadow) with second-level-format tables every map is followed by one
+page-selective invalidation over the mapped range (iotlb_sync_map), and Linux forces strict
+mode; with first-level tables (nested) a map needs no invalidation and an unmap a PASID-based
+one. Each strict flush is its own QI submission: the invalidation(s) plus a wait descriptor and
+one tail-register write, which traps to the VMM. A lazy flush is one PASID-wide invalidation for
+the whole queue. Pass-through (no vIOMMU) is dma-direct: the DMA address is the GPA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from host_iommu import qi
+from host_iommu.costs import CostModel
+from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE
+from host_iommu.invalidate import psi_aligned
+from host_iommu.pgtable import PageTable
+from host_iommu.protocol import OP_UNMAP_RET, OpLog
+from vm_agent.flushq import FlushQueue
+from vm_agent.iova import IovaDomain, IovaRcache
+from vm_agent.memory import GuestTableStore
+from vm_agent.viommu import VIommu
+from vm_agent.vmm import Vmm
+from workloads.base import DMA_TO_DEVICE
+
+DMA_BIT_MASK_32_PFN = ((1 << 32) - 1) >> PAGE_SHIFT
+DIRECT_CALL_NS = 40  # dma-direct map/unmap: a few dozen instructions
+
+
+class DmaError(Exception):
+    """A DMA API call the guest kernel would refuse (WARN + error return), named."""
+
+
+@dataclass
+class Mapping:
+    iova: int
+    pages: int
+    gpa: int
+
+
+class IommuDomain:
+    """The guest driver's DMA domain for one device: IOVA allocator, table, flush policy."""
+
+    def __init__(self, sid: int, mode: str, table: PageTable | None, vcpus: int,
+                 lazy: bool, per_cpu_fq: bool) -> None:
+        self.sid = sid
+        self.pasid = NO_PASID
+        self.did = 1  # the guest's own domain id for its vIOMMU descriptors
+        self.mode = mode
+        self.table = table
+        self.iovad = IovaDomain()
+        self.rcache = IovaRcache(self.iovad, vcpus)
+        self.limit_pfn = ((1 << 48) - 1) >> PAGE_SHIFT
+        self.fq = FlushQueue(vcpus, per_cpu=per_cpu_fq) if lazy else None
+        self.mappings: dict[int, Mapping] = {}   # iova page -> mapping (start pages only)
+
+
+class DmaApi:
+    """DMA API of one guest (all its devices). Times are virtual ns; the caller picks vCPUs."""
+
+    def __init__(self, *, mode: str, costs: CostModel, log: OpLog, vmm: Vmm, viommu: VIommu,
+                 stats: dict[str, int], schedule: Callable, ats: bool = False) -> None:
+        self.mode = mode
+        self.costs = costs
+        self.log = log
+        self.vmm = vmm
+        self.viommu = viommu
+        self.stats = stats
+        self.schedule = schedule
+        self.ats = ats
+        self.domains: dict[int, IommuDomain] = {}
+        self.mapped_pages: set[tuple[int, int]] = set()       # (sid, iova page)
+        self.unmap_id_of: dict[tuple[int, int], int] = {}     # (sid, iova page) -> unmap id
+        self.last_unmapped: dict[int, int] = {}               # sid -> iova
+        self.next_unmap_id = 0
+        self.stale_bound_ns = 0
+
+    def add_domain(self, dom: IommuDomain) -> None:
+        self.domains[dom.sid] = dom
+
+    # --- traps -------------------------------------------------------------------------
+    def _invalidate(self, dom: IommuDomain, t: int, descs: list, unmap_id: int) -> int:
+        """Submit descriptors to the vIOMMU (one tail write); the VMM handles the trap."""
+        c = self.costs
+        self.stats["inv_descriptors"] += len(descs)
+        t += c.qi_submit_ns
+        cmds = self.viommu.submit(descs)
+        if self.mode == "passthrough":
+            return t
+        self.stats["vm_exits"] += 1
+        t += c.vm_exit_ns // 2
+        t = self.vmm.handle(cmds, t, dom.sid, dom.table, unmap_id)
+        return t + c.vm_exit_ns - c.vm_exit_ns // 2
+
+    def _range_descs(self, dom: IommuDomain, iova: int, pages: int) -> list:
+        psi = psi_aligned(iova, pages)
+        ats = [qi.pasid_dev_iotlb_desc(dom.sid, dom.sid, dom.pasid, psi[0] if psi else 0,
+                                       (1 << (psi[1] + PAGE_SHIFT)) if psi else 1 << 63)
+               ] if self.ats and self.mode == "nested" else []
+        if self.mode == "shadow":
+            if psi is None:
+                inv = qi.iotlb_desc(qi.QI_IOTLB_GRAN_DOMAIN, dom.did)
+            else:
+                inv = qi.iotlb_desc(qi.QI_IOTLB_GRAN_PAGE, dom.did, psi[0], psi[1])
+        elif psi is None:
+            inv = qi.piotlb_desc(dom.did, dom.pasid, qi.QI_GRAN_NONG_PASID)
+        else:
+            inv = qi.piotlb_desc(dom.did, dom.pasid, qi.QI_GRAN_PSI_PASID, psi[0], psi[1])
+        return [inv, *ats, qi.wait_desc()]
+
+    # --- map ---------------------------------------------------------------------------
+    def _alloc_iova(self, dom: IommuDomain, cpu: int, pages: int) -> tuple[int, int]:
+        c = self.costs
+        hits = dom.rcache.rcache_hits
+        pfn = dom.rcache.alloc_iova_fast(cpu, pages, DMA_BIT_MASK_32_PFN)
+        if pfn is None:
+            pfn = dom.rcache.alloc_iova_fast(cpu, pages, dom.limit_pfn)
+        if pfn is None:
+            raise DmaError(f"IOVA space exhausted for device {dom.sid:#06x}")
+        cost = c.iova_alloc_fast_ns if dom.rcache.rcache_hits > hits else c.iova_alloc_slow_ns
+        return pfn, cost
+
+    def map_segments(self, cpu: int, sid: int, segs: list[tuple[int, int]], direction: int,
+                     t: int) -> tuple[list[tuple[int, int]], int]:
+        """Map a list of (gpa, len) into one IOVA range (one sync for all): (segments, t)."""
+        c = self.costs
+        t += c.dma_call_ns
+        if self.mode == "passthrough":
+            self.stats["maps"] += 1
+            return list(segs), t + DIRECT_CALL_NS
+        dom = self.domains[sid]
+        pages_each = [((g & (PAGE_SIZE - 1)) + ln + PAGE_SIZE - 1) >> PAGE_SHIFT for g, ln in segs]
+        total = sum(pages_each)
+        pfn, cost = self._alloc_iova(dom, cpu, total)
+        t += cost
+        write = direction != DMA_TO_DEVICE
+        out: list[tuple[int, int]] = []
+        page = pfn
+        writes0 = dom.table.store.writes
+        for (gpa, ln), np_ in zip(segs, pages_each, strict=True):
+            dom.table.store.now = t
+            dom.table.map(page << PAGE_SHIFT, gpa & ~(PAGE_SIZE - 1), np_ << PAGE_SHIFT,
+                          write=write)
+            out.append(((page << PAGE_SHIFT) | (gpa & (PAGE_SIZE - 1)), ln))
+            self.stats["iommu_map_events"] += 1
+            page += np_
+        pte = dom.table.store.writes - writes0
+        self.stats["pte_writes"] += pte
+        t += pte * c.pte_write_ns
+        dom.mappings[pfn] = Mapping(pfn, total, segs[0][0])
+        for p in range(pfn, pfn + total):
+            self.mapped_pages.add((sid, p))
+            self.unmap_id_of.pop((sid, p), None)
+        self.stats["maps"] += 1
+        if self.mode == "shadow":  # caching mode: iotlb_sync_map flushes the new range
+            t = self._invalidate(dom, t, self._range_descs(dom, pfn << PAGE_SHIFT, total), -1)
+            t += c.qi_wait_ns
+        return out, t
+
+    # --- unmap -------------------------------------------------------------------------
+    def unmap_range(self, cpu: int, sid: int, iova: int, t: int) -> int:
+        """Unmap the mapping starting at ``iova`` (map_segments' first segment)."""
+        c = self.costs
+        t += c.dma_call_ns
+        self.stats["unmaps"] += 1
+        self.last_unmapped[sid] = iova
+        if self.mode == "passthrough":
+            return t + DIRECT_CALL_NS
+        dom = self.domains[sid]
+        pfn = iova >> PAGE_SHIFT
+        m = dom.mappings.pop(pfn, None)
+        if m is None:
+            self.stats["dma_api_errors"] += 1  # unmap of something never mapped: WARN
+            return t
+        unmap_id = self.next_unmap_id
+        self.next_unmap_id += 1
+        writes0 = dom.table.store.writes
+        dom.table.store.now = t
+        dom.table.unmap(pfn << PAGE_SHIFT, m.pages << PAGE_SHIFT)
+        pte = dom.table.store.writes - writes0
+        self.stats["pte_writes"] += pte
+        t += pte * c.pte_write_ns
+        for p in range(pfn, pfn + m.pages):
+            self.mapped_pages.discard((sid, p))
+            self.unmap_id_of[(sid, p)] = unmap_id
+        if dom.fq is None:  # strict: invalidate and wait now, then free the IOVA
+            t = self._invalidate(dom, t, self._range_descs(dom, pfn << PAGE_SHIFT, m.pages),
+                                 unmap_id)
+            t += c.qi_wait_ns + c.iova_free_ns
+            dom.rcache.free_iova_fast(cpu, pfn, m.pages)
+        else:
+            res = dom.fq.queue(cpu, pfn, m.pages, t)
+            self._give_back(dom, cpu, res.freed)
+            if res.flush_now:
+                t = self._flush_all(dom, cpu, t)
+            if res.timer_deadline_ns is not None:
+                self.schedule(res.timer_deadline_ns, self._on_timer, dom, cpu)
+            t += c.iova_free_ns
+        self.log.add(t, OP_UNMAP_RET, a0=unmap_id, a1=t)
+        return t
+
+    def _give_back(self, dom: IommuDomain, cpu: int, freed) -> None:
+        for pfn, pages in freed:
+            dom.rcache.free_iova_fast(cpu, pfn, pages)
+        if len(freed):
+            self.stale_bound_ns = max(self.stale_bound_ns, freed.max_stale_ns)
+
+    def _flush_all(self, dom: IommuDomain, cpu: int, t: int) -> int:
+        """fq_flush_iotlb: one PASID-wide invalidation for everything queued, then free."""
+        self.stats["lazy_flushes"] += 1
+        descs = [qi.piotlb_desc(dom.did, dom.pasid, qi.QI_GRAN_NONG_PASID)]
+        if self.ats:
+            descs.append(qi.pasid_dev_iotlb_desc(dom.sid, dom.sid, dom.pasid, 0, 1 << 63))
+        descs.append(qi.wait_desc())
+        t = self._invalidate(dom, t, descs, -1) + self.costs.qi_wait_ns
+        self._give_back(dom, cpu, dom.fq.flush_done(t))
+        return t
+
+    def _on_timer(self, dom: IommuDomain, cpu: int) -> None:
+        t = dom.fq.timer_deadline()
+        if t is not None and dom.fq.on_timer(t):
+            self._flush_all(dom, cpu, t)
+
+    # --- what the oracle needs for each device DMA ----------------------------------------
+    def unmap_tag(self, sid: int, page: int) -> int:
+        """-1 while (sid, IOVA page) is mapped, else the id of the unmap that last covered it."""
+        if self.mode == "passthrough" or (sid, page) in self.mapped_pages:
+            return -1
+        return self.unmap_id_of.get((sid, page), -2)
+
+
+def make_store_logger(log: OpLog, store: GuestTableStore, op: int) -> Callable[[int, int], None]:
+    """An on_write hook logging each guest table store as a host operation at store.now."""
+
+    def on_write(gpa: int, value: int) -> None:
+        log.add(store.now, op, a0=gpa, a1=value)
+
+    return on_write

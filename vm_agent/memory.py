@@ -1,0 +1,110 @@
+"""The guest's physical memory (GPA space): a page allocator and its page-table pages.
+
+Models the guest kernel's page allocator only as far as DMA needs it: buffers of 2^k pages,
+page-table pages for the IOMMU driver, and pages the balloon driver hands back to the host.
+Allocation is deterministic (size-class free lists, then a bump pointer), so a run is a pure
+function of its inputs. Page-table pages are kept locally (512 x uint64 each), because the
+guest reads its own tables; under nesting every store into them is also logged for the host,
+which holds the real memory the IOMMU walks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE, PTE_DTYPE, PTES_PER_TABLE
+
+
+class GuestMemoryError(Exception):
+    """The guest ran out of memory (a config too small for its workload)."""
+
+
+class GuestMemory:
+    """GPA frames [first_frame, frames): power-of-two buffer classes over a bump pointer."""
+
+    def __init__(self, frames: int, first_frame: int = 16) -> None:
+        self.frames = frames
+        self.next_frame = first_frame
+        self.free_lists: dict[int, list[int]] = {}
+        self.ballooned: list[int] = []
+        self.used_pages = 0
+
+    @staticmethod
+    def _order(npages: int) -> int:
+        return max(0, (npages - 1).bit_length())
+
+    def alloc(self, npages: int) -> int:
+        """GPA of 2^ceil(log2(npages)) contiguous pages, aligned to their size."""
+        order = self._order(npages)
+        fl = self.free_lists.get(order)
+        if fl:
+            frame = fl.pop()
+        else:
+            size = 1 << order
+            frame = -(-self.next_frame // size) * size
+            if frame + size > self.frames:
+                raise GuestMemoryError(
+                    f"guest memory exhausted allocating {npages} pages "
+                    f"({self.frames} frames): raise vm.memory_mib")
+            self.next_frame = frame + size
+        self.used_pages += 1 << order
+        return frame << PAGE_SHIFT
+
+    def free(self, gpa: int, npages: int) -> None:
+        order = self._order(npages)
+        self.free_lists.setdefault(order, []).append(gpa >> PAGE_SHIFT)
+        self.used_pages -= 1 << order
+
+    def balloon_take(self, npages: int) -> list[int]:
+        """Free single pages the balloon driver gives to the host (GPA frames)."""
+        got: list[int] = []
+        fl = self.free_lists.setdefault(0, [])
+        while len(got) < npages and fl:
+            got.append(fl.pop())
+        while len(got) < npages and self.next_frame < self.frames:
+            got.append(self.next_frame)
+            self.next_frame += 1
+        self.ballooned.extend(got)
+        return got
+
+    def balloon_return(self, npages: int) -> list[int]:
+        back = self.ballooned[-npages:] if npages else []
+        del self.ballooned[len(self.ballooned) - len(back):]
+        self.free_lists.setdefault(0, []).extend(back)
+        return back
+
+
+class GuestTableStore:
+    """TableStore (host_iommu.pgtable) over guest memory: addresses are GPAs.
+
+    ``on_write(gpa, value)`` is called for every store (the agent logs them for the host under
+    nesting); ``writes`` counts them.
+    """
+
+    def __init__(self, mem: GuestMemory, on_write: Callable[[int, int], None] | None = None
+                 ) -> None:
+        self.mem = mem
+        self.pages: dict[int, np.ndarray] = {}
+        self.on_write = on_write
+        self.writes = 0
+
+    def alloc_table(self) -> int:
+        gpa = self.mem.alloc(1)
+        self.pages[gpa] = np.zeros(PTES_PER_TABLE, dtype=PTE_DTYPE)
+        return gpa
+
+    def free_table(self, addr: int) -> None:
+        self.pages.pop(addr, None)
+        self.mem.free(addr, 1)
+
+    def read(self, addr: int) -> int:
+        page = self.pages.get(addr & ~(PAGE_SIZE - 1))
+        return 0 if page is None else int(page[(addr >> 3) & 511])
+
+    def write(self, addr: int, value: int) -> None:
+        self.pages[addr & ~(PAGE_SIZE - 1)][(addr >> 3) & 511] = value
+        self.writes += 1
+        if self.on_write is not None:
+            self.on_write(addr, value)
