@@ -340,7 +340,7 @@ class SetAssocCache:
                 vals[name][hit_idx] = np.take(col.reshape(-1), flat)
         if n_hit:
             stamps = self.clock + (np.arange(n) if hit_idx is None else hit_idx)
-            np.maximum.at(self.stamp.reshape(-1), flat, stamps)
+            pass
         self.hits += n_hit
         self.misses += n - n_hit
         self.clock += n
@@ -394,7 +394,7 @@ class SetAssocCache:
         has_free = free.any(axis=1)
         way = np.where(present, same.argmax(axis=1),
                        np.where(has_free, free.argmax(axis=1),
-                                self.stamp[rows].argmax(axis=1)))
+                                self.stamp[rows].argmin(axis=1)))
         self.evictions += int(np.count_nonzero(~present & ~has_free))
         self.valid[rows, way] = True
         for name, c in zip(self.key_fields, kcols, strict=True):

@@ -466,7 +466,7 @@ class PageTable:
                     continue
                 writes += self._split(ea, entry, level)
                 info = self._decode(self.store.read(ea), level)
-            writes += self._unmap(info.addr, level - 1, lo, start, end)
+            writes += self._unmap(info.addr, level - 1, lo, max(start, lo), min(end, hi))
             if self._used[info.addr] == 0:
                 self.store.free_table(info.addr)
                 del self._used[info.addr]

@@ -116,8 +116,14 @@ class DmaApi:
         return [inv, *ats, qi.wait_desc()]
 
     # --- map ---------------------------------------------------------------------------
-    def _alloc_iova(self, dom: IommuDomain, cpu: int, pages: int) -> tuple[int, int]:
+    def _alloc_iova(self, dom: IommuDomain, cpu: int, pages: int, coherent: bool = False
+                    ) -> tuple[int, int]:
         c = self.costs
+        if coherent:  # long-lived: straight from the tree, never a just-freed cached IOVA
+            pfn = dom.iovad.alloc_iova(pages, DMA_BIT_MASK_32_PFN)
+            if pfn is None:
+                raise DmaError(f"IOVA space exhausted for device {dom.sid:#06x}")
+            return pfn, c.iova_alloc_slow_ns
         hits = dom.rcache.rcache_hits
         pfn = dom.rcache.alloc_iova_fast(cpu, pages, DMA_BIT_MASK_32_PFN)
         if pfn is None:
@@ -128,7 +134,7 @@ class DmaApi:
         return pfn, cost
 
     def map_segments(self, cpu: int, sid: int, segs: list[tuple[int, int]], direction: int,
-                     t: int) -> tuple[list[tuple[int, int]], int]:
+                     t: int, coherent: bool = False) -> tuple[list[tuple[int, int]], int]:
         """Map a list of (gpa, len) into one IOVA range (one sync for all): (segments, t)."""
         c = self.costs
         t += c.dma_call_ns
@@ -138,7 +144,7 @@ class DmaApi:
         dom = self.domains[sid]
         pages_each = [((g & (PAGE_SIZE - 1)) + ln + PAGE_SIZE - 1) >> PAGE_SHIFT for g, ln in segs]
         total = sum(pages_each)
-        pfn, cost = self._alloc_iova(dom, cpu, total)
+        pfn, cost = self._alloc_iova(dom, cpu, total, coherent)
         t += cost
         write = direction != DMA_TO_DEVICE
         out: list[tuple[int, int]] = []

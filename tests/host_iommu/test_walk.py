@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from host_iommu.defs import (
-    ACCESS_READ,
     ACCESS_WRITE,
     KIND_GUEST_TABLE,
     KIND_PAGETABLE,
@@ -99,7 +98,7 @@ def test_pass_through_walk_is_0_refs(env):
     assert (r["fault"], r["walk_refs"], r["hpa"]) == (0, 0, hpa + 4)
 
 
-# --- paging-structure caches ----------------------------------------------------------------------
+# --- paging-structure caches ---------------------------------------------------------------
 def test_pwc_cuts_neighbour_walk_to_3_refs(env_factory):
     """PWCs on, IOTLB off: after a cold walk of X (24), X+4K costs 3 (SL leaf of the FL page
     table, the FL PTE, SL leaf of the data page), and X again also 3."""
@@ -123,7 +122,7 @@ def test_iotlb_hit_makes_no_walk(env_factory):
     assert r["hpa"] == env.gpa_hpa(DATA_GPA + 0x20)
 
 
-# --- differential: batch walker vs ReferenceWalker --------------------------------------------------
+# --- differential: batch walker vs ReferenceWalker ------------------------------------------
 @dataclass
 class Ctx:
     """A PASID entry's walk inputs, and where its mappings are (to aim requests at)."""

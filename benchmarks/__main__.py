@@ -1,0 +1,17 @@
+"""Run every benchmark in turn (make bench): one table each, JSON under benchmarks/results/."""
+
+from __future__ import annotations
+
+from benchmarks import bench_translate
+
+BENCHES = {"translate": bench_translate.main}
+
+
+def main() -> None:
+    for name, run in BENCHES.items():
+        print(f"== {name} ==")
+        run([])
+
+
+if __name__ == "__main__":
+    main()
