@@ -131,11 +131,25 @@ def bench_hit(n: int, warm_pages: int, reps: int, rng: np.random.Generator) -> l
     check = h.translate(sid[:10000], pasid[:10000], addr[:10000], access[:10000])
     assert check["iotlb_hit"].all() and (check["walk_refs"] == 0).all()
     t_translate = best_of(lambda: h.translate(sid, pasid, addr, access), reps)
-    t_lookup = best_of(lambda: h.iotlb.lookup(np.ones(n, np.int64), pasid, addr), reps)
+    did = np.full(n, h.sm.resolve(SID, 0).entry.did, np.int64)
+    t_lookup = best_of(lambda: h.iotlb.lookup(did, pasid, addr), reps)
     t_gather = gather_s(n, reps, rng)
     return [row("IOTLB-hit translate", n, t_translate, t_gather),
             row("IOTLB.lookup only", n, t_lookup, t_gather),
             row("  numpy gather baseline", n, t_gather, t_gather)]
+
+
+def profile_paths(n_cold: int, n_hit: int, warm: int, rng: np.random.Generator) -> None:
+    """cProfile one timed translate call of each path (setup excluded); print the top."""
+    cold = make_host(n_cold, iotlb_entries=0, pwc=False)
+    hot = make_host(warm, iotlb_entries=8 * warm, pwc=True)
+    hot.translate(*requests(np.arange(warm)))
+    for label, h, reqs in (("cold nested walks", cold, requests(rng.permutation(n_cold))),
+                           ("IOTLB hits", hot, requests(rng.integers(0, warm, n_hit)))):
+        prof = cProfile.Profile()
+        prof.runcall(h.translate, *reqs)
+        print(f"== cProfile: {label} ==")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
 def row(name: str, ops: int, seconds: float, gather_seconds: float) -> dict:
@@ -172,12 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  else (200_000, 1_000_000, 4096, 3))
     rng = np.random.default_rng(0)
     if args.profile:
-        for label, fn in (("cold", lambda: bench_cold(n_cold, 1, rng)),
-                          ("hit", lambda: bench_hit(n_hit, warm, 1, rng))):
-            prof = cProfile.Profile()
-            prof.runcall(fn)
-            print(f"== cProfile: {label} (setup included) ==")
-            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+        profile_paths(n_cold, n_hit, warm, rng)
         return {}
     rows = bench_cold(n_cold, reps, rng) + bench_hit(n_hit, warm, reps, rng)
     print_table(rows)

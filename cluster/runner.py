@@ -84,7 +84,7 @@ def build(cfg: Config) -> tuple[HostServer, list[VmAgent], dict[int, VmPlan]]:
         agent = VmAgent(p.vm, mode=g.mode, policy=g.policy, flush_queue=g.flush_queue,
                         vcpus=g.vcpus, memory_bytes=g.memory_mib << 20, fl_levels=g.fl_levels,
                         ats=g.ats, workload=workload, churn=churn, costs=cfg.cost,
-                        seed=cfg.experiment.seed)
+                        seed=cfg.experiment.seed, stream=p.index)
         setup = agent.setup()
         host.setup_vm(setup)
         agents.append(agent)
@@ -179,7 +179,8 @@ def summary_table(cfg: Config, rid: str, host: HostServer, agents: list[VmAgent]
             "cpu_busy_ns": s["cpu_busy_ns"],
             "host_inv_descriptors": hc["host_inv_descriptors"],
             "dma_requests": s["dma_requests"], "rogue_dma": s["rogue_dma"],
-            "lazy_flushes": s["lazy_flushes"], "translate_ns": hc["translate_ns"],
+            "lazy_flushes": s["lazy_flushes"], "iommu_map_events": s["iommu_map_events"],
+            "translate_ns": hc["translate_ns"],
             "stale_bound_ns": a.dma.stale_bound_ns,
         })
     return pa.Table.from_pylist(rows)

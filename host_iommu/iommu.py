@@ -301,6 +301,11 @@ class HostIommu:
 
         Returns (completion time of the last wait or of the last descriptor, descriptors).
         """
+        # qi_submit_sync spins while the queue lacks room: wait until enough slots free up
+        for _ in range(1 << 16):
+            if self.qi.free_slots(t_ns) >= len(descs):
+                break
+            t_ns += self.costs.qi_desc_ns
         res = self.qi.submit(descs, t_ns)
         for t_eff, cmd in res.commands:
             heapq.heappush(self._pending, (t_eff, self._pending_seq, cmd))
@@ -503,5 +508,5 @@ class HostIommu:
                                access[faulted], out["fault"][faulted], out["stage"][faulted],
                                fpd=fpd[inv][faulted])
         out["iotlb_hit"] |= devtlb_hit
-        self._last_devtlb_hit = devtlb_hit
+        self.last_devtlb_hit = devtlb_hit
         return out

@@ -7,7 +7,7 @@ drivers/iommu/intel/cache.c; the context-cache function mask follows QEMU
 hw/i386/intel_iommu.c (vtd_context_device_invalidate). host_iommu/reference_cache.py is the
 slow, obvious model of the same semantics that the tests compare against.
 
-Module length (~600 lines): one generic store plus five thin named caches over it; splitting
+Module length (~760 lines): one generic store plus five thin named caches over it; splitting
 them would scatter the shared batch semantics.
 """
 
@@ -340,7 +340,7 @@ class SetAssocCache:
                 vals[name][hit_idx] = np.take(col.reshape(-1), flat)
         if n_hit:
             stamps = self.clock + (np.arange(n) if hit_idx is None else hit_idx)
-            pass
+            np.maximum.at(self.stamp.reshape(-1), flat, stamps)
         self.hits += n_hit
         self.misses += n - n_hit
         self.clock += n

@@ -127,7 +127,8 @@ class HostMemory:
 
     def table(self, frame: int) -> np.ndarray:
         """The 512 entries of a frame as a writable view (creates the slot if needed)."""
-        return self.slab[self._slot(frame)]
+        slot = self._slot(frame)  # may grow the slab: index it only afterwards
+        return self.slab[slot]
 
     def has_table(self, frame: int) -> bool:
         return bool(self.slot_of[frame] >= 0)

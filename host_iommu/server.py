@@ -83,7 +83,7 @@ class HostServer:
         while i < n:
             h.advance_to(int(t[i]))
             k = kind[i]
-            if k == OP_DMA or k == OP_GUEST_WRITE:
+            if k in (OP_DMA, OP_GUEST_WRITE):
                 j = i + 1
                 while j < n and kind[j] == k and (k == OP_DMA or ops["vm"][j] == ops["vm"][i]):
                     j += 1
@@ -164,6 +164,7 @@ class HostServer:
             c = self.counters[v]
             c["translations"] += int(m.sum())
             c["iotlb_hits"] += int((res["iotlb_hit"][m]).sum())
+            c["devtlb_hits"] += int(h.last_devtlb_hit[m].sum())
             c["iotlb_misses"] += int((~res["iotlb_hit"][m] & (res["walk_refs"][m] > 0)).sum())
             c["walk_refs"] += int(res["walk_refs"][m].sum())
             c["ctx_refs"] += int(res["ctx_refs"][m].sum())

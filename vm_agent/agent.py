@@ -46,8 +46,8 @@ class VmAgent:
 
     def __init__(self, vm: int, *, mode: str, policy: str, flush_queue: str, vcpus: int,
                  memory_bytes: int, fl_levels: int, ats: bool, workload: Workload,
-                 churn: Any | None, costs: CostModel, seed: int, bus: int | None = None
-                 ) -> None:
+                 churn: Any | None, costs: CostModel, seed: int, bus: int | None = None,
+                 stream: int | None = None) -> None:
         self.vm = vm
         self.mode = mode
         self.policy = policy
@@ -59,7 +59,9 @@ class VmAgent:
         self.churn = churn
         self.costs = costs
         self.flush_queue_per_cpu = flush_queue == "percpu"
-        self.rng = np.random.default_rng([seed, vm])
+        # Random stream per (seed, index in group): VM k of every group sees the same arrivals,
+        # so designs are compared on common random numbers.
+        self.rng = np.random.default_rng([seed, vm if stream is None else stream])
         self.bus = vm if bus is None else bus
         self.log = OpLog(vm)
         self.stats: dict[str, int] = dict.fromkeys(GUEST_COUNTERS, 0)
