@@ -328,8 +328,6 @@ def _shared_env() -> Env:
     return _ENV[0]
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="BUG: memory.py HostMemory.table indexes the pre-growth slab")
 def test_guest_write_to_new_table_page_when_slab_full():
     """A guest store that makes the 65th table page (slab growth) lands in memory."""
     h = HostIommu(IommuParams(memory_mib=64, iotlb_entries=0))
