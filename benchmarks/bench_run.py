@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,9 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     duration_us = 2000
     cfg = load_config(ROOT / "configs" / "quickstart.toml",
                       [f"experiment.duration_us={duration_us}"])
-    cfg = cfg.__class__(cfg.experiment, cfg.host,
-                        tuple(g for g in cfg.vms if g.name == "nic-nested"), cfg.cost,
-                        cfg.notes, cfg.source)
+    cfg = replace(cfg, vms=tuple(g for g in cfg.vms if g.name == "nic-nested"))
     host, agents, _ = build(cfg)
     engine = Engine(InProcTransport(host, agents), cfg.experiment.epoch_us * 1000)
     t0 = time.perf_counter()

@@ -8,10 +8,9 @@ and faults through the atomic RunWriter (cluster/results.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from cluster.config import ClusterError, Config
@@ -19,18 +18,17 @@ from cluster.engine import Engine, Epoch, InProcTransport
 from cluster.results import RunWriter, run_id
 from host_iommu.defs import ORDER_BY_NAME, FaultReason, Stage
 from host_iommu.iommu import IommuParams
+from host_iommu.memory import HostMemoryError
 from host_iommu.server import HostServer
 from vm_agent.agent import VmAgent
+from vm_agent.dma import DmaError
+from vm_agent.memory import GuestMemoryError
 from workloads import WORKLOADS
 from workloads.churn import Churn
 
 BACKENDS = ("inproc",)
 METRIC_COLUMNS = ("ios", "bytes", "maps", "unmaps", "vm_exits", "inv_descriptors",
                   "iotlb_hits", "iotlb_misses", "walk_refs", "faults", "stale_dma")
-HOST_KEYS = ("translations", "iotlb_hits", "iotlb_misses", "devtlb_hits", "walk_refs",
-             "ctx_refs", "faults", "stale_dma", "cross_vm_dma", "stale_window_max_ns",
-             "host_inv_descriptors", "translate_ns", "vfio_errors")
-
 
 class RunError(ClusterError):
     """A run that cannot proceed (a config that does not fit, an unknown back-end)."""
@@ -60,15 +58,10 @@ def plan_vms(cfg: Config) -> list[VmPlan]:
 
 
 def host_params(cfg: Config) -> IommuParams:
-    h = cfg.host
-    return IommuParams(memory_mib=h.memory_mib, haw=h.haw, iotlb_entries=h.iotlb_entries,
-                       iotlb_ways=h.iotlb_ways, page_walk_cache=h.page_walk_cache,
-                       pwc_entries=h.pwc_entries, pwc_ways=h.pwc_ways,
-                       pasid_cache_entries=h.pasid_cache_entries,
-                       context_cache_entries=h.context_cache_entries,
-                       devtlb_entries=h.devtlb_entries, devtlb_ways=h.devtlb_ways,
-                       sl_page_order=ORDER_BY_NAME[h.sl_page_size], sl_levels=h.sl_levels,
-                       fault_records=h.fault_records, qi_entries=h.qi_entries)
+    """The `[host]` table as HostIommu parameters (same names; the page size as an order)."""
+    names = {f.name for f in fields(IommuParams)} - {"sl_page_order"}
+    return IommuParams(**{n: getattr(cfg.host, n) for n in names},
+                       sl_page_order=ORDER_BY_NAME[cfg.host.sl_page_size])
 
 
 def build(cfg: Config) -> tuple[HostServer, list[VmAgent], dict[int, VmPlan]]:
@@ -117,12 +110,8 @@ def run_config(cfg: Config, out_dir: str | Path, backend: str = "inproc",
     with RunWriter(out_dir, cfg, rid, overwrite=overwrite) as writer:
         try:
             host, agents, plans = build(cfg)
-        except MemoryError as e:
+        except (HostMemoryError, GuestMemoryError) as e:
             raise RunError(f"the config does not fit: {e}") from None
-        except Exception as e:  # guest/host memory exhaustion named by the models
-            if type(e).__name__ in ("MemoryError_", "GuestMemoryError"):
-                raise RunError(f"the config does not fit: {e}") from None
-            raise
         engine = Engine(InProcTransport(host, agents), exp.epoch_us * 1000)
         sink = writer.stream("metrics", writer.with_metadata(METRICS_SCHEMA))
         prev: dict[int, dict[str, int]] = {a.vm: dict.fromkeys(METRIC_COLUMNS, 0)
@@ -142,7 +131,11 @@ def run_config(cfg: Config, out_dir: str | Path, backend: str = "inproc",
                 prev[a.vm] = cur
             sink.write_batch(pa.record_batch(rows, schema=METRICS_SCHEMA))
 
-        engine.run(exp.duration_us * 1000, on_epoch)
+        try:
+            engine.run(exp.duration_us * 1000, on_epoch)
+        except (HostMemoryError, GuestMemoryError, DmaError) as e:
+            raise RunError(f"run stopped at {engine.now} ns of virtual time: {e} "
+                           "(raise vm.memory_mib or host.memory_mib)") from None
         host.iommu.drain()
         summary = summary_table(cfg, rid, host, agents, plans, engine.now)
         writer.write_table("summary", summary)
@@ -202,4 +195,3 @@ def faults_table(cfg: Config, rid: str, host: HostServer) -> pa.Table:
     })
 
 
-__all__ = ["BACKENDS", "RunError", "RunOutcome", "build", "np", "run_config"]

@@ -2,7 +2,9 @@
 
 Follows Linux drivers/iommu/intel/cache.c (cache_tag_flush_range, calculate_psi_aligned_address:
 one page-selective descriptor whose 2^AM-page aligned range covers the request; domain- or
-PASID-wide when the range is too large) and dmar.c qi_submit_sync (descriptors then a wait).
+PASID-wide when the range is too large). Callers end each submission with a wait descriptor,
+as dmar.c qi_submit_sync does. The guest's driver and the host's use the same helpers, as both
+run Linux's VT-d driver.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ def pasid_flush_descs(did: int, pasid: int, addr: int, npages: int, *, leaf: boo
         out.append(qi.piotlb_desc(did, pasid, qi.QI_GRAN_PSI_PASID, a, am, ih=leaf))
         out += [qi.pasid_dev_iotlb_desc(s, s, pasid, a, 1 << (am + PAGE_SHIFT))
                 for s in ats_sids]
-    out.append(qi.wait_desc())
     return out
 
 
@@ -60,5 +61,4 @@ def domain_flush_descs(did: int, addr: int | None, npages: int, *,
         a, am = psi
         out.append(qi.iotlb_desc(qi.QI_IOTLB_GRAN_PAGE, did, a, am))
         out += [qi.dev_iotlb_desc(s, s, 0, a, 1 << (am + PAGE_SHIFT)) for s in ats_sids]
-    out.append(qi.wait_desc())
     return out

@@ -45,9 +45,8 @@ from host_iommu.iotlb import (
 )
 from host_iommu.memory import HostMemory
 from host_iommu.pasid import (
-    CE_P,
-    PASID_ENTRY_WORDS,
     ContextEntry,
+    ContextResult,
     PasidEntry,
     ScalableModeTables,
     decode_pasid_entry,
@@ -103,6 +102,24 @@ class TranslateStats:
     ctx_refs: int = 0
     faults: int = 0
     ad_writes: int = 0
+
+
+def first_of_groups(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group equal key tuples: (position of each group's first member, ascending; the group
+    index of every element). Vectorised: one lexsort, no Python loop over elements."""
+    n = keys[0].size
+    pos = np.arange(n)
+    order = np.lexsort((pos, *reversed(keys)))
+    new = np.zeros(n, dtype=bool)
+    new[:1] = True
+    for k in keys:
+        ks = k[order]
+        new[1:] |= ks[1:] != ks[:-1]
+    start = np.maximum.accumulate(np.where(new, pos, 0))
+    leader = np.empty(n, dtype=np.int64)
+    leader[order] = order[start]
+    firsts = np.flatnonzero(leader == pos)
+    return firsts, np.searchsorted(firsts, leader)
 
 
 class CacheSet:
@@ -198,7 +215,6 @@ class HostIommu:
         self.owner_of_sid: dict[int, int] = {}
         self.ats_sids: set[int] = set()
         self.stats = TranslateStats()
-        self.stats_by_vm: dict[int, TranslateStats] = {}
         self._pending: list[tuple[int, int, InvCommand]] = []
         self._pending_seq = 0
         self._next_did = 1
@@ -232,7 +248,6 @@ class HostIommu:
         self._map_sl_runs(sl, hpa_of, 0, gpa_frames, order)
         vmm = VmMemory(vm, gpa_frames, hpa_of, sl, self.alloc_did())
         self.vms[vm] = vmm
-        self.stats_by_vm[vm] = TranslateStats()
         return vmm
 
     @staticmethod
@@ -240,7 +255,6 @@ class HostIommu:
                      order: int) -> int:
         """Map GPA frames [start, end) by runs of physically contiguous frames."""
         writes = 0
-        f = start
         frames = hpa_of[start:end]
         if frames.size == 0:
             return 0
@@ -263,7 +277,9 @@ class HostIommu:
 
     def set_pasid_entry(self, sid: int, pasid: int, entry: PasidEntry) -> None:
         self.sm.set_pasid_entry(sid, pasid, entry)
-        self.caches.pasidc.inv_pasid(entry.did, pasid)  # programming + 0x7 PASID-selective
+        # the driver's PASID-cache flush after programming (Linux pasid_flush_caches); a
+        # re-programmed entry may have been cached under its old DID
+        self.caches.pasidc.inv_entry(sid, pasid)
 
     def gpa_to_hpa(self, vm: int, gpa: int) -> int | None:
         """The VMM's (and KVM's) view of guest memory: None if not backed."""
@@ -332,38 +348,29 @@ class HostIommu:
             apply(heapq.heappop(self._pending)[2], self.caches)
 
     # --- translation ------------------------------------------------------------------------
-    def _resolve(self, sid: int, pasid: int) -> tuple[PasidEntry | None, int, int, bool, bool]:
-        """(entry, fault, ctx_refs, fpd, dte) for one (sid, pasid), through the caches."""
+    def _resolve(self, sid: int, pasid: int) -> ContextResult:
+        """Root, context and PASID entries of one (sid, pasid), through the caches."""
         refs = 0
         chit, _did, cwords = self.caches.ctxc.lookup(np.array([sid]))
         if chit[0]:
-            w0 = int(cwords[0, 0])
-            ce = ContextEntry(fpd=bool(w0 & 2), dte=bool(w0 & 4),
-                              pasid_dir=w0 & ~0xFFF & 0xFFFF_FFFF_FFFF_FFFF,
-                              pdts=(w0 >> 9) & 7, rid_pasid=int(cwords[0, 1]) & 0xFFFFF)
+            ce = ContextEntry.decode(int(cwords[0, 0]), int(cwords[0, 1]))
         else:
-            ce, fault, r = self.sm.fetch_context(sid)
-            refs += r
+            ce, fault, refs = self.sm.fetch_context(sid)
             if ce is None:
-                return None, int(fault), refs, False, False
-            w0 = (ce.pasid_dir | (ce.pdts << 9) | (4 if ce.dte else 0)
-                  | (2 if ce.fpd else 0) | CE_P)
+                return ContextResult(None, fault, refs)
             self.caches.ctxc.fill(np.array([sid]), np.array([0]),
-                                    np.array([[w0, ce.rid_pasid, 0, 0]], dtype=U64))
+                                  np.array([[*ce.words(), 0, 0]], dtype=U64))
         phit, _pdid, pwords = self.caches.pasidc.lookup(np.array([sid]), np.array([pasid]))
         if phit[0]:
             decoded = decode_pasid_entry([int(x) for x in pwords[0]])
             if isinstance(decoded, FaultReason):
-                return None, int(decoded), refs, ce.fpd, ce.dte
-            return decoded, 0, refs, ce.fpd or decoded.fpd, ce.dte
-        entry, fault, r, fpd = self.sm.fetch_pasid_entry(ce, pasid)
-        refs += r
-        if entry is None:
-            return None, int(fault), refs, fpd, ce.dte
-        words = entry.encode()
-        self.caches.pasidc.fill(np.array([sid]), np.array([pasid]), np.array([entry.did]),
-                              np.array([words[:PASID_ENTRY_WORDS]], dtype=U64))
-        return entry, 0, refs, fpd, ce.dte
+                return ContextResult(None, decoded, refs, ce.fpd, ce.dte)
+            return ContextResult(decoded, FaultReason.NONE, refs, ce.fpd or decoded.fpd, ce.dte)
+        entry, fault, more, fpd = self.sm.fetch_pasid_entry(ce, pasid)
+        if entry is not None:
+            self.caches.pasidc.fill(np.array([sid]), np.array([pasid]), np.array([entry.did]),
+                                    np.array([entry.encode()], dtype=U64))
+        return ContextResult(entry, fault, refs + more, fpd, ce.dte)
 
     def translate(self, sid: np.ndarray, pasid: np.ndarray, addr: np.ndarray,
                   access: np.ndarray, t_ns: np.ndarray | None = None) -> np.ndarray:
@@ -395,8 +402,9 @@ class HostIommu:
         dte = np.zeros(nu, bool)
         crefs = np.zeros(nu, np.int64)
         for u in range(nu):
-            e, f, r, fp, dt = self._resolve(int(uniq[u]) >> 20, int(uniq[u]) & 0xFFFFF)
-            crefs[u], cfault[u], fpd[u], dte[u] = r, f, fp, dt
+            cr = self._resolve(int(uniq[u]) >> 20, int(uniq[u]) & 0xFFFFF)
+            crefs[u], cfault[u], fpd[u], dte[u] = cr.ctx_refs, cr.fault, cr.fpd, cr.dte
+            e = cr.entry
             if e is not None:
                 pgtt[u], did[u], flptr[u], fl_levels[u] = e.pgtt, e.did, e.flptr, e.fl_levels
                 slptr[u], sl_levels[u], ssade[u] = e.slptr, e.sl_levels, e.ssade
@@ -434,18 +442,10 @@ class HostIommu:
         miss = ix[~hit]
 
         # 4. walk the misses, coalesced by (did, pasid, page, access).
+        followers = miss[:0]
         if miss.size:
-            mkey = np.stack([r_did[miss], pasid[miss],
-                             (addr[miss] >> U64(PAGE_SHIFT)).astype(np.int64),
-                             access[miss].astype(np.int64)], axis=1)
-            _u, lead_pos, back = np.unique(mkey, axis=0, return_index=True, return_inverse=True)
-            back = back.reshape(-1)
-            lead_pos = np.sort(lead_pos)
-            # map each miss to its leader (first occurrence in request order)
-            leader_of_key = {}
-            for pos in lead_pos.tolist():
-                leader_of_key[int(back[pos])] = pos
-            lead_idx = np.array([leader_of_key[int(k)] for k in back.tolist()], dtype=np.int64)
+            lead_pos, group = first_of_groups(
+                r_did[miss], pasid[miss], addr[miss] >> U64(PAGE_SHIFT), access[miss])
             leaders = miss[lead_pos]
             u = inv[leaders]
             wb = WalkBatch(addr=addr[leaders], access=access[leaders], pgtt=pgtt[u], did=did[u],
@@ -460,11 +460,10 @@ class HostIommu:
             out["walk_refs"][leaders] = wr.walk_refs
             out["page_order"][leaders] = wr.order
             # followers take the leader's outcome, offset within the page
-            pos_in_leaders = np.searchsorted(lead_pos, lead_idx)
-            followers = np.flatnonzero(lead_idx != np.arange(miss.size))
+            followers = np.flatnonzero(lead_pos[group] != np.arange(miss.size))
             if followers.size:
                 fr = miss[followers]
-                src = pos_in_leaders[followers]
+                src = group[followers]
                 ok = wr.fault[src] == 0
                 base = wr.hpa[src] & ~U64(PAGE_SIZE - 1)
                 out["hpa"][fr] = np.where(ok, base | (addr[fr] & U64(PAGE_SIZE - 1)), 0)
@@ -495,7 +494,7 @@ class HostIommu:
         st.translations += n
         st.devtlb_hits += int(devtlb_hit.sum())
         st.iotlb_hits += int(out["iotlb_hit"].sum())
-        st.iotlb_misses += int(miss.size - (followers.size if miss.size else 0))
+        st.iotlb_misses += int(miss.size - followers.size)
         st.walk_refs += int(out["walk_refs"].sum())
         st.ctx_refs += int(out["ctx_refs"].sum())
         faulted = np.flatnonzero(out["fault"] != 0)

@@ -728,6 +728,11 @@ class PasidCache:
     def inv_sid(self, sid: int) -> int:
         return self.cache.invalidate(lambda c: c["sid"] == _scalar(sid, "sid"))
 
+    def inv_entry(self, sid: int, pasid: int) -> int:
+        """Drop the entry of one (sid, pasid), whatever DID it was cached with."""
+        return self.cache.invalidate(
+            lambda c: (c["sid"] == _scalar(sid, "sid")) & (c["pasid"] == _scalar(pasid, "pasid")))
+
 
 class ContextCache:
     """The context-cache (VT-d spec 6.2.1): scalable-mode context entries keyed by sid."""

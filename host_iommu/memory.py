@@ -27,7 +27,7 @@ from host_iommu.defs import (
 )
 
 
-class MemoryError_(Exception):
+class HostMemoryError(Exception):
     """Host memory exhausted or misused by the emulator itself (not by a guest)."""
 
 
@@ -63,7 +63,7 @@ class HostMemory:
     def alloc_frames(self, n: int, owner: int, kind: int = KIND_DATA) -> np.ndarray:
         """Allocate ``n`` frames (not necessarily contiguous) to ``owner``."""
         if n > len(self._free_frames):
-            raise MemoryError_(f"host memory exhausted: need {n} frames, "
+            raise HostMemoryError(f"host memory exhausted: need {n} frames, "
                                f"{len(self._free_frames)} free")
         got = np.array([self._free_frames.pop() for _ in range(n)], dtype=FRAME_DTYPE)
         self.owner[got] = owner
@@ -78,7 +78,7 @@ class HostMemory:
         starts = np.arange(0, self.frames - n + 1, align, dtype=np.int64)
         fits = np.flatnonzero(csum[starts + n] - csum[starts] == n)
         if fits.size == 0:
-            raise MemoryError_(f"no {n} contiguous free frames aligned to {align}")
+            raise HostMemoryError(f"no {n} contiguous free frames aligned to {align}")
         start = int(starts[fits[0]])
         frames = np.arange(start, start + n, dtype=FRAME_DTYPE)
         keep = np.ones(self.frames, dtype=bool)
@@ -92,7 +92,7 @@ class HostMemory:
         """Return frames to the free pool, dropping any table contents."""
         arr = np.atleast_1d(np.asarray(frames, dtype=FRAME_DTYPE))
         if np.any(self.owner[arr] == OWNER_FREE):
-            raise MemoryError_("double free of a host frame")
+            raise HostMemoryError("double free of a host frame")
         for f in arr.tolist():
             slot = int(self.slot_of[f])
             if slot >= 0:
@@ -147,7 +147,7 @@ class HostMemory:
         """One 64-bit write at a host physical address (counted as a PTE write)."""
         frame = hpa >> PAGE_SHIFT
         if frame < 0 or frame >= self.frames or self.owner[frame] == OWNER_FREE:
-            raise MemoryError_(f"write to unallocated host address {hpa:#x}")
+            raise HostMemoryError(f"write to unallocated host address {hpa:#x}")
         self.table(frame)[(hpa >> 3) & (PTES_PER_TABLE - 1)] = np.uint64(value)
         self.pte_writes += 1
 
@@ -189,5 +189,5 @@ __all__ = [
     "OWNER_FREE",
     "OWNER_HOST",
     "HostMemory",
-    "MemoryError_",
+    "HostMemoryError",
 ]

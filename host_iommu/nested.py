@@ -18,7 +18,7 @@ import numpy as np
 
 from host_iommu import qi
 from host_iommu.defs import KIND_DATA, NO_PASID, PAGE_SHIFT, PGTT_NESTED, PGTT_SL_ONLY
-from host_iommu.invalidate import ALL_PAGES, domain_flush_descs, pasid_flush_descs
+from host_iommu.invalidate import domain_flush_descs, pasid_flush_descs
 from host_iommu.iommu import HostIommu
 from host_iommu.pasid import PasidEntry
 
@@ -65,11 +65,10 @@ def hwpt_invalidate(host: HostIommu, dom: NestedDomain, entries: list[tuple[int,
                     t_ns: int) -> tuple[int, int]:
     """IOMMU_HWPT_INVALIDATE: entries of (addr, npages, flags). Returns (t_done, descriptors)."""
     ats = [dom.sid] if dom.sid in host.ats_sids else []
-    descs: list[np.void] = []
-    for addr, npages, flags in entries:
-        everything = addr == 0 and npages == ALL_PAGES
-        descs += pasid_flush_descs(dom.did, dom.pasid, addr, ALL_PAGES if everything else npages,
-                                   leaf=bool(flags & IOMMU_VTD_INV_FLAGS_LEAF), ats_sids=ats)[:-1]
+    descs = [d for addr, npages, flags in entries
+             for d in pasid_flush_descs(dom.did, dom.pasid, addr, npages,
+                                        leaf=bool(flags & IOMMU_VTD_INV_FLAGS_LEAF),
+                                        ats_sids=ats)]
     descs.append(qi.wait_desc())
     return host.submit_qi(np.array(descs), t_ns)
 
@@ -82,9 +81,9 @@ def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int
     for kind, did, sid, _pasid in v.tags:
         ats = [sid] if sid in host.ats_sids else []
         if kind == "sl":
-            descs += domain_flush_descs(did, gpa, npages, ats_sids=ats)[:-1]
+            descs += domain_flush_descs(did, gpa, npages, ats_sids=ats)
         else:  # nested or shadow: entries are tagged by IOVA, flush the whole domain
-            descs += domain_flush_descs(did, None, 0, ats_sids=ats)[:-1]
+            descs += domain_flush_descs(did, None, 0, ats_sids=ats)
     if not descs:
         return t_ns, 0
     descs.append(qi.wait_desc())

@@ -147,6 +147,19 @@ class ContextEntry:
     def dir_entries(self) -> int:
         return 1 << (self.pdts + 7)
 
+    def words(self) -> tuple[int, int]:
+        """The entry's two low words (w0, w1), present and PASID-enabled."""
+        w0 = (self.pasid_dir | (self.pdts << CE_PDTS_SHIFT) | CE_PASIDE
+              | (CE_DTE if self.dte else 0) | (CE_FPD if self.fpd else 0) | CE_P)
+        return w0, self.rid_pasid & CE_RID_PASID_MASK
+
+    @classmethod
+    def decode(cls, w0: int, w1: int) -> ContextEntry:
+        """Fields of a present, valid entry (the caller checked P, PASIDE and reserved bits)."""
+        return cls(fpd=bool(w0 & CE_FPD), dte=bool(w0 & CE_DTE),
+                   pasid_dir=w0 & CE_PASIDDIRPTR_MASK,
+                   pdts=(w0 & CE_PDTS_MASK) >> CE_PDTS_SHIFT, rid_pasid=w1 & CE_RID_PASID_MASK)
+
 
 @dataclass(frozen=True, slots=True)
 class ContextResult:
@@ -265,12 +278,7 @@ class ScalableModeTables:
             return None, FaultReason.CONTEXT_ENTRY_P, 2
         if w0 & CE_RSVD_W0 or not w0 & CE_PASIDE:
             return None, FaultReason.CONTEXT_ENTRY_INV, 2
-        w1 = self.mem.read_u64(ce_addr + 8)
-        ce = ContextEntry(fpd=bool(w0 & CE_FPD), dte=bool(w0 & CE_DTE),
-                          pasid_dir=w0 & CE_PASIDDIRPTR_MASK,
-                          pdts=(w0 & CE_PDTS_MASK) >> CE_PDTS_SHIFT,
-                          rid_pasid=w1 & CE_RID_PASID_MASK)
-        return ce, FaultReason.NONE, 2
+        return ContextEntry.decode(w0, self.mem.read_u64(ce_addr + 8)), FaultReason.NONE, 2
 
     def fetch_pasid_entry(self, ce: ContextEntry, pasid: int
                           ) -> tuple[PasidEntry | None, FaultReason, int, bool]:

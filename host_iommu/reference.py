@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from host_iommu.defs import (
     ACCESS_WRITE,
     FL_WIDTH_BY_LEVELS,
@@ -74,8 +76,8 @@ class _Fault(Exception):
 
 
 class ReferenceWalker:
-    """One request at a time. PWCs, if given, must offer scalar ``lookup(did, pasid, addr,
-    level) -> entry | None`` semantics through ``lookup_deepest`` on one-element arrays."""
+    """One request at a time. PWCs, if given, are paging-structure caches (``lookup_deepest``,
+    ``fill``), consulted before the batch's fills and filled by ``flush_fills``."""
 
     def __init__(self, mem: HostMemory, haw: int, fl_pwc=None, sl_pwc=None) -> None:
         self.mem = mem
@@ -88,12 +90,11 @@ class ReferenceWalker:
         self.fl_fills: list[tuple[int, int, int, int, int, int]] = []
         self.sl_fills: list[tuple[int, int, int, int, int, int]] = []
         self.ad_writes = 0
+        self._index = 0
 
     def _pwc_deepest(self, pwc, did: int, pasid: int, addr: int, levels: int):
         if pwc is None:
             return 0, 0
-        import numpy as np
-
         lvl, entry = pwc.lookup_deepest(np.array([did], np.int64), np.array([pasid], np.int64),
                                         np.array([addr], np.uint64), np.array([levels]))
         return int(lvl[0]), int(entry[0])
@@ -136,7 +137,7 @@ class ReferenceWalker:
                 return hpa, level - 1, r, w
             if self.sl_pwc is not None:
                 perms = (SL_R if r else 0) | (SL_W if w else 0)
-                self.sl_fills.append((req_index(self), seq, level, req.did, gpa,
+                self.sl_fills.append((self._index, seq, level, req.did, gpa,
                                       (e & ~(SL_R | SL_W) & MASK64) | perms))
             table = e & self.amask
             level -= 1
@@ -187,14 +188,12 @@ class ReferenceWalker:
                 return out, level - 1, rw
             if self.fl_pwc is not None:
                 perms = (FL_RW if rw else 0) | (FL_US if us else 0)
-                self.fl_fills.append((req_index(self), 0, level, req.did, iova,
+                self.fl_fills.append((self._index, 0, level, req.did, iova,
                                       (e & ~(FL_RW | FL_US) & MASK64) | perms, req.pasid))
             table = e & self.amask
             level -= 1
 
     def _or(self, ea: int, bit: int) -> None:
-        import numpy as np
-
         self.mem.or_u64(np.array([ea], dtype=np.uint64), bit)
         self.ad_writes += 1
 
@@ -227,8 +226,6 @@ class ReferenceWalker:
 
     def flush_fills(self) -> None:
         """Apply the batch's PWC fills in (request, walk order, level top-down) order."""
-        import numpy as np
-
         if self.fl_pwc is not None and self.fl_fills:
             fills = sorted(self.fl_fills, key=lambda f: (f[0], f[1], -f[2]))
             self.fl_pwc.fill(np.array([f[3] for f in fills], np.int64),
@@ -246,6 +243,3 @@ class ReferenceWalker:
         self.fl_fills.clear()
         self.sl_fills.clear()
 
-
-def req_index(w: ReferenceWalker) -> int:
-    return w._index

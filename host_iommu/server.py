@@ -175,7 +175,6 @@ class HostServer:
                 c["stale_window_max_ns"] = max(c["stale_window_max_ns"],
                                                int(window[m][stale[m]].max()))
             c["translate_ns"] += int(tns[m].sum())
-        self.last_results = res
 
     # --- results --------------------------------------------------------------------------
     def fault_columns(self) -> dict[str, np.ndarray]:

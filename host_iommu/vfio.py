@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from host_iommu import qi
 from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE, PGTT_SL_ONLY
 from host_iommu.invalidate import domain_flush_descs
 from host_iommu.iommu import HostIommu
@@ -92,5 +93,5 @@ def vfio_unmap(host: HostIommu, dom: ShadowDomain, iova: int, size: int, t_ns: i
                 del dom.pins[gframe]
     dom.pte_writes += dom.table.unmap(iova, size)
     ats = [s for s in dom.sids if s in host.ats_sids]
-    descs = domain_flush_descs(dom.did, iova, size >> PAGE_SHIFT, ats_sids=ats)
+    descs = [*domain_flush_descs(dom.did, iova, size >> PAGE_SHIFT, ats_sids=ats), qi.wait_desc()]
     return host.submit_qi(np.array(descs), t_ns)

@@ -133,6 +133,7 @@ class Walker:
         self.sl_rsvd = sl_reserved_masks(haw)
         self.fl_pwc = fl_pwc
         self.sl_pwc = sl_pwc
+        self._ad = 0  # A/D writes of the walk in progress
 
     # --- second level ---------------------------------------------------------------------
     def sl_walk(self, ix: np.ndarray, gpa: np.ndarray, b: WalkBatch, write: np.ndarray,
@@ -256,7 +257,7 @@ class Walker:
                 us[hit] = (e & U64(FL_US)) != 0
         live = start > 0
         seq = 0
-        all_read = np.zeros(n, dtype=bool)
+        table_reads = np.zeros(n, dtype=bool)  # table fetches are reads
         for lvl in range(5, 0, -1):
             sel = np.flatnonzero(live & (start >= lvl))
             if sel.size == 0:
@@ -265,7 +266,7 @@ class Walker:
             ea = table[sel] + ((v >> _SHIFT[lvl]) & _NINE) * _EIGHT
             if nested:
                 hpa, _o, _r, _w, sfault, srefs = self.sl_walk(
-                    ix[sel], ea, b, all_read[sel], seq, sl_fills)
+                    ix[sel], ea, b, table_reads[sel], seq, sl_fills)
                 seq += 1
                 refs[sel] += srefs
                 sf = sfault != 0

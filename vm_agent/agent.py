@@ -9,6 +9,7 @@ is a pure function of the VM's config and seed.
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Callable
 from typing import Any
@@ -28,14 +29,14 @@ from host_iommu.protocol import (
     OpLog,
     VmSetup,
 )
-from vm_agent.dma import DmaApi, IommuDomain, make_store_logger
+from vm_agent.dma import DmaApi, IommuDomain
 from vm_agent.memory import GuestMemory, GuestTableStore
 from vm_agent.viommu import VIommu
 from vm_agent.vmm import VMMS
 from workloads.base import Device, Workload
 
 GUEST_COUNTERS = ("maps", "unmaps", "vm_exits", "vmm_map_calls", "vmm_unmap_calls",
-                  "vmm_invalidate_calls", "inv_descriptors", "pte_writes", "pinned_pages",
+                  "vmm_invalidate_calls", "inv_descriptors", "pte_writes",
                   "ios", "bytes", "io_latency_sum_ns", "cpu_busy_ns", "dma_requests",
                   "rogue_dma", "lazy_flushes", "iommu_map_events", "dma_api_errors",
                   "guest_faults_reported", "balloon_pages")
@@ -75,6 +76,7 @@ class VmAgent:
         self._events: list[tuple[int, int, Callable[..., None], tuple]] = []
         self._event_seq = 0
         self.now = 0
+        self.host_counters: dict[str, int] = {}
         self.epoch_faults: list[tuple] = []
 
     # --- set-up --------------------------------------------------------------------------
@@ -94,15 +96,18 @@ class VmAgent:
         table = None
         if self.mode != "passthrough":
             store = GuestTableStore(self.mem)
-            store.now = 0
             if self.mode == "nested":
-                store.on_write = make_store_logger(self.log, store, OP_GUEST_WRITE)
+                store.on_write = functools.partial(self._log_table_store, store)
             fmt, levels = ("fl", self.fl_levels) if self.mode == "nested" else ("sl", 4)
             table = PageTable(store, fmt, levels, max_order=0)
         lazy = self.policy == "lazy" and self.mode == "nested"
         self.dma.add_domain(IommuDomain(dev.sid, self.mode, table, self.vcpus, lazy,
                                         per_cpu_fq=self.flush_queue_per_cpu))
         return dev
+
+    def _log_table_store(self, store: GuestTableStore, gpa: int, value: int) -> None:
+        """Nested: the guest's first-level stores reach the host's copy of its memory."""
+        self.log.add(store.now, OP_GUEST_WRITE, a0=gpa, a1=value)
 
     # --- events and vCPUs ----------------------------------------------------------------
     def schedule(self, t_ns: int, fn: Callable[..., None], *args: Any) -> None:

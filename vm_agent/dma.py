@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from host_iommu import qi
 from host_iommu.costs import CostModel
 from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE
-from host_iommu.invalidate import psi_aligned
+from host_iommu.invalidate import ALL_PAGES, domain_flush_descs, pasid_flush_descs
 from host_iommu.pgtable import PageTable
 from host_iommu.protocol import OP_UNMAP_RET, OpLog
 from vm_agent.flushq import FlushQueue
 from vm_agent.iova import IovaDomain, IovaRcache
-from vm_agent.memory import GuestTableStore
 from vm_agent.viommu import VIommu
 from vm_agent.vmm import Vmm
 from workloads.base import DMA_TO_DEVICE
@@ -40,9 +39,10 @@ class DmaError(Exception):
 
 @dataclass
 class Mapping:
-    iova: int
+    """One live DMA mapping of the domain (a map call), by its first IOVA page."""
+
+    pfn: int
     pages: int
-    gpa: int
 
 
 class IommuDomain:
@@ -99,21 +99,19 @@ class DmaApi:
         t = self.vmm.handle(cmds, t, dom.sid, dom.table, unmap_id)
         return t + c.vm_exit_ns - c.vm_exit_ns // 2
 
-    def _range_descs(self, dom: IommuDomain, iova: int, pages: int) -> list:
-        psi = psi_aligned(iova, pages)
-        ats = [qi.pasid_dev_iotlb_desc(dom.sid, dom.sid, dom.pasid, psi[0] if psi else 0,
-                                       (1 << (psi[1] + PAGE_SHIFT)) if psi else 1 << 63)
-               ] if self.ats and self.mode == "nested" else []
+    def _flush_descs(self, dom: IommuDomain, iova: int, pages: int) -> list:
+        """One strict flush: the range's invalidation(s) then a wait (qi_submit_sync).
+
+        Shadow guests see a vIOMMU with second-level tables and use IOTLB invalidations (0x2);
+        nested guests use PASID-based ones (0x6). Device-TLB invalidations follow for ATS.
+        """
+        ats = [dom.sid] if self.ats else []
         if self.mode == "shadow":
-            if psi is None:
-                inv = qi.iotlb_desc(qi.QI_IOTLB_GRAN_DOMAIN, dom.did)
-            else:
-                inv = qi.iotlb_desc(qi.QI_IOTLB_GRAN_PAGE, dom.did, psi[0], psi[1])
-        elif psi is None:
-            inv = qi.piotlb_desc(dom.did, dom.pasid, qi.QI_GRAN_NONG_PASID)
+            descs = domain_flush_descs(dom.did, iova, pages, ats_sids=ats)
         else:
-            inv = qi.piotlb_desc(dom.did, dom.pasid, qi.QI_GRAN_PSI_PASID, psi[0], psi[1])
-        return [inv, *ats, qi.wait_desc()]
+            descs = pasid_flush_descs(dom.did, dom.pasid, iova, pages, leaf=False,
+                                      ats_sids=ats)
+        return [*descs, qi.wait_desc()]
 
     # --- map ---------------------------------------------------------------------------
     def _alloc_iova(self, dom: IommuDomain, cpu: int, pages: int, coherent: bool = False
@@ -160,13 +158,13 @@ class DmaApi:
         pte = dom.table.store.writes - writes0
         self.stats["pte_writes"] += pte
         t += pte * c.pte_write_ns
-        dom.mappings[pfn] = Mapping(pfn, total, segs[0][0])
+        dom.mappings[pfn] = Mapping(pfn, total)
         for p in range(pfn, pfn + total):
             self.mapped_pages.add((sid, p))
             self.unmap_id_of.pop((sid, p), None)
         self.stats["maps"] += 1
         if self.mode == "shadow":  # caching mode: iotlb_sync_map flushes the new range
-            t = self._invalidate(dom, t, self._range_descs(dom, pfn << PAGE_SHIFT, total), -1)
+            t = self._invalidate(dom, t, self._flush_descs(dom, pfn << PAGE_SHIFT, total), -1)
             t += c.qi_wait_ns
         return out, t
 
@@ -197,7 +195,7 @@ class DmaApi:
             self.mapped_pages.discard((sid, p))
             self.unmap_id_of[(sid, p)] = unmap_id
         if dom.fq is None:  # strict: invalidate and wait now, then free the IOVA
-            t = self._invalidate(dom, t, self._range_descs(dom, pfn << PAGE_SHIFT, m.pages),
+            t = self._invalidate(dom, t, self._flush_descs(dom, pfn << PAGE_SHIFT, m.pages),
                                  unmap_id)
             t += c.qi_wait_ns + c.iova_free_ns
             dom.rcache.free_iova_fast(cpu, pfn, m.pages)
@@ -221,11 +219,8 @@ class DmaApi:
     def _flush_all(self, dom: IommuDomain, cpu: int, t: int) -> int:
         """fq_flush_iotlb: one PASID-wide invalidation for everything queued, then free."""
         self.stats["lazy_flushes"] += 1
-        descs = [qi.piotlb_desc(dom.did, dom.pasid, qi.QI_GRAN_NONG_PASID)]
-        if self.ats:
-            descs.append(qi.pasid_dev_iotlb_desc(dom.sid, dom.sid, dom.pasid, 0, 1 << 63))
-        descs.append(qi.wait_desc())
-        t = self._invalidate(dom, t, descs, -1) + self.costs.qi_wait_ns
+        t = self._invalidate(dom, t, self._flush_descs(dom, 0, ALL_PAGES), -1)
+        t += self.costs.qi_wait_ns
         self._give_back(dom, cpu, dom.fq.flush_done(t))
         return t
 
@@ -241,11 +236,3 @@ class DmaApi:
             return -1
         return self.unmap_id_of.get((sid, page), -2)
 
-
-def make_store_logger(log: OpLog, store: GuestTableStore, op: int) -> Callable[[int, int], None]:
-    """An on_write hook logging each guest table store as a host operation at store.now."""
-
-    def on_write(gpa: int, value: int) -> None:
-        log.add(store.now, op, a0=gpa, a1=value)
-
-    return on_write

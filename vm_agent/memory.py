@@ -80,7 +80,8 @@ class GuestTableStore:
     """TableStore (host_iommu.pgtable) over guest memory: addresses are GPAs.
 
     ``on_write(gpa, value)`` is called for every store (the agent logs them for the host under
-    nesting); ``writes`` counts them.
+    nesting, stamped with ``now``: the virtual time of the driver code doing the store);
+    ``writes`` counts them.
     """
 
     def __init__(self, mem: GuestMemory, on_write: Callable[[int, int], None] | None = None
@@ -89,6 +90,7 @@ class GuestTableStore:
         self.pages: dict[int, np.ndarray] = {}
         self.on_write = on_write
         self.writes = 0
+        self.now = 0
 
     def alloc_table(self) -> int:
         gpa = self.mem.alloc(1)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from host_iommu import qi
 from host_iommu.costs import CostModel
-from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE
+from host_iommu.defs import PAGE_SHIFT
 from host_iommu.invalidate import ALL_PAGES
+from host_iommu.nested import IOMMU_VTD_INV_FLAGS_LEAF
 from host_iommu.pgtable import PageTable
 from host_iommu.protocol import OP_HWPT_INV, OP_VFIO_MAP, OP_VFIO_UNMAP, OpLog
-
-IOMMU_VTD_INV_FLAGS_LEAF = 1
 
 
 class Vmm:
@@ -35,57 +34,75 @@ class Vmm:
 
 
 class ShadowVmm(Vmm):
-    """Caching mode: keep the host's shadow GIOVA->HPA table in sync with the guest's."""
+    """Caching mode: keep the host's shadow GIOVA->HPA table in sync with the guest's.
+
+    Like QEMU's per-address-space iova_tree, the VMM remembers what it has shadowed, so a
+    walk sends VFIO only the differences: an unmap for each page that disappeared or changed,
+    then a map for each page that appeared or changed, in runs of contiguous pages. A
+    domain-wide or global invalidation resyncs the whole domain (vtd_sync_shadow_page_table).
+    """
 
     mode = "shadow"
+
+    def __init__(self, log: OpLog, costs: CostModel, stats: dict[str, int]) -> None:
+        super().__init__(log, costs, stats)
+        self.shadowed: dict[int, dict[int, tuple[int, bool]]] = {}  # sid -> page -> (gpa pg, w)
 
     def handle(self, cmds, t_ns, sid, table, unmap_id=-1):
         c = self.costs
         t = t_ns + c.vmm_trap_ns
+        shadow = self.shadowed.setdefault(sid, {})
         for cmd in cmds:
-            if cmd.type not in (qi.QI_IOTLB_TYPE, qi.QI_EIOTLB_TYPE):
-                continue
-            if cmd.type == qi.QI_IOTLB_TYPE and cmd.gran != qi.QI_IOTLB_GRAN_PAGE:
-                continue  # domain-wide: QEMU resyncs everything; not issued by this driver
-            start, npages = cmd.addr, 1 << cmd.am
-            # walk the guest table over the range (vtd_page_walk): one read per level
-            run_start, run_gpa, run_len, run_w = None, 0, 0, True
-            unmapped_start, unmapped_len = None, 0
-            for p in range(npages):
-                iova = start + (p << PAGE_SHIFT)
-                t += c.vmm_pte_read_ns * (table.levels if table is not None else 1)
-                hit = table.lookup(iova) if table is not None else None
-                if hit is not None:
-                    gpa, _order, _r, w = hit
-                    gpa &= ~(PAGE_SIZE - 1)
-                    if (run_start is not None and gpa == run_gpa + run_len
-                            and w == run_w):
-                        run_len += PAGE_SIZE
-                        continue
-                    t = self._flush_map(run_start, run_gpa, run_len, run_w, sid, t)
-                    run_start, run_gpa, run_len, run_w = iova, gpa, PAGE_SIZE, w
-                else:
-                    t = self._flush_map(run_start, run_gpa, run_len, run_w, sid, t)
-                    run_start = None
-                    if unmapped_start is None:
-                        unmapped_start = iova
-                    unmapped_len += PAGE_SIZE
-            t = self._flush_map(run_start, run_gpa, run_len, run_w, sid, t)
-            if unmapped_start is not None:
-                self.log.add(t, OP_VFIO_UNMAP, sid=sid, a0=unmapped_start, a1=unmapped_len,
-                             a3=unmap_id)
+            if cmd.type != qi.QI_IOTLB_TYPE or table is None:
+                continue  # wait, device-TLB: nothing to shadow
+            if cmd.gran == qi.QI_IOTLB_GRAN_PAGE:
+                pages = range(cmd.addr >> PAGE_SHIFT, (cmd.addr >> PAGE_SHIFT) + (1 << cmd.am))
+            else:
+                guest = {iova >> PAGE_SHIFT for iova, *_ in table.leaves()}
+                pages = sorted(guest | shadow.keys())
+            unmaps: list[int] = []
+            maps: list[tuple[int, int, bool]] = []
+            for page in pages:
+                t += c.vmm_pte_read_ns * table.levels
+                hit = table.lookup(page << PAGE_SHIFT)
+                want = None if hit is None else (hit[0] >> PAGE_SHIFT, hit[3])
+                have = shadow.get(page)
+                if want == have:
+                    continue
+                if have is not None:
+                    unmaps.append(page)
+                    del shadow[page]
+                if want is not None:
+                    maps.append((page, *want))
+                    shadow[page] = want
+            for start, n in _runs([(p, p, True) for p in unmaps]):
+                self.log.add(t, OP_VFIO_UNMAP, sid=sid, a0=start << PAGE_SHIFT,
+                             a1=n << PAGE_SHIFT, a3=unmap_id)
                 self.stats["vmm_unmap_calls"] += 1
                 t += c.vfio_unmap_ns + c.qi_desc_ns + c.qi_wait_ns
+            for start, n, gpa_page, write in _map_runs(maps):
+                self.log.add(t, OP_VFIO_MAP, sid=sid, a0=start << PAGE_SHIFT,
+                             a1=gpa_page << PAGE_SHIFT, a2=n << PAGE_SHIFT, a3=int(write))
+                self.stats["vmm_map_calls"] += 1
+                t += c.vfio_map_ns + c.pin_page_ns * n
         return t
 
-    def _flush_map(self, iova, gpa, size, write, sid, t):
-        if iova is None or size == 0:
-            return t
-        c = self.costs
-        self.log.add(t, OP_VFIO_MAP, sid=sid, a0=iova, a1=gpa, a2=size, a3=int(write))
-        self.stats["vmm_map_calls"] += 1
-        self.stats["pinned_pages"] += size >> PAGE_SHIFT
-        return t + c.vfio_map_ns + c.pin_page_ns * (size >> PAGE_SHIFT)
+
+def _map_runs(maps: list[tuple[int, int, bool]]) -> list[tuple[int, int, int, bool]]:
+    """(iova page, pages, gpa page, write) runs of pages contiguous in both spaces."""
+    out: list[list] = []
+    for page, gpa_page, write in maps:
+        if out and (page == out[-1][0] + out[-1][1] and gpa_page == out[-1][2] + out[-1][1]
+                    and write == out[-1][3]):
+            out[-1][1] += 1
+        else:
+            out.append([page, 1, gpa_page, write])
+    return [tuple(r) for r in out]
+
+
+def _runs(pages: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
+    """(start, count) runs of contiguous pages."""
+    return [(r[0], r[1]) for r in _map_runs(pages)]
 
 
 class NestedVmm(Vmm):

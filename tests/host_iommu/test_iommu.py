@@ -18,7 +18,7 @@ from host_iommu.defs import (
     FaultReason,
     Stage,
 )
-from host_iommu.iommu import HostIommu, IommuParams
+from host_iommu.iommu import HostIommu, IommuParams, first_of_groups
 from host_iommu.pasid import PE_AW_SHIFT, PE_P, PE_PGTT_SHIFT, PasidEntry
 from host_iommu.pgtable import HostTableStore, PageTable, addr_mask, fl_index, fl_table
 from tests.host_iommu.conftest import DATA_GPA, IOVA, SID, Env, assert_safe, make_env
@@ -336,3 +336,17 @@ def test_guest_write_to_new_table_page_when_slab_full():
     gpas = np.arange(1, free + 2, dtype=np.uint64) << np.uint64(12)   # one more than free
     assert h.guest_write(1, gpas, np.full(gpas.size, 0x27, np.uint64)) == 0
     assert all(h.mem.read_u64(h.gpa_to_hpa(1, int(g))) == 0x27 for g in gpas)
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=60))
+@settings(max_examples=60, deadline=None)
+def test_first_of_groups_matches_first_occurrence(pairs):
+    """Miss coalescing groups equal keys under their first occurrence, in request order."""
+    a = np.array([p[0] for p in pairs])
+    b = np.array([p[1] for p in pairs])
+    firsts, group = first_of_groups(a, b)
+    first_seen: dict[tuple[int, int], int] = {}
+    for i, p in enumerate(pairs):
+        first_seen.setdefault(p, i)
+    assert firsts.tolist() == sorted(first_seen.values())
+    assert [int(firsts[g]) for g in group] == [first_seen[p] for p in pairs]
