@@ -10,6 +10,8 @@ zeros (a non-present entry), as reading a zeroed data page would.
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 from host_iommu.defs import (
@@ -51,8 +53,9 @@ class HostMemory:
         self.slot_of = np.full(frames, -1, dtype=np.int32)
         self.slab = np.zeros((64, PTES_PER_TABLE), dtype=PTE_DTYPE)
         self._free_slots: list[int] = list(range(63, -1, -1))
-        # Free frames handed out lowest first, so layouts are a pure function of the calls.
-        self._free_frames: list[int] = list(range(frames - 1, first_frame - 1, -1))
+        # Free frames (a min-heap) handed out lowest first: layouts are a pure function of
+        # the calls.
+        self._free_frames: list[int] = list(range(first_frame, frames))
         self.pte_writes = 0
 
     # --- frames ---------------------------------------------------------------------------
@@ -65,7 +68,7 @@ class HostMemory:
         if n > len(self._free_frames):
             raise HostMemoryError(f"host memory exhausted: need {n} frames, "
                                f"{len(self._free_frames)} free")
-        got = np.array([self._free_frames.pop() for _ in range(n)], dtype=FRAME_DTYPE)
+        got = np.array([heapq.heappop(self._free_frames) for _ in range(n)], dtype=FRAME_DTYPE)
         self.owner[got] = owner
         self.kind[got] = kind
         return got
@@ -84,6 +87,7 @@ class HostMemory:
         keep = np.ones(self.frames, dtype=bool)
         keep[frames] = False
         self._free_frames = [x for x in self._free_frames if keep[x]]
+        heapq.heapify(self._free_frames)
         self.owner[frames] = owner
         self.kind[frames] = kind
         return start
@@ -101,8 +105,8 @@ class HostMemory:
                 self.slot_of[f] = -1
         self.owner[arr] = OWNER_FREE
         self.kind[arr] = KIND_FREE
-        self._free_frames.extend(sorted(arr.tolist(), reverse=True))
-        self._free_frames.sort(reverse=True)
+        for f in arr.tolist():
+            heapq.heappush(self._free_frames, f)
 
     def set_kind(self, frames: np.ndarray | int, kind: int) -> None:
         self.kind[np.atleast_1d(np.asarray(frames, dtype=FRAME_DTYPE))] = kind
