@@ -334,6 +334,8 @@ class _Piece:
     size: int
     iova: int
     t_map_ns: int
+    sg: list[tuple[int, int]] | None = None  # the whole scatter list's DMA segments
+    sg_traced: tuple[int, ...] = ()          # traced IOVAs of the scatter list's pieces
 
 
 class TraceWorkload(Workload):
@@ -343,6 +345,11 @@ class TraceWorkload(Workload):
     distinct page range, reused when the trace maps it again); an unmap unmaps the emulated
     IOVA of the traced one; DMAs go to the emulated IOVA plus the same offset. A DMA or unmap
     of a traced IOVA that is not mapped is replayed at that raw address (and will fault).
+
+    Linux's iommu:map fires once per physically contiguous piece, iommu:unmap once per unmap
+    call. Consecutive map records of one device whose traced IOVAs continue each other are the
+    pieces of one dma_map_sg call, and replay as one (so an unmap record covering them all is
+    one dma_unmap_sg): the replay then makes as many map pieces and unmap calls as the trace.
     """
 
     kind = "trace"
@@ -423,11 +430,20 @@ class TraceWorkload(Workload):
         self._i += 1
         op, d = int(b["op"][i]), int(b["dev"][i])
         iova, paddr, size = int(b["iova"][i]), int(b["paddr"][i]), int(b["size"][i])
-        self._schedule_next(ctx)
         dev, cpu = self.devs[d], d % self._ctx_vcpus
         if op == OP_MAP:
-            self._map(ctx, t_ns, d, cpu, iova, paddr, size)
-        elif op == OP_UNMAP:
+            group = [(iova, paddr, size)]
+            while (self._i < len(b["t_ns"]) and int(b["op"][self._i]) == OP_MAP
+                   and int(b["dev"][self._i]) == d
+                   and int(b["iova"][self._i]) == group[-1][0] + group[-1][2]):
+                j = self._i
+                group.append((int(b["iova"][j]), int(b["paddr"][j]), int(b["size"][j])))
+                self._i += 1
+            self._schedule_next(ctx)
+            self._map(ctx, t_ns, d, cpu, group)
+            return
+        self._schedule_next(ctx)
+        if op == OP_UNMAP:
             self._unmap(ctx, t_ns, d, cpu, iova, size)
         else:
             self.dmas += 1
@@ -439,22 +455,34 @@ class TraceWorkload(Workload):
                 self.device_dma(ctx, dev, t_ns, piece.iova + iova - piece.traced_iova, size,
                                 op == OP_DMA_WRITE)
 
-    def _map(self, ctx: GuestContext, t_ns: int, d: int, cpu: int, iova: int, paddr: int,
-             size: int) -> None:
-        self.maps += 1
-        off = paddr & (PAGE_SIZE - 1)
-        npages = (off + size + PAGE_SIZE - 1) >> PAGE_SHIFT
-        key = (paddr >> PAGE_SHIFT, npages)
-        gpa = self._buffers.get(key)
-        if gpa is None:
-            gpa = self._buffers[key] = ctx.alloc_buffer(npages << PAGE_SHIFT)
-        emu_iova, _ = ctx.dma_map(cpu, self.devs[d], gpa + off, size, DMA_BIDIRECTIONAL, t_ns)
-        pieces = self._pieces[d]
-        if iova in pieces:
-            self.remaps += 1            # the old emulated mapping stays, as in the trace
+    def _map(self, ctx: GuestContext, t_ns: int, d: int, cpu: int,
+             group: list[tuple[int, int, int]]) -> None:
+        """Map one traced map call: a single piece, or the pieces of a scatter list."""
+        self.maps += len(group)
+        sg = []
+        for _iova, paddr, size in group:
+            off = paddr & (PAGE_SIZE - 1)
+            npages = (off + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+            key = (paddr >> PAGE_SHIFT, npages)
+            gpa = self._buffers.get(key)
+            if gpa is None:
+                gpa = self._buffers[key] = ctx.alloc_buffer(npages << PAGE_SHIFT)
+            sg.append((gpa + off, size))
+        if len(group) == 1:
+            emu_iova, _ = ctx.dma_map(cpu, self.devs[d], sg[0][0], sg[0][1], DMA_BIDIRECTIONAL,
+                                      t_ns)
+            segs, whole = [(emu_iova, sg[0][1])], None
         else:
-            bisect.insort(self._starts[d], iova)
-        pieces[iova] = _Piece(iova, size, emu_iova, t_ns)
+            segs, _ = ctx.dma_map_sg(cpu, self.devs[d], sg, DMA_BIDIRECTIONAL, t_ns)
+            whole = segs
+        traced = tuple(g[0] for g in group)
+        pieces = self._pieces[d]
+        for (iova, _paddr, size), (emu_iova, _len) in zip(group, segs, strict=True):
+            if iova in pieces:
+                self.remaps += 1        # the old emulated mapping stays, as in the trace
+            else:
+                bisect.insort(self._starts[d], iova)
+            pieces[iova] = _Piece(iova, size, emu_iova, t_ns, whole, traced)
 
     def _unmap(self, ctx: GuestContext, t_ns: int, d: int, cpu: int, iova: int,
                size: int) -> None:
@@ -465,16 +493,26 @@ class TraceWorkload(Workload):
             self.unmap_calls += 1
             ctx.dma_unmap(cpu, self.devs[d], iova, max(size, 1), DMA_BIDIRECTIONAL, t_ns)
             return
-        # one traced unmap may cover several mapped pieces (a scatter list's map events)
-        t, at, first = t_ns, iova, True
-        while at in pieces and (first or at < iova + size):
+        first = pieces[iova]
+        if first.sg is not None:        # a scatter list: one dma_unmap_sg for all its pieces
+            for traced in first.sg_traced:
+                if pieces.get(traced) is not None and pieces[traced].sg is first.sg:
+                    pieces.pop(traced)
+                    self._starts[d].pop(bisect.bisect_left(self._starts[d], traced))
+            t = ctx.dma_unmap_sg(cpu, self.devs[d], first.sg, DMA_BIDIRECTIONAL, t_ns)
+            self.unmap_calls += 1
+            ctx.io_done(t, sum(n for _, n in first.sg), t - first.t_map_ns)
+            return
+        # an unmap record covering several separately mapped pieces: one call per piece
+        t, at, head = t_ns, iova, True
+        while at in pieces and pieces[at].sg is None and (head or at < iova + size):
             piece = pieces.pop(at)
             self._starts[d].pop(bisect.bisect_left(self._starts[d], at))
             t = ctx.dma_unmap(cpu, self.devs[d], piece.iova, piece.size, DMA_BIDIRECTIONAL, t)
             self.unmap_calls += 1
             ctx.io_done(t, piece.size, t - piece.t_map_ns)
             at += piece.size
-            first = False
+            head = False
 
     def _find(self, d: int, iova: int) -> _Piece | None:
         starts = self._starts[d]
