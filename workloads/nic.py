@@ -137,11 +137,13 @@ class NicWorkload(Workload):
         irq_coalesce_us: float = 50.0   # ethtool rx-usecs
         cpu_per_packet_ns: int = 400    # network stack work per packet
         buffer_bytes: int = 2048        # RX buffer (ixgbe: 2 KiB half pages)
+        packets: int = 0                # packets offered in all (RX + TX); 0: no limit
 
         def validate(self) -> list[tuple[str, str]]:
             errors = check_fraction(self.rogue_fraction, "rogue_fraction")
             errors += check_fraction(self.rx_fraction, "rx_fraction")
             errors += check_positive(self.queues, "queues", zero_ok=True)
+            errors += check_positive(self.packets, "packets", zero_ok=True)
             for key in ("rx_ring", "tx_ring", "napi_budget", "buffer_bytes"):
                 errors += check_positive(getattr(self, key), key)
             errors += check_positive(self.offered_gbps, "offered_gbps", zero_ok=True)
@@ -169,6 +171,14 @@ class NicWorkload(Workload):
         self.max_poll_packets = 0
         self._busy_until: list[int] = []
         self._tx_wire_free_ns = 0
+        self.offered = 0
+
+    def _offer(self) -> bool:
+        """Count one offered packet; False once ``packets`` have been offered (stop)."""
+        if self.params.packets and self.offered >= self.params.packets:
+            return False
+        self.offered += 1
+        return True
 
     # --- set-up ------------------------------------------------------------------------
     def start(self, ctx: GuestContext) -> None:
@@ -213,6 +223,8 @@ class NicWorkload(Workload):
 
     # --- RX ----------------------------------------------------------------------------
     def _rx_arrival(self, ctx: GuestContext, t_ns: int, q: int) -> None:
+        if not self._offer():
+            return
         qu = self.queues[q]
         nbytes = self._sizes.draw(ctx.rng)
         schedule_at(ctx, t_ns + self._gap(ctx, self._rx_gap_ns), self._rx_arrival, q)
@@ -271,6 +283,8 @@ class NicWorkload(Workload):
 
     # --- TX ----------------------------------------------------------------------------
     def _tx_generate(self, ctx: GuestContext, t_ns: int, q: int) -> None:
+        if not self._offer():
+            return
         p = self.params
         qu = self.queues[q]
         nbytes = self._sizes.draw(ctx.rng)

@@ -31,16 +31,19 @@ def run(tmp_path: Path, vms: dict, host: dict | None = None, duration_us: int = 
 
 
 def test_nested_maps_never_exit_and_shadow_exits_on_every_map(tmp_path):
-    """Strict NIC, same packet stream (common random numbers): every shadow map and unmap
-    exits, nested maps never exit (its exits are its unmaps), pass-through never exits; per
-    I/O, shadow's exits exceed nested's by at least its maps per I/O."""
-    rows, _, _ = run(tmp_path, {"nested": nic_group("nested", gbps=1.0),
-                                "shadow": nic_group("shadow", gbps=1.0),
-                                "pt": nic_group("passthrough", gbps=1.0)})
+    """Strict NIC, the same 150 packets in every mode: shadow's exits exceed nested's by at
+    least its map calls (every shadow map and unmap exits, nested maps never do: its exits are
+    its unmaps); pass-through never exits."""
+    def fixed(mode: str) -> dict:
+        g = nic_group(mode, gbps=2.0)
+        g["workload"]["packets"] = 150
+        return g
+
+    rows, _, _ = run(tmp_path, {"nested": fixed("nested"), "shadow": fixed("shadow"),
+                                "pt": fixed("passthrough")}, duration_us=4000)
     nested, shadow, pt = rows["nested"], rows["shadow"], rows["pt"]
-    assert nested["maps"] > 0 and shadow["maps"] > 0
-    per_io = {k: r["vm_exits"] / r["ios"] for k, r in (("n", nested), ("s", shadow))}
-    assert per_io["s"] - per_io["n"] >= 0.9 * shadow["maps"] / shadow["ios"]
+    assert nested["ios"] == shadow["ios"] == pt["ios"] == 150
+    assert shadow["vm_exits"] - nested["vm_exits"] >= shadow["maps"] > 0
     assert nested["vm_exits"] == nested["unmaps"]
     assert shadow["vm_exits"] == shadow["maps"] + shadow["unmaps"]
     assert pt["vm_exits"] == 0
