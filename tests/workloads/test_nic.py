@@ -152,8 +152,8 @@ def test_validate_defaults_ok():
 
 def test_packets_limit_offers_exactly_that_many(make_ctx):
     """With `packets`, the NIC offers that many packets in all, then goes quiet."""
-    ctx, nic = run_nic(make_ctx, P(rx_ring=64, tx_ring=64, offered_gbps=4.0, packets=40),
-                       t_ns=5 * MS)
+    _ctx, nic = run_nic(make_ctx, P(rx_ring=64, tx_ring=64, offered_gbps=4.0, packets=40),
+                        t_ns=5 * MS)
     assert nic.offered == 40
     assert nic.rx_packets + nic.tx_packets + nic.rx_drops + nic.tx_drops == 40
     assert P(packets=-1).validate()
