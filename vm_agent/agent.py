@@ -39,7 +39,7 @@ GUEST_COUNTERS = ("maps", "unmaps", "vm_exits", "vmm_map_calls", "vmm_unmap_call
                   "vmm_invalidate_calls", "inv_descriptors", "pte_writes",
                   "ios", "bytes", "io_latency_sum_ns", "cpu_busy_ns", "dma_requests",
                   "rogue_dma", "lazy_flushes", "iommu_map_events", "dma_api_errors",
-                  "guest_faults_reported", "balloon_pages")
+                  "guest_faults_reported", "balloon_pages", "qi_errors", "dma_map_errors")
 
 
 class VmAgent:

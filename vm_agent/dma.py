@@ -30,6 +30,7 @@ from vm_agent.vmm import Vmm
 from workloads.base import DMA_TO_DEVICE
 
 DMA_BIT_MASK_32_PFN = ((1 << 32) - 1) >> PAGE_SHIFT
+DMA_MAPPING_ERROR = (1 << 64) - 1  # include/linux/dma-mapping.h: ~(dma_addr_t)0
 DIRECT_CALL_NS = 40  # dma-direct map/unmap: a few dozen instructions
 
 
@@ -86,14 +87,36 @@ class DmaApi:
         self.domains[dom.sid] = dom
 
     # --- traps -------------------------------------------------------------------------
-    def _invalidate(self, dom: IommuDomain, t: int, descs: list, unmap_id: int) -> int:
-        """Submit descriptors to the vIOMMU (one tail write); the VMM handles the trap."""
+    def _invalidate(self, dom: IommuDomain, t: int, descs: list, unmap_id: int
+                    ) -> tuple[int, bool]:
+        """qi_submit_sync: write the descriptors and the tail (one trap to the VMM).
+
+        Returns (time, ok). A queue error (FSTS.IQE) makes ``ok`` False, as qi_submit_sync
+        returns -EINVAL: like dmar.c qi_check_fault the driver copies its wait descriptor over
+        the faulting one and clears IQE (a register write, so one more trap); the vIOMMU then
+        fetches what was queued behind the error and the VMM emulates it, so no invalidation
+        is skipped. Linux handles only an error at the first descriptor of its own submission
+        (the only place its own bad descriptor can be); the driver here clears whatever error
+        it finds, so a queue left in error by anyone never stalls it. Each cleared error
+        counts in ``qi_errors``.
+        """
         c = self.costs
         self.stats["inv_descriptors"] += len(descs)
         t += c.qi_submit_ns
         cmds = self.viommu.submit(descs)
         if self.mode == "passthrough":
-            return t
+            return t, True
+        t = self._trap(dom, t, cmds, unmap_id)
+        ok = True
+        while self.viommu.iqe:  # each clear fetches at least the replacement: bounded
+            ok = False
+            self.stats["qi_errors"] += 1
+            t = self._trap(dom, t, self.viommu.clear_iqe(descs[-1]), unmap_id)
+        return t, ok
+
+    def _trap(self, dom: IommuDomain, t: int, cmds: list, unmap_id: int) -> int:
+        """One vIOMMU register write: VM exit, the VMM emulates ``cmds``, VM entry."""
+        c = self.costs
         self.stats["vm_exits"] += 1
         t += c.vm_exit_ns // 2
         t = self.vmm.handle(cmds, t, dom.sid, dom.table, unmap_id)
@@ -133,11 +156,15 @@ class DmaApi:
 
     def map_segments(self, cpu: int, sid: int, segs: list[tuple[int, int]], direction: int,
                      t: int, coherent: bool = False) -> tuple[list[tuple[int, int]], int]:
-        """Map a list of (gpa, len) into one IOVA range (one sync for all): (segments, t)."""
+        """Map a list of (gpa, len) into one IOVA range (one sync for all): (segments, t).
+
+        When the caching-mode sync hits a queue error the call fails as iommu_map does
+        (undo the mapping, free the IOVA): every segment comes back as DMA_MAPPING_ERROR.
+        """
         c = self.costs
         t += c.dma_call_ns
+        self.stats["maps"] += 1
         if self.mode == "passthrough":
-            self.stats["maps"] += 1
             return list(segs), t + DIRECT_CALL_NS
         dom = self.domains[sid]
         pages_each = [((g & (PAGE_SIZE - 1)) + ln + PAGE_SIZE - 1) >> PAGE_SHIFT for g, ln in segs]
@@ -158,15 +185,38 @@ class DmaApi:
         pte = dom.table.store.writes - writes0
         self.stats["pte_writes"] += pte
         t += pte * c.pte_write_ns
+        if self.mode == "shadow":  # caching mode: iotlb_sync_map flushes the new range
+            t, ok = self._invalidate(dom, t, self._flush_descs(dom, pfn << PAGE_SHIFT, total),
+                                     -1)
+            t += c.qi_wait_ns
+            if not ok:
+                return self._map_failed(dom, cpu, pfn, total, segs, t)
         dom.mappings[pfn] = Mapping(pfn, total)
         for p in range(pfn, pfn + total):
             self.mapped_pages.add((sid, p))
             self.unmap_id_of.pop((sid, p), None)
-        self.stats["maps"] += 1
-        if self.mode == "shadow":  # caching mode: iotlb_sync_map flushes the new range
-            t = self._invalidate(dom, t, self._flush_descs(dom, pfn << PAGE_SHIFT, total), -1)
-            t += c.qi_wait_ns
         return out, t
+
+    def _map_failed(self, dom: IommuDomain, cpu: int, pfn: int, pages: int,
+                    segs: list[tuple[int, int]], t: int) -> tuple[list[tuple[int, int]], int]:
+        """iommu_map's error path, then __iommu_dma_map's: iommu_unmap the range (a strict
+        flush of its own), free the IOVA, return DMA_MAPPING_ERROR for every segment."""
+        c = self.costs
+        self.stats["dma_map_errors"] += 1
+        t = self._clear_ptes(dom, pfn, pages, t)
+        t, _ok = self._invalidate(dom, t, self._flush_descs(dom, pfn << PAGE_SHIFT, pages), -1)
+        t += c.qi_wait_ns + c.iova_free_ns
+        dom.rcache.free_iova_fast(cpu, pfn, pages)
+        return [(DMA_MAPPING_ERROR, ln) for _gpa, ln in segs], t
+
+    def _clear_ptes(self, dom: IommuDomain, pfn: int, pages: int, t: int) -> int:
+        """iommu_unmap's table work: clear the range's leaf entries (and emptied tables)."""
+        writes0 = dom.table.store.writes
+        dom.table.store.now = t
+        dom.table.unmap(pfn << PAGE_SHIFT, pages << PAGE_SHIFT)
+        pte = dom.table.store.writes - writes0
+        self.stats["pte_writes"] += pte
+        return t + pte * self.costs.pte_write_ns
 
     # --- unmap -------------------------------------------------------------------------
     def unmap_range(self, cpu: int, sid: int, iova: int, t: int) -> int:
@@ -185,18 +235,16 @@ class DmaApi:
             return t
         unmap_id = self.next_unmap_id
         self.next_unmap_id += 1
-        writes0 = dom.table.store.writes
-        dom.table.store.now = t
-        dom.table.unmap(pfn << PAGE_SHIFT, m.pages << PAGE_SHIFT)
-        pte = dom.table.store.writes - writes0
-        self.stats["pte_writes"] += pte
-        t += pte * c.pte_write_ns
+        t = self._clear_ptes(dom, pfn, m.pages, t)
         for p in range(pfn, pfn + m.pages):
             self.mapped_pages.discard((sid, p))
             self.unmap_id_of[(sid, p)] = unmap_id
         if dom.fq is None:  # strict: invalidate and wait now, then free the IOVA
-            t = self._invalidate(dom, t, self._flush_descs(dom, pfn << PAGE_SHIFT, m.pages),
-                                 unmap_id)
+            # A queue error (counted in qi_errors) is a WARN: the queued invalidation still
+            # reached the VMM when the driver cleared IQE, so the IOVA is freed as Linux does.
+            t, _ok = self._invalidate(dom, t,
+                                      self._flush_descs(dom, pfn << PAGE_SHIFT, m.pages),
+                                      unmap_id)
             t += c.qi_wait_ns + c.iova_free_ns
             dom.rcache.free_iova_fast(cpu, pfn, m.pages)
         else:
@@ -219,7 +267,7 @@ class DmaApi:
     def _flush_all(self, dom: IommuDomain, cpu: int, t: int) -> int:
         """fq_flush_iotlb: one PASID-wide invalidation for everything queued, then free."""
         self.stats["lazy_flushes"] += 1
-        t = self._invalidate(dom, t, self._flush_descs(dom, 0, ALL_PAGES), -1)
+        t, _ok = self._invalidate(dom, t, self._flush_descs(dom, 0, ALL_PAGES), -1)
         t += self.costs.qi_wait_ns
         self._give_back(dom, cpu, dom.fq.flush_done(t))
         return t

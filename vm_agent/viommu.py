@@ -1,11 +1,21 @@
-"""The guest-visible vIOMMU: its invalidation queue registers and caching mode.
+"""The guest-visible vIOMMU: its invalidation queue registers, queue errors and caching mode.
 
 Models what QEMU's intel-iommu device shows a guest (hw/i386/intel_iommu.c): Caching Mode
 (CAP.CM, VT-d spec 6.1) under shadowing, scalable mode with first-level support under nesting.
 The guest driver writes descriptors and moves the queue tail (Linux dmar.c qi_submit_sync); the
 tail write is an MMIO access that traps to the VMM (a VM exit) in both vIOMMU modes. The vIOMMU
-decodes each descriptor as the hardware would (host_iommu.qi.decode): a malformed one sets
-IQE and stops the queue instead of reaching the VMM.
+decodes each descriptor as the hardware would (host_iommu.qi.decode).
+
+Queue states (VT-d spec 6.5.2.10, 11.4.9.9 FSTS.IQE):
+
+    fetching -> (malformed descriptor) IQE -> (software clears FSTS.IQE) fetching
+
+A malformed descriptor sets IQE and stops fetching with the head on it: it and everything
+written after it stay queued, and tail writes fetch nothing while IQE is set (QEMU
+vtd_handle_iqt_write skips vtd_fetch_inv_desc under IQE). Software clears IQE after replacing
+the bad descriptor, as Linux's qi_check_fault copies its wait descriptor over it; fetching then
+resumes from the head at once, as the hardware does (QEMU defers the rest to the next tail
+write), so no queued invalidation is ever lost.
 """
 
 from __future__ import annotations
@@ -19,32 +29,56 @@ from host_iommu import qi
 
 @dataclass
 class VIommu:
-    """One guest's vIOMMU: caching mode, QI registers, descriptor counters."""
+    """One guest's vIOMMU: caching mode, QI registers, descriptor and error counters.
+
+    ``queued`` holds what was written but not fetched: empty while fetching, the faulting
+    descriptor and everything after it while ``iqe`` is set (``iqe_error`` says why).
+    """
 
     caching_mode: bool
     iqe: bool = False
+    iqe_error: qi.DescError | None = None
     tail_writes: int = 0
+    fsts_writes: int = 0
     descriptors: int = 0
-    errors: int = 0
+    errors: int = 0               # queue errors raised (IQE set)
     counts: dict[str, int] = field(default_factory=dict)
+    queued: list[np.void] = field(default_factory=list)
 
     def submit(self, descs: list[np.void]) -> list[qi.InvCommand]:
-        """Guest writes descriptors and the tail; returns what the VMM must emulate."""
+        """Guest writes descriptors and the tail; returns what the VMM must emulate now."""
         self.tail_writes += 1
-        out: list[qi.InvCommand] = []
+        self.queued.extend(descs)
         if self.iqe:
-            self.errors += 1
-            return out
-        for d in descs:
+            return []
+        return self._fetch()
+
+    def clear_iqe(self, replacement: np.void | None = None) -> list[qi.InvCommand]:
+        """Guest writes 1 to FSTS.IQE after putting ``replacement`` over the bad descriptor
+        (None drops it); returns the commands fetched on resuming (the VMM emulates them)."""
+        self.fsts_writes += 1
+        if not self.iqe:
+            return []
+        self.iqe, self.iqe_error = False, None
+        if replacement is None:
+            self.queued.pop(0)
+        else:
+            self.queued[0] = replacement
+        return self._fetch()
+
+    def _fetch(self) -> list[qi.InvCommand]:
+        """Fetch from the head until the queue is empty or a descriptor is malformed."""
+        out: list[qi.InvCommand] = []
+        fetched = 0
+        for d in self.queued:
             cmd = qi.decode(d)
             if isinstance(cmd, qi.DescError):
-                self.iqe = True
+                self.iqe, self.iqe_error = True, cmd
                 self.errors += 1
                 break
+            fetched += 1
             self.descriptors += 1
             self.counts[cmd.name] = self.counts.get(cmd.name, 0) + 1
             out.append(cmd)
+        del self.queued[:fetched]
         return out
-
-    def clear_iqe(self) -> None:
-        self.iqe = False
