@@ -101,6 +101,8 @@ class Workload(ABC):
     """A device and its driver loop. Subclasses set ``kind``, ``Params`` and ``start``."""
 
     kind: ClassVar[str]
+    # summary columns this kind adds (``summary_counters``); other kinds report them as 0
+    SUMMARY_COLUMNS: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True)
     class Params:
@@ -108,6 +110,10 @@ class Workload(ABC):
 
     def __init__(self, params: Any) -> None:
         self.params = params
+
+    def summary_counters(self) -> dict[str, int]:
+        """This workload's own summary columns (named in ``SUMMARY_COLUMNS``)."""
+        return {}
 
     @abstractmethod
     def start(self, ctx: GuestContext) -> None:

@@ -1,16 +1,17 @@
-"""DMA traces: the msgpack trace format, Linux iommu:map/unmap ftrace import, and replay.
+"""DMA traces: the msgpack trace format, streaming reader and writer, and replay.
 
-The format is documented in docs/trace-format.md. The ftrace import reads the text of the
-map and unmap events of Linux include/trace/events/iommu.h as /sys/kernel/tracing/trace
-prints them (fired by iommu_map/iommu_unmap in drivers/iommu/iommu.c: one map event per
-physically contiguous piece, one unmap event per unmap call).
+The format is documented in docs/trace-format.md; workloads/ftrace.py imports Linux ftrace
+text into it. The replay drives the guest DMA API as the traced kernel did: one map call per
+traced call (dma_map_page / dma_map_sg in kernel/dma/mapping.c), whose iommu:map events fire
+once per physically contiguous piece (iommu_map in drivers/iommu/iommu.c), and one unmap call
+per iommu:unmap event.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,15 +24,19 @@ from workloads.base import DMA_BIDIRECTIONAL, Device, GuestContext, Workload
 from workloads.nic import check_fraction, check_positive, schedule_at
 
 FORMAT_NAME = "iommu-emu-trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)      # version 1: no "call" column, ops 0-3 only
 
 # Record operations (column "op").
 OP_MAP = 0
 OP_UNMAP = 1
 OP_DMA_READ = 2      # the device reads memory
 OP_DMA_WRITE = 3     # the device writes memory
+OP_LIVE = 4          # a mapping made before the trace began (all come first)
+OP_LOST = 5          # the tracer lost ``size`` events here
 OP_NAMES = {OP_MAP: "map", OP_UNMAP: "unmap", OP_DMA_READ: "dma_read",
-            OP_DMA_WRITE: "dma_write"}
+            OP_DMA_WRITE: "dma_write", OP_LIVE: "live", OP_LOST: "lost"}
+_OPS_BY_VERSION = {1: OP_DMA_WRITE, 2: OP_LOST}
 
 # Columns of a batch frame, in order, with the dtype read_trace returns.
 TRACE_COLUMNS: dict[str, np.dtype] = {
@@ -41,16 +46,18 @@ TRACE_COLUMNS: dict[str, np.dtype] = {
     "iova": np.dtype(np.uint64),
     "paddr": np.dtype(np.uint64),
     "size": np.dtype(np.uint64),
+    "call": np.dtype(np.uint64),     # the DMA API call a record belongs to; 0: not known
 }
-_COLUMN_MAX = {"t_ns": (1 << 63) - 1, "op": OP_DMA_WRITE, "iova": (1 << 64) - 1,
-               "paddr": (1 << 64) - 1, "size": (1 << 64) - 1}
+_V1_COLUMNS = tuple(c for c in TRACE_COLUMNS if c != "call")
+_COLUMN_MAX = {"t_ns": (1 << 63) - 1, "iova": (1 << 64) - 1, "paddr": (1 << 64) - 1,
+               "size": (1 << 64) - 1, "call": (1 << 64) - 1}
 MAX_BATCH_RECORDS = 1 << 20     # write_trace splits larger batches; read_trace refuses them
 IMPORT_BATCH_RECORDS = 4096
 _READ_CHUNK_BYTES = 1 << 16
 
 
 class TraceError(Exception):
-    """A trace file (or ftrace text) that cannot be read: where, and what is wrong."""
+    """A trace file (or ftrace text) that cannot be read or written: where, what is wrong."""
 
     def __init__(self, path: str | os.PathLike[str], frame_index: int | None, what: str,
                  *, line: int | None = None) -> None:
@@ -58,22 +65,32 @@ class TraceError(Exception):
         self.frame_index = frame_index
         self.line = line
         self.what = what
-        where = f"line {line}" if line is not None else f"frame {frame_index}"
-        super().__init__(f"{self.path}: {where}: {what}")
+        where = (f"line {line}: " if line is not None
+                 else f"frame {frame_index}: " if frame_index is not None else "")
+        super().__init__(f"{self.path}: {where}{what}")
 
 
-def _check_batch(path: str, index: int, frame: Any, ndev: int,
-                 t_last: int) -> dict[str, np.ndarray]:
+@dataclass
+class _Order:
+    """What a batch check carries from one batch to the next."""
+
+    t_last: int = 0
+    past_live: bool = False         # a record other than OP_LIVE was seen
+
+
+def _check_batch(path: str, index: int, frame: Any, ndev: int, order: _Order,
+                 version: int = FORMAT_VERSION) -> dict[str, np.ndarray]:
     """Validate one batch frame and return it as numpy columns (TRACE_COLUMNS dtypes)."""
     if not isinstance(frame, Mapping):
         raise TraceError(path, index, f"batch is a {type(frame).__name__}, not a map")
+    names = tuple(TRACE_COLUMNS) if version >= 2 else _V1_COLUMNS
     keys = set(frame)
-    missing = [c for c in TRACE_COLUMNS if c not in keys]
-    extra = sorted(str(k) for k in keys - TRACE_COLUMNS.keys())
+    missing = [c for c in names if c not in keys]
+    extra = sorted(str(k) for k in keys - set(names))
     if missing or extra:
         raise TraceError(path, index, f"columns missing {missing}, unknown {extra}")
     lengths = {c: len(frame[c]) if isinstance(frame[c], Sequence | np.ndarray) else -1
-               for c in TRACE_COLUMNS}
+               for c in names}
     if any(n < 0 for n in lengths.values()):
         bad = [c for c, n in lengths.items() if n < 0]
         raise TraceError(path, index, f"columns {bad} are not arrays")
@@ -84,10 +101,10 @@ def _check_batch(path: str, index: int, frame: Any, ndev: int,
         raise TraceError(path, index, f"{n} records exceed {MAX_BATCH_RECORDS} per batch")
     out: dict[str, np.ndarray] = {}
     for name, dtype in TRACE_COLUMNS.items():
-        values = frame[name]
-        if n == 0:
-            out[name] = np.empty(0, dtype)
+        if name not in names or n == 0:
+            out[name] = np.zeros(n, dtype)
             continue
+        values = frame[name]
         if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
             arr = values
         elif all(type(v) is int for v in values):   # msgpack ints, numpy objects excluded
@@ -95,25 +112,34 @@ def _check_batch(path: str, index: int, frame: Any, ndev: int,
         else:
             raise TraceError(path, index, f"column {name!r} holds non-integers")
         lo, hi = int(arr.min()), int(arr.max())
-        top = ndev - 1 if name == "dev" else _COLUMN_MAX[name]
+        top = (ndev - 1 if name == "dev" else _OPS_BY_VERSION[version] if name == "op"
+               else _COLUMN_MAX[name])
         if lo < 0 or hi > top:
             raise TraceError(path, index, f"column {name!r} has values outside [0, {top}]: "
                              f"{lo}..{hi}")
         out[name] = arr.astype(dtype)
     if n:
-        t = out["t_ns"]
-        if int(t[0]) < t_last or bool(np.any(np.diff(t) < 0)):
+        t, op = out["t_ns"], out["op"]
+        if int(t[0]) < order.t_last or bool(np.any(np.diff(t) < 0)):
             raise TraceError(path, index, "t_ns decreases")
-        if bool(np.any((out["op"] != OP_MAP) & (out["paddr"] != 0))):
+        if bool(np.any((op != OP_MAP) & (op != OP_LIVE) & (out["paddr"] != 0))):
             raise TraceError(path, index, "paddr is non-zero on a record that is not a map")
+        live = op == OP_LIVE
+        first_other = int(np.argmin(live)) if not bool(live.all()) else n
+        if bool(live[first_other:].any()) or (order.past_live and bool(live.any())):
+            raise TraceError(path, index, "a live record follows other records "
+                             "(live mappings are declared at the start)")
+        order.t_last = int(t[-1])
+        order.past_live = order.past_live or first_other < n
     return out
 
 
 class TraceReader:
     """Streams a trace file: ``devices`` from the header, then batches by iteration.
 
-    Every problem (truncation, garbage, a wrong header, bad columns) raises ``TraceError``
-    naming the frame; a file that ends without its end frame is truncated.
+    Every problem (truncation, garbage, a wrong header, bad columns, nesting too deep, an
+    array too long) raises ``TraceError`` naming the file and frame; a file that ends without
+    its end frame is truncated.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -148,18 +174,23 @@ class TraceReader:
                                  f"truncated inside a frame at byte {self._unpacker.tell()}"
                                  f" of {self._size}") from None
             return None
-        except (msgpack.UnpackException, ValueError, TypeError) as e:
+        except (msgpack.UnpackException, ValueError, TypeError, RecursionError,
+                MemoryError) as e:
             self.close()
             raise TraceError(self.path, self._index,
-                             f"not msgpack ({type(e).__name__}: {e})") from None
+                             f"not a valid msgpack frame ({type(e).__name__}: {e})") from None
+        except OSError as e:
+            self.close()
+            raise TraceError(self.path, self._index, f"cannot read: {e.strerror}") from None
 
     def _check_header(self, header: Any) -> list[str]:
         if not isinstance(header, Mapping) or header.get("format") != FORMAT_NAME:
             self.close()
             raise TraceError(self.path, 0, f"header is not a {FORMAT_NAME!r} map")
-        if header.get("version") != FORMAT_VERSION:
+        if header.get("version") not in READ_VERSIONS:
             self.close()
             raise TraceError(self.path, 0, f"unsupported version {header.get('version')!r}")
+        self.version = int(header["version"])
         devices = header.get("devices")
         if (not isinstance(devices, list) or not devices
                 or not all(isinstance(d, str) and d for d in devices)
@@ -169,7 +200,7 @@ class TraceReader:
         return devices
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        t_last = 0
+        order = _Order()
         batches = records = 0
         try:
             while True:
@@ -179,12 +210,10 @@ class TraceReader:
                     raise TraceError(self.path, self._index, "truncated: no end frame")
                 if isinstance(frame, Mapping) and "end" in frame:
                     break
-                batch = _check_batch(self.path, self._index, frame, len(self.devices), t_last)
-                n = len(batch["t_ns"])
-                if n:
-                    t_last = int(batch["t_ns"][-1])
+                batch = _check_batch(self.path, self._index, frame, len(self.devices), order,
+                                     self.version)
                 batches += 1
-                records += n
+                records += len(batch["t_ns"])
                 yield batch
             if frame.get("batches") != batches or frame.get("records") != records:
                 raise TraceError(self.path, self._index,
@@ -202,11 +231,60 @@ def read_trace(path: str | os.PathLike[str]) -> Iterator[dict[str, np.ndarray]]:
     return iter(TraceReader(path))
 
 
+@dataclass(frozen=True)
+class TraceScan:
+    """A trace read through once: its devices, counts and content digest."""
+
+    devices: tuple[str, ...]
+    batches: int
+    records: int
+    digest: str          # sha256 of the file's bytes
+
+
+_SCANS: dict[tuple[str, int, int], TraceScan] = {}
+
+
+def scan_trace(path: str | os.PathLike[str]) -> TraceScan:
+    """Read a whole trace (streaming) and hash its bytes; TraceError on the first bad frame.
+
+    Cached by (path, mtime, size), so validating a config twice reads the file once.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise TraceError(path, 0, f"cannot open: {e.strerror}") from None
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if key in _SCANS:
+        return _SCANS[key]
+    reader = TraceReader(path)
+    batches = records = 0
+    for b in reader:
+        batches += 1
+        records += len(b["t_ns"])
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise TraceError(path, None, f"cannot read: {e.strerror}") from None
+    scan = TraceScan(tuple(reader.devices), batches, records, h.hexdigest())
+    _SCANS[key] = scan
+    return scan
+
+
+def trace_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a trace file's content (run ids cover the trace, not only its name)."""
+    return scan_trace(path).digest
+
+
 def write_trace(path: str | os.PathLike[str], devices: Sequence[str],
                 columns_iter: Iterable[Mapping[str, Any]]) -> int:
     """Write a trace: header, one frame per batch of columns, end frame. Returns records.
 
     Batches are validated as read_trace would; a bad one raises TraceError and leaves no file.
+    A batch may leave out ``call`` (all 0: calls not known).
     """
     path = os.fspath(path)
     devices = list(devices)
@@ -216,24 +294,26 @@ def write_trace(path: str | os.PathLike[str], devices: Sequence[str],
     tmp = path + ".tmp"
     packer = msgpack.Packer()
     batches = records = 0
-    t_last = 0
+    order = _Order()
     try:
         with open(tmp, "wb") as f:
             f.write(packer.pack({"format": FORMAT_NAME, "version": FORMAT_VERSION,
                                  "devices": devices}))
             for columns in columns_iter:
+                if isinstance(columns, Mapping) and "call" not in columns \
+                        and set(columns) == set(_V1_COLUMNS) \
+                        and isinstance(columns.get("t_ns"), Sequence | np.ndarray):
+                    columns = {**columns, "call": [0] * len(columns["t_ns"])}
                 if not isinstance(columns, Mapping) or set(columns) != TRACE_COLUMNS.keys() \
                         or not all(isinstance(columns[c], Sequence | np.ndarray)
                                    for c in TRACE_COLUMNS):
-                    _check_batch(path, batches + 1, columns, len(devices), t_last)
+                    _check_batch(path, batches + 1, columns, len(devices), _Order())
                 # lists stay lists: numpy would turn mixed large ints into float64
                 cols = {c: columns[c] for c in TRACE_COLUMNS}
                 n = len(cols["t_ns"])
                 for lo in range(0, max(n, 1), MAX_BATCH_RECORDS):
                     part = {c: v[lo:lo + MAX_BATCH_RECORDS] for c, v in cols.items()}
-                    checked = _check_batch(path, batches + 1, part, len(devices), t_last)
-                    if n:
-                        t_last = int(checked["t_ns"][-1])
+                    checked = _check_batch(path, batches + 1, part, len(devices), order)
                     f.write(packer.pack({c: v.tolist() for c, v in checked.items()}))
                     batches += 1
                     records += len(checked["t_ns"])
@@ -245,90 +325,46 @@ def write_trace(path: str | os.PathLike[str], devices: Sequence[str],
     return records
 
 
-# --- Linux ftrace import -----------------------------------------------------------------
-# "<task>-<pid> [(<tgid>)] [<cpu>] [<flags>] <sec>.<usec>: <event>: <message>"
-_FTRACE_LINE = re.compile(
-    r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+(?:\(\s*(?:\d+|-+)\)\s+)?\[(?P<cpu>\d+)\]\s+"
-    r"(?:[^\s:]+\s+)?(?P<sec>\d+)\.(?P<frac>\d{1,9}):\s+(?:iommu:)?(?P<event>\w+):\s?"
-    r"(?P<msg>.*)$")
-_HEX = r"0x([0-9a-fA-F]{1,16})"
-_FTRACE_MAP = re.compile(rf"^IOMMU: iova={_HEX} - {_HEX} paddr={_HEX} size=(\d+)\s*$")
-_FTRACE_UNMAP = re.compile(rf"^IOMMU: iova={_HEX} - {_HEX} size=(\d+) unmapped_size=(\d+)\s*$")
-
-
-def _parse_ftrace(text_path: str, counts: dict[str, int]) -> Iterator[dict[str, list[int]]]:
-    cols: dict[str, list[int]] = {c: [] for c in TRACE_COLUMNS}
-    t_last = 0
-    with open(text_path, encoding="utf-8", errors="replace") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.rstrip("\n")
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            m = _FTRACE_LINE.match(line)
-            if m is None:
-                raise TraceError(text_path, None, f"not an ftrace event line: {line[:80]!r}",
-                                 line=lineno)
-            event = m["event"]
-            if event not in ("map", "unmap"):
-                counts["skipped"] += 1
-                continue
-            t_ns = int(m["sec"]) * 1_000_000_000 + int(m["frac"].ljust(9, "0"))
-            if t_ns < t_last:
-                raise TraceError(text_path, None, "timestamp goes backwards", line=lineno)
-            t_last = t_ns
-            if event == "map":
-                e = _FTRACE_MAP.match(m["msg"])
-                if e is None:
-                    raise TraceError(text_path, None, f"bad map event: {m['msg'][:80]!r}",
-                                     line=lineno)
-                iova, end, paddr, size = (int(e[1], 16), int(e[2], 16), int(e[3], 16),
-                                          int(e[4]))
-                op = OP_MAP
-            else:
-                e = _FTRACE_UNMAP.match(m["msg"])
-                if e is None:
-                    raise TraceError(text_path, None, f"bad unmap event: {m['msg'][:80]!r}",
-                                     line=lineno)
-                iova, end, size, unmapped = (int(e[1], 16), int(e[2], 16), int(e[3]),
-                                             int(e[4]))
-                paddr, op = 0, OP_UNMAP
-            if end != (iova + size) & ((1 << 64) - 1) or size == 0 or size >= 1 << 64:
-                raise TraceError(text_path, None,
-                                 f"iova range {iova:#x} - {end:#x} does not match size {size}",
-                                 line=lineno)
-            if op == OP_UNMAP:
-                size = unmapped            # what was actually unmapped
-            counts[event] += 1
-            for name, v in (("t_ns", t_ns), ("op", op), ("dev", 0), ("iova", iova),
-                            ("paddr", paddr), ("size", size)):
-                cols[name].append(v)
-            if len(cols["t_ns"]) >= IMPORT_BATCH_RECORDS:
-                yield cols
-                cols = {c: [] for c in TRACE_COLUMNS}
-    if cols["t_ns"]:
-        yield cols
-
-
 def import_ftrace(text_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-                  device: str = "dev0") -> dict[str, int]:
-    """Convert iommu:map / iommu:unmap ftrace text into a trace file for ``device``.
+                  device: str | None = None, live: bool = True) -> dict[str, int]:
+    """workloads.ftrace.import_ftrace, kept here for callers of this module."""
+    from workloads.ftrace import import_ftrace as _import
 
-    Returns counts: map, unmap, skipped (other events), records. Unmap records carry the
-    event's unmapped_size as their size. A malformed line raises TraceError with its number.
-    """
-    counts = {"map": 0, "unmap": 0, "skipped": 0}
-    try:
-        records = write_trace(out_path, [device], _parse_ftrace(os.fspath(text_path), counts))
-    except OSError as e:
-        raise TraceError(text_path, None, f"cannot read: {e.strerror}") from None
-    counts["records"] = records
-    return counts
+    return _import(text_path, out_path, device=device, live=live)
 
 
 # --- replay ------------------------------------------------------------------------------
+Row = tuple[int, int, int, int, int, int, int]     # t_ns, op, dev, iova, paddr, size, call
+
+
+class _Records:
+    """The trace's records one by one across batch boundaries, with one record of look-ahead
+    (a call's pieces are grouped wherever the file's batches end)."""
+
+    def __init__(self, reader: TraceReader) -> None:
+        self._batches = iter(reader)
+        self._rows: list[Row] = []
+        self._i = 0
+
+    def peek(self) -> Row | None:
+        while self._i >= len(self._rows):
+            b = next(self._batches, None)
+            if b is None:
+                return None
+            self._rows = list(zip(*(b[c].tolist() for c in TRACE_COLUMNS), strict=True))
+            self._i = 0
+        return self._rows[self._i]
+
+    def pop(self) -> Row | None:
+        row = self.peek()
+        if row is not None:
+            self._i += 1
+        return row
+
+
 @dataclass
 class _Piece:
-    """One replayed mapping: traced IOVA range -> emulated IOVA."""
+    """One replayed mapping piece: traced IOVA range -> emulated IOVA."""
 
     traced_iova: int
     size: int
@@ -341,18 +377,21 @@ class _Piece:
 class TraceWorkload(Workload):
     """Replays a trace file's maps, unmaps and device DMAs through the guest DMA API.
 
-    A map maps a guest buffer standing in for the traced physical range (one buffer per
-    distinct page range, reused when the trace maps it again); an unmap unmaps the emulated
-    IOVA of the traced one; DMAs go to the emulated IOVA plus the same offset. A DMA or unmap
-    of a traced IOVA that is not mapped is replayed at that raw address (and will fault).
-
-    Linux's iommu:map fires once per physically contiguous piece, iommu:unmap once per unmap
-    call. Consecutive map records of one device whose traced IOVAs continue each other are the
-    pieces of one dma_map_sg call, and replay as one (so an unmap record covering them all is
-    one dma_unmap_sg): the replay then makes as many map pieces and unmap calls as the trace.
+    A map call maps guest buffers standing in for the traced physical ranges (one buffer per
+    distinct page range, reused when the trace maps it again): one piece with ``dma_map``,
+    several with one ``dma_map_sg``. The pieces of a call are the consecutive map records of
+    one device with the same nonzero ``call``; with ``call`` 0 (not known, version 1 files or
+    ftrace without dma:* events) consecutive pieces whose traced IOVAs continue each other
+    are taken as one call. An unmap record unmaps the call whose first traced IOVA it names
+    (one ``dma_unmap`` / ``dma_unmap_sg``). Live records are mapped at the start, before the
+    first traced event. An unmap or DMA of a traced IOVA that is not mapped is counted
+    (``unmatched_unmaps``, ``unmatched_dmas``) and not replayed: an emulated IOVA is not the
+    traced one, so replaying it raw could hit an unrelated live mapping.
     """
 
     kind = "trace"
+    SUMMARY_COLUMNS = ("trace_live_maps", "trace_unmatched_unmaps", "trace_unmatched_dmas",
+                       "trace_lost_events")
 
     @dataclass(frozen=True)
     class Params:
@@ -372,25 +411,34 @@ class TraceWorkload(Workload):
                 errors.append(("path", f"no such file: {self.path}"))
             else:
                 try:
-                    TraceReader(self.path).close()
+                    scan_trace(self.path)      # every frame: a run never meets a bad batch
                 except TraceError as e:
                     errors.append(("path", str(e)))
             return errors
 
     def __init__(self, params: TraceWorkload.Params | None = None) -> None:
         super().__init__(params if params is not None else self.Params())
-        self.maps = 0               # trace map records replayed
+        self.maps = 0               # trace map records (pieces) replayed
+        self.map_calls = 0          # map calls replayed (excluding live ones)
         self.unmaps = 0             # trace unmap records replayed
         self.dmas = 0
         self.unmap_calls = 0        # dma_unmap calls (an unmap may span several map pieces)
-        self.unknown_unmaps = 0
-        self.unknown_dmas = 0
+        self.unmatched_unmaps = 0   # unmaps of nothing mapped: counted, not replayed
+        self.unmatched_dmas = 0
+        self.live_maps = 0          # live mapping records mapped at the start
+        self.lost_events = 0        # events the tracer lost (OP_LOST sizes)
         self.remaps = 0             # a traced IOVA mapped again while mapped
         self.passes = 0
         self.devs: list[Device] = []
         self._buffers: dict[tuple[int, int], int] = {}     # (paddr page, pages) -> gpa
         self._pieces: list[dict[int, _Piece]] = []          # per dev: traced iova -> piece
         self._starts: list[list[int]] = []                  # per dev: sorted traced iovas
+
+    def summary_counters(self) -> dict[str, int]:
+        return {"trace_live_maps": self.live_maps,
+                "trace_unmatched_unmaps": self.unmatched_unmaps,
+                "trace_unmatched_dmas": self.unmatched_dmas,
+                "trace_lost_events": self.lost_events}
 
     def start(self, ctx: GuestContext) -> None:
         self._ctx_vcpus = ctx.vcpus
@@ -403,71 +451,89 @@ class TraceWorkload(Workload):
 
     def _begin_pass(self, ctx: GuestContext, reader: TraceReader) -> None:
         self.passes += 1
-        self._batches = iter(reader)
-        self._batch: dict[str, np.ndarray] | None = None
-        self._i = 0
+        self._records = _Records(reader)
         self._t_first: int | None = None
+        row = self._records.peek()
+        while row is not None and row[1] == OP_LIVE:
+            group = self._take_call()
+            d = group[0][2]
+            pieces = [(r[3], r[4], r[5]) for r in group if r[3] not in self._pieces[d]]
+            if pieces:
+                self.live_maps += len(pieces)
+                self._map(ctx, self._base_ns, d, d % self._ctx_vcpus, pieces, live=True)
+            row = self._records.peek()
         self._schedule_next(ctx)
 
+    def _take_call(self) -> list[Row]:
+        """Pop the next record and, for a map or live record, the other pieces of its call."""
+        first = self._records.pop()
+        assert first is not None
+        group = [first]
+        op, d, call = first[1], first[2], first[6]
+        if op not in (OP_MAP, OP_LIVE):
+            return group
+        while True:
+            nxt = self._records.peek()
+            if nxt is None or nxt[1] != op or nxt[2] != d:
+                return group
+            last = group[-1]
+            same = nxt[6] == call if call else (nxt[6] == 0 and nxt[3] == last[3] + last[5])
+            if not same or (op == OP_LIVE and not call):
+                return group
+            group.append(self._records.pop())
+
     def _schedule_next(self, ctx: GuestContext) -> None:
-        while self._batch is None or self._i >= len(self._batch["t_ns"]):
-            self._batch = next(self._batches, None)
-            self._i = 0
-            if self._batch is None:
-                if self.params.loop and self._t_first is not None:
-                    self._base_ns = self._last_ns + 1
-                    self._begin_pass(ctx, TraceReader(self.params.path))
-                return
-        t_rec = int(self._batch["t_ns"][self._i])
+        row = self._records.peek()
+        if row is None:
+            if self.params.loop and self._t_first is not None:
+                self._base_ns = self._last_ns + 1
+                self._begin_pass(ctx, TraceReader(self.params.path))
+            return
         if self._t_first is None:
-            self._t_first = t_rec
-        t = self._base_ns + round((t_rec - self._t_first) * self.params.time_scale)
+            self._t_first = row[0]
+        t = self._base_ns + round((row[0] - self._t_first) * self.params.time_scale)
         self._last_ns = t
         schedule_at(ctx, t, self._replay)
 
     def _replay(self, ctx: GuestContext, t_ns: int) -> None:
-        b, i = self._batch, self._i
-        self._i += 1
-        op, d = int(b["op"][i]), int(b["dev"][i])
-        iova, paddr, size = int(b["iova"][i]), int(b["paddr"][i]), int(b["size"][i])
-        dev, cpu = self.devs[d], d % self._ctx_vcpus
-        if op == OP_MAP:
-            group = [(iova, paddr, size)]
-            while (self._i < len(b["t_ns"]) and int(b["op"][self._i]) == OP_MAP
-                   and int(b["dev"][self._i]) == d
-                   and int(b["iova"][self._i]) == group[-1][0] + group[-1][2]):
-                j = self._i
-                group.append((int(b["iova"][j]), int(b["paddr"][j]), int(b["size"][j])))
-                self._i += 1
-            self._schedule_next(ctx)
-            self._map(ctx, t_ns, d, cpu, group)
-            return
+        group = self._take_call()
         self._schedule_next(ctx)
-        if op == OP_UNMAP:
-            self._unmap(ctx, t_ns, d, cpu, iova, size)
-        else:
+        _t, op, d, iova, _paddr, size, _call = group[0]
+        if op == OP_MAP:
+            self.map_calls += 1
+            self._map(ctx, t_ns, d, d % self._ctx_vcpus, [(r[3], r[4], r[5]) for r in group])
+        elif op == OP_UNMAP:
+            self._unmap(ctx, t_ns, d, d % self._ctx_vcpus, iova, size)
+        elif op == OP_LOST:
+            self.lost_events += size
+        elif op in (OP_DMA_READ, OP_DMA_WRITE):
             self.dmas += 1
             piece = self._find(d, iova)
             if piece is None:
-                self.unknown_dmas += 1
-                ctx.device_dma(dev, t_ns, iova, size, op == OP_DMA_WRITE)
+                self.unmatched_dmas += 1
             else:
-                self.device_dma(ctx, dev, t_ns, piece.iova + iova - piece.traced_iova, size,
-                                op == OP_DMA_WRITE)
+                self.device_dma(ctx, self.devs[d], t_ns, piece.iova + iova - piece.traced_iova,
+                                size, op == OP_DMA_WRITE)
+        # a live record after the start cannot be read: TraceReader refuses it
+
+    def _buffer(self, ctx: GuestContext, paddr: int, size: int) -> int:
+        """The guest buffer standing in for traced physical memory (paddr 0: unknown, fresh)."""
+        off = paddr & (PAGE_SIZE - 1)
+        npages = (off + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        if paddr == 0:
+            return ctx.alloc_buffer(npages << PAGE_SHIFT)
+        key = (paddr >> PAGE_SHIFT, npages)
+        gpa = self._buffers.get(key)
+        if gpa is None:
+            gpa = self._buffers[key] = ctx.alloc_buffer(npages << PAGE_SHIFT)
+        return gpa + off
 
     def _map(self, ctx: GuestContext, t_ns: int, d: int, cpu: int,
-             group: list[tuple[int, int, int]]) -> None:
+             group: list[tuple[int, int, int]], live: bool = False) -> None:
         """Map one traced map call: a single piece, or the pieces of a scatter list."""
-        self.maps += len(group)
-        sg = []
-        for _iova, paddr, size in group:
-            off = paddr & (PAGE_SIZE - 1)
-            npages = (off + size + PAGE_SIZE - 1) >> PAGE_SHIFT
-            key = (paddr >> PAGE_SHIFT, npages)
-            gpa = self._buffers.get(key)
-            if gpa is None:
-                gpa = self._buffers[key] = ctx.alloc_buffer(npages << PAGE_SHIFT)
-            sg.append((gpa + off, size))
+        if not live:
+            self.maps += len(group)
+        sg = [(self._buffer(ctx, paddr, size), size) for _iova, paddr, size in group]
         if len(group) == 1:
             emu_iova, _ = ctx.dma_map(cpu, self.devs[d], sg[0][0], sg[0][1], DMA_BIDIRECTIONAL,
                                       t_ns)
@@ -489,9 +555,7 @@ class TraceWorkload(Workload):
         self.unmaps += 1
         pieces = self._pieces[d]
         if iova not in pieces:
-            self.unknown_unmaps += 1
-            self.unmap_calls += 1
-            ctx.dma_unmap(cpu, self.devs[d], iova, max(size, 1), DMA_BIDIRECTIONAL, t_ns)
+            self.unmatched_unmaps += 1      # never mapped in this replay: touch nothing
             return
         first = pieces[iova]
         if first.sg is not None:        # a scatter list: one dma_unmap_sg for all its pieces
