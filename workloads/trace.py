@@ -177,8 +177,10 @@ class TraceReader:
         except (msgpack.UnpackException, ValueError, TypeError, RecursionError,
                 MemoryError) as e:
             self.close()
+            deep = isinstance(e, msgpack.exceptions.StackError | RecursionError)
+            what = "nested too deeply" if deep else f"{type(e).__name__}: {e}"
             raise TraceError(self.path, self._index,
-                             f"not a valid msgpack frame ({type(e).__name__}: {e})") from None
+                             f"not a valid msgpack frame ({what})") from None
         except OSError as e:
             self.close()
             raise TraceError(self.path, self._index, f"cannot read: {e.strerror}") from None

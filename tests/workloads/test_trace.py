@@ -360,3 +360,89 @@ def test_write_rejects_bad_columns(tmp_path, columns, what):
     """write_trace names bad column containers instead of crashing."""
     with pytest.raises(TraceError, match=what):
         write_trace(tmp_path / "w.trace", ["a"], [columns])
+
+
+def _good_then(tail: bytes) -> bytes:
+    """A valid header and first batch, then ``tail`` as frame 2, then an end frame."""
+    return (frames(HEADER, ONE) + tail
+            + msgpack.packb({"end": True, "batches": 2, "records": 2}))
+
+
+def _nested(depth: int) -> bytes:
+    """A batch whose ``call`` column is an array nested ``depth`` deep."""
+    body = b"".join(msgpack.packb(c) + msgpack.packb(ONE[c]) for c in list(TRACE_COLUMNS)[:-1])
+    return b"\x87" + body + msgpack.packb("call") + b"\x91" * depth + b"\x00"
+
+
+@pytest.mark.parametrize(("tail", "what"), [
+    (msgpack.packb({**ONE, "size": [None]}), "non-integers"),
+    # a 2^31-element array header with almost nothing behind it
+    (b"\x87" + msgpack.packb("t_ns") + b"\xdd\x7f\xff\xff\xff" + b"\x00" * 64, "max_array_len"),
+    (_nested(100_000), "nested too deeply"),
+    (_nested(50), "non-integers"),
+])
+def test_later_malformed_batch_is_named_and_fails_validate(tmp_path, tail, what):
+    """A trace whose header and first batch are fine but whose second batch is malformed
+    raises TraceError naming the file and frame 2 when read, and validate (which scans the
+    whole file) reports it, so a run never starts on it."""
+    path = tmp_path / "later.trace"
+    path.write_bytes(_good_then(tail))
+    with pytest.raises(TraceError, match=f"later.trace: frame 2: .*{what}"):
+        list(read_trace(path))
+    errors = TraceWorkload.Params(path=str(path)).validate()
+    assert [k for k, _ in errors] == ["path"] and "frame 2" in errors[0][1]
+
+
+def test_version_1_files_still_read(tmp_path):
+    """A version 1 file (no call column) reads with call 0: calls not known."""
+    path = tmp_path / "v1.trace"
+    v1 = {c: ONE[c] for c in TRACE_COLUMNS if c != "call"}
+    path.write_bytes(frames({**HEADER, "version": 1}, v1, END1))
+    (b,) = read_trace(path)
+    assert b["call"].tolist() == [0] and b["paddr"].tolist() == [0x2000]
+    path.write_bytes(frames({**HEADER, "version": 1}, ONE, END1))
+    with pytest.raises(TraceError, match="unknown \\['call'\\]"):
+        list(read_trace(path))
+
+
+def test_import_errors_blame_the_right_file(tmp_path, capsys):
+    """A missing input names the input; an output that cannot be written names the output;
+    the command line prints the file once."""
+    from cluster.cli import main
+
+    with pytest.raises(TraceError) as err:
+        import_ftrace(tmp_path / "none.txt", tmp_path / "o.trace")
+    assert err.value.path == str(tmp_path / "none.txt") and "cannot read" in str(err.value)
+    out = tmp_path / "no" / "dir" / "o.trace"
+    with pytest.raises(TraceError) as err:
+        import_ftrace(SAMPLE, out)
+    assert err.value.path == str(out) and "cannot write" in str(err.value)
+    assert str(SAMPLE) not in str(err.value)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("garbage\n")
+    assert main(["trace", "import", str(bad), "-o", str(tmp_path / "o.trace")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count(str(bad)) == 1 and "line 1" in stderr
+
+
+def test_run_id_covers_trace_content_and_paths_resolve_against_the_config(tmp_path,
+                                                                          monkeypatch):
+    """A relative trace path resolves against the config file's folder whatever the working
+    directory, and re-importing different content under the same name changes the run id."""
+    from cluster.config import load_config
+    from cluster.results import run_id
+
+    cfg_dir = tmp_path / "exp"
+    cfg_dir.mkdir()
+    write_sample(cfg_dir / "w.trace")
+    (cfg_dir / "c.toml").write_text(
+        '[experiment]\nname = "t"\nduration_us = 100\n[host]\nmemory_mib = 64\n'
+        '[vm.g]\nmode = "nested"\nmemory_mib = 16\n'
+        '[vm.g.workload]\nkind = "trace"\npath = "w.trace"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cfg_dir / "c.toml")
+    assert cfg.vms[0].workload.params.path == str(cfg_dir / "w.trace")
+    first = run_id(cfg)
+    assert run_id(load_config(cfg_dir / "c.toml")) == first
+    write_trace(cfg_dir / "w.trace", ["nic0", "nvme0"], [batch(ROWS[:3])])
+    assert run_id(load_config(cfg_dir / "c.toml")) != first
