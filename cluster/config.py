@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from host_iommu.costs import CostModel
+from host_iommu.defs import PAGE_SHIFT
+from host_iommu.qi import QI_DESCS_PER_PAGE, QI_MAX_QS
 
 # --- Registries (one per kind: they feed validation messages and --help) -----------------
 MODES = ("shadow", "nested", "passthrough")
@@ -36,7 +38,22 @@ FL_LEVELS = (4, 5)
 SL_WIDTH_BY_LEVELS = {3: 39, 4: 48, 5: 57}
 HAW_MIN, HAW_MAX = 39, 52  # host address width (CAP.MGAW) range, VT-d spec 11.4.2
 VCPUS_MAX = 256
-QI_ENTRIES_MIN = 8  # 128-bit descriptors, queue of 2^(QS+8) entries (VT-d spec 6.5.2)
+# IQA.QS 0..7 (VT-d spec 11.4.9.4): 2^QS 4-KiB pages of 256-bit descriptors (IQA.DW=1, as
+# scalable mode needs): 128..16384 entries, exactly what host_iommu.qi.InvalidationQueue takes.
+QI_ENTRIES = tuple(QI_DESCS_PER_PAGE << qs for qs in range(QI_MAX_QS + 1))
+FAULT_RECORDS_MAX = 256     # CAP.NFR is 8 bits: 1..256 fault recording registers (spec 11.4.2)
+# Bounds on what a run must allocate or iterate, so `validate` refuses what `run` cannot do:
+HOST_MEMORY_MIB_MAX = 256 * 1024   # ~50 bytes of emulator state per 4-KiB host frame: ~3.5 GB
+CACHE_ENTRIES_MAX = 1 << 20        # a cache holds numpy arrays of (sets, ways) per field
+CACHE_WAYS_MAX = 64                # a lookup compares every way of a set for each request
+ENTRY_CACHE_WAYS = 4               # PASID and context caches are 4-way (host_iommu/iommu.py)
+VM_COUNT_MAX = 1024                # VMs per group
+EXPERIMENT_NAME_MAX = 128          # run folder names must stay under NAME_MAX (255 bytes)
+SEED_MAX = (1 << 64) - 1           # numpy SeedSequence entropy; printed in run folder names
+DURATION_US_MAX = 600_000_000      # 10 minutes of virtual time
+EPOCHS_MAX = 10_000_000            # duration_us / epoch_us: one host round per epoch
+COST_NS_MAX = 1_000_000_000        # 1 s per operation keeps every time stamp within int64
+CHURN_PAGES_MAX = 1 << 24          # second-level pages one VM's churn changes in a run
 
 # Names that become folder names or table values: keep them path- and shell-safe.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -256,6 +273,11 @@ def _choice(problems: list[tuple[str, str]], value: Any, choices: Sequence[Any],
            f"must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
+def _in_range(problems: list[tuple[str, str]], value: int | float, lo: int | float,
+              hi: int | float, key: str) -> None:
+    _check(problems, lo <= value <= hi, key, f"must be in {lo}..{hi}, got {value}")
+
+
 def _run_validate(obj: Any, path: str, problems: list[tuple[str, str]]) -> None:
     """Call ``obj.validate()`` if the Params dataclass defines it; its keys are relative."""
     validate = getattr(obj, "validate", None)
@@ -273,22 +295,29 @@ def _experiment(table: Any, problems: list[tuple[str, str]]) -> ExperimentConfig
         return None
     _check(problems, bool(_NAME_RE.match(exp.name)), "experiment.name",
            f"must match {_NAME_RE.pattern} (it names a results folder), got {exp.name!r}")
-    _check(problems, exp.seed >= 0, "experiment.seed", f"must be >= 0, got {exp.seed}")
-    _check(problems, exp.duration_us > 0, "experiment.duration_us",
-           f"must be > 0, got {exp.duration_us}")
+    _check(problems, len(exp.name) <= EXPERIMENT_NAME_MAX, "experiment.name",
+           f"must be at most {EXPERIMENT_NAME_MAX} characters (it names a results folder), "
+           f"got {len(exp.name)}")
+    _in_range(problems, exp.seed, 0, SEED_MAX, "experiment.seed")
+    _in_range(problems, exp.duration_us, 1, DURATION_US_MAX, "experiment.duration_us")
     _check(problems, exp.epoch_us > 0, "experiment.epoch_us",
            f"must be > 0, got {exp.epoch_us}")
     _check(problems, exp.epoch_us <= exp.duration_us or exp.duration_us <= 0,
            "experiment.epoch_us",
            f"must be <= experiment.duration_us ({exp.duration_us}), got {exp.epoch_us}")
+    if exp.epoch_us > 0:
+        epochs = -(-exp.duration_us // exp.epoch_us)
+        _check(problems, epochs <= EPOCHS_MAX, "experiment.epoch_us",
+               f"gives {epochs} epochs of experiment.duration_us; at most {EPOCHS_MAX} "
+               f"(raise epoch_us to >= {-(-exp.duration_us // EPOCHS_MAX)})")
     return exp if len(problems) == n else None
 
 
 def _ways(problems: list[tuple[str, str]], host: HostConfig, entries: str, ways: str) -> None:
     e, w = getattr(host, entries), getattr(host, ways)
-    _check(problems, e >= 0, f"host.{entries}", f"must be >= 0, got {e}")
-    if w < 1:
-        problems.append((f"host.{ways}", f"must be >= 1, got {w}"))
+    _in_range(problems, e, 0, CACHE_ENTRIES_MAX, f"host.{entries}")
+    if not 1 <= w <= CACHE_WAYS_MAX:
+        problems.append((f"host.{ways}", f"must be in 1..{CACHE_WAYS_MAX}, got {w}"))
     elif e > 0 and e % w:
         problems.append((f"host.{ways}", f"must divide host.{entries} ({e}), got {w}"))
 
@@ -298,8 +327,7 @@ def _host(table: Any, problems: list[tuple[str, str]]) -> HostConfig | None:
     host = _build(HostConfig, table, "host", problems)
     if host is None:
         return None
-    _check(problems, host.memory_mib > 0, "host.memory_mib",
-           f"must be > 0, got {host.memory_mib}")
+    _in_range(problems, host.memory_mib, 1, HOST_MEMORY_MIB_MAX, "host.memory_mib")
     _check(problems, HAW_MIN <= host.haw <= HAW_MAX, "host.haw",
            f"must be in {HAW_MIN}..{HAW_MAX}, got {host.haw}")
     _ways(problems, host, "iotlb_entries", "iotlb_ways")
@@ -307,15 +335,19 @@ def _host(table: Any, problems: list[tuple[str, str]]) -> HostConfig | None:
     _ways(problems, host, "devtlb_entries", "devtlb_ways")
     for key in ("pasid_cache_entries", "context_cache_entries"):
         v = getattr(host, key)
-        _check(problems, v >= 0, f"host.{key}", f"must be >= 0, got {v}")
+        if not 0 <= v <= CACHE_ENTRIES_MAX:
+            _in_range(problems, v, 0, CACHE_ENTRIES_MAX, f"host.{key}")
+        else:
+            _check(problems, v < ENTRY_CACHE_WAYS or v % ENTRY_CACHE_WAYS == 0, f"host.{key}",
+                   f"must be below {ENTRY_CACHE_WAYS} or a multiple of {ENTRY_CACHE_WAYS} "
+                   f"(the cache is {ENTRY_CACHE_WAYS}-way), got {v}")
     _choice(problems, host.sl_page_size, SL_PAGE_SIZES, "host.sl_page_size")
     _choice(problems, host.sl_levels, SL_LEVELS, "host.sl_levels")
-    _check(problems, host.fault_records >= 1, "host.fault_records",
-           f"must be >= 1, got {host.fault_records}")
-    q = host.qi_entries
-    _check(problems, q >= QI_ENTRIES_MIN and q & (q - 1) == 0, "host.qi_entries",
-           f"must be a power of two >= {QI_ENTRIES_MIN}, got {q}")
-    if host.memory_mib > 0 and HAW_MIN <= host.haw <= HAW_MAX:
+    _in_range(problems, host.fault_records, 1, FAULT_RECORDS_MAX, "host.fault_records")
+    _check(problems, host.qi_entries in QI_ENTRIES, "host.qi_entries",
+           f"must be a power of two in {QI_ENTRIES[0]}..{QI_ENTRIES[-1]} (IQA.QS 0..{QI_MAX_QS}"
+           f" with 256-bit descriptors), got {host.qi_entries}")
+    if 0 < host.memory_mib <= HOST_MEMORY_MIB_MAX and HAW_MIN <= host.haw <= HAW_MAX:
         _check(problems, host.memory_mib << 20 <= 1 << host.haw, "host.memory_mib",
                f"{host.memory_mib} MiB does not fit in a {host.haw}-bit host address width")
     return host if len(problems) == n else None
@@ -328,7 +360,8 @@ def _cost(table: Any, problems: list[tuple[str, str]]) -> CostModel | None:
         return None
     for f in fields(CostModel):
         name, v = f.name, getattr(cost, f.name)
-        _check(problems, v >= 0, f"cost.{name}", f"must be >= 0 ns, got {v}")
+        _check(problems, 0 <= v <= COST_NS_MAX, f"cost.{name}",
+               f"must be in 0..{COST_NS_MAX} ns, got {v}")
     return cost if len(problems) == n else None
 
 
@@ -351,10 +384,11 @@ def _workload(table: Any, path: str, registry: Mapping[str, type], base_dir: Pat
     params = _build(params_cls, rest, path, problems)
     if params is None:
         return None
+    if kind == "trace" and isinstance(getattr(params, "path", None), str) and params.path:
+        params = _resolve_trace(params, path, base_dir, problems)  # before validate reads it
     _run_validate(params, path, problems)
-    path_reported = any(k == f"{path}.path" for k, _ in problems[n:])
-    if kind == "trace" and hasattr(params, "path") and not path_reported:
-        params = _resolve_trace(params, path, base_dir, problems)
+    if len(problems) > n and problems[n][0] == f"{path}.path":     # the path is named once
+        problems[n + 1:] = [p for p in problems[n + 1:] if p[0] != f"{path}.path"]
     return WorkloadConfig(kind, params) if len(problems) == n else None
 
 
@@ -403,7 +437,7 @@ def _vm_group(name: str, table: Any, reg: Any, base_dir: Path | None, sl_levels:
                 _run_validate(churn, f"{path}.churn", problems)
     if keys is None:
         return None
-    _check(problems, keys.count >= 1, f"{path}.count", f"must be >= 1, got {keys.count}")
+    _in_range(problems, keys.count, 1, VM_COUNT_MAX, f"{path}.count")
     _choice(problems, keys.mode, MODES, f"{path}.mode")
     _choice(problems, keys.policy, POLICIES, f"{path}.policy")
     _choice(problems, keys.flush_queue, FLUSH_QUEUES, f"{path}.flush_queue")
@@ -430,6 +464,32 @@ def _vm_group(name: str, table: Any, reg: Any, base_dir: Path | None, sl_levels:
                          flush_queue=keys.flush_queue, vcpus=keys.vcpus,
                          memory_mib=keys.memory_mib, fl_levels=keys.fl_levels, ats=keys.ats,
                          workload=workload, churn=churn, policy_requested=keys.policy)
+
+
+def _churn_bounds(g: VmGroupConfig, exp: ExperimentConfig,
+                  problems: list[tuple[str, str]]) -> None:
+    """Churn a run can finish: changes within the VM's memory, a bounded total in the run.
+
+    The churn table's own ranges are its Params' ``validate`` (workloads/churn.py); this
+    checks what needs the VM group and the experiment too.
+    """
+    churn = g.churn
+    pages = getattr(churn, "pages", None)
+    interval_us = getattr(churn, "interval_us", None)
+    start_us = getattr(churn, "start_us", 0.0)
+    if (not isinstance(pages, int) or not isinstance(interval_us, int | float)
+            or not isinstance(start_us, int | float) or pages <= 0 or interval_us <= 0):
+        return  # absent, or already reported by the Params' validate
+    path = f"vm.{g.name}.churn"
+    vm_pages = (g.memory_mib << 20) >> PAGE_SHIFT
+    _check(problems, pages <= vm_pages, f"{path}.pages",
+           f"must be <= the VM's {vm_pages} pages (vm.{g.name}.memory_mib), got {pages}")
+    changes = max(0.0, (exp.duration_us - start_us) / interval_us + 1)
+    total = changes * min(pages, vm_pages)
+    _check(problems, total <= CHURN_PAGES_MAX, f"{path}.interval_us",
+           f"{interval_us} gives about {changes:.3g} changes of {pages} pages in "
+           f"experiment.duration_us, {total:.3g} pages in all; at most {CHURN_PAGES_MAX} "
+           "(raise interval_us or lower pages)")
 
 
 def _registry_kinds(reg: Any) -> Mapping[str, type]:
@@ -522,6 +582,9 @@ def parse_config(data: Mapping[str, Any], overrides: Sequence[str] = (), source:
         total = sum(g.count * g.memory_mib for g in groups)
         _check(problems, total <= host.memory_mib, "host.memory_mib",
                f"{host.memory_mib} MiB cannot hold the VMs' {total} MiB of guest memory")
+    if exp is not None:
+        for g in groups:
+            _churn_bounds(g, exp, problems)
     if problems or exp is None or host is None or cost is None:
         raise ConfigError("", problems=problems or [("", "invalid config")])
     return Config(experiment=exp, host=host, vms=tuple(groups), cost=cost,

@@ -350,3 +350,104 @@ def test_real_workload_registry():
     with pytest.raises(ConfigError) as info:
         parse_config(data, ["vm.web.workload.rx_fraction=2"])
     assert info.value.keys == ("vm.web.workload.rx_fraction",)
+
+
+# --- What `run` needs: every value `validate` accepts can be built and finishes ------------
+@pytest.mark.parametrize(("override", "expected", "words"), [
+    ("host.memory_mib=1073741824", "host.memory_mib", "1..262144"),
+    ("host.iotlb_entries=1099511627776", "host.iotlb_entries", "0..1048576"),
+    ("host.pwc_entries=68719476736", "host.pwc_entries", "0..1048576"),
+    ("host.devtlb_ways=1024", "host.devtlb_ways", "1..64"),
+    ("host.context_cache_entries=5", "host.context_cache_entries", "4-way"),
+    ("host.pasid_cache_entries=6", "host.pasid_cache_entries", "4-way"),
+    ("host.pasid_cache_entries=1099511627776", "host.pasid_cache_entries", "0..1048576"),
+    ("host.qi_entries=8", "host.qi_entries", "128..16384"),
+    ("host.qi_entries=64", "host.qi_entries", "128..16384"),
+    ("host.qi_entries=32768", "host.qi_entries", "128..16384"),
+    ("host.qi_entries=1099511627776", "host.qi_entries", "128..16384"),
+    ("host.fault_records=257", "host.fault_records", "1..256"),
+    (f"experiment.name='{'x' * 300}'", "experiment.name", "at most 128 characters"),
+    ("experiment.seed=1180591620717411303424", "experiment.seed", "0..18446744073709551615"),
+    ("cost.vm_exit_ns=4611686018427387904", "cost.vm_exit_ns", "0..1000000000 ns"),
+    ("experiment.duration_us=1000000000000", "experiment.duration_us", "1..600000000"),
+    ("vm.web.count=1099511627776", "vm.web.count", "1..1024"),
+])
+def test_values_run_cannot_handle_are_config_errors(override, expected, words):
+    """Issue 7 finding 11: each of these passed validate, then crashed or never ended."""
+    err = errors(base(), (override,))
+    assert expected in err.keys and words in str(err), str(err)
+
+
+def test_too_many_epochs_is_an_error_naming_the_fix():
+    err = errors(base(), ("experiment.duration_us=600000000", "experiment.epoch_us=1"))
+    assert err.keys == ("experiment.epoch_us",) and ">= 60" in err.message
+
+
+def test_qi_entries_agree_with_the_invalidation_queue():
+    """The config accepts exactly the queue sizes host_iommu.qi takes (IQA.QS 0..7)."""
+    from host_iommu.qi import InvalidationQueue, QiError
+
+    for log in range(21):
+        entries = 1 << log
+        try:
+            InvalidationQueue(entries)
+            builds = True
+        except QiError:
+            builds = False
+        try:
+            parse(base(), (f"host.qi_entries={entries}",))
+            accepted = True
+        except ConfigError:
+            accepted = False
+        assert accepted == builds, entries
+
+
+def test_entry_cache_sizes_agree_with_the_host_caches():
+    """PASID and context cache sizes the config accepts are the ones CacheSet can build."""
+    from host_iommu.iommu import CacheSet, IommuParams
+
+    for entries in range(40):
+        for key in ("pasid_cache_entries", "context_cache_entries"):
+            try:
+                CacheSet(IommuParams(**{key: entries}))
+                builds = True
+            except ValueError:
+                builds = False
+            try:
+                parse(base(), (f"host.{key}={entries}",))
+                accepted = True
+            except ConfigError:
+                accepted = False
+            assert accepted == builds, (key, entries)
+
+
+def test_churn_beyond_the_vm_or_without_end_is_an_error():
+    data = base()
+    data["vm"]["web"]["memory_mib"] = 64
+    data["vm"]["web"]["churn"] = {"pages": 1 << 40}
+    err = errors(data)
+    assert err.keys == ("vm.web.churn.pages",) and "16384 pages" in err.message
+    data["vm"]["web"]["churn"] = {"pages": 256, "interval_us": 1e-3}
+    err = errors(data)
+    assert err.keys == ("vm.web.churn.interval_us",) and "raise interval_us" in err.message
+    data["vm"]["web"]["churn"] = {"pages": 256, "interval_us": 1e12}
+    assert parse(data).vms[0].churn.interval_us == 1e12   # one change, then none: it ends
+
+
+def test_unknown_churn_key_is_an_error_with_the_real_registry():
+    """Issue 7: unknown keys in a churn table must never be dropped silently."""
+    data = base()
+    data["vm"]["web"]["workload"] = {"kind": "nvme"}
+    data["vm"]["web"]["churn"] = {"kind": "balloon", "pagez": 8}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert info.value.keys == ("vm.web.churn.pagez",) and "unknown key" in str(info.value)
+
+
+def test_largest_accepted_values_still_parse():
+    ov = ("host.memory_mib=262144", "host.iotlb_entries=1048576", "host.iotlb_ways=64",
+          "host.qi_entries=16384", "host.fault_records=256", f"experiment.name='{'n' * 128}'",
+          "cost.vm_exit_ns=1000000000", "experiment.duration_us=600000000",
+          "experiment.epoch_us=60", "host.context_cache_entries=3")
+    cfg = parse(base(), ov)
+    assert cfg.host.qi_entries == 16384 and len(cfg.experiment.name) == 128
