@@ -1,13 +1,15 @@
-"""The ``iommu-emu`` command line: run, validate, import traces, report on results.
+"""The ``iommu-emu`` command line: run, sweep, submit, validate, import traces, report.
 
 Like Mininet's bin/mn, names on the command line map to registries (config.MODES, the
 workload registry, the runner's backends). User errors print ``error: ...`` naming the key or
-file and exit 2, never a traceback; Ctrl-C exits 130.
+file and exit 2, never a traceback; a run that fails midway exits 1 naming what failed and
+where its manifest is; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import sys
@@ -17,9 +19,11 @@ from typing import Any
 
 from cluster.config import MODES, ClusterError, describe, load_config
 
+EXIT_RUN_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-DEFAULT_BACKENDS = ("inproc",)
+DEFAULT_BACKENDS = ("ray", "inproc")
+DEFAULT_BACKEND = "ray"
 
 
 class UserError(ClusterError):
@@ -47,14 +51,48 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="KEY=VALUE",
                        help="override a config key, e.g. vm.web.count=4 (repeatable)")
 
+    def backend(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--backend", default=DEFAULT_BACKEND,
+                       help="ray (actors; embedded local Ray unless --address) or inproc "
+                            f"(one process, for debugging); default: {DEFAULT_BACKEND}")
+        p.add_argument("--address", default=None,
+                       help="Ray cluster to join (host:port or auto; default: RAY_ADDRESS, "
+                            "else an embedded local Ray sized to this machine)")
+
     p = sub.add_parser("run", help="run one config and print its summary")
     p.add_argument("config", metavar="CONFIG", help="TOML config file")
     p.add_argument("--out", default="results", help="results folder (default: results)")
     overrides(p)
-    p.add_argument("--backend", default="inproc", help="where to run (default: inproc)")
+    backend(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run folder with the same run id")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="run every point of a config's [sweep] table")
+    p.add_argument("config", metavar="CONFIG", help="TOML config file with a [sweep] table")
+    p.add_argument("--out", default="results", help="results folder (default: results)")
+    overrides(p)
+    backend(p)
+    p.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                   help="runs at once on Ray (default: the cluster's CPUs)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("submit", help="run or sweep a config as a Ray job on a cluster")
+    p.add_argument("config", metavar="CONFIG", help="TOML config file (run, or sweep if it "
+                                                    "has a [sweep] table)")
+    p.add_argument("--address", required=True,
+                   help="the cluster's job server, e.g. http://HEAD:8265")
+    p.add_argument("--out", default=None,
+                   help="results folder on the cluster's shared storage (absolute; default: "
+                        "./results made absolute)")
+    overrides(p)
+    p.add_argument("--follow", action="store_true", help="tail the job's logs until it ends")
+    p.add_argument("--working-dir", default=None,
+                   help="folder shipped as the job's working_dir (default: the iommu-emu "
+                        "source tree)")
+    p.add_argument("--python", default="python",
+                   help="the Python the job runs on the cluster (default: python)")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("validate", help="check a config and print what it resolves to")
     p.add_argument("config", metavar="CONFIG", help="TOML config file")
@@ -81,24 +119,97 @@ def _print_notes(notes: Sequence[str]) -> None:
         print(f"note: {note}")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+def _runner(backend: str) -> Any:
     try:
         runner = importlib.import_module("cluster.runner")
     except ImportError as e:
         raise UserError(f"the runner is not available: {e}") from None
     backends = tuple(getattr(runner, "BACKENDS", DEFAULT_BACKENDS))
-    if args.backend not in backends:
-        raise UserError(f"--backend: unknown backend {args.backend!r} "
+    if backend not in backends:
+        raise UserError(f"--backend: unknown backend {backend!r} "
                         f"(one of: {', '.join(backends)})")
+    return runner
+
+
+def _session(backend: str, address: str | None) -> Any:
+    """An embedded or joined Ray for the ray backend; nothing for the others."""
+    if backend != "ray":
+        return contextlib.nullcontext()
+    try:
+        from cluster.ray_runner import ray_session
+    except ImportError as e:
+        raise UserError(f"the ray backend needs ray[default] installed: {e}") from None
+    return ray_session(address)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.sweep:
+        raise UserError(f"{args.config} has a [sweep] table: use `iommu-emu sweep`")
+    runner = _runner(args.backend)
     _print_notes(cfg.notes)
-    outcome = runner.run_config(cfg, args.out, backend=args.backend,
-                                overwrite=args.overwrite)
+    from cluster.progress import Progress
+
+    progress = Progress(cfg.experiment.name, "ms of virtual time")
+    total_ms = cfg.experiment.duration_us / 1000
+    kwargs: dict[str, Any] = {}
+    if progress.enabled:
+        kwargs["on_epoch"] = lambda ep: progress.update(ep.t_end_ns / 1e6, total_ms)
+    if args.address:
+        kwargs["address"] = args.address
+    with _session(args.backend, args.address):
+        try:
+            outcome = runner.run_config(cfg, args.out, backend=args.backend,
+                                        overwrite=args.overwrite, **kwargs)
+        finally:
+            progress.close()
     from cluster.report import format_summary
 
     print(format_summary(outcome.summary))
-    print(f"results: {outcome.path}")
+    print(f"results: {Path(args.out) / cfg.experiment.name} (run folder: {outcome.path})")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cluster.progress import Progress
+    from cluster.sweep import expand, run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    _runner(args.backend)
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise UserError(f"--max-parallel: must be >= 1, got {args.max_parallel}")
+    points = expand(cfg)
+    _print_notes(cfg.notes)
+    progress = Progress(f"sweep {cfg.experiment.name}", "runs")
+    seen = [0]
+
+    def on_point(p: Any, status: str, error: str) -> None:
+        seen[0] += 1
+        params = " ".join(f"{k}={v}" for k, v in p.params)
+        progress.close()
+        print(f"{status}: {params} (run {p.run_id})" + (f": {error}" if error else ""))
+        progress.update(seen[0], len(todo), force=True)
+
+    from cluster.results import is_complete
+
+    todo = [p for p in points if not is_complete(args.out, cfg.experiment.name, p.run_id,
+                                                 p.params)]
+    with _session(args.backend, args.address):
+        try:
+            result = run_sweep(cfg, args.out, args.backend, address=args.address,
+                               max_parallel=args.max_parallel, on_point=on_point)
+        finally:
+            progress.close()
+    print(f"sweep {cfg.experiment.name}: {len(points)} runs, {len(result.complete)} run now, "
+          f"{len(result.skipped)} already complete, {len(result.failed)} failed")
+    print(f"results: {Path(args.out) / cfg.experiment.name}")
+    return 0 if result.ok else EXIT_RUN_FAILED
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster.submit import submit
+
+    return submit(args)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -133,7 +244,7 @@ def cmd_trace_import(args: argparse.Namespace) -> int:
         result = trace.import_ftrace(str(src), args.out, **kwargs)
     except Exception as e:
         if trace_error is not None and isinstance(e, trace_error):
-            raise UserError(f"{src}: {e}") from None
+            raise UserError(str(e)) from None   # TraceError names its file (in or out)
         if isinstance(e, OSError):
             raise UserError(f"{e.filename or args.out}: {e.strerror or e}") from None
         raise
@@ -173,6 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except ClusterError as e:  # ConfigError, ResultsError, UserError ...
+    except ClusterError as e:  # ConfigError, ResultsError, UserError, RunFailed ...
+        failed = getattr(e, "failed", None)
+        if failed is not None:  # a run that started and failed (cluster.runner.RunFailed)
+            _error(f"run failed: {e}")
+            if getattr(e, "path", None) is not None:
+                _error(f"its manifest and partial metrics: {e.path}")
+            return EXIT_RUN_FAILED
         _error(str(e))
         return EXIT_USER_ERROR

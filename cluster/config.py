@@ -38,6 +38,8 @@ FL_LEVELS = (4, 5)
 SL_WIDTH_BY_LEVELS = {3: 39, 4: 48, 5: 57}
 HAW_MIN, HAW_MAX = 39, 52  # host address width (CAP.MGAW) range, VT-d spec 11.4.2
 VCPUS_MAX = 256
+HOST_SPREAD = -1  # a VM group without an explicit `host` index: its VMs are spread evenly
+HOST_COUNT_MAX = 1024  # emulated hosts in one run (each is an actor with its own HostIommu)
 # IQA.QS 0..7 (VT-d spec 11.4.9.4): 2^QS 4-KiB pages of 256-bit descriptors (IQA.DW=1, as
 # scalable mode needs): 128..16384 entries, exactly what host_iommu.qi.InvalidationQueue takes.
 QI_ENTRIES = tuple(QI_DESCS_PER_PAGE << qs for qs in range(QI_MAX_QS + 1))
@@ -99,8 +101,9 @@ class ExperimentConfig:
 
 @dataclass(frozen=True)
 class HostConfig:
-    """``[host]``: the physical machine and its IOMMU's cache sizes."""
+    """``[host]``: the physical machine and its IOMMU's cache sizes; ``count`` identical hosts."""
 
+    count: int = 1
     memory_mib: int = 8192
     haw: int = 46
     iotlb_entries: int = 1024
@@ -142,6 +145,7 @@ class VmGroupConfig:
     workload: WorkloadConfig
     churn: Any = None
     policy_requested: str = ""
+    host: int = HOST_SPREAD
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ class Config:
     cost: CostModel
     notes: tuple[str, ...] = ()
     source: str = field(default="<dict>", compare=False)
+    sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (key path, values), key order
 
     @property
     def vm_count(self) -> int:
@@ -171,10 +176,11 @@ class _VmGroupKeys:
     memory_mib: int = 1024
     fl_levels: int = 4
     ats: bool = False
+    host: int = HOST_SPREAD
 
 
 _REQUIRED = {ExperimentConfig: ("name",), _VmGroupKeys: ("mode",)}
-_TOP_KEYS = ("experiment", "host", "vm", "cost")
+_TOP_KEYS = ("experiment", "host", "vm", "cost", "sweep")
 
 
 # --- Typed coercion driven by dataclass annotations ---------------------------------------
@@ -327,6 +333,8 @@ def _host(table: Any, problems: list[tuple[str, str]]) -> HostConfig | None:
     host = _build(HostConfig, table, "host", problems)
     if host is None:
         return None
+    _check(problems, 1 <= host.count <= HOST_COUNT_MAX, "host.count",
+           f"must be in 1..{HOST_COUNT_MAX}, got {host.count}")
     _in_range(problems, host.memory_mib, 1, HOST_MEMORY_MIB_MAX, "host.memory_mib")
     _check(problems, HAW_MIN <= host.haw <= HAW_MAX, "host.haw",
            f"must be in {HAW_MIN}..{HAW_MAX}, got {host.haw}")
@@ -446,6 +454,8 @@ def _vm_group(name: str, table: Any, reg: Any, base_dir: Path | None, sl_levels:
     _check(problems, keys.memory_mib > 0, f"{path}.memory_mib",
            f"must be > 0, got {keys.memory_mib}")
     _choice(problems, keys.fl_levels, FL_LEVELS, f"{path}.fl_levels")
+    _check(problems, keys.host >= 0 or keys.host == HOST_SPREAD, f"{path}.host",
+           f"must be a host index >= 0, got {keys.host}")
     width = SL_WIDTH_BY_LEVELS.get(sl_levels)
     if width is not None and keys.memory_mib > 0:
         _check(problems, keys.memory_mib << 20 <= 1 << width, f"{path}.memory_mib",
@@ -463,7 +473,58 @@ def _vm_group(name: str, table: Any, reg: Any, base_dir: Path | None, sl_levels:
     return VmGroupConfig(name=name, count=keys.count, mode=keys.mode, policy=policy,
                          flush_queue=keys.flush_queue, vcpus=keys.vcpus,
                          memory_mib=keys.memory_mib, fl_levels=keys.fl_levels, ats=keys.ats,
-                         workload=workload, churn=churn, policy_requested=keys.policy)
+                         workload=workload, churn=churn, policy_requested=keys.policy,
+                         host=keys.host)
+
+
+def vm_placement(groups: Sequence[VmGroupConfig],
+                 host_count: int) -> list[tuple[str, int, int]]:
+    """``(group, index, host)`` per VM, in group-name then index order.
+
+    A group with an explicit ``host`` puts all its VMs there. The other VMs, in the same
+    order, each go to the host holding the fewest VMs so far (ties: the lowest index), after
+    the pinned groups are placed: so with no pins VM k lands on host k mod count.
+    """
+    ordered = sorted(groups, key=lambda g: g.name)
+    load = [0] * host_count
+    for g in ordered:
+        if g.host != HOST_SPREAD:
+            load[g.host] += g.count
+    out: list[tuple[str, int, int]] = []
+    for g in ordered:
+        for i in range(g.count):
+            if g.host != HOST_SPREAD:
+                h = g.host
+            else:
+                h = min(range(host_count), key=lambda k: (load[k], k))
+                load[h] += 1
+            out.append((g.name, i, h))
+    return out
+
+
+def _sweep(table: Any, problems: list[tuple[str, str]]) -> tuple[tuple[str, tuple], ...]:
+    """``[sweep]``: key path -> list of values (quoted ``"a.b" = [...]`` or nested tables)."""
+    if not isinstance(table, Mapping):
+        problems.append(("sweep", f"expected a table, got {type(table).__name__}"))
+        return ()
+    out: list[tuple[str, tuple]] = []
+
+    def walk(node: Mapping, prefix: str) -> None:
+        for key in sorted(node):
+            path = f"{prefix}.{key}" if prefix else key
+            value = node[key]
+            if isinstance(value, Mapping):
+                walk(value, path)
+            elif not isinstance(value, list) or not value:
+                problems.append((f"sweep.{path}", "must be a non-empty array of values"))
+            elif path.split(".")[0] in ("sweep", "experiment") and \
+                    path not in ("experiment.seed", "experiment.duration_us"):
+                problems.append((f"sweep.{path}", "cannot be swept (it names the results)"))
+            else:
+                out.append((path, tuple(value)))
+
+    walk(table, "")
+    return tuple(out)
 
 
 def _churn_bounds(g: VmGroupConfig, exp: ExperimentConfig,
@@ -579,16 +640,25 @@ def parse_config(data: Mapping[str, Any], overrides: Sequence[str] = (), source:
             if g is not None:
                 groups.append(g)
     if host is not None and groups:
-        total = sum(g.count * g.memory_mib for g in groups)
-        _check(problems, total <= host.memory_mib, "host.memory_mib",
-               f"{host.memory_mib} MiB cannot hold the VMs' {total} MiB of guest memory")
+        for g in groups:
+            _check(problems, g.host < host.count, f"vm.{g.name}.host",
+                   f"must be < host.count ({host.count}), got {g.host}")
+        if all(g.host < host.count for g in groups):
+            total = [0] * host.count
+            for name, _i, h in vm_placement(groups, host.count):
+                total[h] += next(g.memory_mib for g in groups if g.name == name)
+            for h, mib in enumerate(total):
+                where = f"host {h}'s VMs'" if host.count > 1 else "the VMs'"
+                _check(problems, mib <= host.memory_mib, "host.memory_mib",
+                       f"{host.memory_mib} MiB cannot hold {where} {mib} MiB of guest memory")
     if exp is not None:
         for g in groups:
             _churn_bounds(g, exp, problems)
+    sweep = _sweep(data.get("sweep", {}), problems)
     if problems or exp is None or host is None or cost is None:
         raise ConfigError("", problems=problems or [("", "invalid config")])
     return Config(experiment=exp, host=host, vms=tuple(groups), cost=cost,
-                  notes=tuple(notes), source=source)
+                  notes=tuple(notes), source=source, sweep=sweep)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), workloads: Any = None) -> Config:
@@ -624,13 +694,16 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     vms: dict[str, Any] = {}
     for g in cfg.vms:
         d = {k: getattr(g, k) for k in ("count", "mode", "policy", "flush_queue", "vcpus",
-                                         "memory_mib", "fl_levels", "ats")}
+                                         "memory_mib", "fl_levels", "ats", "host")}
         d["workload"] = {"kind": g.workload.kind, **_plain(g.workload.params)}
         if g.churn is not None:
             d["churn"] = _plain(g.churn)
         vms[g.name] = d
-    return {"experiment": _plain(cfg.experiment), "host": _plain(cfg.host), "vm": vms,
-            "cost": _plain(cfg.cost)}
+    out = {"experiment": _plain(cfg.experiment), "host": _plain(cfg.host), "vm": vms,
+           "cost": _plain(cfg.cost)}
+    if cfg.sweep:
+        out["sweep"] = {k: list(v) for k, v in cfg.sweep}
+    return out
 
 
 def config_hash(cfg: Config) -> str:
@@ -651,7 +724,8 @@ def describe(cfg: Config) -> str:
     lines = [
         f"experiment {e.name}  seed {e.seed}  duration {e.duration_us} us  "
         f"epoch {e.epoch_us} us  hash {config_hash(cfg)}",
-        f"host: {h.memory_mib} MiB, haw {h.haw}, IOTLB {h.iotlb_entries}x{h.iotlb_ways}-way, "
+        f"host: {h.count} x {h.memory_mib} MiB, haw {h.haw}, "
+        f"IOTLB {h.iotlb_entries}x{h.iotlb_ways}-way, "
         f"second level {h.sl_levels}-level {h.sl_page_size} pages",
         f"{len(cfg.vms)} VM group(s), {cfg.vm_count} VM(s):",
     ]

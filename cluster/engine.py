@@ -1,16 +1,17 @@
-"""The epoch engine: advances every VM and the host through epochs of virtual time.
+"""The epoch engine: advances every VM and every host through epochs of virtual time.
 
 A run is a sequence of epochs [t, t + epoch). In each, every VM (in sorted id order) runs its
-events and returns its operations; the host applies all of them merged by (t_ns, vm, seq)
-(host_iommu/protocol.py merge) and answers each VM with a report. Nothing depends on the order
-in which VMs answer: the merge key is in the data. The transport is what differs between
-back-ends: ``InProcTransport`` calls the objects directly (round-tripping batches through
-their wire encoding, so tests exercise the protocol); the Ray back-end calls actors.
+events and returns its operations; each host applies its own VMs' operations merged by
+(t_ns, vm, seq) (host_iommu/protocol.py merge) and answers each of its VMs with a report.
+Nothing depends on the order in which VMs or hosts answer: the merge key is in the data and
+results are keyed by id. The transport is what differs between back-ends: ``InProcTransport``
+calls the objects directly (round-tripping batches through their wire encoding, so tests
+exercise the protocol); the Ray back-end (cluster/ray_runner.py) calls actors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,28 +23,43 @@ from vm_agent.agent import VmAgent
 
 
 class Transport(Protocol):
+    """What a back-end provides. ``host_of`` maps every VM id to its host index."""
+
     def vm_ids(self) -> list[int]: ...
+    def host_of(self) -> dict[int, int]: ...
     def run_epochs(self, t_end_ns: int) -> dict[int, np.ndarray]: ...
-    def host_apply(self, ops: np.ndarray) -> dict[int, EpochReport]: ...
+    def host_apply(self, ops: dict[int, np.ndarray]) -> dict[int, EpochReport]: ...
     def deliver(self, reports: dict[int, EpochReport]) -> None: ...
 
 
 class InProcTransport:
-    """Everything in one process; batches still cross the wire encoding."""
+    """Everything in one process; batches still cross the wire encoding.
 
-    def __init__(self, host: HostServer, agents: Sequence[VmAgent]) -> None:
-        self.host = host
+    ``hosts`` is one HostServer (every VM on host 0) or a mapping host index -> HostServer
+    with ``host_of`` naming each VM's host.
+    """
+
+    def __init__(self, hosts: HostServer | Mapping[int, HostServer], agents: Sequence[VmAgent],
+                 host_of: Mapping[int, int] | None = None) -> None:
+        self.hosts = dict(hosts) if isinstance(hosts, Mapping) else {0: hosts}
         self.agents = {a.vm: a for a in agents}
+        self._host_of = {vm: (host_of or {}).get(vm, 0) for vm in self.agents}
 
     def vm_ids(self) -> list[int]:
         return sorted(self.agents)
+
+    def host_of(self) -> dict[int, int]:
+        return dict(self._host_of)
 
     def run_epochs(self, t_end_ns: int) -> dict[int, np.ndarray]:
         return {vm: unpack_ops(pack_ops(self.agents[vm].run_epoch(t_end_ns)))
                 for vm in self.vm_ids()}
 
-    def host_apply(self, ops: np.ndarray) -> dict[int, EpochReport]:
-        return self.host.apply_epoch(ops)
+    def host_apply(self, ops: dict[int, np.ndarray]) -> dict[int, EpochReport]:
+        reports: dict[int, EpochReport] = {}
+        for h in sorted(ops):
+            reports.update(self.hosts[h].apply_epoch(ops[h]))
+        return reports
 
     def deliver(self, reports: dict[int, EpochReport]) -> None:
         for vm in self.vm_ids():
@@ -68,14 +84,18 @@ class Engine:
         self.epoch_ns = epoch_ns
         self.now = 0
         self.index = 0
+        by_host: dict[int, list[int]] = {}
+        for vm, h in sorted(transport.host_of().items()):
+            by_host.setdefault(h, []).append(vm)
+        self.vms_by_host = by_host
 
     def step(self) -> Epoch:
         t_end = self.now + self.epoch_ns
         batches = self.transport.run_epochs(t_end)
-        ops = merge([batches[vm] for vm in sorted(batches)])
+        ops = {h: merge([batches[vm] for vm in vms]) for h, vms in sorted(self.vms_by_host.items())}
         reports = self.transport.host_apply(ops)
         self.transport.deliver(reports)
-        ep = Epoch(self.index, t_end, int(ops.size), reports)
+        ep = Epoch(self.index, t_end, sum(int(o.size) for o in ops.values()), reports)
         self.now = t_end
         self.index += 1
         return ep

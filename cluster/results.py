@@ -1,24 +1,31 @@
-"""The result store: one atomic, self-describing folder of Arrow/Parquet tables per run.
+"""The result store: each result table of an experiment is one Hive-partitioned dataset.
 
-Layout (DESIGN.md section 5, documented in docs/results.md)::
+Layout (documented in docs/results.md)::
 
-    <out>/<experiment>/run=<run id>/{summary,metrics,faults,...}.parquet + manifest.json
+    <out>/<experiment>/<table>/[<param>=<value>/...]/run=<run id>/part-0.parquet
+    <out>/<experiment>/_runs/[<param>=<value>/...]/run=<run id>/manifest.json
 
-A run is written into the hidden sibling ``.tmp-run=<id>-<pid>/`` and renamed into place by
-``commit()``: a reader (pyarrow.dataset ignores names starting with ".") never sees a
-half-written run. Long tables stream as Arrow IPC (``<name>.arrows``, every batch flushed) and
-are compacted to Parquet at commit, so a crash loses at most the batch being written.
+so ``pd.read_parquet(<out>/<experiment>/summary)`` (or pyarrow.dataset, polars, DuckDB) reads
+every run of an experiment or sweep in one call, with ``run`` and the sweep parameters as
+columns; no table has a column of those names. A run is staged in the hidden
+``.tmp-run=<id>-<pid>/`` (readers skip names starting with "." or "_"); ``commit()`` renames
+each table file into its dataset (one atomic rename per file) and writes the manifest last, so
+a run counts as complete only once every table is in place. Long tables stream as Arrow IPC
+(``<name>.arrows``, every batch flushed) and are compacted to Parquet at commit; a run that
+fails keeps its streams readable next to a manifest with ``status: failed``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
 import re
 import shutil
 import tomllib
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.config import ClusterError, Config, config_hash, config_to_dict
+from workloads import input_digest
 
 # Schema metadata keys carried by every table a run writes.
 META_CONFIG = b"iommu_emu.config"
@@ -36,11 +44,14 @@ META_RUN = b"iommu_emu.run"
 META_VERSIONS = b"iommu_emu.versions"
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+RUNS_DIR = "_runs"  # manifests (and failed runs' streams); "_" keeps dataset readers out
+PART_FILE = "part-0.parquet"
+STATUS_COMPLETE = "complete"
+STATUS_FAILED = "failed"
 PARQUET_EXT = ".parquet"
 STREAM_EXT = ".arrows"
 _TMP_PREFIX = ".tmp-run="
-_OLD_PREFIX = ".old-run="
 _COMPACT_ROWS = 1 << 16  # rows gathered per Parquet row group when compacting a stream
 _TABLE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -54,13 +65,31 @@ class RunExistsError(ResultsError):
 
 
 def run_id(cfg: Config) -> str:
-    """``<experiment>-s<seed>-<config hash>``: the same config always gets the same id."""
-    return f"{cfg.experiment.name}-s{cfg.experiment.seed}-{config_hash(cfg)}"
+    """``<experiment>-s<seed>-<hash>``: the hash covers the config and the content of the
+    files its workloads read (workloads.input_digest), so the same inputs get the same id."""
+    h = config_hash(cfg)
+    digests = [input_digest(g.workload.kind, g.workload.params) for g in cfg.vms]
+    if any(digests):
+        h = hashlib.sha256("\0".join([h, *digests]).encode()).hexdigest()[:len(h)]
+    return f"{cfg.experiment.name}-s{cfg.experiment.seed}-{h}"
 
 
-def run_dir(out_dir: str | Path, experiment: str, rid: str) -> Path:
-    """The final folder of a run."""
-    return Path(out_dir) / experiment / f"run={rid}"
+Params = Sequence[tuple[str, str]]  # a sweep point's (column, value) partition keys
+
+
+def _partition(params: Params, rid: str) -> Path:
+    return Path(*[f"{k}={v}" for k, v in params], f"run={rid}")
+
+
+def run_dir(out_dir: str | Path, experiment: str, rid: str, params: Params = ()) -> Path:
+    """The folder holding a run's manifest.json."""
+    return Path(out_dir) / experiment / RUNS_DIR / _partition(params, rid)
+
+
+def table_file(out_dir: str | Path, experiment: str, table: str, rid: str,
+               params: Params = ()) -> Path:
+    """Where a committed run's ``table`` lives in the table's dataset."""
+    return Path(out_dir) / experiment / table / _partition(params, rid) / PART_FILE
 
 
 def _package_version() -> str:
@@ -80,17 +109,27 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "pyarrow": pa.__version__}
 
 
-def is_complete(out_dir: str | Path, experiment: str, rid: str) -> bool:
-    """True if the run folder is committed: manifest present, for this run, files there."""
-    path = run_dir(out_dir, experiment, rid)
+def run_status(out_dir: str | Path, experiment: str, rid: str, params: Params = ()) -> str:
+    """``complete`` (manifest and every table file there), ``failed``, or ``missing``."""
+    exp_dir = Path(out_dir) / experiment
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads((run_dir(out_dir, experiment, rid, params) / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
+        return "missing"
     if not isinstance(manifest, dict) or manifest.get("run") != rid:
-        return False
+        return "missing"
+    if manifest.get("status") == STATUS_FAILED:
+        return STATUS_FAILED
     files = manifest.get("files", {})
-    return isinstance(files, dict) and all((path / f).is_file() for f in files)
+    ok = isinstance(files, dict) and all(
+        isinstance(f, dict) and (exp_dir / str(f.get("path", ""))).is_file()
+        for f in files.values())
+    return STATUS_COMPLETE if ok and manifest.get("status") == STATUS_COMPLETE else "missing"
+
+
+def is_complete(out_dir: str | Path, experiment: str, rid: str, params: Params = ()) -> bool:
+    """True if the run is committed: its manifest says complete and its tables are there."""
+    return run_status(out_dir, experiment, rid, params) == STATUS_COMPLETE
 
 
 class StreamSink:
@@ -132,22 +171,27 @@ class StreamSink:
 
 
 class RunWriter:
-    """Writes one run's tables into a hidden folder; ``commit()`` publishes it atomically.
+    """Stages one run's tables in a hidden folder; ``commit()`` publishes them.
 
-    States: open (tables and streams may be written) -> committed (the folder is
-    ``run=<id>``) or aborted (nothing left behind). Use as a context manager: leaving the
-    block without ``commit()`` aborts.
+    States: open (tables and streams may be written) -> committed (every table in its
+    dataset, manifest written last), failed (``fail()``: the streams and a manifest naming
+    what failed are kept in the run folder) or aborted (nothing left behind). Use as a context
+    manager: leaving the block while open aborts. A committed run is only replaced when
+    ``overwrite`` is asked; a failed one is always redone.
     """
 
     def __init__(self, out_dir: str | Path, cfg: Config, run_id_: str | None = None, *,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, params: Params = ()) -> None:
         self.cfg = cfg
         self.run_id = run_id_ if run_id_ is not None else run_id(cfg)
         self.overwrite = overwrite
-        self.experiment_dir = Path(out_dir) / cfg.experiment.name
-        self.final_dir = self.experiment_dir / f"run={self.run_id}"
-        if self.final_dir.exists() and not overwrite:
-            raise RunExistsError(f"run folder {self.final_dir} already exists "
+        self.params = [(str(k), str(v)) for k, v in params]
+        self.out_dir = Path(out_dir)
+        self.experiment_dir = self.out_dir / cfg.experiment.name
+        self.final_dir = run_dir(out_dir, cfg.experiment.name, self.run_id, self.params)
+        if (self.final_dir / MANIFEST).exists() and not overwrite and run_status(
+                out_dir, cfg.experiment.name, self.run_id, self.params) != STATUS_FAILED:
+            raise RunExistsError(f"run {self.run_id} already exists in {self.final_dir} "
                                  "(use overwrite to replace it)")
         self.tmp_dir = self.experiment_dir / f"{_TMP_PREFIX}{self.run_id}-{os.getpid()}"
         if self.tmp_dir.exists():  # left by an earlier crashed writer with our pid
@@ -162,24 +206,33 @@ class RunWriter:
         }
         self._files: dict[str, int] = {}
         self._streams: dict[str, StreamSink] = {}
+        self.placement: dict[str, Any] = {}
         self.state = "open"
 
     # --- writing ---------------------------------------------------------------------------
     def _check_open(self, name: str) -> None:
         if self.state != "open":
             raise ResultsError(f"run writer is {self.state}")
-        if not _TABLE_NAME_RE.match(name):
+        if not _TABLE_NAME_RE.match(name) or name == RUNS_DIR:
             raise ResultsError(f"bad table name {name!r} (letters, digits, _)")
         if name + PARQUET_EXT in self._files or name in self._streams:
             raise ResultsError(f"table {name!r} was already written in this run")
+
+    def _check_columns(self, name: str, schema: pa.Schema) -> None:
+        keys = {"run", *(k for k, _ in self.params)}
+        clash = sorted(keys & set(schema.names))
+        if clash:
+            raise ResultsError(f"table {name!r} has columns named like partition keys: "
+                               f"{', '.join(clash)}")
 
     def with_metadata(self, schema: pa.Schema) -> pa.Schema:
         """``schema`` carrying this run's config, seed, run id and versions."""
         return schema.with_metadata({**(schema.metadata or {}), **self._metadata})
 
     def write_table(self, name: str, table: pa.Table) -> Path:
-        """Write ``<name>.parquet`` with the run metadata in its schema."""
+        """Stage ``<name>.parquet`` with the run metadata in its schema."""
         self._check_open(name)
+        self._check_columns(name, table.schema)
         table = table.replace_schema_metadata(self.with_metadata(table.schema).metadata)
         path = self.tmp_dir / (name + PARQUET_EXT)
         pq.write_table(table, path)
@@ -189,6 +242,7 @@ class RunWriter:
     def stream(self, name: str, schema: pa.Schema) -> StreamSink:
         """Open ``<name>.arrows`` for batch-by-batch writing; compacted at commit."""
         self._check_open(name)
+        self._check_columns(name, schema)
         sink = StreamSink(self.tmp_dir / (name + STREAM_EXT), self.with_metadata(schema))
         self._streams[name] = sink
         return sink
@@ -216,60 +270,107 @@ class RunWriter:
         self._files[out.name] = rows
 
     # --- finishing -------------------------------------------------------------------------
-    def manifest(self) -> dict[str, Any]:
-        return {
+    def table_paths(self) -> dict[str, Path]:
+        """Where each table of this run is (or will be, once committed) published."""
+        return {Path(f).stem: table_file(self.out_dir, self.cfg.experiment.name, Path(f).stem,
+                                         self.run_id, self.params)
+                for f in sorted(self._files) if f.endswith(PARQUET_EXT)}
+
+    def manifest(self, status: str = STATUS_COMPLETE, error: str = "",
+                 failed: Sequence[str] = ()) -> dict[str, Any]:
+        if status == STATUS_COMPLETE:
+            files = {Path(f).stem: {"path": str(p.relative_to(self.experiment_dir)),
+                                    "rows": self._files[f]}
+                     for f, p in zip(sorted(self._files), self.table_paths().values(),
+                                     strict=True)}
+        else:
+            files = {Path(f).stem: {"path": f, "rows": n} for f, n in sorted(self._files.items())}
+        out = {
             "format": MANIFEST_FORMAT,
+            "status": status,
             "run": self.run_id,
             "experiment": self.cfg.experiment.name,
+            "params": dict(self.params),
             "config_hash": config_hash(self.cfg),
             "seed": self.cfg.experiment.seed,
-            "files": {f: {"rows": n} for f, n in sorted(self._files.items())},
+            "files": files,
             "versions": self.versions,
             "notes": list(self.cfg.notes),
+            "placement": self.placement,
             "config": config_to_dict(self.cfg),
         }
+        if status != STATUS_COMPLETE:
+            out["error"] = error
+            out["failed"] = list(failed)
+        return out
+
+    def _write_manifest(self, folder: Path, manifest: dict[str, Any]) -> None:
+        tmp = folder / (MANIFEST + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / MANIFEST)
+
+    def _clear_final(self) -> None:
+        """Remove an earlier attempt of this run (its manifest first, then its files)."""
+        old = self.final_dir / MANIFEST
+        previous: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            previous = json.loads(old.read_text())
+        old.unlink(missing_ok=True)
+        if previous.get("status") == STATUS_COMPLETE:
+            for f in (previous.get("files") or {}).values():
+                if isinstance(f, dict) and f.get("path"):
+                    with contextlib.suppress(OSError):
+                        (self.experiment_dir / str(f["path"])).unlink()
+        if self.final_dir.exists():
+            shutil.rmtree(self.final_dir, ignore_errors=True)
 
     def commit(self) -> Path:
-        """Compact streams, write the manifest last, and rename the folder into place."""
+        """Compact streams, rename every table into its dataset, write the manifest last."""
         if self.state != "open":
             raise ResultsError(f"run writer is {self.state}")
         for name, sink in sorted(self._streams.items()):
             self._compact(name, sink)
         self._streams.clear()
-        tmp_manifest = self.tmp_dir / (MANIFEST + ".tmp")
-        with open(tmp_manifest, "w", encoding="utf-8") as f:
-            json.dump(self.manifest(), f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_manifest, self.tmp_dir / MANIFEST)
-        self._publish()
+        if (self.final_dir / MANIFEST).exists() and not self.overwrite and run_status(
+                self.out_dir, self.cfg.experiment.name, self.run_id,
+                self.params) != STATUS_FAILED:
+            raise RunExistsError(f"run {self.run_id} already exists in {self.final_dir} "
+                                 "(use overwrite to replace it)")
+        manifest = self.manifest()
+        self._clear_final()
+        for f, target in zip(sorted(self._files), self.table_paths().values(), strict=True):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.tmp_dir / f, target)  # atomic: a reader sees no part-file
+        self.final_dir.mkdir(parents=True, exist_ok=True)
+        self._write_manifest(self.final_dir, manifest)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.state = "committed"
         return self.final_dir
 
-    def _publish(self) -> None:
-        old = None
-        if self.final_dir.exists():
-            if not self.overwrite:
-                raise RunExistsError(f"run folder {self.final_dir} already exists "
-                                     "(use overwrite to replace it)")
-            # Move the old run aside under a hidden name, then swap: a reader sees either
-            # the old complete run, no run, or the new complete run; never a mixture.
-            old = self.experiment_dir / f"{_OLD_PREFIX}{self.run_id}-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(self.final_dir, old)
-        try:
-            os.rename(self.tmp_dir, self.final_dir)  # fails rather than replace a non-empty dir
-        except OSError:
-            if old is not None:
-                os.rename(old, self.final_dir)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    def fail(self, error: str, failed: Sequence[str] = ()) -> Path:
+        """Keep what was written (streams stay readable) under a ``failed`` manifest."""
+        if self.state != "open":
+            raise ResultsError(f"run writer is {self.state}")
+        for sink in self._streams.values():
+            with contextlib.suppress(Exception):
+                sink.close()
+            with contextlib.suppress(OSError, ResultsError):
+                self._files[sink.path.name] = recover_stream(sink.path).num_rows
+        self._streams.clear()
+        manifest = self.manifest(STATUS_FAILED, error, failed)
+        self._write_manifest(self.tmp_dir, manifest)
+        self._clear_final()
+        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.tmp_dir, self.final_dir)
+        self.state = STATUS_FAILED
+        return self.final_dir
 
     def abort(self) -> None:
-        """Close streams and remove the temporary folder (idempotent)."""
+        """Close streams and remove the staging folder (idempotent)."""
         for sink in self._streams.values():
             with contextlib.suppress(Exception):
                 sink.close()
@@ -310,12 +411,41 @@ def recover_stream(path: str | Path) -> pa.Table:
         return pa.Table.from_batches(batches, reader.schema)
 
 
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a run folder (``<experiment>/_runs/.../run=<id>``)."""
+    p = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ResultsError(f"cannot read {p}: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ResultsError(f"{p} is not a manifest")
+    return manifest
+
+
+def _experiment_dir(run_folder: Path, manifest: dict[str, Any]) -> Path:
+    """``<experiment>`` above ``_runs/<param folders>/run=<id>``."""
+    return run_folder.parents[len(manifest.get("params") or {}) + 1]
+
+
 def read_run(path: str | Path) -> dict[str, pa.Table]:
-    """Tables of one run folder by name; streams of a crashed run are recovered."""
+    """Tables of one run by name: a committed run's from their datasets; a failed or staging
+    folder's from its own files (streams of a crashed run are recovered)."""
     p = Path(path)
     if not p.is_dir():
         raise ResultsError(f"no run folder at {p}")
     tables: dict[str, pa.Table] = {}
+    if (p / MANIFEST).is_file():
+        manifest = read_manifest(p)
+        if manifest.get("status") == STATUS_COMPLETE:
+            exp_dir = _experiment_dir(p, manifest)
+            for name, f in sorted((manifest.get("files") or {}).items()):
+                file = exp_dir / str(f.get("path", ""))
+                try:
+                    tables[name] = pq.read_table(file)
+                except (OSError, pa.ArrowException) as e:
+                    raise ResultsError(f"cannot read {file}: {e}") from None
+            return tables
     for f in sorted(p.iterdir()):
         try:
             if f.suffix == PARQUET_EXT:
@@ -327,34 +457,32 @@ def read_run(path: str | Path) -> dict[str, pa.Table]:
     return tables
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a committed run folder."""
-    p = Path(path) / MANIFEST
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ResultsError(f"cannot read {p}: {e}") from None
-
-
-def read_summaries(path: str | Path, table: str = "summary") -> pa.Table:
-    """``<table>.parquet`` of one run folder, or of every committed run of an experiment.
-
-    An experiment folder is read with pyarrow.dataset and Hive partitioning (``run=<id>``);
-    hidden temporary folders are skipped.
-    """
+def read_dataset(path: str | Path) -> pa.Table:
+    """A table's dataset folder (``<experiment>/<table>``) with its Hive keys as columns."""
     import pyarrow.dataset as ds
 
     p = Path(path)
-    single = p / (table + PARQUET_EXT)
     try:
-        if single.is_file():
-            return pq.read_table(single)
-        files = sorted(str(f) for f in p.glob(f"run=*/{table}{PARQUET_EXT}"))
-        if not files:
-            raise ResultsError(f"no {table}{PARQUET_EXT} in {p} or its run=* folders")
-        dataset = ds.dataset(files, format="parquet",
-                             partitioning=ds.partitioning(flavor="hive"),
-                             partition_base_dir=str(p))
-        return dataset.to_table()
+        return ds.dataset(p, format="parquet", partitioning="hive").to_table()
     except (OSError, pa.ArrowException) as e:
         raise ResultsError(f"cannot read results in {p}: {e}") from None
+
+
+def read_summaries(path: str | Path, table: str = "summary") -> pa.Table:
+    """``table`` of one run folder, of a table's dataset folder, or of an experiment.
+
+    ``path`` may be a run folder (with manifest.json), an experiment folder (its ``<table>/``
+    dataset is read: every run, with ``run`` and sweep parameters as columns) or the
+    ``<table>/`` folder itself.
+    """
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        tables = read_run(p)
+        if table not in tables:
+            raise ResultsError(f"run folder {p} has no {table} table")
+        return tables[table]
+    target = p / table if (p / table).is_dir() else p
+    if not target.is_dir() or not any(target.rglob(f"*{PARQUET_EXT}")):
+        raise ResultsError(f"no {table} results in {p} (expected {p / table}/.../*.parquet "
+                           "or a run folder with manifest.json)")
+    return read_dataset(target)

@@ -1,20 +1,25 @@
-"""Realise a Config: build the host and its VMs in sorted order, run the epochs, store results.
+"""Realise a Config: build hosts and their VMs in sorted order, run the epochs, store results.
 
 Like Mininet's net.py realising a topo: the description (cluster/config.py) is pure; this
-module creates the objects (HostServer, one VmAgent per VM, numbered 1.. in group-name order),
-runs them through the Engine on a transport, and writes summary, metrics (streamed per epoch)
-and faults through the atomic RunWriter (cluster/results.py).
+module creates the objects (one HostServer per `[host]`, one VmAgent per VM, numbered 1.. in
+group-name order and placed by config.vm_placement), runs them through the Engine on a
+back-end's transport, and writes summary, metrics (streamed per epoch) and faults through the
+RunWriter (cluster/results.py). Back-ends: ``inproc`` (everything in this process) and ``ray``
+(host and VM actors, cluster/ray_runner.py); both produce identical tables.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
 
-from cluster.config import ClusterError, Config
-from cluster.engine import Engine, Epoch, InProcTransport
+from cluster.config import ClusterError, Config, vm_placement
+from cluster.engine import Engine, Epoch, InProcTransport, Transport
 from cluster.results import RunWriter, run_id
 from host_iommu.defs import ORDER_BY_NAME, FaultReason, Stage
 from host_iommu.iommu import IommuParams
@@ -23,22 +28,36 @@ from host_iommu.server import HostServer
 from vm_agent.agent import VmAgent
 from vm_agent.dma import DmaError
 from vm_agent.memory import GuestMemoryError
-from workloads import WORKLOADS
+from workloads import SUMMARY_COLUMNS as WORKLOAD_SUMMARY_COLUMNS
+from workloads import WORKLOADS, workload_summary
 from workloads.churn import Churn
 
-BACKENDS = ("inproc",)
+BACKENDS = ("ray", "inproc")
 METRIC_COLUMNS = ("ios", "bytes", "maps", "unmaps", "vm_exits", "inv_descriptors",
                   "iotlb_hits", "iotlb_misses", "walk_refs", "faults", "stale_dma")
+# Errors of the emulated machine that end a run (a config that does not fit at run time).
+MACHINE_ERRORS = (HostMemoryError, GuestMemoryError, DmaError)
+
 
 class RunError(ClusterError):
     """A run that cannot proceed (a config that does not fit, an unknown back-end)."""
 
 
+class RunFailed(RunError):
+    """A run that started and failed midway; ``failed`` names what failed (actors, VMs)."""
+
+    def __init__(self, message: str, failed: Sequence[str] = (), path: Path | None = None):
+        super().__init__(message)
+        self.failed = list(failed)
+        self.path = path
+
+
 @dataclass
 class RunOutcome:
-    path: Path
+    path: Path                      # the run's folder (manifest.json)
     summary: pa.Table
     run_id: str
+    tables: dict[str, Path] = field(default_factory=dict)  # table -> its Parquet file
 
 
 @dataclass(frozen=True)
@@ -46,15 +65,13 @@ class VmPlan:
     vm: int
     group: str
     index: int
+    host: int = 0
 
 
 def plan_vms(cfg: Config) -> list[VmPlan]:
-    """VM ids 1.. in group-name order, then index within the group."""
-    out: list[VmPlan] = []
-    for g in sorted(cfg.vms, key=lambda g: g.name):
-        for i in range(g.count):
-            out.append(VmPlan(len(out) + 1, g.name, i))
-    return out
+    """VM ids 1.. in group-name order, then index within the group; hosts as placed."""
+    return [VmPlan(k + 1, g, i, h)
+            for k, (g, i, h) in enumerate(vm_placement(cfg.vms, cfg.host.count))]
 
 
 def host_params(cfg: Config) -> IommuParams:
@@ -64,34 +81,111 @@ def host_params(cfg: Config) -> IommuParams:
                        sl_page_order=ORDER_BY_NAME[cfg.host.sl_page_size])
 
 
-def build(cfg: Config) -> tuple[HostServer, list[VmAgent], dict[int, VmPlan]]:
-    """Create the host server and every VM agent, set them up, in sorted order."""
-    host = HostServer(host_params(cfg), cfg.cost)
-    groups = {g.name: g for g in cfg.vms}
+def make_host(cfg: Config, host: int) -> HostServer:
+    return HostServer(host_params(cfg), cfg.cost, host)
+
+
+def make_agent(cfg: Config, p: VmPlan) -> VmAgent:
+    g = next(g for g in cfg.vms if g.name == p.group)
+    workload = WORKLOADS[g.workload.kind](g.workload.params)
+    churn = Churn(g.churn) if g.churn is not None else None
+    return VmAgent(p.vm, mode=g.mode, policy=g.policy, flush_queue=g.flush_queue,
+                   vcpus=g.vcpus, memory_bytes=g.memory_mib << 20, fl_levels=g.fl_levels,
+                   ats=g.ats, workload=workload, churn=churn, costs=cfg.cost,
+                   seed=cfg.experiment.seed, stream=p.index)
+
+
+def build_hosts(cfg: Config) -> tuple[dict[int, HostServer], list[VmAgent], dict[int, VmPlan]]:
+    """Create every host server and VM agent and set them up, in sorted order."""
+    hosts = {h: make_host(cfg, h) for h in range(cfg.host.count)}
     agents: list[VmAgent] = []
     plans = {}
     for p in plan_vms(cfg):
-        g = groups[p.group]
-        workload = WORKLOADS[g.workload.kind](g.workload.params)
-        churn = Churn(g.churn) if g.churn is not None else None
-        agent = VmAgent(p.vm, mode=g.mode, policy=g.policy, flush_queue=g.flush_queue,
-                        vcpus=g.vcpus, memory_bytes=g.memory_mib << 20, fl_levels=g.fl_levels,
-                        ats=g.ats, workload=workload, churn=churn, costs=cfg.cost,
-                        seed=cfg.experiment.seed, stream=p.index)
-        setup = agent.setup()
-        host.setup_vm(setup)
+        agent = make_agent(cfg, p)
+        hosts[p.host].setup_vm(agent.setup())
         agents.append(agent)
         plans[p.vm] = p
-    return host, agents, plans
+    return hosts, agents, plans
 
 
-METRICS_SCHEMA = pa.schema([("experiment", pa.string()), ("run", pa.string()),
+def build(cfg: Config) -> tuple[HostServer, list[VmAgent], dict[int, VmPlan]]:
+    """``build_hosts`` for a one-host config: the host server itself."""
+    if cfg.host.count != 1:
+        raise RunError(f"build() is for one host; host.count is {cfg.host.count} "
+                       "(use build_hosts)")
+    hosts, agents, plans = build_hosts(cfg)
+    return hosts[0], agents, plans
+
+
+# --- Back-ends -----------------------------------------------------------------------------
+def guest_final(agent: VmAgent) -> dict[str, int]:
+    """A VM's counters at the end of a run (its stats plus the flush queue's stale bound)."""
+    return {**agent.stats, "stale_bound_ns": agent.dma.stale_bound_ns,
+            **workload_summary(agent.workload)}
+
+
+@dataclass
+class FinalState:
+    """Everything the summary and faults tables need, gathered from wherever the run ran."""
+
+    guest: dict[int, dict[str, int]]            # vm -> guest_final
+    host_counters: dict[int, dict[str, int]]    # vm -> HostServer counters
+    faults: dict[int, dict[str, np.ndarray]]    # host -> fault_columns()
+    placement: dict[str, Any] = field(default_factory=dict)  # e.g. host -> node id (ray)
+
+
+class Machine(Transport, Protocol):
+    """A transport that can also report guest stats per epoch and a final state."""
+
+    def guest_stats(self) -> dict[int, dict[str, int]]: ...
+    def finish(self) -> FinalState: ...
+    def close(self) -> None: ...
+
+
+class InProcMachine(InProcTransport):
+    """The in-process back-end: one HostServer per host, each merging its own VMs' batches."""
+
+    def __init__(self, cfg: Config) -> None:
+        hosts, agents, plans = build_hosts(cfg)
+        super().__init__(hosts, agents, {vm: p.host for vm, p in plans.items()})
+
+    def guest_stats(self) -> dict[int, dict[str, int]]:
+        return {vm: a.stats for vm, a in self.agents.items()}
+
+    def finish(self) -> FinalState:
+        counters: dict[int, dict[str, int]] = {}
+        for h in sorted(self.hosts):
+            self.hosts[h].iommu.drain()
+            counters.update(self.hosts[h].counters)
+        return FinalState({vm: guest_final(a) for vm, a in self.agents.items()}, counters,
+                          {h: s.fault_columns() for h, s in sorted(self.hosts.items())})
+
+    def close(self) -> None:
+        pass
+
+
+def open_machine(cfg: Config, backend: str, address: str | None = None,
+                 vms_per_actor: int | None = None) -> Machine:
+    """Build ``cfg`` on a back-end; a config that does not fit raises RunError."""
+    if backend not in BACKENDS:
+        raise RunError(f"unknown backend {backend!r} (one of: {', '.join(BACKENDS)})")
+    try:
+        if backend == "inproc":
+            return InProcMachine(cfg)
+        from cluster.ray_runner import RayMachine
+
+        return RayMachine(cfg, address=address, vms_per_actor=vms_per_actor)
+    except MACHINE_ERRORS as e:
+        raise RunError(f"the config does not fit: {e}") from None
+
+
+# --- Running -------------------------------------------------------------------------------
+METRICS_SCHEMA = pa.schema([("experiment", pa.string()), ("host", pa.int32()),
                             ("vm", pa.int32()), ("epoch", pa.int64()), ("t_end_ns", pa.int64()),
                             *[(c, pa.int64()) for c in METRIC_COLUMNS]])
 
 
-def _metric_values(agent: VmAgent, host_c: dict[str, int]) -> dict[str, int]:
-    s = agent.stats
+def _metric_values(s: dict[str, int], host_c: dict[str, int]) -> dict[str, int]:
     return {"ios": s["ios"], "bytes": s["bytes"], "maps": s["maps"], "unmaps": s["unmaps"],
             "vm_exits": s["vm_exits"], "inv_descriptors": s["inv_descriptors"],
             "iotlb_hits": host_c.get("iotlb_hits", 0),
@@ -101,59 +195,89 @@ def _metric_values(agent: VmAgent, host_c: dict[str, int]) -> dict[str, int]:
 
 
 def run_config(cfg: Config, out_dir: str | Path, backend: str = "inproc",
-               overwrite: bool = False) -> RunOutcome:
-    """Run one config to completion and publish its run folder."""
+               overwrite: bool = False, *, address: str | None = None,
+               params: Sequence[tuple[str, str]] = (),
+               on_epoch: Callable[[Epoch], None] | None = None,
+               vms_per_actor: int | None = None,
+               machine_hook: Callable[[Machine], None] | None = None) -> RunOutcome:
+    """Run one config to completion and publish its tables.
+
+    ``params`` are the sweep's (column, value) Hive partition keys of this run. A run that
+    fails after it started publishes a manifest with ``status: failed`` naming what failed,
+    keeps the metrics streamed so far, and raises RunFailed. ``machine_hook`` sees the
+    machine once it is built (tests use it to find actors).
+    """
     if backend not in BACKENDS:
         raise RunError(f"unknown backend {backend!r} (one of: {', '.join(BACKENDS)})")
     rid = run_id(cfg)
+    with RunWriter(out_dir, cfg, rid, overwrite=overwrite, params=params) as writer:
+        try:
+            machine = open_machine(cfg, backend, address, vms_per_actor)
+        except RunError as e:
+            raise RunFailed(str(e), [], writer.fail(str(e))) from None
+        try:
+            if machine_hook is not None:
+                machine_hook(machine)
+            outcome = _run(cfg, rid, machine, writer, on_epoch)
+        except RunFailed as e:
+            e.path = writer.fail(str(e), e.failed)
+            raise
+        finally:
+            machine.close()
+    return outcome
+
+
+def _run(cfg: Config, rid: str, machine: Machine, writer: RunWriter,
+         on_epoch: Callable[[Epoch], None] | None) -> RunOutcome:
     exp = cfg.experiment
-    with RunWriter(out_dir, cfg, rid, overwrite=overwrite) as writer:
-        try:
-            host, agents, plans = build(cfg)
-        except (HostMemoryError, GuestMemoryError) as e:
-            raise RunError(f"the config does not fit: {e}") from None
-        engine = Engine(InProcTransport(host, agents), exp.epoch_us * 1000)
-        sink = writer.stream("metrics", writer.with_metadata(METRICS_SCHEMA))
-        prev: dict[int, dict[str, int]] = {a.vm: dict.fromkeys(METRIC_COLUMNS, 0)
-                                           for a in agents}
+    host_of = machine.host_of()
+    vms = machine.vm_ids()
+    engine = Engine(machine, exp.epoch_us * 1000)
+    sink = writer.stream("metrics", writer.with_metadata(METRICS_SCHEMA))
+    prev: dict[int, dict[str, int]] = {vm: dict.fromkeys(METRIC_COLUMNS, 0) for vm in vms}
 
-        def on_epoch(ep: Epoch) -> None:
-            rows: dict[str, list] = {f.name: [] for f in METRICS_SCHEMA}
-            for a in agents:
-                cur = _metric_values(a, ep.reports[a.vm].counters)
-                rows["experiment"].append(exp.name)
-                rows["run"].append(rid)
-                rows["vm"].append(a.vm)
-                rows["epoch"].append(ep.index)
-                rows["t_end_ns"].append(ep.t_end_ns)
-                for c in METRIC_COLUMNS:
-                    rows[c].append(cur[c] - prev[a.vm][c])
-                prev[a.vm] = cur
-            sink.write_batch(pa.record_batch(rows, schema=METRICS_SCHEMA))
+    def record(ep: Epoch) -> None:
+        rows: dict[str, list] = {f.name: [] for f in METRICS_SCHEMA}
+        stats = machine.guest_stats()
+        for vm in vms:
+            cur = _metric_values(stats[vm], ep.reports[vm].counters)
+            rows["experiment"].append(exp.name)
+            rows["host"].append(host_of[vm])
+            rows["vm"].append(vm)
+            rows["epoch"].append(ep.index)
+            rows["t_end_ns"].append(ep.t_end_ns)
+            for c in METRIC_COLUMNS:
+                rows[c].append(cur[c] - prev[vm][c])
+            prev[vm] = cur
+        sink.write_batch(pa.record_batch(rows, schema=METRICS_SCHEMA))
+        if on_epoch is not None:
+            on_epoch(ep)
 
-        try:
-            engine.run(exp.duration_us * 1000, on_epoch)
-        except (HostMemoryError, GuestMemoryError, DmaError) as e:
-            raise RunError(f"run stopped at {engine.now} ns of virtual time: {e} "
-                           "(raise vm.memory_mib or host.memory_mib)") from None
-        host.iommu.drain()
-        summary = summary_table(cfg, rid, host, agents, plans, engine.now)
-        writer.write_table("summary", summary)
-        writer.write_table("faults", faults_table(cfg, rid, host))
-        path = writer.commit()
-    return RunOutcome(path, summary, rid)
+    try:
+        engine.run(exp.duration_us * 1000, record)
+    except MACHINE_ERRORS as e:
+        raise RunFailed(f"run stopped at {engine.now} ns of virtual time: {e} "
+                        "(raise vm.memory_mib or host.memory_mib)") from None
+    final = machine.finish()
+    summary = summary_table(cfg, final, host_of, engine.now)
+    writer.write_table("summary", summary)
+    writer.write_table("faults", faults_table(cfg, final))
+    writer.placement = final.placement
+    path = writer.commit()
+    return RunOutcome(path, summary, rid, writer.table_paths())
 
 
-def summary_table(cfg: Config, rid: str, host: HostServer, agents: list[VmAgent],
-                  plans: dict[int, VmPlan], sim_ns: int) -> pa.Table:
+def summary_table(cfg: Config, final: FinalState, host_of: dict[int, int],
+                  sim_ns: int) -> pa.Table:
     groups = {g.name: g for g in cfg.vms}
+    plans = {p.vm: p for p in plan_vms(cfg)}
     rows: list[dict] = []
-    for a in agents:
-        g = groups[plans[a.vm].group]
-        s = a.stats
-        hc = host.counters[a.vm]
+    for vm in sorted(final.guest):
+        g = groups[plans[vm].group]
+        s = final.guest[vm]
+        hc = final.host_counters[vm]
         rows.append({
-            "experiment": cfg.experiment.name, "run": rid, "host": 0, "vm": a.vm,
+            "experiment": cfg.experiment.name, "host": host_of[vm], "vm": vm,
             "group": g.name, "mode": g.mode, "policy": g.policy,
             "workload": g.workload.kind, "sim_ns": sim_ns, "ios": s["ios"],
             "bytes": s["bytes"], "maps": s["maps"], "unmaps": s["unmaps"],
@@ -174,24 +298,26 @@ def summary_table(cfg: Config, rid: str, host: HostServer, agents: list[VmAgent]
             "dma_requests": s["dma_requests"], "rogue_dma": s["rogue_dma"],
             "lazy_flushes": s["lazy_flushes"], "iommu_map_events": s["iommu_map_events"],
             "translate_ns": hc["translate_ns"],
-            "stale_bound_ns": a.dma.stale_bound_ns,
+            "stale_bound_ns": s["stale_bound_ns"],
+            **{c: s.get(c, 0) for c in WORKLOAD_SUMMARY_COLUMNS},
         })
     return pa.Table.from_pylist(rows)
 
 
-def faults_table(cfg: Config, rid: str, host: HostServer) -> pa.Table:
-    cols = host.fault_columns()
-    n = len(cols["time_ns"])
-    reason_name = [FaultReason(int(r)).name if int(r) in FaultReason._value2member_map_
-                   else f"0x{int(r):02x}" for r in cols["reason"].tolist()]
-    stage_name = [Stage(int(s)).name for s in cols["stage"].tolist()]
-    return pa.table({
-        "experiment": pa.array([cfg.experiment.name] * n, pa.string()),
-        "run": pa.array([rid] * n, pa.string()),
-        "time_ns": cols["time_ns"], "vm": cols["vm"], "sid": cols["sid"],
-        "pasid": cols["pasid"], "addr": cols["addr"], "access": cols["access"],
-        "reason": cols["reason"], "reason_name": pa.array(reason_name, pa.string()),
-        "stage": pa.array(stage_name, pa.string()),
-    })
-
-
+def faults_table(cfg: Config, final: FinalState) -> pa.Table:
+    parts = []
+    for h in sorted(final.faults):
+        cols = final.faults[h]
+        n = len(cols["time_ns"])
+        reason_name = [FaultReason(int(r)).name if int(r) in FaultReason._value2member_map_
+                       else f"0x{int(r):02x}" for r in cols["reason"].tolist()]
+        stage_name = [Stage(int(s)).name for s in cols["stage"].tolist()]
+        parts.append(pa.table({
+            "experiment": pa.array([cfg.experiment.name] * n, pa.string()),
+            "host": pa.array([h] * n, pa.int32()),
+            "time_ns": cols["time_ns"], "vm": cols["vm"], "sid": cols["sid"],
+            "pasid": cols["pasid"], "addr": cols["addr"], "access": cols["access"],
+            "reason": cols["reason"], "reason_name": pa.array(reason_name, pa.string()),
+            "stage": pa.array(stage_name, pa.string()),
+        }))
+    return pa.concat_tables(parts)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 import cluster.config
-from cluster.cli import main
+from cluster.cli import build_parser, main
 from cluster.results import RunWriter
 
 
@@ -36,7 +36,7 @@ kind = "nvme"
 """
 
 SUMMARY = pa.table({
-    "run": ["r"], "vm": [1], "mode": ["shadow"], "policy": ["strict"], "workload": ["nvme"],
+    "vm": [1], "mode": ["shadow"], "policy": ["strict"], "workload": ["nvme"],
     "sim_ns": [1000], "ios": [4], "bytes": [4096], "vm_exits": [8], "inv_descriptors": [8],
     "walk_refs": [0], "translations": [4], "iotlb_hits": [4], "iotlb_misses": [0],
     "stale_dma": [0], "cross_vm_dma": [0], "faults": [0],
@@ -61,7 +61,7 @@ def fake_runner(monkeypatch):
     mod = ModuleType("cluster.runner")
     mod.BACKENDS = ("inproc",)
 
-    def run_config(cfg, out_dir, backend="inproc", overwrite=False):
+    def run_config(cfg, out_dir, backend="inproc", overwrite=False, **kwargs):
         calls.append((cfg, out_dir, backend, overwrite))
         w = RunWriter(out_dir, cfg, overwrite=overwrite)
         w.write_table("summary", SUMMARY)
@@ -120,7 +120,7 @@ def test_missing_and_unparsable_files(tmp_path, capsys):
     bad.write_text("[experiment\n")
     assert "bad.toml" in user_error(capsys, ["validate", str(bad)])
     assert "nothing" in user_error(capsys, ["report", str(tmp_path / "nothing")])
-    assert "summary.parquet" in user_error(capsys, ["report", str(tmp_path)])
+    assert "no summary results" in user_error(capsys, ["report", str(tmp_path)])
 
 
 def test_validate_prints_resolved_config(capsys, cfg_file):
@@ -132,7 +132,8 @@ def test_validate_prints_resolved_config(capsys, cfg_file):
 
 def test_run_calls_runner_and_prints_summary(tmp_path, capsys, cfg_file, fake_runner):
     out_dir = tmp_path / "res"
-    assert main(["run", str(cfg_file), "--out", str(out_dir), "--set", "vm.web.count=1"]) == 0
+    assert main(["run", str(cfg_file), "--out", str(out_dir), "--set", "vm.web.count=1",
+                 "--backend", "inproc"]) == 0
     (cfg, out, backend, overwrite) = fake_runner[0]
     assert cfg.vms[0].count == 1 and out == str(out_dir)
     assert (backend, overwrite) == ("inproc", False)
@@ -140,15 +141,30 @@ def test_run_calls_runner_and_prints_summary(tmp_path, capsys, cfg_file, fake_ru
     assert "note: vm.web" in text and "shadow" in text and "results: " in text
     # the same run again: the existing folder is a user error unless --overwrite
     assert "already exists" in user_error(capsys, ["run", str(cfg_file), "--out",
-                                                   str(out_dir), "--set", "vm.web.count=1"])
+                                                   str(out_dir), "--set", "vm.web.count=1",
+                                                   "--backend", "inproc"])
     assert main(["run", str(cfg_file), "--out", str(out_dir), "--set", "vm.web.count=1",
-                 "--overwrite"]) == 0
+                 "--overwrite", "--backend", "inproc"]) == 0
     capsys.readouterr()
     # report over one run and over the experiment
-    (run_dir,) = (out_dir / "cli").iterdir()
+    (run_dir,) = (out_dir / "cli" / "_runs").iterdir()
     for target in (run_dir, out_dir / "cli"):
         assert main(["report", str(target)]) == 0
         assert "shadow" in capsys.readouterr().out
+
+
+def test_ray_is_the_default_backend():
+    args = build_parser().parse_args(["run", "c.toml"])
+    assert (args.backend, args.address) == ("ray", None)
+    args = build_parser().parse_args(["sweep", "c.toml", "--backend", "inproc"])
+    assert args.backend == "inproc"
+
+
+def test_run_refuses_a_sweep_config(tmp_path, capsys, cfg_file, fake_runner):
+    swept = tmp_path / "s.toml"
+    swept.write_text(cfg_file.read_text() + '\n[sweep]\n"vm.web.vcpus" = [1, 2]\n')
+    assert "iommu-emu sweep" in user_error(capsys, ["run", str(swept), "--backend", "inproc"])
+    assert fake_runner == []
 
 
 def test_unknown_backend(capsys, cfg_file, fake_runner):
@@ -161,7 +177,7 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys, cfg_file, fake_runner
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sys.modules["cluster.runner"], "run_config", interrupted)
-    assert main(["run", str(cfg_file)]) == 130
+    assert main(["run", str(cfg_file), "--backend", "inproc"]) == 130
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -180,7 +196,7 @@ def fake_trace(monkeypatch):
 
     def import_ftrace(text_path, out_path, device=None):
         if "garbage" in Path(text_path).read_text():
-            raise TraceError("line 1: not an iommu:map/unmap event")
+            raise TraceError(f"{text_path}: line 1: not an iommu:map/unmap event")
         return {"maps": 2, "unmaps": 1, "device": device}
 
     mod.TraceError = TraceError

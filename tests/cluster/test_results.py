@@ -1,4 +1,4 @@
-"""Result store: atomic run folders, metadata, stream compaction and crash recovery; report."""
+"""Result store: Hive-partitioned datasets, manifests, streams, failed runs; report."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -25,7 +26,9 @@ from cluster.results import (
     read_run,
     read_summaries,
     recover_stream,
+    run_dir,
     run_id,
+    run_status,
 )
 
 
@@ -68,10 +71,13 @@ def test_nothing_visible_before_commit(tmp_path):
     assert visible(tmp_path / "exp") == []
     assert not is_complete(tmp_path, "exp", w.run_id)
     path = w.commit()
-    assert path == tmp_path / "exp" / f"run={run_id(cfg)}"
-    assert visible(tmp_path / "exp") == [path.name]
-    assert os.listdir(tmp_path / "exp") == [path.name]  # temp folder gone
+    assert path == tmp_path / "exp" / "_runs" / f"run={run_id(cfg)}"
+    assert visible(tmp_path / "exp") == ["_runs", "metrics", "summary"]
+    assert os.listdir(path) == ["manifest.json"]  # staging folder gone, tables published
+    assert (tmp_path / "exp" / "summary" / f"run={w.run_id}" / "part-0.parquet").is_file()
     assert is_complete(tmp_path, "exp", w.run_id)
+    (tmp_path / "exp" / "metrics" / f"run={w.run_id}" / "part-0.parquet").unlink()
+    assert not is_complete(tmp_path, "exp", w.run_id)  # a table missing: not complete
 
 
 def test_abort_leaves_nothing(tmp_path):
@@ -90,13 +96,15 @@ def test_metadata_and_manifest(tmp_path):
     w = RunWriter(tmp_path, cfg)
     w.write_table("summary", pa.table({"vm": [1, 2]}))
     path = w.commit()
-    meta = pq.read_schema(path / "summary.parquet").metadata
+    meta = pq.read_schema(w.table_paths()["summary"]).metadata
     assert json.loads(meta[META_CONFIG]) == config_to_dict(cfg)
     assert meta[META_SEED] == b"5" and meta[META_RUN] == w.run_id.encode()
     assert set(json.loads(meta[META_VERSIONS])) == {"iommu-emu", "python", "numpy", "pyarrow"}
     m = read_manifest(path)
     assert m["run"] == w.run_id and m["experiment"] == "exp" and m["seed"] == 5
-    assert m["files"] == {"summary.parquet": {"rows": 2}}
+    assert m["status"] == "complete" and m["params"] == {}
+    assert m["files"] == {"summary": {"path": f"summary/run={w.run_id}/part-0.parquet",
+                                      "rows": 2}}
     assert m["config_hash"] in w.run_id
 
 
@@ -107,14 +115,24 @@ def test_stream_compacted_to_parquet(tmp_path):
         s.write_batch(batch(10 * i, 10))
     w.stream("faults", SCHEMA)  # an empty stream still becomes a table
     path = w.commit()
-    names = sorted(os.listdir(path))
-    assert names == ["faults.parquet", "manifest.json", "metrics.parquet"]
-    t = pq.read_table(path / "metrics.parquet")
+    t = pq.read_table(w.table_paths()["metrics"])
     assert t.column("epoch").to_pylist() == list(range(40))
     assert META_RUN in t.schema.metadata
-    assert pq.read_table(path / "faults.parquet").num_rows == 0
-    assert read_manifest(path)["files"]["metrics.parquet"] == {"rows": 40}
-    assert set(read_run(path)) == {"metrics", "faults"}
+    assert pq.read_table(w.table_paths()["faults"]).num_rows == 0
+    assert read_manifest(path)["files"]["metrics"]["rows"] == 40
+    tables = read_run(path)
+    assert set(tables) == {"metrics", "faults"} and tables["metrics"].num_rows == 40
+
+
+def test_partition_key_columns_are_refused(tmp_path):
+    from cluster.results import ResultsError
+
+    w = RunWriter(tmp_path, make_cfg(), params=[("vm_a_mode", "shadow")])
+    with pytest.raises(ResultsError, match="run"):
+        w.write_table("summary", pa.table({"run": ["x"]}))
+    with pytest.raises(ResultsError, match="vm_a_mode"):
+        w.stream("metrics", pa.schema([("vm_a_mode", pa.string())]))
+    w.abort()
 
 
 def test_stream_rejects_wrong_schema(tmp_path):
@@ -150,18 +168,38 @@ def test_recover_stream_after_crash(tmp_path):
     w.abort()
 
 
+def test_failed_run_keeps_streamed_metrics_and_is_redone(tmp_path):
+    cfg = make_cfg()
+    w = RunWriter(tmp_path, cfg)
+    w.stream("metrics", SCHEMA).write_batch(batch(0, 6))
+    path = w.fail("VM actor died", ["VM actor for VM 1 (host 0)"])
+    m = read_manifest(path)
+    assert m["status"] == "failed" and m["failed"] == ["VM actor for VM 1 (host 0)"]
+    assert m["error"] == "VM actor died" and m["files"]["metrics"]["rows"] == 6
+    assert read_run(path)["metrics"].column("epoch").to_pylist() == list(range(6))
+    assert run_status(tmp_path, "exp", w.run_id) == "failed"
+    assert not (tmp_path / "exp" / "metrics").exists()  # nothing entered the dataset
+    redo = RunWriter(tmp_path, cfg)  # a failed run is redone without --overwrite
+    redo.write_table("summary", pa.table({"vm": [1]}))
+    assert redo.commit() == path
+    assert is_complete(tmp_path, "exp", w.run_id)
+    assert os.listdir(path) == ["manifest.json"]  # the failed attempt's stream is gone
+
+
 def test_existing_run_needs_overwrite(tmp_path):
     cfg = make_cfg()
     w = RunWriter(tmp_path, cfg)
     w.write_table("summary", pa.table({"v": [1]}))
+    w.write_table("faults", pa.table({"v": [1]}))
     w.commit()
     with pytest.raises(RunExistsError):
         RunWriter(tmp_path, cfg)
     w2 = RunWriter(tmp_path, cfg, overwrite=True)
     w2.write_table("summary", pa.table({"v": [2]}))
     path = w2.commit()
-    assert pq.read_table(path / "summary.parquet").column("v").to_pylist() == [2]
-    assert os.listdir(tmp_path / "exp") == [path.name]
+    assert read_run(path)["summary"].column("v").to_pylist() == [2]
+    assert not list((tmp_path / "exp" / "faults").rglob("*.parquet"))  # not in the new run
+    assert sorted(os.listdir(tmp_path / "exp")) == ["_runs", "faults", "summary"]
 
 
 def test_read_summaries_of_experiment_skips_temp(tmp_path):
@@ -171,11 +209,42 @@ def test_read_summaries_of_experiment_skips_temp(tmp_path):
         w.commit()
     pending = RunWriter(tmp_path, make_cfg(2))
     pending.write_table("summary", pa.table({"vm": [1], "ios": [99]}))
-    t = read_summaries(tmp_path / "exp")
-    assert sorted(t.column("ios").to_pylist()) == [10, 11]
-    assert sorted(set(t.column("run").to_pylist())) == sorted(
-        [run_id(make_cfg(0)), run_id(make_cfg(1))])
+    for where in (tmp_path / "exp", tmp_path / "exp" / "summary"):
+        t = read_summaries(where)
+        assert sorted(t.column("ios").to_pylist()) == [10, 11]
+        assert sorted(set(t.column("run").to_pylist())) == sorted(
+            [run_id(make_cfg(0)), run_id(make_cfg(1))])
+    one = read_summaries(run_dir(tmp_path, "exp", run_id(make_cfg(1))))
+    assert one.column("ios").to_pylist() == [11]
     pending.abort()
+
+
+def test_sweep_params_are_hive_columns_for_every_reader(tmp_path):
+    """One call per reader gives every run with ``run`` and the parameters as columns."""
+    for seed, mode in ((0, "shadow"), (1, "nested")):
+        w = RunWriter(tmp_path, make_cfg(seed), params=[("vm_a_mode", mode)])
+        w.write_table("summary", pa.table({"vm": [1, 2], "ios": [seed, seed + 10]}))
+        w.commit()
+    folder = tmp_path / "exp" / "summary"
+    expect = {(run_id(make_cfg(0)), "shadow", 0), (run_id(make_cfg(0)), "shadow", 10),
+              (run_id(make_cfg(1)), "nested", 1), (run_id(make_cfg(1)), "nested", 11)}
+
+    def rows(run, mode, ios) -> set:
+        return set(zip(run, mode, ios, strict=True))
+
+    t = ds.dataset(folder, partitioning="hive").to_table()
+    assert rows(t["run"].to_pylist(), t["vm_a_mode"].to_pylist(),
+                t["ios"].to_pylist()) == expect
+    pd = pytest.importorskip("pandas")
+    df = pd.read_parquet(folder)
+    assert rows(df["run"].astype(str), df["vm_a_mode"].astype(str), df["ios"]) == expect
+    pl = pytest.importorskip("polars")
+    lf = pl.scan_parquet(folder / "**" / "*.parquet", hive_partitioning=True).collect()
+    assert rows(lf["run"], lf["vm_a_mode"], lf["ios"]) == expect
+    duckdb = pytest.importorskip("duckdb")
+    got = duckdb.sql(f"SELECT run, vm_a_mode, ios FROM read_parquet('{folder}/**/*.parquet', "
+                     "hive_partitioning = true)").fetchall()
+    assert set(got) == expect
 
 
 # --- report ------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Thin Ray actor shells over HostServer (one emulated host) and VmAgent (a host's guests).
+
+Like Ray's own util/queue.py (a plain ``_QueueActor`` made remote only where it is created),
+these are plain classes: cluster/ray_runner.py wraps them with ``ray.remote(...).options(...)``.
+Every method is one call per actor per epoch and carries whole batches in the protocol's wire
+encoding (host_iommu/protocol.py: ``pack_ops`` msgpack frames of OP_DTYPE columns, ``pack``
+for control messages), never one remote call per operation.
+
+A VM actor carries several VMs of one host: a Ray actor is a worker process (about 100 MiB
+resident before any emulation state), so one process per VM would cap a 24 GiB machine near
+200 VMs, and every VM would add a remote call per epoch. The VMs of an actor run their epochs
+one after another, in id order, exactly as the in-process back-end does; results do not depend
+on how VMs are grouped into actors.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+from cluster.config import Config
+from cluster.runner import VmPlan, guest_final, make_agent, make_host
+from host_iommu.protocol import EpochReport, pack, pack_ops, unpack, unpack_ops
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+class HostActor:
+    """One emulated host: a HostServer applying its VMs' merged batches each epoch."""
+
+    def __init__(self, cfg: Config, host: int) -> None:
+        self.host = host
+        self.server = make_host(cfg, host)
+
+    def node_id(self) -> str:
+        return _node_id()
+
+    def setup_vms(self, frames: dict[int, bytes]) -> None:
+        """``VmSetup`` control messages, applied in VM id order."""
+        for vm in sorted(frames):
+            self.server.setup_vm(unpack(frames[vm]))
+
+    def apply_epoch(self, frame: bytes) -> tuple[dict[int, bytes], float]:
+        """One epoch's merged operations in; one packed EpochReport per VM out, and the wall
+        seconds the emulation took (for overhead accounting, never for results)."""
+        t0 = time.perf_counter()
+        reports = self.server.apply_epoch(unpack_ops(frame))
+        return {vm: pack(r) for vm, r in reports.items()}, time.perf_counter() - t0
+
+    def finish(self) -> tuple[dict[int, dict[str, int]], dict[str, Any], int]:
+        """Drain the QI; the host counters per VM, the fault columns, and peak RSS."""
+        self.server.iommu.drain()
+        return self.server.counters, self.server.fault_columns(), _peak_rss_bytes()
+
+
+class VmGroupActor:
+    """Several VMs of one host; ``step`` delivers last epoch's reports and runs the next."""
+
+    def __init__(self, cfg: Config, plans: list[VmPlan]) -> None:
+        self.agents = [make_agent(cfg, p) for p in sorted(plans, key=lambda p: p.vm)]
+
+    def node_id(self) -> str:
+        return _node_id()
+
+    def setup(self) -> dict[int, bytes]:
+        """Start every VM's workload; their packed ``VmSetup`` messages."""
+        return {a.vm: pack(a.setup()) for a in self.agents}
+
+    def step(self, t_end_ns: int, reports: dict[int, bytes]
+             ) -> tuple[dict[int, tuple[bytes, dict[str, int]]], float]:
+        """Deliver ``reports`` (packed EpochReports, none before the first epoch), run every
+        VM to ``t_end_ns``; per VM its packed operation batch and its stats, and the wall
+        seconds it took."""
+        t0 = time.perf_counter()
+        out = {}
+        for a in self.agents:
+            if a.vm in reports:
+                r = unpack(reports[a.vm])
+                assert isinstance(r, EpochReport)
+                a.receive(r)
+            out[a.vm] = (pack_ops(a.run_epoch(t_end_ns)), dict(a.stats))
+        return out, time.perf_counter() - t0
+
+    def finish(self, reports: dict[int, bytes]) -> tuple[dict[int, dict[str, int]], int]:
+        """Deliver the last reports; each VM's final counters, and this actor's peak RSS."""
+        for a in self.agents:
+            if a.vm in reports:
+                r = unpack(reports[a.vm])
+                assert isinstance(r, EpochReport)
+                a.receive(r)
+        return {a.vm: guest_final(a) for a in self.agents}, _peak_rss_bytes()

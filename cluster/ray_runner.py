@@ -1,0 +1,276 @@
+"""The Ray back-end: one host actor per emulated host, VM actors beside it, the same Engine.
+
+``RayMachine`` implements the Transport seam of cluster/engine.py (plus the runner's
+``guest_stats`` / ``finish``) over the actors of cluster/actors.py, so the Engine, the merge
+order and every result table are those of the in-process back-end. Placement follows Ray's
+placement groups: each emulated host is one bundle, so a host and its VMs' actors share a node
+(one bundle never spans nodes), and the bundles of a run form one SPREAD group so the hosts
+land on different nodes where the cluster has them. Per epoch there is one call per actor:
+``VmGroupActor.step`` (last epoch's reports in, this epoch's batches out) and
+``HostActor.apply_epoch`` (merged batch in, reports out). An actor that dies ends the run
+with RunFailed naming it; nothing waits longer than ``timeout_s`` for an answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from cluster.actors import HostActor, VmGroupActor
+from cluster.config import Config
+from cluster.runner import MACHINE_ERRORS, FinalState, RunError, RunFailed, VmPlan, plan_vms
+from host_iommu.protocol import EpochReport, pack_ops, unpack, unpack_ops
+
+DEFAULT_TIMEOUT_S = 600.0       # longest wait for one epoch's answers from every actor
+PLACEMENT_TIMEOUT_S = 3600.0    # longest wait for a run's placement group (queued runs)
+
+
+def start_ray(address: str | None = None) -> bool:
+    """Connect to Ray unless already connected; True if this call started or joined it.
+
+    With ``address`` (or RAY_ADDRESS) it joins that cluster; otherwise it starts an embedded
+    local Ray sized to this machine, without a dashboard.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None) -> Iterator[None]:
+    """Ray for the duration of the block; shut down only if the block started it."""
+    import ray
+
+    started = start_ray(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _split(plans: list[VmPlan], parts: int) -> list[list[VmPlan]]:
+    """``plans`` (in VM id order) cut into ``parts`` contiguous, nearly equal blocks."""
+    size, extra = divmod(len(plans), parts)
+    out, i = [], 0
+    for k in range(parts):
+        n = size + (1 if k < extra else 0)
+        out.append(plans[i:i + n])
+        i += n
+    return [p for p in out if p]
+
+
+def _vm_list(vms: list[int]) -> str:
+    if len(vms) <= 4:
+        return "VM " + ",".join(map(str, vms)) if len(vms) == 1 else \
+            "VMs " + ",".join(map(str, vms))
+    return f"{len(vms)} VMs {vms[0]},{vms[1]},...,{vms[-1]}"
+
+
+class RayMachine:
+    """Host and VM actors for one run. ``vms_per_actor`` None: as many VM actors per host as
+    the host's share of the cluster's CPUs (at least one)."""
+
+    def __init__(self, cfg: Config, *, address: str | None = None,
+                 vms_per_actor: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self._started = start_ray(address)
+        self.timeout_s = timeout_s
+        self.emulation_s = 0.0  # critical path of emulation work (slowest actor per phase)
+        hosts = cfg.host.count
+        plans = plan_vms(cfg)
+        self._host_of = {p.vm: p.host for p in plans}
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        node_cpus = [float(n.get("Resources", {}).get("CPU", 0.0))
+                     for n in ray.nodes() if n.get("Alive")]
+        bundle_cpu = round(min(1.0, cpus / hosts), 4)
+        per_host_cpus = max(1, math.floor(cpus / hosts))
+        self.actors: list[Any] = []
+        self.names: list[str] = []
+        self.vm_actors: list[tuple[Any, str, list[int]]] = []
+        self.host_actors: dict[int, Any] = {}
+        self.pg: Any = None
+        try:
+            if not node_cpus or max(node_cpus) < bundle_cpu:
+                raise RunError(f"no Ray node has {bundle_cpu} CPU for a host's actors")
+            self.pg = placement_group([{"CPU": bundle_cpu}] * hosts, strategy="SPREAD")
+            self._wait_placement()
+            for h in range(hosts):
+                mine = [p for p in plans if p.host == h]
+                if vms_per_actor:
+                    parts = max(1, -(-len(mine) // vms_per_actor))
+                else:
+                    parts = max(1, min(len(mine), per_host_cpus))
+                groups = _split(mine, parts)
+                share = round(bundle_cpu / (1 + len(groups)), 4)
+                opts = {"num_cpus": share, "max_restarts": 0, "max_task_retries": 0,
+                        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                            self.pg, placement_group_bundle_index=h)}
+                host = ray.remote(HostActor).options(**opts).remote(cfg, h)
+                self.host_actors[h] = host
+                self._add(host, f"host {h} actor")
+                for g in groups:
+                    vms = [p.vm for p in g]
+                    actor = ray.remote(VmGroupActor).options(**opts).remote(cfg, g)
+                    name = f"VM actor for {_vm_list(vms)} (host {h})"
+                    self.vm_actors.append((actor, name, vms))
+                    self._add(actor, name)
+            setups = self._get({name: a.setup.remote() for a, name, _ in self.vm_actors})
+            frames: dict[int, dict[int, bytes]] = {h: {} for h in range(hosts)}
+            for got in setups.values():
+                for vm, f in got.items():
+                    frames[self._host_of[vm]][vm] = f
+            self._get({f"host {h} actor": self.host_actors[h].setup_vms.remote(frames[h])
+                       for h in range(hosts)})
+            nodes = self._get({name: a.node_id.remote()
+                               for a, name in zip(self.actors, self.names, strict=True)})
+        except BaseException:
+            self.close()
+            raise
+        self.nodes = nodes
+        self._pending: dict[int, bytes] = {}
+        self._stats: dict[int, dict[str, int]] = {}
+
+    def _add(self, actor: Any, name: str) -> None:
+        self.actors.append(actor)
+        self.names.append(name)
+
+    def _wait_placement(self) -> None:
+        t0 = time.monotonic()
+        while not self.pg.wait(timeout_seconds=10):
+            if time.monotonic() - t0 > PLACEMENT_TIMEOUT_S:
+                raise RunError(f"the cluster found no room for {self.pg.bundle_specs} "
+                               f"within {PLACEMENT_TIMEOUT_S:.0f} s")
+
+    def _get(self, refs: dict[str, Any]) -> dict[str, Any]:
+        """Every answer, or RunFailed naming the actors that died or did not answer."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        names = list(refs)
+        _ready, late = ray.wait([refs[n] for n in names], num_returns=len(names),
+                                timeout=self.timeout_s)
+        late_ids = {r.hex() for r in late}
+        out: dict[str, Any] = {}
+        failed: list[str] = []
+        why: list[str] = []
+        for n in names:
+            if refs[n].hex() in late_ids:
+                failed.append(n)
+                why.append(f"{n}: no answer within {self.timeout_s:.0f} s")
+                continue
+            try:
+                out[n] = ray.get(refs[n])
+            except MACHINE_ERRORS:
+                raise
+            except RayActorError as e:
+                failed.append(n)
+                why.append(f"{n} died ({type(e).__name__}: {str(e).splitlines()[0]})")
+            except RayTaskError as e:
+                failed.append(n)
+                why.append(f"{n} raised {e.cause!r}")
+        if failed:
+            raise RunFailed("; ".join(why), failed)
+        return out
+
+    # --- Transport ---------------------------------------------------------------------------
+    def vm_ids(self) -> list[int]:
+        return sorted(self._host_of)
+
+    def host_of(self) -> dict[int, int]:
+        return dict(self._host_of)
+
+    def run_epochs(self, t_end_ns: int) -> dict[int, np.ndarray]:
+        refs = {name: a.step.remote(t_end_ns, {vm: self._pending[vm] for vm in vms
+                                               if vm in self._pending})
+                for a, name, vms in self.vm_actors}
+        got = self._get(refs)
+        batches: dict[int, np.ndarray] = {}
+        busiest = 0.0
+        for per_vm, busy_s in got.values():
+            busiest = max(busiest, busy_s)
+            for vm, (frame, stats) in per_vm.items():
+                batches[vm] = unpack_ops(frame)
+                self._stats[vm] = stats
+        self.emulation_s += busiest
+        self._pending = {}
+        return batches
+
+    def host_apply(self, ops: dict[int, np.ndarray]) -> dict[int, EpochReport]:
+        got = self._get({f"host {h} actor": self.host_actors[h].apply_epoch.remote(
+            pack_ops(ops[h])) for h in sorted(ops)})
+        reports: dict[int, EpochReport] = {}
+        busiest = 0.0
+        for frames, busy_s in got.values():
+            busiest = max(busiest, busy_s)
+            for vm, f in frames.items():
+                r = unpack(f)
+                assert isinstance(r, EpochReport)
+                reports[vm] = r
+                self._pending[vm] = f
+        self.emulation_s += busiest
+        return reports
+
+    def deliver(self, reports: dict[int, EpochReport]) -> None:
+        """Reports travel with the next ``step`` call (one call per actor per epoch)."""
+        missing = sorted(set(self._host_of) - set(self._pending))
+        if missing:
+            raise RunError(f"no report to deliver to VMs {missing}")
+
+    # --- Runner ------------------------------------------------------------------------------
+    def guest_stats(self) -> dict[int, dict[str, int]]:
+        return self._stats
+
+    def finish(self) -> FinalState:
+        guest_refs = {name: a.finish.remote({vm: self._pending[vm] for vm in vms
+                                             if vm in self._pending})
+                      for a, name, vms in self.vm_actors}
+        host_refs = {f"host {h} actor": a.finish.remote() for h, a in self.host_actors.items()}
+        got = self._get({**guest_refs, **host_refs})
+        guest: dict[int, dict[str, int]] = {}
+        counters: dict[int, dict[str, int]] = {}
+        faults: dict[int, dict[str, np.ndarray]] = {}
+        rss: dict[str, int] = {}
+        for name in guest_refs:
+            final, rss[name] = got[name]
+            guest.update(final)
+        for h in sorted(self.host_actors):
+            c, f, rss[f"host {h} actor"] = got[f"host {h} actor"]
+            counters.update(c)
+            faults[h] = f
+        placement = {"nodes": self.nodes, "peak_rss_bytes": rss,
+                     "vms": {name: vms for _a, name, vms in self.vm_actors}}
+        return FinalState(guest, counters, faults, placement)
+
+    def close(self) -> None:
+        """Kill this run's actors and free its placement group (idempotent)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(a, no_restart=True)
+        self.actors = []
+        if self.pg is not None:
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.pg)
+            self.pg = None
+        if self._started:
+            ray.shutdown()
+            self._started = False
