@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, MAX_PASID, FaultReason, Stage
+from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, FaultReason, Stage
 
 # Column name -> dtype of the fault log (the Parquet "faults" table).
 FAULT_COLUMNS: dict[str, np.dtype] = {
@@ -31,6 +31,9 @@ FAULT_COLUMNS: dict[str, np.dtype] = {
     "stage": np.dtype(np.uint8),     # Stage
     "overflowed": np.dtype(np.bool_),  # not recorded in a register (FSTS.PFO)
 }
+# The log keeps the PASID a request carried even beyond the 20 bits a valid one has (such a
+# request faulted without aliasing a valid PASID); the column holds 32 bits.
+PASID_FIELD_MAX = 0xFFFF_FFFF
 _REASONS = np.array(sorted(int(r) for r in FaultReason), dtype=np.int64)
 _STAGES = np.array(sorted(int(s) for s in Stage), dtype=np.int64)
 
@@ -93,7 +96,8 @@ class FaultLog:
             raise FaultLogError(f"fault columns do not broadcast together: {exc}") from None
         t, v, s, p, a, acc, r, st, f = (np.atleast_1d(x) for x in arrs)
         checks = (("time_ns", t, 0, 2**63 - 1), ("sid", s, 0, 0xFFFF),
-                  ("pasid", p, 0, MAX_PASID), ("vm", v, 0, 2**31 - 1), ("addr", a, 0, 2**64 - 1))
+                  ("pasid", p, 0, PASID_FIELD_MAX), ("vm", v, 0, 2**31 - 1),
+                  ("addr", a, 0, 2**64 - 1))
         for name, col, lo, hi in checks:
             if col.dtype.kind not in "iu" and col.size:
                 raise FaultLogError(f"{name} must be integers, got {col.dtype}")
@@ -134,6 +138,19 @@ class FaultLog:
         self.pending -= len(idx)
         if self.pending == 0:
             self.pfo = False
+        return {k: col[idx].copy() for k, col in self._cols.items()}
+
+    def take_all(self) -> dict[str, np.ndarray]:
+        """The host driver's fault handler: read every pending record, then clear PFO.
+
+        Linux dmar_fault reads each fault recording register, clears its F bit, and then
+        writes FSTS.PFO back to clear it, so recording resumes whoever the faults belonged
+        to. Returns the records read (with their ``vm`` column) in record order.
+        """
+        idx = np.flatnonzero(self._pending[: self._n])
+        self._pending[idx] = False
+        self.pending = 0
+        self.pfo = False
         return {k: col[idx].copy() for k, col in self._cols.items()}
 
     def clear_pfo(self) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from host_iommu import qi
-from host_iommu.defs import PAGE_SHIFT
+from host_iommu.defs import NO_PASID, PAGE_SHIFT
 
 # Linux falls back to a domain-wide flush when the aligned mask exceeds the hardware's MAMV.
 MAX_AM = 9
 ALL_PAGES = (1 << 64) - 1  # iommufd: npages all-ones with addr 0 means "everything"
+DEVTLB_ALL_BYTES = 1 << 63  # the widest ATS invalidation range this model encodes
 
 
 def psi_aligned(addr: int, npages: int) -> tuple[int, int] | None:
@@ -62,3 +63,13 @@ def domain_flush_descs(did: int, addr: int | None, npages: int, *,
         out.append(qi.iotlb_desc(qi.QI_IOTLB_GRAN_PAGE, did, a, am))
         out += [qi.dev_iotlb_desc(s, s, 0, a, 1 << (am + PAGE_SHIFT)) for s in ats_sids]
     return out
+
+
+def devtlb_flush_descs(sid: int, pasid: int, addr: int | None, npages: int) -> list[np.void]:
+    """Device-TLB invalidation for one cache tag (cache.c cache_tag_flush_range): 0x3 for
+    requests without PASID, 0x8 for the tag's PASID; the whole range when ``addr`` is None."""
+    psi = None if addr is None else psi_aligned(addr, npages)
+    a, size = (0, DEVTLB_ALL_BYTES) if psi is None else (psi[0], 1 << (psi[1] + PAGE_SHIFT))
+    if pasid == NO_PASID:
+        return [qi.dev_iotlb_desc(sid, sid, 0, a, size)]
+    return [qi.pasid_dev_iotlb_desc(sid, sid, pasid, a, size)]

@@ -26,9 +26,11 @@ import numpy as np
 from host_iommu import qi
 from host_iommu.costs import CostModel
 from host_iommu.defs import (
+    ACCESS_READ,
     ACCESS_WRITE,
     KIND_DATA,
     KIND_GUEST_TABLE,
+    MAX_PASID,
     PAGE_SHIFT,
     PAGE_SIZE,
     RESULT_DTYPE,
@@ -43,7 +45,7 @@ from host_iommu.iotlb import (
     PagingStructureCache,
     PasidCache,
 )
-from host_iommu.memory import HostMemory
+from host_iommu.memory import HostMemory, HostMemoryError
 from host_iommu.pasid import (
     ContextEntry,
     ContextResult,
@@ -89,7 +91,13 @@ class VmMemory:
     sl: PageTable               # GPA -> HPA, in host memory
     did: int                    # DID of the VM's second-level (pass-through) domain
     tags: list[tuple[str, int, int, int]] = field(default_factory=list)
-    # cache tags derived from this second level: (kind, did, sid, pasid); kind "sl" or "nested"
+    # cache tags derived from this second level: (kind, did, sid, pasid); kind "sl", "nested"
+    # or "shadow"; one per (sid, pasid) binding, removed when the binding goes away
+    pins: np.ndarray | None = None  # int32 per GPA frame: VFIO pins (vfio_map) held on it
+
+    def __post_init__(self) -> None:
+        if self.pins is None:
+            self.pins = np.zeros(self.gpa_frames, dtype=np.int32)
 
 
 @dataclass
@@ -237,6 +245,9 @@ class HostIommu:
         levels = self.p.sl_levels if sl_levels is None else sl_levels
         chunk = 1 << (9 * order)                       # frames per second-level page
         gpa_frames = -(-(memory_bytes >> PAGE_SHIFT) // chunk) * chunk
+        if not 0 < gpa_frames <= self.mem.free_frames:
+            raise HostMemoryError(f"VM {vm}: {memory_bytes} bytes of memory, host has "
+                                  f"{self.mem.free_frames} free 4-KiB frames")
         hpa_of = np.full(gpa_frames, -1, dtype=np.int64)
         sl = PageTable(HostTableStore(self.mem, 0), "sl", levels, self.p.haw, max_order=order)
         if chunk == 1:
@@ -315,22 +326,37 @@ class HostIommu:
     def submit_qi(self, descs: np.ndarray, t_ns: int) -> tuple[int, int]:
         """Host driver submits descriptors (qi_submit_sync): schedules their effects.
 
-        Returns (completion time of the last wait or of the last descriptor, descriptors).
+        A submission larger than the queue goes in chunks that fit, each ending with its own
+        wait and submitted once the previous one completed (qi_submit_sync is synchronous, and
+        cache.c's qi_batch flushes a full batch the same way); before each chunk the driver
+        spins until enough slots are free. Returns (completion time of the last wait or of
+        the last descriptor, descriptors processed).
         """
-        # qi_submit_sync spins while the queue lacks room: wait until enough slots free up
-        for _ in range(1 << 16):
-            if self.qi.free_slots(t_ns) >= len(descs):
-                break
-            t_ns += self.costs.qi_desc_ns
-        res = self.qi.submit(descs, t_ns)
-        for t_eff, cmd in res.commands:
-            heapq.heappush(self._pending, (t_eff, self._pending_seq, cmd))
-            self._pending_seq += 1
-        if res.error is not None:  # the host driver's own descriptors are well-formed
-            self.qi.clear_iqe()
-            raise RuntimeError(f"host QI rejected its own descriptor: {res.error}")
-        done = max([t_ns, *res.wait_done_ns, *(t for t, _ in res.commands)])
-        return done, res.processed
+        processed = 0
+        for chunk in self._qi_chunks(descs):
+            t_ns = self.qi.room_at(t_ns, len(chunk))
+            res = self.qi.submit(chunk, t_ns)
+            for t_eff, cmd in res.commands:
+                heapq.heappush(self._pending, (t_eff, self._pending_seq, cmd))
+                self._pending_seq += 1
+            if res.error is not None:  # the host driver's own descriptors are well-formed
+                self.qi.clear_iqe()
+                raise RuntimeError(f"host QI rejected its own descriptor: {res.error}")
+            t_ns = max([t_ns, *res.wait_done_ns, *(t for t, _ in res.commands)])
+            processed += res.processed
+        return t_ns, processed
+
+    def _qi_chunks(self, descs: np.ndarray) -> list[np.ndarray]:
+        """Split a submission into pieces the queue can hold, each ending with a wait."""
+        room = self.qi.entries - 1
+        if len(descs) <= room:
+            return [descs]
+        is_wait = np.array([qi.desc_type(int(w)) == qi.QI_IWD_TYPE for w in descs["qw0"]],
+                           dtype=bool)
+        body = descs[~is_wait]
+        wait = qi.descs(qi.wait_desc())
+        return [np.concatenate([body[i:i + room - 1], wait])
+                for i in range(0, len(body), room - 1)]
 
     def advance_to(self, t_ns: int) -> None:
         """Apply every invalidation whose effect time is <= t_ns, in time order."""
@@ -386,8 +412,14 @@ class HostIommu:
         out = np.zeros(n, dtype=RESULT_DTYPE)
         if n == 0:
             return out
+        # 0. fields no request can carry: a source-id is 16 bits and a PASID 20 bits (the
+        # PCIe PASID prefix). Such a request faults at the context stage; it never aliases
+        # another (sid, pasid) through the resolution key.
+        bad_sid = (sid < 0) | (sid > 0xFFFF)
+        bad_pasid = ~bad_sid & ((pasid < 0) | (pasid > MAX_PASID))
+        bad = bad_sid | bad_pasid
         # 1. context: one resolution per distinct (sid, pasid), first occurrence pays.
-        key = (sid << 20) | pasid
+        key = np.where(bad, -1, (sid << 20) | pasid)
         uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
         nu = uniq.size
         pgtt = np.zeros(nu, np.uint8)
@@ -402,7 +434,9 @@ class HostIommu:
         dte = np.zeros(nu, bool)
         crefs = np.zeros(nu, np.int64)
         for u in range(nu):
-            cr = self._resolve(int(uniq[u]) >> 20, int(uniq[u]) & 0xFFFFF)
+            if uniq[u] < 0:
+                continue  # malformed requests: their faults are set below
+            cr = self._resolve(int(uniq[u]) >> 20, int(uniq[u]) & MAX_PASID)
             crefs[u], cfault[u], fpd[u], dte[u] = cr.ctx_refs, cr.fault, cr.fpd, cr.dte
             e = cr.entry
             if e is not None:
@@ -412,6 +446,8 @@ class HostIommu:
         ctx_refs[first] = crefs
         out["ctx_refs"] = ctx_refs
         r_fault = cfault[inv]
+        r_fault[bad_sid] = FaultReason.ROOT_ENTRY_P
+        r_fault[bad_pasid] = FaultReason.PASID_DIR_ACCESS_ERR
         out["fault"] = r_fault
         out["stage"] = np.where(r_fault != 0, Stage.CONTEXT, 0)
         r_did = did[inv]
@@ -500,11 +536,18 @@ class HostIommu:
         faulted = np.flatnonzero(out["fault"] != 0)
         st.faults += faulted.size
         if faulted.size:
+            # A fault of a device no VM owns is the host's (VM 0); the host driver drains
+            # those (HostServer), so they never hold the recording registers.
             vm_of = np.array([self.owner_of_sid.get(int(s), 0) for s in sid[faulted]])
             tt = (np.zeros(faulted.size, np.int64) if t_ns is None
-                  else np.asarray(t_ns, dtype=np.int64)[faulted])
-            self.faults.record(tt, vm_of, sid[faulted], pasid[faulted], addr[faulted],
-                               access[faulted], out["fault"][faulted], out["stage"][faulted],
+                  else np.maximum(np.asarray(t_ns, dtype=np.int64)[faulted], 0))
+            # The record holds what the request carried, within the register's fields: any
+            # request that does not write is a read, out-of-range ids are clipped (the
+            # translation itself already faulted them without aliasing).
+            rec_access = np.where(access[faulted] == ACCESS_WRITE, ACCESS_WRITE, ACCESS_READ)
+            self.faults.record(tt, vm_of, np.clip(sid[faulted], 0, 0xFFFF),
+                               np.clip(pasid[faulted], 0, 0xFFFF_FFFF), addr[faulted],
+                               rec_access, out["fault"][faulted], out["stage"][faulted],
                                fpd=fpd[inv][faulted])
         out["iotlb_hit"] |= devtlb_hit
         self.last_devtlb_hit = devtlb_hit

@@ -17,12 +17,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from host_iommu import qi
-from host_iommu.defs import KIND_DATA, NO_PASID, PAGE_SHIFT, PGTT_NESTED, PGTT_SL_ONLY
-from host_iommu.invalidate import domain_flush_descs, pasid_flush_descs
-from host_iommu.iommu import HostIommu
-from host_iommu.pasid import PasidEntry
+from host_iommu.defs import (
+    KIND_DATA,
+    MAX_PASID,
+    NO_PASID,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PGTT_NESTED,
+    PGTT_SL_ONLY,
+)
+from host_iommu.invalidate import devtlb_flush_descs, domain_flush_descs, pasid_flush_descs
+from host_iommu.iommu import HostIommu, VmMemory
+from host_iommu.memory import HostMemoryError
+from host_iommu.pasid import FLPM_BY_FL_LEVELS, PasidEntry
 
 IOMMU_VTD_INV_FLAGS_LEAF = 1 << 0  # include/uapi/linux/iommufd.h
+
+
+class IommufdError(ValueError):
+    """A host-interface request the host refuses (the ioctl's -EINVAL/-EBUSY/-ENOMEM), named."""
 
 
 @dataclass
@@ -37,10 +50,53 @@ class NestedDomain:
     fl_levels: int
 
 
+def vm_memory(host: HostIommu, vm: int) -> VmMemory:
+    """The VM's host-side memory, or IommufdError naming the unknown VM."""
+    v = host.vms.get(vm)
+    if v is None:
+        raise IommufdError(f"VM {vm} does not exist on host {host.host}")
+    return v
+
+
+def _claim_sid(host: HostIommu, vm: int, sid: int) -> None:
+    """Refuse a source-id the VM may not bind: out of 16 bits, or assigned to another VM."""
+    if not 0 <= sid <= 0xFFFF:
+        raise IommufdError(f"source-id {sid:#x} is not a 16-bit PCI requester id")
+    owner = host.owner_of_sid.get(sid)
+    if owner is not None and owner != vm:
+        raise IommufdError(f"device {sid:#06x} is assigned to VM {owner}, not VM {vm}")
+
+
+def _unbind(host: HostIommu, v: VmMemory, sid: int, pasid: int, t_ns: int) -> None:
+    """Drop the cache tag of whatever was bound at (sid, pasid) and flush what it cached.
+
+    As Linux's intel_pasid_tear_down_entry after clearing or replacing an entry: PASID-cache
+    (0x7, PASID-selective), the old DID's IOTLB (0x2 domain-selective: nested and second-level
+    entries) and the device-TLB of that PASID, then a wait. The flush is applied at once.
+    """
+    old = [t for t in v.tags if t[2] == sid and t[3] == pasid]
+    if not old:
+        return
+    v.tags[:] = [t for t in v.tags if not (t[2] == sid and t[3] == pasid)]
+    live = {t[1] for t in v.tags}
+    descs: list[np.void] = []
+    for _kind, did, _sid, _pasid in old:
+        descs.append(qi.pc_desc(qi.QI_PC_PASID_SEL, did, pasid))
+        if did not in live:  # a DID still bound elsewhere keeps its entries until they age
+            descs.append(qi.iotlb_desc(qi.QI_IOTLB_GRAN_DOMAIN, did))
+    if sid in host.ats_sids:
+        descs += devtlb_flush_descs(sid, pasid, None, 0)
+    descs.append(qi.wait_desc())
+    t_done, _n = host.submit_qi(np.array(descs), max(t_ns, host.now_ns))
+    host.advance_to(t_done)
+
+
 def attach_second_level(host: HostIommu, vm: int, sid: int, *, ats: bool = False) -> int:
     """Pass-through for the guest (no vIOMMU): the device uses GPAs, second level only."""
-    v = host.vms[vm]
+    v = vm_memory(host, vm)
+    _claim_sid(host, vm, sid)
     host.attach_device(sid, vm, ats=ats)
+    _unbind(host, v, sid, NO_PASID, host.now_ns)
     host.set_pasid_entry(sid, NO_PASID, PasidEntry(pgtt=PGTT_SL_ONLY, did=v.did,
                                                    slptr=v.sl.root, sl_levels=v.sl.levels))
     v.tags.append(("sl", v.did, sid, NO_PASID))
@@ -48,17 +104,44 @@ def attach_second_level(host: HostIommu, vm: int, sid: int, *, ats: bool = False
 
 
 def alloc_nested(host: HostIommu, vm: int, sid: int, pasid: int, flptr_gpa: int,
-                 fl_levels: int = 4, *, ats: bool = False) -> NestedDomain:
-    """IOMMU_HWPT_ALLOC of a nested domain and its attachment to (sid, pasid)."""
-    v = host.vms[vm]
+                 fl_levels: int = 4, *, ats: bool = False, t_ns: int | None = None
+                 ) -> NestedDomain:
+    """IOMMU_HWPT_ALLOC of a nested domain and its attachment to (sid, pasid).
+
+    Refused (IommufdError) before anything is written: an unknown VM, a device of another
+    VM, a first-level mode other than 4- or 5-level paging, an unaligned root, or a PASID the
+    device's PASID directory cannot hold (its context entry's PDTS). Binding a (sid, pasid)
+    that is already bound replaces the old binding: its cache tag goes, its caches are flushed.
+    """
+    v = vm_memory(host, vm)
+    _claim_sid(host, vm, sid)
+    if fl_levels not in FLPM_BY_FL_LEVELS:
+        raise IommufdError(f"first-level paging of {fl_levels!r} levels: the PASID entry's "
+                           f"FLPM encodes {sorted(FLPM_BY_FL_LEVELS)}")
+    if not 0 <= flptr_gpa < 1 << 64 or flptr_gpa % PAGE_SIZE:
+        raise IommufdError(f"first-level root {flptr_gpa:#x} is not a 4-KiB aligned GPA")
+    limit = min(host.sm.max_pasids(sid), MAX_PASID + 1)
+    if not 0 <= pasid < limit:
+        raise IommufdError(f"PASID {pasid:#x} of device {sid:#06x} is beyond its PASID "
+                           f"directory (PASIDs below {limit:#x})")
     if sid not in host.owner_of_sid:
         host.attach_device(sid, vm, ats=ats)
+    _unbind(host, v, sid, pasid, host.now_ns if t_ns is None else t_ns)
     did = host.alloc_did()
     host.set_pasid_entry(sid, pasid, PasidEntry(
         pgtt=PGTT_NESTED, did=did, slptr=v.sl.root, sl_levels=v.sl.levels,
         flptr=flptr_gpa, fl_levels=fl_levels))
     v.tags.append(("nested", did, sid, pasid))
     return NestedDomain(vm, did, sid, pasid, flptr_gpa, fl_levels)
+
+
+def free_nested(host: HostIommu, dom: NestedDomain, t_ns: int | None = None) -> None:
+    """Detach and free a nested HWPT: clear its PASID entry, drop its tag, flush its caches."""
+    v = vm_memory(host, dom.vm)
+    if ("nested", dom.did, dom.sid, dom.pasid) not in v.tags:
+        return  # already replaced or freed
+    host.sm.clear_pasid_entry(dom.sid, dom.pasid)
+    _unbind(host, v, dom.sid, dom.pasid, host.now_ns if t_ns is None else t_ns)
 
 
 def hwpt_invalidate(host: HostIommu, dom: NestedDomain, entries: list[tuple[int, int, int]],
@@ -75,48 +158,88 @@ def hwpt_invalidate(host: HostIommu, dom: NestedDomain, entries: list[tuple[int,
 
 def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int
                   ) -> tuple[int, int]:
-    """Flush everything derived from a range of the VM's second level (cache tags)."""
-    v = host.vms[vm]
+    """Flush everything derived from a range of the VM's second level (cache tags).
+
+    Follows Linux cache.c cache_tag_flush_range on the parent domain: one IOTLB invalidation
+    per DID (page-selective for second-level-only entries, domain-selective for nested and
+    shadow ones, which are tagged by IOVA and cannot be found by GPA), and a device-TLB
+    invalidation per ATS tag: 0x3 for requests without PASID, 0x8 with the tag's PASID, over
+    the whole range for nested and shadow tags (a device-TLB entry cannot be found by GPA).
+    """
+    v = vm_memory(host, vm)
     descs: list[np.void] = []
-    for kind, did, sid, _pasid in v.tags:
-        ats = [sid] if sid in host.ats_sids else []
-        if kind == "sl":
-            descs += domain_flush_descs(did, gpa, npages, ats_sids=ats)
-        else:  # nested or shadow: entries are tagged by IOVA, flush the whole domain
-            descs += domain_flush_descs(did, None, 0, ats_sids=ats)
+    seen: set[int] = set()
+    for kind, did, sid, pasid in v.tags:
+        by_gpa = kind == "sl"
+        if did not in seen:
+            seen.add(did)
+            descs += domain_flush_descs(did, gpa if by_gpa else None, npages, ats_sids=[])
+        if sid in host.ats_sids:
+            descs += devtlb_flush_descs(sid, pasid, gpa if by_gpa else None, npages)
     if not descs:
         return t_ns, 0
     descs.append(qi.wait_desc())
     return host.submit_qi(np.array(descs), t_ns)
 
 
-def sl_unmap(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int) -> tuple[int, int, int]:
+def _gpa_frames(v: VmMemory, gpa: int, npages: int) -> tuple[int, int]:
+    """[first, end) GPA frames of a VMM memory request, or IommufdError naming what is wrong."""
+    if gpa < 0 or gpa % PAGE_SIZE:
+        raise IommufdError(f"GPA {gpa:#x} is not a 4-KiB aligned guest address")
+    f0 = gpa >> PAGE_SHIFT
+    if npages < 1 or f0 + npages > v.gpa_frames:
+        raise IommufdError(f"{npages} pages at GPA {gpa:#x}: VM {v.vm} has "
+                           f"{v.gpa_frames} pages of memory")
+    return f0, f0 + npages
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) index runs where ``mask`` is True."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def sl_unmap(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int
+             ) -> tuple[int, int, int, int]:
     """Take GPA pages away from the VM (balloon inflate / unplug): unmap, flush, free frames.
 
-    The frames go back to the host only after the flush completed, so no cached translation
-    can reach them once another owner has them. Returns (t_done, descriptors, pages freed).
+    A page VFIO has pinned (a shadow mapping of it exists) is refused and stays: QEMU does not
+    discard RAM while a VFIO device may DMA to it, and type1 keeps pinned pages. The other
+    frames go back to the host only after the flush completed, so no cached translation can
+    reach them once another owner has them. Returns (t_done, descriptors, pages freed, pages
+    refused because pinned). Raises IommufdError for a range outside the VM's memory.
     """
-    v = host.vms[vm]
-    f0 = gpa >> PAGE_SHIFT
-    frames = v.hpa_of[f0:f0 + npages]
-    backed = frames[frames >= 0]
-    v.sl.unmap(gpa, npages << PAGE_SHIFT)
+    v = vm_memory(host, vm)
+    f0, f1 = _gpa_frames(v, gpa, npages)
+    backed = v.hpa_of[f0:f1] >= 0
+    pinned = v.pins[f0:f1] > 0
+    take = backed & ~pinned
+    refused = int((backed & pinned).sum())
+    if not take.any():
+        return t_ns, 0, 0, refused
+    for a, b in _runs(take):
+        v.sl.unmap((f0 + a) << PAGE_SHIFT, (b - a) << PAGE_SHIFT)
     t_done, nd = flush_derived(host, vm, gpa, npages, t_ns)
     host.advance_to(t_done)
-    v.hpa_of[f0:f0 + npages] = -1
-    if backed.size:
-        host.mem.free(backed)
-    return t_done, nd, int(backed.size)
+    idx = np.flatnonzero(take) + f0
+    frames = v.hpa_of[idx].copy()
+    v.hpa_of[idx] = -1
+    host.mem.free(frames)
+    return t_done, nd, int(frames.size), refused
 
 
 def sl_map(host: HostIommu, vm: int, gpa: int, npages: int) -> int:
     """Give GPA pages back (balloon deflate / plug): new frames, mapped in the second level."""
-    v = host.vms[vm]
-    f0 = gpa >> PAGE_SHIFT
-    missing = np.flatnonzero(v.hpa_of[f0:f0 + npages] < 0) + f0
+    v = vm_memory(host, vm)
+    f0, f1 = _gpa_frames(v, gpa, npages)
+    missing = np.flatnonzero(v.hpa_of[f0:f1] < 0) + f0
     if missing.size == 0:
         return 0
-    v.hpa_of[missing] = host.mem.alloc_frames(missing.size, vm, KIND_DATA)
+    try:
+        frames = host.mem.alloc_frames(missing.size, vm, KIND_DATA)
+    except HostMemoryError as exc:
+        raise IommufdError(f"cannot back {missing.size} pages of VM {vm}: {exc}") from None
+    v.hpa_of[missing] = frames
     for f in missing.tolist():
         v.sl.map(f << PAGE_SHIFT, int(v.hpa_of[f]) << PAGE_SHIFT, 1 << PAGE_SHIFT, max_order=0)
     return int(missing.size)

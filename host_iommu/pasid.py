@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from host_iommu.defs import (
+    MAX_PASID,
     PAGE_MASK,
     PAGE_SHIFT,
     PGTT_FL_ONLY,
@@ -78,6 +79,10 @@ SL_LEVELS_BY_AW = {v: k for k, v in AW_BY_SL_LEVELS.items()}
 FLPM_BY_FL_LEVELS = {4: 0, 5: 1}
 FL_LEVELS_BY_FLPM = {v: k for k, v in FLPM_BY_FL_LEVELS.items()}
 VALID_PGTT = (PGTT_FL_ONLY, PGTT_SL_ONLY, PGTT_NESTED, PGTT_PT)
+
+
+class PasidError(ValueError):
+    """A PASID the device's PASID directory cannot hold (beyond PDTS or beyond 20 bits)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,18 +218,41 @@ class ScalableModeTables:
         if w0 & CE_P:
             return w0 & CE_PASIDDIRPTR_MASK
         pdir = self.mem.alloc_table(OWNER_HOST, KIND_PAGETABLE) << PAGE_SHIFT
-        pdts = min(self.pdts, 2)  # one directory page holds 512 entries: PDTS = 2
+        # One directory page of 512 entries (PDTS = 2: PASIDs below 2^15), as Linux sizes
+        # the table for a device whose PASID capability reports 15 bits.
+        pdts = min(self.pdts, 2)
         self.mem.write_u64(addr + 8, rid_pasid & CE_RID_PASID_MASK)
         self.mem.write_u64(addr, pdir | (pdts << CE_PDTS_SHIFT) | CE_PASIDE
                            | (CE_DTE if dte else 0) | (CE_FPD if fpd else 0) | CE_P)
         return pdir
 
+    def max_pasids(self, sid: int) -> int:
+        """PASIDs the device's directory holds: from its context entry's PDTS, or the size
+        ``attach_device`` would give it."""
+        addr = self.context_entry_addr(sid)
+        w0 = 0 if addr is None else self.mem.read_u64(addr)
+        pdts = (w0 & CE_PDTS_MASK) >> CE_PDTS_SHIFT if w0 & CE_P else min(self.pdts, 2)
+        return 1 << (pdts + 7 + PASID_PDE_SHIFT)
+
     def pasid_entry_addr(self, sid: int, pasid: int, create: bool = False) -> int | None:
+        """HPA of the PASID-table entry of (sid, pasid); None if absent and not created.
+
+        The directory holds 2^(PDTS + 7) entries, as the context entry declares (spec 9.4);
+        a PASID beyond it has no entry (the hardware faults it), so creating one raises
+        PasidError rather than writing past the directory.
+        """
         ce_addr = self.context_entry_addr(sid)
         if ce_addr is None:
             return None
         w0 = self.mem.read_u64(ce_addr)
         if not w0 & CE_P:
+            return None
+        dir_entries = 1 << (((w0 & CE_PDTS_MASK) >> CE_PDTS_SHIFT) + 7)
+        if not 0 <= pasid <= MAX_PASID or (pasid >> PASID_PDE_SHIFT) >= dir_entries:
+            if create:
+                raise PasidError(f"PASID {pasid:#x} of device {sid:#06x} is beyond its PASID "
+                                 f"directory ({dir_entries} entries: PASIDs below "
+                                 f"{dir_entries << PASID_PDE_SHIFT:#x})")
             return None
         pdir = w0 & CE_PASIDDIRPTR_MASK
         pde_addr = pdir + (pasid >> PASID_PDE_SHIFT) * 8
@@ -321,6 +349,7 @@ __all__ = [
     "ContextEntry",
     "ContextResult",
     "PasidEntry",
+    "PasidError",
     "ScalableModeTables",
     "decode_pasid_entry",
 ]

@@ -494,14 +494,30 @@ class PageTable:
             table = info.addr
         raise AssertionError("unreachable: level-1 entries are always leaves")
 
-    def leaves(self) -> Iterator[tuple[int, int, int, bool, bool]]:
-        """Every mapped page as (iova, phys, order, read, write), in iova order."""
-        yield from self._leaves(self.root, self.levels, 0, ACCESS_READ | ACCESS_WRITE)
+    def leaves(self, start: int = 0, end: int | None = None
+               ) -> Iterator[tuple[int, int, int, bool, bool]]:
+        """Every mapped page meeting [start, end) as (iova, phys, order, read, write), in
+        iova order.
 
-    def _leaves(self, table: int, level: int, base: int,
-                perms: int) -> Iterator[tuple[int, int, int, bool, bool]]:
-        span = 1 << level_shift(level)
-        for idx in range(PTES_PER_TABLE):
+        The walk descends only into entries that meet the range, and visits each table page
+        once: an entry pointing at a table already visited (a loop back to an upper level,
+        or two entries sharing a table, which only a hostile writer makes) reads as
+        non-present, as QEMU's shadow walk treats an entry it cannot use. So the work is
+        bounded by the table pages that exist, never by the address space.
+        """
+        hi = self.limit if end is None else min(end, self.limit)
+        if start >= hi:
+            return
+        yield from self._leaves(self.root, self.levels, 0, ACCESS_READ | ACCESS_WRITE,
+                                max(start, 0), hi, {self.root})
+
+    def _leaves(self, table: int, level: int, base: int, perms: int, start: int, end: int,
+                seen: set[int]) -> Iterator[tuple[int, int, int, bool, bool]]:
+        shift = level_shift(level)
+        span = 1 << shift
+        first = max(0, (start - base) >> shift)
+        last = min(PTES_PER_TABLE - 1, (end - 1 - base) >> shift)
+        for idx in range(first, last + 1):
             info = self._decode(self.store.read(table + 8 * idx), level)
             if not info.present:
                 continue
@@ -509,8 +525,10 @@ class PageTable:
             if info.leaf:
                 yield (base + idx * span, info.addr, level - 1, bool(p & ACCESS_READ),
                        bool(p & ACCESS_WRITE))
-            else:
-                yield from self._leaves(info.addr, level - 1, base + idx * span, p)
+            elif info.addr not in seen:
+                seen.add(info.addr)
+                yield from self._leaves(info.addr, level - 1, base + idx * span, p,
+                                        start, end, seen)
 
     def destroy(self) -> None:
         """Free every table page, root included; the table is unusable afterwards."""

@@ -5,14 +5,22 @@ guest's page-table stores, device DMA requests, and the VMM's VFIO / iommufd cal
 stamped with virtual time and a per-VM sequence number. The host applies every VM's operations
 of an epoch merged by (t_ns, vm, seq), never by arrival. Control messages of varied shape
 (set-up, results) are frozen dataclasses packed with msgpack. Only this module touches msgpack.
+
+Unpacking is the boundary: a frame that is not well-formed msgpack of the expected shape, an
+operation with a field no valid operation carries (unknown kind, negative time, VM id below 1,
+a PASID wider than 20 bits, a DMA that neither reads nor writes), or a control message with a
+missing, unknown or out-of-range field raises ProtocolError naming what is wrong.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import msgpack
 import numpy as np
+
+from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, MAX_PASID, PAGE_SIZE
 
 # Operation kinds (column "op").
 OP_GUEST_WRITE = 1   # a0 = GPA, a1 = 64-bit value: a guest store into its own page table
@@ -28,6 +36,12 @@ OP_NAMES = {OP_GUEST_WRITE: "guest_write", OP_DMA: "dma", OP_HWPT_INV: "hwpt_inv
             OP_VFIO_MAP: "vfio_map", OP_VFIO_UNMAP: "vfio_unmap", OP_UNMAP_RET: "unmap_ret",
             OP_SL_UNMAP: "sl_unmap", OP_SL_MAP: "sl_map"}
 DMA_ROGUE = 1 << 8   # in a2 of OP_DMA: the device aimed at a stale IOVA on purpose
+MODES = ("shadow", "nested", "passthrough")
+FL_LEVELS = (4, 5)   # first-level paging: 4-level (48-bit) or 5-level (57-bit)
+
+
+class ProtocolError(ValueError):
+    """A frame or message that breaks the protocol: what is wrong is named."""
 
 OP_DTYPE = np.dtype([
     ("t_ns", np.int64), ("vm", np.int32), ("seq", np.int64), ("op", np.uint8),
@@ -73,14 +87,48 @@ def pack_ops(ops: np.ndarray) -> bytes:
     return msgpack.packb({"dtype": "OP_DTYPE/1", "n": int(ops.size), "data": ops.tobytes()})
 
 
+def _unpackb(frame: object) -> Any:
+    if not isinstance(frame, bytes | bytearray | memoryview):
+        raise ProtocolError(f"a frame is bytes, not {type(frame).__name__}")
+    try:
+        return msgpack.unpackb(frame)
+    except Exception as exc:  # msgpack raises many types for malformed input
+        raise ProtocolError(f"frame is not valid msgpack: {type(exc).__name__}: {exc}"
+                            ) from None
+
+
+def check_ops(ops: np.ndarray) -> np.ndarray:
+    """Raise ProtocolError unless every operation's fields are ones a valid operation has."""
+    bad = {
+        "unknown operation kind": ~np.isin(ops["op"], np.array(sorted(OP_NAMES))),
+        "negative time": ops["t_ns"] < 0,
+        "VM id below 1": ops["vm"] < 1,
+        "PASID wider than 20 bits": ops["pasid"] > MAX_PASID,
+        "DMA access neither read nor write": (ops["op"] == OP_DMA) & ~np.isin(
+            ops["a2"] & 0xFF, (ACCESS_READ, ACCESS_WRITE)),
+    }
+    for what, mask in bad.items():
+        if mask.any():
+            i = int(np.argmax(mask))
+            raise ProtocolError(f"operation {i} of the batch: {what} "
+                                f"(op={int(ops['op'][i])}, vm={int(ops['vm'][i])})")
+    return ops
+
+
 def unpack_ops(frame: bytes) -> np.ndarray:
-    msg = msgpack.unpackb(frame)
-    if msg.get("dtype") != "OP_DTYPE/1":
-        raise ValueError(f"unknown operation batch format {msg.get('dtype')!r}")
-    ops = np.frombuffer(msg["data"], dtype=OP_DTYPE)
-    if ops.size != msg["n"]:
-        raise ValueError("operation batch length does not match its header")
-    return ops.copy()
+    """The operations of one packed batch, checked (ProtocolError on anything malformed)."""
+    msg = _unpackb(frame)
+    if not isinstance(msg, dict) or set(msg) != {"dtype", "n", "data"}:
+        raise ProtocolError("an operation batch is a map of dtype, n and data")
+    if msg["dtype"] != "OP_DTYPE/1":
+        raise ProtocolError(f"unknown operation batch format {msg['dtype']!r}")
+    n, data = msg["n"], msg["data"]
+    if not isinstance(n, int) or isinstance(n, bool) or not isinstance(data, bytes):
+        raise ProtocolError("operation batch: n must be an int and data bytes")
+    if n < 0 or len(data) != n * OP_DTYPE.itemsize:
+        raise ProtocolError(f"operation batch length does not match its header: n={n}, "
+                            f"{len(data)} bytes of {OP_DTYPE.itemsize}-byte records")
+    return check_ops(np.frombuffer(data, dtype=OP_DTYPE).copy())
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +158,73 @@ def pack(msg: VmSetup | EpochReport) -> bytes:
     return msgpack.packb({"type": type(msg).__name__, **asdict(msg)})
 
 
+def _int(name: str, v: object, lo: int, hi: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"{name}={v!r}: an integer in {lo}..{hi:#x} is required")
+    return v
+
+
+def _ints(name: str, v: object, lo: int, hi: int) -> tuple[int, ...]:
+    if not isinstance(v, list | tuple):
+        raise ProtocolError(f"{name} must be a list, not {type(v).__name__}")
+    return tuple(_int(f"{name}[{i}]", x, lo, hi) for i, x in enumerate(v))
+
+
+def check_setup(s: VmSetup) -> VmSetup:
+    """Raise ProtocolError unless a VmSetup's fields are valid (what setup_vm needs)."""
+    _int("vm", s.vm, 1, 2**31 - 1)
+    _int("memory_bytes", s.memory_bytes, PAGE_SIZE, 2**52)
+    if s.mode not in MODES:
+        raise ProtocolError(f"mode={s.mode!r}: one of {MODES}")
+    sids = _ints("sids", s.sids, 0, 0xFFFF)
+    if len(set(sids)) != len(sids):
+        raise ProtocolError(f"sids={list(sids)} repeat a device")
+    if not isinstance(s.ats, bool):
+        raise ProtocolError(f"ats={s.ats!r}: a bool is required")
+    if s.fl_levels not in FL_LEVELS or isinstance(s.fl_levels, bool):
+        raise ProtocolError(f"fl_levels={s.fl_levels!r}: one of {FL_LEVELS}")
+    roots = _ints("fl_roots", s.fl_roots, 0, 2**64 - 1)
+    if any(r % PAGE_SIZE for r in roots):
+        raise ProtocolError("fl_roots must be 4-KiB aligned GPAs")
+    if s.mode == "nested" and len(roots) != len(sids):
+        raise ProtocolError(f"nested: {len(roots)} fl_roots for {len(sids)} sids")
+    return s
+
+
+def _fields_of(cls: type, d: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    extra = sorted(map(str, set(d) - names))
+    if extra:
+        raise ProtocolError(f"{cls.__name__}: unknown fields {extra}")
+    return d
+
+
 def unpack(frame: bytes) -> VmSetup | EpochReport:
-    d = msgpack.unpackb(frame)
+    """A control message, checked (ProtocolError on anything malformed)."""
+    d = _unpackb(frame)
+    if not isinstance(d, dict):
+        raise ProtocolError("a control message is a map")
     kind = d.pop("type", None)
     if kind == "VmSetup":
-        d["sids"], d["fl_roots"] = tuple(d["sids"]), tuple(d["fl_roots"])
-        return VmSetup(**d)
+        _fields_of(VmSetup, d)
+        try:
+            s = VmSetup(**{**d, "sids": _ints("sids", d.get("sids"), 0, 0xFFFF),
+                           "fl_roots": _ints("fl_roots", d.get("fl_roots", ()), 0,
+                                             2**64 - 1)})
+        except TypeError as exc:
+            raise ProtocolError(f"VmSetup: {exc}") from None
+        return check_setup(s)
     if kind == "EpochReport":
-        d["faults"] = [tuple(f) for f in d["faults"]]
-        return EpochReport(**d)
-    raise ValueError(f"unknown control message {kind!r}")
+        _fields_of(EpochReport, d)
+        vm = _int("vm", d.get("vm"), 0, 2**31 - 1)
+        counters = d.get("counters", {})
+        if not isinstance(counters, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) for k, v in counters.items()):
+            raise ProtocolError("EpochReport.counters must map names to integers")
+        faults = d.get("faults", [])
+        if not isinstance(faults, list) or not all(
+                isinstance(f, list | tuple) and len(f) == 6
+                and all(isinstance(x, int) for x in f) for f in faults):
+            raise ProtocolError("EpochReport.faults must be a list of 6-integer records")
+        return EpochReport(vm, counters, [tuple(f) for f in faults])
+    raise ProtocolError(f"unknown control message {kind!r}")

@@ -530,6 +530,22 @@ class InvalidationQueue:
         held = len(self._inflight_ns) + (0 if self._pending is None else len(self._pending))
         return self.entries - 1 - held
 
+    def room_at(self, t_ns: int, n: int) -> int:
+        """Earliest time >= t_ns at which ``n`` descriptors fit (software spins until then).
+
+        Slots free in effect-time order, since hardware processes serially. Raises QiError
+        when ``n`` can never fit (more than the queue holds beside what IQE left pending).
+        """
+        pending = 0 if self._pending is None else len(self._pending)
+        allowed = self.entries - 1 - n - pending  # descriptors that may still hold slots
+        if allowed < 0:
+            raise QiError(f"{n} descriptors can never fit a queue of {self.entries} entries")
+        self.free_slots(t_ns)
+        must_retire = len(self._inflight_ns) - allowed
+        if must_retire <= 0:
+            return int(t_ns)
+        return max(int(t_ns), self._inflight_ns[must_retire - 1])
+
     def submit(self, descs: np.ndarray, t_ns: int) -> SubmitResult:
         """Write descriptors at the tail at t_ns and let hardware process them in order."""
         if not isinstance(descs, np.ndarray) or descs.dtype != DESC_DTYPE or descs.ndim != 1:

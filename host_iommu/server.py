@@ -5,6 +5,13 @@ nested HWPTs, pass-through attachments), applies the merged operation stream of 
 (t_ns, vm, seq) order, batches each run of DMA requests into one ``HostIommu.translate`` call
 (split wherever a queued invalidation takes effect), and runs the security oracle on every
 DMA (host_iommu/oracle.py).
+
+It is also the boundary a hostile guest meets: an operation from an unknown VM, with a field
+no valid operation carries, or naming a device the sending VM was not assigned (the VMM's
+device assignment, ``HostIommu.owner_of_sid``, is the authority) is refused and counted, never
+applied; refused VFIO / iommufd / memory requests are counted too. At the end of each epoch
+the host driver drains the fault recording registers (Linux dmar_fault): each VM receives its
+devices' faults, faults of devices no VM owns are counted as host faults.
 """
 
 from __future__ import annotations
@@ -12,9 +19,10 @@ from __future__ import annotations
 import numpy as np
 
 from host_iommu.costs import CostModel
-from host_iommu.defs import NO_PASID, PAGE_SHIFT
+from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, MAX_PASID, NO_PASID, PAGE_SHIFT
 from host_iommu.iommu import HostIommu, IommuParams
 from host_iommu.nested import (
+    IommufdError,
     NestedDomain,
     alloc_nested,
     attach_second_level,
@@ -25,14 +33,17 @@ from host_iommu.nested import (
 from host_iommu.oracle import Oracle
 from host_iommu.protocol import (
     OP_DMA,
+    OP_DTYPE,
     OP_GUEST_WRITE,
     OP_HWPT_INV,
+    OP_NAMES,
     OP_SL_MAP,
     OP_SL_UNMAP,
     OP_UNMAP_RET,
     OP_VFIO_MAP,
     OP_VFIO_UNMAP,
     EpochReport,
+    ProtocolError,
     VmSetup,
 )
 from host_iommu.vfio import ShadowDomain, VfioError, vfio_attach, vfio_map, vfio_unmap
@@ -40,7 +51,12 @@ from host_iommu.vfio import ShadowDomain, VfioError, vfio_attach, vfio_map, vfio
 HOST_COUNTERS = ("translations", "iotlb_hits", "iotlb_misses", "devtlb_hits", "walk_refs",
                  "ctx_refs", "faults", "stale_dma", "cross_vm_dma", "stale_window_max_ns",
                  "host_inv_descriptors", "pinned_pages", "translate_ns", "vfio_errors",
-                 "guest_writes_dropped")
+                 "guest_writes_dropped", "sl_unmap_refused", "foreign_sid_refused",
+                 "ops_refused")
+# Counters of the host itself (HostServer.host_counters), not of any VM.
+HOST_ONLY_COUNTERS = ("host_faults", "unknown_vm_ops")
+# Operations that name a device (sid): accepted only from the VM the device is assigned to.
+SID_OPS = (OP_DMA, OP_HWPT_INV, OP_VFIO_MAP, OP_VFIO_UNMAP)
 
 
 class HostServer:
@@ -54,6 +70,7 @@ class HostServer:
         self.nested: dict[tuple[int, int], NestedDomain] = {}
         self.oracle = Oracle()
         self.counters: dict[int, dict[str, int]] = {}
+        self.host_counters: dict[str, int] = dict.fromkeys(HOST_ONLY_COUNTERS, 0)
 
     # --- set-up ---------------------------------------------------------------------------
     def setup_vm(self, s: VmSetup) -> None:
@@ -72,10 +89,60 @@ class HostServer:
         else:
             raise ValueError(f"unknown mode {s.mode!r}")
 
+    def bind_nested(self, vm: int, sid: int, pasid: int, flptr_gpa: int, fl_levels: int = 4,
+                    t_ns: int | None = None) -> NestedDomain | None:
+        """The VMM binds a guest first level at (sid, pasid); a refusal is counted.
+
+        Returns the domain, or None when iommufd refused the binding (counted in the VM's
+        ``vfio_errors``; an unknown VM in ``unknown_vm_ops``).
+        """
+        c = self.counters.get(vm)
+        if c is None:
+            self.host_counters["unknown_vm_ops"] += 1
+            return None
+        try:
+            dom = alloc_nested(self.iommu, vm, sid, pasid, flptr_gpa, fl_levels,
+                               ats=sid in self.iommu.ats_sids, t_ns=t_ns)
+        except IommufdError:
+            c["vfio_errors"] += 1
+            return None
+        self.nested[(sid, pasid)] = dom
+        return dom
+
+    def _admit(self, ops: np.ndarray) -> np.ndarray:
+        """The operations the host applies; every other one is refused and counted.
+
+        Refused: an unknown VM (host ``unknown_vm_ops``); a field no valid operation carries
+        (unknown kind, negative time, a PASID wider than 20 bits, a DMA that neither reads nor
+        writes: ``ops_refused``); a device operation whose sid is not assigned to the sending
+        VM (``foreign_sid_refused``), so nothing is translated or charged to another VM.
+        """
+        vm = ops["vm"]
+        known = np.isin(vm, np.array(sorted(self.counters), dtype=np.int64))
+        self.host_counters["unknown_vm_ops"] += int((~known).sum())
+        kind = ops["op"]
+        malformed = (~np.isin(kind, np.array(sorted(OP_NAMES))) | (ops["t_ns"] < 0)
+                     | (ops["pasid"] > MAX_PASID)
+                     | ((kind == OP_DMA)
+                        & ~np.isin(ops["a2"] & 0xFF, (ACCESS_READ, ACCESS_WRITE))))
+        owner = np.zeros(1 << 16, dtype=np.int64)
+        for sid, v in self.iommu.owner_of_sid.items():
+            owner[sid] = v
+        foreign = ~malformed & np.isin(kind, SID_OPS) & (owner[ops["sid"]] != vm)
+        for v in np.unique(vm[known & (malformed | foreign)]).tolist():
+            c = self.counters[v]
+            c["ops_refused"] += int((malformed & (vm == v)).sum())
+            c["foreign_sid_refused"] += int((foreign & (vm == v)).sum())
+        keep = known & ~malformed & ~foreign
+        return ops if keep.all() else ops[keep]
+
     # --- one epoch ------------------------------------------------------------------------
     def apply_epoch(self, ops: np.ndarray) -> dict[int, EpochReport]:
         """Apply merged operations (sorted by t_ns, vm, seq); report per VM."""
+        if not isinstance(ops, np.ndarray) or ops.dtype != OP_DTYPE or ops.ndim != 1:
+            raise ProtocolError("apply_epoch takes a 1-D numpy array of OP_DTYPE")
         h = self.iommu
+        ops = self._admit(ops)
         n = ops.size
         t = ops["t_ns"]
         kind = ops["op"]
@@ -100,12 +167,16 @@ class HostServer:
                 continue
             self._control(ops[i])
             i += 1
+        # The host driver's fault handler reads every record and clears PFO (dmar_fault).
+        f = h.faults.take_all()
+        owned = np.isin(f["vm"], np.array(sorted(self.counters), dtype=np.int64))
+        self.host_counters["host_faults"] += int((~owned).sum())
         reports = {}
         for vm in sorted(self.counters):
-            f = h.faults.take_for_vm(vm)
-            faults = list(zip(f["time_ns"].tolist(), f["sid"].tolist(), f["pasid"].tolist(),
-                              f["addr"].tolist(), f["reason"].tolist(), f["stage"].tolist(),
-                              strict=True))
+            m = f["vm"] == vm
+            faults = list(zip(f["time_ns"][m].tolist(), f["sid"][m].tolist(),
+                              f["pasid"][m].tolist(), f["addr"][m].tolist(),
+                              f["reason"][m].tolist(), f["stage"][m].tolist(), strict=True))
             reports[vm] = EpochReport(vm, dict(self.counters[vm]), faults)
         return reports
 
@@ -122,16 +193,17 @@ class HostServer:
                                                    int(op["a2"]))], t)
             c["host_inv_descriptors"] += nd
             self.oracle.unmap_returned(vm, int(op["a3"]), t_done)
-        elif k == OP_VFIO_MAP:
+        elif k in (OP_VFIO_MAP, OP_VFIO_UNMAP):
+            dom = self.shadow.get(vm)
             try:
-                c["pinned_pages"] += vfio_map(h, self.shadow[vm], int(op["a0"]), int(op["a1"]),
-                                              int(op["a2"]), bool(op["a3"]))
-            except (VfioError, KeyError, ValueError):
-                c["vfio_errors"] += 1
-        elif k == OP_VFIO_UNMAP:
-            try:
-                t_done, nd = vfio_unmap(h, self.shadow[vm], int(op["a0"]), int(op["a1"]), t)
-            except (VfioError, KeyError, ValueError):
+                if dom is None:
+                    raise VfioError(f"VM {vm} has no VFIO container")
+                if k == OP_VFIO_MAP:
+                    c["pinned_pages"] += vfio_map(h, dom, int(op["a0"]), int(op["a1"]),
+                                                  int(op["a2"]), bool(op["a3"]))
+                    return
+                t_done, nd = vfio_unmap(h, dom, int(op["a0"]), int(op["a1"]), t)
+            except VfioError:
                 c["vfio_errors"] += 1
                 return
             c["host_inv_descriptors"] += nd
@@ -139,12 +211,18 @@ class HostServer:
         elif k == OP_UNMAP_RET:
             self.oracle.unmap_returned(vm, int(op["a0"]), int(op["a1"]))
         elif k == OP_SL_UNMAP:
-            _t, nd, _freed = sl_unmap(h, vm, int(op["a0"]), int(op["a1"]), t)
+            try:
+                _t, nd, _freed, refused = sl_unmap(h, vm, int(op["a0"]), int(op["a1"]), t)
+            except IommufdError:
+                c["ops_refused"] += 1
+                return
             c["host_inv_descriptors"] += nd
+            c["sl_unmap_refused"] += refused
         elif k == OP_SL_MAP:
-            sl_map(h, vm, int(op["a0"]), int(op["a1"]))
-        else:
-            raise ValueError(f"unknown operation kind {k}")
+            try:
+                sl_map(h, vm, int(op["a0"]), int(op["a1"]))
+            except IommufdError:
+                c["ops_refused"] += 1
 
     def _dma(self, ops: np.ndarray) -> None:
         h = self.iommu

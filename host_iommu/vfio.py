@@ -15,25 +15,29 @@ import numpy as np
 
 from host_iommu import qi
 from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE, PGTT_SL_ONLY
-from host_iommu.invalidate import domain_flush_descs
+from host_iommu.invalidate import devtlb_flush_descs, domain_flush_descs
 from host_iommu.iommu import HostIommu
 from host_iommu.pasid import PasidEntry
 from host_iommu.pgtable import HostTableStore, PageTable
 
 
 class VfioError(Exception):
-    """A VFIO request the host refuses (the ioctl's -EINVAL/-EFAULT), named."""
+    """A VFIO request the host refuses (the ioctl's -EINVAL/-EFAULT/-EEXIST), named."""
 
 
 @dataclass
 class ShadowDomain:
-    """A VFIO container domain for one VM's assigned devices: GIOVA -> HPA."""
+    """A VFIO container domain for one VM's assigned devices: GIOVA -> HPA.
+
+    Pins are held on the VM's memory (``VmMemory.pins``, one count per mapping of a GPA
+    page), so a second-level change can see them; ``gpa_of_iova`` is the container's record
+    of what is mapped, which unmap walks instead of the requested range.
+    """
 
     vm: int
     did: int
     table: PageTable
     sids: list[int] = field(default_factory=list)
-    pins: dict[int, int] = field(default_factory=dict)  # GPA frame -> pin count
     gpa_of_iova: dict[int, int] = field(default_factory=dict)  # IOVA page -> GPA frame
     pinned_pages: int = 0   # pin operations performed (first pin of a page per mapping)
     pte_writes: int = 0
@@ -43,6 +47,11 @@ def vfio_attach(host: HostIommu, vm: int, sids: list[int], *, ats: bool = False
                 ) -> ShadowDomain:
     """Open the VM's devices into one container: an empty shadow table bound to each."""
     v = host.vms[vm]
+    for sid in sids:
+        owner = host.owner_of_sid.get(sid)
+        if not 0 <= sid <= 0xFFFF or owner not in (None, vm):
+            raise VfioError(f"device {sid:#x} cannot join VM {vm}'s container "
+                            f"(owner {owner})")
     table = PageTable(HostTableStore(host.mem, 0), "sl", v.sl.levels, host.p.haw, max_order=0)
     dom = ShadowDomain(vm, host.alloc_did(), table)
     for sid in sids:
@@ -51,7 +60,7 @@ def vfio_attach(host: HostIommu, vm: int, sids: list[int], *, ats: bool = False
                                                        slptr=table.root,
                                                        sl_levels=table.levels))
         dom.sids.append(sid)
-    v.tags.append(("shadow", dom.did, sids[0] if sids else 0, NO_PASID))
+        v.tags.append(("shadow", dom.did, sid, NO_PASID))
     return dom
 
 
@@ -59,39 +68,62 @@ def vfio_map(host: HostIommu, dom: ShadowDomain, iova: int, gpa: int, size: int,
              write: bool = True) -> int:
     """VFIO_IOMMU_MAP_DMA of [gpa, gpa+size) at iova: pin each page, map GIOVA->HPA.
 
-    Returns the pages pinned. Raises VfioError for unaligned or unbacked ranges.
+    Checked whole before anything changes (type1 vfio_dma_do_map): an unaligned or empty
+    range, an IOVA range beyond the shadow table, a GPA range the VM does not back, or an IOVA
+    already mapped (-EEXIST) raises VfioError. Returns the pages pinned.
     """
-    if iova % PAGE_SIZE or gpa % PAGE_SIZE or size <= 0 or size % PAGE_SIZE:
+    if iova < 0 or gpa < 0 or iova % PAGE_SIZE or gpa % PAGE_SIZE or size <= 0 \
+            or size % PAGE_SIZE:
         raise VfioError(f"unaligned VFIO map iova={iova:#x} gpa={gpa:#x} size={size:#x}")
-    pinned = 0
-    for off in range(0, size, PAGE_SIZE):
-        hpa = host.gpa_to_hpa(dom.vm, gpa + off)
-        if hpa is None:
-            raise VfioError(f"VFIO map of unbacked GPA {gpa + off:#x}")
-        f = (gpa + off) >> PAGE_SHIFT
-        dom.pins[f] = dom.pins.get(f, 0) + 1
-        dom.gpa_of_iova[(iova + off) >> PAGE_SHIFT] = f
-        pinned += 1
-        dom.pte_writes += dom.table.map(iova + off, hpa, PAGE_SIZE, write=write)
-    dom.pinned_pages += pinned
-    return pinned
+    if iova + size > dom.table.limit:
+        raise VfioError(f"VFIO map iova={iova:#x} size={size:#x} beyond the "
+                        f"{dom.table.width}-bit IOVA space")
+    v = host.vms[dom.vm]
+    f0, n = gpa >> PAGE_SHIFT, size >> PAGE_SHIFT
+    if f0 + n > v.gpa_frames or (v.hpa_of[f0:f0 + n] < 0).any():
+        raise VfioError(f"VFIO map of unbacked GPA range {gpa:#x}+{size:#x}")
+    p0 = iova >> PAGE_SHIFT
+    if n <= len(dom.gpa_of_iova):
+        taken = any(p in dom.gpa_of_iova for p in range(p0, p0 + n))
+    else:
+        taken = any(p0 <= p < p0 + n for p in dom.gpa_of_iova)
+    if taken:
+        raise VfioError(f"VFIO map iova={iova:#x} size={size:#x} overlaps a mapping")
+    v.pins[f0:f0 + n] += 1
+    for i in range(n):
+        dom.gpa_of_iova[p0 + i] = f0 + i
+        hpa = int(v.hpa_of[f0 + i]) << PAGE_SHIFT
+        dom.pte_writes += dom.table.map(iova + (i << PAGE_SHIFT), hpa, PAGE_SIZE, write=write)
+    dom.pinned_pages += n
+    return n
 
 
 def vfio_unmap(host: HostIommu, dom: ShadowDomain, iova: int, size: int, t_ns: int
                ) -> tuple[int, int]:
     """VFIO_IOMMU_UNMAP_DMA: clear the shadow range, flush, unpin.
 
-    Returns (time the flush completed, descriptors queued).
+    The work follows what is mapped, not the size asked for (type1 walks its vfio_dma tree):
+    the mapped IOVA pages inside the range are found from the container's record. Returns
+    (time the flush completed, descriptors queued).
     """
-    if iova % PAGE_SIZE or size <= 0 or size % PAGE_SIZE:
+    if iova < 0 or iova % PAGE_SIZE or size <= 0 or size % PAGE_SIZE:
         raise VfioError(f"unaligned VFIO unmap iova={iova:#x} size={size:#x}")
-    for off in range(0, size, PAGE_SIZE):
-        gframe = dom.gpa_of_iova.pop((iova + off) >> PAGE_SHIFT, None)
-        if gframe is not None and gframe in dom.pins:
-            dom.pins[gframe] -= 1
-            if dom.pins[gframe] <= 0:
-                del dom.pins[gframe]
+    if iova + size > dom.table.limit:
+        raise VfioError(f"VFIO unmap iova={iova:#x} size={size:#x} beyond the "
+                        f"{dom.table.width}-bit IOVA space")
+    v = host.vms[dom.vm]
+    p0, n = iova >> PAGE_SHIFT, size >> PAGE_SHIFT
+    if n <= len(dom.gpa_of_iova):
+        pages = [p for p in range(p0, p0 + n) if p in dom.gpa_of_iova]
+    else:
+        pages = sorted(p for p in dom.gpa_of_iova if p0 <= p < p0 + n)
+    for p in pages:
+        gframe = dom.gpa_of_iova.pop(p)
+        v.pins[gframe] -= 1
+    # The table walk visits only present tables, whatever the range.
     dom.pte_writes += dom.table.unmap(iova, size)
-    ats = [s for s in dom.sids if s in host.ats_sids]
-    descs = [*domain_flush_descs(dom.did, iova, size >> PAGE_SHIFT, ats_sids=ats), qi.wait_desc()]
-    return host.submit_qi(np.array(descs), t_ns)
+    descs = domain_flush_descs(dom.did, iova, n, ats_sids=[])
+    for sid in dom.sids:
+        if sid in host.ats_sids:
+            descs += devtlb_flush_descs(sid, NO_PASID, iova, n)
+    return host.submit_qi(np.array([*descs, qi.wait_desc()]), t_ns)

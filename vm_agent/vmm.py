@@ -40,6 +40,13 @@ class ShadowVmm(Vmm):
     walk sends VFIO only the differences: an unmap for each page that disappeared or changed,
     then a map for each page that appeared or changed, in runs of contiguous pages. A
     domain-wide or global invalidation resyncs the whole domain (vtd_sync_shadow_page_table).
+
+    The work is bounded by what is mapped, never by the address space a descriptor names: the
+    guest table is walked only where the range meets present entries, each table page once (a
+    loop or a shared table page reads as non-present), and the shadowed pages come from the
+    record. Only 4-KiB guest leaves are shadowed, as the shadow domain maps 4-KiB pages: this
+    vIOMMU advertises no second-level large pages (CAP.SLLPS = 0), so a large leaf in the
+    guest's table is an entry with a reserved bit set, which the walk skips.
     """
 
     mode = "shadow"
@@ -47,6 +54,15 @@ class ShadowVmm(Vmm):
     def __init__(self, log: OpLog, costs: CostModel, stats: dict[str, int]) -> None:
         super().__init__(log, costs, stats)
         self.shadowed: dict[int, dict[int, tuple[int, bool]]] = {}  # sid -> page -> (gpa pg, w)
+
+    @staticmethod
+    def _guest_pages(table: PageTable, start: int, end: int | None
+                     ) -> dict[int, tuple[int, bool]]:
+        """The guest's 4-KiB leaves in [start, end) pages: page -> (gpa page, writable)."""
+        hi = None if end is None else end << PAGE_SHIFT
+        return {iova >> PAGE_SHIFT: (phys >> PAGE_SHIFT, write)
+                for iova, phys, order, _read, write in table.leaves(start << PAGE_SHIFT, hi)
+                if order == 0}
 
     def handle(self, cmds, t_ns, sid, table, unmap_id=-1):
         c = self.costs
@@ -56,25 +72,33 @@ class ShadowVmm(Vmm):
             if cmd.type != qi.QI_IOTLB_TYPE or table is None:
                 continue  # wait, device-TLB: nothing to shadow
             if cmd.gran == qi.QI_IOTLB_GRAN_PAGE:
-                pages = range(cmd.addr >> PAGE_SHIFT, (cmd.addr >> PAGE_SHIFT) + (1 << cmd.am))
+                lo = cmd.addr >> PAGE_SHIFT
+                hi = lo + (1 << cmd.am)
+                # QEMU's vtd_page_walk reads the range entry by entry: the modelled time
+                # counts every page of it, the emulator's work only what is mapped.
+                t += c.vmm_pte_read_ns * table.levels * (hi - lo)
+                want = self._guest_pages(table, lo, hi)
+                if hi - lo <= len(shadow):
+                    have = [p for p in range(lo, hi) if p in shadow]
+                else:
+                    have = [p for p in shadow if lo <= p < hi]
             else:
-                guest = {iova >> PAGE_SHIFT for iova, *_ in table.leaves()}
-                pages = sorted(guest | shadow.keys())
+                want = self._guest_pages(table, 0, None)
+                have = list(shadow)
+                t += c.vmm_pte_read_ns * table.levels * len(want.keys() | shadow.keys())
             unmaps: list[int] = []
             maps: list[tuple[int, int, bool]] = []
-            for page in pages:
-                t += c.vmm_pte_read_ns * table.levels
-                hit = table.lookup(page << PAGE_SHIFT)
-                want = None if hit is None else (hit[0] >> PAGE_SHIFT, hit[3])
-                have = shadow.get(page)
-                if want == have:
+            for page in sorted(want.keys() | set(have)):
+                w = want.get(page)
+                h = shadow.get(page)
+                if w == h:
                     continue
-                if have is not None:
+                if h is not None:
                     unmaps.append(page)
                     del shadow[page]
-                if want is not None:
-                    maps.append((page, *want))
-                    shadow[page] = want
+                if w is not None:
+                    maps.append((page, *w))
+                    shadow[page] = w
             for start, n in _runs([(p, p, True) for p in unmaps]):
                 self.log.add(t, OP_VFIO_UNMAP, sid=sid, a0=start << PAGE_SHIFT,
                              a1=n << PAGE_SHIFT, a3=unmap_id)
