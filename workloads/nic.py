@@ -19,6 +19,13 @@ Per queue ``q`` (driven by vCPU ``q % vcpus``):
   maps the packet (DMA_TO_DEVICE) and writes a TX descriptor; the device, serialised at
   ``line_gbps``, reads the descriptor and the packet and writes the completion back. A full
   TX ring drops the packet at the qdisc (``tx_drops``).
+- Request/response (``request_response``, netperf TCP_RR style): each queue carries one
+  closed-loop flow. A request arrives (RX), NAPI hands it to the stack and the application
+  answers at once with one response (TX); the peer sends the next request
+  ``peer_turnaround_us`` after the response left the port (both wire hops plus the peer's
+  stack). One round trip is one RX and one TX packet (two map/unmap pairs) and one I/O whose
+  latency is the round-trip time the peer sees: request in to response out, plus the peer's
+  turnaround. ``offered_gbps`` and ``rx_fraction`` do not apply.
 
 State is bounded by the ring sizes: at most ``rx_ring + tx_ring`` buffers mapped per queue.
 """
@@ -115,12 +122,15 @@ class _Queue:
     # sent by the device, awaiting clean-up: (gpa, iova, nbytes, t_queued_ns)
     tx_done: deque[tuple[int, int, int, int]] = field(default_factory=deque)
     irq_state: int = IRQ_IDLE
+    # request/response: arrival time and size of the request each queued response answers
+    rr_requests: deque[tuple[int, int]] = field(default_factory=deque)
 
 
 class NicWorkload(Workload):
     """A multi-queue 10 GbE NIC with per-packet streaming DMA mappings."""
 
     kind = "nic"
+    SUMMARY_COLUMNS = ("nic_round_trips", "nic_rtt_mean_ns")
 
     @dataclass(frozen=True)
     class Params:
@@ -138,12 +148,19 @@ class NicWorkload(Workload):
         cpu_per_packet_ns: int = 400    # network stack work per packet
         buffer_bytes: int = 2048        # RX buffer (ixgbe: 2 KiB half pages)
         packets: int = 0                # packets offered in all (RX + TX); 0: no limit
+        request_response: bool = False  # closed-loop ping-pong per queue (netperf TCP_RR)
+        peer_turnaround_us: float = 20.0  # response out -> next request in (wire + peer)
 
         def validate(self) -> list[tuple[str, str]]:
             errors = check_fraction(self.rogue_fraction, "rogue_fraction")
             errors += check_fraction(self.rx_fraction, "rx_fraction")
             errors += check_positive(self.queues, "queues", zero_ok=True)
             errors += check_positive(self.packets, "packets", zero_ok=True)
+            errors += check_positive(self.peer_turnaround_us, "peer_turnaround_us",
+                                     zero_ok=True)
+            if not isinstance(self.request_response, bool):
+                errors.append(("request_response", f"{self.request_response!r} is not a "
+                               "boolean"))
             for key in ("rx_ring", "tx_ring", "napi_budget", "buffer_bytes"):
                 errors += check_positive(getattr(self, key), key)
             errors += check_positive(self.offered_gbps, "offered_gbps", zero_ok=True)
@@ -153,7 +170,7 @@ class NicWorkload(Workload):
             errors += check_sizes_weights(self.packet_sizes, self.packet_weights,
                                           "packet_sizes", "packet_weights",
                                           MIN_FRAME_BYTES, MAX_FRAME_BYTES)
-            if (not errors and self.rx_fraction > 0.0
+            if (not errors and (self.rx_fraction > 0.0 or self.request_response)
                     and max(self.packet_sizes) > self.buffer_bytes):
                 errors.append(("packet_sizes", f"packet of {max(self.packet_sizes)} bytes "
                                f"does not fit an RX buffer of {self.buffer_bytes}"))
@@ -172,6 +189,12 @@ class NicWorkload(Workload):
         self._busy_until: list[int] = []
         self._tx_wire_free_ns = 0
         self.offered = 0
+        self.round_trips = 0
+        self.rtt_sum_ns = 0
+
+    def summary_counters(self) -> dict[str, int]:
+        mean = round(self.rtt_sum_ns / self.round_trips) if self.round_trips else 0
+        return {"nic_round_trips": self.round_trips, "nic_rtt_mean_ns": mean}
 
     def _offer(self) -> bool:
         """Count one offered packet; False once ``packets`` have been offered (stop)."""
@@ -193,15 +216,21 @@ class NicWorkload(Workload):
         tx_gbps = p.offered_gbps * (1.0 - p.rx_fraction) / nq
         self._rx_gap_ns = mean_bits / rx_gbps if rx_gbps > 0 else 0.0
         self._tx_gap_ns = mean_bits / tx_gbps if tx_gbps > 0 else 0.0
+        rr = p.request_response
+        if rr:
+            self._rx_gap_ns = self._tx_gap_ns = 0.0
         for q in range(nq):
             qu = _Queue(q=q, cpu=q % ctx.vcpus)
             _, qu.rx_ring_iova = ctx.dma_alloc_coherent(self.dev, p.rx_ring * DESC_BYTES)
             _, qu.tx_ring_iova = ctx.dma_alloc_coherent(self.dev, p.tx_ring * DESC_BYTES)
             self.queues.append(qu)
             t = 0
-            if p.rx_fraction > 0.0:
+            if p.rx_fraction > 0.0 or rr:
                 for _ in range(p.rx_ring):
                     t = self._post_rx_buffer(ctx, qu, t)
+            if rr:
+                schedule_at(ctx, t + round(p.peer_turnaround_us * 1000.0), self._rx_arrival,
+                            q)
             if self._rx_gap_ns > 0:
                 schedule_at(ctx, t + self._gap(ctx, self._rx_gap_ns), self._rx_arrival, q)
             if self._tx_gap_ns > 0:
@@ -223,11 +252,13 @@ class NicWorkload(Workload):
 
     # --- RX ----------------------------------------------------------------------------
     def _rx_arrival(self, ctx: GuestContext, t_ns: int, q: int) -> None:
-        if not self._offer():
+        rr = self.params.request_response
+        if not self._offer() or (rr and not self._offer()):    # a round trip: RX and TX
             return
         qu = self.queues[q]
         nbytes = self._sizes.draw(ctx.rng)
-        schedule_at(ctx, t_ns + self._gap(ctx, self._rx_gap_ns), self._rx_arrival, q)
+        if not rr:
+            schedule_at(ctx, t_ns + self._gap(ctx, self._rx_gap_ns), self._rx_arrival, q)
         if not qu.rx_posted:
             self.rx_drops += 1
             return
@@ -263,17 +294,22 @@ class NicWorkload(Workload):
             ctx.free_buffer(gpa, nbytes)
             qu.tx_in_flight -= 1
             self.tx_packets += 1
-            ctx.io_done(t, nbytes, t - t_queued)
+            if not p.request_response:     # a round trip is counted when its response left
+                ctx.io_done(t, nbytes, t - t_queued)
         done = 0
         while qu.rx_pending and done < p.napi_budget:
             gpa, iova, nbytes, t_arrive = qu.rx_pending.popleft()
             t = ctx.dma_unmap(cpu, self.dev, iova, p.buffer_bytes, DMA_FROM_DEVICE, t)
             t += p.cpu_per_packet_ns
-            ctx.io_done(t, nbytes, t - t_arrive)
             self.rx_packets += 1
             t = self._post_rx_buffer(ctx, qu, t)
             ctx.free_buffer(gpa, p.buffer_bytes)
             done += 1
+            if p.request_response:         # the application answers the request at once
+                qu.rr_requests.append((t_arrive, nbytes))
+                t = self._tx_send(ctx, q, t, self._sizes.draw(ctx.rng))
+            else:
+                ctx.io_done(t, nbytes, t - t_arrive)
         self._busy_until[cpu] = max(self._busy_until[cpu], t)
         self.max_poll_packets = max(self.max_poll_packets, done)
         if qu.rx_pending:                      # budget spent: poll again, irqs stay masked
@@ -285,13 +321,17 @@ class NicWorkload(Workload):
     def _tx_generate(self, ctx: GuestContext, t_ns: int, q: int) -> None:
         if not self._offer():
             return
-        p = self.params
-        qu = self.queues[q]
         nbytes = self._sizes.draw(ctx.rng)
         schedule_at(ctx, t_ns + self._gap(ctx, self._tx_gap_ns), self._tx_generate, q)
+        self._tx_send(ctx, q, t_ns, nbytes)
+
+    def _tx_send(self, ctx: GuestContext, q: int, t_ns: int, nbytes: int) -> int:
+        """Map one packet and post it to the TX ring; the time the vCPU is done."""
+        p = self.params
+        qu = self.queues[q]
         if qu.tx_in_flight >= p.tx_ring:
             self.tx_drops += 1
-            return
+            return t_ns
         t = self._cpu_start(ctx, qu.cpu, t_ns)
         gpa = ctx.alloc_buffer(nbytes)
         iova, t = ctx.dma_map(qu.cpu, self.dev, gpa, nbytes, DMA_TO_DEVICE, t)
@@ -304,6 +344,7 @@ class NicWorkload(Workload):
         wire_ns = max(1, round(nbytes * 8 / p.line_gbps))
         self._tx_wire_free_ns = t_start + wire_ns
         schedule_at(ctx, t_start, self._tx_fetch, q, desc, gpa, iova, nbytes, t_ns, wire_ns)
+        return t
 
     def _tx_fetch(self, ctx: GuestContext, t_ns: int, q: int, desc: int, gpa: int, iova: int,
                   nbytes: int, t_queued: int, wire_ns: int) -> None:
@@ -317,3 +358,11 @@ class NicWorkload(Workload):
         ctx.device_dma(self.dev, t_ns, desc, DESC_BYTES, True)   # descriptor done write-back
         qu.tx_done.append((gpa, iova, nbytes, t_queued))
         self._raise_irq(ctx, qu, t_ns)
+        if self.params.request_response and qu.rr_requests:
+            t_request, req_bytes = qu.rr_requests.popleft()
+            turnaround_ns = round(self.params.peer_turnaround_us * 1000.0)
+            rtt_ns = t_ns - t_request + turnaround_ns
+            self.round_trips += 1
+            self.rtt_sum_ns += rtt_ns
+            ctx.io_done(t_ns, req_bytes + nbytes, rtt_ns)
+            schedule_at(ctx, t_ns + turnaround_ns, self._rx_arrival, q)

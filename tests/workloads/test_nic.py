@@ -157,3 +157,35 @@ def test_packets_limit_offers_exactly_that_many(make_ctx):
     assert nic.offered == 40
     assert nic.rx_packets + nic.tx_packets + nic.rx_drops + nic.tx_drops == 40
     assert P(packets=-1).validate()
+
+
+def test_request_response_one_rx_and_one_tx_per_round_trip(make_ctx):
+    """Ping-pong: each round trip is one RX and one TX packet (one map/unmap pair each) and
+    one I/O whose latency is the round-trip time, at least the peer's turnaround."""
+    p = P(queues=1, rx_ring=8, tx_ring=8, request_response=True, packets=40,
+          peer_turnaround_us=20.0, irq_coalesce_us=10.0)
+    ctx, nic = run_nic(make_ctx, p, t_ns=50 * MS, vcpus=1)
+    assert ctx.errors == [] and ctx.pending_events() == 0
+    assert nic.round_trips == nic.rx_packets == nic.tx_packets == 20 == len(ctx.ios)
+    assert nic.rx_drops == nic.tx_drops == 0
+    tx_maps = [m for m in ctx.maps if m[3] == DMA_TO_DEVICE]
+    rx_maps = [m for m in ctx.maps if m[3] == DMA_FROM_DEVICE]
+    assert len(tx_maps) == 20 and len(rx_maps) == 8 + 20          # ring fill + refills
+    assert len(ctx.unmaps) == 40 and ctx.live_mappings() == 8
+    rtts = [lat for _, _, lat in ctx.ios]
+    assert min(rtts) > 20_000 + 10_000      # turnaround + interrupt moderation, at least
+    cols = nic.summary_counters()
+    assert cols["nic_round_trips"] == 20 and cols["nic_rtt_mean_ns"] == round(sum(rtts) / 20)
+    # closed loop: a request arrives only after the previous response left
+    assert [t for t, _, _ in ctx.ios] == sorted(t for t, _, _ in ctx.ios)
+
+
+def test_request_response_rtt_grows_with_turnaround(make_ctx):
+    """A slower peer lengthens every round trip by the added turnaround."""
+    base = P(queues=1, rx_ring=4, tx_ring=4, request_response=True, packets=20,
+             irq_coalesce_us=0.0)
+    fast = run_nic(make_ctx, replace(base, peer_turnaround_us=10.0), t_ns=50 * MS, vcpus=1)[1]
+    slow = run_nic(make_ctx, replace(base, peer_turnaround_us=30.0), t_ns=50 * MS, vcpus=1)[1]
+    assert fast.round_trips == slow.round_trips == 10
+    diff = slow.summary_counters()["nic_rtt_mean_ns"] - fast.summary_counters()["nic_rtt_mean_ns"]
+    assert diff == 20_000

@@ -57,7 +57,8 @@ def test_prp_lists_by_size(make_ctx, io_bytes, uses_list, list_pages):
     assert ctx.errors == []
     assert nvme.completed >= 2
     npages = io_bytes // (4 * KIB)
-    assert all(len(segs) == npages for segs in ctx.map_sgs)     # one sg entry per page
+    # one segment per physically contiguous run, covering every page once
+    assert all(sum(-(-n // 4096) for _, n in segs) == npages for segs in ctx.map_sgs)
     assert nvme.prp_list_commands == (nvme.submitted if uses_list else 0)
     assert nvme.prp_list_pages_used == nvme.submitted * list_pages
     sq = nvme.queues[0].sq_iova
@@ -145,3 +146,61 @@ def test_validate_rejects(change, key):
     """validate() names the bad key."""
     assert key in [k for k, _ in replace(P(), **change).validate()]
     assert P().validate() == []
+
+
+def test_ios_limit_completes_exactly_that_many(make_ctx):
+    """``ios`` stops new submissions after N commands; all N complete and unmap."""
+    ctx, nvme = run_nvme(make_ctx, P(queue_depth=8, ios=37), t_ns=20 * MS)
+    assert nvme.submitted == nvme.completed == len(ctx.ios) == 37
+    assert len(ctx.map_sgs) == len(ctx.unmap_sgs) == 37 and ctx.live_mappings() == 0
+    assert ctx.pending_events() == 0 and ctx.errors == []
+
+
+def test_64k_ios_make_13_to_16_map_events(make_ctx):
+    """A 64 KiB I/O's 16 pages are physically scattered, some runs contiguous: dma_map_sg
+    gets one segment (one iommu:map event) per contiguous run, 13-16 as on a real guest."""
+    ctx, _ = run_nvme(make_ctx, P(queue_depth=4, io_sizes=(64 * KIB,)), t_ns=5 * MS)
+    events = [len(segs) for segs in ctx.map_sgs]
+    assert len(events) > 30 and all(sum(n for _, n in s) == 64 * KIB for s in ctx.map_sgs)
+    assert max(events) == 16 and min(events) < 16
+    assert 13.0 <= sum(events) / len(events) <= 15.9
+    scattered = run_nvme(make_ctx, P(queue_depth=4, io_sizes=(64 * KIB,), page_contiguity=0.0),
+                         t_ns=MS)[0]
+    assert {len(s) for s in scattered.map_sgs} == {16}
+    whole = run_nvme(make_ctx, P(queue_depth=4, io_sizes=(64 * KIB,), page_contiguity=1.0),
+                     t_ns=MS)[0]
+    assert {len(s) for s in whole.map_sgs} == {1}
+
+
+def test_scattered_pages_cover_the_buffer_and_merge_by_runs():
+    """Every page appears once; runs follow the draws; merging gives one segment per run."""
+    from workloads.nvme import merge_contiguous, scattered_pages
+
+    base = 1 << 30
+    sg = scattered_pages(base, 6 * 4096, [0.0, 0.9, 0.0, 0.0, 0.9], contiguity=0.5)
+    assert sorted(g for g, _ in sg) == [base + i * 4096 for i in range(6)]
+    # runs [0,1] [2,3,4] [5], listed last first
+    assert merge_contiguous(sg) == [(base + 5 * 4096, 4096), (base + 2 * 4096, 3 * 4096),
+                                    (base, 2 * 4096)]
+    assert merge_contiguous([(base + 100, 200), (base + 300, 100)]) == [
+        (base + 100, 200), (base + 300, 100)]       # not at a page boundary: kept apart
+
+
+def test_guest_counts_one_map_event_per_contiguous_run(tmp_path):
+    """In a full shadow guest, 64 KiB I/Os with ``ios`` fixed give 13-16 iommu:map events
+    per map call on average, and exactly ``ios`` I/Os."""
+    from cluster.config import parse_config
+    from cluster.runner import run_config
+
+    cfg = parse_config({
+        "experiment": {"name": "prp", "seed": 2, "duration_us": 3000, "epoch_us": 100},
+        "host": {"memory_mib": 256},
+        "vm": {"g": {"mode": "shadow", "memory_mib": 64, "vcpus": 1,
+                     "workload": {"kind": "nvme", "queue_depth": 4, "queues": 1, "ios": 24,
+                                  "io_sizes": [64 * KIB], "read_latency_us": 20.0}}}})
+    (row,) = run_config(cfg, tmp_path).summary.to_pylist()
+    assert row["ios"] == 24
+    data_maps = 24                                  # plus the rings' and PRP lists' maps
+    setup_maps = row["maps"] - data_maps
+    per_io = (row["iommu_map_events"] - setup_maps) / data_maps
+    assert 13.0 <= per_io < 16.0
