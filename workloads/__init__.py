@@ -10,6 +10,7 @@ from typing import Any
 from workloads.base import Device, GuestContext, Workload
 from workloads.churn import Churn, ChurnParams
 from workloads.ftrace import import_ftrace
+from workloads.multi import MultiWorkload
 from workloads.nic import NicWorkload
 from workloads.nvme import NvmeWorkload, prp_layout
 from workloads.trace import (
@@ -27,7 +28,9 @@ WORKLOADS: dict[str, type[Workload]] = {
     NicWorkload.kind: NicWorkload,
     NvmeWorkload.kind: NvmeWorkload,
     TraceWorkload.kind: TraceWorkload,
+    MultiWorkload.kind: MultiWorkload,      # [[vm.<group>.workload]]: several devices
 }
+MultiWorkload.registry = WORKLOADS
 CHURN_PARAMS = ChurnParams
 
 # Workload summary columns of every kind, in a fixed order (0 where a kind has none).
@@ -45,6 +48,8 @@ def input_digest(kind: str, params: Any) -> str:
     """A digest of the files a workload reads ("" when it reads none): a run id covers it."""
     if kind == TraceWorkload.kind and getattr(params, "path", ""):
         return trace_digest(params.path)
+    if kind == MultiWorkload.kind:
+        return "+".join(input_digest(p.kind, p.params) for p in params.parts).strip("+")
     return ""
 
 
@@ -56,6 +61,7 @@ __all__ = [
     "ChurnParams",
     "Device",
     "GuestContext",
+    "MultiWorkload",
     "NicWorkload",
     "NvmeWorkload",
     "TraceError",
