@@ -400,6 +400,23 @@ def _workload(table: Any, path: str, registry: Mapping[str, type], base_dir: Pat
     return WorkloadConfig(kind, params) if len(problems) == n else None
 
 
+def _workload_list(tables: list, path: str, registry: Mapping[str, type],
+                   base_dir: Path | None, problems: list[tuple[str, str]]
+                   ) -> WorkloadConfig | None:
+    """Several devices in one VM: kind "multi" over one WorkloadConfig per table."""
+    n = len(problems)
+    parts = [_workload(t, f"{path}.{i}", registry, base_dir, problems)
+             for i, t in enumerate(tables)]
+    multi = registry.get("multi")
+    _check(problems, multi is not None, path, "no multi-device workload is registered")
+    _check(problems, bool(tables), path, "an empty list of workloads")
+    if len(problems) > n or multi is None:
+        return None
+    params = multi.Params(parts=tuple(parts))
+    _run_validate(params, path, problems)
+    return WorkloadConfig("multi", params) if len(problems) == n else None
+
+
 def _resolve_trace(params: Any, path: str, base_dir: Path | None,
                    problems: list[tuple[str, str]]) -> Any:
     """Trace files are named relative to the config file's folder; they must exist."""
@@ -428,7 +445,10 @@ def _vm_group(name: str, table: Any, reg: Any, base_dir: Path | None, sl_levels:
            f"group name must match {_NAME_RE.pattern}, got {name!r}")
     plain = {k: v for k, v in table.items() if k not in ("workload", "churn")}
     keys = _build(_VmGroupKeys, plain, path, problems)
-    if "workload" in table:
+    if isinstance(table.get("workload"), list):   # [[vm.<group>.workload]]: a device each
+        workload = _workload_list(table["workload"], f"{path}.workload", _registry_kinds(reg),
+                                  base_dir, problems)
+    elif "workload" in table:
         workload = _workload(table["workload"], f"{path}.workload", _registry_kinds(reg),
                              base_dir, problems)
     else:
@@ -695,7 +715,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     for g in cfg.vms:
         d = {k: getattr(g, k) for k in ("count", "mode", "policy", "flush_queue", "vcpus",
                                          "memory_mib", "fl_levels", "ats", "host")}
-        d["workload"] = {"kind": g.workload.kind, **_plain(g.workload.params)}
+        w = g.workload
+        d["workload"] = ([{"kind": p.kind, **_plain(p.params)} for p in w.params.parts]
+                         if w.kind == "multi" else {"kind": w.kind, **_plain(w.params)})
         if g.churn is not None:
             d["churn"] = _plain(g.churn)
         vms[g.name] = d
