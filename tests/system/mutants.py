@@ -47,7 +47,7 @@ MUTANTS = (
     Mutant("balloon-frees-without-flush", "host_iommu/nested.py",
            "t_done, nd = flush_derived(host, vm, gpa, npages, t_ns)",
            "t_done, nd = t_ns, 0",
-           ("tests/system/test_churn.py", "tests/host_iommu/test_nested.py")),
+           ("tests/system/test_churn_safety.py", "tests/host_iommu/test_nested.py")),
     Mutant("lazy-timer-never-fires", "vm_agent/dma.py",
            "if t is not None and dom.fq.on_timer(t):",
            "if False:",
