@@ -45,9 +45,10 @@ def test_validate_rejects(change, key):
 
 def test_registry():
     """WORKLOADS maps each kind to its class; every Params has defaults that validate."""
-    assert sorted(workloads.WORKLOADS) == ["nic", "nvme", "trace"]
+    assert sorted(workloads.WORKLOADS) == ["multi", "nic", "nvme", "trace"]
+    needs = {"trace": [("path", "a trace file is required")],
+             "multi": [("parts", "a list of workloads needs at least one")]}
     for kind, cls in workloads.WORKLOADS.items():
         assert cls.kind == kind
-        errors = cls.Params().validate()
-        assert errors == ([("path", "a trace file is required")] if kind == "trace" else [])
+        assert cls.Params().validate() == needs.get(kind, [])
     assert workloads.CHURN_PARAMS is ChurnParams
