@@ -31,7 +31,8 @@ def validate(tmp_path: Path, churn: str, capsys) -> tuple[int, str]:
     return rc, cap.out + cap.err
 
 
-@pytest.mark.parametrize("typo", ["page = 8", "interval = 50.0", "Pages = 8"])
+@pytest.mark.parametrize("typo", ["page = 8", "interval = 50.0", "Pages = 8"],
+                         ids=["page", "interval", "Pages"])
 def test_unknown_churn_key_is_an_error_naming_it(tmp_path, capsys, typo):
     """A misspelt churn key fails validation (exit 2) and the message names its key path."""
     rc, text = validate(tmp_path, typo, capsys)
