@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench lint clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# A hostile-guest fuzz campaign (tests/fuzz): >= 1,000,000 operations, fixed default seed.
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz --ops 1000000
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,36 @@
+"""A short hostile-guest fuzz in every test run: a few seeds, bounded by operation count.
+
+The full campaign is ``make fuzz`` (a million operations); this keeps the same code path
+alive in ``make test`` and fails on any violation, escaping exception or hang.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fuzz import __main__ as cli
+from tests.fuzz.campaign import campaign
+from tests.fuzz.ops import WEIGHTS
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_short_fuzz_finds_no_violation(seed, tmp_path):
+    tally = campaign(seed, 8000, tmp_path, shrink_max=1, shrink_budget_s=30)
+    assert tally.operations >= 8000 and tally.steps >= 20
+    assert tally.translated > 0 and tally.faulted > 0   # both outcomes really happened
+    assert [v.signature for v in tally.violations] == [], tally.summary(seed)
+
+
+def test_short_fuzz_reaches_every_boundary(tmp_path):
+    """Over a few worlds every operation kind runs, and boundaries refuse some of them."""
+    tally = campaign(4, 25_000, tmp_path, shrink_max=1, shrink_budget_s=30, world_steps=60)
+    assert set(tally.kinds) == set(WEIGHTS), tally.kinds
+    assert tally.refused["frame"] > 0 and tally.refused["dma"] > 0
+    assert tally.violations == [], tally.summary(4)
+
+
+def test_cli_prints_the_tally(tmp_path, capsys):
+    assert cli.main(["--ops", "400", "--seed", "5", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for line in ("operations ", "rate ", "violations 0", "exceptions 0", "hangs 0"):
+        assert line in out
