@@ -7,12 +7,14 @@ references per I/O, IOTLB hit rate, modelled throughput, stale and cross-VM DMA,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from cluster.config import ClusterError
+from cluster.results import META_PARTITION_KEYS
 
 GROUP_KEYS = ("mode", "policy", "workload")
 _SUMMED = ("ios", "vm_exits", "inv_descriptors", "walk_refs", "translations", "iotlb_hits",
@@ -59,7 +61,9 @@ def format_summary(summary: pa.Table) -> str:
 
     Ratios are of sums over the group's VMs (exits/IO = sum vm_exits / sum ios); Gb/s is the
     sum over VMs of bytes * 8 / sim_ns (VMs run side by side). A zero denominator prints "-".
-    When the table holds several runs (an experiment), rows are also split by run.
+    When the table holds several runs (an experiment or sweep), rows are also split by run
+    and by the sweep parameters (the Hive keys ``read_dataset`` names in the schema metadata),
+    each only where it varies.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in summary.column_names]
     if missing:
@@ -67,23 +71,22 @@ def format_summary(summary: pa.Table) -> str:
     if summary.num_rows == 0:
         return "(no VMs in summary)"
     data = summary.to_pydict()
-    runs = data.get("run", [""] * summary.num_rows)
-    by_run = len(set(runs)) > 1
+    meta = (summary.schema.metadata or {}).get(META_PARTITION_KEYS)
+    split = json.loads(meta) if meta else ["run"]
+    split = [k for k in split if k in data and len(set(data[k])) > 1]
     groups: dict[tuple[str, ...], _Group] = {}
     for i in range(summary.num_rows):
-        key = tuple(str(data[k][i]) for k in GROUP_KEYS)
-        if by_run:
-            key = (str(runs[i]), *key)
+        key = tuple(str(data[k][i]) for k in (*split, *GROUP_KEYS))
         g = groups.setdefault(key, _Group())
         g.vms += 1
         for c in _SUMMED:
             g.sums[c] += int(data[c][i] or 0)
-        sim_ns = int(data["sim_ns"][i] or 0)
+        sim_ns = int(data.get("window_ns", data["sim_ns"])[i] or 0)   # the measured window
         if sim_ns > 0:
             g.gbps += int(data["bytes"][i] or 0) * 8 / sim_ns
             g.gbps_vms += 1
     cols = _columns()
-    header = [*(("run",) if by_run else ()), *GROUP_KEYS, *(name for name, _ in cols)]
+    header = [*split, *GROUP_KEYS, *(name for name, _ in cols)]
     rows = [[*key, *(fn(groups[key]) for _, fn in cols)] for key in sorted(groups)]
     n_text = len(header) - len(cols)  # left-aligned text columns, then right-aligned numbers
     widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]

@@ -25,6 +25,7 @@ import platform
 import re
 import shutil
 import tomllib
+import uuid
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -42,6 +43,7 @@ META_CONFIG = b"iommu_emu.config"
 META_SEED = b"iommu_emu.seed"
 META_RUN = b"iommu_emu.run"
 META_VERSIONS = b"iommu_emu.versions"
+META_PARTITION_KEYS = b"iommu_emu.partition_keys"  # set by read_dataset: ["run", params...]
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2
@@ -193,9 +195,10 @@ class RunWriter:
                 out_dir, cfg.experiment.name, self.run_id, self.params) != STATUS_FAILED:
             raise RunExistsError(f"run {self.run_id} already exists in {self.final_dir} "
                                  "(use overwrite to replace it)")
-        self.tmp_dir = self.experiment_dir / f"{_TMP_PREFIX}{self.run_id}-{os.getpid()}"
-        if self.tmp_dir.exists():  # left by an earlier crashed writer with our pid
-            shutil.rmtree(self.tmp_dir)
+        # Unique per writer: two sweep points may resolve to one run id (in their own
+        # partitions) and be written at the same time.
+        self.tmp_dir = self.experiment_dir / (f"{_TMP_PREFIX}{self.run_id}-{os.getpid()}-"
+                                              f"{uuid.uuid4().hex[:8]}")
         self.tmp_dir.mkdir(parents=True)
         self.versions = versions()
         self._metadata = {
@@ -458,14 +461,19 @@ def read_run(path: str | Path) -> dict[str, pa.Table]:
 
 
 def read_dataset(path: str | Path) -> pa.Table:
-    """A table's dataset folder (``<experiment>/<table>``) with its Hive keys as columns."""
+    """A table's dataset folder (``<experiment>/<table>``) with its Hive keys as columns
+    (their names in the schema metadata ``META_PARTITION_KEYS``)."""
     import pyarrow.dataset as ds
 
     p = Path(path)
     try:
-        return ds.dataset(p, format="parquet", partitioning="hive").to_table()
+        dataset = ds.dataset(p, format="parquet", partitioning="hive")
+        table = dataset.to_table()
     except (OSError, pa.ArrowException) as e:
         raise ResultsError(f"cannot read results in {p}: {e}") from None
+    keys = [k for k in dataset.partitioning.schema.names if k in table.column_names]
+    meta = {**(table.schema.metadata or {}), META_PARTITION_KEYS: json.dumps(keys).encode()}
+    return table.replace_schema_metadata(meta)
 
 
 def read_summaries(path: str | Path, table: str = "summary") -> pa.Table:

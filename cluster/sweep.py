@@ -41,12 +41,21 @@ class SweepPoint:
     cfg: Config
     run_id: str
 
+    @property
+    def key(self) -> str:
+        """The point's partition path, ``<param>=<value>/...``: unique within a sweep (two
+        points may share a run id when they resolve to the same config, e.g. shadow with
+        policy lazy, which runs strict)."""
+        return "/".join(f"{k}={v}" for k, v in self.params)
+
 
 @dataclass
 class SweepResult:
-    complete: list[str] = field(default_factory=list)   # run ids run now
-    skipped: list[str] = field(default_factory=list)    # run ids complete before
-    failed: dict[str, str] = field(default_factory=dict)  # run id -> error
+    """Points by ``SweepPoint.key``."""
+
+    complete: list[str] = field(default_factory=list)   # run now
+    skipped: list[str] = field(default_factory=list)    # complete before
+    failed: dict[str, str] = field(default_factory=dict)  # -> error
 
     @property
     def ok(self) -> bool:
@@ -130,17 +139,17 @@ def run_sweep(cfg: Config, out_dir: str | Path, backend: str = "inproc", *,
     todo: list[SweepPoint] = []
     for p in points:
         if run_status(out, exp, p.run_id, p.params) == STATUS_COMPLETE:
-            result.skipped.append(p.run_id)
-            status[p.run_id] = (STATUS_COMPLETE, "")
+            result.skipped.append(p.key)
+            status[p.key] = (STATUS_COMPLETE, "")
         else:
             todo.append(p)
 
     def done(p: SweepPoint, st: str, err: str) -> None:
-        status[p.run_id] = (st, err)
+        status[p.key] = (st, err)
         if st == STATUS_COMPLETE:
-            result.complete.append(p.run_id)
+            result.complete.append(p.key)
         else:
-            result.failed[p.run_id] = err
+            result.failed[p.key] = err
         _write_manifest(out, cfg, points, status)
         if on_point is not None:
             on_point(p, st, err)
@@ -188,8 +197,8 @@ def _write_manifest(out: str, cfg: Config, points: Sequence[SweepPoint],
     data = {"experiment": cfg.experiment.name,
             "sweep": {k: list(v) for k, v in cfg.sweep},
             "points": [{"run": p.run_id, "params": dict(p.params),
-                        "status": status.get(p.run_id, ("pending", ""))[0],
-                        "error": status.get(p.run_id, ("", ""))[1]} for p in points]}
+                        "status": status.get(p.key, ("pending", ""))[0],
+                        "error": status.get(p.key, ("", ""))[1]} for p in points]}
     tmp = folder / f".{SWEEP_MANIFEST}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, folder / SWEEP_MANIFEST)
