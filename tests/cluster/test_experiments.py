@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from cluster.config import parse_config
 from cluster.runner import run_config
@@ -61,37 +60,25 @@ def test_cold_walk_references_per_miss(tmp_path):
         assert r["walk_refs"] == per_miss * r["iotlb_misses"], group
 
 
-@pytest.mark.parametrize("mode", ["nested", "shadow", "passthrough"])
-def test_strict_is_safe_even_with_a_rogue_device(tmp_path, mode):
-    """Strict policy: no stale and no cross-VM DMA in any mode, even with a rogue device (its
-    DMAs fault, or land on the IOVA's next, live mapping: strict frees IOVAs for reuse)."""
-    rows, _, _ = run(tmp_path, {"a": nic_group(mode, rogue=0.05), "b": nic_group(mode)})
-    r = rows["a"]
-    assert r["rogue_dma"] > 0
-    assert r["stale_dma"] == 0 and r["cross_vm_dma"] == 0
-    assert rows["b"]["stale_dma"] == 0 and rows["b"]["cross_vm_dma"] == 0
-
-
-def test_lazy_makes_stale_dma_measurable_within_the_flush_queue_bound(tmp_path):
-    """Lazy nested with a rogue device: stale DMA happens, and its window stays within the
-    flush queue's bound (10 ms timeout plus the flush itself)."""
-    rows, _, _ = run(tmp_path, {"lazy": nic_group("nested", "lazy", rogue=0.05)},
-                     duration_us=3000)
-    r = rows["lazy"]
-    assert r["stale_dma"] > 0
-    assert 0 < r["stale_window_max_ns"] <= 10_000_000 + 100_000
-    assert r["cross_vm_dma"] == 0
+# The safety experiments (strict rogue DMAs that reach unmapped pages, lazy runs over several
+# flush periods, oracle positive controls, balloon churn) live in tests/system/.
 
 
 def test_shadow_forces_strict_and_says_so(tmp_path):
-    """Asking lazy under shadow runs strict, with a note naming the group."""
-    rows, _, cfg = run(tmp_path, {"sh": nic_group("shadow", "lazy")}, duration_us=300)
-    assert rows["sh"]["policy"] == "strict"
+    """Asking lazy under shadow runs strict, with a note naming the group, and the summary
+    shows strict behaviour: no lazy flush, one exit per map and per unmap (the longer check
+    is tests/system/test_safety.py::test_shadow_forces_strict_in_behaviour)."""
+    rows, _, cfg = run(tmp_path, {"sh": nic_group("shadow", "lazy")}, duration_us=600)
+    r = rows["sh"]
+    assert r["policy"] == "strict"
     assert any("sh" in n and "strict" in n for n in cfg.notes)
+    assert r["maps"] > 0 and r["lazy_flushes"] == 0
+    assert r["vm_exits"] == r["maps"] + r["unmaps"]
 
 
 def test_same_config_and_seed_give_identical_tables(tmp_path):
-    """A run is a pure function of (config, seed): summary and metrics are identical."""
+    """A run is a pure function of (config, seed): summary and metrics are identical, and
+    another seed gives other results."""
     vms = {"n": nic_group("nested", "lazy", rogue=0.02),
            "v": {"mode": "shadow", "memory_mib": 64,
                  "workload": {"kind": "nvme", "queue_depth": 4, "io_sizes": [4096, 16384],
@@ -103,6 +90,11 @@ def test_same_config_and_seed_give_identical_tables(tmp_path):
         tb = pq.read_table(b.tables[table])
         assert ta.num_rows > 0
         assert ta.equals(tb), table
+    rows_c, _, _ = run(tmp_path / "c", vms, duration_us=800, seed=4)
+    rows_a = {r["group"]: r for r in pq.read_table(a.tables["summary"]).to_pylist()}
+    for g in ("n", "v"):
+        assert (rows_a[g]["bytes"], rows_a[g]["dma_requests"]) != \
+            (rows_c[g]["bytes"], rows_c[g]["dma_requests"]), g
 
 
 def test_imported_ftrace_replays_with_equal_counts(tmp_path):
@@ -118,13 +110,3 @@ def test_imported_ftrace_replays_with_equal_counts(tmp_path):
     assert rows["tr"]["iommu_map_events"] == counts["map"] + counts["live"]
     assert rows["tr"]["unmaps"] == counts["unmap"]
     assert rows["tr"]["maps"] < counts["map"]  # the scatter list was one map call
-
-
-def test_balloon_churn_never_lets_a_device_reach_another_vm(tmp_path):
-    """Host second-level churn racing lazy guest invalidations: no cross-VM DMA."""
-    churn = {"kind": "balloon", "interval_us": 100.0, "pages": 64}
-    rows, _, _ = run(tmp_path, {"a": nic_group("nested", "lazy", rogue=0.05, churn=churn),
-                                "b": nic_group("nested", "lazy", rogue=0.05, churn=churn)},
-                     duration_us=1500)
-    assert all(r["cross_vm_dma"] == 0 for r in rows.values())
-    assert all(r["ios"] > 0 for r in rows.values())
