@@ -150,9 +150,9 @@ class VmAgent:
 
     # --- DMA API --------------------------------------------------------------------------
     def dma_alloc_coherent(self, dev: Device, size: int) -> tuple[int, int]:
+        """Allocate and map a coherent buffer (vCPU 0's rcache) at the current event time."""
         gpa = self.alloc_buffer(size)
-        segs, _t = self.dma.map_segments(0, dev.sid, [(gpa, size)], 0, self.now,
-                                         coherent=True)
+        segs, _t = self.dma.map_segments(0, dev.sid, [(gpa, size)], 0, self.now)
         return gpa, segs[0][0]
 
     def dma_map(self, cpu: int, dev: Device, gpa: int, size: int, direction: int,

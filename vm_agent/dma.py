@@ -58,7 +58,12 @@ class IommuDomain:
         self.table = table
         self.iovad = IovaDomain()
         self.rcache = IovaRcache(self.iovad, vcpus)
-        self.limit_pfn = ((1 << 48) - 1) >> PAGE_SHIFT
+        # The domain's aperture (geometry.aperture_end): the table's input width; a first-level
+        # table keeps to the canonical lower half, 2^(gaw-1) (iommu.c: "skip bit [N-1]").
+        self.limit_pfn = ((table.limit if table is not None else 1 << 48) - 1) >> PAGE_SHIFT
+        # dev->iommu->pci_32bit_workaround: try below 4 GiB first until that fails once.
+        self.pci_32bit_workaround = True
+        self.freed_ns: dict[int, int] = {}   # pfn -> virtual time its free took place
         self.fq = FlushQueue(vcpus, per_cpu=per_cpu_fq) if lazy else None
         self.mappings: dict[int, Mapping] = {}   # iova page -> mapping (start pages only)
 
@@ -137,25 +142,32 @@ class DmaApi:
         return [*descs, qi.wait_desc()]
 
     # --- map ---------------------------------------------------------------------------
-    def _alloc_iova(self, dom: IommuDomain, cpu: int, pages: int, coherent: bool = False
-                    ) -> tuple[int, int]:
+    def _alloc_iova(self, dom: IommuDomain, cpu: int, pages: int) -> tuple[int, int]:
+        """iommu_dma_alloc_iova (dma-iommu.c): (pfn, cost).
+
+        While the device's pci_32bit_workaround holds, try below 4 GiB first without flushing
+        the rcaches; the first failure there drops the workaround for good ("Using %d-bit
+        DMA addresses") and every later allocation uses the whole aperture, flushing the
+        rcaches before giving up. Streaming maps and coherent allocations take this same path
+        (iommu_dma_alloc -> __iommu_dma_map -> iommu_dma_alloc_iova).
+        """
         c = self.costs
-        if coherent:  # long-lived: straight from the tree, never a just-freed cached IOVA
-            pfn = dom.iovad.alloc_iova(pages, DMA_BIT_MASK_32_PFN)
+        rc = dom.rcache
+        hits = rc.rcache_hits
+        pfn = None
+        if dom.limit_pfn > DMA_BIT_MASK_32_PFN and dom.pci_32bit_workaround:
+            pfn = rc.alloc_iova_fast(cpu, pages, DMA_BIT_MASK_32_PFN, flush_rcache=False)
             if pfn is None:
-                raise DmaError(f"IOVA space exhausted for device {dom.sid:#06x}")
-            return pfn, c.iova_alloc_slow_ns
-        hits = dom.rcache.rcache_hits
-        pfn = dom.rcache.alloc_iova_fast(cpu, pages, DMA_BIT_MASK_32_PFN)
+                dom.pci_32bit_workaround = False
         if pfn is None:
-            pfn = dom.rcache.alloc_iova_fast(cpu, pages, dom.limit_pfn)
+            pfn = rc.alloc_iova_fast(cpu, pages, dom.limit_pfn, flush_rcache=True)
         if pfn is None:
             raise DmaError(f"IOVA space exhausted for device {dom.sid:#06x}")
-        cost = c.iova_alloc_fast_ns if dom.rcache.rcache_hits > hits else c.iova_alloc_slow_ns
+        cost = c.iova_alloc_fast_ns if rc.rcache_hits > hits else c.iova_alloc_slow_ns
         return pfn, cost
 
     def map_segments(self, cpu: int, sid: int, segs: list[tuple[int, int]], direction: int,
-                     t: int, coherent: bool = False) -> tuple[list[tuple[int, int]], int]:
+                     t: int) -> tuple[list[tuple[int, int]], int]:
         """Map a list of (gpa, len) into one IOVA range (one sync for all): (segments, t).
 
         When the caching-mode sync hits a queue error the call fails as iommu_map does
@@ -169,8 +181,11 @@ class DmaApi:
         dom = self.domains[sid]
         pages_each = [((g & (PAGE_SIZE - 1)) + ln + PAGE_SIZE - 1) >> PAGE_SHIFT for g, ln in segs]
         total = sum(pages_each)
-        pfn, cost = self._alloc_iova(dom, cpu, total, coherent)
-        t += cost
+        pfn, cost = self._alloc_iova(dom, cpu, total)
+        # A reused IOVA is mapped no earlier than its free: a caller off the vCPU timeline
+        # (dma_alloc_coherent) or another CPU's magazine from the depot may hold an IOVA
+        # whose unmap ends later in virtual time than this call starts.
+        t = max(t, dom.freed_ns.pop(pfn, 0)) + cost
         write = direction != DMA_TO_DEVICE
         out: list[tuple[int, int]] = []
         page = pfn
@@ -206,7 +221,7 @@ class DmaApi:
         t = self._clear_ptes(dom, pfn, pages, t)
         t, _ok = self._invalidate(dom, t, self._flush_descs(dom, pfn << PAGE_SHIFT, pages), -1)
         t += c.qi_wait_ns + c.iova_free_ns
-        dom.rcache.free_iova_fast(cpu, pfn, pages)
+        self._free_iova(dom, cpu, pfn, pages, t)
         return [(DMA_MAPPING_ERROR, ln) for _gpa, ln in segs], t
 
     def _clear_ptes(self, dom: IommuDomain, pfn: int, pages: int, t: int) -> int:
@@ -246,10 +261,10 @@ class DmaApi:
                                       self._flush_descs(dom, pfn << PAGE_SHIFT, m.pages),
                                       unmap_id)
             t += c.qi_wait_ns + c.iova_free_ns
-            dom.rcache.free_iova_fast(cpu, pfn, m.pages)
+            self._free_iova(dom, cpu, pfn, m.pages, t)
         else:
             res = dom.fq.queue(cpu, pfn, m.pages, t)
-            self._give_back(dom, cpu, res.freed)
+            self._give_back(dom, cpu, res.freed, t)
             if res.flush_now:
                 t = self._flush_all(dom, cpu, t)
             if res.timer_deadline_ns is not None:
@@ -258,9 +273,14 @@ class DmaApi:
         self.log.add(t, OP_UNMAP_RET, a0=unmap_id, a1=t)
         return t
 
-    def _give_back(self, dom: IommuDomain, cpu: int, freed) -> None:
+    def _free_iova(self, dom: IommuDomain, cpu: int, pfn: int, pages: int, t: int) -> None:
+        """free_iova_fast at virtual time ``t`` (remembered for the IOVA's next map)."""
+        dom.rcache.free_iova_fast(cpu, pfn, pages)
+        dom.freed_ns[pfn] = t
+
+    def _give_back(self, dom: IommuDomain, cpu: int, freed, t: int) -> None:
         for pfn, pages in freed:
-            dom.rcache.free_iova_fast(cpu, pfn, pages)
+            self._free_iova(dom, cpu, pfn, pages, t)
         if len(freed):
             self.stale_bound_ns = max(self.stale_bound_ns, freed.max_stale_ns)
 
@@ -269,7 +289,7 @@ class DmaApi:
         self.stats["lazy_flushes"] += 1
         t, _ok = self._invalidate(dom, t, self._flush_descs(dom, 0, ALL_PAGES), -1)
         t += self.costs.qi_wait_ns
-        self._give_back(dom, cpu, dom.fq.flush_done(t))
+        self._give_back(dom, cpu, dom.fq.flush_done(t), t)
         return t
 
     def _on_timer(self, dom: IommuDomain, cpu: int) -> None:

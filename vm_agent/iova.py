@@ -207,9 +207,11 @@ class IovaRcache:
         self.depot_overflows = 0        # full magazines freed to the tree, depot being full
         self.rcache_flushes = 0         # tree failures that emptied every cache and retried
 
-    def alloc_iova_fast(self, cpu: int, size_pages: int, limit_pfn: int) -> int | None:
+    def alloc_iova_fast(self, cpu: int, size_pages: int, limit_pfn: int,
+                        flush_rcache: bool = True) -> int | None:
         """Allocate ``size_pages`` (rounded up to a power of two if < 32) at or below
-        ``limit_pfn``: from the rcache, else the tree, else flush all caches and retry once."""
+        ``limit_pfn``: from the rcache, else the tree, else (with ``flush_rcache``) free every
+        cached IOVA to the tree and retry once."""
         if not 0 <= cpu < self.cpus:
             raise IovaError(f"cpu {cpu} out of range 0..{self.cpus - 1}")
         if 0 < size_pages <= IOVA_CACHED_MAX_PAGES:
@@ -239,7 +241,7 @@ class IovaRcache:
             size = size_pages
         domain = self.domain
         pfn = domain.alloc_iova(size, limit_pfn, True)
-        if pfn is None:
+        if pfn is None and flush_rcache:
             self.rcache_flushes += 1
             for c in range(self.cpus):
                 self.free_cpu_cached_iovas(c)

@@ -1,4 +1,5 @@
-"""Tests of vm_agent/iova.py: the top-down tree allocator and the per-CPU rcache."""
+"""Tests of vm_agent/iova.py (the top-down tree allocator, the per-CPU rcache) and of how the
+DMA API uses it (aperture, the 32-bit window, coherent allocations)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from host_iommu.costs import CostModel
+from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE
+from host_iommu.protocol import OP_GUEST_WRITE
+from vm_agent.agent import VmAgent
 from vm_agent.iova import (
     IOVA_MAG_SIZE,
     MAX_GLOBAL_MAGS,
@@ -13,6 +18,7 @@ from vm_agent.iova import (
     IovaError,
     IovaRcache,
 )
+from workloads.base import DMA_FROM_DEVICE, Workload
 
 LIMIT64 = (1 << 36) - 1   # a 48-bit IOVA space in 4 KiB pfns
 LIMIT32 = (1 << 20) - 1
@@ -280,3 +286,80 @@ def test_rcache_deterministic():
                 live.append((cpu, p, size))
         return out
     assert run() == run()
+
+
+def test_alloc_without_flush_rcache_leaves_magazines_alone():
+    """alloc_iova_fast(..., flush_rcache=False) fails instead of freeing cached IOVAs."""
+    r = IovaRcache(IovaDomain(), 1)
+    pfns = [r.alloc_iova_fast(0, 1, 15) for _ in range(15)]       # pfns 1..15: all of it
+    r.free_iova_fast(0, pfns[0], 1)
+    assert r.alloc_iova_fast(0, 2, 15, flush_rcache=False) is None
+    assert r.rcache_flushes == 0 and r.cached() == 1
+    assert r.alloc_iova_fast(0, 2, 15) is None and r.rcache_flushes == 1 and r.cached() == 0
+
+
+# --- The DMA API's use of the allocator (dma-iommu.c iommu_dma_alloc_iova) ------------------
+class _Dev(Workload):
+    kind = "iova-test"
+
+    def start(self, ctx) -> None:
+        self.dev = ctx.add_device("dev0")
+
+
+@pytest.fixture
+def guest():
+    """A guest with one device; returns (agent, device) after building with ``mode``."""
+    def build(mode: str, fl_levels: int = 4) -> tuple[VmAgent, object]:
+        wl = _Dev(_Dev.Params())
+        agent = VmAgent(1, mode=mode, policy="strict", flush_queue="percpu", vcpus=1,
+                        memory_bytes=32 << 20, fl_levels=fl_levels, ats=False, workload=wl,
+                        churn=None, costs=CostModel(), seed=1)
+        agent.setup()
+        return agent, wl.dev
+    return build
+
+
+@pytest.mark.parametrize(("mode", "fl_levels", "aperture_bits"), [
+    ("nested", 4, 47), ("nested", 5, 56), ("shadow", 4, 48)])
+def test_domain_aperture(guest, mode, fl_levels, aperture_bits):
+    """A first-level domain keeps to the canonical lower half: 2^(gaw-1) (iommu.c)."""
+    agent, dev = guest(mode, fl_levels)
+    assert agent.dma.domains[dev.sid].limit_pfn == (1 << (aperture_bits - PAGE_SHIFT)) - 1
+
+
+@pytest.mark.parametrize("mode", ["nested", "shadow"])
+def test_full_32bit_window_is_abandoned_once_and_maps_go_on(guest, mode):
+    """Issue reproducer: once the 32-bit space filled, maps went to 2^48 - 4 KiB and the
+    first-level table refused them (ValueError). Now the window is dropped after its first
+    failure, the allocation succeeds inside the aperture, and it is never tried again."""
+    agent, dev = guest(mode)
+    dom = agent.dma.domains[dev.sid]
+    dom.iovad.reserve_iova(1, LIMIT32 - 4)      # leave 4 pages below 4 GiB
+    gpa = agent.alloc_buffer(PAGE_SIZE)
+    low = [agent.dma_map(0, dev, gpa, PAGE_SIZE, DMA_FROM_DEVICE, 0)[0] for _ in range(4)]
+    assert all(iova < 1 << 32 for iova in low) and dom.pci_32bit_workaround
+    high = [agent.dma_map(0, dev, gpa, PAGE_SIZE, DMA_FROM_DEVICE, 0)[0] for _ in range(3)]
+    assert not dom.pci_32bit_workaround
+    assert all(1 << 32 <= iova <= dom.limit_pfn << PAGE_SHIFT for iova in high)
+    assert dom.iovad.failures == 1 and dom.rcache.rcache_flushes == 0
+    agent.dma_unmap(0, dev, low[0], PAGE_SIZE, DMA_FROM_DEVICE, 0)   # a 32-bit IOVA comes back
+    agent.dma.domains[dev.sid].rcache.free_cpu_cached_iovas(0)
+    assert agent.dma_map(0, dev, gpa, PAGE_SIZE, DMA_FROM_DEVICE, 0)[0] >= 1 << 32
+    assert dom.iovad.failures == 1
+
+
+def test_coherent_allocations_share_the_rcache_path(guest):
+    """dma_alloc_coherent takes IOVAs like dma_map (iommu_dma_alloc -> __iommu_dma_map): a
+    just-freed IOVA in the CPU's magazine is handed out again."""
+    agent, dev = guest("nested")
+    gpa = agent.alloc_buffer(PAGE_SIZE)
+    iova, t = agent.dma_map(0, dev, gpa, PAGE_SIZE, DMA_FROM_DEVICE, 0)
+    t_unmapped = agent.dma_unmap(0, dev, iova, PAGE_SIZE, DMA_FROM_DEVICE, t)
+    agent.log.take()
+    hits = agent.dma.domains[dev.sid].rcache.rcache_hits
+    _gpa, ring = agent.dma_alloc_coherent(dev, PAGE_SIZE)   # at agent.now = 0
+    assert ring == iova and agent.dma.domains[dev.sid].rcache.rcache_hits == hits + 1
+    # The reused IOVA is mapped after its unmap finished, though the event time is earlier.
+    writes = agent.log.take()
+    assert len(writes) and (writes["op"] == OP_GUEST_WRITE).all()
+    assert writes["t_ns"].min() >= t_unmapped > agent.now
