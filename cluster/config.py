@@ -26,6 +26,7 @@ from typing import Any
 from host_iommu.costs import CostModel
 from host_iommu.defs import PAGE_SHIFT
 from host_iommu.qi import QI_DESCS_PER_PAGE, QI_MAX_QS
+from vm_agent.flushq import DEFAULT_HZ, HZ_CHOICES
 
 # --- Registries (one per kind: they feed validation messages and --help) -----------------
 MODES = ("shadow", "nested", "passthrough")
@@ -146,6 +147,7 @@ class VmGroupConfig:
     churn: Any = None
     policy_requested: str = ""
     host: int = HOST_SPREAD
+    hz: int = DEFAULT_HZ
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ class _VmGroupKeys:
     fl_levels: int = 4
     ats: bool = False
     host: int = HOST_SPREAD
+    hz: int = DEFAULT_HZ
 
 
 _REQUIRED = {ExperimentConfig: ("name",), _VmGroupKeys: ("mode",)}
@@ -474,6 +477,7 @@ def _vm_group(name: str, table: Any, reg: Any, base_dir: Path | None, sl_levels:
     _check(problems, keys.memory_mib > 0, f"{path}.memory_mib",
            f"must be > 0, got {keys.memory_mib}")
     _choice(problems, keys.fl_levels, FL_LEVELS, f"{path}.fl_levels")
+    _choice(problems, keys.hz, HZ_CHOICES, f"{path}.hz")
     _check(problems, keys.host >= 0 or keys.host == HOST_SPREAD, f"{path}.host",
            f"must be a host index >= 0, got {keys.host}")
     width = SL_WIDTH_BY_LEVELS.get(sl_levels)
@@ -490,11 +494,14 @@ def _vm_group(name: str, table: Any, reg: Any, base_dir: Path | None, sl_levels:
         policy = "strict"
     elif keys.mode == "passthrough" and policy == "lazy":
         notes.append(f"{path}: passthrough has no vIOMMU, so the lazy policy has no effect")
+    if keys.flush_queue == "single" and keys.mode != "passthrough":
+        notes.append(f"{path}: the single flush queue is s390's (dma-iommu.c, shadow_on_flush); "
+                     "Linux gives a VT-d guest per-CPU queues")
     return VmGroupConfig(name=name, count=keys.count, mode=keys.mode, policy=policy,
                          flush_queue=keys.flush_queue, vcpus=keys.vcpus,
                          memory_mib=keys.memory_mib, fl_levels=keys.fl_levels, ats=keys.ats,
                          workload=workload, churn=churn, policy_requested=keys.policy,
-                         host=keys.host)
+                         host=keys.host, hz=keys.hz)
 
 
 def vm_placement(groups: Sequence[VmGroupConfig],
@@ -714,7 +721,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     vms: dict[str, Any] = {}
     for g in cfg.vms:
         d = {k: getattr(g, k) for k in ("count", "mode", "policy", "flush_queue", "vcpus",
-                                         "memory_mib", "fl_levels", "ats", "host")}
+                                         "memory_mib", "fl_levels", "ats", "host", "hz")}
         w = g.workload
         d["workload"] = ([{"kind": p.kind, **_plain(p.params)} for p in w.params.parts]
                          if w.kind == "multi" else {"kind": w.kind, **_plain(w.params)})
@@ -754,7 +761,8 @@ def describe(cfg: Config) -> str:
     for g in cfg.vms:
         churn = "  churn " + str(getattr(g.churn, "kind", "yes")) if g.churn is not None else ""
         lines.append(
-            f"  {g.name}: {g.count} x {g.mode}/{g.policy} ({g.flush_queue} flush queue), "
+            f"  {g.name}: {g.count} x {g.mode}/{g.policy} ({g.flush_queue} flush queue, "
+            f"HZ {g.hz}), "
             f"{g.vcpus} vCPU, {g.memory_mib} MiB, workload {g.workload.kind}"
             f"{', ATS' if g.ats else ''}{churn}")
     lines.extend(f"note: {n}" for n in cfg.notes)

@@ -92,7 +92,7 @@ def make_agent(cfg: Config, p: VmPlan) -> VmAgent:
     return VmAgent(p.vm, mode=g.mode, policy=g.policy, flush_queue=g.flush_queue,
                    vcpus=g.vcpus, memory_bytes=g.memory_mib << 20, fl_levels=g.fl_levels,
                    ats=g.ats, workload=workload, churn=churn, costs=cfg.cost,
-                   seed=cfg.experiment.seed, stream=p.index)
+                   seed=cfg.experiment.seed, stream=p.index, hz=g.hz)
 
 
 def build_hosts(cfg: Config) -> tuple[dict[int, HostServer], list[VmAgent], dict[int, VmPlan]]:

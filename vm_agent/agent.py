@@ -30,6 +30,7 @@ from host_iommu.protocol import (
     VmSetup,
 )
 from vm_agent.dma import DmaApi, IommuDomain
+from vm_agent.flushq import DEFAULT_HZ
 from vm_agent.memory import GuestMemory, GuestTableStore
 from vm_agent.viommu import VIommu
 from vm_agent.vmm import VMMS
@@ -48,7 +49,7 @@ class VmAgent:
     def __init__(self, vm: int, *, mode: str, policy: str, flush_queue: str, vcpus: int,
                  memory_bytes: int, fl_levels: int, ats: bool, workload: Workload,
                  churn: Any | None, costs: CostModel, seed: int, bus: int | None = None,
-                 stream: int | None = None) -> None:
+                 stream: int | None = None, hz: int = DEFAULT_HZ) -> None:
         self.vm = vm
         self.mode = mode
         self.policy = policy
@@ -60,6 +61,7 @@ class VmAgent:
         self.churn = churn
         self.costs = costs
         self.flush_queue_per_cpu = flush_queue == "percpu"
+        self.hz = hz                  # the guest kernel's CONFIG_HZ: the flush-queue timer ticks
         # Random stream per (seed, index in group): VM k of every group sees the same arrivals,
         # so designs are compared on common random numbers.
         self.rng = np.random.default_rng([seed, vm if stream is None else stream])
@@ -102,7 +104,7 @@ class VmAgent:
             table = PageTable(store, fmt, levels, max_order=0)
         lazy = self.policy == "lazy" and self.mode == "nested"
         self.dma.add_domain(IommuDomain(dev.sid, self.mode, table, self.vcpus, lazy,
-                                        per_cpu_fq=self.flush_queue_per_cpu))
+                                        per_cpu_fq=self.flush_queue_per_cpu, hz=self.hz))
         return dev
 
     def _log_table_store(self, store: GuestTableStore, gpa: int, value: int) -> None:

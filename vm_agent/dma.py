@@ -23,7 +23,7 @@ from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE
 from host_iommu.invalidate import ALL_PAGES, domain_flush_descs, pasid_flush_descs
 from host_iommu.pgtable import PageTable
 from host_iommu.protocol import OP_UNMAP_RET, OpLog
-from vm_agent.flushq import FlushQueue
+from vm_agent.flushq import DEFAULT_HZ, FlushQueue
 from vm_agent.iova import IovaDomain, IovaRcache
 from vm_agent.viommu import VIommu
 from vm_agent.vmm import Vmm
@@ -50,7 +50,7 @@ class IommuDomain:
     """The guest driver's DMA domain for one device: IOVA allocator, table, flush policy."""
 
     def __init__(self, sid: int, mode: str, table: PageTable | None, vcpus: int,
-                 lazy: bool, per_cpu_fq: bool) -> None:
+                 lazy: bool, per_cpu_fq: bool, hz: int = DEFAULT_HZ) -> None:
         self.sid = sid
         self.pasid = NO_PASID
         self.did = 1  # the guest's own domain id for its vIOMMU descriptors
@@ -64,7 +64,7 @@ class IommuDomain:
         # dev->iommu->pci_32bit_workaround: try below 4 GiB first until that fails once.
         self.pci_32bit_workaround = True
         self.freed_ns: dict[int, int] = {}   # pfn -> virtual time its free took place
-        self.fq = FlushQueue(vcpus, per_cpu=per_cpu_fq) if lazy else None
+        self.fq = FlushQueue(vcpus, per_cpu=per_cpu_fq, hz=hz) if lazy else None
         self.mappings: dict[int, Mapping] = {}   # iova page -> mapping (start pages only)
 
 

@@ -2,8 +2,19 @@
 
 Follows Linux drivers/iommu/dma-iommu.c (struct iova_fq, queue_iova, fq_ring_add,
 fq_ring_free, fq_flush_iotlb, fq_flush_timeout; IOVA_DEFAULT_FQ_SIZE / _TIMEOUT,
-IOVA_SINGLE_FQ_SIZE / _TIMEOUT). No clock and no IOMMU here: callers pass times in ns and
-perform the invalidations themselves.
+IOVA_SINGLE_FQ_SIZE / _TIMEOUT) and, for the timer, kernel/time/timer.c. No clock and no
+IOMMU here: callers pass times in ns and perform the invalidations themselves.
+
+The single queue (IOMMU_DMA_OPTS_SINGLE_QUEUE, 32768 entries, 1000 ms) is what dma-iommu.c
+gives a driver that asks for it through shadow_on_flush, which only s390's IOMMU driver does;
+a VT-d guest always gets the per-CPU queues. It is kept for comparison.
+
+The timer counts jiffies. queue_iova arms it only when it is not pending, with
+``mod_timer(jiffies + msecs_to_jiffies(timeout))``, and the timer wheel never fires early: it
+runs a timer one bucket granule after its expiry (timer.c calc_index), one jiffy for the 10 ms
+timer. So at HZ=250 (4 ms jiffies) a timer armed at t fires at the first jiffy boundary after
+t + 12 ms, between 12 and 16 ms later, and about 16 ms under steady traffic, which re-arms
+right after each tick.
 
 An IOVA's life after the DMA layer unmaps it:
 
@@ -35,6 +46,61 @@ IOVA_DEFAULT_FQ_SIZE = 256                    # dma-iommu.c: per-CPU ring slots
 IOVA_DEFAULT_FQ_TIMEOUT_NS = 10_000_000       # dma-iommu.c: 10 ms
 IOVA_SINGLE_FQ_SIZE = 32768                   # dma-iommu.c: single-queue ring slots
 IOVA_SINGLE_FQ_TIMEOUT_NS = 1_000_000_000     # dma-iommu.c: 1000 ms
+HZ_CHOICES = (100, 250, 300, 1000)            # Kconfig.hz: the CONFIG_HZ a kernel may have
+DEFAULT_HZ = 250                              # Kconfig.hz default (CONFIG_HZ_250)
+NS_PER_SEC = 1_000_000_000
+# kernel/time/timer.c: each wheel level has 2^LVL_BITS buckets, 2^LVL_CLK_SHIFT times coarser
+# than the level below.
+TIMER_LVL_CLK_SHIFT = 3
+TIMER_LVL_BITS = 6
+TIMER_LVL_DEPTH = 9
+
+
+def jiffies_at(t_ns: int, hz: int) -> int:
+    """The jiffies count at virtual time ``t_ns`` (ticks at k * 10^9 / hz ns, jiffies 0 at 0)."""
+    return t_ns * hz // NS_PER_SEC
+
+
+def jiffy_ns(k: int, hz: int) -> int:
+    """The virtual time of tick ``k``: the first ns at which jiffies reads ``k``."""
+    return -(-k * NS_PER_SEC // hz)
+
+
+def timeout_jiffies(timeout_ns: int, hz: int) -> int:
+    """msecs_to_jiffies for a timeout in ns: rounded up to whole jiffies."""
+    return -(-timeout_ns * hz // NS_PER_SEC)
+
+
+def _granule_shift(delta: int) -> int:
+    """log2 of the bucket granule (jiffies) of the wheel level a timer ``delta`` ticks away
+    lands in (timer.c calc_wheel_index: level n starts at LVL_START(n))."""
+    lvl = 0
+    while lvl < TIMER_LVL_DEPTH - 1 and delta >= (
+            ((1 << TIMER_LVL_BITS) - 1) << (lvl * TIMER_LVL_CLK_SHIFT)):
+        lvl += 1
+    return lvl * TIMER_LVL_CLK_SHIFT
+
+
+def timer_fire_jiffy(expires: int, clk: int) -> int:
+    """The tick at which a timer armed at tick ``clk`` for ``expires`` runs: calc_index rounds
+    the expiry up to the next bucket of its level (one jiffy at level 0), never early."""
+    shift = _granule_shift(expires - clk)
+    return ((expires >> shift) + 1) << shift
+
+
+def fq_timer_deadline_ns(t_ns: int, timeout_ns: int, hz: int) -> int:
+    """When the flush-queue timer armed at ``t_ns`` fires (queue_iova's mod_timer)."""
+    now = jiffies_at(t_ns, hz)
+    return jiffy_ns(timer_fire_jiffy(now + timeout_jiffies(timeout_ns, hz), now), hz)
+
+
+def fq_timer_max_ns(timeout_ns: int, hz: int) -> int:
+    """The longest the timer can take to fire after it was armed: armed right on a tick,
+    with the expiry just past a bucket boundary (the max over every alignment)."""
+    n = timeout_jiffies(timeout_ns, hz)
+    span = 3 << _granule_shift(n)    # every alignment to the granule and to HZ's ns rounding
+    return max(jiffy_ns(timer_fire_jiffy(k + n, k), hz) - jiffy_ns(k, hz) for k in range(span))
+
 
 # Why a flush was started (kept per in-flight flush, finished in start order).
 FLUSH_FULL = 0       # queue_iova found the ring full: frees that ring at completion
@@ -77,13 +143,14 @@ class FlushQueue:
     head), so the ``size``-th queue into a ring with nothing freed asks for a flush. A full
     ring's flush frees that ring at completion; other rings' covered entries are freed at
     their next ``queue`` (queue_iova's first fq_ring_free) or by a timer flush, which frees
-    every ring. One timer serves all rings; ``queue`` arms it when unarmed.
+    every ring. One timer serves all rings; ``queue`` arms it when unarmed, to fire at a tick
+    of a ``hz`` clock (``fq_timer_deadline_ns``); ``timer_max_ns`` is the longest it can take.
     """
 
     lazy = True
 
     def __init__(self, cpus: int, per_cpu: bool = True, size: int | None = None,
-                 timeout_ns: int | None = None) -> None:
+                 timeout_ns: int | None = None, hz: int = DEFAULT_HZ) -> None:
         if cpus <= 0:
             raise FlushQueueError(f"flush queue for {cpus} CPUs")
         if size is None:
@@ -94,10 +161,14 @@ class FlushQueue:
             raise FlushQueueError(f"ring size {size} is not a power of two >= 2")
         if timeout_ns <= 0:
             raise FlushQueueError(f"timeout {timeout_ns} ns is not positive")
+        if hz <= 0:
+            raise FlushQueueError(f"HZ {hz} is not positive")
         self.cpus = cpus
         self.per_cpu = per_cpu
         self.size = size
         self.timeout_ns = timeout_ns
+        self.hz = hz
+        self.timer_max_ns = fq_timer_max_ns(timeout_ns, hz)
         self._cap = size - 1
         # Entries: (pfn, pages, flush-start counter when queued, t_queued_ns).
         self._fqs: list[deque[tuple[int, int, int, int]]] = [
@@ -136,8 +207,8 @@ class FlushQueue:
         if self._pending > self.max_pending:
             self.max_pending = self._pending
         armed = None
-        if self._deadline_ns is None:
-            armed = self._deadline_ns = t_ns + self.timeout_ns
+        if self._deadline_ns is None:   # fq_timer_on clear: mod_timer, in jiffies
+            armed = self._deadline_ns = fq_timer_deadline_ns(t_ns, self.timeout_ns, self.hz)
         return QueueResult(freed, flush_now, armed)
 
     def due(self, t_ns: int) -> bool:

@@ -451,3 +451,32 @@ def test_largest_accepted_values_still_parse():
           "experiment.epoch_us=60", "host.context_cache_entries=3")
     cfg = parse(base(), ov)
     assert cfg.host.qi_entries == 16384 and len(cfg.experiment.name) == 128
+
+
+# --- The guest kernel's HZ and the flush queues ---------------------------------------------
+def test_hz_defaults_to_250_and_takes_only_kernel_choices():
+    assert parse(base()).vms[0].hz == 250
+    assert parse(base(), ("vm.web.hz=1000",)).vms[0].hz == 1000
+    err = errors(base(), ("vm.web.hz=200",))
+    assert err.keys == ("vm.web.hz",) and "100, 250, 300, 1000" in err.message
+
+
+def test_single_flush_queue_gets_a_note_for_a_vtd_guest():
+    """The single queue is s390's (shadow_on_flush): kept, but a VT-d guest gets a note."""
+    cfg = parse(base(), ("vm.web.policy=lazy", "vm.web.flush_queue=single"))
+    assert cfg.vms[0].flush_queue == "single"
+    assert any("vm.web" in n and "s390" in n for n in cfg.notes)
+    assert not any("s390" in n for n in parse(base(), ("vm.web.policy=lazy",)).notes)
+
+
+def test_hz_reaches_the_guest_flush_queue():
+    """The runner builds each lazy guest's flush queue with its group's HZ."""
+    from cluster.runner import make_agent, plan_vms
+
+    data = base()
+    data["vm"]["web"].update(policy="lazy", hz=100, workload={"kind": "nvme"})
+    cfg = parse_config(data)
+    agent = make_agent(cfg, plan_vms(cfg)[0])
+    agent.setup()
+    fq = next(iter(agent.dma.domains.values())).fq
+    assert fq.hz == 100 and fq.queue(0, 1, 1, 0).timer_deadline_ns == 20_000_000

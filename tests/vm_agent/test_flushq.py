@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+from itertools import pairwise
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vm_agent.flushq import (
+    HZ_CHOICES,
     IOVA_DEFAULT_FQ_SIZE,
     IOVA_SINGLE_FQ_SIZE,
     FlushQueue,
     FlushQueueError,
     StrictPolicy,
+    fq_timer_deadline_ns,
+    fq_timer_max_ns,
 )
 
 MS = 1_000_000
@@ -25,15 +31,55 @@ def test_defaults_per_cpu_and_single():
     assert (single.size, single.timeout_ns) == (IOVA_SINGLE_FQ_SIZE, 1000 * MS)
 
 
-def test_timer_armed_once_at_queue_time_plus_timeout():
-    """The first queue arms the timer at t + timeout; later queues leave it alone."""
+def test_timer_armed_once_in_jiffies():
+    """The first queue arms the timer (HZ=250: 10 ms is 3 jiffies, and the wheel fires one
+    jiffy after expiry: the 4th tick after the current one); later queues leave it alone."""
     fq = FlushQueue(2)
     assert fq.timer_deadline() is None
-    assert fq.queue(0, 100, 1, 5).timer_deadline_ns == 5 + 10 * MS
+    assert fq.queue(0, 100, 1, 5).timer_deadline_ns == 16 * MS
     assert fq.queue(1, 101, 1, 7).timer_deadline_ns is None
-    assert fq.timer_deadline() == 5 + 10 * MS
+    assert fq.timer_deadline() == 16 * MS
+    late = FlushQueue(2)
+    assert late.queue(0, 1, 1, 4 * MS - 1).timer_deadline_ns == 16 * MS   # same jiffy
+    assert FlushQueue(2).queue(0, 1, 1, 4 * MS).timer_deadline_ns == 20 * MS
+    # the single queue's 1000 ms are 250 jiffies: a level-1 timer, rounded up to 8 jiffies
     single = FlushQueue(2, per_cpu=False)
-    assert single.queue(0, 1, 1, 0).timer_deadline_ns == 1000 * MS
+    assert single.queue(0, 1, 1, 0).timer_deadline_ns == 1024 * MS
+
+
+def _reference_deadline_ns(t_ns: int, timeout_ms: int, hz: int) -> int:
+    """A level-0 timer by hand: jiffies = floor(t / J); n = ceil(timeout / J); the callback
+    runs on tick jiffies + n + 1, whose time is the first ns at or after (that tick) * J."""
+    jiffy = Fraction(10**9, hz)
+    now = int(Fraction(t_ns) / jiffy)
+    n = -(-timeout_ms * hz // 1000)
+    tick = (now + n + 1) * jiffy
+    return -(-tick.numerator // tick.denominator)
+
+
+@pytest.mark.parametrize("hz", HZ_CHOICES)
+@given(t_ns=st.integers(0, 10**12))
+def test_timer_deadline_matches_a_hand_computed_tick(hz, t_ns):
+    """The 10 ms timer fires at a tick, more than 10 ms and at most timer_max_ns after."""
+    deadline = fq_timer_deadline_ns(t_ns, 10 * MS, hz)
+    assert deadline == _reference_deadline_ns(t_ns, 10, hz)
+    assert 10 * MS < deadline - t_ns <= fq_timer_max_ns(10 * MS, hz)
+
+
+def test_steady_traffic_flushes_every_16_ms_at_hz_250():
+    """Unmaps every 100 us: the timer re-arms right after each flush, so flushes come every
+    4 jiffies (16 ms), as a real HZ=250 guest shows, and every 11 ms at HZ=1000."""
+    for hz, period in ((250, 16 * MS), (1000, 11 * MS)):
+        fq = FlushQueue(2, hz=hz)
+        flushes = []
+        for k in range(1000):
+            t = k * MS // 10
+            if fq.on_timer(t):
+                flushes.append(t)
+                fq.flush_done(t)
+            fq.queue(0, k, 1, t)
+        gaps = {b - a for a, b in pairwise(flushes)}
+        assert gaps == {period}, (hz, gaps)
 
 
 def test_ring_full_requests_flush_exactly_at_size():
@@ -53,18 +99,18 @@ def test_ring_full_requests_flush_exactly_at_size():
 
 def test_timer_flush_frees_every_ring():
     """on_timer fires only when due, disarms, and its completion frees all rings."""
-    fq = FlushQueue(2)
+    fq = FlushQueue(2, hz=1000)
     fq.queue(0, 10, 1, 0)
     fq.queue(1, 20, 2, 3 * MS)
-    assert not fq.due(10 * MS - 1)
-    assert not fq.on_timer(10 * MS - 1)
-    assert fq.on_timer(10 * MS)
+    assert not fq.due(11 * MS - 1)
+    assert not fq.on_timer(11 * MS - 1)
+    assert fq.on_timer(11 * MS)
     assert fq.timer_deadline() is None
-    freed = fq.flush_done(10 * MS + 500)
+    freed = fq.flush_done(11 * MS + 500)
     assert sorted(freed) == [(10, 1), (20, 2)]
-    assert freed.max_stale_ns == 10 * MS + 500
+    assert freed.max_stale_ns == 11 * MS + 500
     assert fq.pending() == 0 and fq.flushes_timer == 1
-    assert fq.queue(0, 11, 1, 20 * MS).timer_deadline_ns == 30 * MS   # re-armed
+    assert fq.queue(0, 11, 1, 20 * MS).timer_deadline_ns == 31 * MS   # re-armed
 
 
 def test_per_cpu_rings_are_independent():
@@ -112,6 +158,8 @@ def test_bad_use_raises_named_error():
         fq.queue(2, 1, 1, 0)
     with pytest.raises(FlushQueueError):
         FlushQueue(1, size=100)
+    with pytest.raises(FlushQueueError):
+        FlushQueue(1, hz=0)
     with pytest.raises(FlushQueueError):
         StrictPolicy().flush_done(0)
 
