@@ -2,10 +2,14 @@
 
 Small and obviously correct, kept beside the batch walker (host_iommu/walk.py) so tests can
 compare the two on random and adversarial inputs. It follows the VT-d spec chapter 3 text
-literally (3.6 first level, 3.7 second level, 3.8 nested) and reads memory through
-``HostMemory.read_u64``. Paging-structure caches, when given, are looked up before any fill of
-the batch and filled afterwards in request order, walk order, level top-down: the batch
-semantics documented in walk.py.
+literally (3.6 first level, 3.7 second level, 3.8 nested) and the entry formats of chapter 9
+(9.7 first-level paging entries, 9.8 second-level paging entries), reading memory through
+``HostMemory.read_u64``. It shares no code with what it checks: the entry bits, the address
+field and the reserved bits below are written here from the spec's tables, not imported from
+host_iommu/pgtable.py. Paging-structure caches, when given (tests pass the plain-list model of
+host_iommu/reference_cache.py), are looked up before any fill of the batch and filled
+afterwards in request order, walk order, level top-down: the batch semantics documented in
+walk.py.
 """
 
 from __future__ import annotations
@@ -26,24 +30,69 @@ from host_iommu.defs import (
     Stage,
 )
 from host_iommu.memory import HostMemory
-from host_iommu.pgtable import (
-    FL_A,
-    FL_D,
-    FL_P,
-    FL_PS,
-    FL_RW,
-    FL_US,
-    SL_A,
-    SL_D,
-    SL_PS,
-    SL_R,
-    SL_W,
-    addr_mask,
-    fl_reserved_masks,
-    sl_reserved_masks,
-)
 
 MASK64 = (1 << 64) - 1
+
+# First-level paging entries (VT-d spec 9.7, the IA-32e formats of the PML5E .. PTE tables).
+FL_P = 1 << 0    # Present
+FL_RW = 1 << 1   # Read/Write: 0 makes the region read-only
+FL_US = 1 << 2   # User/Supervisor: 1 allows user-mode (DMA) requests
+FL_A = 1 << 5    # Accessed
+FL_D = 1 << 6    # Dirty (leaf entries)
+FL_PS = 1 << 7   # Page Size in a PDPE or PDE; PAT in a PTE
+
+# Second-level paging entries (VT-d spec 9.8, SL-PML5E .. SL-PTE).
+SL_R = 1 << 0    # Read
+SL_W = 1 << 1    # Write
+SL_PS = 1 << 7   # Page Size in an SL-PDPE or SL-PDE; ignored in an SL-PTE
+SL_A = 1 << 8    # Accessed
+SL_D = 1 << 9    # Dirty
+SL_SNP = 1 << 11  # Snoop: leaf entries only, reserved in entries that point to a table
+SL_RSVD_62 = 1 << 62  # reserved in every second-level entry
+
+
+def bits(hi: int, lo: int) -> int:
+    """The mask of bits hi..lo inclusive (empty when hi < lo)."""
+    return 0 if hi < lo else ((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1)
+
+
+def address_field(haw: int) -> int:
+    """Bits HAW-1:12 of an entry: the address of the next table or of the page."""
+    return bits(haw - 1, 12)
+
+
+def fl_reserved(entry: int, level: int, haw: int) -> int:
+    """The reserved bits set in a first-level entry at ``level`` (spec 9.7 tables).
+
+    Every entry: bits 51:HAW. PML5E and PML4E: bit 7 (PS). A PDPE mapping a 1-GiB page:
+    bits 29:13. A PDE mapping a 2-MiB page: bits 20:13. A PTE: nothing more (bit 7 is PAT).
+    Bits 62:52 are ignored, not reserved.
+    """
+    rsvd = bits(51, haw)
+    if level >= 4:
+        rsvd |= FL_PS
+    elif level == 3 and entry & FL_PS:
+        rsvd |= bits(29, 13)
+    elif level == 2 and entry & FL_PS:
+        rsvd |= bits(20, 13)
+    return entry & rsvd
+
+
+def sl_reserved(entry: int, level: int, haw: int) -> int:
+    """The reserved bits set in a second-level entry at ``level`` (spec 9.8 tables).
+
+    Every entry: bits 51:HAW and bit 62. SL-PML5E and SL-PML4E: bit 7 (PS) and bit 11
+    (SNP). An SL-PDPE or SL-PDE pointing to a table: bit 11; mapping a 1-GiB page: bits
+    29:12; mapping a 2-MiB page: bits 20:12. An SL-PTE: nothing more (bit 7 is ignored).
+    """
+    rsvd = bits(51, haw) | SL_RSVD_62
+    if level >= 4:
+        rsvd |= SL_PS | SL_SNP
+    elif level in (2, 3) and entry & SL_PS:
+        rsvd |= bits(29, 12) if level == 3 else bits(20, 12)
+    elif level in (2, 3):
+        rsvd |= SL_SNP
+    return entry & rsvd
 
 
 @dataclass
@@ -82,9 +131,7 @@ class ReferenceWalker:
     def __init__(self, mem: HostMemory, haw: int, fl_pwc=None, sl_pwc=None) -> None:
         self.mem = mem
         self.haw = haw
-        self.amask = addr_mask(haw)
-        self.fl_rsvd = fl_reserved_masks(haw)
-        self.sl_rsvd = sl_reserved_masks(haw)
+        self.amask = address_field(haw)
         self.fl_pwc = fl_pwc
         self.sl_pwc = sl_pwc
         self.fl_fills: list[tuple[int, int, int, int, int, int]] = []
@@ -119,9 +166,9 @@ class ReferenceWalker:
             e = self.mem.read_u64(ea)
             if not e & (SL_R | SL_W):
                 raise _Fault(FaultReason.PAGING_ENTRY_INV, Stage.SECOND)
-            ps = bool(e & SL_PS) and level in (2, 3)
-            if e & int(self.sl_rsvd[level, int(ps)]):
+            if sl_reserved(e, level, self.haw):
                 raise _Fault(FaultReason.PAGING_ENTRY_RSVD, Stage.SECOND)
+            ps = bool(e & SL_PS) and level in (2, 3)
             r, w = r and bool(e & SL_R), w and bool(e & SL_W)
             if req.ssade and not e & SL_A:
                 self._or(ea, SL_A)
@@ -168,11 +215,9 @@ class ReferenceWalker:
             e = self.mem.read_u64(ea)
             if not e & FL_P:
                 raise _Fault(FaultReason.FS_PAGING_ENTRY_P, Stage.FIRST)
-            ps_bit = bool(e & FL_PS)
-            ps = ps_bit and level in (2, 3)
-            col = int(ps_bit) if level >= 4 else int(ps)
-            if e & int(self.fl_rsvd[level, col]):
+            if fl_reserved(e, level, self.haw):
                 raise _Fault(FaultReason.FS_PAGING_ENTRY_RSVD, Stage.FIRST)
+            ps = bool(e & FL_PS) and level in (2, 3)
             rw, us = rw and bool(e & FL_RW), us and bool(e & FL_US)
             if not e & FL_A:
                 self._or(ea, FL_A)

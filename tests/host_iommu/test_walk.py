@@ -26,6 +26,7 @@ from host_iommu.iommu import HostIommu, IommuParams
 from host_iommu.pasid import PasidEntry
 from host_iommu.pgtable import FL_A, FL_D, SL_A, SL_D, HostTableStore, PageTable
 from host_iommu.reference import ReferenceWalker, RefRequest
+from host_iommu.reference_cache import RefPagingStructureCache
 from host_iommu.walk import WalkBatch
 from tests.host_iommu.conftest import DATA_GPA, IOVA, SID, GuestTableStore
 
@@ -230,14 +231,22 @@ def pwc_contents(pwc) -> list[tuple[int, ...]]:
     return sorted((*r[:-1], r[-1] & ~int(AD_BITS)) for r in rows)
 
 
-def run_differential(pwc: bool, seed: int, n: int, batches: int, flips: int) -> int:
-    """Walk the same batches on two deep copies; returns how many requests faulted."""
+def run_differential(pwc: bool, seed: int, n: int, batches: int, flips: int
+                     ) -> tuple[int, int]:
+    """Walk the same batches on two deep copies; returns (requests that faulted, hits in the
+    reference's paging-structure caches).
+
+    The reference gets its own paging-structure caches (the plain-list model of
+    reference_cache.py), so walker and reference share no cache code either."""
     pristine, ctxs = build_world(pwc)
     h0 = copy.deepcopy(pristine)
     rng = np.random.default_rng(seed)
     apply_flips(h0, corruptions(h0, rng, flips))
     hb, hr = copy.deepcopy(h0), copy.deepcopy(h0)
-    ref = ReferenceWalker(hr.mem, hr.p.haw, hr.fl_pwc, hr.sl_pwc)
+    p = hr.p
+    ref_pwcs = [RefPagingStructureCache(p.pwc_entries, p.pwc_ways, stage) if pwc else None
+                for stage in ("fl", "sl")]
+    ref = ReferenceWalker(hr.mem, p.haw, *ref_pwcs)
     faulted = 0
     for _ in range(batches):
         b = make_requests(rng, ctxs, n)
@@ -259,26 +268,99 @@ def run_differential(pwc: bool, seed: int, n: int, batches: int, flips: int) -> 
         # same memory afterwards (A/D bits included), same cached structures
         assert np.array_equal(hb.mem.slot_of, hr.mem.slot_of)
         assert np.array_equal(hb.mem.slab, hr.mem.slab)
-        assert pwc_contents(hb.fl_pwc) == pwc_contents(hr.fl_pwc)
-        assert pwc_contents(hb.sl_pwc) == pwc_contents(hr.sl_pwc)
+        assert pwc_contents(hb.fl_pwc) == pwc_contents(ref_pwcs[0])
+        assert pwc_contents(hb.sl_pwc) == pwc_contents(ref_pwcs[1])
         more = corruptions(hb, rng, max(1, flips // 4))
         apply_flips(hb, more)
         apply_flips(hr, more)
-    return faulted
+    hits = sum(c.cache.hits for c in ref_pwcs if c is not None)
+    return faulted, hits
 
 
 def test_differential_caches_off():
     """Without PWCs the batch walker equals the reference on 3,000 mixed requests per batch
     (PGTT 1-4, in/near/far/non-canonical addresses, reads and writes, corrupted tables)."""
-    faulted = run_differential(pwc=False, seed=1, n=3000, batches=2, flips=40)
+    faulted, _ = run_differential(pwc=False, seed=1, n=3000, batches=2, flips=40)
     assert 0 < faulted < 6000        # both outcomes were exercised
 
 
 def test_differential_pwc_on_over_batches():
     """With PWCs the batch walker equals the reference over consecutive batches: same
     results, same PWC contents (fill order of walk.py) and same memory after each batch."""
-    faulted = run_differential(pwc=True, seed=2, n=1000, batches=3, flips=40)
+    faulted, pwc_hits = run_differential(pwc=True, seed=2, n=1000, batches=3, flips=40)
     assert 0 < faulted < 3000
+    assert pwc_hits > 100            # walks really started from cached entries
+
+
+def probe_batch(ctxs: list[Ctx]) -> WalkBatch:
+    """One write and one read per context at a writable page of its mapped range (pass-through:
+    left out, it reads no entry)."""
+    walked = [c for c in ctxs if c.pgtt != PGTT_PT]
+    rows = [(c, a) for c in walked for a in (ACCESS_WRITE, 1)]
+
+    def col(name: str, dtype) -> np.ndarray:
+        return np.array([getattr(c, name) for c, _ in rows], dtype=dtype)
+
+    return WalkBatch(addr=np.array([c.lo + PAGE_SIZE + 0x5A8 for c, _ in rows], U64),
+                     access=np.array([a for _, a in rows], np.uint8),
+                     pgtt=col("pgtt", np.uint8), did=col("did", np.int64),
+                     pasid=col("pasid", np.int64), flptr=col("flptr", U64),
+                     fl_levels=col("fl_levels", np.uint8), slptr=col("slptr", U64),
+                     sl_levels=col("sl_levels", np.uint8), ssade=col("ssade", bool))
+
+
+def ref_walk(ref: ReferenceWalker, b: WalkBatch) -> list[tuple[int, ...]]:
+    out = []
+    for i in range(b.addr.size):
+        r = ref.translate(RefRequest(
+            int(b.addr[i]), int(b.access[i]), int(b.pgtt[i]), int(b.did[i]), int(b.pasid[i]),
+            int(b.flptr[i]), int(b.fl_levels[i]), int(b.slptr[i]), int(b.sl_levels[i]),
+            bool(b.ssade[i])), i)
+        ok = r.fault == 0        # page order and permissions are defined for translations
+        out.append((r.hpa, r.fault, r.stage, r.refs, r.order if ok else 0, r.perm if ok else 0))
+    return out
+
+
+def flip_bits(haw: int) -> list[int]:
+    """Every flag bit (11:0), the address bits at each page-size and reserved-field edge
+    (12, 13, 20, 21, 29, 30, HAW-1, HAW), and the high bits (51, 52, 61, 62, 63)."""
+    return sorted({*range(12), 12, 13, 20, 21, 29, 30, haw - 1, haw, 51, 52, 61, 62, 63})
+
+
+def test_every_flag_of_every_entry_a_walk_reads():
+    """Single-bit corruption of each entry the probe walks read (first and second level, 4-
+    and 5-level, 4-KiB and 2-MiB pages), at every bit with a meaning: the walker and the
+    reference agree on the outcome (reserved bits, permissions, addresses, fault reasons),
+    each written independently from the spec's entry formats."""
+    pristine, ctxs = build_world(False)
+    hb, hr = copy.deepcopy(pristine), copy.deepcopy(pristine)
+    b = probe_batch(ctxs)
+    ref = ReferenceWalker(hr.mem, hr.p.haw)
+    read: set[int] = set()
+    hr.mem.read_u64 = lambda ea, _r=hr.mem.read_u64: read.add(ea) or _r(ea)
+    assert all(r[1] == 0 for r in ref_walk(ref, b))              # healthy: all translate
+    del hr.mem.read_u64
+    assert len(read) > 30
+    hb.walker.walk(b)
+    faults = 0
+    for ea in sorted(read):
+        for bit in flip_bits(hr.p.haw):
+            flip = [(ea >> 12, (ea >> 3) & 511, bit)]
+            apply_flips(hb, flip)
+            apply_flips(hr, flip)
+            got = hb.walker.walk(b)
+            want = ref_walk(ref, b)
+            for i, w in enumerate(want):
+                ok = w[1] == 0
+                assert (int(got.hpa[i]), int(got.fault[i]), int(got.stage[i]),
+                        int(got.walk_refs[i]), int(got.order[i]) if ok else 0,
+                        int(got.perm[i]) if ok else 0) == w, (
+                    f"entry {ea:#x} bit {bit}, request {i} (pgtt {int(b.pgtt[i])})")
+            faults += int((got.fault != 0).sum())
+            apply_flips(hb, flip)
+            apply_flips(hr, flip)
+    assert faults > 0
+    assert np.array_equal(hb.mem.slab, hr.mem.slab)
 
 
 @settings(max_examples=12, deadline=None)

@@ -65,6 +65,16 @@ MUTANTS = (
            'churn = _build(churn_cls, {k: v for k, v in dict(table["churn"]).items() if k in '
            '{f.name for f in dataclasses.fields(churn_cls)}}, ',
            ("tests/system/test_config_guards.py",)),
+    # The walker's differential test must not share code with its reference: a bug in the
+    # walker's reserved-bit table or its paging-structure cache is caught by the reference.
+    Mutant("walker-sl-snp-not-reserved", "host_iommu/pgtable.py",
+           "bad = base | SL_SNP | SL_PS",
+           "bad = base | SL_PS",
+           ("tests/host_iommu/test_walk.py",)),
+    Mutant("pwc-never-probes-the-top-level", "host_iommu/iotlb.py",
+           "active.append(lvmax >= np.uint64(lv))",
+           "active.append(lvmax > np.uint64(lv))",
+           ("tests/host_iommu/test_walk.py",)),
 )
 
 
