@@ -19,7 +19,7 @@ from host_iommu.defs import (
     Stage,
 )
 from host_iommu.iommu import HostIommu, IommuParams, first_of_groups
-from host_iommu.pasid import PE_AW_SHIFT, PE_P, PE_PGTT_SHIFT, PasidEntry
+from host_iommu.pasid import PE_AW_SHIFT, PE_P, PE_PGTT_SHIFT, PasidEntry, decode_pasid_entry
 from host_iommu.pgtable import HostTableStore, PageTable, addr_mask, fl_index, fl_table
 from tests.host_iommu.conftest import DATA_GPA, IOVA, SID, Env, assert_safe, make_env
 
@@ -309,13 +309,17 @@ def test_random_qi_descriptor_never_raises(words):
 @given(words=st.lists(st.integers(0, 2**64 - 1), min_size=8, max_size=8),
        iova=st.integers(0, 2**64 - 1))
 def test_random_pasid_entry_never_raises(words, iova):
-    """Any PASID-entry contents: translate returns a record; a fault carries no HPA."""
+    """Any PASID-entry contents: translate returns a record; a fault carries no HPA; an entry
+    the PASID-entry decoder rejects faults at the context stage with the reason it names."""
     env = _shared_env()
     env.h.sm.write_raw_pasid_entry(SID, 10, words)
     env.h.caches.pasidc.inv_global()
     r = env.h.translate(np.array([SID]), np.array([10]), np.array([iova], np.uint64),
                         np.array([1]))
     assert r["fault"][0] == 0 or r["hpa"][0] == 0
+    why = decode_pasid_entry(words)
+    if isinstance(why, FaultReason):
+        assert (r["fault"][0], r["stage"][0]) == (int(why), int(Stage.CONTEXT))
 
 
 _ENV: list[Env] = []
