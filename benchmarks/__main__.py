@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks import bench_run, bench_translate
+from benchmarks import bench_ray, bench_run, bench_translate
 
-BENCHES = {"translate": bench_translate.main, "run": bench_run.main}
+BENCHES = {"translate": bench_translate.main, "run": bench_run.main, "ray": bench_ray.main}
 
 
 def main() -> None:

@@ -216,3 +216,28 @@ def test_trace_import(tmp_path, capsys, fake_trace):
     assert "not an iommu:map/unmap event" in err and "ftrace.txt" in err
     assert "missing.txt" in user_error(capsys, ["trace", "import", str(tmp_path / "missing.txt"),
                                                 "-o", str(tmp_path / "t")])
+
+
+def test_progress_is_quiet_off_a_terminal_and_draws_on_one():
+    import io
+
+    from cluster.progress import Progress
+
+    pipe = io.StringIO()
+    p = Progress("sweep x", "runs", stream=pipe)
+    p.update(1, 4, force=True)
+    p.close()
+    assert pipe.getvalue() == ""
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    p = Progress("sweep x", "runs", stream=tty)
+    p.update(1, 4, force=True)
+    p.update(4, 4)
+    p.close()
+    text = tty.getvalue()
+    assert "sweep x: 1/4 runs (25%), ETA" in text and "4/4 runs (100%)" in text
+    assert text.endswith("\n")

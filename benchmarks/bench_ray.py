@@ -1,0 +1,145 @@
+"""Benchmark: the Ray back-end at 16 and 64 VMs, on one and on two cores.
+
+For each case a fresh subprocess pins itself (and so the local Ray it starts, whose processes
+inherit the affinity) to N cores, starts Ray with ``num_cpus=N``, and runs the config through
+``run_config``. Recorded: wall time of the epoch loop and of the whole run (Ray start-up
+excluded), emulated I/Os per wall second, peak RSS per VM (every actor's peak, summed, over the
+VM count), and the share of the loop's wall time spent outside emulation work (Ray calls,
+serialisation, the driver's merge: 1 - critical-path emulation time / loop time). An inproc
+run of the same config gives the single-process reference. Wall time is measured here only,
+never in a test. Goals (issue 10): overhead under 10% at 16 VMs; two cores at least 1.8x one
+core on a two-host 16-VM run; 256 VMs in 24 GiB (``--vms 256``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "ray.json"
+
+
+def config(vms: int, hosts: int, duration_us: int):
+    from cluster.config import parse_config
+
+    return parse_config({
+        "experiment": {"name": f"bench-{vms}vm-{hosts}h", "seed": 1,
+                       "duration_us": duration_us, "epoch_us": 100},
+        "host": {"count": hosts, "memory_mib": max(1024, 64 * vms // hosts + 256)},
+        "vm": {"nic": {"mode": "nested", "count": vms // 2, "vcpus": 2, "memory_mib": 48,
+                       "workload": {"kind": "nic", "offered_gbps": 2.0, "rx_ring": 64,
+                                    "tx_ring": 64}},
+               "nvme": {"mode": "shadow", "count": vms - vms // 2, "vcpus": 2,
+                        "memory_mib": 48,
+                        "workload": {"kind": "nvme", "queue_depth": 4,
+                                     "io_sizes": [4096, 16384], "io_weights": [0.5, 0.5]}}},
+    })
+
+
+def one_case(vms: int, hosts: int, cores: int, backend: str, duration_us: int) -> dict:
+    """Run in this process (called in a pinned subprocess); return the measurements."""
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
+    from cluster.runner import run_config
+
+    cfg = config(vms, hosts, duration_us)
+    started = {}
+    if backend == "ray":
+        import ray
+
+        ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR")
+    epochs = []
+    hook = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        outcome = run_config(cfg, out, backend,
+                             on_epoch=lambda ep: epochs.append(time.perf_counter()),
+                             machine_hook=lambda m: (hook.setdefault("m", m),
+                                                     started.setdefault("t",
+                                                                        time.perf_counter())))
+        manifest = json.loads((outcome.path / "manifest.json").read_text())
+    total = time.perf_counter() - t0
+    loop = epochs[-1] - started["t"]
+    ios = sum(outcome.summary["ios"].to_pylist())
+    rec = {"vms": vms, "hosts": hosts, "cores": cores, "backend": backend,
+           "virtual_us": duration_us, "ios": ios, "wall_s": round(total, 3),
+           "loop_wall_s": round(loop, 3), "ios_per_wall_s": round(ios / loop, 1)}
+    if backend == "ray":
+        m = hook["m"]
+        rss = manifest["placement"]["peak_rss_bytes"]
+        rec["actors"] = len(rss)
+        rec["peak_rss_per_vm_mib"] = round(sum(rss.values()) / vms / 2**20, 1)
+        rec["emulation_s"] = round(m.emulation_s, 3)
+        rec["overhead_share"] = round(max(0.0, 1 - m.emulation_s / loop), 4)
+        ray.shutdown()
+    else:
+        import resource
+
+        rec["peak_rss_per_vm_mib"] = round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / vms, 1)
+    return rec
+
+
+def run_case(vms: int, hosts: int, cores: int, backend: str, duration_us: int) -> dict:
+    code = ("import json, sys; from benchmarks.bench_ray import one_case; "
+            f"print('RESULT', json.dumps(one_case({vms}, {hosts}, {cores}, {backend!r}, "
+            f"{duration_us})))")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=3600)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"case {vms} VMs / {hosts} hosts / {cores} cores / {backend} failed:\n"
+                       f"{r.stderr[-3000:]}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="bench_ray")
+    ap.add_argument("--vms", type=int, nargs="*", default=[16, 64])
+    ap.add_argument("--duration-us", type=int, default=1000)
+    args = ap.parse_args(argv)
+    cases = []
+    for vms in args.vms:
+        cases.append((vms, 1, 1, "inproc"))
+        for cores in (1, 2):
+            cases.append((vms, 1, cores, "ray"))
+    if 16 in args.vms:
+        cases += [(16, 2, 1, "ray"), (16, 2, 2, "ray")]
+    records = []
+    for vms, hosts, cores, backend in cases:
+        rec = run_case(vms, hosts, cores, backend, args.duration_us)
+        records.append(rec)
+        extra = (f", overhead {100 * rec['overhead_share']:.1f}%, {rec['actors']} actors"
+                 if backend == "ray" else "")
+        print(f"{vms:4d} VMs {hosts} host(s) {cores} core(s) {backend:6s}: "
+              f"{rec['loop_wall_s']:7.2f} s loop ({rec['wall_s']:.2f} s run), "
+              f"{rec['ios_per_wall_s']:9,.0f} I/Os/s, "
+              f"{rec['peak_rss_per_vm_mib']:.0f} MiB/VM{extra}", flush=True)
+    speedup = {}
+    for vms, hosts in {(r["vms"], r["hosts"]) for r in records if r["backend"] == "ray"}:
+        by = {r["cores"]: r["loop_wall_s"] for r in records
+              if (r["vms"], r["hosts"], r["backend"]) == (vms, hosts, "ray")}
+        if 1 in by and 2 in by and by[2] > 0:
+            speedup[f"{vms}vm-{hosts}host"] = round(by[1] / by[2], 2)
+    print(f"two cores vs one: {speedup}")
+    result = {"cases": records, "speedup_2_vs_1_core": speedup,
+              "cpu_count": os.cpu_count(), "python": platform.python_version(),
+              "platform": platform.platform(),
+              "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
