@@ -101,7 +101,8 @@ class Workload(ABC):
     """A device and its driver loop. Subclasses set ``kind``, ``Params`` and ``start``."""
 
     kind: ClassVar[str]
-    # summary columns this kind adds (``summary_counters``); other kinds report them as 0
+    # summary columns this kind adds (``summary_counters``); other kinds report them as 0.
+    # They are counts (never means or maxima), so a measured window is end minus start.
     SUMMARY_COLUMNS: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True)

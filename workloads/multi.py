@@ -73,15 +73,9 @@ class MultiWorkload(Workload):
             part.start(_NamedContext(ctx, taken))
 
     def summary_counters(self) -> dict[str, int]:
-        """Counts summed over the parts; a ``*_mean_*`` column is the mean of the parts that
-        report one (nonzero)."""
+        """The parts' counts, summed (workload summary columns are counts)."""
         sums: dict[str, int] = {}
-        means: dict[str, list[int]] = {}
         for part in self.parts:
             for k, v in part.summary_counters().items():
-                if "_mean_" in k:
-                    if v:
-                        means.setdefault(k, []).append(v)
-                else:
-                    sums[k] = sums.get(k, 0) + v
-        return {**sums, **{k: round(sum(v) / len(v)) for k, v in means.items()}}
+                sums[k] = sums.get(k, 0) + v
+        return sums
