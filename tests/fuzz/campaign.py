@@ -21,7 +21,7 @@ from tests.fuzz.shrink import save, shrink
 from tests.fuzz.world import random_spec
 
 DEFAULT_SEED = 20_260_207
-WORLD_STEPS = 300
+WORLD_STEPS = 250
 
 
 @dataclass

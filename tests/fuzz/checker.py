@@ -9,13 +9,17 @@ record of which pages the fuzzer unmapped strictly. After each operation:
   (never a host table, a free frame or another VM's frame); the requesting VM is the one that
   sent the batch, whatever source id its requests carry;
 - stale: a page whose strict unmap returned is not translated again (for its device, without
-  PASID) until the fuzzer maps it again or changes the VM's tables behind the DMA API; a grace
-  of STALE_GRACE_NS of virtual time covers the host's modelled invalidation latency;
+  PASID) until the fuzzer maps it again or maps pages behind the DMA API (raw VFIO maps,
+  shadowed hostile entries); a nested VM whose first level the fuzzer rewrote behind its
+  driver (table stores, binds) is no longer judged; a grace of STALE_GRACE_NS of virtual time
+  covers the host's modelled invalidation latency;
 - ledger: every frame that backs a VM's memory is owned by that VM in the host allocator;
 - counters: a VM that sent nothing in a batch sees no counter move and gets no fault report;
   VMs share hardware capacity (caches, the invalidation queue, fault recording registers) on
   purpose, which shows only in counters of the VM's own later requests;
 - writes: no host operation of one VM changes table pages held in another VM's memory;
+- faults: a VM whose DMAs fault while the fault recording registers are free is told of
+  them, and no record stays pending once every VM took its own;
 - exception / hang / unbounded: nothing escapes the model (beyond the boundary's named
   refusals), no step runs past its wall-clock budget, no batch explodes in size.
 """
@@ -68,13 +72,15 @@ class Checker:
     w: World
     dead: dict[tuple[int, int], dict[int, int]] = field(default_factory=dict)
     # (vm, sid) -> IOVA page -> virtual time its strict unmap returned
+    tainted: set[int] = field(default_factory=set)  # VMs no longer judged for stale pages
     translated: int = 0   # successful translations judged
     faulted: int = 0      # translations the IOMMU faulted
+    _step_faulted: int = 0
 
     def before(self) -> dict[str, Any]:
         srv = self.w.server
         return {"counters": {vm: dict(c) for vm, c in srv.counters.items()},
-                "tables": self._foreign_tables()}
+                "tables": self._foreign_tables(), "pending": srv.iommu.faults.pending}
 
     def _foreign_tables(self) -> dict[int, str]:
         """A digest of the table pages (and which frames have them) of each VM's memory."""
@@ -96,28 +102,34 @@ class Checker:
             if d:
                 for p in range(pg, pg + n):
                     d.pop(p, None)
-        for vm in eff.forget:
+        self.tainted |= eff.taint
+        for vm in eff.forget | eff.taint:
             for key in [k for k in self.dead if k[0] == vm]:
                 del self.dead[key]
         out += self._translations(eff)
         for vm, sid, pg, n, t in eff.unmapped:
+            if vm in self.tainted:
+                continue
             d = self.dead.setdefault((vm, sid), {})
             for p in range(pg, pg + n):
                 d[p] = t
         out += self._ledger()
         out += self._quiet(eff, snap)
+        out += self._reported(eff, snap)
         return out
 
     # --- isolation and stale translations --------------------------------------------------
     def _translations(self, eff: Effect) -> list[Violation]:
         w = self.w
         seen, w.seen = w.seen, []
+        self._step_faulted = 0
         if not seen:
             return []
         sid, pasid, addr, _acc, t, res = (np.concatenate(c) for c in zip(*seen, strict=True))
         ok = res["fault"] == 0
         self.translated += int(ok.sum())
         self.faulted += int((~ok).sum())
+        self._step_faulted = int((~ok).sum())
         if not ok.any():
             return []
         sid, pasid, addr, t, hpa = sid[ok], pasid[ok], addr[ok], t[ok], res["hpa"][ok]
@@ -167,6 +179,27 @@ class Checker:
                     f"VM {vm} sid={s:#06x} translated IOVA page {int(pages[j]) << PAGE_SHIFT:#x} "
                     f"at t={int(t[m][j])} ns, {int(t[m][j] - t_dead[j])} ns after its strict "
                     f"unmap returned; {int(late.sum())} such translation(s)", "stale"))
+        return out
+
+    # --- fault reporting -------------------------------------------------------------------
+    def _reported(self, eff: Effect, snap: dict[str, Any]) -> list[Violation]:
+        """Faults reach the VM whose DMA faulted while registers were free; none stay stuck."""
+        log = self.w.server.iommu.faults
+        out = []
+        if log.pending:
+            out.append(Violation("faults", f"{log.pending} fault record(s) still pending after "
+                                 "every VM took its own: the recording registers stay full",
+                                 "pending"))
+        if eff.mixed or len(eff.senders) != 1 or snap["pending"] or not self._step_faulted:
+            return out
+        (vm,) = eff.senders
+        rep = eff.reports.get(vm)
+        got = 0 if rep is None else len(rep.faults)
+        want = min(self._step_faulted, log.records)
+        if got < want:
+            out.append(Violation("faults", f"VM {vm}'s DMAs faulted {self._step_faulted} "
+                                 f"time(s) with free recording registers, but it was told of "
+                                 f"{got}", "unreported"))
         return out
 
     # --- host memory and other VMs ---------------------------------------------------------

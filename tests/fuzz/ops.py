@@ -12,11 +12,13 @@ hostile arguments; balloons (OP_SL_UNMAP / OP_SL_MAP); corrupted msgpack frames.
 An operation is a JSON-able dict generated with concrete values (``generate``), so a list of
 them replays exactly and shrinks by deletion; ``execute`` applies one to a World and returns
 an ``Effect`` the checker reads. Refusals the boundary is allowed to make (a named error of
-the model's own, a DMA API error) are recorded, not raised.
+the model's own, a DMA API error) are recorded, not raised. About 600 lines: each boundary's
+generator and executor stay side by side.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +42,6 @@ from host_iommu.protocol import (
     VmSetup,
 )
 from tests.fuzz.world import World, protocol_refusal
-from vm_agent.dma import DMA_MAPPING_ERROR
 from workloads.base import DMA_BIDIRECTIONAL, DMA_TO_DEVICE
 
 Op = dict[str, Any]
@@ -49,6 +50,7 @@ ENTRY_ADDR = 0x000F_FFFF_FFFF_F000   # address bits 51:12 of a table entry (both
 FL_PRESENT_RW_US = 0x7               # first level: P | R/W | U/S
 SL_READ_WRITE = 0x3                  # second level: R | W
 PS = 1 << 7                          # page size, both formats
+DMA_MAPPING_ERROR = U64              # include/linux/dma-mapping.h: ~(dma_addr_t)0
 MODEL_PACKAGES = ("host_iommu", "vm_agent", "workloads", "cluster")
 
 # Operation kinds and how often each is drawn.
@@ -75,7 +77,10 @@ class Effect:
     unmapped: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     # (vm, sid, first page, pages, time the strict unmap returned)
     remapped: list[tuple[int, int, int, int]] = field(default_factory=list)  # (vm, sid, pg, n)
-    forget: set[int] = field(default_factory=set)    # VMs whose tables changed behind the API
+    forget: set[int] = field(default_factory=set)    # VMs whose mappings changed behind the
+    #                                                  DMA API (raw VFIO maps, shadowed entries)
+    taint: set[int] = field(default_factory=set)     # VMs whose host-side first level no longer
+    #                                                  is the guest driver's view, for good
     reports: dict[int, EpochReport] = field(default_factory=dict)
 
 
@@ -101,7 +106,7 @@ def _pick(rng: np.random.Generator, seq):
 def _live_pages(w: World, vm: int) -> list[tuple[int, int]]:
     """(sid, iova) of every page the fuzzer mapped through the DMA API and did not unmap."""
     out = []
-    for iova, (sid, pages, _gpa) in w.mappings[vm].items():
+    for (sid, iova), (pages, _gpa) in w.mappings[vm].items():
         out += [(sid, iova + (i << PAGE_SHIFT)) for i in range(min(pages, 8))]
     return out
 
@@ -142,6 +147,9 @@ def _dma_reqs(w: World, rng: np.random.Generator, vm: int, k: int, hostile: bool
         pasid[m] = mine[rng.integers(0, mine.size, int(m.sum()))]
         m = (r >= 0.08) & (r < 0.11)
         pasid[m] = rng.integers(1, 1 << 20, int(m.sum()))
+        if malformed and others.size:   # a PASID whose high bits spell another device
+            m = (r >= 0.11) & (r < 0.13)
+            pasid[m] = (others[rng.integers(0, others.size, int(m.sum()))] << 20) | 1
         if malformed:    # fields no valid operation carries
             r = rng.random(k)
             m = r < 0.03
@@ -154,7 +162,7 @@ def _dma_reqs(w: World, rng: np.random.Generator, vm: int, k: int, hostile: bool
 
 
 def _gen_dma(w: World, rng: np.random.Generator, vm: int) -> Op:
-    k = int(rng.choice([1, 8, 64, 256, 512, 1024], p=[0.05, 0.1, 0.15, 0.3, 0.25, 0.15]))
+    k = int(rng.choice([1, 8, 64, 256, 512, 1024], p=[0.1, 0.2, 0.3, 0.2, 0.15, 0.05]))
     malformed = bool(rng.random() < 0.15)
     wire = not malformed or bool(rng.random() < 0.5)
     return {"k": "dma", "vm": vm, "wire": wire,
@@ -175,8 +183,10 @@ def _gen_map(w: World, rng: np.random.Generator, vm: int) -> Op:
 
 def _gen_unmap(w: World, rng: np.random.Generator, vm: int) -> Op:
     live = sorted(w.mappings[vm])
-    iova = int(_pick(rng, live) if live else int(rng.integers(0, 1 << 32)) & ~0xFFF)
-    return {"k": "unmap", "vm": vm, "iova": iova, "cpu": int(rng.integers(2))}
+    sid, iova = (_pick(rng, live) if live else
+                 (w.devices[vm][0].sid, int(rng.integers(0, 1 << 32)) & ~0xFFF))
+    return {"k": "unmap", "vm": vm, "sid": int(sid), "iova": int(iova),
+            "cpu": int(rng.integers(2))}
 
 
 def _table_pages(w: World, vm: int, dev: int) -> tuple[Any, list[int]]:
@@ -242,7 +252,7 @@ def _valid_desc(rng: np.random.Generator, w: World, vm: int) -> np.void:
     did = 1 if rng.random() < 0.7 else int(rng.integers(1 << 16))
     pasid = _pick(rng, w.pasids[vm]) if rng.random() < 0.7 else int(rng.integers(1 << 20))
     am = int(rng.choice([0, 0, 1, 5, 9, 18]))
-    live = sorted(w.mappings[vm])
+    live = sorted(iova for _sid, iova in w.mappings[vm])
     base = _pick(rng, live) if live and rng.random() < 0.7 else int(rng.integers(0, 1 << 48))
     addr = (base >> (PAGE_SHIFT + am)) << (PAGE_SHIFT + am)
     size = 1 << int(rng.integers(PAGE_SHIFT, 40))
@@ -294,12 +304,14 @@ def _gen_bind(w: World, rng: np.random.Generator, vm: int) -> Op:
     root = int(rng.choice([table.root, _pick(rng, pages), int(rng.integers(0, 1 << 22)) & ~0xFFF,
                            _pick(rng, WIDE_U64), int(rng.integers(0, 1 << 22))]))
     levels = int(rng.choice([4, 4, 5, 3, 0, 6]))
-    return {"k": "bind", "vm": vm, "dev": dev, "pasid": pasid, "root": root, "levels": levels}
+    count = 1 if rng.random() < 0.85 else int(rng.choice([16, 200]))   # a storm of PASIDs
+    return {"k": "bind", "vm": vm, "dev": dev, "pasid": pasid, "root": root, "levels": levels,
+            "count": count}
 
 
 def _raw_values(rng: np.random.Generator, w: World, vm: int) -> list[int]:
-    live = sorted(w.mappings[vm])
-    gpas = [g for _s, _n, g in w.mappings[vm].values()]
+    live = sorted(iova for _sid, iova in w.mappings[vm])
+    gpas = [g for _n, g in w.mappings[vm].values()]
     mem = w.agents[vm].memory_bytes
     pool = [*WIDE_U64, mem, mem - PAGE_SIZE, *live[:4], *gpas[:4]]
     return [_pick(rng, pool) if rng.random() < 0.6 else int(rng.integers(0, 1 << 63))
@@ -325,7 +337,7 @@ def _gen_raw(w: World, rng: np.random.Generator, vm: int) -> Op:
 
 
 def _gen_balloon(w: World, rng: np.random.Generator, vm: int) -> Op:
-    gpas = [g for _s, _n, g in w.mappings[vm].values()]
+    gpas = [g for _n, g in w.mappings[vm].values()]
     mem = w.agents[vm].memory_bytes
     r = rng.random()
     if r < 0.5 and gpas:
@@ -465,7 +477,7 @@ def execute(w: World, op: Op) -> Effect:
         _send(w, eff, batches)
     elif k == "raw":
         eff.weight = len(op["rows"])
-        eff.forget.add(op["vm"])
+        _behind_api(eff, op["vm"], {row[0] for row in op["rows"]})
         _send(w, eff, {op["vm"]: _raw_batch(w, op["vm"], op["rows"])}, op.get("wire", True))
     elif k == "time":
         w.tick(op["ns"])
@@ -497,8 +509,16 @@ def _frame(w: World, op: Op, eff: Effect) -> None:
         return
     if op["kind"] == "ops":
         eff.weight = max(1, decoded.size)
-        eff.forget.add(op["vm"])
+        _behind_api(eff, op["vm"], set(decoded["op"].tolist()))
         _send(w, eff, {op["vm"]: decoded})
+
+
+def _behind_api(eff: Effect, vm: int, kinds: set[int]) -> None:
+    """Raw operations that change what the VM's devices reach without its DMA API."""
+    if OP_GUEST_WRITE in kinds:
+        eff.taint.add(vm)
+    if OP_VFIO_MAP in kinds:
+        eff.forget.add(vm)
 
 
 def _guest(w: World, op: Op, eff: Effect) -> None:
@@ -507,9 +527,9 @@ def _guest(w: World, op: Op, eff: Effect) -> None:
     agent = w.agents[vm]
     k = op["k"]
     if k == "clear_iqe":   # software clears FSTS.IQE; the queue resumes behind the error
-        eff.forget.add(vm)
         dev = w.devices[vm][op.get("dev", 0) % len(w.devices[vm])]
-        cmds = (agent.viommu.clear_iqe(qi.wait_desc()) if op.get("replace")
+        takes_replacement = bool(inspect.signature(agent.viommu.clear_iqe).parameters)
+        cmds = (agent.viommu.clear_iqe(qi.wait_desc()) if op.get("replace") and takes_replacement
                 else agent.viommu.clear_iqe())
         if cmds:
             agent.vmm.handle(list(cmds), w.now, dev.sid, agent.dma.domains[dev.sid].table, -1)
@@ -536,12 +556,13 @@ def _guest(w: World, op: Op, eff: Effect) -> None:
             agent.free_buffer(gpa, size)   # the DMA API failed the call (a vIOMMU error)
             eff.refused = "DMA_MAPPING_ERROR"
         else:
-            w.mappings[vm][iova] = (dev.sid, op["pages"], gpa)
+            w.mappings[vm][(dev.sid, iova)] = (op["pages"], gpa)
             eff.remapped.append((vm, dev.sid, iova >> PAGE_SHIFT, op["pages"]))
     elif k == "unmap":
-        if op["iova"] not in w.mappings[vm]:
+        sid = op["sid"]
+        if (sid, op["iova"]) not in w.mappings[vm]:
             return
-        sid, pages, gpa = w.mappings[vm].pop(op["iova"])
+        pages, gpa = w.mappings[vm].pop((sid, op["iova"]))
         dev = next(d for d in w.devices[vm] if d.sid == sid)
         errors = agent.stats["dma_api_errors"]
         try:
@@ -556,8 +577,8 @@ def _guest(w: World, op: Op, eff: Effect) -> None:
                                             and agent.policy == "strict")
         if t_ret is not None and strict and agent.stats["dma_api_errors"] == errors:
             eff.unmapped.append((vm, sid, op["iova"] >> PAGE_SHIFT, pages, int(t_ret)))
-    elif k == "table":
-        eff.forget.add(vm)
+    elif k == "table":     # nested: the host's copy diverges from the driver's for good
+        (eff.taint if w.mode[vm] == "nested" else eff.forget).add(vm)
         w.targets[vm] = [*w.targets[vm][-31:], op["target"]]
         dev = w.devices[vm][op["dev"] % len(w.devices[vm])]
         if w.mode[vm] == "nested":   # a store into its own memory: the host sees it
@@ -575,28 +596,32 @@ def _guest(w: World, op: Op, eff: Effect) -> None:
             finally:   # and back, without a flush: the VMM's shadow keeps what it saw
                 if page is not None:
                     page[idx] = old
-    elif k == "qi":
-        eff.forget.add(vm)
+    elif k == "qi":        # invalidations only drop cached state: nothing is remapped
         dev = w.devices[vm][op["dev"] % len(w.devices[vm])]
         descs = np.array([tuple(d) for d in op["descs"]], dtype=qi.DESC_DTYPE)
         _trap(w, agent, dev.sid, list(descs))
-    elif k == "bind":
-        eff.forget.add(vm)
+    elif k == "bind":      # PASID 0 may now walk another root than the driver's own
+        eff.taint.add(vm)
         dev = w.devices[vm][op["dev"] % len(w.devices[vm])]
-        srv = w.server
-        try:
-            if hasattr(srv, "bind_nested"):   # the VMM's iommufd call; refusals counted
-                dom = srv.bind_nested(vm, dev.sid, op["pasid"], op["root"], op["levels"])
-            else:
-                dom = alloc_nested(srv.iommu, vm, dev.sid, op["pasid"], op["root"],
-                                   op["levels"], ats=dev.ats)
-                srv.nested[(dev.sid, op["pasid"])] = dom
-        except Exception as exc:
-            _refuse(eff, exc)
-            dom = None
-        if dom is not None:
-            w.pasids[vm] = [*w.pasids[vm][-7:], op["pasid"]]
+        for pasid in range(op["pasid"], op["pasid"] + op.get("count", 1)):
+            _bind(w, eff, vm, dev, pasid, op["root"], op["levels"])
     _send(w, eff, {vm: w.collect(vm)})
+
+
+def _bind(w: World, eff: Effect, vm: int, dev, pasid: int, root: int, levels: int) -> None:
+    """The VMM binds a guest first level (iommufd IOMMU_HWPT_ALLOC + attach to a PASID)."""
+    srv = w.server
+    try:
+        if hasattr(srv, "bind_nested"):   # the server's entry point; refusals counted
+            dom = srv.bind_nested(vm, dev.sid, pasid, root, levels)
+        else:
+            dom = alloc_nested(srv.iommu, vm, dev.sid, pasid, root, levels, ats=dev.ats)
+            srv.nested[(dev.sid, pasid)] = dom
+    except Exception as exc:
+        _refuse(eff, exc)
+        dom = None
+    if dom is not None and pasid not in w.pasids[vm]:
+        w.pasids[vm] = [*w.pasids[vm][-7:], pasid]
 
 
 def _trap(w: World, agent, sid: int, descs: list[np.void]) -> None:

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 
+import host_iommu.fault
 import host_iommu.iommu
 import host_iommu.server
 import host_iommu.vfio
@@ -45,8 +46,8 @@ def unmap_then_dma(s: Session, vm: int = 1) -> tuple[list, list[dict]]:
     sid = s.world.devices[vm][0].sid
     script = [{"k": "map", "vm": vm, "dev": 0, "pages": 1, "write": True, "cpu": 0}]
     viols = run(s, script)
-    (iova,) = s.world.mappings[vm]
-    rest = [dma(vm, sid, iova), {"k": "unmap", "vm": vm, "iova": iova, "cpu": 0},
+    ((_sid, iova),) = s.world.mappings[vm]
+    rest = [dma(vm, sid, iova), {"k": "unmap", "vm": vm, "sid": sid, "iova": iova, "cpu": 0},
             {"k": "time", "ns": 5_000_000}, dma(vm, sid, iova + 0x40)]
     script += rest
     return viols + run(s, rest), script
@@ -100,7 +101,7 @@ def test_dma_into_a_freed_frame_is_caught(monkeypatch):
     h = s.world.server.iommu
     sid = s.world.devices[1][0].sid
     run(s, [{"k": "map", "vm": 1, "dev": 0, "pages": 1, "write": True, "cpu": 0}])
-    ((iova, (_sid, _n, gpa)),) = s.world.mappings[1].items()
+    (((_sid, iova), (_n, gpa)),) = s.world.mappings[1].items()
     frame = int(h.vms[1].hpa_of[gpa >> PAGE_SHIFT])
     h.vms[1].hpa_of[gpa >> PAGE_SHIFT] = -1   # the host forgets the page and frees it
     h.mem.free(np.array([frame]))
@@ -189,3 +190,16 @@ def test_shrink_saves_a_minimal_replayable_reproducer(monkeypatch, tmp_path, cap
     assert spec2 == sp and [x.category for x in replay(spec2, ops2)] == ["stale"]
     assert cli.main(["--replay", str(path)]) == 1
     assert "violation stale:stale" in capsys.readouterr().out
+
+
+def test_faults_never_reported_are_caught(monkeypatch):
+    """A host that never hands the recorded faults to their VM: faults."""
+    take = host_iommu.fault.FaultLog.take_for_vm
+    monkeypatch.setattr(host_iommu.fault.FaultLog, "take_for_vm",
+                        lambda self, vm: take(self, -12345))
+    monkeypatch.setattr(host_iommu.fault.FaultLog, "take_all",
+                        lambda self: take(self, -12345), raising=False)
+    s = Session(spec("passthrough", "passthrough"))
+    viols = run(s, [dma(1, s.world.devices[1][0].sid, 1 << 40)])
+    assert {v.key for v in viols} == {"pending", "unreported"}
+    assert all(v.category == "faults" for v in viols)

@@ -10,7 +10,9 @@ import pytest
 
 from tests.fuzz import __main__ as cli
 from tests.fuzz.campaign import campaign
+from tests.fuzz.checker import Session
 from tests.fuzz.ops import WEIGHTS
+from tests.fuzz.world import VmSpec, WorldSpec
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -34,3 +36,21 @@ def test_cli_prints_the_tally(tmp_path, capsys):
     out = capsys.readouterr().out
     for line in ("operations ", "rate ", "violations 0", "exceptions 0", "hangs 0"):
         assert line in out
+
+
+@pytest.mark.xfail(strict=True, reason="fuzz finding F1: a shadow VM's devices share one VFIO "
+                   "container while each has its own IOVA space")
+def test_finding_shadow_devices_do_not_share_an_iova_space():
+    """Device A's strict unmap of IOVA x holds even after device B maps its own IOVA x."""
+    s = Session(WorldSpec(1, (VmSpec(1, "shadow", devices=2), VmSpec(2, "shadow")),
+                          {"memory_mib": 48}))
+    a = s.world.devices[1][0]
+    x = 0xFFFF_F000
+    ops = [{"k": "map", "vm": 1, "dev": 0, "pages": 1, "write": True, "cpu": 0},
+           {"k": "unmap", "vm": 1, "sid": a.sid, "iova": x, "cpu": 0},
+           {"k": "map", "vm": 1, "dev": 1, "pages": 1, "write": True, "cpu": 0},
+           {"k": "time", "ns": 5_000_000},
+           {"k": "dma", "vm": 1, "wire": True, "sid": [a.sid], "pasid": [0], "addr": [x],
+            "access": [1], "dt": [0]}]
+    viols = [v for op in ops for v in s.step(op)[0]]
+    assert [v.detail for v in viols] == []

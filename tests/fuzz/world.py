@@ -137,8 +137,10 @@ class World:
             self.devices[v.vm] = list(agent.devices)
         self.mode = {v.vm: v.mode for v in spec.vms}
         self.sid_owner = {d.sid: vm for vm, devs in self.devices.items() for d in devs}
-        # The fuzzer's own record of live DMA API mappings: vm -> iova -> (sid, pages, gpa).
-        self.mappings: dict[int, dict[int, tuple[int, int, int]]] = {v: {} for v in self.agents}
+        # The fuzzer's own record of live DMA API mappings: vm -> (sid, iova) -> (pages, gpa);
+        # each device has its own IOVA space, so two devices may map the same IOVA.
+        self.mappings: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
+            v: {} for v in self.agents}
         # Extra IOVAs/PASIDs worth aiming DMAs at (hostile table entries, binds).
         self.targets: dict[int, list[int]] = {v: [] for v in self.agents}
         self.pasids: dict[int, list[int]] = {v: [0] for v in self.agents}
@@ -164,7 +166,7 @@ class World:
     def vms(self) -> list[int]:
         return sorted(self.agents)
 
-    def tick(self, ns: int = 2_000) -> int:
+    def tick(self, ns: int = 20_000) -> int:
         self.now += ns
         return self.now
 
