@@ -24,6 +24,7 @@ SG_ONE = [0x3E63D000 + 0x1000 * i for i in range(3)] + [0x6BAF000, 0x3E63B000,
                                                            0x3E634000, 0x3E635000, 0x6BB5000]
 SG_TWO = [0x6BE8000, 0x6BF1000, 0x6BC0000, 0x6BC1000, 0x3E633000, 0x6BFA000, 0x6BF7000,
           0x6BEF000]
+SG_THREE = [0x6C00000, 0x3E700000, 0x6C10000, 0x3E710000]
 
 
 def window() -> Ftrace:
@@ -52,6 +53,10 @@ def window() -> Ftrace:
     f.emit(f.call("unmap_page", NIC_A, 4, 1, 0xFFFF7000, 4096),
            f.call("unmap_page", NIC_B, 5, 0, 0xFFFF8000, 4096, offset=0x40))
     f.emit(f.call("map_page", NIC_A, 4, 1, "s", 0xFFFF8000, 0x675A000, 4096))
+    # one CPU, two contexts: NIC B's softirq refill lands inside the NVMe's process-context
+    # scatter list, line by line
+    f.emit(f.call("map_sg", NVME, 3, 0, 0xFFF70000, SG_THREE),
+           f.call("map_page", NIC_B, 5, 0, "s", 0xFFFF9000, 0x6471000, 4096, offset=0x40))
     return f
 
 
@@ -127,8 +132,8 @@ def test_adjacent_calls_stay_two_calls(tmp_path, text, make_ctx):
     w = TraceWorkload(TraceWorkload.Params(path=str(tmp_path / "n.trace")))
     w.start(ctx)
     ctx.run_until(10**10)
-    # SG_ONE: 3 contiguous + 1 + 2 contiguous + 2 singles = 5 pieces; SG_TWO: 7 pieces
-    assert [len(s) for s in ctx.map_sgs] == [5, 7]
+    # SG_ONE: 3 contiguous + 1 + 2 contiguous + 2 singles = 5 pieces; SG_TWO: 7; SG_THREE: 4
+    assert [len(s) for s in ctx.map_sgs] == [5, 7, 4]
     assert len(ctx.maps) == 1 and ctx.maps[0][2] == 4 * 4096      # the live read
     assert len(ctx.unmap_sgs) == 1 and len(ctx.unmaps) == 1 and ctx.errors == []
 
@@ -169,3 +174,21 @@ def test_shadow_replay_of_the_window_is_exact(tmp_path, text, dev):
     assert row["vm_exits"] == row["maps"] + row["unmaps"]
     assert row["trace_lost_events"] == 37 and row["trace_unmatched_unmaps"] == 0
     assert row["faults"] == 0
+
+
+def test_unmap_is_claimed_by_the_address_it_covers(tmp_path):
+    """An iommu:unmap outside the DMA API (no dma:* event) waiting on the same CPU and
+    context is not taken for the next call's unmap: dma_unmap_page claims the line that
+    covers its dma_addr, and the stray line is unattributed."""
+    f = Ftrace()
+    f.header()
+    f.emit(f.call("map_page", NIC_A, 4, 1, "s", 0xFFFF8000, 0x675A000, 4096))
+    stray = ("<idle>", 1, "d.h1.", "unmap", "IOMMU: iova=0x00000000ffff0000 - "
+             "0x00000000ffff1000 size=4096 unmapped_size=4096")
+    f.emit([stray, *f.call("unmap_page", NIC_A, 4, 1, 0xFFFF8000, 4096, offset=0x40)])
+    text = tmp_path / "t.txt"
+    text.write_text(f.text())
+    counts = ftrace.import_ftrace(text, tmp_path / "t.trace", device=NIC_A)
+    assert (counts["unmap"], counts["unattributed"], counts["live"]) == (1, 1, 0)
+    (b,) = read_trace(tmp_path / "t.trace")
+    assert b["iova"][b["op"] == 1].tolist() == [0xFFFF8000]
