@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from cluster.config import Config
-from cluster.runner import VmPlan, guest_final, make_agent, make_host
+from cluster.runner import VmPlan, guest_epoch_stats, guest_final, make_agent, make_host
 from host_iommu.protocol import EpochReport, pack, pack_ops, unpack, unpack_ops
 
 
@@ -87,7 +87,7 @@ class VmGroupActor:
                 r = unpack(reports[a.vm])
                 assert isinstance(r, EpochReport)
                 a.receive(r)
-            out[a.vm] = (pack_ops(a.run_epoch(t_end_ns)), dict(a.stats))
+            out[a.vm] = (pack_ops(a.run_epoch(t_end_ns)), guest_epoch_stats(a))
         return out, time.perf_counter() - t0
 
     def finish(self, reports: dict[int, bytes]) -> tuple[dict[int, dict[str, int]], int]:

@@ -98,6 +98,7 @@ class ExperimentConfig:
     duration_us: int = 10_000
     epoch_us: int = 100
     description: str = ""
+    warmup_us: int = 0      # set-up before the measured window of duration_us (runs first)
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,10 @@ def _experiment(table: Any, problems: list[tuple[str, str]]) -> ExperimentConfig
     _check(problems, exp.epoch_us <= exp.duration_us or exp.duration_us <= 0,
            "experiment.epoch_us",
            f"must be <= experiment.duration_us ({exp.duration_us}), got {exp.epoch_us}")
+    _in_range(problems, exp.warmup_us, 0, DURATION_US_MAX, "experiment.warmup_us")
+    _check(problems, exp.epoch_us <= 0 or exp.warmup_us % exp.epoch_us == 0,
+           "experiment.warmup_us", f"must be a multiple of experiment.epoch_us "
+           f"({exp.epoch_us}), so the window starts at an epoch boundary; got {exp.warmup_us}")
     if exp.epoch_us > 0:
         epochs = -(-exp.duration_us // exp.epoch_us)
         _check(problems, epochs <= EPOCHS_MAX, "experiment.epoch_us",

@@ -118,10 +118,14 @@ def build(cfg: Config) -> tuple[HostServer, list[VmAgent], dict[int, VmPlan]]:
 
 
 # --- Back-ends -----------------------------------------------------------------------------
+def guest_epoch_stats(agent: VmAgent) -> dict[str, int]:
+    """A VM's counters after an epoch: its stats and its workload's summary counters."""
+    return {**agent.stats, **workload_summary(agent.workload)}
+
+
 def guest_final(agent: VmAgent) -> dict[str, int]:
     """A VM's counters at the end of a run (its stats plus the flush queue's stale bound)."""
-    return {**agent.stats, "stale_bound_ns": agent.dma.stale_bound_ns,
-            **workload_summary(agent.workload)}
+    return {**guest_epoch_stats(agent), "stale_bound_ns": agent.dma.stale_bound_ns}
 
 
 @dataclass
@@ -150,7 +154,7 @@ class InProcMachine(InProcTransport):
         super().__init__(hosts, agents, {vm: p.host for vm, p in plans.items()})
 
     def guest_stats(self) -> dict[int, dict[str, int]]:
-        return {vm: a.stats for vm, a in self.agents.items()}
+        return {vm: guest_epoch_stats(a) for vm, a in self.agents.items()}
 
     def finish(self) -> FinalState:
         counters: dict[int, dict[str, int]] = {}
@@ -235,6 +239,8 @@ def _run(cfg: Config, rid: str, machine: Machine, writer: RunWriter,
     engine = Engine(machine, exp.epoch_us * 1000)
     sink = writer.stream("metrics", writer.with_metadata(METRICS_SCHEMA))
     prev: dict[int, dict[str, int]] = {vm: dict.fromkeys(METRIC_COLUMNS, 0) for vm in vms}
+    warmup_ns = exp.warmup_us * 1000
+    start: dict[int, tuple[dict[str, int], dict[str, int]]] = {}   # counters at warm-up end
 
     def record(ep: Epoch) -> None:
         rows: dict[str, list] = {f.name: [] for f in METRICS_SCHEMA}
@@ -250,16 +256,18 @@ def _run(cfg: Config, rid: str, machine: Machine, writer: RunWriter,
                 rows[c].append(cur[c] - prev[vm][c])
             prev[vm] = cur
         sink.write_batch(pa.record_batch(rows, schema=METRICS_SCHEMA))
+        if warmup_ns and not start and ep.t_end_ns >= warmup_ns:
+            start.update({vm: (dict(stats[vm]), dict(ep.reports[vm].counters)) for vm in vms})
         if on_epoch is not None:
             on_epoch(ep)
 
     try:
-        engine.run(exp.duration_us * 1000, record)
+        engine.run(warmup_ns + exp.duration_us * 1000, record)
     except MACHINE_ERRORS as e:
         raise RunFailed(f"run stopped at {engine.now} ns of virtual time: {e} "
                         "(raise vm.memory_mib or host.memory_mib)") from None
     final = machine.finish()
-    summary = summary_table(cfg, final, host_of, engine.now)
+    summary = summary_table(cfg, final, host_of, engine.now, start)
     writer.write_table("summary", summary)
     writer.write_table("faults", faults_table(cfg, final))
     writer.placement = final.placement
@@ -267,19 +275,33 @@ def _run(cfg: Config, rid: str, machine: Machine, writer: RunWriter,
     return RunOutcome(path, summary, rid, writer.table_paths())
 
 
+# Summary columns that are levels or maxima, not counts: a window keeps their end value.
+NOT_WINDOWED = frozenset({"stale_window_max_ns", "stale_bound_ns", "pinned_pages"})
+
+
+def _windowed(end: dict[str, int], start: dict[str, int] | None) -> dict[str, int]:
+    """Counts of the measured window: end minus start (levels and maxima kept)."""
+    if start is None:
+        return end
+    return {k: v if k in NOT_WINDOWED else v - start.get(k, 0) for k, v in end.items()}
+
+
 def summary_table(cfg: Config, final: FinalState, host_of: dict[int, int],
-                  sim_ns: int) -> pa.Table:
+                  sim_ns: int, start: dict[int, tuple[dict, dict]] | None = None) -> pa.Table:
+    """One row per VM over the measured window (after ``experiment.warmup_us``)."""
+    warmup_ns = cfg.experiment.warmup_us * 1000 if start else 0
     groups = {g.name: g for g in cfg.vms}
     plans = {p.vm: p for p in plan_vms(cfg)}
     rows: list[dict] = []
     for vm in sorted(final.guest):
         g = groups[plans[vm].group]
-        s = final.guest[vm]
-        hc = final.host_counters[vm]
+        s = _windowed(final.guest[vm], start[vm][0] if start else None)
+        hc = _windowed(final.host_counters[vm], start[vm][1] if start else None)
         rows.append({
             "experiment": cfg.experiment.name, "host": host_of[vm], "vm": vm,
             "group": g.name, "mode": g.mode, "policy": g.policy,
-            "workload": g.workload.kind, "sim_ns": sim_ns, "ios": s["ios"],
+            "workload": g.workload.kind, "sim_ns": sim_ns,
+            "window_ns": sim_ns - warmup_ns, "ios": s["ios"],
             "bytes": s["bytes"], "maps": s["maps"], "unmaps": s["unmaps"],
             "vm_exits": s["vm_exits"], "vmm_map_calls": s["vmm_map_calls"],
             "vmm_unmap_calls": s["vmm_unmap_calls"],
@@ -299,6 +321,8 @@ def summary_table(cfg: Config, final: FinalState, host_of: dict[int, int],
             "lazy_flushes": s["lazy_flushes"], "iommu_map_events": s["iommu_map_events"],
             "qi_errors": s["qi_errors"], "dma_map_errors": s["dma_map_errors"],
             "translate_ns": hc["translate_ns"],
+            "sl_unmap_refused": hc["sl_unmap_refused"],
+            "foreign_sid_refused": hc["foreign_sid_refused"], "ops_refused": hc["ops_refused"],
             "stale_bound_ns": s["stale_bound_ns"],
             **{c: s.get(c, 0) for c in WORKLOAD_SUMMARY_COLUMNS},
         })
