@@ -29,7 +29,7 @@ OP_DMA = 2           # sid, pasid, a0 = IOVA, a1 = bytes (within one page), a2 =
 OP_HWPT_INV = 3      # sid, pasid, a0 = addr, a1 = npages, a2 = flags, a3 = unmap id or -1
 OP_VFIO_MAP = 4      # sid, a0 = IOVA, a1 = GPA, a2 = bytes, a3 = writable
 OP_VFIO_UNMAP = 5    # sid, a0 = IOVA, a1 = bytes, a3 = unmap id or -1
-OP_UNMAP_RET = 6     # a0 = unmap id, a1 = time the guest's unmap call returned
+OP_UNMAP_RET = 6     # a0 = unmap id, a1 = time the guest's unmap call returned, a2 = vCPU
 OP_SL_UNMAP = 7      # a0 = GPA, a1 = pages: the VMM takes memory away (balloon, unplug)
 OP_SL_MAP = 8        # a0 = GPA, a1 = pages: the VMM gives memory back
 OP_NAMES = {OP_GUEST_WRITE: "guest_write", OP_DMA: "dma", OP_HWPT_INV: "hwpt_invalidate",
@@ -152,6 +152,9 @@ class EpochReport:
     counters: dict[str, int] = field(default_factory=dict)
     faults: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
     # (time_ns, sid, pasid, addr, reason, stage)
+    unmap_waits: list[tuple[int, int, int]] = field(default_factory=list)
+    # (unmap id, vCPU, ns): strict unmaps whose wait descriptor completed on the shared host
+    # QI that much later than the guest's modelled return (the guest charges it next epoch)
 
 
 def pack(msg: VmSetup | EpochReport) -> bytes:
@@ -226,5 +229,11 @@ def unpack(frame: bytes) -> VmSetup | EpochReport:
                 isinstance(f, list | tuple) and len(f) == 6
                 and all(isinstance(x, int) for x in f) for f in faults):
             raise ProtocolError("EpochReport.faults must be a list of 6-integer records")
-        return EpochReport(vm, counters, [tuple(f) for f in faults])
+        waits = d.get("unmap_waits", [])
+        if not isinstance(waits, list) or not all(
+                isinstance(w, list | tuple) and len(w) == 3
+                and all(isinstance(x, int) and x >= 0 for x in w) for w in waits):
+            raise ProtocolError("EpochReport.unmap_waits must be a list of 3 integers >= 0")
+        return EpochReport(vm, counters, [tuple(f) for f in faults],
+                           [tuple(w) for w in waits])
     raise ProtocolError(f"unknown control message {kind!r}")

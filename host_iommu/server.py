@@ -69,6 +69,7 @@ class HostServer:
         self.shadow: dict[int, ShadowDomain] = {}
         self.nested: dict[tuple[int, int], NestedDomain] = {}
         self.oracle = Oracle()
+        self.unmap_waits: dict[int, list[tuple[int, int, int]]] = {}   # vm -> this epoch's
         self.counters: dict[int, dict[str, int]] = {}
         self.host_counters: dict[str, int] = dict.fromkeys(HOST_ONLY_COUNTERS, 0)
 
@@ -177,7 +178,8 @@ class HostServer:
             faults = list(zip(f["time_ns"][m].tolist(), f["sid"][m].tolist(),
                               f["pasid"][m].tolist(), f["addr"][m].tolist(),
                               f["reason"][m].tolist(), f["stage"][m].tolist(), strict=True))
-            reports[vm] = EpochReport(vm, dict(self.counters[vm]), faults)
+            reports[vm] = EpochReport(vm, dict(self.counters[vm]), faults,
+                                      self.unmap_waits.pop(vm, []))
         return reports
 
     def _control(self, op: np.void) -> None:
@@ -209,7 +211,15 @@ class HostServer:
             c["host_inv_descriptors"] += nd
             self.oracle.unmap_returned(vm, int(op["a3"]), t_done)
         elif k == OP_UNMAP_RET:
-            self.oracle.unmap_returned(vm, int(op["a0"]), int(op["a1"]))
+            # A strict unmap returns only when its wait descriptor completed on this host's
+            # queue, which every VM shares: report how much later than the guest's modelled
+            # return that was (the VFIO unmap or HWPT invalidate came first in merge order).
+            uid, t_ret = int(op["a0"]), int(op["a1"])
+            host_done = self.oracle.returned.get((vm, uid))
+            if host_done is not None and host_done > t_ret:
+                self.unmap_waits.setdefault(vm, []).append(
+                    (uid, int(op["a2"]) & 0xFFFF, host_done - t_ret))
+            self.oracle.unmap_returned(vm, uid, t_ret)
         elif k == OP_SL_UNMAP:
             try:
                 _t, nd, _freed, refused = sl_unmap(h, vm, int(op["a0"]), int(op["a1"]), t)

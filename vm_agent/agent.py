@@ -40,7 +40,8 @@ GUEST_COUNTERS = ("maps", "unmaps", "vm_exits", "vmm_map_calls", "vmm_unmap_call
                   "vmm_invalidate_calls", "inv_descriptors", "pte_writes",
                   "ios", "bytes", "io_latency_sum_ns", "cpu_busy_ns", "dma_requests",
                   "rogue_dma", "lazy_flushes", "iommu_map_events", "dma_api_errors",
-                  "guest_faults_reported", "balloon_pages", "qi_errors", "dma_map_errors")
+                  "guest_faults_reported", "balloon_pages", "qi_errors", "dma_map_errors",
+                  "unmap_qi_wait_ns")
 
 
 class VmAgent:
@@ -138,10 +139,22 @@ class VmAgent:
         return self.log.take()
 
     def receive(self, report: EpochReport) -> None:
-        """Host counters and the faults reported to this guest's vIOMMU for the epoch."""
+        """Host counters, the faults reported to this guest's vIOMMU, and how much longer its
+        strict unmaps' wait descriptors took on the host's shared queue, for the epoch.
+
+        Each such wait is charged to the unmapping vCPU now, at the start of the next epoch
+        (it spun in qi_submit_sync that long): the vCPU's time is conserved, but the stall
+        lands up to one epoch (plus the call's overrun past the epoch end) after the unmap
+        returned. The oracle uses the host's real completion time regardless.
+        """
         self.host_counters = report.counters
         self.stats["guest_faults_reported"] += len(report.faults)
         self.epoch_faults = report.faults
+        for _unmap_id, cpu, wait_ns in report.unmap_waits:
+            cpu %= self.vcpus
+            t0 = max(self.busy_until[cpu], self.now)
+            self._finish(cpu, t0, t0 + wait_ns)
+            self.stats["unmap_qi_wait_ns"] += wait_ns
 
     # --- guest memory ---------------------------------------------------------------------
     def alloc_buffer(self, size: int) -> int:

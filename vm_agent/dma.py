@@ -270,7 +270,7 @@ class DmaApi:
             if res.timer_deadline_ns is not None:
                 self.schedule(res.timer_deadline_ns, self._on_timer, dom, cpu)
             t += c.iova_free_ns
-        self.log.add(t, OP_UNMAP_RET, a0=unmap_id, a1=t)
+        self.log.add(t, OP_UNMAP_RET, a0=unmap_id, a1=t, a2=cpu)
         return t
 
     def _free_iova(self, dom: IommuDomain, cpu: int, pfn: int, pages: int, t: int) -> None:
