@@ -106,10 +106,14 @@ def shadow_pair():
 
 def test_shadow_forces_strict_in_behaviour(shadow_pair):
     """Asked lazy, shadow behaves strict: no lazy flush, one exit per map and per unmap,
-    VFIO unmaps for every unmap, and counters equal to the strict twin's."""
+    VFIO unmaps for every unmap, and the same counts as the strict twin (times differ a
+    little: the two VMs share the host's invalidation queue)."""
     lazy, strict = shadow_pair["lazy"], shadow_pair["strict"]
     assert lazy["unmaps"] > 0 and lazy["lazy_flushes"] == 0
     assert lazy["vm_exits"] == lazy["maps"] + lazy["unmaps"]
     assert lazy["vmm_unmap_calls"] >= lazy["unmaps"]
     assert lazy["stale_dma"] == 0
-    assert lazy == strict
+
+    def counts(row: dict[str, int]) -> dict[str, int]:
+        return {k: v for k, v in row.items() if not k.endswith("_ns")}
+    assert counts(lazy) == counts(strict)
