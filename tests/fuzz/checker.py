@@ -11,8 +11,9 @@ record of which pages the fuzzer unmapped strictly. After each operation:
 - stale: a page whose strict unmap returned is not translated again (for its device, without
   PASID) until the fuzzer maps it again or maps pages behind the DMA API (raw VFIO maps,
   shadowed hostile entries); a nested VM whose first level the fuzzer rewrote behind its
-  driver (table stores, binds) is no longer judged; a grace of STALE_GRACE_NS of virtual time
-  covers the host's modelled invalidation latency;
+  driver (table stores, binds) is no longer judged; a DMA is judged only STALE_GRACE_NS of
+  virtual time after the unmap returned and when no host invalidation is still queued (the
+  guest's return does not wait for host queue contention: a modelled simplification);
 - ledger: every frame that backs a VM's memory is owned by that VM in the host allocator;
 - counters: a VM that sent nothing in a batch sees no counter move and gets no fault report;
   VMs share hardware capacity (caches, the invalidation queue, fault recording registers) on
@@ -163,8 +164,11 @@ class Checker:
                 f"addr={int(addr[i]):#x} reached HPA {int(hpa[i]):#x}: {what} "
                 f"(owner {owner}, kind {kind}); {int((~good).sum())} such translation(s)",
                 what))
+        # A flush still queued on the host may be the one that ends a page's life: judge
+        # stale pages only once every queued invalidation has taken effect.
+        idle = w.server.iommu.next_effect_ns() is None
         for (vm, s), d in self.dead.items():
-            if not d:
+            if not d or not idle:
                 continue
             m = (req == vm) & (sid == s) & (pasid == 0)
             if not m.any():
