@@ -301,6 +301,8 @@ class NicWorkload(Workload):
             gpa, iova, nbytes, t_arrive = qu.rx_pending.popleft()
             t = ctx.dma_unmap(cpu, self.dev, iova, p.buffer_bytes, DMA_FROM_DEVICE, t)
             t += p.cpu_per_packet_ns
+            if not p.request_response:     # a round trip is counted when its response left
+                ctx.io_done(t, nbytes, t - t_arrive)
             self.rx_packets += 1
             t = self._post_rx_buffer(ctx, qu, t)
             ctx.free_buffer(gpa, p.buffer_bytes)
@@ -308,8 +310,6 @@ class NicWorkload(Workload):
             if p.request_response:         # the application answers the request at once
                 qu.rr_requests.append((t_arrive, nbytes))
                 t = self._tx_send(ctx, q, t, self._sizes.draw(ctx.rng))
-            else:
-                ctx.io_done(t, nbytes, t - t_arrive)
         self._busy_until[cpu] = max(self._busy_until[cpu], t)
         self.max_poll_packets = max(self.max_poll_packets, done)
         if qu.rx_pending:                      # budget spent: poll again, irqs stay masked
