@@ -401,10 +401,12 @@ class TraceWorkload(Workload):
         path: str = ""
         loop: bool = False          # start over at the end of the file
         time_scale: float = 1.0     # emulated ns per traced ns
+        start_us: float = 0.0       # when the first traced event replays (live maps: at 0)
 
         def validate(self) -> list[tuple[str, str]]:
             errors = check_fraction(self.rogue_fraction, "rogue_fraction")
             errors += check_positive(self.time_scale, "time_scale")
+            errors += check_positive(self.start_us, "start_us", zero_ok=True)
             if not isinstance(self.loop, bool):
                 errors.append(("loop", f"{self.loop!r} is not a boolean"))
             if not isinstance(self.path, str) or not self.path:
@@ -449,9 +451,12 @@ class TraceWorkload(Workload):
         self._pieces = [{} for _ in self.devs]
         self._starts = [[] for _ in self.devs]
         self._base_ns = 0
-        self._begin_pass(ctx, reader)
+        self._begin_pass(ctx, reader, first_ns=round(self.params.start_us * 1000.0))
 
-    def _begin_pass(self, ctx: GuestContext, reader: TraceReader) -> None:
+    def _begin_pass(self, ctx: GuestContext, reader: TraceReader,
+                    first_ns: int | None = None) -> None:
+        """Map the live records at the pass's base time, then schedule the first event (at
+        ``first_ns`` when given: set-up such as a warm-up window comes before it)."""
         self.passes += 1
         self._records = _Records(reader)
         self._t_first: int | None = None
@@ -464,6 +469,8 @@ class TraceWorkload(Workload):
                 self.live_maps += len(pieces)
                 self._map(ctx, self._base_ns, d, d % self._ctx_vcpus, pieces, live=True)
             row = self._records.peek()
+        if first_ns is not None:
+            self._base_ns = max(self._base_ns, first_ns)
         self._schedule_next(ctx)
 
     def _take_call(self) -> list[Row]:

@@ -192,3 +192,23 @@ def test_unmap_is_claimed_by_the_address_it_covers(tmp_path):
     assert (counts["unmap"], counts["unattributed"], counts["live"]) == (1, 1, 0)
     (b,) = read_trace(tmp_path / "t.trace")
     assert b["iova"][b["op"] == 1].tolist() == [0xFFFF8000]
+
+
+def test_after_a_warmup_the_window_is_exactly_the_trace(tmp_path, text):
+    """Live mappings made during a warm-up, traced events replayed after it: the measured
+    window holds exactly the trace's map calls, map events and unmaps of the device, and in
+    a caching-mode guest one trap per map call and per unmap."""
+    trace = tmp_path / "w.trace"
+    ftrace.import_ftrace(text, trace, device=NVME)
+    want = truth(window(), NVME)
+    cfg = parse_config({
+        "experiment": {"name": "window", "seed": 1, "duration_us": 2000, "epoch_us": 100,
+                       "warmup_us": 500},
+        "host": {"memory_mib": 256},
+        "vm": {"g": {"mode": "shadow", "memory_mib": 64,
+                     "workload": {"kind": "trace", "path": str(trace), "start_us": 500.0}}}})
+    (row,) = run_config(cfg, tmp_path / "out").summary.to_pylist()
+    assert (row["maps"], row["iommu_map_events"], row["unmaps"]) == (
+        want["map_calls"], want["map_events"], want["unmaps"])
+    assert row["vm_exits"] == want["map_calls"] + want["unmaps"]
+    assert row["trace_live_maps"] == 0 and row["window_ns"] == 2_000_000
