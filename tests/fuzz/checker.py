@@ -19,6 +19,7 @@ record of which pages the fuzzer unmapped strictly. After each operation:
   VMs share hardware capacity (caches, the invalidation queue, fault recording registers) on
   purpose, which shows only in counters of the VM's own later requests;
 - writes: no host operation of one VM changes table pages held in another VM's memory;
+- leak: a refused request leaves nothing behind (a VM half set up);
 - faults: a VM whose DMAs fault while the fault recording registers are free is told of
   them, and no record stays pending once every VM took its own;
 - exception / hang / unbounded: nothing escapes the model (beyond the boundary's named
@@ -114,6 +115,7 @@ class Checker:
             d = self.dead.setdefault((vm, sid), {})
             for p in range(pg, pg + n):
                 d[p] = t
+        out += [Violation("leak", text, "setup") for text in eff.leaks]
         out += self._ledger()
         out += self._quiet(eff, snap)
         out += self._reported(eff, snap)

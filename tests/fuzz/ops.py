@@ -55,7 +55,7 @@ MODEL_PACKAGES = ("host_iommu", "vm_agent", "workloads", "cluster")
 
 # Operation kinds and how often each is drawn.
 WEIGHTS = {"dma": 26, "mixdma": 5, "map": 16, "unmap": 12, "table": 9, "qi": 6, "bind": 3,
-           "raw": 6, "balloon": 6, "frame": 4, "clear_iqe": 3, "time": 6}
+           "raw": 6, "balloon": 6, "frame": 4, "clear_iqe": 3, "time": 6, "setup": 2}
 WIDE_U64 = (0, 1, 0xFFF, 0x1000, 0x20000, 1 << 32, 1 << 40, 1 << 47, 1 << 48, 1 << 52,
             1 << 57, 1 << 63, U64, U64 - 0xFFF)
 
@@ -82,12 +82,13 @@ class Effect:
     taint: set[int] = field(default_factory=set)     # VMs whose host-side first level no longer
     #                                                  is the guest driver's view, for good
     reports: dict[int, EpochReport] = field(default_factory=dict)
+    leaks: list[str] = field(default_factory=list)   # what a refused request left behind
 
 
 # --- generation -----------------------------------------------------------------------------
-def generate(w: World, rng: np.random.Generator) -> Op:
-    """One random hostile operation for the world as it is now."""
-    names = list(WEIGHTS)
+def generate(w: World, rng: np.random.Generator, exclude: tuple[str, ...] = ()) -> Op:
+    """One random hostile operation for the world as it is now (no kind in ``exclude``)."""
+    names = [n for n in WEIGHTS if n not in exclude]
     p = np.array([WEIGHTS[n] for n in names], dtype=float)
     kind = names[int(rng.choice(len(names), p=p / p.sum()))]
     vm = int(rng.choice(w.vms))
@@ -412,10 +413,23 @@ def _gen_time(w: World, rng: np.random.Generator, vm: int) -> Op:
     return {"k": "time", "ns": int(rng.choice([50_000, 1_000_000, 5_000_000, 20_000_000]))}
 
 
+def _gen_setup(w: World, rng: np.random.Generator, vm: int) -> Op:
+    """A VMM's set-up message for a VM that exists or not, naming devices it may not own."""
+    sids = [*w.sid_owner, 0x900, 0x901, int(rng.integers(1 << 16))]
+    n = int(rng.integers(0, 3))
+    target = _pick(rng, [vm, max(w.vms) + 1, max(w.vms) + 2])
+    return {"k": "setup", "vm": int(target), "mode": _pick(rng, ["shadow", "nested",
+                                                              "passthrough"]),
+            "memory": int(rng.choice([1 << 20, 4 << 20, 1 << 30, 1 << 40, 1 << 52])),
+            "sids": [int(_pick(rng, sids)) for _ in range(n)], "ats": bool(rng.integers(2)),
+            "fl_levels": int(rng.choice([4, 5])),
+            "roots": [int(_pick(rng, WIDE_U64)) & ~0xFFF for _ in range(n)]}
+
+
 GENERATORS = {"dma": _gen_dma, "mixdma": _gen_mixdma, "map": _gen_map, "unmap": _gen_unmap,
               "table": _gen_table, "qi": _gen_qi, "bind": _gen_bind, "raw": _gen_raw,
               "balloon": _gen_balloon, "frame": _gen_frame, "clear_iqe": _gen_clear_iqe,
-              "time": _gen_time}
+              "time": _gen_time, "setup": _gen_setup}
 
 
 # --- execution ------------------------------------------------------------------------------
@@ -493,6 +507,8 @@ def execute(w: World, op: Op) -> Effect:
         _send(w, eff, {op["vm"]: _raw_batch(w, op["vm"], rows)})
     elif k == "frame":
         _frame(w, op, eff)
+    elif k == "setup":
+        _setup(w, op, eff)
     else:
         _guest(w, op, eff)
     return eff
@@ -511,6 +527,31 @@ def _frame(w: World, op: Op, eff: Effect) -> None:
         eff.weight = max(1, decoded.size)
         _behind_api(eff, op["vm"], set(decoded["op"].tolist()))
         _send(w, eff, {op["vm"]: decoded})
+
+
+def _setup(w: World, op: Op, eff: Effect) -> None:
+    """The set-up message crosses the wire, then the host creates the VM and binds devices."""
+    msg = VmSetup(op["vm"], op["memory"], op["mode"], tuple(op["sids"]), op["ats"],
+                  op["fl_levels"], tuple(op["roots"]) if op["mode"] == "nested" else ())
+    try:
+        setup = protocol.unpack(protocol.pack(msg))
+    except Exception as exc:
+        if not protocol_refusal(exc):
+            raise
+        eff.refused = f"{type(exc).__name__}: {exc}"
+        return
+    eff.senders.add(op["vm"])
+    eff.taint.add(op["vm"])
+    srv = w.server
+    existed = op["vm"] in srv.iommu.vms
+    free = srv.iommu.mem.free_frames
+    try:
+        srv.setup_vm(setup)
+    except Exception as exc:
+        _refuse(eff, exc)
+        if not existed and (op["vm"] in srv.iommu.vms or op["vm"] in srv.counters):
+            eff.leaks.append(f"a refused set-up of VM {op['vm']} left the VM behind "
+                             f"({free - srv.iommu.mem.free_frames} host frames)")
 
 
 def _behind_api(eff: Effect, vm: int, kinds: set[int]) -> None:

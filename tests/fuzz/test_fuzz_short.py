@@ -1,7 +1,9 @@
 """A short hostile-guest fuzz in every test run: a few seeds, bounded by operation count.
 
 The full campaign is ``make fuzz`` (a million operations); this keeps the same code path
-alive in ``make test`` and fails on any violation, escaping exception or hang.
+alive in ``make test`` and fails on any violation, escaping exception or hang. Operation kinds
+that still reach a known-open finding run in their own strict xfail test, named after the
+finding, until the model is fixed; then the mark and KNOWN_OPEN go.
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ from tests.fuzz.checker import Session
 from tests.fuzz.ops import WEIGHTS
 from tests.fuzz.world import VmSpec, WorldSpec
 
+# Fuzz findings F2 (set-up of an existing VM raises a bare ValueError) and F3 (a refused
+# set-up leaves the VM half created) are reached by "setup" operations.
+KNOWN_OPEN = ("setup",)
+
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_short_fuzz_finds_no_violation(seed, tmp_path):
-    tally = campaign(seed, 8000, tmp_path, shrink_max=1, shrink_budget_s=30)
+    tally = campaign(seed, 8000, tmp_path, shrink_max=1, shrink_budget_s=30,
+                     exclude=KNOWN_OPEN)
     assert tally.operations >= 8000 and tally.steps >= 20
     assert tally.translated > 0 and tally.faulted > 0   # both outcomes really happened
     assert [v.signature for v in tally.violations] == [], tally.summary(seed)
@@ -25,10 +32,20 @@ def test_short_fuzz_finds_no_violation(seed, tmp_path):
 
 def test_short_fuzz_reaches_every_boundary(tmp_path):
     """Over a few worlds every operation kind runs, and boundaries refuse some of them."""
-    tally = campaign(4, 25_000, tmp_path, shrink_max=1, shrink_budget_s=30, world_steps=60)
-    assert set(tally.kinds) == set(WEIGHTS), tally.kinds
+    tally = campaign(4, 25_000, tmp_path, shrink_max=1, shrink_budget_s=30, world_steps=60,
+                     exclude=KNOWN_OPEN)
+    assert set(tally.kinds) == set(WEIGHTS) - set(KNOWN_OPEN), tally.kinds
     assert tally.refused["frame"] > 0 and tally.refused["dma"] > 0
     assert tally.violations == [], tally.summary(4)
+
+
+@pytest.mark.xfail(strict=True, reason="fuzz findings F2 and F3: a hostile VmSetup makes "
+                   "setup_vm raise ValueError or leave a half-created VM")
+@pytest.mark.parametrize("seed", [1, 2])
+def test_short_fuzz_with_hostile_setups(seed, tmp_path):
+    tally = campaign(seed, 8000, tmp_path, shrink_max=0)
+    assert tally.kinds["setup"] > 0
+    assert [v.signature for v in tally.violations] == [], tally.summary(seed)
 
 
 def test_cli_prints_the_tally(tmp_path, capsys):
