@@ -1,10 +1,10 @@
 """Host-driver invalidation helpers: turn a range into the VT-d descriptors Linux would queue.
 
 Follows Linux drivers/iommu/intel/cache.c (cache_tag_flush_range, calculate_psi_aligned_address:
-one page-selective descriptor whose 2^AM-page aligned range covers the request; domain- or
-PASID-wide when the range is too large). Callers end each submission with a wait descriptor,
-as dmar.c qi_submit_sync does. The guest's driver and the host's use the same helpers, as both
-run Linux's VT-d driver.
+one page-selective descriptor whose 2^AM-page aligned range covers the request; domain-wide
+only when the mask exceeds CAP.MAMV, and PASID-wide only when everything is asked for).
+Callers end each submission with a wait descriptor, as dmar.c qi_submit_sync does. The
+guest's driver and the host's use the same helpers, as both run Linux's VT-d driver.
 """
 
 from __future__ import annotations
@@ -14,61 +14,68 @@ import numpy as np
 from host_iommu import qi
 from host_iommu.defs import NO_PASID, PAGE_SHIFT
 
-# Linux falls back to a domain-wide flush when the aligned mask exceeds the hardware's MAMV.
-MAX_AM = 9
 ALL_PAGES = (1 << 64) - 1  # iommufd: npages all-ones with addr 0 means "everything"
-DEVTLB_ALL_BYTES = 1 << 63  # the widest ATS invalidation range this model encodes
+# Linux MAX_AGAW_PFN_WIDTH: a mask this wide covers the whole 64-bit space (2^52 pages).
+MAX_AGAW_PFN_WIDTH = 64 - PAGE_SHIFT
+DEVTLB_ALL_BYTES = 1 << 64  # qi_flush_dev_iotlb(addr 0, mask MAX_AGAW_PFN_WIDTH)
 
 
-def psi_aligned(addr: int, npages: int) -> tuple[int, int] | None:
-    """(aligned addr, am) covering [addr, addr + npages pages), or None if wider than MAX_AM."""
+def psi_aligned(addr: int, npages: int, mamv: int | None = qi.QI_MAMV_DEFAULT
+                ) -> tuple[int, int] | None:
+    """(aligned addr, am) covering [addr, addr + npages pages), as Linux's
+    calculate_psi_aligned_address; None for no pages or when am exceeds ``mamv`` (CAP.MAMV:
+    the caller falls back to a domain-selective flush). ``mamv=None`` never falls back; the
+    mask is then at most MAX_AGAW_PFN_WIDTH, which covers every address."""
     if npages <= 0:
         return None
     start = addr >> PAGE_SHIFT
     end = start + npages - 1
     am = max(0, (npages - 1).bit_length())
-    while (start >> am) != (end >> am):
+    while am < MAX_AGAW_PFN_WIDTH and (start >> am) != (end >> am):
         am += 1
-    if am > MAX_AM:
+    am = min(am, MAX_AGAW_PFN_WIDTH)
+    if mamv is not None and am > mamv:
         return None
     return (start >> am) << am << PAGE_SHIFT, am
 
 
 def pasid_flush_descs(did: int, pasid: int, addr: int, npages: int, *, leaf: bool,
                       ats_sids: list[int]) -> list[np.void]:
-    """PASID-based IOTLB (+ device-TLB) invalidation of a range, or of the whole PASID."""
-    out: list[np.void] = []
-    psi = None if (addr == 0 and npages == ALL_PAGES) else psi_aligned(addr, npages)
-    if psi is None:
-        out.append(qi.piotlb_desc(did, pasid, qi.QI_GRAN_NONG_PASID))
-        out += [qi.pasid_dev_iotlb_desc(s, s, pasid, 0, 1 << 63) for s in ats_sids]
-    else:
-        a, am = psi
-        out.append(qi.piotlb_desc(did, pasid, qi.QI_GRAN_PSI_PASID, a, am, ih=leaf))
-        out += [qi.pasid_dev_iotlb_desc(s, s, pasid, a, 1 << (am + PAGE_SHIFT))
-                for s in ats_sids]
-    return out
+    """PASID-based IOTLB (+ device-TLB) invalidation of a range, or of the whole PASID.
+
+    The first-level path never falls back to a PASID-wide flush for a large range (cache.c
+    cache_tag_flush_range with use_first_level: qi_flush_piotlb with the aligned range, no
+    MAMV check); only "everything" (addr 0, npages all-ones: cache_tag_flush_all) is
+    PASID-wide. The device-TLB invalidation covers the same aligned range.
+    """
+    if npages <= 0:
+        return []
+    if addr == 0 and npages == ALL_PAGES:
+        out = [qi.piotlb_desc(did, pasid, qi.QI_GRAN_NONG_PASID)]
+        return out + [d for s in ats_sids for d in devtlb_flush_descs(s, pasid, None, 0)]
+    a, am = psi_aligned(addr, npages, mamv=None)
+    out = [qi.piotlb_desc(did, pasid, qi.QI_GRAN_PSI_PASID, a, am, ih=leaf)]
+    return out + [d for s in ats_sids for d in devtlb_flush_descs(s, pasid, a, 1 << am)]
 
 
-def domain_flush_descs(did: int, addr: int | None, npages: int, *,
-                       ats_sids: list[int]) -> list[np.void]:
-    """IOTLB (0x2) invalidation: page-selective over a range, or domain-selective."""
-    out: list[np.void] = []
-    psi = None if addr is None else psi_aligned(addr, npages)
+def domain_flush_descs(did: int, addr: int | None, npages: int, *, ats_sids: list[int],
+                       mamv: int = qi.QI_MAMV_DEFAULT, ih: bool = False) -> list[np.void]:
+    """IOTLB (0x2) invalidation: page-selective over a range, or domain-selective when the
+    range is None or its mask exceeds ``mamv`` (cache.c: ``mask > cap_max_amask_val``).
+    Device-TLB invalidations of the ATS devices follow, over the same range."""
+    psi = None if addr is None else psi_aligned(addr, npages, mamv)
     if psi is None:
-        out.append(qi.iotlb_desc(qi.QI_IOTLB_GRAN_DOMAIN, did))
-        out += [qi.dev_iotlb_desc(s, s, 0, 0, 1 << 63) for s in ats_sids]
+        out = [qi.iotlb_desc(qi.QI_IOTLB_GRAN_DOMAIN, did)]
     else:
-        a, am = psi
-        out.append(qi.iotlb_desc(qi.QI_IOTLB_GRAN_PAGE, did, a, am))
-        out += [qi.dev_iotlb_desc(s, s, 0, a, 1 << (am + PAGE_SHIFT)) for s in ats_sids]
-    return out
+        out = [qi.iotlb_desc(qi.QI_IOTLB_GRAN_PAGE, did, psi[0], psi[1], ih=ih)]
+    return out + [d for s in ats_sids for d in devtlb_flush_descs(s, NO_PASID, addr, npages)]
 
 
 def devtlb_flush_descs(sid: int, pasid: int, addr: int | None, npages: int) -> list[np.void]:
     """Device-TLB invalidation for one cache tag (cache.c cache_tag_flush_range): 0x3 for
-    requests without PASID, 0x8 for the tag's PASID; the whole range when ``addr`` is None."""
-    psi = None if addr is None else psi_aligned(addr, npages)
+    requests without PASID, 0x8 for the tag's PASID. The range is aligned as for the IOTLB
+    (no MAMV: a device-TLB has none); ``addr`` None is the whole 64-bit space."""
+    psi = None if addr is None else psi_aligned(addr, npages, mamv=None)
     a, size = (0, DEVTLB_ALL_BYTES) if psi is None else (psi[0], 1 << (psi[1] + PAGE_SHIFT))
     if pasid == NO_PASID:
         return [qi.dev_iotlb_desc(sid, sid, 0, a, size)]

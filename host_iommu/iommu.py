@@ -79,6 +79,7 @@ class IommuParams:
     sl_levels: int = 4
     fault_records: int = 256
     qi_entries: int = 256
+    mamv: int = qi.QI_MAMV_DEFAULT  # CAP.MAMV: largest AM of a page-selective 0x2 (QEMU: 18)
 
 
 @dataclass
@@ -217,7 +218,7 @@ class HostIommu:
         c = self.caches
         self.iotlb, self.fl_pwc, self.sl_pwc = c.iotlb, c.fl_pwc, c.sl_pwc
         self.walker = Walker(self.mem, p.haw, self.fl_pwc, self.sl_pwc)
-        self.qi = InvalidationQueue(p.qi_entries, self.costs)
+        self.qi = InvalidationQueue(p.qi_entries, self.costs, mamv=p.mamv)
         self.faults = FaultLog(p.fault_records)
         self.vms: dict[int, VmMemory] = {}
         self.owner_of_sid: dict[int, int] = {}
@@ -472,6 +473,8 @@ class HostIommu:
         hit, hpa, perm, order, _pg = self.iotlb.lookup(r_did[ix], pasid[ix], addr[ix])
         need = np.where(access[ix] == ACCESS_WRITE, 2, 1).astype(np.uint8)
         hit &= (perm & need) == need
+        r_perm = np.zeros(n, np.uint8)  # permission of the translation each request got
+        r_perm[ix[hit]] = perm[hit]
         out["hpa"][ix[hit]] = hpa[hit]
         out["page_order"][ix[hit]] = order[hit]
         out["iotlb_hit"][ix[hit]] = True
@@ -495,6 +498,7 @@ class HostIommu:
             out["stage"][leaders] = wr.stage
             out["walk_refs"][leaders] = wr.walk_refs
             out["page_order"][leaders] = wr.order
+            r_perm[leaders] = wr.perm
             # followers take the leader's outcome, offset within the page
             followers = np.flatnonzero(lead_pos[group] != np.arange(miss.size))
             if followers.size:
@@ -507,6 +511,7 @@ class HostIommu:
                 out["stage"][fr] = wr.stage[src]
                 out["page_order"][fr] = wr.order[src]
                 out["iotlb_hit"][fr] = ok
+                r_perm[fr] = wr.perm[src]
             # IOTLB fills for successful walks, in request order
             okw = wr.fault == 0
             if okw.any():
@@ -515,15 +520,15 @@ class HostIommu:
                 page_base = (wr.hpa[okw] >> shift) << shift
                 self.iotlb.fill(wb.did[okw], wb.pasid[okw], wb.addr[okw], o, page_base,
                                 wr.perm[okw], wb.pgtt[okw])
-            # device-TLB fills (ATS translation completions)
-            dfill = r_dte[leaders] & okw
-            if dfill.any():
-                o = wr.order[dfill].astype(np.int64)
-                shift = (PAGE_SHIFT + 9 * o).astype(U64)
-                self.caches.dtlb.fill(sid[leaders][dfill], pasid[leaders][dfill],
-                                 addr[leaders][dfill], o, (wr.hpa[dfill] >> shift) << shift,
-                                 wr.perm[dfill])
         out["hpa"][out["fault"] != 0] = 0
+        # device-TLB fills: every ATS translation completion the device received, whether
+        # the IOTLB or a walk answered it (PCIe ATS: the device caches what it is sent)
+        dfill = np.flatnonzero(r_dte & ~devtlb_hit & (out["fault"] == 0))
+        if dfill.size:
+            o = out["page_order"][dfill].astype(np.int64)
+            shift = (PAGE_SHIFT + 9 * o).astype(U64)
+            self.caches.dtlb.fill(sid[dfill], pasid[dfill], addr[dfill], o,
+                                  (out["hpa"][dfill] >> shift) << shift, r_perm[dfill])
 
         # 5. statistics and fault records
         st = self.stats

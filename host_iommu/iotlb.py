@@ -484,9 +484,10 @@ class IOTLB:
     A translation is cached at its own page size; ``lookup`` probes 4K, 2M then 1G entries and
     uses the first hit. The PGTT of the PASID entry that produced it is kept, because the
     invalidation descriptors select by it (spec 6.5.2.3 / 6.5.2.4, Linux cache.c): 0x2 IOTLB
-    invalidations act on second-level-only and pass-through entries, and on every nested
-    (combined) entry of the domain since those are tagged by IOVA and cannot be found by GPA;
-    0x6 PASID-based invalidations act on first-level and nested entries. The hint IH only
+    invalidations act on second-level-only and pass-through entries by address, and on every
+    first-level and nested entry of the domain whatever the address (those are tagged by the
+    first-level input address, which a second-level address cannot name); 0x6 PASID-based
+    invalidations act on first-level and nested entries. The hint IH only
     concerns the paging-structure caches: the caller keeps PWC entries when IH=1.
     """
 
@@ -523,13 +524,14 @@ class IOTLB:
 
     def inv_page(self, did: int, addr: int, am: int, ih: int = 0) -> int:
         """0x2 page-selective: SL-only/PT entries of ``did`` overlapping 2^am pages at
-        ``addr``, plus every nested entry of ``did``."""
+        ``addr``, plus every first-level and nested entry of ``did``."""
         lo, hi = pfn_range(addr, am)
 
         def mask(c: Mapping[str, np.ndarray]) -> np.ndarray:
             g = c["pgtt"]
             sl = ((g == PGTT_SL_ONLY) | (g == PGTT_PT)) & _leaf_overlaps(c, lo, hi)
-            return (c["did"] == _scalar(did, "did")) & (sl | (g == PGTT_NESTED))
+            fl = (g == PGTT_NESTED) | (g == PGTT_FL_ONLY)
+            return (c["did"] == _scalar(did, "did")) & (sl | fl)
         return self.cache.invalidate(mask)
 
     def inv_pasid(self, did: int, pasid: int) -> int:
@@ -551,8 +553,9 @@ class IOTLB:
 
 class DeviceTLB:
     """Device-TLBs of all ATS devices in one store (VT-d spec 6.2.7, PCIe ATS): key (sid,
-    pasid, page number, size). ``inv`` is descriptor 0x3 (pasid None: all PASIDs of the
-    device) or 0x8 (one PASID; its global flag means pasid None)."""
+    pasid, page number, size). ``inv`` is descriptor 0x3 (pasid NO_PASID: the device's
+    requests without PASID, which this model tags PASID 0) or 0x8 (one PASID; its global flag
+    gives pasid None: every PASID of the device)."""
 
     KEY_FIELDS = ("sid", "pasid", "vpn_at_order", "order")
     VALUE_FIELDS: ClassVar[dict[str, np.dtype]] = {

@@ -26,7 +26,12 @@ from host_iommu.defs import (
     PGTT_NESTED,
     PGTT_SL_ONLY,
 )
-from host_iommu.invalidate import devtlb_flush_descs, domain_flush_descs, pasid_flush_descs
+from host_iommu.invalidate import (
+    ALL_PAGES,
+    devtlb_flush_descs,
+    domain_flush_descs,
+    pasid_flush_descs,
+)
 from host_iommu.iommu import HostIommu, VmMemory
 from host_iommu.memory import HostMemoryError
 from host_iommu.pasid import FLPM_BY_FL_LEVELS, PasidEntry
@@ -144,9 +149,26 @@ def free_nested(host: HostIommu, dom: NestedDomain, t_ns: int | None = None) -> 
     _unbind(host, v, dom.sid, dom.pasid, host.now_ns if t_ns is None else t_ns)
 
 
+def check_inv_entry(addr: int, npages: int, flags: int) -> None:
+    """Refuse an IOMMU_HWPT_INVALIDATE entry as Linux intel_nested_cache_invalidate_user
+    does: a flag other than LEAF (-EOPNOTSUPP), an address not 4-KiB aligned, or a nonzero
+    address with npages all-ones (-EINVAL) raise IommufdError."""
+    if flags & ~IOMMU_VTD_INV_FLAGS_LEAF:
+        raise IommufdError(f"invalidation flags {flags:#x}: only LEAF is defined")
+    if addr % PAGE_SIZE or (npages == ALL_PAGES and addr):
+        raise IommufdError(f"invalidation of {npages:#x} pages at {addr:#x}: the address "
+                           "must be 4-KiB aligned, and 0 when npages is all-ones")
+
+
 def hwpt_invalidate(host: HostIommu, dom: NestedDomain, entries: list[tuple[int, int, int]],
                     t_ns: int) -> tuple[int, int]:
-    """IOMMU_HWPT_INVALIDATE: entries of (addr, npages, flags). Returns (t_done, descriptors)."""
+    """IOMMU_HWPT_INVALIDATE: entries of (addr, npages, flags). Returns (t_done, descriptors).
+
+    Every entry is checked (check_inv_entry) before any is applied: a refused request
+    changes nothing. An entry of 0 pages invalidates nothing.
+    """
+    for addr, npages, flags in entries:
+        check_inv_entry(addr, npages, flags)
     ats = [dom.sid] if dom.sid in host.ats_sids else []
     descs = [d for addr, npages, flags in entries
              for d in pasid_flush_descs(dom.did, dom.pasid, addr, npages,
@@ -160,22 +182,26 @@ def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int
                   ) -> tuple[int, int]:
     """Flush everything derived from a range of the VM's second level (cache tags).
 
-    Follows Linux cache.c cache_tag_flush_range on the parent domain: one IOTLB invalidation
-    per DID (page-selective for second-level-only entries, domain-selective for nested and
-    shadow ones, which are tagged by IOVA and cannot be found by GPA), and a device-TLB
-    invalidation per ATS tag: 0x3 for requests without PASID, 0x8 with the tag's PASID, over
-    the whole range for nested and shadow tags (a device-TLB entry cannot be found by GPA).
+    Follows Linux cache.c cache_tag_flush_range on the parent domain. One IOTLB invalidation
+    per DID: page-selective with the GPA range on the second-level and nesting DIDs (a 0x2
+    page-selective invalidation drops every nested entry of its DID, which cannot be found by
+    GPA), domain-selective when the mask exceeds MAMV. Then a device-TLB invalidation per ATS
+    tag: 0x3 for requests without PASID, 0x8 with the tag's PASID; over the GPA range for
+    second-level tags, over everything for nesting tags (CACHE_TAG_NESTING_DEVTLB: a device
+    caches nested results, which cannot be found by GPA). A shadow domain maps IOVAs, not
+    GPAs, and holds only pinned pages, which a second-level change never takes: its DID is
+    flushed domain-wide all the same.
     """
     v = vm_memory(host, vm)
     descs: list[np.void] = []
     seen: set[int] = set()
     for kind, did, sid, pasid in v.tags:
-        by_gpa = kind == "sl"
         if did not in seen:
             seen.add(did)
-            descs += domain_flush_descs(did, gpa if by_gpa else None, npages, ats_sids=[])
+            descs += domain_flush_descs(did, None if kind == "shadow" else gpa, npages,
+                                        ats_sids=[], mamv=host.p.mamv)
         if sid in host.ats_sids:
-            descs += devtlb_flush_descs(sid, pasid, gpa if by_gpa else None, npages)
+            descs += devtlb_flush_descs(sid, pasid, gpa if kind == "sl" else None, npages)
     if not descs:
         return t_ns, 0
     descs.append(qi.wait_desc())

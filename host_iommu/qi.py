@@ -127,7 +127,9 @@ QI_RSVD = {
     QI_PC_TYPE: (0xFFF0_0000_0000_F1C0, U64),
     QI_DEIOTLB_TYPE: (0, 0x7FE),
 }
-# Largest address mask value (CAP.MAMV, 10.4.2). QEMU advertises VTD_MAMV = 18.
+# Largest address mask value (CAP.MAMV, 10.4.2) of a page-selective IOTLB invalidation (0x2).
+# QEMU advertises VTD_MAMV = 18 and refuses a larger AM in vtd_process_iotlb_desc; the
+# PASID-based page-selective invalidation (0x6) has no such limit (vtd_process_piotlb_desc).
 QI_MAMV_DEFAULT = 18
 # IQA.QS (10.4.24): the queue is 2^QS 4-KiB pages; 128 256-bit descriptors per page.
 QI_DESCS_PER_PAGE = 128
@@ -335,9 +337,9 @@ def _decode_devtlb_range(t: int, qw1: int, s_bit: int) -> tuple[int, int] | Desc
     return addr & ~(size - 1) & U64, size
 
 
-def _decode_page(t: int, qw1: int, mamv: int) -> tuple[int, int, bool] | DescError:
+def _decode_page(t: int, qw1: int, mamv: int | None) -> tuple[int, int, bool] | DescError:
     addr, am, ih = qw1 & QI_ADDR_MASK, qw1 & QI_AM_MASK, bool(qw1 & QI_IH)
-    if am > mamv:
+    if mamv is not None and am > mamv:
         return _err(t, "am_too_large", f"AM={am} exceeds MAMV={mamv}")
     if addr & ((PAGE_SIZE << am) - 1):
         return _err(t, "misaligned", f"addr {addr:#x} not aligned to 2^{am} pages (AM)")
@@ -379,8 +381,8 @@ def decode(desc: np.void, mamv: int = QI_MAMV_DEFAULT) -> InvCommand | DescError
         if gran not in (QI_GRAN_NONG_PASID, QI_GRAN_PSI_PASID):
             return _err(t, "granularity", f"PASID-based IOTLB G={gran} is reserved")
         page = (0, 0, False)
-        if gran == QI_GRAN_PSI_PASID:
-            page = _decode_page(t, qw1, mamv)
+        if gran == QI_GRAN_PSI_PASID:  # no MAMV limit (QEMU vtd_process_piotlb_desc)
+            page = _decode_page(t, qw1, None)
             if isinstance(page, DescError):
                 return page
         return InvCommand(t, gran=gran, did=did, pasid=pasid, addr=page[0], am=page[1],

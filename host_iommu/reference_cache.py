@@ -214,7 +214,7 @@ class RefIOTLB(_RefLeafTLB):
         def pred(f: dict[str, int]) -> bool:
             if f["did"] != did:
                 return False
-            if f["pgtt"] == PGTT_NESTED:
+            if f["pgtt"] in (PGTT_NESTED, PGTT_FL_ONLY):
                 return True
             return f["pgtt"] in (PGTT_SL_ONLY, PGTT_PT) and self._covers(f, lo, hi)
         return self.cache.invalidate(pred)

@@ -191,8 +191,12 @@ class HostServer:
             if dom is None or dom.vm != vm:
                 c["vfio_errors"] += 1  # iommufd refuses a HWPT the VM does not own
                 return
-            t_done, nd = hwpt_invalidate(h, dom, [(int(op["a0"]), int(op["a1"]),
-                                                   int(op["a2"]))], t)
+            try:
+                t_done, nd = hwpt_invalidate(h, dom, [(int(op["a0"]), int(op["a1"]),
+                                                       int(op["a2"]))], t)
+            except IommufdError:
+                c["vfio_errors"] += 1  # refused entries are never applied
+                return
             c["host_inv_descriptors"] += nd
             self.oracle.unmap_returned(vm, int(op["a3"]), t_done)
         elif k in (OP_VFIO_MAP, OP_VFIO_UNMAP):

@@ -15,7 +15,7 @@ import numpy as np
 
 from host_iommu import qi
 from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE, PGTT_SL_ONLY
-from host_iommu.invalidate import devtlb_flush_descs, domain_flush_descs
+from host_iommu.invalidate import domain_flush_descs
 from host_iommu.iommu import HostIommu
 from host_iommu.pasid import PasidEntry
 from host_iommu.pgtable import HostTableStore, PageTable
@@ -122,8 +122,6 @@ def vfio_unmap(host: HostIommu, dom: ShadowDomain, iova: int, size: int, t_ns: i
         v.pins[gframe] -= 1
     # The table walk visits only present tables, whatever the range.
     dom.pte_writes += dom.table.unmap(iova, size)
-    descs = domain_flush_descs(dom.did, iova, n, ats_sids=[])
-    for sid in dom.sids:
-        if sid in host.ats_sids:
-            descs += devtlb_flush_descs(sid, NO_PASID, iova, n)
+    ats = [sid for sid in dom.sids if sid in host.ats_sids]
+    descs = domain_flush_descs(dom.did, iova, n, ats_sids=ats, mamv=host.p.mamv)
     return host.submit_qi(np.array([*descs, qi.wait_desc()]), t_ns)

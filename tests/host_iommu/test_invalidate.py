@@ -11,7 +11,6 @@ from host_iommu import qi
 from host_iommu.defs import ACCESS_READ, PAGE_SIZE
 from host_iommu.invalidate import (
     ALL_PAGES,
-    MAX_AM,
     domain_flush_descs,
     pasid_flush_descs,
     psi_aligned,
@@ -32,7 +31,7 @@ def decoded(descs: list[np.void]) -> list[qi.InvCommand]:
     (0x5000, 2, (0x4000, 2)),        # pages 5-6 straddle an order-1 boundary: 4 pages
     (0x7000, 2, (0x0, 4)),           # pages 7-8: the smallest aligned block is 16 pages
     (0x3000, 3, (0x0, 3)),           # pages 3-5 need pages 0-7
-    (0x20_0000, 512, (0x20_0000, 9)),  # 2 MiB aligned: AM = MAX_AM
+    (0x20_0000, 512, (0x20_0000, 9)),  # 2 MiB aligned: AM 9
 ])
 def test_psi_aligned_covers_the_range_with_the_smallest_aligned_block(addr, npages, want):
     """The result is 2^AM-page aligned, covers every requested page, and is the smallest."""
@@ -45,9 +44,8 @@ def test_psi_aligned_covers_the_range_with_the_smallest_aligned_block(addr, npag
 
 @pytest.mark.parametrize(("addr", "npages"), [(0, 513), (0x1000, 512), (0, 0), (0, -3)])
 def test_psi_aligned_falls_back_when_too_wide_or_empty(addr, npages):
-    """Wider than 2^MAX_AM pages (or no pages): None, the caller flushes domain/PASID-wide."""
-    assert MAX_AM == 9
-    assert psi_aligned(addr, npages) is None
+    """Wider than 2^mamv pages (or no pages): None, the caller flushes domain-wide."""
+    assert psi_aligned(addr, npages, mamv=9) is None
 
 
 # --- the descriptors ---------------------------------------------------------------------------
@@ -80,9 +78,10 @@ def test_pasid_range_with_ats_is_psi_then_pasid_devtlb():
 
 
 def test_pasid_everything_is_one_non_global_pasid_flush():
-    """addr 0 with npages all-ones (iommufd's "everything") and too-wide ranges are one
-    PASID-selective (G=10b) descriptor; the leaf hint is dropped with the range."""
-    for addr, npages in ((0, ALL_PAGES), (0x1000, 4096)):
+    """addr 0 with npages all-ones (iommufd's "everything") is one PASID-selective (G=10b)
+    descriptor; the leaf hint is dropped with the range. (A wide range stays page-selective:
+    the first-level path never falls back.)"""
+    for addr, npages in ((0, ALL_PAGES),):
         [c] = decoded(pasid_flush_descs(3, 7, addr, npages, leaf=True, ats_sids=[]))
         assert (c.type, c.gran, c.did, c.pasid, c.ih) == (
             qi.QI_EIOTLB_TYPE, qi.QI_GRAN_NONG_PASID, 3, 7, False)

@@ -18,10 +18,20 @@ from host_iommu.defs import (
     FaultReason,
     Stage,
 )
+from host_iommu.invalidate import ALL_PAGES, domain_flush_descs, pasid_flush_descs
 from host_iommu.iommu import HostIommu, IommuParams, first_of_groups
+from host_iommu.nested import IommufdError, alloc_nested, hwpt_invalidate, sl_unmap
 from host_iommu.pasid import PE_AW_SHIFT, PE_P, PE_PGTT_SHIFT, PasidEntry, decode_pasid_entry
 from host_iommu.pgtable import HostTableStore, PageTable, addr_mask, fl_index, fl_table
-from tests.host_iommu.conftest import DATA_GPA, IOVA, SID, Env, assert_safe, make_env
+from tests.host_iommu.conftest import (
+    DATA_GPA,
+    IOVA,
+    SID,
+    Env,
+    GuestTableStore,
+    assert_safe,
+    make_env,
+)
 
 SID_B = 0x200       # 02:00.0, a second device of the same VM
 GPA_Q = 4 << 20     # data of PASID q
@@ -354,3 +364,93 @@ def test_first_of_groups_matches_first_occurrence(pairs):
         first_seen.setdefault(p, i)
     assert firsts.tolist() == sorted(first_seen.values())
     assert [int(firsts[g]) for g in group] == [first_seen[p] for p in pairs]
+
+
+# --- Linux 6.12 / QEMU 10 fidelity of host flushes (each test fails on the older model) ------
+def nested_ats(**params) -> tuple[HostIommu, PageTable]:
+    """VM 1 (8 MiB) with a first level mapping IOVA -> DATA_GPA bound nested at (SID, 0)
+    and (SID, 5) of an ATS device, as the VMM's alloc_nested does (cache tags included)."""
+    h = HostIommu(IommuParams(memory_mib=64, iotlb_entries=64, **params))
+    h.create_vm(1, 8 << 20)
+    fl = PageTable(GuestTableStore(h, 1, 4 << 20, 8 << 20), "fl", 4, h.p.haw)
+    fl.map(IOVA, DATA_GPA, PAGE_SIZE, max_order=0)
+    for pasid in (0, 5):
+        alloc_nested(h, 1, SID, pasid, fl.root, ats=True)
+    return h, fl
+
+
+def one(h: HostIommu, pasid: int, addr: int = IOVA) -> np.void:
+    return h.translate(np.array([SID]), np.array([pasid]), np.array([addr], np.uint64),
+                       np.array([1]))[0]
+
+
+def captured(h: HostIommu) -> list[qi.InvCommand]:
+    """Record every descriptor the host driver submits from now on, decoded."""
+    seen: list[qi.InvCommand] = []
+    submit = h.submit_qi
+
+    def spy(descs, t_ns):
+        seen.extend(qi.decode(d) for d in descs)
+        return submit(descs, t_ns)
+    h.submit_qi = spy
+    return seen
+
+
+def test_mamv_is_a_host_parameter_and_only_0x2_falls_back():
+    """cache.c cache_tag_flush_range: a 0x2 page-selective flush falls back to
+    domain-selective only when its mask exceeds cap_max_amask_val (QEMU VTD_MAMV = 18); the
+    first-level path (qi_flush_piotlb) never falls back. 1024 pages need AM 10."""
+    [psi] = domain_flush_descs(1, 0, 1024, ats_sids=[])
+    assert qi.decode(psi).gran == qi.QI_IOTLB_GRAN_PAGE and qi.decode(psi).am == 10
+    [dsi] = domain_flush_descs(1, 0, 1024, ats_sids=[], mamv=9)
+    assert qi.decode(dsi).gran == qi.QI_IOTLB_GRAN_DOMAIN
+    [p] = pasid_flush_descs(1, 5, 0x1000, 1 << 20, leaf=False, ats_sids=[])
+    assert (qi.decode(p).gran, qi.decode(p).am) == (qi.QI_GRAN_PSI_PASID, 21)
+    h = HostIommu(IommuParams(memory_mib=64, mamv=9))
+    assert h.qi.mamv == 9
+    assert isinstance(qi.decode(psi, h.qi.mamv), qi.DescError)
+
+
+def test_second_level_change_flushes_nesting_dids_page_selective_by_gpa():
+    """cache_tag_flush_range on the parent: a 0x2 PSI with the GPA range on each nesting DID
+    (which drops every nested entry of the DID) plus a whole-space device-TLB flush per tag;
+    no domain-selective flush."""
+    h, _fl = nested_ats(devtlb_entries=64)
+    for pasid in (0, 5):
+        assert one(h, pasid)["fault"] == 0
+    seen = captured(h)
+    sl_unmap(h, 1, DATA_GPA, 1, 1000)
+    iotlb = [c for c in seen if c.type == qi.QI_IOTLB_TYPE]
+    assert {(c.gran, c.addr, c.am) for c in iotlb} == {(qi.QI_IOTLB_GRAN_PAGE, DATA_GPA, 0)}
+    dev = sorted((c.type, c.pasid, c.addr, c.size_bytes) for c in seen
+                 if c.type in qi.DEVTLB_TYPES)
+    assert dev == [(qi.QI_DIOTLB_TYPE, 0, 0, 1 << 64), (qi.QI_DEIOTLB_TYPE, 5, 0, 1 << 64)]
+    for pasid in (0, 5):
+        r = one(h, pasid)
+        assert not r["iotlb_hit"] and r["fault"] == FaultReason.PAGING_ENTRY_INV
+
+
+def test_devtlb_is_filled_by_a_completion_the_iotlb_answered():
+    """PCIe ATS: the device caches every translation completion, also one the IOTLB served.
+    A device-TLB flush alone (0x3, as qi_flush_dev_iotlb for RID_PASID) leaves the IOTLB
+    entry; the next request hits the IOTLB and refills the device-TLB."""
+    h, _fl = nested_ats(devtlb_entries=64)
+    assert one(h, 0)["fault"] == 0
+    h.submit_qi(qi.descs(qi.dev_iotlb_desc(SID, SID, 0, 0, 1 << 64), qi.wait_desc()), 0)
+    h.drain()
+    assert one(h, 0)["iotlb_hit"] and not h.last_devtlb_hit[0]
+    assert one(h, 0)["iotlb_hit"] and h.last_devtlb_hit[0]
+
+
+def test_hwpt_invalidate_refuses_entries_as_linux_does():
+    """intel_nested_cache_invalidate_user: a flag other than LEAF (-EOPNOTSUPP), an unaligned
+    address, a nonzero address with npages all-ones (-EINVAL): refused, never applied."""
+    h, fl = nested_ats()
+    dom = alloc_nested(h, 1, SID, 7, fl.root)
+    before = dict(h.qi.counts)
+    for entry in [(0x1000, 1, 2), (0x1800, 1, 0), (0x1000, ALL_PAGES, 0), (0, 1, -1)]:
+        with pytest.raises(IommufdError):
+            hwpt_invalidate(h, dom, [(0, ALL_PAGES, 0), entry], 0)
+    assert h.qi.counts == before
+    _t, n = hwpt_invalidate(h, dom, [(0, ALL_PAGES, 0), (0x1000, 1, 1)], 0)
+    assert n == 5   # two 0x6, each with its 0x8 (an ATS device), and the wait

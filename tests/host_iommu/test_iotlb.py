@@ -250,11 +250,13 @@ def test_entry_is_isolated_by_did_and_pasid():
     (("inv_global",), lambda d, p, v, g: True),
     (("inv_domain", 1), lambda d, p, v, g: d == 1),
     # 4 pages at 2 << 20 (PGTT 2's region) with am=1: pages 0x200000, 0x200001 only
+    # 0x2 page-selective also drops every first-level and nested entry of its DID
     (("inv_page", 1, (2 << 20 | 1) << 12, 1, 0),
-     lambda d, p, v, g: d == 1 and (g == PGTT_NESTED
+     lambda d, p, v, g: d == 1 and (g in (PGTT_NESTED, PGTT_FL_ONLY)
                                     or (g == PGTT_SL_ONLY and v in (2 << 20, 2 << 20 | 1)))),
     (("inv_page", 2, (4 << 20) << 12, 0, 1),
-     lambda d, p, v, g: d == 2 and (g == PGTT_NESTED or (g == PGTT_PT and v == 4 << 20))),
+     lambda d, p, v, g: d == 2 and (g in (PGTT_NESTED, PGTT_FL_ONLY)
+                                    or (g == PGTT_PT and v == 4 << 20))),
     (("inv_pasid", 1, 6), lambda d, p, v, g: d == 1 and p == 6 and g in (1, 3)),
     (("inv_pasid_page", 2, 5, (1 << 20 | 3) << 12, 0, 0),
      lambda d, p, v, g: d == 2 and p == 5 and g == 1 and v == 1 << 20 | 3),

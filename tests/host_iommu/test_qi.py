@@ -186,7 +186,6 @@ MALFORMED = [
     ("granularity", piotlb_desc(1, 1, 1)),
     ("granularity", pc_desc(2)),
     ("am_too_large", iotlb_desc(3, 1, 0, qi.QI_MAMV_DEFAULT + 1)),
-    ("am_too_large", piotlb_desc(1, 1, 3, 0, 63)),
     ("misaligned", iotlb_desc(3, 1, 0x3000, 2)),
     ("misaligned", piotlb_desc(1, 1, 3, 0x1000, 1)),
     ("size_encoding", raw(qi.QI_DIOTLB_TYPE, qi.QI_ADDR_MASK | 1)),
@@ -212,6 +211,13 @@ def test_mamv_is_a_parameter():
     d = iotlb_desc(3, 1, 0, 10)
     assert isinstance(decode(d), InvCommand)
     assert decode(d, mamv=9).code == "am_too_large"
+
+
+def test_pasid_based_psi_has_no_mamv_limit():
+    """QEMU vtd_process_piotlb_desc takes any AM (Linux's first-level path never falls back
+    to a PASID-wide flush); only the 0x2 IOTLB PSI is bounded by CAP.MAMV."""
+    cmd = decode(piotlb_desc(1, 1, 3, 0, 52), mamv=9)
+    assert isinstance(cmd, InvCommand) and cmd.am == 52
 
 
 def test_devtlb_all_but_top_bit_is_whole_space():
