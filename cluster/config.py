@@ -25,7 +25,7 @@ from typing import Any
 
 from host_iommu.costs import CostModel
 from host_iommu.defs import PAGE_SHIFT
-from host_iommu.qi import QI_DESCS_PER_PAGE, QI_MAX_QS
+from host_iommu.qi import QI_AM_MASK, QI_DESCS_PER_PAGE, QI_MAMV_DEFAULT, QI_MAX_QS
 from vm_agent.flushq import DEFAULT_HZ, HZ_CHOICES
 
 # --- Registries (one per kind: they feed validation messages and --help) -----------------
@@ -121,6 +121,7 @@ class HostConfig:
     sl_levels: int = 4
     fault_records: int = 256
     qi_entries: int = 256
+    mamv: int = QI_MAMV_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,7 @@ def _host(table: Any, problems: list[tuple[str, str]]) -> HostConfig | None:
     _check(problems, host.qi_entries in QI_ENTRIES, "host.qi_entries",
            f"must be a power of two in {QI_ENTRIES[0]}..{QI_ENTRIES[-1]} (IQA.QS 0..{QI_MAX_QS}"
            f" with 256-bit descriptors), got {host.qi_entries}")
+    _in_range(problems, host.mamv, 0, QI_AM_MASK, "host.mamv")
     if 0 < host.memory_mib <= HOST_MEMORY_MIB_MAX and HAW_MIN <= host.haw <= HAW_MAX:
         _check(problems, host.memory_mib << 20 <= 1 << host.haw, "host.memory_mib",
                f"{host.memory_mib} MiB does not fit in a {host.haw}-bit host address width")
