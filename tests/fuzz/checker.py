@@ -8,8 +8,9 @@ record of which pages the fuzzer unmapped strictly. After each operation:
 - isolation: a successful translation lands in a frame that backs the requesting VM's memory
   (never a host table, a free frame or another VM's frame); the requesting VM is the one that
   sent the batch, whatever source id its requests carry;
-- stale: a page whose strict unmap returned is not translated again (for its device, without
-  PASID) until the fuzzer maps it again or maps pages behind the DMA API (raw VFIO maps,
+- stale: a page whose strict unmap returned (or whose lazy unmap returned LAZY_BOUND_NS ago,
+  the flush-queue timer's bound) is not translated again (for its device, without PASID)
+  until the fuzzer maps it again or maps pages behind the DMA API (raw VFIO maps,
   shadowed hostile entries); a nested VM whose first level the fuzzer rewrote behind its
   driver (table stores, binds) is no longer judged; a DMA is judged only STALE_GRACE_NS of
   virtual time after the unmap returned and when no host invalidation is still queued (the
@@ -73,7 +74,7 @@ class Checker:
 
     w: World
     dead: dict[tuple[int, int], dict[int, int]] = field(default_factory=dict)
-    # (vm, sid) -> IOVA page -> virtual time its strict unmap returned
+    # (vm, sid) -> IOVA page -> virtual time from which it must be unreachable
     tainted: set[int] = field(default_factory=set)  # VMs no longer judged for stale pages
     translated: int = 0   # successful translations judged
     faulted: int = 0      # translations the IOMMU faulted
@@ -183,8 +184,8 @@ class Checker:
                 out.append(Violation(
                     "stale",
                     f"VM {vm} sid={s:#06x} translated IOVA page {int(pages[j]) << PAGE_SHIFT:#x} "
-                    f"at t={int(t[m][j])} ns, {int(t[m][j] - t_dead[j])} ns after its strict "
-                    f"unmap returned; {int(late.sum())} such translation(s)", "stale"))
+                    f"at t={int(t[m][j])} ns, {int(t[m][j] - t_dead[j])} ns after its unmap "
+                    f"had to take effect; {int(late.sum())} such translation(s)", "stale"))
         return out
 
     # --- fault reporting -------------------------------------------------------------------

@@ -51,6 +51,9 @@ FL_PRESENT_RW_US = 0x7               # first level: P | R/W | U/S
 SL_READ_WRITE = 0x3                  # second level: R | W
 PS = 1 << 7                          # page size, both formats
 DMA_MAPPING_ERROR = U64              # include/linux/dma-mapping.h: ~(dma_addr_t)0
+# A lazy unmap is flushed by dma-iommu.c's 10 ms flush-queue timer, armed in jiffies: at
+# HZ=250 it fires within about 16 ms; the page must be unreachable 20 ms after the unmap.
+LAZY_BOUND_NS = 20_000_000
 MODEL_PACKAGES = ("host_iommu", "vm_agent", "workloads", "cluster")
 
 # Operation kinds and how often each is drawn.
@@ -483,7 +486,11 @@ def execute(w: World, op: Op) -> Effect:
     w.tick()
     if k == "dma":
         eff.weight = len(op["sid"])
+        if op["vm"] in w.agents:   # the VM's due events (flush timers) come first, as in an epoch
+            _send(w, eff, {op["vm"]: w.collect(op["vm"])})
+        reports = eff.reports
         _send(w, eff, {op["vm"]: _dma_batch(w, op["vm"], op)}, op.get("wire", True))
+        eff.reports = {**reports, **eff.reports}
     elif k == "mixdma":
         batches = {int(v): _dma_batch(w, int(v), r) for v, r in op["per_vm"].items()
                    if int(v) in w.agents}
@@ -614,10 +621,11 @@ def _guest(w: World, op: Op, eff: Effect) -> None:
             t_ret = None
         agent.free_buffer(gpa, pages << PAGE_SHIFT)
         w.recent_unmaps[vm] = [*w.recent_unmaps[vm][-15:], (sid, op["iova"], pages)]
-        strict = w.mode[vm] == "shadow" or (w.mode[vm] == "nested"
-                                            and agent.policy == "strict")
-        if t_ret is not None and strict and agent.stats["dma_api_errors"] == errors:
-            eff.unmapped.append((vm, sid, op["iova"] >> PAGE_SHIFT, pages, int(t_ret)))
+        lazy = w.mode[vm] == "nested" and agent.policy == "lazy"
+        if (t_ret is not None and w.mode[vm] != "passthrough"
+                and agent.stats["dma_api_errors"] == errors):
+            dead = int(t_ret) + (LAZY_BOUND_NS if lazy else 0)
+            eff.unmapped.append((vm, sid, op["iova"] >> PAGE_SHIFT, pages, dead))
     elif k == "table":     # nested: the host's copy diverges from the driver's for good
         (eff.taint if w.mode[vm] == "nested" else eff.forget).add(vm)
         w.targets[vm] = [*w.targets[vm][-31:], op["target"]]
