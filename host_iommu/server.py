@@ -70,6 +70,8 @@ class HostServer:
         self.nested: dict[tuple[int, int], NestedDomain] = {}
         self.oracle = Oracle()
         self.unmap_waits: dict[int, list[tuple[int, int, int]]] = {}   # vm -> this epoch's
+        self._qi_stamp_max = 0                  # latest time stamp that submitted to the QI
+        self._qi_out_of_order: set[tuple[int, int]] = set()   # (vm, unmap id)
         self.counters: dict[int, dict[str, int]] = {}
         self.host_counters: dict[str, int] = dict.fromkeys(HOST_ONLY_COUNTERS, 0)
 
@@ -186,6 +188,13 @@ class HostServer:
         h = self.iommu
         k, vm, t = int(op["op"]), int(op["vm"]), int(op["t_ns"])
         c = self.counters[vm]
+        if k in (OP_HWPT_INV, OP_VFIO_UNMAP, OP_SL_UNMAP):   # these submit to the shared QI
+            # An operation stamped earlier than one already applied (a VM's calls can run
+            # past an epoch's end) finds the queue holding work from its future: its wait is
+            # not reported to the guest, only used by the oracle.
+            if t < self._qi_stamp_max and k != OP_SL_UNMAP and int(op["a3"]) >= 0:
+                self._qi_out_of_order.add((vm, int(op["a3"])))
+            self._qi_stamp_max = max(self._qi_stamp_max, t)
         if k == OP_HWPT_INV:
             dom = self.nested.get((int(op["sid"]), int(op["pasid"])))
             if dom is None or dom.vm != vm:
@@ -220,7 +229,9 @@ class HostServer:
             # return that was (the VFIO unmap or HWPT invalidate came first in merge order).
             uid, t_ret = int(op["a0"]), int(op["a1"])
             host_done = self.oracle.returned.get((vm, uid))
-            if host_done is not None and host_done > t_ret:
+            causal = (vm, uid) not in self._qi_out_of_order
+            self._qi_out_of_order.discard((vm, uid))
+            if host_done is not None and host_done > t_ret and causal:
                 self.unmap_waits.setdefault(vm, []).append(
                     (uid, int(op["a2"]) & 0xFFFF, host_done - t_ret))
             self.oracle.unmap_returned(vm, uid, t_ret)

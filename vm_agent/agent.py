@@ -81,6 +81,8 @@ class VmAgent:
         self.now = 0
         self.host_counters: dict[str, int] = {}
         self.epoch_faults: list[tuple] = []
+        self.epoch_ns = 0                    # length of the last epoch run
+        self.qi_wait_due = [0] * vcpus       # host QI waits reported, not yet charged (ns)
 
     # --- set-up --------------------------------------------------------------------------
     def setup(self) -> VmSetup:
@@ -131,6 +133,7 @@ class VmAgent:
     def run_epoch(self, t_end_ns: int) -> np.ndarray:
         """Run every event before ``t_end_ns``; return the epoch's host operations."""
         ev = self._events
+        self.epoch_ns = t_end_ns - self.now
         while ev and ev[0][0] < t_end_ns:
             t, _s, fn, args = heapq.heappop(ev)
             self.now = t
@@ -142,19 +145,29 @@ class VmAgent:
         """Host counters, the faults reported to this guest's vIOMMU, and how much longer its
         strict unmaps' wait descriptors took on the host's shared queue, for the epoch.
 
-        Each such wait is charged to the unmapping vCPU now, at the start of the next epoch
-        (it spun in qi_submit_sync that long): the vCPU's time is conserved, but the stall
-        lands up to one epoch (plus the call's overrun past the epoch end) after the unmap
-        returned. The oracle uses the host's real completion time regardless.
+        Each such wait is charged to the unmapping vCPU from now, the start of the next epoch
+        (it spun in qi_submit_sync that long), at most up to that epoch's end; the rest waits
+        for the following epochs. So no vCPU is busy past the coming epoch's end, and no
+        operation is stamped further ahead than before (the host applies an epoch's operations
+        in that epoch: a vCPU far in the future would push the shared QI ahead of every other
+        VM). The vCPU's time is conserved; the stall lands one epoch late or more under a
+        saturated queue. The oracle uses the host's real completion time regardless.
         """
         self.host_counters = report.counters
         self.stats["guest_faults_reported"] += len(report.faults)
         self.epoch_faults = report.faults
+        due = self.qi_wait_due
         for _unmap_id, cpu, wait_ns in report.unmap_waits:
-            cpu %= self.vcpus
-            t0 = max(self.busy_until[cpu], self.now)
-            self._finish(cpu, t0, t0 + wait_ns)
+            due[cpu % self.vcpus] += wait_ns
             self.stats["unmap_qi_wait_ns"] += wait_ns
+        horizon = self.now + self.epoch_ns
+        for cpu in range(self.vcpus):
+            if due[cpu]:
+                t0 = max(self.busy_until[cpu], self.now)
+                stall = max(0, min(due[cpu], horizon - t0))
+                if stall:
+                    self._finish(cpu, t0, t0 + stall)
+                    due[cpu] -= stall
 
     # --- guest memory ---------------------------------------------------------------------
     def alloc_buffer(self, size: int) -> int:
