@@ -310,9 +310,10 @@ class Session:
             eff, viols = self._timed(run)
             self.last = eff
             weight = eff.weight
-            if eff.weight > MAX_BATCH_OPS:
-                viols.append(Violation("unbounded", f"one operation caused {eff.weight} host "
-                                       "operations", op["k"]))
+            if max(eff.weight, eff.host_ops) > MAX_BATCH_OPS:
+                viols.append(Violation("unbounded", f"one operation caused "
+                                       f"{max(eff.weight, eff.host_ops)} host operations",
+                                       op["k"]))
         except StepTimeout:
             self.broken = True
             viols = [Violation("hang", f"operation {op['k']} ran past {self.budget_s} s of wall "

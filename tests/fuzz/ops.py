@@ -86,6 +86,7 @@ class Effect:
     #                                                  is the guest driver's view, for good
     reports: dict[int, EpochReport] = field(default_factory=dict)
     leaks: list[str] = field(default_factory=list)   # what a refused request left behind
+    host_ops: int = 0                                # host operations the guest op caused
 
 
 # --- generation -----------------------------------------------------------------------------
@@ -561,6 +562,12 @@ def _setup(w: World, op: Op, eff: Effect) -> None:
                              f"({free - srv.iommu.mem.free_frames} host frames)")
 
 
+def _caused(eff: Effect, ops: np.ndarray) -> np.ndarray:
+    """Note how many host operations one guest operation made its VMM emit."""
+    eff.host_ops = max(eff.host_ops, ops.size)
+    return ops
+
+
 def _behind_api(eff: Effect, vm: int, kinds: set[int]) -> None:
     """Raw operations that change what the VM's devices reach without its DMA API."""
     if OP_GUEST_WRITE in kinds:
@@ -581,7 +588,7 @@ def _guest(w: World, op: Op, eff: Effect) -> None:
                 else agent.viommu.clear_iqe())
         if cmds:
             agent.vmm.handle(list(cmds), w.now, dev.sid, agent.dma.domains[dev.sid].table, -1)
-        _send(w, eff, {vm: w.collect(vm)})
+        _send(w, eff, {vm: _caused(eff, w.collect(vm))})
         return
     if k == "map":
         dev = w.devices[vm][op["dev"] % len(w.devices[vm])]
@@ -654,7 +661,7 @@ def _guest(w: World, op: Op, eff: Effect) -> None:
         dev = w.devices[vm][op["dev"] % len(w.devices[vm])]
         for pasid in range(op["pasid"], op["pasid"] + op.get("count", 1)):
             _bind(w, eff, vm, dev, pasid, op["root"], op["levels"])
-    _send(w, eff, {vm: w.collect(vm)})
+    _send(w, eff, {vm: _caused(eff, w.collect(vm))})
 
 
 def _bind(w: World, eff: Effect, vm: int, dev, pasid: int, root: int, levels: int) -> None:

@@ -16,6 +16,7 @@ import host_iommu.fault
 import host_iommu.iommu
 import host_iommu.server
 import host_iommu.vfio
+import tests.fuzz.checker
 import vm_agent.flushq
 from host_iommu.defs import PAGE_SHIFT
 from tests.fuzz import __main__ as cli
@@ -216,3 +217,12 @@ def test_faults_never_reported_are_caught(monkeypatch):
     viols = run(s, [dma(1, s.world.devices[1][0].sid, 1 << 40)])
     assert {v.key for v in viols} == {"pending", "unreported"}
     assert all(v.category == "faults" for v in viols)
+
+
+def test_unbounded_host_work_is_caught(monkeypatch):
+    """One guest operation whose VMM emits more host operations than the budget: unbounded."""
+    monkeypatch.setattr(tests.fuzz.checker, "MAX_BATCH_OPS", 16)
+    s = Session(spec("nested", "nested"))
+    viols = run(s, [{"k": "map", "vm": 1, "dev": 0, "pages": 64, "write": True, "cpu": 0}])
+    assert [v.category for v in viols] == ["unbounded"]
+    assert s.world.agents[1].stats["pte_writes"] > 16
