@@ -246,18 +246,25 @@ class HostIommu:
         levels = self.p.sl_levels if sl_levels is None else sl_levels
         chunk = 1 << (9 * order)                       # frames per second-level page
         gpa_frames = -(-(memory_bytes >> PAGE_SHIFT) // chunk) * chunk
-        if not 0 < gpa_frames <= self.mem.free_frames:
+        # data frames plus the second level's tables (a leaf table per 512 pages, a few more)
+        need = gpa_frames + gpa_frames // 256 + 4 * levels
+        if gpa_frames <= 0 or need > self.mem.free_frames:
             raise HostMemoryError(f"VM {vm}: {memory_bytes} bytes of memory, host has "
                                   f"{self.mem.free_frames} free 4-KiB frames")
         hpa_of = np.full(gpa_frames, -1, dtype=np.int64)
         sl = PageTable(HostTableStore(self.mem, 0), "sl", levels, self.p.haw, max_order=order)
-        if chunk == 1:
-            hpa_of[:] = self.mem.alloc_frames(gpa_frames, vm, KIND_DATA)
-        else:
-            for i in range(0, gpa_frames, chunk):
-                base = self.mem.alloc_contiguous(chunk, vm, align=chunk, kind=KIND_DATA)
-                hpa_of[i:i + chunk] = np.arange(base, base + chunk)
-        self._map_sl_runs(sl, hpa_of, 0, gpa_frames, order)
+        try:
+            if chunk == 1:
+                hpa_of[:] = self.mem.alloc_frames(gpa_frames, vm, KIND_DATA)
+            else:
+                for i in range(0, gpa_frames, chunk):
+                    base = self.mem.alloc_contiguous(chunk, vm, align=chunk, kind=KIND_DATA)
+                    hpa_of[i:i + chunk] = np.arange(base, base + chunk)
+            self._map_sl_runs(sl, hpa_of, 0, gpa_frames, order)
+        except HostMemoryError:  # e.g. no contiguous run left: give back what was taken
+            sl.destroy()
+            self.mem.free(hpa_of[hpa_of >= 0])
+            raise
         vmm = VmMemory(vm, gpa_frames, hpa_of, sl, self.alloc_did())
         self.vms[vm] = vmm
         return vmm

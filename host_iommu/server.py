@@ -21,6 +21,7 @@ import numpy as np
 from host_iommu.costs import CostModel
 from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, MAX_PASID, NO_PASID, PAGE_SHIFT
 from host_iommu.iommu import HostIommu, IommuParams
+from host_iommu.memory import HostMemoryError
 from host_iommu.nested import (
     IommufdError,
     NestedDomain,
@@ -45,6 +46,7 @@ from host_iommu.protocol import (
     EpochReport,
     ProtocolError,
     VmSetup,
+    check_setup,
 )
 from host_iommu.vfio import ShadowDomain, VfioError, vfio_attach, vfio_map, vfio_unmap
 
@@ -66,7 +68,10 @@ class HostServer:
                  host: int = 0) -> None:
         self.iommu = HostIommu(params, costs, host)
         self.costs = self.iommu.costs
-        self.shadow: dict[int, ShadowDomain] = {}
+        # One VFIO container per device: QEMU gives each vIOMMU address space (a device's
+        # IOVA space) its own container (hw/vfio/common.c vfio_connect_container).
+        self.shadow_of_sid: dict[int, ShadowDomain] = {}
+        self.shadow: dict[int, ShadowDomain] = {}   # vm -> the container of its first device
         self.nested: dict[tuple[int, int], NestedDomain] = {}
         self.oracle = Oracle()
         self.unmap_waits: dict[int, list[tuple[int, int, int]]] = {}   # vm -> this epoch's
@@ -77,11 +82,29 @@ class HostServer:
 
     # --- set-up ---------------------------------------------------------------------------
     def setup_vm(self, s: VmSetup) -> None:
+        """Create a VM's memory and bind its devices, as its VMM asks (a VmSetup).
+
+        Checked whole before anything is created, so a refused set-up changes nothing:
+        invalid fields raise ProtocolError; a VM id in use, a device assigned to another VM,
+        or memory the host cannot back raise IommufdError.
+        """
+        check_setup(s)
         h = self.iommu
-        h.create_vm(s.vm, s.memory_bytes)
+        if s.vm in h.vms or s.vm in self.counters:
+            raise IommufdError(f"VM {s.vm} already exists on host {h.host}")
+        taken = [sid for sid in s.sids if sid in h.owner_of_sid]
+        if taken:
+            raise IommufdError(f"devices {[hex(x) for x in taken]} are assigned to VMs "
+                               f"{[h.owner_of_sid[x] for x in taken]}")
+        try:
+            h.create_vm(s.vm, s.memory_bytes)
+        except HostMemoryError as exc:
+            raise IommufdError(f"VM {s.vm}: {exc}") from None
         self.counters[s.vm] = dict.fromkeys(HOST_COUNTERS, 0)
         if s.mode == "shadow":
-            self.shadow[s.vm] = vfio_attach(h, s.vm, list(s.sids), ats=s.ats)
+            for sid in s.sids:
+                self.shadow_of_sid[sid] = vfio_attach(h, s.vm, [sid], ats=s.ats)
+                self.shadow.setdefault(s.vm, self.shadow_of_sid[sid])
         elif s.mode == "nested":
             for sid, root in zip(s.sids, s.fl_roots, strict=True):
                 self.nested[(sid, NO_PASID)] = alloc_nested(h, s.vm, sid, NO_PASID, root,
@@ -209,10 +232,11 @@ class HostServer:
             c["host_inv_descriptors"] += nd
             self.oracle.unmap_returned(vm, int(op["a3"]), t_done)
         elif k in (OP_VFIO_MAP, OP_VFIO_UNMAP):
-            dom = self.shadow.get(vm)
+            dom = self.shadow_of_sid.get(int(op["sid"]))
             try:
-                if dom is None:
-                    raise VfioError(f"VM {vm} has no VFIO container")
+                if dom is None or dom.vm != vm:
+                    raise VfioError(f"device {int(op['sid']):#06x} of VM {vm} has no VFIO "
+                                    "container")
                 if k == OP_VFIO_MAP:
                     c["pinned_pages"] += vfio_map(h, dom, int(op["a0"]), int(op["a1"]),
                                                   int(op["a2"]), bool(op["a3"]))

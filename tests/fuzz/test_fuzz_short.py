@@ -16,9 +16,8 @@ from tests.fuzz.checker import Session
 from tests.fuzz.ops import WEIGHTS
 from tests.fuzz.world import VmSpec, WorldSpec
 
-# Fuzz findings F2 (set-up of an existing VM raises a bare ValueError) and F3 (a refused
-# set-up leaves the VM half created) are reached by "setup" operations.
-KNOWN_OPEN = ("setup",)
+# Operation kinds that still reach an open fuzz finding (none: F1-F3 are fixed).
+KNOWN_OPEN: tuple[str, ...] = ()
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -39,8 +38,6 @@ def test_short_fuzz_reaches_every_boundary(tmp_path):
     assert tally.violations == [], tally.summary(4)
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz findings F2 and F3: a hostile VmSetup makes "
-                   "setup_vm raise ValueError or leave a half-created VM")
 @pytest.mark.parametrize("seed", [1, 2])
 def test_short_fuzz_with_hostile_setups(seed, tmp_path):
     tally = campaign(seed, 8000, tmp_path, shrink_max=0)
@@ -55,8 +52,6 @@ def test_cli_prints_the_tally(tmp_path, capsys):
         assert line in out
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz finding F1: a shadow VM's devices share one VFIO "
-                   "container while each has its own IOVA space")
 def test_finding_shadow_devices_do_not_share_an_iova_space():
     """Device A's strict unmap of IOVA x holds even after device B maps its own IOVA x."""
     s = Session(WorldSpec(1, (VmSpec(1, "shadow", devices=2), VmSpec(2, "shadow")),

@@ -447,3 +447,34 @@ def test_f9_vfio_map_is_checked_whole_before_anything_is_pinned():
         vfio_map(h, dom, 0x4000, 0x1000, 2 * PAGE_SIZE)   # -EEXIST
     assert int(v.pins.sum()) == 1 and len(dom.gpa_of_iova) == 1
     assert h.mem.kind[int(v.hpa_of[0])] == KIND_DATA
+
+
+# --- fuzz findings (tests/fuzz) -------------------------------------------------------------
+def test_fuzz_f1_each_shadow_device_has_its_own_container():
+    """Device A's strict unmap of IOVA x holds after device B maps its own IOVA x: each
+    device's IOVA space is its own VFIO container (QEMU: one per vIOMMU address space)."""
+    hs = HostServer(IommuParams(memory_mib=64, iotlb_entries=64))
+    hs.setup_vm(VmSetup(vm=1, memory_bytes=4 * MIB, mode="shadow", sids=(0x100, 0x108)))
+    a, b = hs.shadow_of_sid[0x100], hs.shadow_of_sid[0x108]
+    assert a.did != b.did and a.table.root != b.table.root
+    epoch(hs, (1, 10, OP_VFIO_MAP, 0x100, 0, 0x5000, 0x20000, PAGE_SIZE, 1),
+          (1, 20, OP_VFIO_UNMAP, 0x100, 0, 0x5000, PAGE_SIZE, 0, -1),
+          (1, 30, OP_VFIO_MAP, 0x108, 0, 0x5000, 0x30000, PAGE_SIZE, 1),
+          dma(1, 40, 0x100, 0x5000), dma(1, 50, 0x108, 0x5000))
+    c = hs.counters[1]
+    assert c["translations"] == 2 and c["faults"] == 1       # A faults, B reaches its page
+    assert a.gpa_of_iova == {} and b.gpa_of_iova == {5: 0x30}
+
+
+def test_fuzz_f2_f3_a_refused_setup_changes_nothing():
+    hs = server("passthrough")
+    free = hs.iommu.mem.free_frames
+    for bad in (VmSetup(1, 4 * MIB, "passthrough", (0x200,)),      # VM id in use
+                VmSetup(2, 4 * MIB, "passthrough", (0x100,)),      # VM 1's device
+                VmSetup(2, 1 << 40, "shadow", (0x200,))):          # more than the host has
+        with pytest.raises(IommufdError):
+            hs.setup_vm(bad)
+    with pytest.raises(ProtocolError):
+        hs.setup_vm(VmSetup(2, 4 * MIB, "nested", (0x200,), fl_levels=3, fl_roots=(0,)))
+    assert sorted(hs.iommu.vms) == [1] and sorted(hs.counters) == [1]
+    assert hs.iommu.mem.free_frames == free and hs.iommu.owner_of_sid == {0x100: 1}
