@@ -10,6 +10,7 @@ import pytest
 
 from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, PAGE_SIZE, PGTT_SL_ONLY
 from host_iommu.iommu import HostIommu, IommuParams
+from host_iommu.nested import sl_unmap
 from host_iommu.vfio import VfioError, vfio_attach, vfio_map, vfio_unmap
 
 SID = 0x100
@@ -110,3 +111,20 @@ def test_two_containers_are_isolated(host):
     assert dma(host, IOVA)["hpa"] == host.gpa_to_hpa(1, GPA)
     assert dma(host, IOVA, sid=0x200)["hpa"] == host.gpa_to_hpa(2, GPA)
     assert host.mem.owner[host.gpa_to_hpa(2, GPA) >> 12] == 2
+
+
+def test_pinned_pages_cannot_be_ballooned_until_every_mapping_is_gone(host):
+    """type1 pins a page once per mapping of it; while any pin is held the host refuses to
+    take the page from the VM (QEMU refuses to discard RAM a VFIO device may DMA to)."""
+    dom = vfio_attach(host, 1, [SID])
+    vfio_map(host, dom, IOVA, GPA, PAGE_SIZE)
+    vfio_map(host, dom, 0x9000, GPA, PAGE_SIZE)          # the same page, mapped twice
+    frame = host.gpa_to_hpa(1, GPA)
+    t = 0
+    for iova in (IOVA, 0x9000):
+        t, _nd, freed, refused = sl_unmap(host, 1, GPA, 1, t)
+        assert (freed, refused) == (0, 1) and host.gpa_to_hpa(1, GPA) == frame
+        t, _nd = vfio_unmap(host, dom, iova, PAGE_SIZE, t)
+        host.advance_to(t)
+    _t, _nd, freed, refused = sl_unmap(host, 1, GPA, 1, t)
+    assert (freed, refused) == (1, 0) and host.gpa_to_hpa(1, GPA) is None
