@@ -65,6 +65,14 @@ MUTANTS = (
            'churn = _build(churn_cls, {k: v for k, v in dict(table["churn"]).items() if k in '
            '{f.name for f in dataclasses.fields(churn_cls)}}, ',
            ("tests/system/test_config_guards.py",)),
+    Mutant("hwpt-invalidate-skips-devtlb", "host_iommu/nested.py",
+           "ats = [dom.sid] if dom.sid in host.ats_sids else []",
+           "ats = []",
+           ("tests/system/test_safety.py", "tests/host_iommu/test_nested.py")),
+    Mutant("vfio-unmap-skips-devtlb", "host_iommu/vfio.py",
+           "ats = [sid for sid in dom.sids if sid in host.ats_sids]",
+           "ats = []",
+           ("tests/system/test_safety.py", "tests/host_iommu/test_vfio.py")),
     # The walker's differential test must not share code with its reference: a bug in the
     # walker's reserved-bit table or its paging-structure cache is caught by the reference.
     Mutant("walker-sl-snp-not-reserved", "host_iommu/pgtable.py",

@@ -56,6 +56,17 @@ def test_strict_unmaps_reach_the_host(strict_nvme):
     assert a["host_inv_descriptors"] >= 2 * a["unmaps"]   # an invalidation and a wait each
 
 
+@pytest.mark.parametrize("mode", ["nested", "shadow"])
+def test_strict_with_ats_flushes_the_device_tlb_too(mode):
+    """Strict NVMe with an ATS device: translations are served from its device-TLB, and a
+    rogue DMA to an unmapped page still faults, so every unmap also reached the device-TLB."""
+    w = simulate(experiment({"a": nvme(mode, rogue=0.1, ats=True)}, duration_us=1500))
+    a = w["a"]
+    assert a["devtlb_hits"] > a["dma_requests"] // 4
+    assert a["rogue_dma"] > 0 and a["faults"] > 0
+    assert a["stale_dma"] == 0 and a["cross_vm_dma"] == 0
+
+
 def test_passthrough_offers_no_protection():
     """Pass-through has no vIOMMU: the rogue device's DMAs reach guest memory (no fault),
     yet never another VM's; every DMA is one translation of the VM's second level."""
