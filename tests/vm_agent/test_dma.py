@@ -59,7 +59,8 @@ def test_nested_strict_unmap_is_one_psi_and_a_wait():
     assert t_ret >= t + C.vm_exit_ns + C.vmm_trap_ns + C.hwpt_invalidate_ns + C.qi_wait_ns
 
 
-def test_nested_strict_with_ats_adds_a_pasid_devtlb_descriptor():
+def test_nested_strict_with_ats_adds_a_devtlb_descriptor():
+    """With ATS the strict flush also invalidates the device-TLB over the same range."""
     a = agent("nested", ats=True)
     dev, iova, t = mapped(a)
     a.dma_unmap(0, dev, iova, PAGE_SIZE, DMA_FROM_DEVICE, t)
