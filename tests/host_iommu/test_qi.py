@@ -204,7 +204,17 @@ def test_malformed_gives_named_error(code, desc):
 @settings(max_examples=60, deadline=None)
 @given(words=st.tuples(*[st.integers(0, (1 << 64) - 1)] * 4))
 def test_random_words_never_crash(words):
-    assert isinstance(decode(raw(*words)), InvCommand | DescError)
+    """Any 256 bits decode to a command or a named error, of the type the descriptor's type
+    field (qw0 bits 3:0 and 11:9) gives; a command's fields fit their widths."""
+    got = decode(raw(*words))
+    assert isinstance(got, InvCommand | DescError)
+    dtype = (words[0] & 0xF) | ((words[0] >> 9) & 0x7) << 4
+    if isinstance(got, DescError):
+        assert got.dtype == dtype and got.code and got.reason
+    else:
+        assert got.type == dtype
+        assert got.did <= 0xFFFF and got.sid <= 0xFFFF and got.pasid <= MAX_PASID
+        assert got.am <= 0x3F
 
 
 def test_mamv_is_a_parameter():
