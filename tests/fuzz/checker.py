@@ -21,6 +21,7 @@ record of which pages the fuzzer unmapped strictly. After each operation:
   purpose, which shows only in counters of the VM's own later requests;
 - writes: no host operation of one VM changes table pages held in another VM's memory;
 - leak: a refused request leaves nothing behind (a VM half set up);
+- oracle: the server's own cross-VM counter stays still when every translation stayed home;
 - faults: a VM whose DMAs fault while the fault recording registers are free is told of
   them, and no record stays pending once every VM took its own;
 - exception / hang / unbounded: nothing escapes the model (beyond the boundary's named
@@ -109,7 +110,9 @@ class Checker:
         for vm in eff.forget | eff.taint:
             for key in [k for k in self.dead if k[0] == vm]:
                 del self.dead[key]
-        out += self._translations(eff)
+        found = self._translations(eff)
+        out += found
+        out += self._oracle(eff, snap, any(v.category == "isolation" for v in found))
         for vm, sid, pg, n, t in eff.unmapped:
             if vm in self.tainted:
                 continue
@@ -187,6 +190,19 @@ class Checker:
                     f"at t={int(t[m][j])} ns, {int(t[m][j] - t_dead[j])} ns after its unmap "
                     f"had to take effect; {int(late.sum())} such translation(s)", "stale"))
         return out
+
+    def _oracle(self, eff: Effect, snap: dict[str, Any], crossed: bool) -> list[Violation]:
+        """The model's own cross-VM oracle agrees: it counts nothing when nothing crossed."""
+        if crossed:
+            return []
+        counters = self.w.server.counters
+        moved = {vm: counters[vm].get("cross_vm_dma", 0) - c.get("cross_vm_dma", 0)
+                 for vm, c in snap["counters"].items() if vm in counters}
+        moved = {vm: n for vm, n in moved.items() if n}
+        if not moved:
+            return []
+        return [Violation("oracle", f"the server counted cross-VM DMAs {moved} where every "
+                          "translation stayed in its VM's memory", "cross_vm_dma")]
 
     # --- fault reporting -------------------------------------------------------------------
     def _reported(self, eff: Effect, snap: dict[str, Any]) -> list[Violation]:

@@ -226,3 +226,17 @@ def test_unbounded_host_work_is_caught(monkeypatch):
     viols = run(s, [{"k": "map", "vm": 1, "dev": 0, "pages": 64, "write": True, "cpu": 0}])
     assert [v.category for v in viols] == ["unbounded"]
     assert s.world.agents[1].stats["pte_writes"] > 16
+
+
+def test_model_oracle_false_alarm_is_caught(monkeypatch):
+    """A server whose cross-VM counter moves although nothing crossed: oracle."""
+    dma_ = host_iommu.server.HostServer._dma
+
+    def noisy(self, ops):
+        dma_(self, ops)
+        self.counters[int(ops["vm"][0])]["cross_vm_dma"] += 1
+
+    monkeypatch.setattr(host_iommu.server.HostServer, "_dma", noisy)
+    s = Session(spec("passthrough", "passthrough"))
+    viols = run(s, [dma(1, s.world.devices[1][0].sid, 0x10_0000)])
+    assert [v.category for v in viols] == ["oracle"]
