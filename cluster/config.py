@@ -5,6 +5,9 @@ config can be validated, printed, hashed and swept without running it. The key r
 docs/config.md. Policy rules follow Linux drivers/iommu/intel/iommu.c: under caching mode with
 second-level (shadow) translation the driver forces strict invalidation ("IOMMU batching
 disallowed due to virtualization"); only first-level (nested) guests may batch lazily.
+About 780 lines, over the usual size: each section's ranges sit next to its dataclass so a key's
+type, default, bounds and message live in one place, and validation must refuse everything a
+run cannot build or finish.
 """
 
 from __future__ import annotations
