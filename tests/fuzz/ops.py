@@ -111,7 +111,7 @@ def _pick(rng: np.random.Generator, seq):
 def _live_pages(w: World, vm: int) -> list[tuple[int, int]]:
     """(sid, iova) of every page the fuzzer mapped through the DMA API and did not unmap."""
     out = []
-    for (sid, iova), (pages, _gpa) in w.mappings[vm].items():
+    for (sid, iova), (pages, _bufs) in w.mappings[vm].items():
         out += [(sid, iova + (i << PAGE_SHIFT)) for i in range(min(pages, 8))]
     return out
 
@@ -152,6 +152,7 @@ def _dma_reqs(w: World, rng: np.random.Generator, vm: int, k: int, hostile: bool
         pasid[m] = mine[rng.integers(0, mine.size, int(m.sum()))]
         m = (r >= 0.08) & (r < 0.11)
         pasid[m] = rng.integers(1, 1 << 20, int(m.sum()))
+        dt[r > 0.998] = 1 << 40   # far in the future: the host clock jumps ahead
         if malformed and others.size:   # a PASID whose high bits spell another device
             m = (r >= 0.11) & (r < 0.13)
             pasid[m] = (others[rng.integers(0, others.size, int(m.sum()))] << 20) | 1
@@ -181,9 +182,13 @@ def _gen_mixdma(w: World, rng: np.random.Generator, vm: int) -> Op:
 
 
 def _gen_map(w: World, rng: np.random.Generator, vm: int) -> Op:
+    pages = int(rng.choice([1, 1, 1, 2, 3, 8, 16, 64]))
+    # a scatter list (dma_map_sg: one IOVA range, one sync) now and then
+    sg = ([int(rng.choice([1, 1, 2, 4])) for _ in range(int(rng.integers(2, 6)))]
+          if w.mode[vm] != "passthrough" and rng.random() < 0.25 else [pages])
     return {"k": "map", "vm": vm, "dev": int(rng.integers(len(w.devices[vm]))),
-            "pages": int(rng.choice([1, 1, 1, 2, 3, 8, 16, 64])),
-            "write": bool(rng.random() < 0.7), "cpu": int(rng.integers(2))}
+            "pages": sum(sg), "sg": sg, "write": bool(rng.random() < 0.7),
+            "cpu": int(rng.integers(2))}
 
 
 def _gen_unmap(w: World, rng: np.random.Generator, vm: int) -> Op:
@@ -316,7 +321,7 @@ def _gen_bind(w: World, rng: np.random.Generator, vm: int) -> Op:
 
 def _raw_values(rng: np.random.Generator, w: World, vm: int) -> list[int]:
     live = sorted(iova for _sid, iova in w.mappings[vm])
-    gpas = [g for _n, g in w.mappings[vm].values()]
+    gpas = [g for _n, bufs in w.mappings[vm].values() for g, _p in bufs]
     mem = w.agents[vm].memory_bytes
     pool = [*WIDE_U64, mem, mem - PAGE_SIZE, *live[:4], *gpas[:4]]
     return [_pick(rng, pool) if rng.random() < 0.6 else int(rng.integers(0, 1 << 63))
@@ -342,7 +347,7 @@ def _gen_raw(w: World, rng: np.random.Generator, vm: int) -> Op:
 
 
 def _gen_balloon(w: World, rng: np.random.Generator, vm: int) -> Op:
-    gpas = [g for _n, g in w.mappings[vm].values()]
+    gpas = [g for _n, bufs in w.mappings[vm].values() for g, _p in bufs]
     mem = w.agents[vm].memory_bytes
     r = rng.random()
     if r < 0.5 and gpas:
@@ -562,6 +567,11 @@ def _setup(w: World, op: Op, eff: Effect) -> None:
                              f"({free - srv.iommu.mem.free_frames} host frames)")
 
 
+def _free(agent, bufs) -> None:
+    for gpa, n in bufs:
+        agent.free_buffer(gpa, n << PAGE_SHIFT)
+
+
 def _caused(eff: Effect, ops: np.ndarray) -> np.ndarray:
     """Note how many host operations one guest operation made its VMM emit."""
     eff.host_ops = max(eff.host_ops, ops.size)
@@ -592,32 +602,43 @@ def _guest(w: World, op: Op, eff: Effect) -> None:
         return
     if k == "map":
         dev = w.devices[vm][op["dev"] % len(w.devices[vm])]
-        size = op["pages"] << PAGE_SHIFT
+        sg = op.get("sg", [op["pages"]])
+        bufs: list[tuple[int, int]] = []
         try:
-            gpa = agent.alloc_buffer(size)
+            for n in sg:
+                bufs.append((agent.alloc_buffer(n << PAGE_SHIFT), n))
         except Exception as exc:
+            _free(agent, bufs)
             _refuse(eff, exc)
             return
         direction = DMA_BIDIRECTIONAL if op["write"] else DMA_TO_DEVICE
         errors = agent.stats["dma_api_errors"]
         try:
-            iova, _t = agent.dma_map(op["cpu"], dev, gpa, size, direction, w.now)
-            iova = int(iova)
+            if len(sg) == 1:
+                iova, _t = agent.dma_map(op["cpu"], dev, bufs[0][0], sg[0] << PAGE_SHIFT,
+                                         direction, w.now)
+                segs = [(iova, 0)]
+            else:
+                segs, _t = agent.dma_map_sg(op["cpu"], dev, [(g, n << PAGE_SHIFT)
+                                                             for g, n in bufs],
+                                            direction, w.now)
         except Exception as exc:
-            agent.free_buffer(gpa, size)
+            _free(agent, bufs)
             _refuse(eff, exc)
             return
-        if iova == DMA_MAPPING_ERROR or agent.stats["dma_api_errors"] != errors:
-            agent.free_buffer(gpa, size)   # the DMA API failed the call (a vIOMMU error)
+        iova = int(segs[0][0])
+        if (any(int(a) == DMA_MAPPING_ERROR for a, _l in segs)
+                or agent.stats["dma_api_errors"] != errors):
+            _free(agent, bufs)   # the DMA API failed the call (a vIOMMU error)
             eff.refused = "DMA_MAPPING_ERROR"
         else:
-            w.mappings[vm][(dev.sid, iova)] = (op["pages"], gpa)
-            eff.remapped.append((vm, dev.sid, iova >> PAGE_SHIFT, op["pages"]))
+            w.mappings[vm][(dev.sid, iova)] = (sum(sg), tuple(bufs))
+            eff.remapped.append((vm, dev.sid, iova >> PAGE_SHIFT, sum(sg)))
     elif k == "unmap":
         sid = op["sid"]
         if (sid, op["iova"]) not in w.mappings[vm]:
             return
-        pages, gpa = w.mappings[vm].pop((sid, op["iova"]))
+        pages, bufs = w.mappings[vm].pop((sid, op["iova"]))
         dev = next(d for d in w.devices[vm] if d.sid == sid)
         errors = agent.stats["dma_api_errors"]
         try:
@@ -626,7 +647,7 @@ def _guest(w: World, op: Op, eff: Effect) -> None:
         except Exception as exc:
             _refuse(eff, exc)
             t_ret = None
-        agent.free_buffer(gpa, pages << PAGE_SHIFT)
+        _free(agent, bufs)
         w.recent_unmaps[vm] = [*w.recent_unmaps[vm][-15:], (sid, op["iova"], pages)]
         lazy = w.mode[vm] == "nested" and agent.policy == "lazy"
         if (t_ret is not None and w.mode[vm] != "passthrough"

@@ -115,7 +115,7 @@ def test_dma_into_a_freed_frame_is_caught(monkeypatch):
     h = s.world.server.iommu
     sid = s.world.devices[1][0].sid
     run(s, [{"k": "map", "vm": 1, "dev": 0, "pages": 1, "write": True, "cpu": 0}])
-    (((_sid, iova), (_n, gpa)),) = s.world.mappings[1].items()
+    (((_sid, iova), (_n, ((gpa, _p),))),) = s.world.mappings[1].items()
     frame = int(h.vms[1].hpa_of[gpa >> PAGE_SHIFT])
     h.vms[1].hpa_of[gpa >> PAGE_SHIFT] = -1   # the host forgets the page and frees it
     h.mem.free(np.array([frame]))

@@ -137,9 +137,10 @@ class World:
             self.devices[v.vm] = list(agent.devices)
         self.mode = {v.vm: v.mode for v in spec.vms}
         self.sid_owner = {d.sid: vm for vm, devs in self.devices.items() for d in devs}
-        # The fuzzer's own record of live DMA API mappings: vm -> (sid, iova) -> (pages, gpa);
-        # each device has its own IOVA space, so two devices may map the same IOVA.
-        self.mappings: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
+        # The fuzzer's own record of live DMA API mappings: vm -> (sid, first IOVA) ->
+        # (pages, ((buffer GPA, pages), ...)); each device has its own IOVA space, so two
+        # devices may map the same IOVA.
+        self.mappings: dict[int, dict[tuple[int, int], tuple[int, tuple]]] = {
             v: {} for v in self.agents}
         # Extra IOVAs/PASIDs worth aiming DMAs at (hostile table entries, binds).
         self.targets: dict[int, list[int]] = {v: [] for v in self.agents}
