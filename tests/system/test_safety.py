@@ -12,6 +12,12 @@ from tests.system.conftest import experiment, nic, nvme, simulate
 from vm_agent.flushq import DEFAULT_HZ, IOVA_DEFAULT_FQ_TIMEOUT_NS, fq_timer_max_ns
 
 MS = 1_000_000
+# Host counters of requests it refused: a well-behaved guest and VMM never see one.
+REFUSALS = ("vfio_errors", "ops_refused", "foreign_sid_refused", "sl_unmap_refused")
+
+
+def refused(row: dict[str, int]) -> dict[str, int]:
+    return {k: row.get(k, 0) for k in REFUSALS if row.get(k, 0)}
 
 
 @pytest.fixture(scope="module", params=["nested", "shadow"])
@@ -32,14 +38,17 @@ def test_strict_rogue_dmas_reach_unmapped_pages_and_fault(strict_nvme):
     assert a["stale_dma"] == 0 and a["stale_window_max_ns"] == 0
     assert a["cross_vm_dma"] == 0
     assert a["guest_faults_reported"] == a["faults"]    # every fault reached the guest
+    assert refused(a) == {}                             # a rogue device is not a bad VMM
 
 
 def test_strict_neighbour_is_untouched(strict_nvme):
-    """The VM without a rogue device sees no fault, no stale and no cross-VM DMA."""
+    """The VM without a rogue device sees no fault, no stale and no cross-VM DMA, and the
+    host refused none of its VMM's requests (every VFIO map/unmap and invalidation applied)."""
     mode, w = strict_nvme
     b = w["b"]
     assert b["ios"] > 0 and b["translations"] == b["dma_requests"], mode
     assert (b["faults"], b["stale_dma"], b["cross_vm_dma"]) == (0, 0, 0)
+    assert refused(b) == {}
 
 
 def test_strict_unmaps_reach_the_host(strict_nvme):
