@@ -17,6 +17,7 @@ from host_iommu.protocol import (
     OP_UNMAP_RET,
     EpochReport,
     OpLog,
+    ProtocolError,
     VmSetup,
     merge,
     pack,
@@ -92,8 +93,8 @@ def test_batch_round_trips_through_the_wire():
 ])
 def test_malformed_batch_is_a_named_error(frame):
     """A batch of another format or whose length disagrees with its header is refused with a
-    ValueError (the protocol's error), never decoded into wrong operations."""
-    with pytest.raises(ValueError, match=r"format|length"):
+    ProtocolError naming what is wrong, never decoded into wrong operations."""
+    with pytest.raises(ProtocolError, match=r"format|length"):
         unpack_ops(frame)
 
 
@@ -106,7 +107,7 @@ def test_control_messages_round_trip():
 
 
 def test_unknown_control_message_is_a_named_error():
-    with pytest.raises(ValueError, match="control message"):
+    with pytest.raises(ProtocolError, match="control message"):
         unpack(msgpack.packb({"type": "Reboot"}))
 
 
