@@ -4,7 +4,7 @@ The slow, obviously correct twin of host_iommu/iotlb.py (VT-d spec chapter 6 "Ca
 Translation Information"): the same set placement, LRU and batch semantics (a lookup batch
 sees the state at its start, then stamps its hits in request order; a fill batch is applied
 in request order), written as plain loops. Tests compare the two on random and adversarial
-batches. Only the set-index hash constants are shared with the fast path.
+batches. Only the set-index hash multiplier, a number, is shared with the fast path.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from host_iommu.defs import (
     PGTT_PT,
     PGTT_SL_ONLY,
 )
-from host_iommu.iotlb import M64, SET_MIX
+from host_iommu.iotlb import SET_MIX  # the set-placement hash multiplier: a pure number
+
+M64 = (1 << 64) - 1
 
 Key = tuple[int, ...]
 Line = list  # [key tuple, value tuple, stamp]
