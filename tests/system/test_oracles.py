@@ -9,7 +9,7 @@ and that the healthy twin of the same set-up leaves it at zero.
 from __future__ import annotations
 
 from host_iommu.defs import PAGE_SIZE
-from host_iommu.protocol import OP_UNMAP_RET, OP_VFIO_MAP, OP_VFIO_UNMAP
+from host_iommu.protocol import OP_HWPT_INV, OP_UNMAP_RET, OP_VFIO_MAP, OP_VFIO_UNMAP
 from tests.system.conftest import Bench
 
 SID1, SID2 = 0x100, 0x200
@@ -89,3 +89,23 @@ def test_stale_dma_in_flight_before_the_unmap_returned_is_not_stale():
     b.apply()
     c = b.counters(1)
     assert (c["stale_dma"], c["stale_window_max_ns"]) == (1, 1000)
+
+
+def test_stale_oracle_fires_in_nested_mode_when_the_vmm_drops_the_invalidation():
+    """Nested twin of the forgotten unmap: the guest clears its first-level PTE and returns
+    (unmap id 3) but no HWPT invalidation reaches the host; the IOTLB still translates, and
+    the oracle calls the late DMA stale. With the invalidation the same DMA faults."""
+    for forward in (False, True):
+        b = Bench()
+        fl = b.nested_vm(1, SID1)
+        fl.map(0x4000_0000, GPA, PAGE_SIZE)
+        b.dma(1, 1000, SID1, 0x4000_0000)                      # fills the IOTLB
+        fl.store.now = 2000
+        fl.unmap(0x4000_0000, PAGE_SIZE)
+        if forward:
+            b.op(1, 2100, OP_HWPT_INV, sid=SID1, pasid=0, a0=0x4000_0000, a1=1, a3=3)
+        b.op(1, 2500, OP_UNMAP_RET, a0=3, a1=2500)
+        b.dma(1, 40_000, SID1, 0x4000_0000, tag=3)
+        b.apply()
+        c = b.counters(1)
+        assert (c["stale_dma"], c["faults"]) == ((0, 1) if forward else (1, 0)), forward
