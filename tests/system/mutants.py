@@ -3,9 +3,10 @@ tests that should kill it, and report which did.
 
     .venv/bin/python tests/system/mutants.py [--copy DIR] [NAME ...]
 
-It never touches the working tree: the repository is copied (without .venv and .git) into
-``--copy`` (default /tmp/iommu-emu-mutants), the unmodified copy must pass each mutant's tests,
-then each mutant's edit is applied there, its tests run (they must fail), and the file restored.
+It never touches the working tree: the committed tree (HEAD; with ``--worktree`` the working
+tree, without .venv and .git) is copied into ``--copy`` (default /tmp/iommu-emu-mutants), the
+unmodified copy must pass each mutant's tests, then each mutant's edit is applied there, its
+tests run (they must fail), and the file restored.
 A mutant whose text is no longer found in the model says so: update its pattern here.
 docs/testing.md lists the mutants and the tests that kill them.
 """
@@ -13,9 +14,11 @@ docs/testing.md lists the mutants and the tests that kill them.
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
 import subprocess
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,14 +101,22 @@ def pytest(copy: Path, tests: tuple[str, ...]) -> tuple[int, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--copy", type=Path, default=Path("/tmp/iommu-emu-mutants"))
+    ap.add_argument("--worktree", action="store_true",
+                    help="copy the working tree, uncommitted changes included (default: HEAD)")
     ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
     if ROOT.is_relative_to(args.copy.resolve()) or args.copy.resolve().is_relative_to(ROOT):
         ap.error(f"--copy {args.copy} must lie outside the repository")
     shutil.rmtree(args.copy, ignore_errors=True)
-    shutil.copytree(ROOT, args.copy, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "results", "__pycache__", ".pytest_cache", ".hypothesis"))
+    if args.worktree:
+        shutil.copytree(ROOT, args.copy, ignore=shutil.ignore_patterns(
+            ".venv", ".git", "results", "__pycache__", ".pytest_cache", ".hypothesis"))
+    else:
+        tree = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], check=True,
+                              capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(tree)) as tar:
+            tar.extractall(args.copy, filter="data")
     survivors = 0
     for m in chosen:
         target = args.copy / m.path
