@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -43,10 +44,26 @@ def start_ray(address: str | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        _check_reachable(address)
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except (ConnectionError, ValueError) as e:
+            raise RunError(f"cannot join the Ray cluster at {address}: "
+                           f"{str(e).splitlines()[0]}") from None
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once, not after Ray's minute of retries, when nothing listens at host:port."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return  # "auto", "ray://...", or a form Ray will judge itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise RunError(f"cannot join the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager
@@ -161,11 +178,18 @@ class RayMachine:
     def _get(self, refs: dict[str, Any]) -> dict[str, Any]:
         """Every answer, or RunFailed naming the actors that died or did not answer."""
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         names = list(refs)
+        try:  # the common case: one round trip
+            return dict(zip(names, ray.get([refs[n] for n in names], timeout=self.timeout_s),
+                            strict=True))
+        except (RayActorError, RayTaskError, GetTimeoutError) as e:
+            if isinstance(e, MACHINE_ERRORS):
+                raise
+        # Something failed: find out what, giving the others a moment to answer.
         _ready, late = ray.wait([refs[n] for n in names], num_returns=len(names),
-                                timeout=self.timeout_s)
+                                timeout=min(self.timeout_s, 30.0))
         late_ids = {r.hex() for r in late}
         out: dict[str, Any] = {}
         failed: list[str] = []

@@ -241,3 +241,18 @@ def test_progress_is_quiet_off_a_terminal_and_draws_on_one():
     text = tty.getvalue()
     assert "sweep x: 1/4 runs (25%), ETA" in text and "4/4 runs (100%)" in text
     assert text.endswith("\n")
+
+
+def test_unreachable_ray_address_is_a_user_error(capsys, cfg_file, tmp_path):
+    """Nothing listens at the address: a clear error at once (no minute of Ray retries)."""
+    pytest.importorskip("ray")
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already connected in this process")
+    port = __import__("socket").socket()
+    port.bind(("127.0.0.1", 0))
+    dead = f"127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    err = user_error(capsys, ["run", str(cfg_file), "--out", str(tmp_path), "--address", dead])
+    assert f"cannot join the Ray cluster at {dead}" in err

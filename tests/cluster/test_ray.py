@@ -16,13 +16,13 @@ TABLES = ("summary", "metrics", "faults")
 def nic(mode: str, policy: str = "strict", **extra) -> dict:
     return {"mode": mode, "policy": policy, "vcpus": 2, "memory_mib": 64,
             "workload": {"kind": "nic", "offered_gbps": 2.0, "rx_ring": 64, "tx_ring": 64,
-                         "rogue_fraction": 0.05}, **extra}
+                         "rogue_fraction": 0.2}, **extra}
 
 
 def nvme(mode: str, **extra) -> dict:
     return {"mode": mode, "vcpus": 2, "memory_mib": 64,
             "workload": {"kind": "nvme", "queue_depth": 4, "io_sizes": [4096, 16384],
-                         "io_weights": [0.5, 0.5], "rogue_fraction": 0.02}, **extra}
+                         "io_weights": [0.5, 0.5], "rogue_fraction": 0.3}, **extra}
 
 
 def config(vms: dict, hosts: int = 1, duration_us: int = 600, name: str = "ray"):
