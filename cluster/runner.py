@@ -217,8 +217,9 @@ def run_config(cfg: Config, out_dir: str | Path, backend: str = "inproc",
     with RunWriter(out_dir, cfg, rid, overwrite=overwrite, params=params) as writer:
         try:
             machine = open_machine(cfg, backend, address, vms_per_actor)
-        except RunError as e:
-            raise RunFailed(str(e), [], writer.fail(str(e))) from None
+        except RunError as e:  # did not fit, or an actor died while starting
+            failed = getattr(e, "failed", [])
+            raise RunFailed(str(e), failed, writer.fail(str(e), failed)) from None
         try:
             if machine_hook is not None:
                 machine_hook(machine)
