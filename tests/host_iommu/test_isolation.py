@@ -478,3 +478,18 @@ def test_fuzz_f2_f3_a_refused_setup_changes_nothing():
         hs.setup_vm(VmSetup(2, 4 * MIB, "nested", (0x200,), fl_levels=3, fl_roots=(0,)))
     assert sorted(hs.iommu.vms) == [1] and sorted(hs.counters) == [1]
     assert hs.iommu.mem.free_frames == free and hs.iommu.owner_of_sid == {0x100: 1}
+
+
+def test_f9_shadow_walk_skips_large_guest_leaves():
+    """A 1-GiB leaf would make the VMM expand 262,144 pages from one entry: the vIOMMU
+    advertises no second-level large pages, so the walk skips it; a 4-KiB leaf is shadowed."""
+    store = BoundedStore(budget=10_000)
+    table = PageTable(store, "sl", 4, max_order=2)
+    table.map(0, 0, 1 << 30, max_order=2)                 # one 1-GiB leaf
+    table.map(1 << 31, 0x7000, PAGE_SIZE, max_order=0)    # one 4-KiB leaf
+    vmm = ShadowVmm(OpLog(1), CostModel(), {"vmm_map_calls": 0, "vmm_unmap_calls": 0})
+    vmm.handle([qi.decode(qi.iotlb_desc(qi.QI_IOTLB_GRAN_DOMAIN, 1))], 0, SID, table)
+    ops = vmm.log.take()
+    assert ops["op"].tolist() == [OP_VFIO_MAP]
+    assert (int(ops["a0"][0]), int(ops["a1"][0]), int(ops["a2"][0])) == (1 << 31, 0x7000,
+                                                                         PAGE_SIZE)
