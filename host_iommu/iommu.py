@@ -226,6 +226,7 @@ class HostIommu:
         self.stats = TranslateStats()
         self._pending: list[tuple[int, int, InvCommand]] = []
         self._pending_seq = 0
+        self._deferred_free: list[tuple[int, int, list[int]]] = []  # (t, seq, table frames)
         self._next_did = 1
         self.now_ns = 0
 
@@ -252,7 +253,8 @@ class HostIommu:
             raise HostMemoryError(f"VM {vm}: {memory_bytes} bytes of memory, host has "
                                   f"{self.mem.free_frames} free 4-KiB frames")
         hpa_of = np.full(gpa_frames, -1, dtype=np.int64)
-        sl = PageTable(HostTableStore(self.mem, 0), "sl", levels, self.p.haw, max_order=order)
+        store = HostTableStore(self.mem, 0, defer_free=True)
+        sl = PageTable(store, "sl", levels, self.p.haw, max_order=order)
         try:
             if chunk == 1:
                 hpa_of[:] = self.mem.alloc_frames(gpa_frames, vm, KIND_DATA)
@@ -263,6 +265,7 @@ class HostIommu:
             self._map_sl_runs(sl, hpa_of, 0, gpa_frames, order)
         except HostMemoryError:  # e.g. no contiguous run left: give back what was taken
             sl.destroy()
+            self.mem.free(store.take_freed())   # never used by a translation: free at once
             self.mem.free(hpa_of[hpa_of >= 0])
             raise
         vmm = VmMemory(vm, gpa_frames, hpa_of, sl, self.alloc_did())
@@ -366,20 +369,32 @@ class HostIommu:
         return [np.concatenate([body[i:i + room - 1], wait])
                 for i in range(0, len(body), room - 1)]
 
+    def free_after(self, frames: list[int], t_ns: int) -> None:
+        """Give table frames back to the allocator once the flush completing at t_ns took
+        effect (their page-structure cache entries are gone by then)."""
+        if frames:
+            heapq.heappush(self._deferred_free, (t_ns, self._pending_seq, list(frames)))
+            self._pending_seq += 1
+
     def advance_to(self, t_ns: int) -> None:
-        """Apply every invalidation whose effect time is <= t_ns, in time order."""
+        """Apply every invalidation whose effect time is <= t_ns, in time order; then free
+        the table frames whose flush has completed by t_ns."""
         while self._pending and self._pending[0][0] <= t_ns:
             _t, _s, cmd = heapq.heappop(self._pending)
             apply(cmd, self.caches)
+        while self._deferred_free and self._deferred_free[0][0] <= t_ns:
+            self.mem.free(heapq.heappop(self._deferred_free)[2])
         self.now_ns = max(self.now_ns, t_ns)
 
     def next_effect_ns(self) -> int | None:
         return self._pending[0][0] if self._pending else None
 
     def drain(self) -> None:
-        """Apply all pending invalidations now (end of run / tests)."""
+        """Apply all pending invalidations now (end of run / tests), then free what waited."""
         while self._pending:
             apply(heapq.heappop(self._pending)[2], self.caches)
+        while self._deferred_free:
+            self.mem.free(heapq.heappop(self._deferred_free)[2])
 
     # --- translation ------------------------------------------------------------------------
     def _resolve(self, sid: int, pasid: int) -> ContextResult:

@@ -246,6 +246,7 @@ def sl_unmap(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int
     for a, b in _runs(take):
         v.sl.unmap((f0 + a) << PAGE_SHIFT, (b - a) << PAGE_SHIFT)
     t_done, nd = flush_derived(host, vm, gpa, npages, t_ns)
+    host.free_after(v.sl.store.take_freed(), t_done)   # emptied table pages: after the flush
     host.advance_to(t_done)
     idx = np.flatnonzero(take) + f0
     frames = v.hpa_of[idx].copy()

@@ -269,12 +269,26 @@ class TableStore(Protocol):
 
 
 class HostTableStore:
-    """TableStore over HostMemory: addresses are HPAs (frame << 12), pages owned by ``owner``."""
+    """TableStore over HostMemory: addresses are HPAs (frame << 12), pages owned by ``owner``.
 
-    def __init__(self, mem: HostMemory, owner: int, kind: int = KIND_PAGETABLE) -> None:
+    With ``defer_free`` a freed table page is only listed in ``freed``: the caller returns it
+    to the allocator once the invalidation that drops it from the paging-structure caches has
+    taken effect (Linux frees page-table pages after the IOTLB flush, from the iotlb_gather
+    freelist), so no cached entry can lead into a frame someone else was given.
+    """
+
+    def __init__(self, mem: HostMemory, owner: int, kind: int = KIND_PAGETABLE, *,
+                 defer_free: bool = False) -> None:
         self.mem = mem
         self.owner = owner
         self.kind = kind
+        self.defer_free = defer_free
+        self.freed: list[int] = []   # frames awaiting the caller's flush (defer_free)
+
+    def take_freed(self) -> list[int]:
+        """The frames freed since the last call, for the caller to free after its flush."""
+        out, self.freed = self.freed, []
+        return out
 
     def alloc_table(self) -> int:
         return self.mem.alloc_table(self.owner, self.kind) << PAGE_SHIFT
@@ -282,7 +296,10 @@ class HostTableStore:
     def free_table(self, addr: int) -> None:
         if addr & (PAGE_SIZE - 1):
             raise ValueError(f"table address {addr:#x} is not page-aligned")
-        self.mem.free(addr >> PAGE_SHIFT)
+        if self.defer_free:
+            self.freed.append(addr >> PAGE_SHIFT)
+        else:
+            self.mem.free(addr >> PAGE_SHIFT)
 
     def read(self, addr: int) -> int:
         return self.mem.read_u64(addr)

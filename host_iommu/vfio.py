@@ -52,7 +52,8 @@ def vfio_attach(host: HostIommu, vm: int, sids: list[int], *, ats: bool = False
         if not 0 <= sid <= 0xFFFF or owner not in (None, vm):
             raise VfioError(f"device {sid:#x} cannot join VM {vm}'s container "
                             f"(owner {owner})")
-    table = PageTable(HostTableStore(host.mem, 0), "sl", v.sl.levels, host.p.haw, max_order=0)
+    table = PageTable(HostTableStore(host.mem, 0, defer_free=True), "sl", v.sl.levels,
+                      host.p.haw, max_order=0)
     dom = ShadowDomain(vm, host.alloc_did(), table)
     for sid in sids:
         host.attach_device(sid, vm, ats=ats)
@@ -124,4 +125,7 @@ def vfio_unmap(host: HostIommu, dom: ShadowDomain, iova: int, size: int, t_ns: i
     dom.pte_writes += dom.table.unmap(iova, size)
     ats = [sid for sid in dom.sids if sid in host.ats_sids]
     descs = domain_flush_descs(dom.did, iova, n, ats_sids=ats, mamv=host.p.mamv)
-    return host.submit_qi(np.array([*descs, qi.wait_desc()]), t_ns)
+    t_done, nd = host.submit_qi(np.array([*descs, qi.wait_desc()]), t_ns)
+    # table pages the unmap emptied go back to the allocator only after the flush
+    host.free_after(dom.table.store.take_freed(), t_done)
+    return t_done, nd

@@ -20,6 +20,8 @@ from host_iommu.defs import (
     KIND_DATA,
     MAX_PASID,
     NO_PASID,
+    OWNER_FREE,
+    PAGE_SHIFT,
     PAGE_SIZE,
     FaultReason,
 )
@@ -493,3 +495,22 @@ def test_f9_shadow_walk_skips_large_guest_leaves():
     assert ops["op"].tolist() == [OP_VFIO_MAP]
     assert (int(ops["a0"][0]), int(ops["a1"][0]), int(ops["a2"][0])) == (1 << 31, 0x7000,
                                                                          PAGE_SIZE)
+
+
+def test_f1_emptied_table_pages_are_freed_only_after_the_flush():
+    """vfio_unmap empties the shadow table's lower tables: they stay allocated until the
+    flush that drops them from the paging-structure caches took effect (Linux frees
+    page-table pages after the IOTLB flush), so no stale PWC entry leads into a frame that
+    another VM's balloon deflate or tables were given meanwhile."""
+    hs = server("shadow", "shadow")
+    h, dom = hs.iommu, hs.shadow[1]
+    vfio_map(h, dom, 0x4000_0000, 0x20000, PAGE_SIZE)
+    tables = set(dom.table._used) - {dom.table.root}
+    assert len(tables) == 3
+    frames = [t >> PAGE_SHIFT for t in tables]
+    t_done, _nd = vfio_unmap(h, dom, 0x4000_0000, PAGE_SIZE, 100)
+    assert t_done > 100 and not (h.mem.owner[frames] == OWNER_FREE).any()
+    h.advance_to(t_done - 1)
+    assert not (h.mem.owner[frames] == OWNER_FREE).any()
+    h.advance_to(t_done)
+    assert (h.mem.owner[frames] == OWNER_FREE).all()
