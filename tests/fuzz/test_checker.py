@@ -192,12 +192,17 @@ def test_shrink_saves_a_minimal_replayable_reproducer(monkeypatch, tmp_path, cap
              {"k": "time", "ns": 50_000}, dma(2, sid2, 0x1234_5000)]
     viols = run(s, noise)
     v, script = unmap_then_dma(s)
-    ops = [*noise, *script]
     assert [x.category for x in v] == ["stale"]
+    last = script[-1]   # hide the late request among 40 that fault
+    wide = {f: [last[f][0]] * 40 for f in ("sid", "pasid", "access", "dt")}
+    wide["addr"] = [0x4000_0000 + (i << PAGE_SHIFT) for i in range(40)]
+    wide["addr"][17] = last["addr"][0]
+    ops = [*noise, *script[:-1], {**last, **wide}]
     v[0].step = len(ops) - 1
     small = shrink(sp, ops, v[0], budget_s=120)
     assert viols == [] and len(small) <= 5
     assert all(op["vm"] == 1 for op in small if "vm" in op)
+    assert small[-1]["addr"] == last["addr"]   # the batch shrank to the one request
     path = save(tmp_path, 7, sp, small, v[0], 0)
     assert json.loads(path.read_text())["violation"]["category"] == "stale"
     spec2, ops2 = load(path)
