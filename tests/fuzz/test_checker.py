@@ -14,10 +14,13 @@ import pytest
 
 import host_iommu.fault
 import host_iommu.iommu
+import host_iommu.nested
+import host_iommu.qi
 import host_iommu.server
 import host_iommu.vfio
 import tests.fuzz.checker
 import vm_agent.flushq
+import vm_agent.vmm
 from host_iommu.defs import PAGE_SHIFT
 from tests.fuzz import __main__ as cli
 from tests.fuzz.checker import Session
@@ -245,3 +248,33 @@ def test_model_oracle_false_alarm_is_caught(monkeypatch):
     s = Session(spec("passthrough", "passthrough"))
     viols = run(s, [dma(1, s.world.devices[1][0].sid, 0x10_0000)])
     assert [v.category for v in viols] == ["oracle"]
+
+
+def test_nested_vmm_dropping_page_invalidations_is_caught(monkeypatch):
+    """A nested VMM that forwards no page-selective 0x6 (strict unmaps never reach the host)."""
+    handle = vm_agent.vmm.NestedVmm.handle
+
+    def lossy(self, cmds, *a, **k):
+        keep = [c for c in cmds if not (c.type == host_iommu.qi.QI_EIOTLB_TYPE
+                                        and c.gran == host_iommu.qi.QI_GRAN_PSI_PASID)]
+        return handle(self, keep, *a, **k)
+
+    monkeypatch.setattr(vm_agent.vmm.NestedVmm, "handle", lossy)
+    s = Session(spec("nested", "shadow"))
+    viols, _ = unmap_then_dma(s)
+    assert [v.category for v in viols] == ["stale"]
+
+
+def test_balloon_without_flush_is_caught(monkeypatch):
+    """A balloon that frees frames without flushing what was derived from them: isolation."""
+    def script(s: Session) -> list:
+        sid = s.world.devices[1][0].sid
+        return run(s, [dma(1, sid, 0x20_0000), {"k": "balloon", "vm": 1, "gpa": 0x20_0000,
+                                                "pages": 1, "map": False},
+                       dma(1, sid, 0x20_0040)])
+
+    assert script(Session(spec("passthrough", "passthrough"))) == []   # negative control
+    monkeypatch.setattr(host_iommu.nested, "flush_derived", lambda h, vm, g, n, t: (t, 0))
+    viols = script(Session(spec("passthrough", "passthrough")))
+    assert [v.category for v in viols] == ["isolation"]
+    assert "a free frame" in viols[0].detail
