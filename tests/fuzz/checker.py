@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from host_iommu.defs import PAGE_SHIFT
-from tests.fuzz.ops import Effect, Op, execute
+from tests.fuzz.execute import Effect, execute
+from tests.fuzz.ops import Op
 from tests.fuzz.world import World, WorldSpec
 
 STALE_GRACE_NS = 2_000_000      # virtual time a strict unmap's host flush may still take
