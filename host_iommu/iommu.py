@@ -55,6 +55,7 @@ from host_iommu.pasid import (
 )
 from host_iommu.pgtable import HostTableStore, PageTable
 from host_iommu.qi import InvalidationQueue, InvCommand, apply
+from host_iommu.slbuild import build_second_level, uniform_backing
 from host_iommu.walk import WalkBatch, Walker
 
 U64 = np.uint64
@@ -262,7 +263,10 @@ class HostIommu:
                 for i in range(0, gpa_frames, chunk):
                     base = self.mem.alloc_contiguous(chunk, vm, align=chunk, kind=KIND_DATA)
                     hpa_of[i:i + chunk] = np.arange(base, base + chunk)
-            self._map_sl_runs(sl, hpa_of, 0, gpa_frames, order)
+            if uniform_backing(hpa_of, order):
+                build_second_level(sl, hpa_of, order)   # same tables, numpy writes
+            else:
+                self._map_sl_runs(sl, hpa_of, 0, gpa_frames, order)
         except HostMemoryError:  # e.g. no contiguous run left: give back what was taken
             sl.destroy()
             self.mem.free(store.take_freed())   # never used by a translation: free at once

@@ -10,8 +10,6 @@ zeros (a non-present entry), as reading a zeroed data page would.
 
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 
 from host_iommu.defs import (
@@ -53,49 +51,69 @@ class HostMemory:
         self.slot_of = np.full(frames, -1, dtype=np.int32)
         self.slab = np.zeros((64, PTES_PER_TABLE), dtype=PTE_DTYPE)
         self._free_slots: list[int] = list(range(63, -1, -1))
-        # Free frames (a min-heap) handed out lowest first: layouts are a pure function of
-        # the calls.
-        self._free_frames: list[int] = list(range(first_frame, frames))
+        # Free frames are handed out lowest first, so layouts are a pure function of the calls.
+        # A frame is free iff its owner is OWNER_FREE; none below ``_lo`` is free.
+        self._nfree = frames - first_frame
+        self._lo = first_frame
         self.pte_writes = 0
 
     # --- frames ---------------------------------------------------------------------------
     @property
     def free_frames(self) -> int:
-        return len(self._free_frames)
+        return self._nfree
+
+    def _lowest_free(self, n: int) -> np.ndarray:
+        """The ``n`` lowest free frames, ascending (windows from ``_lo``, doubling)."""
+        parts, pos, width = [], self._lo, max(64, 2 * n)
+        while n > 0 and pos < self.frames:
+            found = np.flatnonzero(self.owner[pos:pos + width] == OWNER_FREE)[:n] + pos
+            parts.append(found)
+            n -= found.size
+            pos += width
+            width *= 2
+        return np.concatenate(parts).astype(FRAME_DTYPE) if parts else np.zeros(0, FRAME_DTYPE)
+
+    def _take(self, frames: np.ndarray, owner: int, kind: int) -> None:
+        self.owner[frames] = owner
+        self.kind[frames] = kind
+        self._nfree -= frames.size
 
     def alloc_frames(self, n: int, owner: int, kind: int = KIND_DATA) -> np.ndarray:
-        """Allocate ``n`` frames (not necessarily contiguous) to ``owner``."""
-        if n > len(self._free_frames):
+        """Allocate the ``n`` lowest free frames (not necessarily contiguous) to ``owner``."""
+        if n > self._nfree:
             raise HostMemoryError(f"host memory exhausted: need {n} frames, "
-                               f"{len(self._free_frames)} free")
-        got = np.array([heapq.heappop(self._free_frames) for _ in range(n)], dtype=FRAME_DTYPE)
-        self.owner[got] = owner
-        self.kind[got] = kind
+                               f"{self._nfree} free")
+        got = self._lowest_free(n)
+        self._take(got, owner, kind)
+        if n:
+            self._lo = int(got[-1]) + 1   # every free frame up to there was taken
         return got
 
     def alloc_contiguous(self, n: int, owner: int, align: int = 1,
                          kind: int = KIND_DATA) -> int:
-        """Allocate ``n`` physically contiguous frames aligned to ``align`` frames."""
-        free = (self.owner == OWNER_FREE).astype(np.int64)
-        csum = np.concatenate([[0], np.cumsum(free)])
-        starts = np.arange(0, self.frames - n + 1, align, dtype=np.int64)
-        fits = np.flatnonzero(csum[starts + n] - csum[starts] == n)
-        if fits.size == 0:
-            raise HostMemoryError(f"no {n} contiguous free frames aligned to {align}")
-        start = int(starts[fits[0]])
-        frames = np.arange(start, start + n, dtype=FRAME_DTYPE)
-        keep = np.ones(self.frames, dtype=bool)
-        keep[frames] = False
-        self._free_frames = [x for x in self._free_frames if keep[x]]
-        heapq.heapify(self._free_frames)
-        self.owner[frames] = owner
-        self.kind[frames] = kind
-        return start
+        """Allocate the lowest ``n`` physically contiguous free frames aligned to ``align``."""
+        base = (self._lo // align) * align   # no free frame below _lo: no fit starts lower
+        width = max(4 * n, 1024)
+        while base + n <= self.frames:
+            end = min(self.frames, base + width + n)
+            free = (self.owner[base:end] == OWNER_FREE).astype(np.int64)
+            csum = np.concatenate([[0], np.cumsum(free)])
+            starts = np.arange(0, end - base - n + 1, align, dtype=np.int64)
+            fits = np.flatnonzero(csum[starts + n] - csum[starts] == n)
+            if fits.size:
+                start = base + int(starts[fits[0]])
+                self._take(np.arange(start, start + n, dtype=FRAME_DTYPE), owner, kind)
+                return start
+            base += (width // align) * align or align
+            width *= 2
+        raise HostMemoryError(f"no {n} contiguous free frames aligned to {align}")
 
     def free(self, frames: np.ndarray | list[int] | int) -> None:
         """Return frames to the free pool, dropping any table contents."""
         arr = np.atleast_1d(np.asarray(frames, dtype=FRAME_DTYPE))
-        if np.any(self.owner[arr] == OWNER_FREE):
+        if arr.size == 0:
+            return
+        if np.any(self.owner[arr] == OWNER_FREE) or np.unique(arr).size != arr.size:
             raise HostMemoryError("double free of a host frame")
         for f in arr.tolist():
             slot = int(self.slot_of[f])
@@ -105,8 +123,8 @@ class HostMemory:
                 self.slot_of[f] = -1
         self.owner[arr] = OWNER_FREE
         self.kind[arr] = KIND_FREE
-        for f in arr.tolist():
-            heapq.heappush(self._free_frames, f)
+        self._nfree += arr.size
+        self._lo = min(self._lo, int(arr.min()))
 
     def set_kind(self, frames: np.ndarray | int, kind: int) -> None:
         self.kind[np.atleast_1d(np.asarray(frames, dtype=FRAME_DTYPE))] = kind
