@@ -178,8 +178,8 @@ def hwpt_invalidate(host: HostIommu, dom: NestedDomain, entries: list[tuple[int,
     return host.submit_qi(np.array(descs), t_ns)
 
 
-def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int
-                  ) -> tuple[int, int]:
+def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int, *,
+                  ih: bool = False) -> tuple[int, int]:
     """Flush everything derived from a range of the VM's second level (cache tags).
 
     Follows Linux cache.c cache_tag_flush_range on the parent domain. One IOTLB invalidation
@@ -190,7 +190,8 @@ def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int
     second-level tags, over everything for nesting tags (CACHE_TAG_NESTING_DEVTLB: a device
     caches nested results, which cannot be found by GPA). A shadow domain maps IOVAs, not
     GPAs, and holds only pinned pages, which a second-level change never takes: its DID is
-    flushed domain-wide all the same.
+    flushed domain-wide all the same. ``ih`` (no table page of the second level was freed)
+    goes on the page-selective descriptors, as cache_tag_flush_range passes it on.
     """
     v = vm_memory(host, vm)
     descs: list[np.void] = []
@@ -199,7 +200,7 @@ def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int
         if did not in seen:
             seen.add(did)
             descs += domain_flush_descs(did, None if kind == "shadow" else gpa, npages,
-                                        ats_sids=[], mamv=host.p.mamv)
+                                        ats_sids=[], mamv=host.p.mamv, ih=ih)
         if sid in host.ats_sids:
             descs += devtlb_flush_descs(sid, pasid, gpa if kind == "sl" else None, npages)
     if not descs:
@@ -243,9 +244,11 @@ def sl_unmap(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int
     refused = int((backed & pinned).sum())
     if not take.any():
         return t_ns, 0, 0, refused
+    freed = 0
     for a, b in _runs(take):
         v.sl.unmap((f0 + a) << PAGE_SHIFT, (b - a) << PAGE_SHIFT)
-    t_done, nd = flush_derived(host, vm, gpa, npages, t_ns)
+        freed += v.sl.freed_tables
+    t_done, nd = flush_derived(host, vm, gpa, npages, t_ns, ih=not freed)
     host.free_after(v.sl.store.take_freed(), t_done)   # emptied table pages: after the flush
     host.advance_to(t_done)
     idx = np.flatnonzero(take) + f0

@@ -312,9 +312,11 @@ class HostTableStore:
 class PageTable:
     """One first- or second-level table tree (root at ``levels``) built in a TableStore.
 
-    Leaves are 4-KiB, 2-MiB or 1-GiB pages (order 0..max_order). Invariant: every table page
-    except the root holds at least one non-zero entry (unmap frees the ones that empty).
-    Mutating methods return the number of entry writes made, as a driver would count them.
+    Leaves are 4-KiB, 2-MiB or 1-GiB pages (order 0..max_order). A table page is freed only
+    when an unmap covers the whole region it maps (Linux dma_pte_clear_level), so a table an
+    unmap merely empties stays, with no present entry, until a later unmap covers it.
+    Mutating methods return the number of entry writes made, as a driver would count them;
+    ``freed_tables`` is the number of table pages the last unmap freed.
     """
 
     def __init__(self, store: TableStore, fmt: str, levels: int, haw: int = DEFAULT_HAW,
@@ -338,6 +340,7 @@ class PageTable:
         self._addr_mask = addr_mask(haw)
         self._ps = FL_PS if fmt == "fl" else SL_PS
         self._used: dict[int, int] = {}  # table address -> non-zero entries in it
+        self.freed_tables = 0
         self.root = self._alloc()
 
     # --- entry helpers ----------------------------------------------------------------------
@@ -364,14 +367,17 @@ class PageTable:
         self._used[table] += (value != 0) - (old != 0)
         return 1
 
-    def _free_subtree(self, table: int, level: int) -> None:
+    def _free_subtree(self, table: int, level: int) -> int:
+        """Free ``table`` and every table below it; returns the pages freed."""
+        freed = 1
         if level > 1:
             for idx in range(PTES_PER_TABLE):
                 info = self._decode(self.store.read(table + 8 * idx), level)
                 if info.present and not info.leaf:
-                    self._free_subtree(info.addr, level - 1)
+                    freed += self._free_subtree(info.addr, level - 1)
         self.store.free_table(table)
         del self._used[table]
+        return freed
 
     def _split(self, ea: int, entry: int, level: int) -> int:
         """Replace the large leaf ``entry`` at ``ea`` by a table of 512 smaller leaves."""
@@ -458,11 +464,19 @@ class PageTable:
         return writes + self._write(ea, entry)
 
     def unmap(self, iova: int, size: int) -> int:
-        """Clear [iova, iova+size), splitting partly covered large pages, freeing empty tables.
+        """Clear [iova, iova+size) as Linux domain_unmap does, splitting partly covered large
+        pages.
 
-        Returns the entry writes made (0 when nothing was mapped there).
+        An entry whose whole region the range covers is cleared with one write, and the
+        table pages below it are freed (dma_pte_clear_level: dma_pte_list_pagetables onto
+        the freelist, then dma_clear_pte); a partly covered table is recursed into and
+        stays, even when it ends up with no present entry. ``freed_tables`` then says how
+        many table pages were freed: with none, the caller's flush may set the invalidation
+        hint (intel_iommu_tlb_sync: ``ih = list_empty(&gather->freelist)``). Returns the
+        entry writes made (0 when nothing was mapped there).
         """
         self._check_range(iova, size)
+        self.freed_tables = 0
         return self._unmap(self.root, self.levels, 0, iova, iova + size)
 
     def _unmap(self, table: int, level: int, base: int, start: int, end: int) -> int:
@@ -477,17 +491,15 @@ class PageTable:
                 continue
             lo = base + idx * span
             hi = lo + span
+            if start <= lo and hi <= end:  # the whole region: clear it, free its tables
+                if not info.leaf:
+                    self.freed_tables += self._free_subtree(info.addr, level - 1)
+                writes += self._write(ea, 0)
+                continue
             if info.leaf:
-                if start <= lo and hi <= end:
-                    writes += self._write(ea, 0)
-                    continue
                 writes += self._split(ea, entry, level)
                 info = self._decode(self.store.read(ea), level)
             writes += self._unmap(info.addr, level - 1, lo, max(start, lo), min(end, hi))
-            if self._used[info.addr] == 0:
-                self.store.free_table(info.addr)
-                del self._used[info.addr]
-                writes += self._write(ea, 0)
         return writes
 
     def lookup(self, iova: int) -> tuple[int, int, bool, bool] | None:
@@ -546,6 +558,47 @@ class PageTable:
                 seen.add(info.addr)
                 yield from self._leaves(info.addr, level - 1, base + idx * span, p,
                                         start, end, seen)
+
+    def walk_range(self, start: int, end: int | None = None
+                   ) -> tuple[list[tuple[int, int, int | None, bool]], int]:
+        """QEMU's shadow page walk over [start, end): the entries it stops at, and its reads.
+
+        Follows hw/i386/intel_iommu.c vtd_page_walk / vtd_page_walk_level: at each level the
+        entries meeting the range are read in IOVA order; a valid non-leaf entry (R or W
+        left after stacking the parents' permissions) is walked into, and every other entry
+        is one event over its whole region at its level (``iova & subpage_mask``, size
+        ``~subpage_mask + 1``): ``(region iova, level, phys, write)`` with ``phys`` the leaf's
+        address, or None for an entry that maps nothing (not present, no permission, or a
+        table page already visited: a loop or a shared table, which QEMU would walk again
+        and this walk reads as nothing, so the work stays bounded by the table pages that
+        exist). The end is clamped to the address width, as vtd_page_walk clamps it.
+        """
+        hi = self.limit if end is None else min(end, self.limit)
+        events: list[tuple[int, int, int | None, bool]] = []
+        reads = [0]
+        if max(start, 0) < hi:
+            self._walk_range(self.root, self.levels, 0, ACCESS_READ | ACCESS_WRITE,
+                             max(start, 0), hi, {self.root}, events, reads)
+        return events, reads[0]
+
+    def _walk_range(self, table: int, level: int, base: int, perms: int, start: int,
+                    end: int, seen: set[int], events: list, reads: list[int]) -> None:
+        shift = level_shift(level)
+        first = (start - base) >> shift
+        last = min(PTES_PER_TABLE - 1, (end - 1 - base) >> shift)
+        for idx in range(first, last + 1):
+            reads[0] += 1
+            info = self._decode(self.store.read(table + 8 * idx), level)
+            region = base + (idx << shift)
+            p = perms & info.perms if info.present else 0
+            if p and info.leaf:
+                events.append((region, level, info.addr, bool(p & ACCESS_WRITE)))
+            elif p and info.addr not in seen:
+                seen.add(info.addr)
+                self._walk_range(info.addr, level - 1, region, p, max(start, region),
+                                 min(end, region + (1 << shift)), seen, events, reads)
+            else:
+                events.append((region, level, None, False))
 
     def destroy(self) -> None:
         """Free every table page, root included; the table is unusable afterwards."""

@@ -124,7 +124,9 @@ def vfio_unmap(host: HostIommu, dom: ShadowDomain, iova: int, size: int, t_ns: i
     # The table walk visits only present tables, whatever the range.
     dom.pte_writes += dom.table.unmap(iova, size)
     ats = [sid for sid in dom.sids if sid in host.ats_sids]
-    descs = domain_flush_descs(dom.did, iova, n, ats_sids=ats, mamv=host.p.mamv)
+    # IH when no table page was freed (intel_iommu_tlb_sync: list_empty(&gather->freelist))
+    descs = domain_flush_descs(dom.did, iova, n, ats_sids=ats, mamv=host.p.mamv,
+                               ih=not dom.table.freed_tables)
     t_done, nd = host.submit_qi(np.array([*descs, qi.wait_desc()]), t_ns)
     # table pages the unmap emptied go back to the allocator only after the flush
     host.free_after(dom.table.store.take_freed(), t_done)

@@ -127,17 +127,23 @@ class DmaApi:
         t = self.vmm.handle(cmds, t, dom.sid, dom.table, unmap_id)
         return t + c.vm_exit_ns - c.vm_exit_ns // 2
 
-    def _flush_descs(self, dom: IommuDomain, iova: int, pages: int) -> list:
+    def _flush_descs(self, dom: IommuDomain, iova: int, pages: int, *, leaf: bool = False,
+                     on_map: bool = False) -> list:
         """One strict flush: the range's invalidation(s) then a wait (qi_submit_sync).
 
         Shadow guests see a vIOMMU with second-level tables and use IOTLB invalidations (0x2);
-        nested guests use PASID-based ones (0x6). Device-TLB invalidations follow for ATS.
+        nested guests use PASID-based ones (0x6). ``leaf`` sets the invalidation hint: the
+        unmap freed no page-table page (intel_iommu_tlb_sync: ``ih`` when the gather's
+        freelist is empty), so paging-structure caches may stay. Device-TLB invalidations
+        follow for ATS, except at map time: iotlb_sync_map (cache.c
+        cache_tag_flush_range_np) flushes the IOTLB tags only, with IH 0, since a device
+        cannot cache a translation that was not present.
         """
-        ats = [dom.sid] if self.ats else []
+        ats = [dom.sid] if self.ats and not on_map else []
         if self.mode == "shadow":
-            descs = domain_flush_descs(dom.did, iova, pages, ats_sids=ats)
+            descs = domain_flush_descs(dom.did, iova, pages, ats_sids=ats, ih=leaf)
         else:
-            descs = pasid_flush_descs(dom.did, dom.pasid, iova, pages, leaf=False,
+            descs = pasid_flush_descs(dom.did, dom.pasid, iova, pages, leaf=leaf,
                                       ats_sids=ats)
         return [*descs, qi.wait_desc()]
 
@@ -201,8 +207,8 @@ class DmaApi:
         self.stats["pte_writes"] += pte
         t += pte * c.pte_write_ns
         if self.mode == "shadow":  # caching mode: iotlb_sync_map flushes the new range
-            t, ok = self._invalidate(dom, t, self._flush_descs(dom, pfn << PAGE_SHIFT, total),
-                                     -1)
+            t, ok = self._invalidate(dom, t, self._flush_descs(dom, pfn << PAGE_SHIFT, total,
+                                                                on_map=True), -1)
             t += c.qi_wait_ns
             if not ok:
                 return self._map_failed(dom, cpu, pfn, total, segs, t)
@@ -219,13 +225,15 @@ class DmaApi:
         c = self.costs
         self.stats["dma_map_errors"] += 1
         t = self._clear_ptes(dom, pfn, pages, t)
-        t, _ok = self._invalidate(dom, t, self._flush_descs(dom, pfn << PAGE_SHIFT, pages), -1)
+        t, _ok = self._invalidate(dom, t, self._flush_descs(
+            dom, pfn << PAGE_SHIFT, pages, leaf=not dom.table.freed_tables), -1)
         t += c.qi_wait_ns + c.iova_free_ns
         self._free_iova(dom, cpu, pfn, pages, t)
         return [(DMA_MAPPING_ERROR, ln) for _gpa, ln in segs], t
 
     def _clear_ptes(self, dom: IommuDomain, pfn: int, pages: int, t: int) -> int:
-        """iommu_unmap's table work: clear the range's leaf entries (and emptied tables)."""
+        """iommu_unmap's table work: clear the range's entries and free the table pages it
+        covers whole (``dom.table.freed_tables`` says how many: the flush's IH)."""
         writes0 = dom.table.store.writes
         dom.table.store.now = t
         dom.table.unmap(pfn << PAGE_SHIFT, pages << PAGE_SHIFT)
@@ -257,9 +265,8 @@ class DmaApi:
         if dom.fq is None:  # strict: invalidate and wait now, then free the IOVA
             # A queue error (counted in qi_errors) is a WARN: the queued invalidation still
             # reached the VMM when the driver cleared IQE, so the IOVA is freed as Linux does.
-            t, _ok = self._invalidate(dom, t,
-                                      self._flush_descs(dom, pfn << PAGE_SHIFT, m.pages),
-                                      unmap_id)
+            t, _ok = self._invalidate(dom, t, self._flush_descs(
+                dom, pfn << PAGE_SHIFT, m.pages, leaf=not dom.table.freed_tables), unmap_id)
             t += c.qi_wait_ns + c.iova_free_ns
             self._free_iova(dom, cpu, pfn, m.pages, t)
         else:

@@ -501,14 +501,16 @@ def test_f1_emptied_table_pages_are_freed_only_after_the_flush():
     """vfio_unmap empties the shadow table's lower tables: they stay allocated until the
     flush that drops them from the paging-structure caches took effect (Linux frees
     page-table pages after the IOTLB flush), so no stale PWC entry leads into a frame that
-    another VM's balloon deflate or tables were given meanwhile."""
+    another VM's balloon deflate or tables were given meanwhile. The unmap covers the
+    whole 512 GiB below the root entry, so all three lower tables are freed (Linux frees a
+    table page only when the unmap covers its whole range)."""
     hs = server("shadow", "shadow")
     h, dom = hs.iommu, hs.shadow[1]
     vfio_map(h, dom, 0x4000_0000, 0x20000, PAGE_SIZE)
     tables = set(dom.table._used) - {dom.table.root}
     assert len(tables) == 3
     frames = [t >> PAGE_SHIFT for t in tables]
-    t_done, _nd = vfio_unmap(h, dom, 0x4000_0000, PAGE_SIZE, 100)
+    t_done, _nd = vfio_unmap(h, dom, 0, 1 << 39, 100)
     assert t_done > 100 and not (h.mem.owner[frames] == OWNER_FREE).any()
     h.advance_to(t_done - 1)
     assert not (h.mem.owner[frames] == OWNER_FREE).any()

@@ -94,16 +94,18 @@ def psi(addr: int, pages: int) -> list[qi.InvCommand]:
     return cmds(*domain_flush_descs(1, addr, pages, ats_sids=[]), qi.wait_desc())
 
 
-def test_shadow_map_becomes_one_vfio_map_per_contiguous_run():
-    """Four pages mapped to contiguous GPAs, then iotlb_sync_map's PSI: one VFIO map of
-    16 KiB (writable), costed with the VFIO call and one pin per page."""
+def test_shadow_map_becomes_one_vfio_map_per_leaf():
+    """Four pages mapped to contiguous GPAs, then iotlb_sync_map's PSI: QEMU notifies each
+    leaf, so four VFIO maps of 4 KiB (writable), each costed with the VFIO call and its pin;
+    the walk read one entry at levels 4, 3, 2 and four at level 1."""
     vmm, log, stats = make(ShadowVmm)
     table = guest_table()
     table.map(IOVA, GPA, 4 * PAGE_SIZE, write=True)
     t = vmm.handle(psi(IOVA, 4), 0, SID, table)
-    assert rows(log) == [(OP_VFIO_MAP, SID, 0, IOVA, GPA, 4 * PAGE_SIZE, 1)]
-    assert stats["vmm_map_calls"] == 1 and stats["vmm_unmap_calls"] == 0
-    assert t == (C.vmm_trap_ns + 4 * 4 * C.vmm_pte_read_ns + C.vfio_map_ns
+    assert rows(log) == [(OP_VFIO_MAP, SID, 0, IOVA + i * PAGE_SIZE, GPA + i * PAGE_SIZE,
+                          PAGE_SIZE, 1) for i in range(4)]
+    assert stats["vmm_map_calls"] == 4 and stats["vmm_unmap_calls"] == 0
+    assert t == (C.vmm_trap_ns + 7 * C.vmm_pte_read_ns + 4 * C.vfio_map_ns
                  + 4 * C.pin_page_ns)
 
 
@@ -118,9 +120,10 @@ def test_shadow_split_runs_and_read_only():
         (IOVA, GPA, PAGE_SIZE, 0), (IOVA + PAGE_SIZE, GPA + 0x10_0000, PAGE_SIZE, 1)]
 
 
-def test_shadow_unmap_becomes_a_vfio_unmap_with_the_unmap_id():
-    """The strict unmap's PSI over cleared entries: one VFIO unmap of the run, carrying the
-    unmap id, costed as VFIO_IOMMU_UNMAP_DMA blocking on the host's flush."""
+def test_shadow_unmap_becomes_a_vfio_unmap_per_cleared_entry():
+    """The strict unmap's PSI over cleared entries (the level-1 table stays: the unmap does
+    not cover it): one VFIO unmap per 4-KiB entry, each carrying the unmap id, costed as
+    VFIO_IOMMU_UNMAP_DMA blocking on the host's flush."""
     vmm, log, stats = make(ShadowVmm)
     table = guest_table()
     table.map(IOVA, GPA, 2 * PAGE_SIZE)
@@ -128,10 +131,11 @@ def test_shadow_unmap_becomes_a_vfio_unmap_with_the_unmap_id():
     log.take()
     table.unmap(IOVA, 2 * PAGE_SIZE)
     t = vmm.handle(psi(IOVA, 2), 0, SID, table, unmap_id=9)
-    assert rows(log) == [(OP_VFIO_UNMAP, SID, 0, IOVA, 2 * PAGE_SIZE, 0, 9)]
-    assert stats["vmm_unmap_calls"] == 1
-    assert t == (C.vmm_trap_ns + 2 * 4 * C.vmm_pte_read_ns + C.vfio_unmap_ns + C.qi_desc_ns
-                 + C.qi_wait_ns)
+    assert rows(log) == [(OP_VFIO_UNMAP, SID, 0, IOVA, PAGE_SIZE, 0, 9),
+                         (OP_VFIO_UNMAP, SID, 0, IOVA + PAGE_SIZE, PAGE_SIZE, 0, 9)]
+    assert stats["vmm_unmap_calls"] == 2
+    assert t == (C.vmm_trap_ns + 5 * C.vmm_pte_read_ns
+                 + 2 * (C.vfio_unmap_ns + C.qi_desc_ns + C.qi_wait_ns))
 
 
 def test_shadow_sends_only_differences():
