@@ -106,7 +106,7 @@ def run_case(vms: int, hosts: int, cores: int, backend: str, duration_us: int) -
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="bench_ray")
     ap.add_argument("--vms", type=int, nargs="*", default=[16, 64])
-    ap.add_argument("--duration-us", type=int, default=500)
+    ap.add_argument("--duration-us", type=int, default=2000)
     args = ap.parse_args(argv)
     cases = []
     for vms in args.vms:
