@@ -8,6 +8,10 @@ virtual time from the unmap's return to the DMA. The return time of a strict unm
 of the guest's own return and the host's completion of the invalidation it caused (a VFIO
 unmap or an IOMMU_HWPT_INVALIDATE blocks until then). Cross-VM DMA (reaching a frame the VM
 does not own) is checked by the caller against the frame owner map.
+
+State stays bounded when the guest retires unmap ids (``retire``): an id no page carries any
+more (each page it covered was mapped again or covered by a later unmap) can never be asked
+about again, so dropping it changes no result.
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ class Oracle:
             return
         key = (vm, unmap_id)
         self.returned[key] = max(self.returned.get(key, 0), t_ns)
+
+    def retire(self, vm: int, unmap_ids: np.ndarray | list[int]) -> int:
+        """Forget the return times of ``unmap_ids`` of ``vm``; returns how many were held.
+
+        The caller (the guest side, which alone knows which IOVA pages an id still tags)
+        retires an id only once no page carries it and every DMA stamped with it has been
+        checked: from then on no DMA can ask about it, so results are unchanged.
+        """
+        pop = self.returned.pop
+        return sum(pop((vm, int(u)), None) is not None for u in np.atleast_1d(unmap_ids))
 
     def check(self, vm: np.ndarray, unmap_id: np.ndarray, t_ns: np.ndarray, ok: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
