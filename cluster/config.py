@@ -507,6 +507,9 @@ def _vm_group(name: str, table: Any, reg: Any, base_dir: Path | None, sl_levels:
     if keys.flush_queue == "single" and keys.mode != "passthrough":
         notes.append(f"{path}: the single flush queue is s390's (dma-iommu.c, shadow_on_flush); "
                      "Linux gives a VT-d guest per-CPU queues")
+    if keys.fl_levels == 5 and keys.mode == "nested":
+        notes.append(f"{path}: 5-level first-level paging under nesting is hardware-only: "
+                     "QEMU 10's intel-iommu (x-flts) accepts 4-level first levels only")
     return VmGroupConfig(name=name, count=keys.count, mode=keys.mode, policy=policy,
                          flush_queue=keys.flush_queue, vcpus=keys.vcpus,
                          memory_mib=keys.memory_mib, fl_levels=keys.fl_levels, ats=keys.ats,
