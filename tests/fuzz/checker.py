@@ -133,7 +133,8 @@ class Checker:
         self._step_faulted = 0
         if not seen:
             return []
-        sid, pasid, addr, _acc, t, res = (np.concatenate(c) for c in zip(*seen, strict=True))
+        cols = [np.concatenate(c) for c in zip(*seen, strict=True)]
+        sid, pasid, addr, _acc, t, res, backer, owner, kind = cols
         ok = res["fault"] == 0
         self.translated += int(ok.sum())
         self.faulted += int((~ok).sum())
@@ -141,35 +142,26 @@ class Checker:
         if not ok.any():
             return []
         sid, pasid, addr, t, hpa = sid[ok], pasid[ok], addr[ok], t[ok], res["hpa"][ok]
+        backer, owner, kind = backer[ok], owner[ok], kind[ok]
         if eff.mixed:   # legitimate multi-VM batches use only their own devices
             req = np.array([w.sid_owner.get(int(s), -1) for s in sid], np.int64)
         else:
             (sender,) = eff.senders
             req = np.full(sid.size, sender, np.int64)
-        frame = (hpa >> np.uint64(PAGE_SHIFT)).astype(np.int64)
         out = []
-        vms = w.server.iommu.vms
-        good = np.zeros(sid.size, bool)
-        for vm in np.unique(req).tolist():
-            m = req == vm
-            if vm in vms:
-                backing = vms[vm].hpa_of
-                good[m] = np.isin(frame[m], backing[backing >= 0])
+        good = backer == req   # the frame backed the requesting VM's memory when reached
         if not good.all():
             i = int(np.flatnonzero(~good)[0])
-            mem = w.server.iommu.mem
-            f = int(frame[i])
-            owner = int(mem.owner[f]) if 0 <= f < mem.frames else None
-            kind = int(mem.kind[f]) if 0 <= f < mem.frames else None
-            what = ("beyond host memory" if owner is None else "a free frame" if owner == -1
-                    else "a host frame" if owner == 0 else
-                    "its own frame not backing its memory" if owner == req[i]
+            o = int(owner[i])
+            what = ("beyond host memory" if o == -2 else "a free frame" if o == -1
+                    else "a host frame" if o == 0 else
+                    "its own frame not backing its memory" if o == req[i]
                     else "another VM's frame")
             out.append(Violation(
                 "isolation",
                 f"VM {req[i]} DMA sid={int(sid[i]):#06x} pasid={int(pasid[i]):#x} "
                 f"addr={int(addr[i]):#x} reached HPA {int(hpa[i]):#x}: {what} "
-                f"(owner {owner}, kind {kind}); {int((~good).sum())} such translation(s)",
+                f"(owner {o}, kind {int(kind[i])}); {int((~good).sum())} such translation(s)",
                 what))
         # A flush still queued on the host may be the one that ends a page's life: judge
         # stale pages only once every queued invalidation has taken effect.

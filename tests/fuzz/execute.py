@@ -89,14 +89,18 @@ def _raw_batch(w: World, vm: int, rows: list[list[int]]) -> np.ndarray:
 
 def _send(w: World, eff: Effect, batches: dict[int, np.ndarray], wire: bool = True) -> None:
     eff.senders |= set(batches)
-    eff.mixed = len(batches) > 1
+    eff.mixed = eff.mixed or len(batches) > 1
     try:
-        eff.reports, refused = w.apply(batches, wire)
+        reports, refused = w.apply(batches, wire)
     except Exception as exc:   # the host may refuse an unchecked batch by the protocol's rule
         if wire or not protocol_refusal(exc):
             raise
         eff.refused = f"{type(exc).__name__}: {exc}"
         return
+    for vm, rep in reports.items():   # one operation may apply several batches
+        old = eff.reports.get(vm)
+        eff.reports[vm] = rep if old is None else EpochReport(vm, rep.counters,
+                                                              old.faults + rep.faults)
     if refused:
         eff.refused = "; ".join(f"VM {vm}: {why}" for vm, why in refused.items())
 
@@ -112,14 +116,15 @@ def execute(w: World, op: Op) -> Effect:
     eff = Effect()
     k = op["k"]
     w.tick()
+    if op.get("vm") in w.agents:   # the VM's due events (flush timers) first, as in an epoch
+        _send(w, eff, {op["vm"]: w.collect(op["vm"])})
     if k == "dma":
         eff.weight = len(op["sid"])
-        if op["vm"] in w.agents:   # the VM's due events (flush timers) come first, as in an epoch
-            _send(w, eff, {op["vm"]: w.collect(op["vm"])})
-        reports = eff.reports
         _send(w, eff, {op["vm"]: _dma_batch(w, op["vm"], op)}, op.get("wire", True))
-        eff.reports = {**reports, **eff.reports}
     elif k == "mixdma":
+        eff.mixed = True
+        for vm in w.vms:   # every VM's due events (flush timers) first, as in an epoch
+            _send(w, eff, {vm: w.collect(vm)})
         batches = {int(v): _dma_batch(w, int(v), r) for v, r in op["per_vm"].items()
                    if int(v) in w.agents}
         eff.weight = sum(b.size for b in batches.values())
@@ -132,14 +137,21 @@ def execute(w: World, op: Op) -> Effect:
         w.tick(op["ns"])
         eff.mixed = True
         for vm in w.vms:   # lazy flush timers fire; each VM's batch applied on its own
-            sub = Effect()
-            _send(w, sub, {vm: w.collect(vm)})
-            eff.senders |= sub.senders
-            eff.reports.update(sub.reports)
+            _send(w, eff, {vm: w.collect(vm)})
     elif k == "balloon":
         rows = [[OP_SL_MAP if op["map"] else OP_SL_UNMAP, 0, 0, op["gpa"] & U64,
                  op["pages"] & U64, 0, -1, 0]]
         _send(w, eff, {op["vm"]: _raw_batch(w, op["vm"], rows)})
+    elif k == "probe":   # DMA, balloon the page out (and maybe back), DMA again
+        vm, reqs = op["vm"], {"sid": [op["sid"]], "pasid": [op["pasid"]],
+                              "addr": [op["iova"]], "access": [1], "dt": [0]}
+        rows = [[OP_SL_UNMAP, 0, 0, op["gpa"], 1, 0, -1, 0]]
+        if op["back"]:
+            rows.append([OP_SL_MAP, 0, 0, op["gpa"], 1, 0, -1, 1])
+        eff.weight = 2 + len(rows)
+        for batch in (_dma_batch(w, vm, reqs), _raw_batch(w, vm, rows), _dma_batch(w, vm, reqs)):
+            _send(w, eff, {vm: batch})
+            w.tick()
     elif k == "frame":
         _frame(w, op, eff)
     elif k == "setup":

@@ -46,7 +46,8 @@ PS = 1 << 7                          # page size, both formats
 
 # Operation kinds and how often each is drawn.
 WEIGHTS = {"dma": 26, "mixdma": 5, "map": 16, "unmap": 12, "table": 9, "qi": 6, "bind": 3,
-           "raw": 6, "balloon": 6, "frame": 4, "clear_iqe": 3, "time": 6, "setup": 2}
+           "raw": 6, "balloon": 6, "frame": 4, "clear_iqe": 3, "time": 6, "setup": 2,
+           "probe": 3}
 WIDE_U64 = (0, 1, 0xFFF, 0x1000, 0x20000, 1 << 32, 1 << 40, 1 << 47, 1 << 48, 1 << 52,
             1 << 57, 1 << 63, U64, U64 - 0xFFF)
 
@@ -110,7 +111,7 @@ def _dma_reqs(w: World, rng: np.random.Generator, vm: int, k: int, hostile: bool
         sid[m] = rng.integers(0, 1 << 16, int(m.sum()))
         r = rng.random(k)
         mine = np.array(w.pasids[vm], np.int64)
-        m = r < 0.08
+        m = r < (0.25 if mine.size > 1 else 0.08)
         pasid[m] = mine[rng.integers(0, mine.size, int(m.sum()))]
         m = (r >= 0.08) & (r < 0.11)
         pasid[m] = rng.integers(1, 1 << 20, int(m.sum()))
@@ -277,6 +278,10 @@ def _gen_bind(w: World, rng: np.random.Generator, vm: int) -> Op:
                            _pick(rng, WIDE_U64), int(rng.integers(0, 1 << 22))]))
     levels = int(rng.choice([4, 4, 5, 3, 0, 6]))
     count = 1 if rng.random() < 0.85 else int(rng.choice([16, 200]))   # a storm of PASIDs
+    if rng.random() < 0.5:
+        # a binding that works (its own table at a small PASID): DMAs with that PASID then
+        # fill the IOTLB and device-TLB, which second-level changes must flush
+        pasid, root, levels = int(rng.integers(1, 64)), table.root, table.levels
     return {"k": "bind", "vm": vm, "dev": dev, "pasid": pasid, "root": root, "levels": levels,
             "count": count}
 
@@ -397,7 +402,25 @@ def _gen_setup(w: World, rng: np.random.Generator, vm: int) -> Op:
             "roots": [int(_pick(rng, WIDE_U64)) & ~0xFFF for _ in range(n)]}
 
 
+def _gen_probe(w: World, rng: np.random.Generator, vm: int) -> Op:
+    """Use after balloon: DMA to a mapped page, balloon its GPA out, DMA to it again."""
+    maps = sorted(w.mappings[vm].items())
+    if not maps:
+        return _gen_map(w, rng, vm)
+    (sid, iova), (pages, bufs) = _pick(rng, maps)
+    j = int(rng.integers(pages))
+    page = j
+    for base, n in bufs:   # the buffer page behind IOVA page j
+        gpa = base + (page << PAGE_SHIFT)
+        if page < n:
+            break
+        page -= n
+    return {"k": "probe", "vm": vm, "sid": sid, "pasid": int(_pick(rng, w.pasids[vm])),
+            "iova": iova + (j << PAGE_SHIFT), "gpa": gpa,
+            "back": bool(rng.random() < 0.5)}
+
+
 GENERATORS = {"dma": _gen_dma, "mixdma": _gen_mixdma, "map": _gen_map, "unmap": _gen_unmap,
               "table": _gen_table, "qi": _gen_qi, "bind": _gen_bind, "raw": _gen_raw,
               "balloon": _gen_balloon, "frame": _gen_frame, "clear_iqe": _gen_clear_iqe,
-              "time": _gen_time, "setup": _gen_setup}
+              "time": _gen_time, "setup": _gen_setup, "probe": _gen_probe}

@@ -274,7 +274,7 @@ def test_balloon_without_flush_is_caught(monkeypatch):
                        dma(1, sid, 0x20_0040)])
 
     assert script(Session(spec("passthrough", "passthrough"))) == []   # negative control
-    monkeypatch.setattr(host_iommu.nested, "flush_derived", lambda h, vm, g, n, t: (t, 0))
+    monkeypatch.setattr(host_iommu.nested, "flush_derived", lambda h, vm, g, n, t, **k: (t, 0))
     viols = script(Session(spec("passthrough", "passthrough")))
     assert [v.category for v in viols] == ["isolation"]
     assert "a free frame" in viols[0].detail

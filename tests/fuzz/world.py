@@ -146,8 +146,11 @@ class World:
         self.targets: dict[int, list[int]] = {v: [] for v in self.agents}
         self.pasids: dict[int, list[int]] = {v: [0] for v in self.agents}
         self.recent_unmaps: dict[int, list[tuple[int, int, int]]] = {v: [] for v in self.agents}
-        # Every translation the host performs, as (sid, pasid, addr, access, t_ns, result):
-        # the checker judges what the IOMMU returned, not what the server concluded.
+        # Every translation the host performs, as (sid, pasid, addr, access, t_ns, result,
+        # backer, owner, kind): the checker judges what the IOMMU returned, not what the
+        # server concluded. backer/owner/kind describe the frame each translation reached at
+        # the moment it was made (a later operation of the same batch may free it): the VM
+        # whose memory map the frame backed (-1: none), the allocator's owner, its kind.
         self.seen: list[tuple[np.ndarray, ...]] = []
         iommu = self.server.iommu
         translate = iommu.translate
@@ -158,10 +161,23 @@ class World:
             t = np.zeros(n, np.int64) if t_ns is None else np.asarray(t_ns, np.int64)
             self.seen.append((np.array(sid, np.int64), np.array(pasid, np.int64),
                               np.array(addr, np.uint64), np.array(access, np.int64),
-                              np.broadcast_to(t, (n,)).copy(), res.copy()))
+                              np.broadcast_to(t, (n,)).copy(), res.copy(),
+                              *self._frames(res["hpa"])))
             return res
 
         iommu.translate = spy
+
+    def _frames(self, hpa: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(backer, owner, kind) of the frames at ``hpa`` now; -1 past host memory."""
+        mem = self.server.iommu.mem
+        backer = np.full(mem.frames + 1, -1, np.int64)
+        for vm, v in self.server.iommu.vms.items():
+            backer[v.hpa_of[v.hpa_of >= 0]] = vm
+        f = (np.asarray(hpa, np.uint64) >> np.uint64(12)).astype(np.int64)
+        f = np.where((f >= 0) & (f < mem.frames), f, mem.frames)
+        owner = np.append(mem.owner, -2)[f].astype(np.int64)
+        kind = np.append(mem.kind, -1)[f].astype(np.int64)
+        return backer[f], owner, kind
 
     @property
     def vms(self) -> list[int]:
