@@ -278,3 +278,27 @@ def test_balloon_without_flush_is_caught(monkeypatch):
     viols = script(Session(spec("passthrough", "passthrough")))
     assert [v.category for v in viols] == ["isolation"]
     assert "a free frame" in viols[0].detail
+
+
+def test_device_tlb_kept_across_a_balloon_is_caught(monkeypatch):
+    """Nested ATS, PASID 5: a second-level change whose device-TLB flush forgets the PASID
+    (issue 7 finding 2's shape) leaves a device-TLB entry onto a freed frame: isolation."""
+    def script(s: Session) -> list:
+        w = s.world
+        dev = w.devices[1][0]
+        table = w.agents[1].dma.domains[dev.sid].table
+        run(s, [{"k": "map", "vm": 1, "dev": 0, "pages": 1, "write": True, "cpu": 0},
+                {"k": "bind", "vm": 1, "dev": 0, "pasid": 5, "root": table.root,
+                 "levels": table.levels}])
+        (((_sid, iova), (_n, ((gpa, _p),))),) = w.mappings[1].items()
+        return run(s, [{"k": "probe", "vm": 1, "sid": dev.sid, "pasid": 5, "iova": iova,
+                        "gpa": gpa, "back": False}])
+
+    ats = WorldSpec(7, (VmSpec(1, "nested", ats=True), VmSpec(2, "nested")), HOST)
+    assert script(Session(ats)) == []   # negative control
+    flush = host_iommu.nested.devtlb_flush_descs
+    monkeypatch.setattr(host_iommu.nested, "devtlb_flush_descs",
+                        lambda sid, pasid, *a, **k: flush(sid, 0, *a, **k))
+    viols = script(Session(ats))
+    assert [v.category for v in viols] == ["isolation"]
+    assert "pasid=0x5" in viols[0].detail and "a free frame" in viols[0].detail
