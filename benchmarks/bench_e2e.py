@@ -1,0 +1,196 @@
+"""Benchmark: end-to-end emulated I/Os per wall second, per mode x policy x workload x VMs.
+
+Each cell runs in its own single-threaded child process (so its peak RSS is its own) on one
+host in process: workload events, guest DMA API, wire encoding, host translate and oracle. It
+records set-up time per VM, emulated I/Os per wall second, peak RSS per VM and RSS growth per
+emulated second, and, measured in the same process just before the run, the rate of a numpy
+random gather of GATHER_ELEMENTS int64 elements: the machine's speed for the memory-bound
+work the emulator does, so figures from different machines can be compared by their ratio.
+Virtual durations are short so that `make bench` stays within minutes; they are printed.
+Wall time is measured here only, never in a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results"
+GATHER_ELEMENTS = 10_000_000
+VM_MEMORY_MIB = 128
+EPOCH_US = 100
+# Virtual run time per VM count (the same for all, so per-I/O cost compares across counts),
+# shortened from the configs' 5 ms so the whole table takes a few minutes.
+DURATION_US = {1: 2000, 16: 2000, 64: 2000}
+# (mode, policy): shadow tables are always strict; passthrough has no vIOMMU policy.
+MODES = (("shadow", "strict"), ("nested", "strict"), ("nested", "lazy"),
+         ("passthrough", "strict"))
+WORKLOADS = {
+    "nic": {"kind": "nic", "offered_gbps": 10.0, "packet_sizes": [1500]},
+    "nvme": {"kind": "nvme", "queue_depth": 32, "io_sizes": [4096, 131072],
+             "io_weights": [0.8, 0.2]},
+}
+
+
+def _rss_kib(field: str = "VmRSS") -> int:
+    """Current (VmRSS) or peak (VmHWM) resident set in KiB from /proc; 0 where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux clear_refs 5), so the gather's arrays
+    do not count as the emulator's peak."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def gather_rate(n: int = GATHER_ELEMENTS, seed: int = 0) -> float:
+    """Elements per second of ``table[idx]`` with ``n`` random int64 indices into ``n``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    table = np.arange(n, dtype=np.int64)
+    idx = rng.integers(0, n, n)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        table[idx].sum()
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+def config(mode: str, policy: str, workload: str, vms: int, duration_us: int) -> dict:
+    return {
+        "experiment": {"name": f"bench-{mode}-{policy}-{workload}-{vms}", "seed": 1,
+                       "duration_us": duration_us, "epoch_us": EPOCH_US},
+        "host": {"memory_mib": max(2048, VM_MEMORY_MIB * vms + 1024), "iotlb_entries": 1024,
+                 "iotlb_ways": 8, "page_walk_cache": True, "sl_page_size": "4k",
+                 "qi_entries": 2048},
+        "vm": {"bench": {"count": vms, "mode": mode, "policy": policy, "vcpus": 2,
+                         "memory_mib": VM_MEMORY_MIB, "workload": dict(WORKLOADS[workload])}},
+    }
+
+
+def run_cell(mode: str, policy: str, workload: str, vms: int) -> dict:
+    """One cell, in this process: build, run, measure."""
+    from cluster.config import parse_config
+    from cluster.engine import Engine, InProcTransport
+    from cluster.runner import build
+
+    duration_us = DURATION_US[vms]
+    gather = gather_rate()
+    cfg = parse_config(config(mode, policy, workload, vms, duration_us))
+    _reset_peak_rss()
+    rss0 = _rss_kib()
+    t0 = time.perf_counter()
+    host, agents, _ = build(cfg)
+    setup_s = time.perf_counter() - t0
+    rss1 = _rss_kib()
+    engine = Engine(InProcTransport(host, agents), cfg.experiment.epoch_us * 1000)
+    t0 = time.perf_counter()
+    engine.run(duration_us * 1000)
+    wall = time.perf_counter() - t0
+    rss2 = _rss_kib()
+    peak = _rss_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ios = sum(a.stats["ios"] for a in agents)
+    return {"mode": mode, "policy": policy, "workload": workload, "vms": vms,
+            "virtual_us": duration_us, "ios": ios, "wall_s": round(wall, 3),
+            "ios_per_wall_s": round(ios / wall, 1) if wall > 0 else 0.0,
+            "wall_us_per_io": round(1e6 * wall / ios, 1) if ios else None,
+            "setup_s_per_vm": round(setup_s / vms, 4),
+            "peak_rss_mib_per_vm": round((peak - rss0) / 1024 / vms, 2),
+            "rss_growth_mib_per_emulated_s": round((rss2 - rss1) / 1024 / (duration_us / 1e6),
+                                                   1),
+            "gather_per_s": round(gather),
+            "ios_per_1e6_gathers": round(1e6 * ios / wall / gather, 2) if wall > 0 else 0.0}
+
+
+def _child(cell: tuple[str, str, str, int]) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               NUMBA_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "benchmarks.bench_e2e", "--cell", json.dumps(cell)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"mode": cell[0], "policy": cell[1], "workload": cell[2], "vms": cell[3],
+                "error": out.stderr.strip().splitlines()[-1:] or [f"rc {out.returncode}"]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict]) -> str:
+    head = ("| mode | policy | workload | VMs | virtual µs | I/Os | I/Os per wall s | "
+            "wall µs/I/O | set-up s/VM | peak RSS MiB/VM | RSS growth MiB/emulated s | "
+            "gather elem/s | I/Os per 1e6 gathers |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['policy']} | {r['workload']} | {r['vms']} | "
+                         f"error: {r['error']} |")
+            continue
+        lines.append(" | ".join(["", r["mode"], r["policy"], r["workload"], str(r["vms"]),
+                                 str(r["virtual_us"]), str(r["ios"]),
+                                 f"{r['ios_per_wall_s']:,.0f}", str(r["wall_us_per_io"]),
+                                 str(r["setup_s_per_vm"]), str(r["peak_rss_mib_per_vm"]),
+                                 str(r["rss_growth_mib_per_emulated_s"]),
+                                 f"{r['gather_per_s']:.3g}", str(r["ios_per_1e6_gathers"]),
+                                 ""]).strip())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_e2e", description=__doc__)
+    ap.add_argument("--vms64", action="store_true", help="also run 64 VMs (slow today)")
+    ap.add_argument("--vms", type=int, nargs="*", help="VM counts (default 1 16)")
+    ap.add_argument("--cell", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.cell:
+        rec = run_cell(*json.loads(args.cell))
+        print(json.dumps(rec))
+        return rec
+    counts = args.vms or [1, 16]
+    if args.vms64 and 64 not in counts:
+        counts.append(64)
+    print("virtual time per run (shortened to keep make bench short): "
+          + ", ".join(f"{v} VM(s): {DURATION_US[v]} us" for v in counts))
+    rows = []
+    for vms in counts:
+        for mode, policy in MODES:
+            for workload in WORKLOADS:
+                rows.append(_child((mode, policy, workload, vms)))
+                r = rows[-1]
+                print(f"  {mode:<11} {policy:<6} {workload:<4} x{vms:<2}: "
+                      + (f"{r['ios_per_wall_s']:>9,.0f} I/Os per wall s" if "error" not in r
+                         else f"error {r['error']}"), flush=True)
+    table = _table(rows)
+    print(table)
+    rec = {"cells": rows, "duration_us": {str(v): DURATION_US[v] for v in counts},
+           "gather_elements": GATHER_ELEMENTS, "python": platform.python_version(),
+           "platform": platform.platform(), "cpus": os.cpu_count(),
+           "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "e2e.json").write_text(json.dumps(rec, indent=2) + "\n")
+    (OUT / "e2e.md").write_text(
+        "# End-to-end emulated I/Os per wall second (make bench)\n\n"
+        f"{rec['date']}, Python {rec['python']}, {rec['platform']}; each cell one process, "
+        "one thread. Virtual time per run: "
+        + ", ".join(f"{v} VM(s) {DURATION_US[v]} us" for v in counts) + ".\n\n" + table + "\n")
+    return rec
+
+
+if __name__ == "__main__":
+    main()
