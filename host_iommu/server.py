@@ -33,6 +33,7 @@ from host_iommu.nested import (
 )
 from host_iommu.oracle import Oracle
 from host_iommu.protocol import (
+    DMA_ROGUE,
     OP_DMA,
     OP_DTYPE,
     OP_GUEST_WRITE,
@@ -50,11 +51,18 @@ from host_iommu.protocol import (
 )
 from host_iommu.vfio import ShadowDomain, VfioError, vfio_attach, vfio_map, vfio_unmap
 
+# What became of each rogue DMA (DMA_ROGUE: aimed at the device's last unmapped IOVA), one
+# class each, in this order of precedence, so the classes sum to the guest's rogue_dma:
+# faulted (the IOMMU refused it), reached another VM's frame, reached the old buffer after
+# its unmap returned (stale), reached it while the unmap was still in flight, or landed on
+# whatever the guest mapped at that IOVA since (misdirected: a reused IOVA's new buffer).
+ROGUE_CLASSES = ("rogue_faulted", "rogue_cross_vm", "rogue_stale", "rogue_in_flight",
+                 "rogue_misdirected")
 HOST_COUNTERS = ("translations", "iotlb_hits", "iotlb_misses", "devtlb_hits", "walk_refs",
                  "ctx_refs", "faults", "stale_dma", "cross_vm_dma", "stale_window_max_ns",
                  "host_inv_descriptors", "pinned_pages", "translate_ns", "vfio_errors",
                  "guest_writes_dropped", "sl_unmap_refused", "foreign_sid_refused",
-                 "ops_refused")
+                 "ops_refused", *ROGUE_CLASSES)
 # Counters of the host itself (HostServer.host_counters), not of any VM.
 HOST_ONLY_COUNTERS = ("host_faults", "unknown_vm_ops")
 # Operations that name a device (sid): accepted only from the VM the device is assigned to.
@@ -282,6 +290,12 @@ class HostServer:
         vm = ops["vm"]
         cross = ok & (owner != vm)
         stale, window = self.oracle.check(vm, ops["a3"], ops["t_ns"], ok)
+        rogue = (ops["a2"] & DMA_ROGUE) != 0
+        tagged = ops["a3"] >= 0     # the page was unmapped when the device aimed at it
+        classes = {"rogue_faulted": rogue & ~ok, "rogue_cross_vm": rogue & cross,
+                   "rogue_stale": rogue & ok & ~cross & stale,
+                   "rogue_in_flight": rogue & ok & ~cross & ~stale & tagged,
+                   "rogue_misdirected": rogue & ok & ~cross & ~tagged}
         cost = self.costs
         tns = np.where(res["iotlb_hit"], cost.iotlb_hit_ns,
                        res["walk_refs"].astype(np.int64) * cost.mem_ref_ns
@@ -302,6 +316,8 @@ class HostServer:
                 c["stale_window_max_ns"] = max(c["stale_window_max_ns"],
                                                int(window[m][stale[m]].max()))
             c["translate_ns"] += int(tns[m].sum())
+            for name, hit in classes.items():
+                c[name] += int(hit[m].sum())
 
     # --- results --------------------------------------------------------------------------
     def fault_columns(self) -> dict[str, np.ndarray]:

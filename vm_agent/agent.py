@@ -218,9 +218,8 @@ class VmAgent:
             self.log.add(int(t_ns), OP_DMA, sid=dev.sid, pasid=0,
                          a0=addr & 0xFFFF_FFFF_FFFF_FFFF, a1=nxt - addr, a2=flags, a3=tag)
             self.stats["dma_requests"] += 1
+            self.stats["rogue_dma"] += rogue   # per page request, as the host classifies them
             addr = nxt
-        if rogue:
-            self.stats["rogue_dma"] += 1
 
     def last_unmapped(self, dev: Device) -> int | None:
         return self.dma.last_unmapped.get(dev.sid)
