@@ -44,6 +44,7 @@ HAW_MIN, HAW_MAX = 39, 52  # host address width (CAP.MGAW) range, VT-d spec 11.4
 VCPUS_MAX = 256
 HOST_SPREAD = -1  # a VM group without an explicit `host` index: its VMs are spread evenly
 HOST_COUNT_MAX = 1024  # emulated hosts in one run (each is an actor with its own HostIommu)
+HOST_VMS_MAX = 255  # VMs per host: each VM's devices sit on a PCI bus of their own (bus 1..255)
 # IQA.QS 0..7 (VT-d spec 11.4.9.4): 2^QS 4-KiB pages of 256-bit descriptors (IQA.DW=1, as
 # scalable mode needs): 128..16384 entries, exactly what host_iommu.qi.InvalidationQueue takes.
 QI_ENTRIES = tuple(QI_DESCS_PER_PAGE << qs for qs in range(QI_MAX_QS + 1))
@@ -685,12 +686,17 @@ def parse_config(data: Mapping[str, Any], overrides: Sequence[str] = (), source:
                    f"must be < host.count ({host.count}), got {g.host}")
         if all(g.host < host.count for g in groups):
             total = [0] * host.count
+            vms = [0] * host.count
             for name, _i, h in vm_placement(groups, host.count):
                 total[h] += next(g.memory_mib for g in groups if g.name == name)
+                vms[h] += 1
             for h, mib in enumerate(total):
                 where = f"host {h}'s VMs'" if host.count > 1 else "the VMs'"
                 _check(problems, mib <= host.memory_mib, "host.memory_mib",
                        f"{host.memory_mib} MiB cannot hold {where} {mib} MiB of guest memory")
+                _check(problems, vms[h] <= HOST_VMS_MAX, "host.count",
+                       f"host {h} would hold {vms[h]} VMs; a host gives each VM's devices a "
+                       f"PCI bus of its own, 1..{HOST_VMS_MAX} (raise host.count)")
     if exp is not None:
         for g in groups:
             _churn_bounds(g, exp, problems)

@@ -66,12 +66,21 @@ class VmPlan:
     group: str
     index: int
     host: int = 0
+    bus: int | None = None  # PCI bus of the VM's devices: 1.. per host, in VM id order
 
 
 def plan_vms(cfg: Config) -> list[VmPlan]:
-    """VM ids 1.. in group-name order, then index within the group; hosts as placed."""
-    return [VmPlan(k + 1, g, i, h)
-            for k, (g, i, h) in enumerate(vm_placement(cfg.vms, cfg.host.count))]
+    """VM ids 1.. in group-name order, then index within the group; hosts as placed.
+
+    Each host numbers the PCI buses of its VMs' devices from 1 in VM id order (each host has
+    its own requester-id space), so on one host a VM's bus is its id.
+    """
+    on_host = [0] * cfg.host.count
+    plans = []
+    for k, (g, i, h) in enumerate(vm_placement(cfg.vms, cfg.host.count)):
+        on_host[h] += 1
+        plans.append(VmPlan(k + 1, g, i, h, on_host[h]))
+    return plans
 
 
 def host_params(cfg: Config) -> IommuParams:
@@ -92,7 +101,7 @@ def make_agent(cfg: Config, p: VmPlan) -> VmAgent:
     return VmAgent(p.vm, mode=g.mode, policy=g.policy, flush_queue=g.flush_queue,
                    vcpus=g.vcpus, memory_bytes=g.memory_mib << 20, fl_levels=g.fl_levels,
                    ats=g.ats, workload=workload, churn=churn, costs=cfg.cost,
-                   seed=cfg.experiment.seed, stream=p.index, hz=g.hz)
+                   seed=cfg.experiment.seed, stream=p.index, hz=g.hz, bus=p.bus)
 
 
 def build_hosts(cfg: Config) -> tuple[dict[int, HostServer], list[VmAgent], dict[int, VmPlan]]:

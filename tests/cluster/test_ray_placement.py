@@ -73,3 +73,18 @@ def test_a_vm_alone_on_its_host_runs_as_if_the_other_host_did_not_exist(tmp_path
     assert two["host"].to_pylist() == [0, 1, 1]
     assert shared["iotlb_misses"][0].as_py() != row["iotlb_misses"] or \
         shared["walk_refs"][0].as_py() != row["walk_refs"]
+
+
+def test_each_host_numbers_its_vms_pci_buses_and_holds_at_most_255_vms():
+    c = cfg({"a": nic(count=4)}, hosts=2)
+    assert [(p.vm, p.host, p.bus) for p in plan_vms(c)] == [(1, 0, 1), (2, 1, 1), (3, 0, 2),
+                                                            (4, 1, 2)]
+    one = cfg({"a": nic(count=3)})
+    assert [p.bus for p in plan_vms(one)] == [1, 2, 3]  # one host: the bus is the VM id
+    small = {"mode": "passthrough", "memory_mib": 1, "count": 256,
+             "workload": {"kind": "nic", "offered_gbps": 1.0}}
+    with pytest.raises(ConfigError) as e:
+        cfg({"a": small}, memory_mib=4096)
+    assert e.value.key == "host.count" and "256 VMs" in e.value.message
+    two = cfg({"a": small}, hosts=2, memory_mib=4096)
+    assert max(p.bus for p in plan_vms(two)) == 128
