@@ -55,7 +55,8 @@ class StepTimeout(BaseException):
 
 @dataclass
 class Violation:
-    category: str      # isolation, stale, ledger, counters, writes, exception, hang, unbounded
+    category: str      # isolation, stale, ledger, counters, writes, leak, oracle, faults,
+    #                    exception, hang, unbounded
     detail: str
     key: str           # what makes two violations "the same" when shrinking
     step: int = -1
