@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     cases = []
     for vms in args.vms:
-        cases.append((vms, 1, 1, "inproc"))
+        hosts = -(-vms // 255)  # a host holds at most 255 VMs
+        cases.append((vms, hosts, 1, "inproc"))
         for cores in (1, 2):
-            cases.append((vms, 1, cores, "ray"))
+            cases.append((vms, hosts, cores, "ray"))
     if 16 in args.vms:
         cases += [(16, 2, 1, "ray"), (16, 2, 2, "ray")]
     records = []
