@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -284,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `iommu-emu report DIR | head`: the reader has what it wanted
+        # Point stdout at /dev/null so the flush at exit does not fail again (Python docs,
+        # "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ClusterError as e:  # ConfigError, ResultsError, UserError, RunFailed ...
         failed = getattr(e, "failed", None)
         if failed is not None:  # a run that started and failed (cluster.runner.RunFailed)

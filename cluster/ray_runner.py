@@ -51,7 +51,7 @@ def start_ray(address: str | None = None) -> bool:
             raise RunError(f"cannot join the Ray cluster at {address}: "
                            f"{str(e).splitlines()[0]}") from None
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     return True
 
 
