@@ -76,29 +76,44 @@ class Stage(IntEnum):
 
 
 class FaultReason(IntEnum):
-    """Non-recoverable fault reasons (VT-d spec appendix; QEMU's VTDFaultReason values)."""
+    """Non-recoverable fault reasons of a request translated in scalable mode.
+
+    Every translation here runs in scalable mode (root/context/PASID structures, PGTT), so
+    the codes are the scalable-mode ones: VT-d spec table "Scalable-Mode Fault Reasons" as
+    Linux drivers/iommu/intel/dmar.c dma_remap_sm_fault_reasons lists them (0x30-0x90).
+    """
 
     NONE = 0x00
-    ROOT_ENTRY_P = 0x01           # root entry not present
-    CONTEXT_ENTRY_P = 0x02        # context entry not present
-    CONTEXT_ENTRY_INV = 0x03      # context entry invalid
-    ADDR_BEYOND_MGAW = 0x04       # input address beyond the (second-level) address width
-    WRITE = 0x05                  # write to a page without write permission (second level)
-    READ = 0x06                   # read from a page without read permission (second level)
-    PAGING_ENTRY_INV = 0x07       # second-level entry not present or its table unreadable
-    PAGING_ENTRY_RSVD = 0x0C      # reserved bit set in a second-level entry
-    PASID_DIR_ACCESS_ERR = 0x50   # PASID directory entry could not be fetched
-    PASID_DIR_ENTRY_P = 0x51      # PASID directory entry not present
-    PASID_TABLE_ACCESS_ERR = 0x58
-    PASID_ENTRY_P = 0x59          # PASID table entry not present
-    PASID_TABLE_ENTRY_INV = 0x5B  # PASID table entry invalid (PGTT, reserved bits, AW)
-    FS_PAGING_ENTRY_INV = 0x70    # first-level table could not be fetched
-    FS_PAGING_ENTRY_P = 0x71      # first-level entry not present
-    FS_PAGING_ENTRY_RSVD = 0x72   # reserved bit set in a first-level entry
-    PASID_ENTRY_FSPTPTR_INV = 0x73  # invalid first-level pointer in the PASID entry
-    FS_NON_CANONICAL = 0x80       # input address not canonical for first-level paging
-    FS_PAGING_ENTRY_US = 0x81     # user request to a supervisor page
-    SM_WRITE = 0x85               # first-level write permission violation
+    # root, context, PASID-directory and PASID-table entries
+    ROOT_ENTRY_P = 0x39           # SM: Present bit in Root Entry is clear
+    CONTEXT_ENTRY_P = 0x41        # SM: Present bit in Context Entry is clear
+    CONTEXT_ENTRY_RSVD = 0x42     # SM: Non-zero reserved field set in the Context Entry
+    CONTEXT_ENTRY_INV = 0x43      # SM: Invalid Context Entry
+    CONTEXT_PASIDE = 0x45         # SM: PASID Enable field in Context Entry is clear
+    CONTEXT_PASID_MAX = 0x46      # SM: PASID is larger than the max in Context Entry (PDTS)
+    PASID_DIR_ACCESS_ERR = 0x50   # SM: Error attempting to access the PASID Directory Entry
+    PASID_DIR_ENTRY_P = 0x51      # SM: Present bit in Directory Entry is clear
+    PASID_DIR_ENTRY_RSVD = 0x52   # SM: Non-zero reserved field set in PASID Directory Entry
+    PASID_TABLE_ACCESS_ERR = 0x58  # SM: Error attempting to access PASID Table Entry
+    PASID_ENTRY_P = 0x59          # SM: Present bit in PASID Table Entry is clear
+    PASID_ENTRY_RSVD = 0x5A       # SM: Non-zero reserved field set in PASID Table Entry
+    PASID_TABLE_ENTRY_INV = 0x5B  # SM: Invalid Scalable-Mode PASID Table Entry (PGTT, AW)
+    # first-level paging entries
+    FS_PAGING_ENTRY_INV = 0x70    # SM: Error attempting to access first-level paging entry
+    FS_PAGING_ENTRY_P = 0x71      # SM: Present bit in first-level paging entry is clear
+    FS_PAGING_ENTRY_RSVD = 0x72   # SM: Non-zero reserved field set in first-level entry
+    PASID_ENTRY_FSPTPTR_INV = 0x73  # SM: Error attempting to access FL-PML4 entry
+    # second-level paging entries
+    SL_PAGING_ENTRY_ACCESS = 0x78  # SM: Error attempting to access second-level paging entry
+    PAGING_ENTRY_INV = 0x79       # SM: Read/Write permission error in second-level entry
+    PAGING_ENTRY_RSVD = 0x7A      # SM: Non-zero reserved field set in second-level entry
+    # the request as a whole
+    FS_NON_CANONICAL = 0x80       # SM: Address in first-level translation is not canonical
+    FS_PAGING_ENTRY_US = 0x81     # SM: U/S set 0 for first-level translation (user request)
+    ADDR_BEYOND_MGAW = 0x83       # SM: Address beyond the DMA hardware max (AGAW, HAW)
+    WRITE = 0x85                  # SM: No write permission for Write/AtomicOp request
+    READ = 0x86                   # SM: No read permission for Read/AtomicOp request
+    SM_WRITE = 0x85               # the first-level write violation: the same code as WRITE
 
 
 # --- numpy dtypes, each named once -------------------------------------------------------

@@ -123,8 +123,9 @@ def decode_pasid_entry(words: list[int] | tuple[int, ...]) -> PasidEntry | Fault
     pgtt = (w0 & PE_PGTT_MASK) >> PE_PGTT_SHIFT
     aw = (w0 & PE_AW_MASK) >> PE_AW_SHIFT
     flpm = (w2 & PE_FLPM_MASK) >> PE_FLPM_SHIFT
-    if (pgtt not in VALID_PGTT or w0 & PE_W0_RSVD or w2 & PE_W2_RSVD
-            or any(int(x) for x in words[3:])):
+    if w0 & PE_W0_RSVD or w2 & PE_W2_RSVD or any(int(x) for x in words[3:]):
+        return FaultReason.PASID_ENTRY_RSVD
+    if pgtt not in VALID_PGTT:
         return FaultReason.PASID_TABLE_ENTRY_INV
     if pgtt in (PGTT_SL_ONLY, PGTT_NESTED) and aw not in SL_LEVELS_BY_AW:
         return FaultReason.PASID_TABLE_ENTRY_INV
@@ -304,21 +305,23 @@ class ScalableModeTables:
         w0 = self.mem.read_u64(ce_addr)
         if not w0 & CE_P:
             return None, FaultReason.CONTEXT_ENTRY_P, 2
-        if w0 & CE_RSVD_W0 or not w0 & CE_PASIDE:
-            return None, FaultReason.CONTEXT_ENTRY_INV, 2
+        if w0 & CE_RSVD_W0:
+            return None, FaultReason.CONTEXT_ENTRY_RSVD, 2
+        if not w0 & CE_PASIDE:
+            return None, FaultReason.CONTEXT_PASIDE, 2
         return ContextEntry.decode(w0, self.mem.read_u64(ce_addr + 8)), FaultReason.NONE, 2
 
     def fetch_pasid_entry(self, ce: ContextEntry, pasid: int
                           ) -> tuple[PasidEntry | None, FaultReason, int, bool]:
         """PASID directory + table entry fetch: (entry, fault, references, fpd)."""
         if (pasid >> PASID_PDE_SHIFT) >= ce.dir_entries:
-            return None, FaultReason.PASID_DIR_ACCESS_ERR, 0, ce.fpd
+            return None, FaultReason.CONTEXT_PASID_MAX, 0, ce.fpd
         pde = self.mem.read_u64(ce.pasid_dir + (pasid >> PASID_PDE_SHIFT) * 8)
         if not pde & PDE_P:
             return None, FaultReason.PASID_DIR_ENTRY_P, 1, ce.fpd
         fpd = ce.fpd or bool(pde & PDE_FPD)
         if pde & PDE_RSVD:
-            return None, FaultReason.PASID_DIR_ACCESS_ERR, 1, fpd
+            return None, FaultReason.PASID_DIR_ENTRY_RSVD, 1, fpd
         pte_addr = (pde & PDE_PTR_MASK) + (pasid & PASID_PTE_MASK) * PASID_ENTRY_BYTES
         if (pte_addr >> PAGE_SHIFT) >= self.mem.frames:
             return None, FaultReason.PASID_TABLE_ACCESS_ERR, 1, fpd

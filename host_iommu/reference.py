@@ -26,12 +26,26 @@ from host_iommu.defs import (
     PGTT_PT,
     PGTT_SL_ONLY,
     SL_WIDTH_BY_LEVELS,
-    FaultReason,
     Stage,
 )
 from host_iommu.memory import HostMemory
 
 MASK64 = (1 << 64) - 1
+
+# Scalable-mode fault reasons (VT-d spec table "Scalable-Mode Fault Reasons"; the same codes
+# Linux dmar.c prints from dma_remap_sm_fault_reasons), written here, not imported.
+SM_PASID_ENTRY_INV = 0x5B   # invalid scalable-mode PASID table entry (PGTT)
+SM_FL_ACCESS = 0x70         # error attempting to access a first-level paging entry
+SM_FL_P = 0x71              # present bit in a first-level paging entry is clear
+SM_FL_RSVD = 0x72           # non-zero reserved field set in a first-level paging entry
+SM_SL_ACCESS = 0x78         # error attempting to access a second-level paging entry
+SM_SL_RW = 0x79             # read/write permission error (R and W clear) in a second-level entry
+SM_SL_RSVD = 0x7A           # non-zero reserved field set in a second-level paging entry
+SM_NON_CANONICAL = 0x80     # first-level input address not canonical
+SM_US = 0x81                # U/S clear for a first-level user request
+SM_BEYOND_MAX = 0x83        # address beyond the hardware max (AGAW of the SL, or the HAW)
+SM_NO_WRITE = 0x85          # no write permission for a write request
+SM_NO_READ = 0x86           # no read permission for a read request
 
 # First-level paging entries (VT-d spec 9.7, the IA-32e formats of the PML5E .. PTE tables).
 FL_P = 1 << 0    # Present
@@ -120,7 +134,7 @@ class RefResult:
 
 
 class _Fault(Exception):
-    def __init__(self, reason: FaultReason, stage: Stage) -> None:
+    def __init__(self, reason: int, stage: Stage) -> None:
         self.reason, self.stage = reason, stage
 
 
@@ -152,7 +166,7 @@ class ReferenceWalker:
         """(hpa, order, r, w) of ``gpa``; raises _Fault naming stage SECOND."""
         levels = req.sl_levels
         if gpa >> SL_WIDTH_BY_LEVELS[levels]:
-            raise _Fault(FaultReason.ADDR_BEYOND_MGAW, Stage.SECOND)
+            raise _Fault(SM_BEYOND_MAX, Stage.SECOND)
         table, level, r, w = req.slptr, levels, True, True
         hit, entry = self._pwc_deepest(self.sl_pwc, req.did, 0, gpa, levels)
         if hit:
@@ -162,12 +176,12 @@ class ReferenceWalker:
             ea = table + ((gpa >> (12 + 9 * (level - 1))) & 511) * 8
             res.refs += 1
             if (ea >> 12) >= self.mem.frames:
-                raise _Fault(FaultReason.PAGING_ENTRY_INV, Stage.SECOND)
+                raise _Fault(SM_SL_ACCESS, Stage.SECOND)
             e = self.mem.read_u64(ea)
             if not e & (SL_R | SL_W):
-                raise _Fault(FaultReason.PAGING_ENTRY_INV, Stage.SECOND)
+                raise _Fault(SM_SL_RW, Stage.SECOND)
             if sl_reserved(e, level, self.haw):
-                raise _Fault(FaultReason.PAGING_ENTRY_RSVD, Stage.SECOND)
+                raise _Fault(SM_SL_RSVD, Stage.SECOND)
             ps = bool(e & SL_PS) and level in (2, 3)
             r, w = r and bool(e & SL_R), w and bool(e & SL_W)
             if req.ssade and not e & SL_A:
@@ -178,9 +192,9 @@ class ReferenceWalker:
                 if req.ssade and write and w and not e & SL_D:
                     self._or(ea, SL_D)
                 if write and not w:
-                    raise _Fault(FaultReason.WRITE, Stage.SECOND)
+                    raise _Fault(SM_NO_WRITE, Stage.SECOND)
                 if not write and not r:
-                    raise _Fault(FaultReason.READ, Stage.SECOND)
+                    raise _Fault(SM_NO_READ, Stage.SECOND)
                 return hpa, level - 1, r, w
             if self.sl_pwc is not None:
                 perms = (SL_R if r else 0) | (SL_W if w else 0)
@@ -196,7 +210,7 @@ class ReferenceWalker:
         width = FL_WIDTH_BY_LEVELS[levels]
         top = iova >> (width - 1)
         if top not in (0, MASK64 >> (width - 1)):
-            raise _Fault(FaultReason.FS_NON_CANONICAL, Stage.FIRST)
+            raise _Fault(SM_NON_CANONICAL, Stage.FIRST)
         write = req.access == ACCESS_WRITE
         table, level, rw, us = req.flptr, levels, True, True
         hit, entry = self._pwc_deepest(self.fl_pwc, req.did, req.pasid, iova, levels)
@@ -211,12 +225,12 @@ class ReferenceWalker:
                 seq += 1
             res.refs += 1
             if (ea >> 12) >= self.mem.frames:
-                raise _Fault(FaultReason.FS_PAGING_ENTRY_INV, Stage.FIRST)
+                raise _Fault(SM_FL_ACCESS, Stage.FIRST)
             e = self.mem.read_u64(ea)
             if not e & FL_P:
-                raise _Fault(FaultReason.FS_PAGING_ENTRY_P, Stage.FIRST)
+                raise _Fault(SM_FL_P, Stage.FIRST)
             if fl_reserved(e, level, self.haw):
-                raise _Fault(FaultReason.FS_PAGING_ENTRY_RSVD, Stage.FIRST)
+                raise _Fault(SM_FL_RSVD, Stage.FIRST)
             ps = bool(e & FL_PS) and level in (2, 3)
             rw, us = rw and bool(e & FL_RW), us and bool(e & FL_US)
             if not e & FL_A:
@@ -227,9 +241,9 @@ class ReferenceWalker:
                 if us and (not write or rw) and write and not e & FL_D:
                     self._or(ea, FL_D)
                 if not us:
-                    raise _Fault(FaultReason.FS_PAGING_ENTRY_US, Stage.FIRST)
+                    raise _Fault(SM_US, Stage.FIRST)
                 if write and not rw:
-                    raise _Fault(FaultReason.SM_WRITE, Stage.FIRST)
+                    raise _Fault(SM_NO_WRITE, Stage.FIRST)
                 return out, level - 1, rw
             if self.fl_pwc is not None:
                 perms = (FL_RW if rw else 0) | (FL_US if us else 0)
@@ -250,7 +264,7 @@ class ReferenceWalker:
         try:
             if req.pgtt == PGTT_PT:
                 if req.addr >> self.haw:
-                    raise _Fault(FaultReason.ADDR_BEYOND_MGAW, Stage.SECOND)
+                    raise _Fault(SM_BEYOND_MAX, Stage.SECOND)
                 res.hpa, res.perm = req.addr, 3
             elif req.pgtt == PGTT_SL_ONLY:
                 hpa, order, r, w = self.sl_translate(req, req.addr, write, 0, res)
@@ -264,7 +278,7 @@ class ReferenceWalker:
                 res.hpa, res.order = hpa, min(forder, sorder)
                 res.perm = int(r) | (int(w and rw) << 1)
             else:
-                raise _Fault(FaultReason.PASID_TABLE_ENTRY_INV, Stage.CONTEXT)
+                raise _Fault(SM_PASID_ENTRY_INV, Stage.CONTEXT)
         except _Fault as f:
             res.fault, res.stage, res.hpa = int(f.reason), int(f.stage), 0
         return res

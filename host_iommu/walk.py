@@ -180,7 +180,8 @@ class Walker:
             rsvd = (vals & self.sl_rsvd[lvl, ps.astype(np.int64)]) != 0
             present = (vals & U64(SL_R | SL_W)) != 0
             bad = ~ok | ~present
-            fault[sel[bad]] = FaultReason.PAGING_ENTRY_INV
+            fault[sel[~present]] = FaultReason.PAGING_ENTRY_INV       # R and W clear
+            fault[sel[~ok]] = FaultReason.SL_PAGING_ENTRY_ACCESS     # entry not readable
             rbad = ~bad & rsvd
             fault[sel[rbad]] = FaultReason.PAGING_ENTRY_RSVD
             good = ~bad & ~rbad

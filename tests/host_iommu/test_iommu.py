@@ -214,24 +214,27 @@ def test_flptr_outside_vm_gpa_space_faults_second_stage(env, flptr):
 
 
 def test_first_level_leaf_to_unbacked_gpa_faults_second_stage(env):
-    """A guest PTE naming a GPA beyond its memory reaches no host frame: 0x07, second stage."""
+    """A guest PTE naming a GPA beyond its memory reaches no host frame: 0x79 (R and W of
+    the second-level entry clear), second stage."""
     env.fl.map(IOVA + (1 << 30), 1 << 35, PAGE_SIZE)
     r = translate_safe(env, IOVA + (1 << 30), access=ACCESS_WRITE)
     assert (r["fault"], r["stage"]) == (FaultReason.PAGING_ENTRY_INV, Stage.SECOND)
 
 
-@pytest.mark.parametrize("words", [
-    [PE_P | (5 << PE_PGTT_SHIFT) | (2 << PE_AW_SHIFT), 1, 0, 0, 0, 0, 0, 0],   # PGTT 5
-    [PE_P | (0 << PE_PGTT_SHIFT) | (2 << PE_AW_SHIFT), 1, 0, 0, 0, 0, 0, 0],   # PGTT 0
-    [PE_P | (3 << PE_PGTT_SHIFT) | (2 << PE_AW_SHIFT) | 0xC00, 1, 0, 0, 0, 0, 0, 0],  # rsvd
-    [PE_P | (2 << PE_PGTT_SHIFT) | (7 << PE_AW_SHIFT), 1, 0, 0, 0, 0, 0, 0],   # bad AW
-    [PE_P | (3 << PE_PGTT_SHIFT) | (2 << PE_AW_SHIFT), 1, 0, 0, 0, 0, 0, 1],   # word 7
+@pytest.mark.parametrize(("words", "reason"), [
+    ([PE_P | (5 << PE_PGTT_SHIFT) | (2 << PE_AW_SHIFT), 1, 0, 0, 0, 0, 0, 0], 0x5B),  # PGTT 5
+    ([PE_P | (0 << PE_PGTT_SHIFT) | (2 << PE_AW_SHIFT), 1, 0, 0, 0, 0, 0, 0], 0x5B),  # PGTT 0
+    ([PE_P | (3 << PE_PGTT_SHIFT) | (2 << PE_AW_SHIFT) | 0xC00, 1, 0, 0, 0, 0, 0, 0],
+     0x5A),                                                                          # rsvd
+    ([PE_P | (2 << PE_PGTT_SHIFT) | (7 << PE_AW_SHIFT), 1, 0, 0, 0, 0, 0, 0], 0x5B),  # bad AW
+    ([PE_P | (3 << PE_PGTT_SHIFT) | (2 << PE_AW_SHIFT), 1, 0, 0, 0, 0, 0, 1], 0x5A),  # word 7
 ])
-def test_garbage_pasid_entry_faults_0x5b(env, words):
-    """A PASID entry with an invalid PGTT, AW or reserved bits is invalid: 0x5B, context."""
+def test_garbage_pasid_entry_faults_0x5b(env, words, reason):
+    """A PASID entry with an invalid PGTT or AW is invalid (0x5B); one with a reserved bit
+    set faults 0x5A (scalable-mode fault reasons), both at the context stage."""
     env.h.sm.write_raw_pasid_entry(SID, 9, words)
     r = translate_safe(env, IOVA, pasid=9)
-    assert (r["fault"], r["stage"]) == (FaultReason.PASID_TABLE_ENTRY_INV, Stage.CONTEXT)
+    assert (r["fault"], r["stage"]) == (reason, Stage.CONTEXT)
 
 
 def test_non_present_pasid_entry_faults_0x59(env):
