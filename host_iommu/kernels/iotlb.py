@@ -1,0 +1,193 @@
+"""IOTLB lookup and fill as numba kernels over struct-of-arrays state (VT-d spec 6.2.3).
+
+The same cache as host_iommu/iotlb.py's IOTLB (set-associative, LRU within a set, entries
+tagged (DID, PASID, page number at the entry's size, size)), with the batch semantics of
+host_iommu/reference_cache.py: a lookup batch sees the cache as it was at the batch's start
+and stamps its hits in request order; a fill batch is applied in request order, replacing a
+matching line, else the lowest free way, else the least recently used way. Only the set-index
+multiplier (a number) is shared with iotlb.py. Not yet wired into HostIommu: it becomes the
+live path only when whole-run result tables stay identical (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numpy.typing import ArrayLike
+
+from host_iommu.iotlb import SET_MIX
+
+# --- State: one uint64 plane per field, each (sets, ways) ------------------------------------
+F_VALID, F_DID, F_PASID, F_VPN, F_ORDER, F_HPA, F_PERM, F_PGTT, F_STAMP = range(9)
+LINE_FIELDS = ("valid", "did", "pasid", "vpn_at_order", "order", "hpa_page", "perm", "pgtt",
+               "stamp")
+# Counters: the LRU clock, then hits, misses, fills, evictions (RefSetAssoc.counters order).
+C_CLOCK, C_HITS, C_MISSES, C_FILLS, C_EVICTIONS = range(5)
+PAGE_ORDERS = 3      # 4 KiB, 2 MiB, 1 GiB: probed in that order
+
+
+@njit(cache=True)
+def _set_index(did: np.uint64, pasid: np.uint64, vpn: np.uint64, order: np.uint64,
+               sets: int) -> int:
+    """Set of a key: the non-page fields mixed in key order, then the page number XORed."""
+    mix = np.uint64(SET_MIX)
+    sh = np.uint64(32)
+    h = np.uint64(0)
+    h = (h ^ did) * mix
+    h ^= h >> sh
+    h = (h ^ pasid) * mix
+    h ^= h >> sh
+    h = (h ^ order) * mix
+    h ^= h >> sh
+    h ^= vpn
+    return int(h % np.uint64(sets))
+
+
+@njit(cache=True)
+def _lookup(state, counters, did, pasid, addr, hit, hpa, perm, order, pgtt):
+    """Look up a batch of requests; write results into the output arrays.
+
+    state: uint64[9, sets, ways], the line planes (F_*); counters: int64[5] (C_*).
+    did, pasid, addr: uint64[n], the requests (addr a byte address).
+    hit: bool[n]; hpa: uint64[n] (translated byte address); perm, order, pgtt: uint8[n].
+    Spec 6.2.3: a request hits the entry of the smallest page size that holds its page.
+    """
+    sets = state.shape[1]
+    ways = state.shape[2]
+    clock = counters[C_CLOCK]
+    n = did.shape[0]
+    hits = 0
+    for i in range(n):
+        if sets == 0:
+            continue
+        for o in range(PAGE_ORDERS):
+            shift = np.uint64(12 + 9 * o)
+            vpn = addr[i] >> shift
+            uo = np.uint64(o)
+            s = _set_index(did[i], pasid[i], vpn, uo, sets)
+            way = -1
+            for w in range(ways):
+                if (state[F_VALID, s, w] == 1 and state[F_VPN, s, w] == vpn
+                        and state[F_ORDER, s, w] == uo and state[F_DID, s, w] == did[i]
+                        and state[F_PASID, s, w] == pasid[i]):
+                    way = w
+                    break
+            if way >= 0:
+                hit[i] = True
+                hpa[i] = state[F_HPA, s, way] + (addr[i] & ((np.uint64(1) << shift)
+                                                            - np.uint64(1)))
+                perm[i] = state[F_PERM, s, way]
+                order[i] = o
+                pgtt[i] = state[F_PGTT, s, way]
+                # Stamping now equals stamping after the batch: stamps never change a lookup.
+                state[F_STAMP, s, way] = np.uint64(clock + i)
+                hits += 1
+                break
+    counters[C_HITS] += hits
+    counters[C_MISSES] += n - hits
+    counters[C_CLOCK] = clock + n
+
+
+@njit(cache=True)
+def _fill(state, counters, did, pasid, addr, order, hpa_page, perm, pgtt):
+    """Fill a batch of translations in request order.
+
+    state, counters: as in _lookup. did, pasid, addr, order, hpa_page, perm, pgtt: uint64[n];
+    the entry is tagged by addr's page number at its ``order`` (0: 4 KiB, 1: 2 MiB, 2: 1 GiB).
+    A line with the same key is replaced; otherwise the lowest-numbered free way, otherwise
+    the way with the oldest stamp (the first of equals) is evicted.
+    """
+    sets = state.shape[1]
+    ways = state.shape[2]
+    clock = counters[C_CLOCK]
+    n = did.shape[0]
+    for i in range(n):
+        if sets == 0:
+            continue
+        counters[C_FILLS] += 1
+        vpn = addr[i] >> (np.uint64(12) + np.uint64(9) * order[i])
+        s = _set_index(did[i], pasid[i], vpn, order[i], sets)
+        way = -1
+        for w in range(ways):
+            if (state[F_VALID, s, w] == 1 and state[F_VPN, s, w] == vpn
+                    and state[F_ORDER, s, w] == order[i] and state[F_DID, s, w] == did[i]
+                    and state[F_PASID, s, w] == pasid[i]):
+                way = w
+                break
+        if way < 0:
+            for w in range(ways):
+                if state[F_VALID, s, w] == 0:
+                    way = w
+                    break
+        if way < 0:
+            way = 0
+            for w in range(1, ways):
+                if state[F_STAMP, s, w] < state[F_STAMP, s, way]:
+                    way = w
+            counters[C_EVICTIONS] += 1
+        state[F_VALID, s, way] = 1
+        state[F_DID, s, way] = did[i]
+        state[F_PASID, s, way] = pasid[i]
+        state[F_VPN, s, way] = vpn
+        state[F_ORDER, s, way] = order[i]
+        state[F_HPA, s, way] = hpa_page[i]
+        state[F_PERM, s, way] = perm[i]
+        state[F_PGTT, s, way] = pgtt[i]
+        state[F_STAMP, s, way] = np.uint64(clock + i)
+    counters[C_CLOCK] = clock + n
+
+
+def _u64(*cols: ArrayLike) -> list[np.ndarray]:
+    arrs = [np.atleast_1d(np.asarray(c)) for c in cols]
+    if any(a.ndim != 1 or (a.size and int(a.min()) < 0) for a in arrs):
+        raise ValueError("IOTLB batch columns must be non-negative scalars or 1-D arrays")
+    out = np.broadcast_arrays(*[a.astype(np.uint64) for a in arrs])
+    return [np.ascontiguousarray(a) for a in out]
+
+
+class IotlbArrays:
+    """An IOTLB held in arrays, driven by the compiled kernels; the interface of RefIOTLB's
+    lookup and fill (see host_iommu/reference_cache.py)."""
+
+    def __init__(self, entries: int, ways: int) -> None:
+        if entries < 0 or ways < 1 or entries % ways:
+            raise ValueError("entries must be a non-negative multiple of ways")
+        self.ways, self.sets = ways, entries // ways
+        self.state = np.zeros((len(LINE_FIELDS), self.sets, ways), dtype=np.uint64)
+        self.counts = np.zeros(5, dtype=np.int64)
+
+    def lookup(self, did: ArrayLike, pasid: ArrayLike, addr: ArrayLike
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(hit, hpa, perm, order, pgtt) per request; zeros where it missed."""
+        d, p, a = _u64(did, pasid, addr)
+        n = d.size
+        hit = np.zeros(n, dtype=bool)
+        hpa = np.zeros(n, dtype=np.uint64)
+        perm, order, pgtt = (np.zeros(n, dtype=np.uint8) for _ in range(3))
+        _lookup(self.state, self.counts, d, p, a, hit, hpa, perm, order, pgtt)
+        return hit, hpa, perm, order, pgtt
+
+    def fill(self, did: ArrayLike, pasid: ArrayLike, addr: ArrayLike, order: ArrayLike,
+             hpa_page: ArrayLike, perm: ArrayLike, pgtt: ArrayLike) -> None:
+        """Cache translations of ``addr`` at page size ``order`` (hpa_page: the page's base)."""
+        cols = _u64(did, pasid, addr, order, hpa_page, perm, pgtt)
+        if cols[3].size and int(cols[3].max()) >= PAGE_ORDERS:
+            raise ValueError("order must be 0 (4 KiB), 1 (2 MiB) or 2 (1 GiB)")
+        _fill(self.state, self.counts, *cols)
+
+    def counters(self) -> dict[str, int]:
+        c = self.counts
+        return {"hits": int(c[C_HITS]), "misses": int(c[C_MISSES]), "fills": int(c[C_FILLS]),
+                "evictions": int(c[C_EVICTIONS]), "invalidated": 0}
+
+    def contents(self, layout: bool = False) -> list[tuple[int, ...]]:
+        """Valid lines as (set, way, stamp,)? did, pasid, vpn_at_order, order, hpa_page, perm,
+        pgtt, sorted: RefSetAssoc.contents' format."""
+        st = self.state
+        out = []
+        for s, w in zip(*np.nonzero(st[F_VALID] == 1), strict=True):
+            line = [int(st[f, s, w]) for f in (F_DID, F_PASID, F_VPN, F_ORDER, F_HPA, F_PERM,
+                                              F_PGTT)]
+            head = (int(s), int(w), int(st[F_STAMP, s, w])) if layout else ()
+            out.append((*head, *line))
+        return sorted(out)
