@@ -496,6 +496,14 @@ def _vm_group(name: str, table: Any, reg: Any, base_dir: Path | None, sl_levels:
         _check(problems, keys.memory_mib << 20 <= 1 << width, f"{path}.memory_mib",
                f"{keys.memory_mib} MiB of GPA does not fit a {sl_levels}-level second level "
                f"({width} bits)")
+    pasid_queues = getattr(getattr(workload, "params", None), "pasid_queues", 0)
+    if isinstance(pasid_queues, int) and pasid_queues > 0:
+        _check(problems, keys.mode == "nested", f"{path}.workload.pasid_queues",
+               f"PASID-tagged queues need scalable mode with a first level (mode nested); "
+               f"a {keys.mode} guest's DMA carries no PASID")
+        nq = getattr(workload.params, "queues", 0) or keys.vcpus
+        _check(problems, pasid_queues <= nq, f"{path}.workload.pasid_queues",
+               f"{pasid_queues} PASID-tagged queues, but the NIC has {nq} queues")
     if len(problems) > n or workload is None:
         return None
     policy = keys.policy

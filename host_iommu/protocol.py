@@ -142,6 +142,9 @@ class VmSetup:
     ats: bool = False
     fl_levels: int = 4
     fl_roots: tuple[int, ...] = ()  # nested: first-level root GPA per sid (PASID 0)
+    # nested: more first levels, flattened (sid, pasid, root GPA) triples, one per PASID a
+    # device carries besides PASID 0 (PASID-tagged queues)
+    pasid_roots: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -191,6 +194,14 @@ def check_setup(s: VmSetup) -> VmSetup:
         raise ProtocolError("fl_roots must be 4-KiB aligned GPAs")
     if s.mode == "nested" and len(roots) != len(sids):
         raise ProtocolError(f"nested: {len(roots)} fl_roots for {len(sids)} sids")
+    extra = _ints("pasid_roots", s.pasid_roots, 0, 2**64 - 1)
+    triples = [extra[i:i + 3] for i in range(0, len(extra), 3)]
+    if extra and (s.mode != "nested" or len(extra) % 3
+                  or any(sid not in sids or not 0 < pasid <= MAX_PASID or root % PAGE_SIZE
+                         for sid, pasid, root in triples)
+                  or len({t[:2] for t in triples}) != len(triples)):
+        raise ProtocolError("pasid_roots: (sid, pasid, root) triples of a nested VM's own "
+                            "devices, PASIDs 1..2^20-1 once each, 4-KiB aligned roots")
     return s
 
 
@@ -213,7 +224,9 @@ def unpack(frame: bytes) -> VmSetup | EpochReport:
         try:
             s = VmSetup(**{**d, "sids": _ints("sids", d.get("sids"), 0, 0xFFFF),
                            "fl_roots": _ints("fl_roots", d.get("fl_roots", ()), 0,
-                                             2**64 - 1)})
+                                             2**64 - 1),
+                           "pasid_roots": _ints("pasid_roots", d.get("pasid_roots", ()), 0,
+                                                2**64 - 1)})
         except TypeError as exc:
             raise ProtocolError(f"VmSetup: {exc}") from None
         return check_setup(s)

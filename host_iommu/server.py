@@ -117,6 +117,11 @@ class HostServer:
             for sid, root in zip(s.sids, s.fl_roots, strict=True):
                 self.nested[(sid, NO_PASID)] = alloc_nested(h, s.vm, sid, NO_PASID, root,
                                                             s.fl_levels, ats=s.ats)
+            # more PASIDs of a device, each its own first level over the same second level
+            for i in range(0, len(s.pasid_roots), 3):
+                sid, pasid, root = s.pasid_roots[i:i + 3]
+                self.nested[(sid, pasid)] = alloc_nested(h, s.vm, sid, pasid, root,
+                                                         s.fl_levels, ats=s.ats)
         elif s.mode == "passthrough":
             for sid in s.sids:
                 attach_second_level(h, s.vm, sid, ats=s.ats)

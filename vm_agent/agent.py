@@ -12,12 +12,21 @@ from __future__ import annotations
 import functools
 import heapq
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from host_iommu.costs import CostModel
-from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, PAGE_SHIFT, PAGE_SIZE, sid_of
+from host_iommu.defs import (
+    ACCESS_READ,
+    ACCESS_WRITE,
+    MAX_PASID,
+    NO_PASID,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    sid_of,
+)
 from host_iommu.pgtable import PageTable
 from host_iommu.protocol import (
     DMA_ROGUE,
@@ -29,7 +38,7 @@ from host_iommu.protocol import (
     OpLog,
     VmSetup,
 )
-from vm_agent.dma import DmaApi, IommuDomain
+from vm_agent.dma import DmaApi, DmaError, IommuDomain, domain_key
 from vm_agent.flushq import DEFAULT_HZ
 from vm_agent.memory import GuestMemory, GuestTableStore
 from vm_agent.viommu import VIommu
@@ -42,6 +51,13 @@ GUEST_COUNTERS = ("maps", "unmaps", "vm_exits", "vmm_map_calls", "vmm_unmap_call
                   "rogue_dma", "lazy_flushes", "iommu_map_events", "dma_api_errors",
                   "guest_faults_reported", "balloon_pages", "qi_errors", "dma_map_errors",
                   "unmap_qi_wait_ns")
+
+
+@dataclass(frozen=True, slots=True)
+class PasidDevice(Device):
+    """A device's requests tagged with one PASID (a PASID-tagged queue), with its own domain."""
+
+    pasid: int = NO_PASID
 
 
 class VmAgent:
@@ -75,6 +91,7 @@ class VmAgent:
         self.dma = DmaApi(mode=mode, costs=costs, log=self.log, vmm=self.vmm, viommu=self.viommu,
                           stats=self.stats, schedule=self.schedule, ats=ats)
         self.devices: list[Device] = []
+        self.pasid_devices: list[PasidDevice] = []   # PASIDs besides 0, in creation order
         self.busy_until = [0] * vcpus
         self._events: list[tuple[int, int, Callable[..., None], tuple]] = []
         self._event_seq = 0
@@ -92,12 +109,37 @@ class VmAgent:
             self.churn.start(self)
         roots = tuple(self.dma.domains[d.sid].table.root for d in self.devices) \
             if self.mode == "nested" else ()
+        more = tuple(x for d in self.pasid_devices
+                     for x in (d.sid, d.pasid, self.dma.domains[domain_key(d)].table.root))
         return VmSetup(self.vm, self.memory_bytes, self.mode, tuple(d.sid for d in self.devices),
-                       self.ats, self.fl_levels, roots)
+                       self.ats, self.fl_levels, roots, more)
 
     def add_device(self, name: str, ats: bool = False) -> Device:
         dev = Device(sid_of(self.bus, len(self.devices), 0), name, ats or self.ats)
         self.devices.append(dev)
+        self._add_domain(dev)
+        return dev
+
+    def add_pasid(self, dev: Device, pasid: int) -> PasidDevice:
+        """A PASID of ``dev`` with its own DMA domain and first-level table (nested only).
+
+        As a guest driver with PASID-tagged queues attaches a domain per PASID
+        (iommu_attach_device_pasid; Linux intel_pasid_setup_first_level for each): the
+        requests it tags carry the PASID, and the VMM binds each first level over the VM's
+        one second level. Needs scalable mode with a first level: DmaError otherwise.
+        """
+        if self.mode != "nested":
+            raise DmaError(f"PASID {pasid} of {dev.name}: PASID-tagged DMA needs the nested "
+                           f"(scalable-mode first level) vIOMMU, not {self.mode}")
+        if not 0 < pasid <= MAX_PASID or any(
+                d.sid == dev.sid and d.pasid == pasid for d in self.pasid_devices):
+            raise DmaError(f"PASID {pasid} of {dev.name} is taken or outside 1..{MAX_PASID}")
+        pdev = PasidDevice(dev.sid, f"{dev.name}.pasid{pasid}", dev.ats, pasid)
+        self.pasid_devices.append(pdev)
+        self._add_domain(pdev)
+        return pdev
+
+    def _add_domain(self, dev: Device) -> None:
         table = None
         if self.mode != "passthrough":
             store = GuestTableStore(self.mem)
@@ -106,9 +148,10 @@ class VmAgent:
             fmt, levels = ("fl", self.fl_levels) if self.mode == "nested" else ("sl", 4)
             table = PageTable(store, fmt, levels, max_order=0)
         lazy = self.policy == "lazy" and self.mode == "nested"
-        self.dma.add_domain(IommuDomain(dev.sid, self.mode, table, self.vcpus, lazy,
-                                        per_cpu_fq=self.flush_queue_per_cpu, hz=self.hz))
-        return dev
+        dom = IommuDomain(dev.sid, self.mode, table, self.vcpus, lazy,
+                          per_cpu_fq=self.flush_queue_per_cpu, hz=self.hz)
+        dom.pasid = getattr(dev, "pasid", NO_PASID)
+        self.dma.add_domain(dom)
 
     def _log_table_store(self, store: GuestTableStore, gpa: int, value: int) -> None:
         """Nested: the guest's first-level stores reach the host's copy of its memory."""
@@ -180,30 +223,32 @@ class VmAgent:
     def dma_alloc_coherent(self, dev: Device, size: int) -> tuple[int, int]:
         """Allocate and map a coherent buffer (vCPU 0's rcache) at the current event time."""
         gpa = self.alloc_buffer(size)
-        segs, _t = self.dma.map_segments(0, dev.sid, [(gpa, size)], 0, self.now)
+        segs, _t = self.dma.map_segments(0, domain_key(dev), [(gpa, size)], 0, self.now)
         return gpa, segs[0][0]
 
     def dma_map(self, cpu: int, dev: Device, gpa: int, size: int, direction: int,
                 t_ns: int) -> tuple[int, int]:
         t0 = self._start(cpu, t_ns)
-        segs, t1 = self.dma.map_segments(cpu, dev.sid, [(gpa, size)], direction, t0)
+        segs, t1 = self.dma.map_segments(cpu, domain_key(dev), [(gpa, size)], direction,
+                                          t0)
         return segs[0][0], self._finish(cpu, t0, t1)
 
     def dma_unmap(self, cpu: int, dev: Device, iova: int, size: int, direction: int,
                   t_ns: int) -> int:
         t0 = self._start(cpu, t_ns)
-        return self._finish(cpu, t0, self.dma.unmap_range(cpu, dev.sid, iova, t0))
+        return self._finish(cpu, t0, self.dma.unmap_range(cpu, domain_key(dev), iova, t0))
 
     def dma_map_sg(self, cpu: int, dev: Device, sg: list[tuple[int, int]], direction: int,
                    t_ns: int) -> tuple[list[tuple[int, int]], int]:
         t0 = self._start(cpu, t_ns)
-        segs, t1 = self.dma.map_segments(cpu, dev.sid, sg, direction, t0)
+        segs, t1 = self.dma.map_segments(cpu, domain_key(dev), sg, direction, t0)
         return segs, self._finish(cpu, t0, t1)
 
     def dma_unmap_sg(self, cpu: int, dev: Device, segs: list[tuple[int, int]], direction: int,
                      t_ns: int) -> int:
         t0 = self._start(cpu, t_ns)
-        return self._finish(cpu, t0, self.dma.unmap_range(cpu, dev.sid, segs[0][0], t0))
+        return self._finish(cpu, t0, self.dma.unmap_range(cpu, domain_key(dev), segs[0][0],
+                                                          t0))
 
     # --- the device side -----------------------------------------------------------------
     def device_dma(self, dev: Device, t_ns: int, iova: int, size: int, write: bool,
@@ -214,15 +259,15 @@ class VmAgent:
         addr = iova
         while addr < end:
             nxt = min(end, (addr | (PAGE_SIZE - 1)) + 1)
-            tag = self.dma.unmap_tag(dev.sid, addr >> PAGE_SHIFT)
-            self.log.add(int(t_ns), OP_DMA, sid=dev.sid, pasid=0,
+            tag = self.dma.unmap_tag(domain_key(dev), addr >> PAGE_SHIFT)
+            self.log.add(int(t_ns), OP_DMA, sid=dev.sid, pasid=getattr(dev, "pasid", NO_PASID),
                          a0=addr & 0xFFFF_FFFF_FFFF_FFFF, a1=nxt - addr, a2=flags, a3=tag)
             self.stats["dma_requests"] += 1
             self.stats["rogue_dma"] += rogue   # per page request, as the host classifies them
             addr = nxt
 
     def last_unmapped(self, dev: Device) -> int | None:
-        return self.dma.last_unmapped.get(dev.sid)
+        return self.dma.last_unmapped.get(domain_key(dev))
 
     def io_done(self, t_ns: int, nbytes: int, latency_ns: int) -> None:
         self.stats["ios"] += 1

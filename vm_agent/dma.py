@@ -34,6 +34,12 @@ DMA_MAPPING_ERROR = (1 << 64) - 1  # include/linux/dma-mapping.h: ~(dma_addr_t)0
 DIRECT_CALL_NS = 40  # dma-direct map/unmap: a few dozen instructions
 
 
+def domain_key(dev) -> int:
+    """The DMA API's key of a device's domain: the sid, with the PASID above it (a device's
+    PASID 0 domain is keyed by its sid alone)."""
+    return dev.sid | (getattr(dev, "pasid", NO_PASID) << 16)
+
+
 class DmaError(Exception):
     """A DMA API call the guest kernel would refuse (WARN + error return), named."""
 
@@ -81,15 +87,16 @@ class DmaApi:
         self.stats = stats
         self.schedule = schedule
         self.ats = ats
+        # Keyed by domain_key: the sid, plus the PASID above bit 16 for a device's other PASIDs.
         self.domains: dict[int, IommuDomain] = {}
-        self.mapped_pages: set[tuple[int, int]] = set()       # (sid, iova page)
-        self.unmap_id_of: dict[tuple[int, int], int] = {}     # (sid, iova page) -> unmap id
-        self.last_unmapped: dict[int, int] = {}               # sid -> iova
+        self.mapped_pages: set[tuple[int, int]] = set()       # (key, iova page)
+        self.unmap_id_of: dict[tuple[int, int], int] = {}     # (key, iova page) -> unmap id
+        self.last_unmapped: dict[int, int] = {}               # key -> iova
         self.next_unmap_id = 0
         self.stale_bound_ns = 0
 
     def add_domain(self, dom: IommuDomain) -> None:
-        self.domains[dom.sid] = dom
+        self.domains[domain_key(dom)] = dom
 
     # --- traps -------------------------------------------------------------------------
     def _invalidate(self, dom: IommuDomain, t: int, descs: list, unmap_id: int

@@ -27,6 +27,13 @@ Per queue ``q`` (driven by vCPU ``q % vcpus``):
   latency is the round-trip time the peer sees: request in to response out, plus the peer's
   turnaround. ``offered_gbps`` and ``rx_fraction`` do not apply.
 
+- PASID-tagged queues (``pasid_queues = N``): queue ``q < N`` tags its DMAs with PASID
+  ``q + 1`` and maps its rings and buffers in that PASID's own domain (a first-level table
+  per PASID over the VM's one second level), as a driver with PASID-tagged queues attaches a
+  domain per PASID (iommu_attach_device_pasid). A PASID-selective invalidation of one queue
+  leaves the others' cached translations alone. Needs the nested (scalable-mode first
+  level) vIOMMU; the config refuses it in shadow and pass-through mode.
+
 State is bounded by the ring sizes: at most ``rx_ring + tx_ring`` buffers mapped per queue.
 """
 
@@ -111,6 +118,7 @@ class _Queue:
 
     q: int
     cpu: int
+    dev: Device | None = None   # the device, or its PASID for a PASID-tagged queue
     rx_ring_iova: int = 0
     tx_ring_iova: int = 0
     rx_posted: deque[tuple[int, int]] = field(default_factory=deque)   # (gpa, iova)
@@ -150,12 +158,14 @@ class NicWorkload(Workload):
         packets: int = 0                # packets offered in all (RX + TX); 0: no limit
         request_response: bool = False  # closed-loop ping-pong per queue (netperf TCP_RR)
         peer_turnaround_us: float = 20.0  # response out -> next request in (wire + peer)
+        pasid_queues: int = 0           # queues q < N tag their DMAs with PASID q + 1
 
         def validate(self) -> list[tuple[str, str]]:
             errors = check_fraction(self.rogue_fraction, "rogue_fraction")
             errors += check_fraction(self.rx_fraction, "rx_fraction")
             errors += check_positive(self.queues, "queues", zero_ok=True)
             errors += check_positive(self.packets, "packets", zero_ok=True)
+            errors += check_positive(self.pasid_queues, "pasid_queues", zero_ok=True)
             errors += check_positive(self.peer_turnaround_us, "peer_turnaround_us",
                                      zero_ok=True)
             if not isinstance(self.request_response, bool):
@@ -220,9 +230,10 @@ class NicWorkload(Workload):
         if rr:
             self._rx_gap_ns = self._tx_gap_ns = 0.0
         for q in range(nq):
-            qu = _Queue(q=q, cpu=q % ctx.vcpus)
-            _, qu.rx_ring_iova = ctx.dma_alloc_coherent(self.dev, p.rx_ring * DESC_BYTES)
-            _, qu.tx_ring_iova = ctx.dma_alloc_coherent(self.dev, p.tx_ring * DESC_BYTES)
+            dev = ctx.add_pasid(self.dev, q + 1) if q < p.pasid_queues else self.dev
+            qu = _Queue(q=q, cpu=q % ctx.vcpus, dev=dev)
+            _, qu.rx_ring_iova = ctx.dma_alloc_coherent(dev, p.rx_ring * DESC_BYTES)
+            _, qu.tx_ring_iova = ctx.dma_alloc_coherent(dev, p.tx_ring * DESC_BYTES)
             self.queues.append(qu)
             t = 0
             if p.rx_fraction > 0.0 or rr:
@@ -246,7 +257,7 @@ class NicWorkload(Workload):
     def _post_rx_buffer(self, ctx: GuestContext, qu: _Queue, t_ns: int) -> int:
         size = self.params.buffer_bytes
         gpa = ctx.alloc_buffer(size)
-        iova, t_ns = ctx.dma_map(qu.cpu, self.dev, gpa, size, DMA_FROM_DEVICE, t_ns)
+        iova, t_ns = ctx.dma_map(qu.cpu, qu.dev, gpa, size, DMA_FROM_DEVICE, t_ns)
         qu.rx_posted.append((gpa, iova))
         return t_ns
 
@@ -265,9 +276,9 @@ class NicWorkload(Workload):
         gpa, iova = qu.rx_posted.popleft()
         desc = qu.rx_ring_iova + (qu.rx_next_desc % self.params.rx_ring) * DESC_BYTES
         qu.rx_next_desc += 1
-        ctx.device_dma(self.dev, t_ns, desc, DESC_BYTES, False)
-        self.device_dma(ctx, self.dev, t_ns, iova, nbytes, True)
-        ctx.device_dma(self.dev, t_ns, desc, DESC_BYTES, True)
+        ctx.device_dma(qu.dev, t_ns, desc, DESC_BYTES, False)
+        self.device_dma(ctx, qu.dev, t_ns, iova, nbytes, True)
+        ctx.device_dma(qu.dev, t_ns, desc, DESC_BYTES, True)
         qu.rx_pending.append((gpa, iova, nbytes, t_ns))
         self._raise_irq(ctx, qu, t_ns)
 
@@ -290,7 +301,7 @@ class NicWorkload(Workload):
         self.polls += 1
         while qu.tx_done:                      # TX clean-up first, as ixgbe_poll does
             gpa, iova, nbytes, t_queued = qu.tx_done.popleft()
-            t = ctx.dma_unmap(cpu, self.dev, iova, nbytes, DMA_TO_DEVICE, t)
+            t = ctx.dma_unmap(cpu, qu.dev, iova, nbytes, DMA_TO_DEVICE, t)
             ctx.free_buffer(gpa, nbytes)
             qu.tx_in_flight -= 1
             self.tx_packets += 1
@@ -299,7 +310,7 @@ class NicWorkload(Workload):
         done = 0
         while qu.rx_pending and done < p.napi_budget:
             gpa, iova, nbytes, t_arrive = qu.rx_pending.popleft()
-            t = ctx.dma_unmap(cpu, self.dev, iova, p.buffer_bytes, DMA_FROM_DEVICE, t)
+            t = ctx.dma_unmap(cpu, qu.dev, iova, p.buffer_bytes, DMA_FROM_DEVICE, t)
             t += p.cpu_per_packet_ns
             if not p.request_response:     # a round trip is counted when its response left
                 ctx.io_done(t, nbytes, t - t_arrive)
@@ -334,7 +345,7 @@ class NicWorkload(Workload):
             return t_ns
         t = self._cpu_start(ctx, qu.cpu, t_ns)
         gpa = ctx.alloc_buffer(nbytes)
-        iova, t = ctx.dma_map(qu.cpu, self.dev, gpa, nbytes, DMA_TO_DEVICE, t)
+        iova, t = ctx.dma_map(qu.cpu, qu.dev, gpa, nbytes, DMA_TO_DEVICE, t)
         self._busy_until[qu.cpu] = max(self._busy_until[qu.cpu], t)
         desc = qu.tx_ring_iova + (qu.tx_next_desc % p.tx_ring) * DESC_BYTES
         qu.tx_next_desc += 1
@@ -348,14 +359,15 @@ class NicWorkload(Workload):
 
     def _tx_fetch(self, ctx: GuestContext, t_ns: int, q: int, desc: int, gpa: int, iova: int,
                   nbytes: int, t_queued: int, wire_ns: int) -> None:
-        ctx.device_dma(self.dev, t_ns, desc, DESC_BYTES, False)
-        self.device_dma(ctx, self.dev, t_ns, iova, nbytes, False)
+        dev = self.queues[q].dev
+        ctx.device_dma(dev, t_ns, desc, DESC_BYTES, False)
+        self.device_dma(ctx, dev, t_ns, iova, nbytes, False)
         schedule_at(ctx, t_ns + wire_ns, self._tx_complete, q, desc, gpa, iova, nbytes, t_queued)
 
     def _tx_complete(self, ctx: GuestContext, t_ns: int, q: int, desc: int, gpa: int,
                      iova: int, nbytes: int, t_queued: int) -> None:
         qu = self.queues[q]
-        ctx.device_dma(self.dev, t_ns, desc, DESC_BYTES, True)   # descriptor done write-back
+        ctx.device_dma(qu.dev, t_ns, desc, DESC_BYTES, True)   # descriptor done write-back
         qu.tx_done.append((gpa, iova, nbytes, t_queued))
         self._raise_irq(ctx, qu, t_ns)
         if self.params.request_response and qu.rr_requests:
