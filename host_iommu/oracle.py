@@ -9,27 +9,121 @@ of the guest's own return and the host's completion of the invalidation it cause
 unmap or an IOMMU_HWPT_INVALIDATE blocks until then). Cross-VM DMA (reaching a frame the VM
 does not own) is checked by the caller against the frame owner map.
 
-State stays bounded when the guest retires unmap ids (``retire``): an id no page carries any
-more (each page it covered was mapped again or covered by a later unmap) can never be asked
-about again, so dropping it changes no result.
+Return times are held per VM in a numpy array indexed by unmap id (a guest numbers its
+unmaps 0, 1, 2, ...): 8 bytes per unmap, and the check is one gather per VM. Ids far outside
+that dense range (a hostile guest's) go to a small dict, so no id can make the array grow
+beyond twice the unmaps seen. State stays bounded when the guest retires unmap ids
+(``retire``): an id no page carries any more (each page it covered was mapped again or
+covered by a later unmap) can never be asked about again, so dropping it changes no result;
+a retired prefix of the array is cut off.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import numpy as np
+
+_NONE = -1          # no return time recorded
+_MIN_TRIM = 1024    # cut a retired prefix once it is at least this long and half the array
+
+
+class _VmTimes:
+    """One VM's return times: ``ret[i]`` for unmap id ``base + i``; others in ``spill``."""
+
+    __slots__ = ("base", "ret", "spill")
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.ret = np.full(0, _NONE, dtype=np.int64)
+        self.spill: dict[int, int] = {}
+
+    def get(self, uid: int) -> int:
+        i = uid - self.base
+        if 0 <= i < self.ret.size:
+            return int(self.ret[i])
+        return self.spill.get(uid, _NONE)
+
+    def set_max(self, uid: int, t_ns: int) -> None:
+        i = uid - self.base
+        if self.ret.size <= i < 2 * self.ret.size + 4096:   # the dense range grows by doubling
+            grown = np.full(max(2 * self.ret.size, i + 1), _NONE, dtype=np.int64)
+            grown[:self.ret.size] = self.ret
+            self.ret = grown
+        if 0 <= i < self.ret.size:
+            self.ret[i] = max(max(int(self.ret[i]), 0), t_ns)
+        else:
+            self.spill[uid] = max(max(self.spill.get(uid, _NONE), 0), t_ns)
+
+    def drop(self, uid: int) -> bool:
+        i = uid - self.base
+        if 0 <= i < self.ret.size:
+            held = bool(self.ret[i] != _NONE)
+            self.ret[i] = _NONE
+            return held
+        return self.spill.pop(uid, None) is not None
+
+    def trim(self) -> None:
+        """Cut the leading ids that hold nothing (a later time for one goes to ``spill``)."""
+        held = np.flatnonzero(self.ret != _NONE)
+        k = int(held[0]) if held.size else self.ret.size
+        if k >= _MIN_TRIM and 2 * k >= self.ret.size:
+            self.ret = self.ret[k:].copy()
+            self.base += k
+
+    def lookup(self, uid: np.ndarray) -> np.ndarray:
+        i = uid - self.base
+        inside = (i >= 0) & (i < self.ret.size)
+        out = np.full(uid.size, _NONE, dtype=np.int64)
+        out[inside] = self.ret[i[inside]]
+        if self.spill:
+            for j in np.flatnonzero(~inside).tolist():
+                out[j] = self.spill.get(int(uid[j]), _NONE)
+        return out
+
+    def entries(self) -> Iterator[tuple[int, int]]:
+        for i in np.flatnonzero(self.ret != _NONE).tolist():
+            yield self.base + i, int(self.ret[i])
+        yield from self.spill.items()
+
+
+class ReturnTimes(Mapping):
+    """Read-only view of the recorded return times as a mapping (vm, unmap id) -> t_ns."""
+
+    def __init__(self, vms: dict[int, _VmTimes]) -> None:
+        self._vms = vms
+
+    def __getitem__(self, key: tuple[int, int]) -> int:
+        vm, uid = key
+        times = self._vms.get(vm)
+        t = _NONE if times is None or uid < 0 else times.get(uid)
+        if t == _NONE:
+            raise KeyError(key)
+        return t
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for vm in sorted(self._vms):
+            for uid, _t in self._vms[vm].entries():
+                yield vm, uid
+
+    def __len__(self) -> int:
+        return sum(int((v.ret != _NONE).sum()) + len(v.spill) for v in self._vms.values())
 
 
 class Oracle:
     """Unmap return times per (vm, unmap id), and the stale check for a batch of DMAs."""
 
     def __init__(self) -> None:
-        self.returned: dict[tuple[int, int], int] = {}
+        self._vms: dict[int, _VmTimes] = {}
+        self.returned = ReturnTimes(self._vms)
 
     def unmap_returned(self, vm: int, unmap_id: int, t_ns: int) -> None:
         if unmap_id < 0:
             return
-        key = (vm, unmap_id)
-        self.returned[key] = max(self.returned.get(key, 0), t_ns)
+        times = self._vms.get(vm)
+        if times is None:
+            times = self._vms[vm] = _VmTimes()
+        times.set_max(int(unmap_id), int(t_ns))
 
     def retire(self, vm: int, unmap_ids: np.ndarray | list[int]) -> int:
         """Forget the return times of ``unmap_ids`` of ``vm``; returns how many were held.
@@ -38,8 +132,12 @@ class Oracle:
         retires an id only once no page carries it and every DMA stamped with it has been
         checked: from then on no DMA can ask about it, so results are unchanged.
         """
-        pop = self.returned.pop
-        return sum(pop((vm, int(u)), None) is not None for u in np.atleast_1d(unmap_ids))
+        times = self._vms.get(vm)
+        if times is None:
+            return 0
+        dropped = sum(times.drop(int(u)) for u in np.atleast_1d(unmap_ids) if int(u) >= 0)
+        times.trim()
+        return dropped
 
     def check(self, vm: np.ndarray, unmap_id: np.ndarray, t_ns: np.ndarray, ok: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -51,11 +149,16 @@ class Oracle:
         window = np.zeros(t_ns.size, dtype=np.int64)
         idx = np.flatnonzero(ok & (unmap_id >= 0))
         if idx.size:
-            get = self.returned.get
-            ret = np.array([get((int(v), int(u)), -1) for v, u in
-                            zip(vm[idx].tolist(), unmap_id[idx].tolist(), strict=True)],
-                           dtype=np.int64)
-            late = (ret >= 0) & (t_ns[idx] > ret)
+            ret = np.full(idx.size, _NONE, dtype=np.int64)
+            vms = np.asarray(vm)[idx]
+            uids = np.asarray(unmap_id, dtype=np.int64)[idx]
+            for v in np.unique(vms).tolist():
+                times = self._vms.get(v)
+                if times is not None:
+                    m = vms == v
+                    ret[m] = times.lookup(uids[m])
+            t = np.asarray(t_ns, dtype=np.int64)[idx]
+            late = (ret >= 0) & (t > ret)
             stale[idx[late]] = True
-            window[idx[late]] = t_ns[idx][late] - ret[late]
+            window[idx[late]] = t[late] - ret[late]
         return stale, window
