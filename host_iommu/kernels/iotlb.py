@@ -1,10 +1,13 @@
-"""IOTLB lookup and fill as numba kernels over struct-of-arrays state (VT-d spec 6.2.3).
+"""IOTLB lookup, fill and invalidation: numba kernels over struct-of-arrays state (VT-d 6.2.3).
 
 The same cache as host_iommu/iotlb.py's IOTLB (set-associative, LRU within a set, entries
 tagged (DID, PASID, page number at the entry's size, size)), with the batch semantics of
 host_iommu/reference_cache.py: a lookup batch sees the cache as it was at the batch's start
 and stamps its hits in request order; a fill batch is applied in request order, replacing a
-matching line, else the lowest free way, else the least recently used way. Only the set-index
+matching line, else the lowest free way, else the least recently used way; invalidations drop
+the lines the descriptor selects (spec 6.5.2.3 IOTLB, 6.5.2.4 PASID-based IOTLB: 0x2 acts on
+second-level-only and pass-through entries by address and on every first-level and nested
+entry of the domain; 0x6 on first-level and nested entries of the PASID). Only the set-index
 multiplier (a number) is shared with iotlb.py. Not yet wired into HostIommu: it becomes the
 live path only when whole-run result tables stay identical (docs/performance.md).
 """
@@ -15,15 +18,20 @@ import numpy as np
 from numba import njit
 from numpy.typing import ArrayLike
 
+from host_iommu.defs import PGTT_FL_ONLY, PGTT_NESTED, PGTT_PT, PGTT_SL_ONLY
 from host_iommu.iotlb import SET_MIX
 
 # --- State: one uint64 plane per field, each (sets, ways) ------------------------------------
 F_VALID, F_DID, F_PASID, F_VPN, F_ORDER, F_HPA, F_PERM, F_PGTT, F_STAMP = range(9)
 LINE_FIELDS = ("valid", "did", "pasid", "vpn_at_order", "order", "hpa_page", "perm", "pgtt",
                "stamp")
-# Counters: the LRU clock, then hits, misses, fills, evictions (RefSetAssoc.counters order).
-C_CLOCK, C_HITS, C_MISSES, C_FILLS, C_EVICTIONS = range(5)
+# Counters: the LRU clock, then hits, misses, fills, evictions, invalidated (RefSetAssoc order).
+C_CLOCK, C_HITS, C_MISSES, C_FILLS, C_EVICTIONS, C_INVALIDATED = range(6)
 PAGE_ORDERS = 3      # 4 KiB, 2 MiB, 1 GiB: probed in that order
+# Invalidation kinds (_invalidate's ``kind``): descriptor 0x2 global / domain / page-selective,
+# descriptor 0x6 all-in-PASID / page-selective-within-PASID.
+INV_GLOBAL, INV_DOMAIN, INV_PAGE, INV_PASID, INV_PASID_PAGE = range(5)
+MAX_PFN = (1 << 52) - 1
 
 
 @njit(cache=True)
@@ -137,6 +145,47 @@ def _fill(state, counters, did, pasid, addr, order, hpa_page, perm, pgtt):
     counters[C_CLOCK] = clock + n
 
 
+@njit(cache=True)
+def _invalidate(state, counters, kind, did, pasid, lo, hi):
+    """Drop the lines one invalidation selects; returns how many were dropped.
+
+    state, counters: as in _lookup. kind: INV_*; did, pasid: the descriptor's fields; lo, hi:
+    first and last 4-KiB page of the address range (page-selective kinds only). A line covers
+    pages [vpn << 9*order, (vpn + 1) << 9*order); it meets the range if any of those is in it.
+    """
+    sets = state.shape[1]
+    ways = state.shape[2]
+    dropped = 0
+    nine = np.uint64(9)
+    one = np.uint64(1)
+    for s in range(sets):
+        for w in range(ways):
+            if state[F_VALID, s, w] == 0:
+                continue
+            g = state[F_PGTT, s, w]
+            first_level = g in (PGTT_FL_ONLY, PGTT_NESTED)
+            first = state[F_VPN, s, w] << (nine * state[F_ORDER, s, w])
+            last = first + ((one << (nine * state[F_ORDER, s, w])) - one)
+            meets = first <= hi and last >= lo
+            same_did = state[F_DID, s, w] == did
+            if kind == INV_GLOBAL:
+                drop = True
+            elif kind == INV_DOMAIN:
+                drop = same_did
+            elif kind == INV_PAGE:
+                drop = same_did and (first_level or (g in (PGTT_SL_ONLY, PGTT_PT) and meets))
+            elif kind == INV_PASID:
+                drop = same_did and state[F_PASID, s, w] == pasid and first_level
+            else:
+                drop = (same_did and state[F_PASID, s, w] == pasid and first_level
+                        and meets)
+            if drop:
+                state[F_VALID, s, w] = 0
+                dropped += 1
+    counters[C_INVALIDATED] += dropped
+    return dropped
+
+
 def _u64(*cols: ArrayLike) -> list[np.ndarray]:
     arrs = [np.atleast_1d(np.asarray(c)) for c in cols]
     if any(a.ndim != 1 or (a.size and int(a.min()) < 0) for a in arrs):
@@ -154,7 +203,7 @@ class IotlbArrays:
             raise ValueError("entries must be a non-negative multiple of ways")
         self.ways, self.sets = ways, entries // ways
         self.state = np.zeros((len(LINE_FIELDS), self.sets, ways), dtype=np.uint64)
-        self.counts = np.zeros(5, dtype=np.int64)
+        self.counts = np.zeros(6, dtype=np.int64)
 
     def lookup(self, did: ArrayLike, pasid: ArrayLike, addr: ArrayLike
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -175,10 +224,42 @@ class IotlbArrays:
             raise ValueError("order must be 0 (4 KiB), 1 (2 MiB) or 2 (1 GiB)")
         _fill(self.state, self.counts, *cols)
 
+    # --- invalidation (the interface of host_iommu.iotlb.IOTLB's inv_*) --------------------
+    def _inv(self, kind: int, did: int = 0, pasid: int = 0, addr: int = 0, am: int = 0) -> int:
+        for name, value, limit in (("did", did, 0xFFFF), ("pasid", pasid, (1 << 20) - 1),
+                                   ("addr", addr, (1 << 64) - 1), ("am", am, 63)):
+            if not 0 <= int(value) <= limit:
+                raise ValueError(f"{name}={value!r} outside 0..{limit:#x}")
+        lo = ((int(addr) >> 12) >> int(am)) << int(am)
+        hi = min(lo + (1 << int(am)) - 1, MAX_PFN)
+        return int(_invalidate(self.state, self.counts, kind, np.uint64(did), np.uint64(pasid),
+                               np.uint64(lo), np.uint64(hi)))
+
+    def inv_global(self) -> int:
+        """0x2 global: every entry."""
+        return self._inv(INV_GLOBAL)
+
+    def inv_domain(self, did: int) -> int:
+        """0x2 domain-selective: every entry of ``did``."""
+        return self._inv(INV_DOMAIN, did)
+
+    def inv_page(self, did: int, addr: int, am: int, ih: int = 0) -> int:
+        """0x2 page-selective: SL-only/PT entries of ``did`` meeting 2^am pages at ``addr``,
+        plus every first-level and nested entry of ``did`` (ih concerns only the PWC)."""
+        return self._inv(INV_PAGE, did, 0, addr, am)
+
+    def inv_pasid(self, did: int, pasid: int) -> int:
+        """0x6 all-in-PASID: first-level and nested entries of (did, pasid)."""
+        return self._inv(INV_PASID, did, pasid)
+
+    def inv_pasid_page(self, did: int, pasid: int, addr: int, am: int, ih: int = 0) -> int:
+        """0x6 page-selective within a PASID: its FL/nested entries meeting the range."""
+        return self._inv(INV_PASID_PAGE, did, pasid, addr, am)
+
     def counters(self) -> dict[str, int]:
         c = self.counts
         return {"hits": int(c[C_HITS]), "misses": int(c[C_MISSES]), "fills": int(c[C_FILLS]),
-                "evictions": int(c[C_EVICTIONS]), "invalidated": 0}
+                "evictions": int(c[C_EVICTIONS]), "invalidated": int(c[C_INVALIDATED])}
 
     def contents(self, layout: bool = False) -> list[tuple[int, ...]]:
         """Valid lines as (set, way, stamp,)? did, pasid, vpn_at_order, order, hpa_page, perm,

@@ -1,4 +1,4 @@
-"""The compiled IOTLB lookup/fill kernels against the reference IOTLB, batch by batch."""
+"""The compiled IOTLB lookup/fill/invalidate kernels against the reference IOTLB, step by step."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from host_iommu.reference_cache import RefIOTLB
 req = st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 40),
                 st.integers(0, 4095), st.integers(0, 2))
 batch = st.tuples(st.sampled_from(["lookup", "fill"]), st.lists(req, max_size=24))
+# (kind, did, pasid, page, am): every 0x2 and 0x6 granularity, ranges from 1 page to 2^20.
+inv = st.tuples(st.sampled_from(["inv_global", "inv_domain", "inv_page", "inv_pasid",
+                                 "inv_pasid_page"]),
+                st.integers(0, 3), st.integers(0, 2), st.integers(0, 40),
+                st.sampled_from([0, 1, 3, 9, 10, 18, 20]))
 geometry = st.sampled_from([(0, 1), (4, 4), (8, 2), (16, 8), (12, 3), (32, 1)])
 
 
@@ -22,12 +27,30 @@ def _addr(page: int, offset: int, order: int) -> int:
     return (page << (12 + 9 * (page % 3))) + offset
 
 
+def _invalidate(cache, kind: str, did: int, pasid: int, page: int, am: int) -> int:
+    addr = _addr(page, 0, 0)
+    if kind == "inv_global":
+        return cache.inv_global()
+    if kind == "inv_domain":
+        return cache.inv_domain(did)
+    if kind == "inv_page":
+        return cache.inv_page(did, addr, am)
+    if kind == "inv_pasid":
+        return cache.inv_pasid(did, pasid)
+    return cache.inv_pasid_page(did, pasid, addr, am)
+
+
 @settings(max_examples=150, deadline=None)
-@given(geometry, st.lists(batch, max_size=20))
+@given(geometry, st.lists(st.one_of(batch, inv), max_size=20))
 def test_kernel_matches_reference_batch_by_batch(geom, script):
     entries, ways = geom
     fast, ref = IotlbArrays(entries, ways), RefIOTLB(entries, ways)
-    for kind, rows in script:
+    for step in script:
+        if step[0].startswith("inv"):
+            assert _invalidate(fast, *step) == _invalidate(ref, *step)
+            assert fast.contents(layout=True) == ref.cache.contents(layout=True)
+            continue
+        kind, rows = step
         if not rows:
             continue
         did, pasid, page, off, order = (np.array(c, dtype=np.int64) for c in zip(*rows,
@@ -71,8 +94,32 @@ def test_large_pages_hit_with_the_offset_inside_them():
     assert perm.tolist() == [3, 0] and pgtt.tolist() == [1, 0]
 
 
+def test_invalidation_selects_by_pgtt_as_the_descriptors_do():
+    """0x2 page-selective drops an SL-only entry only in range but every nested entry of the
+    DID; 0x6 never touches SL-only or pass-through entries."""
+    c = IotlbArrays(64, 8)
+    c.fill([1, 1, 1], [0, 0, 0], [0x1000, 0x9000, 0x5000], 0, [0x7000, 0x8000, 0x6000], 3,
+           [2, 3, 4])                      # SL-only at page 1, nested at page 9, PT at page 5
+    assert c.inv_pasid(1, 0) == 1          # the nested one
+    assert c.inv_page(1, 0x4000, 0) == 0   # page 4: nothing SL-only/PT there
+    assert c.inv_page(1, 0x4000, 2) == 1   # pages 4..7: the PT entry at page 5
+    assert [line[2] for line in c.contents()] == [1]
+    assert c.counters()["invalidated"] == 2
+
+
+@pytest.mark.parametrize(("page", "dropped"), [(3, 0), (4, 1), (7, 1), (8, 0)])
+def test_range_edges_are_inclusive(page, dropped):
+    """A 4-KiB entry on the first or last page of a 2^am-page range is in it; a neighbour
+    is not (both caches agree)."""
+    for cache in (IotlbArrays(64, 8), RefIOTLB(64, 8)):
+        cache.fill(1, 2, page << 12, 0, 0x7000, 3, 1)
+        assert cache.inv_pasid_page(1, 2, 0x4000, 2) == dropped
+
+
 def test_bad_columns_are_refused_with_a_reason():
     c = IotlbArrays(8, 2)
+    with pytest.raises(ValueError, match="am"):
+        c.inv_page(1, 0, 64)
     with pytest.raises(ValueError, match="order"):
         c.fill(1, 0, 0, 3, 0, 3, 1)
     with pytest.raises(ValueError, match="non-negative"):
