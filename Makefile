@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Repeatable: --overwrite reruns the same run id; the report and its plots go to _report/.
 run: $(STAMP)
-	$(BIN)/iommu-emu run configs/quickstart.toml --out results
+	$(BIN)/iommu-emu run configs/quickstart.toml --out results --overwrite
+	$(BIN)/iommu-emu report results/quickstart --out results/quickstart/_report --format csv >/dev/null
+	@echo "report and plots: results/quickstart/_report/report.md"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest; rc=$$?; \

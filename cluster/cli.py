@@ -108,8 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="keep only events of this device")
     t.set_defaults(func=cmd_trace_import)
 
-    p = sub.add_parser("report", help="summarise a run folder or all runs of an experiment")
-    p.add_argument("path", metavar="RUN_OR_EXPERIMENT_DIR")
+    p = sub.add_parser("report", help="summarise a run, an experiment or a sweep; write "
+                                      "report.md and PNG plots with --out")
+    p.add_argument("path", metavar="RESULTS",
+                   help="a run folder (_runs/.../run=<id>), an experiment or a sweep folder")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write report.md and the PNG plots into DIR")
+    p.add_argument("--format", default="text", choices=("text", "markdown", "csv", "json"),
+                   help="how to print the table (default: text)")
+    p.add_argument("--by", default=None, metavar="KEYS",
+                   help="comma-separated summary columns to group by (default: "
+                        "mode,policy,workload; vm for one row per VM)")
     p.set_defaults(func=cmd_report)
     return parser
 
@@ -255,13 +264,34 @@ def cmd_trace_import(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cluster.report import format_summary
-    from cluster.results import read_summaries
+    from cluster.report import (
+        GROUP_KEYS,
+        design_table,
+        load_results,
+        measured_line,
+        render,
+        runs_section,
+        write_report,
+    )
 
     path = Path(args.path)
     if not path.is_dir():
         raise UserError(f"{path}: no such results folder")
-    print(format_summary(read_summaries(path)))
+    by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else list(GROUP_KEYS)
+    res = load_results(path)
+    table = render(design_table(res, by), args.format)
+    report = write_report(res, args.out, by) if args.out else None
+    if args.format == "text":
+        print(measured_line(res.summary))
+        print(table)
+        if len(res.manifests) > 1:
+            print("runs:")
+            for line in runs_section(res):
+                print(f"  {line}")
+        if report is not None:
+            print(f"report: {report} (plots beside it)")
+    else:
+        print(table)
     return 0
 
 

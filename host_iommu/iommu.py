@@ -12,7 +12,8 @@ invalidation) live in host_iommu/vfio.py and host_iommu/nested.py.
 Batch semantics: a batch is one run of DMA requests with no table change or invalidation
 between them. Every request looks up the caches as they were when the batch started; misses
 for the same (DID, PASID, 4-KiB page, access) are coalesced into one walk (the first walks,
-the others wait for it and count as IOTLB hits), and fills apply afterwards in request order.
+the others wait for it and count as IOTLB hits; with the IOTLB disabled they are misses that
+walk themselves), and fills apply afterwards in request order.
 """
 
 from __future__ import annotations
@@ -536,7 +537,10 @@ class HostIommu:
                 out["fault"][fr] = wr.fault[src]
                 out["stage"][fr] = wr.stage[src]
                 out["page_order"][fr] = wr.order[src]
-                out["iotlb_hit"][fr] = ok
+                if self.iotlb.cache.sets:
+                    out["iotlb_hit"][fr] = ok   # answered by the leader's fill
+                else:  # no IOTLB to hold that fill: each request walks (and misses) itself
+                    out["walk_refs"][fr] = wr.walk_refs[src]
                 r_perm[fr] = wr.perm[src]
             # IOTLB fills for successful walks, in request order
             okw = wr.fault == 0
@@ -561,7 +565,7 @@ class HostIommu:
         st.translations += n
         st.devtlb_hits += int(devtlb_hit.sum())
         st.iotlb_hits += int(out["iotlb_hit"].sum())
-        st.iotlb_misses += int(miss.size - followers.size)
+        st.iotlb_misses += int(miss.size - (followers.size if self.iotlb.cache.sets else 0))
         st.walk_refs += int(out["walk_refs"].sum())
         st.ctx_refs += int(out["ctx_refs"].sum())
         faulted = np.flatnonzero(out["fault"] != 0)

@@ -169,6 +169,8 @@ def test_cli_sweep_and_report(tmp_path, capsys, small_cfg):
     assert "4 already complete" in capsys.readouterr().out
     assert main(["report", str(out / "sw")]) == 0
     report = capsys.readouterr().out.splitlines()
+    assert report[0].startswith("measured: 4 VMs in ")
+    report = report[1:report.index("runs:")]
     # one row per point: the parameters split runs that share a run id (shadow lazy/strict)
     assert report[0].split()[:3] == ["vm_web_mode", "vm_web_policy", "run"]
     assert len(report) == 2 + 4
