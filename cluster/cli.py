@@ -3,7 +3,8 @@
 Like Mininet's bin/mn, names on the command line map to registries (config.MODES, the
 workload registry, the runner's backends). User errors print ``error: ...`` naming the key or
 file and exit 2, never a traceback; a run that fails midway exits 1 naming what failed and
-where its manifest is; Ctrl-C exits 130.
+where its manifest is; Ctrl-C exits 130 and SIGTERM (what batch schedulers send) 143, both
+keeping the interrupted run's streamed metrics readable by ``iommu-emu report``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,12 +25,40 @@ from cluster.config import MODES, ClusterError, describe, load_config
 EXIT_RUN_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM   # 143, as a shell reports a process SIGTERM ended
 DEFAULT_BACKENDS = ("ray", "inproc")
 DEFAULT_BACKEND = "ray"
 
 
 class UserError(ClusterError):
     """A command-line mistake that is not a config problem (missing file, bad backend)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so it unwinds like Ctrl-C (runs keep their
+    partial results, staging folders are cleaned up)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated("SIGTERM")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("iommu-emu")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _out_folder(out: str | Path, flag: str = "--out") -> Path:
+    """A results folder that is (or can become) a folder: not a file."""
+    p = Path(out)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            raise UserError(f"{flag}: {q} is a file, not a folder")
+    return p
 
 
 def _workload_kinds() -> str:
@@ -45,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Emulate VMs doing device DMA through an emulated Intel VT-d IOMMU.",
         epilog=f"modes: {', '.join(MODES)}; workloads: {_workload_kinds()}. "
                "Config keys: docs/config.md; result columns: docs/results.md.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def overrides(p: argparse.ArgumentParser) -> None:
@@ -120,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated summary columns to group by (default: "
                         "mode,policy,workload; vm for one row per VM)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("clean", help="remove staging folders (.tmp-run=*) that killed runs "
+                                     "left behind")
+    p.add_argument("path", metavar="RESULTS", help="a results folder (--out) or an experiment "
+                                                   "folder")
+    p.set_defaults(func=cmd_clean)
     return parser
 
 
@@ -156,6 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.sweep:
         raise UserError(f"{args.config} has a [sweep] table: use `iommu-emu sweep`")
+    _out_folder(args.out)
     runner = _runner(args.backend)
     _print_notes(cfg.notes)
     from cluster.progress import Progress
@@ -173,11 +211,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                                         overwrite=args.overwrite, **kwargs)
         finally:
             progress.close()
-    from cluster.report import format_summary
+    from cluster.report import format_summary, measured_line
 
+    print(measured_line(outcome.summary))
     print(format_summary(outcome.summary))
     print(f"results: {Path(args.out) / cfg.experiment.name} (run folder: {outcome.path})")
+    _note_leftovers(Path(args.out) / cfg.experiment.name)
     return 0
+
+
+def _note_leftovers(exp_dir: Path) -> None:
+    from cluster.results import leftover_staging
+
+    left = leftover_staging(exp_dir)
+    if left:
+        print(f"note: {len(left)} staging folder(s) of killed runs in {exp_dir} "
+              f"(e.g. {left[0].name}): remove them with `iommu-emu clean {exp_dir}`",
+              file=sys.stderr)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -185,6 +235,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from cluster.sweep import expand, run_sweep
 
     cfg = load_config(args.config, args.overrides)
+    _out_folder(args.out)
     _runner(args.backend)
     if args.max_parallel is not None and args.max_parallel < 1:
         raise UserError(f"--max-parallel: must be >= 1, got {args.max_parallel}")
@@ -213,6 +264,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {cfg.experiment.name}: {len(points)} runs, {len(result.complete)} run now, "
           f"{len(result.skipped)} already complete, {len(result.failed)} failed")
     print(f"results: {Path(args.out) / cfg.experiment.name}")
+    _note_leftovers(Path(args.out) / cfg.experiment.name)
     return 0 if result.ok else EXIT_RUN_FAILED
 
 
@@ -278,9 +330,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not path.is_dir():
         raise UserError(f"{path}: no such results folder")
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else list(GROUP_KEYS)
+    if args.out:
+        _out_folder(args.out)
     res = load_results(path)
     table = render(design_table(res, by), args.format)
     report = write_report(res, args.out, by) if args.out else None
+    for run, m in sorted(res.manifests.items()):
+        if m.get("status") != "complete":
+            print(f"note: run {run} did not complete ({m.get('error') or m.get('status')}): "
+                  "its numbers cover the epochs written before it stopped", file=sys.stderr)
     if args.format == "text":
         print(measured_line(res.summary))
         print(table)
@@ -292,6 +350,26 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"report: {report} (plots beside it)")
     else:
         print(table)
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    import shutil
+
+    from cluster.results import staging_folders, writer_alive
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such results folder")
+    removed = 0
+    for f in staging_folders(path):
+        if writer_alive(f):
+            print(f"kept {f} (its run is still writing)")
+            continue
+        shutil.rmtree(f)
+        removed += 1
+        print(f"removed {f}")
+    print(f"{removed} staging folder(s) removed from {path}")
     return 0
 
 
@@ -311,10 +389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
         return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
+    try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        why = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        path = getattr(e, "path", None)
+        where = (f": partial results in {path} (read them with `iommu-emu report {path}`; "
+                 "the next run redoes it)" if path else "")
+        print(f"interrupted ({why}){where}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     except BrokenPipeError:  # `iommu-emu report DIR | head`: the reader has what it wanted
         # Point stdout at /dev/null so the flush at exit does not fail again (Python docs,
         # "Note on SIGPIPE").
@@ -329,3 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_RUN_FAILED
         _error(str(e))
         return EXIT_USER_ERROR
+    except OSError as e:  # a path that cannot be written or read: name it, no traceback
+        _error(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+        return EXIT_USER_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

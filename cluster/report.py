@@ -52,6 +52,7 @@ class _Group:
     gbps_vms: int = 0  # VMs with sim_ns > 0 (the others add no rate)
     sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_SUMMED + _OPTIONAL, 0))
     latency_ios: float = 0.0   # sum over VMs of io_latency_mean_ns * ios
+    present: frozenset[str] = frozenset()   # the summary's columns (a partial one lacks some)
 
 
 def _ratio(num: float, den: float, fmt: str = "{:.2f}") -> str:
@@ -126,7 +127,7 @@ def _aggregate(summary: pa.Table, by: Sequence[str]
     groups: dict[tuple[str, ...], _Group] = {}
     for i in range(summary.num_rows):
         key = tuple(str(data[k][i]) for k in keys)
-        g = groups.setdefault(key, _Group())
+        g = groups.setdefault(key, _Group(present=frozenset(data)))
         g.vms += 1
         for c in (*_SUMMED, *(c for c in _OPTIONAL if c in data)):
             if c in ("stale_window_max_ns", "stale_bound_ns"):
@@ -205,7 +206,13 @@ def load_results(path: str | Path) -> Results:
         raise ReportError(f"{p}: no such results folder")
     manifests = _manifests(p)
     runs = sorted(manifests)
-    summary = _with_run(read_summaries(p, "summary"), runs)
+    try:
+        summary = _with_run(read_summaries(p, "summary"), runs)
+    except ResultsError:
+        if len(manifests) != 1 or not (p / MANIFEST).is_file():
+            raise
+        # an interrupted or failed run: per-VM sums of the metrics streamed so far
+        summary = _partial_summary(read_summaries(p, "metrics"), manifests[runs[0]])
     # report only the runs whose summaries were read (a folder may hold failed runs' manifests)
     seen = set(summary.column("run").to_pylist()) if "run" in summary.column_names else set()
     manifests = {r: m for r, m in manifests.items() if r in seen} or manifests
@@ -217,6 +224,35 @@ def load_results(path: str | Path) -> Results:
             return None
 
     return Results(p, summary, optional("metrics"), optional("faults"), manifests)
+
+
+def _partial_summary(metrics: pa.Table, manifest: Mapping[str, Any]) -> pa.Table:
+    """Summary rows of a run that stopped early, from its metrics: each VM's per-epoch counts
+    summed, its design from the manifest's config (VM ids as cluster.config.vm_placement
+    numbers them), ``window_ns`` the virtual time of its last epoch; the summary columns the
+    metrics lack (translations, cross-VM DMA) are 0."""
+    from cluster.config import parse_config, vm_placement
+
+    cfg = parse_config(manifest.get("config", {}))
+    groups = {g.name: g for g in cfg.vms}
+    design = {k + 1: groups[name] for k, (name, _, _) in
+              enumerate(vm_placement(cfg.vms, cfg.host.count))}
+    data = metrics.to_pydict()
+    rows: dict[int, dict[str, Any]] = {}
+    for i, vm in enumerate(data.get("vm", [])):
+        g = design.get(int(vm))
+        if g is None:
+            continue
+        r = rows.setdefault(int(vm), {
+            "run": str(manifest.get("run", "")), "vm": int(vm), "group": g.name,
+            "mode": g.mode, "policy": g.policy, "workload": g.workload.kind, "sim_ns": 0,
+            **dict.fromkeys(("bytes", *_SUMMED), 0)})
+        r["sim_ns"] = max(r["sim_ns"], int(data["t_end_ns"][i]))
+        for c in ("bytes", *_SUMMED):
+            r[c] += int(data[c][i] or 0) if c in data else 0
+    out = [{**r, "window_ns": r["sim_ns"]} for _, r in sorted(rows.items())]
+    cols = ["run", "vm", "group", *GROUP_KEYS, "sim_ns", "window_ns", "bytes", *_SUMMED]
+    return pa.table({c: [r[c] for r in out] for c in cols})
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
@@ -263,14 +299,19 @@ def _design_columns() -> Sequence[tuple[str, str, Callable[[_Group], Number]]]:
     def r(num: float, den: float) -> float | None:
         return num / den if den else None
 
+    def t(col: str, num: Callable[[_Group], float], den: str, scale: float = 1.0
+          ) -> Callable[[_Group], float | None]:
+        """A modelled time per unit, "-" when the table has no ``col`` (a partial run)."""
+        return lambda g: (r(num(g) / scale, g.sums[den]) if col in g.present else None)
+
     return (
         ("VMs", "", lambda g: g.vms),
         ("I/Os", "", lambda g: g.sums["ios"]),
         ("window", "ms", lambda g: g.sums["window_ns"] / 1e6 / g.vms if g.vms else None),
         ("Gb/s", "", lambda g: g.gbps if g.gbps_vms else None),
-        ("latency", "µs", lambda g: r(g.latency_ios / 1e3, g.sums["ios"])),
-        ("vCPU/IO", "µs", lambda g: r(g.sums["cpu_busy_ns"] / 1e3, g.sums["ios"])),
-        ("xlate/DMA", "ns", lambda g: r(g.sums["translate_ns"], g.sums["translations"])),
+        ("latency", "µs", t("io_latency_mean_ns", lambda g: g.latency_ios, "ios", 1e3)),
+        ("vCPU/IO", "µs", t("cpu_busy_ns", lambda g: g.sums["cpu_busy_ns"], "ios", 1e3)),
+        ("xlate/DMA", "ns", t("translate_ns", lambda g: g.sums["translate_ns"], "translations")),
         ("exits/IO", "", lambda g: r(g.sums["vm_exits"], g.sums["ios"])),
         ("inv/IO", "", lambda g: r(g.sums["inv_descriptors"], g.sums["ios"])),
         ("walk refs/xlate", "", lambda g: r(g.sums["walk_refs"], g.sums["translations"])),

@@ -194,7 +194,7 @@ class RunWriter:
         if (self.final_dir / MANIFEST).exists() and not overwrite and run_status(
                 out_dir, cfg.experiment.name, self.run_id, self.params) != STATUS_FAILED:
             raise RunExistsError(f"run {self.run_id} already exists in {self.final_dir} "
-                                 "(use overwrite to replace it)")
+                                 "(use --overwrite to replace it)")
         # Unique per writer: two sweep points may resolve to one run id (in their own
         # partitions) and be written at the same time.
         self.tmp_dir = self.experiment_dir / (f"{_TMP_PREFIX}{self.run_id}-{os.getpid()}-"
@@ -342,7 +342,7 @@ class RunWriter:
                 self.out_dir, self.cfg.experiment.name, self.run_id,
                 self.params) != STATUS_FAILED:
             raise RunExistsError(f"run {self.run_id} already exists in {self.final_dir} "
-                                 "(use overwrite to replace it)")
+                                 "(use --overwrite to replace it)")
         manifest = self.manifest()
         self._clear_final()
         for f, target in zip(sorted(self._files), self.table_paths().values(), strict=True):
@@ -385,9 +385,46 @@ class RunWriter:
     def __enter__(self) -> RunWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if self.state == "open" and isinstance(exc, KeyboardInterrupt):
+            # Ctrl-C or SIGTERM (cluster.cli): keep what was streamed, like a failed run, and
+            # tell the caller where (``exc.path``); the run is redone by the next attempt.
+            why = str(exc) or "Ctrl-C"
+            with contextlib.suppress(OSError, ResultsError):
+                exc.path = self.fail(f"interrupted ({why})", ["interrupted"])  # type: ignore[attr-defined]
         if self.state == "open":
             self.abort()
+
+
+def staging_folders(path: str | Path) -> list[Path]:
+    """``.tmp-run=*`` staging folders in ``path`` (an experiment folder) or in the experiment
+    folders under it (a results folder), sorted."""
+    p = Path(path)
+    found = [*p.glob(f"{_TMP_PREFIX}*"), *p.glob(f"*/{_TMP_PREFIX}*")]
+    return sorted(f for f in found if f.is_dir())
+
+
+def writer_alive(staging: Path) -> bool:
+    """Whether the process that staged ``staging`` (``.tmp-run=<id>-<pid>-<n>``) still runs on
+    this machine. A folder whose writer is gone is litter of a killed run."""
+    try:
+        pid = int(staging.name.rsplit("-", 2)[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True   # exists, owned by someone else
+    return True
+
+
+def leftover_staging(path: str | Path) -> list[Path]:
+    """Staging folders under ``path`` whose writer no longer runs (``iommu-emu clean``)."""
+    return [f for f in staging_folders(path) if not writer_alive(f)]
 
 
 # --- Reading -------------------------------------------------------------------------------
