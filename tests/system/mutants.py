@@ -48,7 +48,7 @@ MUTANTS = (
            "cross = ok & False",
            ("tests/system/test_oracles.py", "tests/host_iommu/test_server.py")),
     Mutant("balloon-frees-without-flush", "host_iommu/nested.py",
-           "t_done, nd = flush_derived(host, vm, gpa, npages, t_ns)",
+           "t_done, nd = flush_derived(host, vm, gpa, npages, t_ns, ih=not freed)",
            "t_done, nd = t_ns, 0",
            ("tests/system/test_churn_safety.py", "tests/host_iommu/test_nested.py")),
     Mutant("lazy-timer-never-fires", "vm_agent/dma.py",
