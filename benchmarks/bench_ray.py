@@ -55,7 +55,7 @@ def one_case(vms: int, hosts: int, cores: int, backend: str, duration_us: int) -
     if backend == "ray":
         import ray
 
-        ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level="ERROR")
     epochs = []
     hook = {}
     t0 = time.perf_counter()

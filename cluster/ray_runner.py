@@ -51,7 +51,10 @@ def start_ray(address: str | None = None) -> bool:
             raise RunError(f"cannot join the Ray cluster at {address}: "
                            f"{str(e).splitlines()[0]}") from None
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        # address="local": never attach to a cluster a `ray start` left on this machine, which
+        # a bare ray.init() would join (Ray docs, "Starting Ray")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 logging_level="ERROR")
     return True
 
 

@@ -17,7 +17,7 @@ def ray_local() -> Iterator[object]:
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
              configure_logging=False)
     try:
         yield ray
