@@ -52,6 +52,31 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _shipped_dir() -> Path | None:
+    """The shipped configs: configs/ installed as cluster/shipped_configs (pyproject
+    package-dir), or configs/ of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "shipped_configs", here.parent / "configs"):
+        if any(d.glob("*.toml")):
+            return d
+    return None
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Bare name (``quickstart``) -> the shipped config file."""
+    d = _shipped_dir()
+    return {f.stem: f for f in sorted(d.glob("*.toml"))} if d else {}
+
+
+def resolve_config(name: str) -> str:
+    """``name`` as a path if that file exists, else a shipped config by name (``quickstart``
+    or ``quickstart.toml``), else ``name`` (loading it then names the missing file)."""
+    if Path(name).exists() or os.sep in name or "/" in name:
+        return name
+    shipped = shipped_configs().get(name.removesuffix(".toml"))
+    return str(shipped) if shipped is not None else name
+
+
 def _out_folder(out: str | Path, flag: str = "--out") -> Path:
     """A results folder that is (or can become) a folder: not a file."""
     p = Path(out)
@@ -92,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "else an embedded local Ray sized to this machine)")
 
     p = sub.add_parser("run", help="run one config and print its summary")
-    p.add_argument("config", metavar="CONFIG", help="TOML config file")
+    p.add_argument("config", metavar="CONFIG",
+                   help="TOML config file, or a shipped config's name (iommu-emu configs)")
     p.add_argument("--out", default="results", help="results folder (default: results)")
     overrides(p)
     backend(p)
@@ -157,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="RESULTS", help="a results folder (--out) or an experiment "
                                                    "folder")
     p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("configs", help="list the shipped configs (run one by name: "
+                                       "iommu-emu run quickstart)")
+    p.set_defaults(func=cmd_configs)
     return parser
 
 
@@ -190,7 +220,7 @@ def _session(backend: str, address: str | None) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config(args.config), args.overrides)
     if cfg.sweep:
         raise UserError(f"{args.config} has a [sweep] table: use `iommu-emu sweep`")
     _out_folder(args.out)
@@ -234,7 +264,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from cluster.progress import Progress
     from cluster.sweep import expand, run_sweep
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config(args.config), args.overrides)
     _out_folder(args.out)
     _runner(args.backend)
     if args.max_parallel is not None and args.max_parallel < 1:
@@ -275,7 +305,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config(args.config), args.overrides)
     print(describe(cfg))
     return 0
 
@@ -350,6 +380,20 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"report: {report} (plots beside it)")
     else:
         print(table)
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    configs = shipped_configs()
+    if not configs:
+        raise UserError("no shipped configs found (the package was installed without them)")
+    width = max(map(len, configs))
+    for name, path in configs.items():
+        # each config opens with a comment saying what question it answers
+        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines()
+                      if ln.startswith("#")), "")
+        print(f"{name.ljust(width)}  {first}")
+    print(f"(in {next(iter(configs.values())).parent}; run one: iommu-emu run NAME --out DIR)")
     return 0
 
 
