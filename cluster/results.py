@@ -56,6 +56,8 @@ STREAM_EXT = ".arrows"
 _TMP_PREFIX = ".tmp-run="
 _COMPACT_ROWS = 1 << 16  # rows gathered per Parquet row group when compacting a stream
 _TABLE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+# Columns that join tables (summary, metrics, faults) have one type in every table.
+KEY_TYPES = {"host": pa.int32(), "vm": pa.int32()}
 
 
 class ResultsError(ClusterError):
@@ -236,6 +238,10 @@ class RunWriter:
         """Stage ``<name>.parquet`` with the run metadata in its schema."""
         self._check_open(name)
         self._check_columns(name, table.schema)
+        for col, typ in KEY_TYPES.items():
+            i = table.schema.get_field_index(col)
+            if i >= 0 and table.schema.field(i).type != typ:
+                table = table.set_column(i, pa.field(col, typ), table.column(i).cast(typ))
         table = table.replace_schema_metadata(self.with_metadata(table.schema).metadata)
         path = self.tmp_dir / (name + PARQUET_EXT)
         pq.write_table(table, path)
