@@ -1,8 +1,8 @@
 """Readable summaries of result tables: per-design costs per I/O, hit rates, security counts.
 
 Aggregates the per-VM ``summary`` table (columns in docs/results.md) by (mode, policy,
-workload), the comparison DESIGN.md section 1 asks for: traps, invalidations and page-walk
-references per I/O, IOTLB hit rate, modelled throughput, stale and cross-VM DMA, faults.
+workload), the comparison of shadow, nested and pass-through designs: traps, invalidations and
+page-walk references per I/O, IOTLB hit rate, modelled throughput, stale and cross-VM DMA, faults.
 ``load_results`` reads a run, an experiment or a sweep with its manifests; ``design_table``
 groups by any columns and adds the modelled times; ``render`` writes text, Markdown, CSV or
 JSON; ``write_report`` writes report.md beside the plots of cluster/plots.py.
