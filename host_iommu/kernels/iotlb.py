@@ -37,7 +37,10 @@ MAX_PFN = (1 << 52) - 1
 @njit(cache=True)
 def _set_index(did: np.uint64, pasid: np.uint64, vpn: np.uint64, order: np.uint64,
                sets: int) -> int:
-    """Set of a key: the non-page fields mixed in key order, then the page number XORed."""
+    """Set of a key: the non-page fields mixed in key order, then the page number XORed.
+
+    (did, pasid, order) is the IOTLB's key order; a PWC key (did, pasid, level) mixes the
+    same way with its level in ``order``."""
     mix = np.uint64(SET_MIX)
     sh = np.uint64(32)
     h = np.uint64(0)
@@ -52,6 +55,17 @@ def _set_index(did: np.uint64, pasid: np.uint64, vpn: np.uint64, order: np.uint6
 
 
 @njit(cache=True)
+def _find_way(state, s, did, pasid, tag, mixed) -> int:
+    """Way of set ``s`` holding the key (did, pasid, tag, mixed), or -1."""
+    for w in range(state.shape[2]):
+        if (state[F_VALID, s, w] == 1 and state[F_VPN, s, w] == tag
+                and state[F_ORDER, s, w] == mixed and state[F_DID, s, w] == did
+                and state[F_PASID, s, w] == pasid):
+            return w
+    return -1
+
+
+@njit(cache=True)
 def _lookup(state, counters, did, pasid, addr, hit, hpa, perm, order, pgtt):
     """Look up a batch of requests; write results into the output arrays.
 
@@ -61,7 +75,6 @@ def _lookup(state, counters, did, pasid, addr, hit, hpa, perm, order, pgtt):
     Spec 6.2.3: a request hits the entry of the smallest page size that holds its page.
     """
     sets = state.shape[1]
-    ways = state.shape[2]
     clock = counters[C_CLOCK]
     n = did.shape[0]
     hits = 0
@@ -73,13 +86,7 @@ def _lookup(state, counters, did, pasid, addr, hit, hpa, perm, order, pgtt):
             vpn = addr[i] >> shift
             uo = np.uint64(o)
             s = _set_index(did[i], pasid[i], vpn, uo, sets)
-            way = -1
-            for w in range(ways):
-                if (state[F_VALID, s, w] == 1 and state[F_VPN, s, w] == vpn
-                        and state[F_ORDER, s, w] == uo and state[F_DID, s, w] == did[i]
-                        and state[F_PASID, s, w] == pasid[i]):
-                    way = w
-                    break
+            way = _find_way(state, s, did[i], pasid[i], vpn, uo)
             if way >= 0:
                 hit[i] = True
                 hpa[i] = state[F_HPA, s, way] + (addr[i] & ((np.uint64(1) << shift)
@@ -102,8 +109,22 @@ def _fill(state, counters, did, pasid, addr, order, hpa_page, perm, pgtt):
 
     state, counters: as in _lookup. did, pasid, addr, order, hpa_page, perm, pgtt: uint64[n];
     the entry is tagged by addr's page number at its ``order`` (0: 4 KiB, 1: 2 MiB, 2: 1 GiB).
-    A line with the same key is replaced; otherwise the lowest-numbered free way, otherwise
-    the way with the oldest stamp (the first of equals) is evicted.
+    """
+    tag = np.empty_like(addr)
+    for i in range(addr.shape[0]):
+        tag[i] = addr[i] >> (np.uint64(12) + np.uint64(9) * order[i])
+    _fill_keyed(state, counters, did, pasid, tag, order, hpa_page, perm, pgtt)
+
+
+@njit(cache=True)
+def _fill_keyed(state, counters, did, pasid, tag, mixed, v0, v1, v2):
+    """Fill lines keyed (did, pasid, tag, mixed) with values (v0, v1, v2), in request order.
+
+    state, counters: as in _lookup; every argument after them is uint64[n]. ``tag`` is the
+    page field (F_VPN), XORed into the set index; ``mixed`` (F_ORDER: the page order, or a
+    PWC entry's level) is mixed into it with did and pasid. A line with the same key is
+    replaced; otherwise the lowest-numbered free way, otherwise the way with the oldest
+    stamp (the first of equals) is evicted.
     """
     sets = state.shape[1]
     ways = state.shape[2]
@@ -113,15 +134,8 @@ def _fill(state, counters, did, pasid, addr, order, hpa_page, perm, pgtt):
         if sets == 0:
             continue
         counters[C_FILLS] += 1
-        vpn = addr[i] >> (np.uint64(12) + np.uint64(9) * order[i])
-        s = _set_index(did[i], pasid[i], vpn, order[i], sets)
-        way = -1
-        for w in range(ways):
-            if (state[F_VALID, s, w] == 1 and state[F_VPN, s, w] == vpn
-                    and state[F_ORDER, s, w] == order[i] and state[F_DID, s, w] == did[i]
-                    and state[F_PASID, s, w] == pasid[i]):
-                way = w
-                break
+        s = _set_index(did[i], pasid[i], tag[i], mixed[i], sets)
+        way = _find_way(state, s, did[i], pasid[i], tag[i], mixed[i])
         if way < 0:
             for w in range(ways):
                 if state[F_VALID, s, w] == 0:
@@ -136,11 +150,11 @@ def _fill(state, counters, did, pasid, addr, order, hpa_page, perm, pgtt):
         state[F_VALID, s, way] = 1
         state[F_DID, s, way] = did[i]
         state[F_PASID, s, way] = pasid[i]
-        state[F_VPN, s, way] = vpn
-        state[F_ORDER, s, way] = order[i]
-        state[F_HPA, s, way] = hpa_page[i]
-        state[F_PERM, s, way] = perm[i]
-        state[F_PGTT, s, way] = pgtt[i]
+        state[F_VPN, s, way] = tag[i]
+        state[F_ORDER, s, way] = mixed[i]
+        state[F_HPA, s, way] = v0[i]
+        state[F_PERM, s, way] = v1[i]
+        state[F_PGTT, s, way] = v2[i]
         state[F_STAMP, s, way] = np.uint64(clock + i)
     counters[C_CLOCK] = clock + n
 
@@ -184,6 +198,13 @@ def _invalidate(state, counters, kind, did, pasid, lo, hi):
                 dropped += 1
     counters[C_INVALIDATED] += dropped
     return dropped
+
+
+def counters_dict(counts: np.ndarray) -> dict[str, int]:
+    """The counter vector (C_*) as RefSetAssoc.counters names it."""
+    return {"hits": int(counts[C_HITS]), "misses": int(counts[C_MISSES]),
+            "fills": int(counts[C_FILLS]), "evictions": int(counts[C_EVICTIONS]),
+            "invalidated": int(counts[C_INVALIDATED])}
 
 
 def _u64(*cols: ArrayLike) -> list[np.ndarray]:
@@ -257,9 +278,7 @@ class IotlbArrays:
         return self._inv(INV_PASID_PAGE, did, pasid, addr, am)
 
     def counters(self) -> dict[str, int]:
-        c = self.counts
-        return {"hits": int(c[C_HITS]), "misses": int(c[C_MISSES]), "fills": int(c[C_FILLS]),
-                "evictions": int(c[C_EVICTIONS]), "invalidated": int(c[C_INVALIDATED])}
+        return counters_dict(self.counts)
 
     def contents(self, layout: bool = False) -> list[tuple[int, ...]]:
         """Valid lines as (set, way, stamp,)? did, pasid, vpn_at_order, order, hpa_page, perm,

@@ -1,4 +1,4 @@
-"""The compiled IOTLB lookup/fill/invalidate kernels against the reference IOTLB, step by step."""
+"""The compiled IOTLB and PWC kernels against the reference caches, step by step."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from host_iommu.kernels.iotlb import IotlbArrays
-from host_iommu.reference_cache import RefIOTLB
+from host_iommu.kernels.pwc import PwcArrays
+from host_iommu.reference_cache import RefIOTLB, RefPagingStructureCache
 
 # Few DIDs, PASIDs and pages, so sets collide, ways fill and LRU victims are chosen.
 req = st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 40),
@@ -126,3 +127,74 @@ def test_bad_columns_are_refused_with_a_reason():
         c.lookup(-1, 0, 0)
     with pytest.raises(ValueError, match="multiple of ways"):
         IotlbArrays(6, 4)
+
+
+# --- the paging-structure cache kernels (host_iommu/kernels/pwc.py) ---------------------------
+pwc_req = st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 60),
+                    st.integers(2, 5))
+pwc_step = st.one_of(
+    st.tuples(st.sampled_from(["lookup", "fill"]), st.lists(pwc_req, max_size=20)),
+    st.tuples(st.sampled_from(["inv_global", "inv_domain", "inv_pasid", "inv_range",
+                               "inv_range_all_pasids"]),
+              st.integers(0, 3), st.integers(0, 2), st.integers(0, 60),
+              st.sampled_from([0, 9, 18, 27, 30])))
+
+
+def _pwc_addr(page: int) -> int:
+    # Addresses spread over every level's span: 4 KiB, 2 MiB, 1 GiB and 512 GiB apart.
+    return page << (12 + 9 * (page % 4))
+
+
+def _pwc_invalidate(cache, kind: str, did: int, pasid: int, addr: int, am: int) -> int:
+    if kind == "inv_global":
+        return cache.inv_global()
+    if kind == "inv_domain":
+        return cache.inv_domain(did)
+    if kind == "inv_pasid":
+        return cache.inv_pasid(did, pasid)
+    return cache.inv_range(did, None if kind == "inv_range_all_pasids" else pasid, addr, am)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.sampled_from(["fl", "sl"]), geometry, st.lists(pwc_step, max_size=20))
+def test_pwc_kernel_matches_reference_step_by_step(stage, geom, script):
+    entries, ways = geom
+    fast, ref = PwcArrays(entries, ways, stage), RefPagingStructureCache(entries, ways, stage)
+    for step in script:
+        kind = step[0]
+        if kind.startswith("inv"):
+            _k, did, pasid, page, am = step
+            addr = _pwc_addr(page)
+            if kind == "inv_pasid" and stage == "sl":
+                continue
+            assert (_pwc_invalidate(fast, kind, did, pasid, addr, am)
+                    == _pwc_invalidate(ref, kind, did, pasid, addr, am))
+        elif step[1]:
+            did, pasid, page, level = (np.array(c, dtype=np.int64)
+                                       for c in zip(*step[1], strict=True))
+            addr = np.array([_pwc_addr(p) for p in page.tolist()], dtype=np.uint64)
+            if kind == "lookup":
+                got = fast.lookup_deepest(did, pasid, addr, level)
+                want = ref.lookup_deepest(did, pasid, addr, level)
+                assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+            else:
+                entry = (page.astype(np.uint64) << np.uint64(12)) | np.uint64(3)
+                fast.fill(did, pasid, addr, level, entry)
+                ref.fill(did, pasid, addr, level, entry)
+        assert fast.contents(layout=True) == ref.cache.contents(layout=True)
+        assert fast.counters() == ref.cache.counters()
+
+
+def test_pwc_deepest_level_wins_and_sl_ignores_pasid():
+    c = PwcArrays(32, 4, "sl")
+    c.fill(1, 7, 0x4020_0000, [4, 3, 2], [0xA003, 0xB003, 0xC003])
+    level, entry = c.lookup_deepest(1, 9, [0x4020_1000, 0x4040_0000], 4)
+    assert level.tolist() == [2, 3] and entry.tolist() == [0xC003, 0xB003]
+    # The first 2 MiB of the GiB: the level-4 and level-3 entries cover it, not level 2's.
+    assert c.inv_range(1, None, 0x4000_0000, 9) == 2
+    assert [line[2] for line in c.contents()] == [2]
+    assert c.inv_range(1, 5, 0x4020_0000, 0) == 1   # SL entries are shared by every PASID
+    with pytest.raises(ValueError, match="PASID"):
+        c.inv_pasid(1, 0)
+    with pytest.raises(ValueError, match="level"):
+        c.fill(1, 0, 0, 6, 0)
