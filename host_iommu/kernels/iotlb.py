@@ -200,6 +200,39 @@ def _invalidate(state, counters, kind, did, pasid, lo, hi):
     return dropped
 
 
+@njit(cache=True)
+def _inv_range(state, counters, all_dids, did, any_pasid, pasid, lo, hi, span_base):
+    """Drop lines of ``did`` (every DID if all_dids) and ``pasid`` (any if any_pasid) whose
+    pages meet [lo, hi] (0..MAX_PFN for a whole-domain or PASID invalidation); returns the
+    count. state, counters: as in _lookup. A line covers 2^(9 * (F_ORDER - span_base)) pages
+    from ``F_VPN << that``: span_base 0 for leaf lines (order), 1 for PWC lines (level)."""
+    dropped = 0
+    for s in range(state.shape[1]):
+        for w in range(state.shape[2]):
+            if state[F_VALID, s, w] == 0:
+                continue
+            span = np.uint64(9) * (state[F_ORDER, s, w] - span_base)
+            first = state[F_VPN, s, w] << span
+            last = first + ((np.uint64(1) << span) - np.uint64(1))
+            if ((all_dids or state[F_DID, s, w] == did)
+                    and (any_pasid or state[F_PASID, s, w] == pasid)
+                    and first <= hi and last >= lo):
+                state[F_VALID, s, w] = 0
+                dropped += 1
+    counters[C_INVALIDATED] += dropped
+    return dropped
+
+
+def line_contents(state: np.ndarray, fields: tuple[int, ...], layout: bool
+                  ) -> list[tuple[int, ...]]:
+    """Valid lines as sorted tuples of ``fields`` (F_*), led by (set, way, stamp) if layout."""
+    out = []
+    for s, w in zip(*np.nonzero(state[F_VALID] == 1), strict=True):
+        head = (int(s), int(w), int(state[F_STAMP, s, w])) if layout else ()
+        out.append((*head, *(int(state[f, s, w]) for f in fields)))
+    return sorted(out)
+
+
 def counters_dict(counts: np.ndarray) -> dict[str, int]:
     """The counter vector (C_*) as RefSetAssoc.counters names it."""
     return {"hits": int(counts[C_HITS]), "misses": int(counts[C_MISSES]),
@@ -281,13 +314,7 @@ class IotlbArrays:
         return counters_dict(self.counts)
 
     def contents(self, layout: bool = False) -> list[tuple[int, ...]]:
-        """Valid lines as (set, way, stamp,)? did, pasid, vpn_at_order, order, hpa_page, perm,
-        pgtt, sorted: RefSetAssoc.contents' format."""
-        st = self.state
-        out = []
-        for s, w in zip(*np.nonzero(st[F_VALID] == 1), strict=True):
-            line = [int(st[f, s, w]) for f in (F_DID, F_PASID, F_VPN, F_ORDER, F_HPA, F_PERM,
-                                              F_PGTT)]
-            head = (int(s), int(w), int(st[F_STAMP, s, w])) if layout else ()
-            out.append((*head, *line))
-        return sorted(out)
+        """Valid lines as ((set, way, stamp,)? did, pasid, vpn_at_order, order, hpa_page,
+        perm, pgtt), sorted: RefSetAssoc.contents' format."""
+        return line_contents(self.state, (F_DID, F_PASID, F_VPN, F_ORDER, F_HPA, F_PERM,
+                                          F_PGTT), layout)

@@ -18,22 +18,22 @@ from numpy.typing import ArrayLike
 from host_iommu.kernels.iotlb import (
     C_CLOCK,
     C_HITS,
-    C_INVALIDATED,
     C_MISSES,
     F_DID,
     F_HPA,
     F_ORDER,
     F_PASID,
     F_STAMP,
-    F_VALID,
     F_VPN,
     LINE_FIELDS,
     MAX_PFN,
     _fill_keyed,
     _find_way,
+    _inv_range,
     _set_index,
     _u64,
     counters_dict,
+    line_contents,
 )
 
 PWC_MIN_LEVEL, PWC_MAX_LEVEL = 2, 5
@@ -69,28 +69,6 @@ def _lookup_deepest(state, counters, did, pasid, addr, levels, level_hit, entry)
     counters[C_HITS] += hits
     counters[C_MISSES] += n - hits
     counters[C_CLOCK] = clock + n
-
-
-@njit(cache=True)
-def _inv_range(state, counters, all_dids, did, any_pasid, pasid, lo, hi):
-    """Drop lines of ``did`` (every DID if all_dids) and ``pasid`` (any if any_pasid) whose
-    pages meet [lo, hi] (0..MAX_PFN for a whole-domain or PASID invalidation); returns the
-    count. state, counters: as in _lookup_deepest."""
-    dropped = 0
-    for s in range(state.shape[1]):
-        for w in range(state.shape[2]):
-            if state[F_VALID, s, w] == 0:
-                continue
-            span = np.uint64(9) * (state[F_ORDER, s, w] - np.uint64(1))
-            first = state[F_VPN, s, w] << span
-            last = first + ((np.uint64(1) << span) - np.uint64(1))
-            if ((all_dids or state[F_DID, s, w] == did)
-                    and (any_pasid or state[F_PASID, s, w] == pasid)
-                    and first <= hi and last >= lo):
-                state[F_VALID, s, w] = 0
-                dropped += 1
-    counters[C_INVALIDATED] += dropped
-    return dropped
 
 
 class PwcArrays:
@@ -155,7 +133,7 @@ class PwcArrays:
     def _inv(self, all_dids: bool, did: int, any_pasid: bool, pasid: int, lo: int,
              hi: int) -> int:
         return int(_inv_range(self.state, self.counts, all_dids, np.uint64(did), any_pasid,
-                              np.uint64(pasid), np.uint64(lo), np.uint64(hi)))
+                              np.uint64(pasid), np.uint64(lo), np.uint64(hi), np.uint64(1)))
 
     def counters(self) -> dict[str, int]:
         return counters_dict(self.counts)
@@ -163,10 +141,4 @@ class PwcArrays:
     def contents(self, layout: bool = False) -> list[tuple[int, ...]]:
         """Valid lines as ((set, way, stamp,)? did, pasid, level, prefix, entry), sorted:
         RefSetAssoc.contents' format for the PWC key."""
-        st = self.state
-        out = []
-        for s, w in zip(*np.nonzero(st[F_VALID] == 1), strict=True):
-            line = [int(st[f, s, w]) for f in (F_DID, F_PASID, F_ORDER, F_VPN, F_HPA)]
-            head = (int(s), int(w), int(st[F_STAMP, s, w])) if layout else ()
-            out.append((*head, *line))
-        return sorted(out)
+        return line_contents(self.state, (F_DID, F_PASID, F_ORDER, F_VPN, F_HPA), layout)
