@@ -20,46 +20,26 @@ from host_iommu.kernels.iotlb import (
     F_PASID,
     F_PERM,
     F_VPN,
-    LINE_FIELDS,
     MAX_PFN,
-    PAGE_ORDERS,
-    _fill,
+    IotlbArrays,
     _inv_range,
-    _lookup,
-    _u64,
-    counters_dict,
     line_contents,
 )
 
 
-class DeviceTlbArrays:
-    """Device-TLBs in arrays; the interface of RefDeviceTLB (lookup, fill, inv, inv_global)."""
-
-    def __init__(self, entries: int, ways: int) -> None:
-        if entries < 0 or ways < 1 or entries % ways:
-            raise ValueError("entries must be a non-negative multiple of ways")
-        self.ways, self.sets = ways, entries // ways
-        self.state = np.zeros((len(LINE_FIELDS), self.sets, ways), dtype=np.uint64)
-        self.counts = np.zeros(6, dtype=np.int64)
+class DeviceTlbArrays(IotlbArrays):
+    """Device-TLBs in arrays; the interface of RefDeviceTLB (lookup, fill, inv, inv_global).
+    The IOTLB's lines with the source-id in the DID field and no PGTT."""
 
     def lookup(self, sid: ArrayLike, pasid: ArrayLike, addr: ArrayLike
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(hit, hpa, perm, order) per request; zeros where it missed."""
-        s, p, a = _u64(sid, pasid, addr)
-        n = s.size
-        hit = np.zeros(n, dtype=bool)
-        hpa = np.zeros(n, dtype=np.uint64)
-        perm, order, unused = (np.zeros(n, dtype=np.uint8) for _ in range(3))
-        _lookup(self.state, self.counts, s, p, a, hit, hpa, perm, order, unused)
-        return hit, hpa, perm, order
+        return super().lookup(sid, pasid, addr)[:4]
 
     def fill(self, sid: ArrayLike, pasid: ArrayLike, addr: ArrayLike, order: ArrayLike,
-             hpa_page: ArrayLike, perm: ArrayLike) -> None:
+             hpa_page: ArrayLike, perm: ArrayLike, pgtt: ArrayLike = 0) -> None:
         """Cache translation completions the device received (hpa_page: the page's base)."""
-        cols = _u64(sid, pasid, addr, order, hpa_page, perm, 0)
-        if cols[3].size and int(cols[3].max()) >= PAGE_ORDERS:
-            raise ValueError("order must be 0 (4 KiB), 1 (2 MiB) or 2 (1 GiB)")
-        _fill(self.state, self.counts, *cols)
+        super().fill(sid, pasid, addr, order, hpa_page, perm, 0)
 
     def inv(self, sid: int, pasid: int | None, addr: int, size_bytes: int) -> int:
         """Drop entries of device ``sid`` (and ``pasid`` unless None) meeting the byte range."""
@@ -74,11 +54,7 @@ class DeviceTlbArrays:
 
     def inv_global(self) -> int:
         """Every entry of every device."""
-        return int(_inv_range(self.state, self.counts, True, np.uint64(0), True, np.uint64(0),
-                              np.uint64(0), np.uint64(MAX_PFN), np.uint64(0)))
-
-    def counters(self) -> dict[str, int]:
-        return counters_dict(self.counts)
+        return super().inv_global()
 
     def contents(self, layout: bool = False) -> list[tuple[int, ...]]:
         """Valid lines as ((set, way, stamp,)? sid, pasid, vpn_at_order, order, hpa_page,
