@@ -2,7 +2,7 @@
 
 Like gem5's DRAM timings, one named field per cost, each with its source. Counts in results
 are exact; times are modelled from these numbers and reported as modelled. The calibration
-point (DESIGN.md section 3) is Amit, Ben-Yehuda, Tsafrir, Schuster, "vIOMMU: Efficient IOMMU
+point is Amit, Ben-Yehuda, Tsafrir, Schuster, "vIOMMU: Efficient IOMMU
 Emulation", USENIX ATC 2011: about 6,900 cycles to map+unmap a page strictly on bare metal and
 about 35,000 cycles under trap-and-emulate (at 3 GHz: 2.3 us and 11.7 us). The defaults below
 split those totals into their parts so that the bare-metal strict (un)map and the shadow

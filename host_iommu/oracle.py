@@ -1,6 +1,6 @@
 """The security oracle: was a DMA allowed to reach the page it reached?
 
-DESIGN.md section 3. Every DMA carries, from the guest, the id of the unmap that last covered
+Every DMA carries, from the guest, the id of the unmap that last covered
 its target page (or -1 while the page is mapped). A DMA that the IOMMU let through after that
 unmap *returned* is stale: the device used a translation the guest had already torn down (a
 lazily flushed IOTLB entry, a device-TLB entry, or a missing invalidation). Its window is the

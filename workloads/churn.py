@@ -1,6 +1,6 @@
 """Host second-level churn: the VMM balloons or unplugs guest memory at a fixed interval.
 
-Models the host-side GPA->HPA changes of DESIGN.md section 2 (virtio-balloon inflate/deflate,
+Models host-side GPA->HPA changes made under a running guest (virtio-balloon inflate/deflate,
 memory hot-unplug). Each change invalidates everything derived from the VM's second-level
 table (Linux drivers/iommu/intel/cache.c flushes every nested IOTLB and device-TLB tag).
 """

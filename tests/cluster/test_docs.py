@@ -101,3 +101,16 @@ def test_config_md_toml_examples_are_valid_configs():
     for block in blocks:
         cfg = parse_config(tomllib.loads(block), source="docs/config.md")
         assert cfg.vms, block
+
+
+def test_files_cite_only_what_a_reader_can_open():
+    """No file points at notes outside the repository (a design brief, a shared folder)."""
+    private = re.compile(r"DESIGN\.md|/work/shared|STYLE\.md|the brief\b")
+    this = Path(__file__).resolve()
+    hits = [f"{f.relative_to(ROOT)}:{n}" for pattern in ("*.py", "*.md", "*.toml")
+            for f in ROOT.glob(f"**/{pattern}")
+            if not {".venv", "build", ".git", "node_modules"} & set(f.relative_to(ROOT).parts)
+            and f.resolve() != this
+            for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1)
+            if private.search(line)]
+    assert hits == []
