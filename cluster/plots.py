@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after the backend is chosen
+from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
     from cluster.report import Results
@@ -147,8 +148,9 @@ def _queue_depth(res: Results, r: dict[str, Any]) -> Any:
 
 def scaling(res: Results, out: Path, footer: str) -> Plot:
     plot = Plot("scaling", "Throughput and I/O latency vs VM count or queue depth",
-                caption="Per mode/policy/workload: modelled throughput (sum over VMs of bytes "
-                        "x 8 / window) and mean I/O latency (weighted by I/Os).")
+                caption="Per mode/policy/workload: modelled throughput (sum over a run's VMs "
+                        "of bytes x 8 / window, averaged over the runs at that x) and mean I/O "
+                        "latency (weighted by I/Os).")
     rows = _rows(res)
     vms = defaultdict(int)
     for r in rows:
@@ -163,12 +165,17 @@ def scaling(res: Results, out: Path, footer: str) -> Plot:
         plot.reason = "neither the VM count nor the queue depth varies"
         return plot
     pts: dict[str, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0] * 3))
+    runs: dict[tuple[str, Any], set[str]] = defaultdict(set)
     for r in rows:
         window = int(r.get("window_ns") or r.get("sim_ns") or 0)
         acc = pts[_design(r)][x_of(r)]
         acc[0] += int(r["bytes"] or 0) * 8 / window if window else 0.0
         acc[1] += float(r.get("io_latency_mean_ns") or 0) * int(r["ios"] or 0)
         acc[2] += int(r["ios"] or 0)
+        runs[(_design(r), x_of(r))].add(str(r.get("run", "")))
+    for design, by_x in pts.items():   # runs that differ in other keys: their mean
+        for x, acc in by_x.items():
+            acc[0] /= len(runs[(design, x)])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     points = 0
     for design, by_x in sorted(pts.items()):
@@ -182,6 +189,7 @@ def scaling(res: Results, out: Path, footer: str) -> Plot:
     a2.set_ylabel("mean I/O latency (µs, modelled)")
     for ax in (a1, a2):
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     fig.suptitle(plot.title, fontsize=10)
     return _save(fig, out, plot, points, footer)
