@@ -216,7 +216,17 @@ def _session(backend: str, address: str | None) -> Any:
         from cluster.ray_runner import ray_session
     except ImportError as e:
         raise UserError(f"the ray backend needs ray[default] installed: {e}") from None
-    return ray_session(address)
+    return _sigterm_after(ray_session(address))
+
+
+@contextlib.contextmanager
+def _sigterm_after(session: Any) -> Any:
+    """Enter ``session``, then take SIGTERM back: a Ray driver installs its own handler, which
+    ends the process at once (losing the run's streamed metrics and its staging folder)."""
+    with session:
+        with contextlib.suppress(ValueError):   # not the main thread: leave SIGTERM alone
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        yield
 
 
 def cmd_run(args: argparse.Namespace) -> int:
