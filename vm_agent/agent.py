@@ -45,6 +45,9 @@ from vm_agent.viommu import VIommu
 from vm_agent.vmm import VMMS
 from workloads.base import Device, Workload
 
+# A first-level entry's address field, bits 51:12 (x86-64 paging; VT-d spec 9.7).
+TABLE_ADDR_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
+
 GUEST_COUNTERS = ("maps", "unmaps", "vm_exits", "vmm_map_calls", "vmm_unmap_calls",
                   "vmm_invalidate_calls", "inv_descriptors", "pte_writes",
                   "ios", "bytes", "io_latency_sum_ns", "cpu_busy_ns", "dma_requests",
@@ -100,6 +103,7 @@ class VmAgent:
         self.epoch_faults: list[tuple] = []
         self.epoch_ns = 0                    # length of the last epoch run
         self.qi_wait_due = [0] * vcpus       # host QI waits reported, not yet charged (ns)
+        self._made: dict[int, list[int]] = {}  # table GPA -> rows of its creation stores
 
     # --- set-up --------------------------------------------------------------------------
     def setup(self) -> VmSetup:
@@ -154,8 +158,38 @@ class VmAgent:
         self.dma.add_domain(dom)
 
     def _log_table_store(self, store: GuestTableStore, gpa: int, value: int) -> None:
-        """Nested: the guest's first-level stores reach the host's copy of its memory."""
+        """Nested: the guest's first-level stores reach the host's copy of its memory.
+
+        Causality across vCPUs: a call on a busy vCPU runs (here) before a later call on an
+        idle vCPU but is stamped at its busy time. If the idle vCPU then stores into a table
+        page the busy one created, that page's creation (its zeroing and the store linking
+        it into its parent) must reach the host no later than the store that depends on it:
+        on Linux the first vCPU to need the table installs it (pfn_to_dma_pte's cmpxchg).
+        So those creation stores take the earlier time stamp, up the table path.
+        """
+        page = gpa & ~(PAGE_SIZE - 1)
+        self._made_by(page, store.now)
         self.log.add(store.now, OP_GUEST_WRITE, a0=gpa, a1=value)
+        row = self.log.n - 1
+        target = value & TABLE_ADDR_MASK
+        if store.zeroing == page:
+            self._made.setdefault(page, []).append(row)
+        elif value & 1 and target != page and target in store.pages:
+            self._made.setdefault(target, []).append(row)
+
+    def _made_by(self, page: int, t_ns: int) -> None:
+        """Move the creation stores of table ``page`` (this epoch's) to ``t_ns`` if later."""
+        rows = self._made.get(page)
+        if not rows:
+            return
+        stamps = self.log.buf["t_ns"]
+        late = [r for r in rows if stamps[r] > t_ns]
+        for r in late:
+            stamps[r] = t_ns
+        for r in late:
+            parent = int(self.log.buf["a0"][r]) & ~(PAGE_SIZE - 1)
+            if parent != page:
+                self._made_by(parent, t_ns)
 
     # --- events and vCPUs ----------------------------------------------------------------
     def schedule(self, t_ns: int, fn: Callable[..., None], *args: Any) -> None:
@@ -182,6 +216,7 @@ class VmAgent:
             self.now = t
             fn(*args)
         self.now = t_end_ns
+        self._made.clear()  # creation stores already sent are ordered by the epoch
         return self.log.take()
 
     def receive(self, report: EpochReport) -> None:

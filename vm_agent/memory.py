@@ -30,6 +30,9 @@ class GuestMemory:
         self.free_lists: dict[int, list[int]] = {}
         self.ballooned: list[int] = []
         self.used_pages = 0
+        # Slots a freed page-table page still holds in memory (an unmap that covers a whole
+        # table frees it without clearing it, as Linux's freelist does): GPA -> slot indices.
+        self.table_residue: dict[int, np.ndarray] = {}
 
     @staticmethod
     def _order(npages: int) -> int:
@@ -91,14 +94,32 @@ class GuestTableStore:
         self.on_write = on_write
         self.writes = 0
         self.now = 0
+        self.zeroing: int | None = None  # the table page whose zeroing stores are under way
 
     def alloc_table(self) -> int:
+        """A zeroed page-table page (Linux iommu_alloc_page: __GFP_ZERO).
+
+        The zeroing is a guest CPU memset the IOMMU sees: a page that was a table before
+        still holds its old entries in memory, so under nesting its non-zero slots are
+        stored as 0 (``on_write``) before the page is used. They are not PTE writes of the
+        driver (``writes`` does not count them).
+        """
         gpa = self.mem.alloc(1)
         self.pages[gpa] = np.zeros(PTES_PER_TABLE, dtype=PTE_DTYPE)
+        residue = self.mem.table_residue.pop(gpa, None)
+        if residue is not None and self.on_write is not None:
+            self.zeroing = gpa
+            for slot in residue.tolist():
+                self.on_write(gpa + 8 * slot, 0)
+            self.zeroing = None
         return gpa
 
     def free_table(self, addr: int) -> None:
-        self.pages.pop(addr, None)
+        page = self.pages.pop(addr, None)
+        if page is not None:
+            residue = np.flatnonzero(page)
+            if residue.size:
+                self.mem.table_residue[addr] = residue
         self.mem.free(addr, 1)
 
     def read(self, addr: int) -> int:

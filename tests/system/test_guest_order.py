@@ -4,8 +4,6 @@ time, so a store must not be stamped later than a store that depends on it)."""
 
 from __future__ import annotations
 
-import pytest
-
 from host_iommu.iommu import IommuParams
 from host_iommu.protocol import merge
 from host_iommu.server import HostServer
@@ -38,11 +36,6 @@ def test_maps_on_one_vcpu_are_visible_when_they_return():
     assert (s.counters[1]["translations"], s.counters[1]["faults"]) == (2, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known guest-model bug: vCPU 0's stores (the new leaf table's PDE) are stamped at its "
-    "busy time (1 ms) while vCPU 1's later-run map writes its PTE into that table at 10 ns; "
-    "the host applies the PTE before the PDE links the table, and the device's read at "
-    "~1 us faults (vm_agent/agent.py, vm_agent/dma.py)"))
 def test_map_on_another_vcpu_is_visible_when_it_returns():
     """vCPU 1's map returned at ~1 us: the device's read after that must translate, even
     though vCPU 0, busy until 1 ms, created the table the map wrote into."""
