@@ -55,21 +55,36 @@ class _VmTimes:
         else:
             self.spill[uid] = max(max(self.spill.get(uid, _NONE), 0), t_ns)
 
-    def drop(self, uid: int) -> bool:
-        i = uid - self.base
-        if 0 <= i < self.ret.size:
-            held = bool(self.ret[i] != _NONE)
-            self.ret[i] = _NONE
-            return held
-        return self.spill.pop(uid, None) is not None
+    def drop_many(self, uids: np.ndarray) -> int:
+        """``drop`` for every id of ``uids`` (int64, each at most once); how many were held."""
+        i = uids - self.base
+        inside = (i >= 0) & (i < self.ret.size)
+        j = i[inside]
+        held = int((self.ret[j] != _NONE).sum())
+        self.ret[j] = _NONE
+        if self.spill:
+            held += sum(self.spill.pop(int(u), None) is not None for u in uids[~inside])
+        return held
 
     def trim(self) -> None:
-        """Cut the leading ids that hold nothing (a later time for one goes to ``spill``)."""
+        """Cut the leading ids that hold nothing (a later time for one goes to ``spill``).
+
+        A few long-lived ids (an IOVA page no map reuses for long) must not pin the prefix:
+        once the first half of the array holds at most 1/16 of its slots, those entries move
+        to ``spill`` and the half is cut, so the array spans O(held ids), not the run.
+        """
         held = np.flatnonzero(self.ret != _NONE)
         k = int(held[0]) if held.size else self.ret.size
-        if k >= _MIN_TRIM and 2 * k >= self.ret.size:
-            self.ret = self.ret[k:].copy()
-            self.base += k
+        if k < _MIN_TRIM or 2 * k < self.ret.size:
+            half = self.ret.size // 2
+            few = held[:np.searchsorted(held, half)]
+            if half < _MIN_TRIM or 16 * few.size > half:
+                return
+            for i in few.tolist():
+                self.spill[self.base + i] = int(self.ret[i])
+            k = half
+        self.ret = self.ret[k:].copy()
+        self.base += k
 
     def lookup(self, uid: np.ndarray) -> np.ndarray:
         i = uid - self.base
@@ -135,7 +150,8 @@ class Oracle:
         times = self._vms.get(vm)
         if times is None:
             return 0
-        dropped = sum(times.drop(int(u)) for u in np.atleast_1d(unmap_ids) if int(u) >= 0)
+        uids = np.unique(np.asarray(unmap_ids, dtype=np.int64).ravel())
+        dropped = times.drop_many(uids[uids >= 0])
         times.trim()
         return dropped
 

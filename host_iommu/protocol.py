@@ -8,8 +8,9 @@ of an epoch merged by (t_ns, vm, seq), never by arrival. Control messages of var
 
 Unpacking is the boundary: a frame that is not well-formed msgpack of the expected shape, an
 operation with a field no valid operation carries (unknown kind, negative time, VM id below 1,
-a PASID wider than 20 bits, a DMA that neither reads nor writes), or a control message with a
-missing, unknown or out-of-range field raises ProtocolError naming what is wrong.
+a PASID wider than 20 bits, a DMA that neither reads nor writes, an unmap retire run naming
+no ids, too many or ids past 2^62), or a control message with a missing, unknown or
+out-of-range field raises ProtocolError naming what is wrong.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ OP_VFIO_UNMAP = 5    # sid, a0 = IOVA, a1 = bytes, a3 = unmap id or -1
 OP_UNMAP_RET = 6     # a0 = unmap id, a1 = time the guest's unmap call returned, a2 = vCPU
 OP_SL_UNMAP = 7      # a0 = GPA, a1 = pages: the VMM takes memory away (balloon, unplug)
 OP_SL_MAP = 8        # a0 = GPA, a1 = pages: the VMM gives memory back
+OP_UNMAP_RETIRE = 9  # a0 = first unmap id, a1 = count (1..MAX_RETIRE_RUN): ids no IOVA page
+#                      carries any more; the host drops them after the epoch's other operations
 OP_NAMES = {OP_GUEST_WRITE: "guest_write", OP_DMA: "dma", OP_HWPT_INV: "hwpt_invalidate",
             OP_VFIO_MAP: "vfio_map", OP_VFIO_UNMAP: "vfio_unmap", OP_UNMAP_RET: "unmap_ret",
-            OP_SL_UNMAP: "sl_unmap", OP_SL_MAP: "sl_map"}
+            OP_SL_UNMAP: "sl_unmap", OP_SL_MAP: "sl_map", OP_UNMAP_RETIRE: "unmap_retire"}
+MAX_RETIRE_RUN = 1 << 16   # unmap ids one OP_UNMAP_RETIRE may name
 DMA_ROGUE = 1 << 8   # in a2 of OP_DMA: the device aimed at a stale IOVA on purpose
 MODES = ("shadow", "nested", "passthrough")
 FL_LEVELS = (4, 5)   # first-level paging: 4-level (48-bit) or 5-level (57-bit)
@@ -97,6 +101,13 @@ def _unpackb(frame: object) -> Any:
                             ) from None
 
 
+def bad_retire(ops: np.ndarray) -> np.ndarray:
+    """OP_UNMAP_RETIRE rows naming no ids, more than MAX_RETIRE_RUN, or ids past 2^62."""
+    a0, a1 = ops["a0"], ops["a1"]
+    return (ops["op"] == OP_UNMAP_RETIRE) & ((a1 == 0) | (a1 > MAX_RETIRE_RUN)
+                                            | (a0 >= np.uint64(1 << 62)))
+
+
 def check_ops(ops: np.ndarray) -> np.ndarray:
     """Raise ProtocolError unless every operation's fields are ones a valid operation has."""
     bad = {
@@ -106,6 +117,7 @@ def check_ops(ops: np.ndarray) -> np.ndarray:
         "PASID wider than 20 bits": ops["pasid"] > MAX_PASID,
         "DMA access neither read nor write": (ops["op"] == OP_DMA) & ~np.isin(
             ops["a2"] & 0xFF, (ACCESS_READ, ACCESS_WRITE)),
+        "unmap retire run out of range": bad_retire(ops),
     }
     for what, mask in bad.items():
         if mask.any():

@@ -4,7 +4,8 @@ This is what the host actor wraps. It owns the VMs' host-side domains (shadow co
 nested HWPTs, pass-through attachments), applies the merged operation stream of an epoch in
 (t_ns, vm, seq) order, batches each run of DMA requests into one ``HostIommu.translate`` call
 (split wherever a queued invalidation takes effect), and runs the security oracle on every
-DMA (host_iommu/oracle.py).
+DMA (host_iommu/oracle.py); unmap ids a guest retires (OP_UNMAP_RETIRE: no IOVA page carries
+them any more) leave the oracle at the end of the epoch, so its state stays bounded.
 
 It is also the boundary a hostile guest meets: an operation from an unknown VM, with a field
 no valid operation carries, or naming a device the sending VM was not assigned (the VMM's
@@ -42,11 +43,13 @@ from host_iommu.protocol import (
     OP_SL_MAP,
     OP_SL_UNMAP,
     OP_UNMAP_RET,
+    OP_UNMAP_RETIRE,
     OP_VFIO_MAP,
     OP_VFIO_UNMAP,
     EpochReport,
     ProtocolError,
     VmSetup,
+    bad_retire,
     check_setup,
 )
 from host_iommu.vfio import ShadowDomain, VfioError, vfio_attach, vfio_map, vfio_unmap
@@ -85,6 +88,7 @@ class HostServer:
         self.unmap_waits: dict[int, list[tuple[int, int, int]]] = {}   # vm -> this epoch's
         self._qi_stamp_max = 0                  # latest time stamp that submitted to the QI
         self._qi_out_of_order: set[tuple[int, int]] = set()   # (vm, unmap id)
+        self._retiring: dict[int, list[np.ndarray]] = {}   # vm -> ids retired this epoch
         self.counters: dict[int, dict[str, int]] = {}
         self.host_counters: dict[str, int] = dict.fromkeys(HOST_ONLY_COUNTERS, 0)
 
@@ -161,7 +165,7 @@ class HostServer:
         self.host_counters["unknown_vm_ops"] += int((~known).sum())
         kind = ops["op"]
         malformed = (~np.isin(kind, np.array(sorted(OP_NAMES))) | (ops["t_ns"] < 0)
-                     | (ops["pasid"] > MAX_PASID)
+                     | (ops["pasid"] > MAX_PASID) | bad_retire(ops)
                      | ((kind == OP_DMA)
                         & ~np.isin(ops["a2"] & 0xFF, (ACCESS_READ, ACCESS_WRITE))))
         owner = np.zeros(1 << 16, dtype=np.int64)
@@ -206,6 +210,11 @@ class HostServer:
                 continue
             self._control(ops[i])
             i += 1
+        # Retired unmap ids are dropped only now, after every DMA of the epoch was checked
+        # (a DMA stamped with an id may sort after the retire in time order).
+        for vm in sorted(self._retiring):
+            self.oracle.retire(vm, np.concatenate(self._retiring[vm]))
+        self._retiring.clear()
         # The host driver's fault handler reads every record and clears PFO (dmar_fault).
         f = h.faults.take_all()
         owned = np.isin(f["vm"], np.array(sorted(self.counters), dtype=np.int64))
@@ -285,6 +294,10 @@ class HostServer:
                 sl_map(h, vm, int(op["a0"]), int(op["a1"]))
             except IommufdError:
                 c["ops_refused"] += 1
+        elif k == OP_UNMAP_RETIRE:
+            first = int(op["a0"])
+            self._retiring.setdefault(vm, []).append(
+                np.arange(first, first + int(op["a1"]), dtype=np.int64))
 
     def _dma(self, ops: np.ndarray) -> None:
         h = self.iommu

@@ -217,6 +217,7 @@ class VmAgent:
             fn(*args)
         self.now = t_end_ns
         self._made.clear()  # creation stores already sent are ordered by the epoch
+        self.dma.log_retired(t_end_ns)
         return self.log.take()
 
     def receive(self, report: EpochReport) -> None:

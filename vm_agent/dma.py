@@ -22,7 +22,7 @@ from host_iommu.costs import CostModel
 from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE
 from host_iommu.invalidate import ALL_PAGES, domain_flush_descs, pasid_flush_descs
 from host_iommu.pgtable import PageTable
-from host_iommu.protocol import OP_UNMAP_RET, OpLog
+from host_iommu.protocol import MAX_RETIRE_RUN, OP_UNMAP_RET, OP_UNMAP_RETIRE, OpLog
 from vm_agent.flushq import DEFAULT_HZ, FlushQueue
 from vm_agent.iova import IovaDomain, IovaRcache
 from vm_agent.viommu import VIommu
@@ -91,6 +91,8 @@ class DmaApi:
         self.domains: dict[int, IommuDomain] = {}
         self.mapped_pages: set[tuple[int, int]] = set()       # (key, iova page)
         self.unmap_id_of: dict[tuple[int, int], int] = {}     # (key, iova page) -> unmap id
+        self.pages_tagged: dict[int, int] = {}   # unmap id -> pages unmap_id_of gives it
+        self.retired: list[int] = []             # ids whose last page went this epoch
         self.last_unmapped: dict[int, int] = {}               # key -> iova
         self.next_unmap_id = 0
         self.stale_bound_ns = 0
@@ -222,7 +224,7 @@ class DmaApi:
         dom.mappings[pfn] = Mapping(pfn, total)
         for p in range(pfn, pfn + total):
             self.mapped_pages.add((sid, p))
-            self.unmap_id_of.pop((sid, p), None)
+            self._untag(sid, p)
         return out, t
 
     def _map_failed(self, dom: IommuDomain, cpu: int, pfn: int, pages: int,
@@ -268,7 +270,12 @@ class DmaApi:
         t = self._clear_ptes(dom, pfn, m.pages, t)
         for p in range(pfn, pfn + m.pages):
             self.mapped_pages.discard((sid, p))
+            self._untag(sid, p)
             self.unmap_id_of[(sid, p)] = unmap_id
+        if m.pages:
+            self.pages_tagged[unmap_id] = m.pages
+        else:   # an empty mapping tags no page
+            self.retired.append(unmap_id)
         if dom.fq is None:  # strict: invalidate and wait now, then free the IOVA
             # A queue error (counted in qi_errors) is a WARN: the queued invalidation still
             # reached the VMM when the driver cleared IQE, so the IOVA is freed as Linux does.
@@ -312,6 +319,31 @@ class DmaApi:
             self._flush_all(dom, cpu, t)
 
     # --- what the oracle needs for each device DMA ----------------------------------------
+    def _untag(self, key: int, page: int) -> None:
+        """The page no longer carries its unmap id (mapped again, or covered by a newer
+        unmap); an id left on no page can never stamp a DMA again: it is retired."""
+        uid = self.unmap_id_of.pop((key, page), None)
+        if uid is not None:
+            left = self.pages_tagged[uid] - 1
+            if left:
+                self.pages_tagged[uid] = left
+            else:
+                del self.pages_tagged[uid]
+                self.retired.append(uid)
+
+    def log_retired(self, t_ns: int) -> None:
+        """Tell the host, in runs of consecutive ids, which unmap ids were retired since the
+        last call (OP_UNMAP_RETIRE; the host drops them after the epoch's DMAs)."""
+        ids = sorted(self.retired)
+        self.retired.clear()
+        i = 0
+        while i < len(ids):
+            j = i + 1
+            while j < len(ids) and ids[j] == ids[j - 1] + 1 and j - i < MAX_RETIRE_RUN:
+                j += 1
+            self.log.add(t_ns, OP_UNMAP_RETIRE, a0=ids[i], a1=j - i)
+            i = j
+
     def unmap_tag(self, sid: int, page: int) -> int:
         """-1 while (sid, IOVA page) is mapped, else the id of the unmap that last covered it."""
         if self.mode == "passthrough" or (sid, page) in self.mapped_pages:

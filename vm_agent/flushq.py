@@ -175,7 +175,10 @@ class FlushQueue:
             deque() for _ in range(cpus if per_cpu else 1)]
         self._start_cnt = 0            # fq_flush_start_cnt
         self._finish_cnt = 0           # fq_flush_finish_cnt
-        self._finish_ns: list[int] = [0]    # [k]: completion time of the k-th finished flush
+        # [k - _finish_base]: completion time of the k-th finished flush, kept from the
+        # oldest one a queued entry can still ask about (so it does not grow with the run)
+        self._finish_ns: deque[int] = deque([0])
+        self._finish_base = 0
         self._inflight: deque[tuple[int, int]] = deque()   # (reason, ring) per started flush
         self._deadline_ns: int | None = None
         self._pending = 0
@@ -247,6 +250,11 @@ class FlushQueue:
         else:
             for fq in self._fqs:
                 self._ring_free(fq, freed)
+        # An entry queued under start count c asks for flush c + 1; later ones for more.
+        oldest = min((fq[0][2] for fq in self._fqs if fq), default=self._start_cnt) + 1
+        while self._finish_base < min(oldest, self._finish_cnt):
+            self._finish_ns.popleft()
+            self._finish_base += 1
         return freed
 
     def pending(self) -> int:
@@ -266,13 +274,14 @@ class FlushQueue:
         """fq_ring_free: pop entries from the head while a finished flush covers them."""
         finish = self._finish_cnt
         finish_ns = self._finish_ns
+        base = self._finish_base
         stale = freed.stale_ns
         worst = freed.max_stale_ns
         n = 0
         while fq and fq[0][2] < finish:
             pfn, pages, counter, t_q = fq.popleft()
             freed.append((pfn, pages))
-            window = finish_ns[counter + 1] - t_q
+            window = finish_ns[counter + 1 - base] - t_q
             stale.append(window)
             if window > worst:
                 worst = window

@@ -30,6 +30,7 @@ from host_iommu.protocol import (
     OP_SL_MAP,
     OP_SL_UNMAP,
     OP_UNMAP_RET,
+    OP_UNMAP_RETIRE,
     OP_VFIO_MAP,
     OP_VFIO_UNMAP,
     EpochReport,
@@ -297,7 +298,7 @@ def _raw_values(rng: np.random.Generator, w: World, vm: int) -> list[int]:
 
 def _gen_raw(w: World, rng: np.random.Generator, vm: int) -> Op:
     kinds = [OP_DMA, OP_GUEST_WRITE, OP_HWPT_INV, OP_VFIO_MAP, OP_VFIO_UNMAP, OP_UNMAP_RET,
-             OP_SL_UNMAP, OP_SL_MAP, 0, 9, 255]
+             OP_SL_UNMAP, OP_SL_MAP, OP_UNMAP_RETIRE, 0, 10, 255]
     own = [d.sid for d in w.devices[vm]]
     rows = []
     for _ in range(int(rng.integers(1, 9))):

@@ -113,4 +113,4 @@ def test_unknown_control_message_is_a_named_error():
 
 def test_operation_names_cover_the_kinds():
     assert OP_NAMES[OP_DMA] == "dma" and OP_NAMES[OP_GUEST_WRITE] == "guest_write"
-    assert len(set(OP_NAMES.values())) == len(OP_NAMES) == 8
+    assert len(set(OP_NAMES.values())) == len(OP_NAMES) == 9

@@ -1,0 +1,106 @@
+"""Emulated time does not grow the emulator's state: retired unmap ids leave guest and oracle.
+
+A run 4x longer holds no more entries in the structures that used to grow with it (the
+oracle's unmap return times, the guest's unmap-id bookkeeping, its mappings and IOVA caches),
+while the unmap count grows 4x; and pruning changes no result: the summary and faults tables
+equal those of the same run with ``Oracle.retire`` disabled, rogue (stale) DMAs included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.runner import run_config
+from host_iommu.oracle import Oracle
+from host_iommu.protocol import (
+    MAX_RETIRE_RUN,
+    OP_DTYPE,
+    OP_UNMAP_RETIRE,
+    ProtocolError,
+    pack_ops,
+    unpack_ops,
+)
+from tests.system.conftest import experiment, nic, nvme
+
+# The lazy NIC runs fast enough to fill its per-CPU flush queues (256 slots each) in the short
+# run already: before its first flush no IOVA is reused, so every unmap id is still live.
+VMS = {"strict": nic("nested", rogue=0.05), "lazy": nic("nested", "lazy", rogue=0.05, gbps=8.0),
+       "shadow": nvme("shadow", rogue=0.05)}
+SHORT_US = 1000
+
+
+def _run(tmp_path, duration_us: int, name: str, pruned: bool = True
+         ) -> tuple[dict, dict[str, list]]:
+    """Run ``VMS`` for ``duration_us``: (entry counts of the grown structures, result tables)."""
+    held = {}
+    cfg = experiment(VMS, duration_us=duration_us, name="mem")
+    out = run_config(cfg, tmp_path / name, machine_hook=lambda m: held.update(m=m))
+    m = held["m"]
+    (host,) = m.hosts.values()
+    sizes: dict[str, int] = {"unmaps": 0}
+    for vm, a in sorted(m.agents.items()):
+        d = a.dma
+        times = host.oracle._vms.get(vm)
+        live = set(d.pages_tagged)
+        # every id the oracle still holds is one some IOVA page carries
+        assert not pruned or {uid for v, uid in host.oracle.returned if v == vm} <= live
+        counts = {"oracle_ids": sum(v == vm for v, _u in host.oracle.returned),
+                  "oracle_slots": 0 if times is None else times.ret.size + len(times.spill),
+                  "unmap_id_of": len(d.unmap_id_of), "pages_tagged": len(live),
+                  "mapped_pages": len(d.mapped_pages), "retired": len(d.retired),
+                  "mappings": sum(len(x.mappings) for x in d.domains.values()),
+                  "freed_ns": sum(len(x.freed_ns) for x in d.domains.values())}
+        for k, v in counts.items():
+            sizes[f"{vm}.{k}"] = v
+        sizes["unmaps"] += a.stats["unmaps"]
+    tables = {"summary": out.summary.to_pylist(),
+              "faults": pq.read_table(out.tables["faults"]).to_pylist()}
+    return sizes, tables
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mem")
+    short, _ = _run(tmp, SHORT_US, "short")
+    long, tables = _run(tmp, 4 * SHORT_US, "long")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Oracle, "retire", lambda self, vm, ids: 0)
+        unpruned, unpruned_tables = _run(tmp, 4 * SHORT_US, "unpruned", pruned=False)
+    return short, long, tables, unpruned, unpruned_tables
+
+
+def test_state_does_not_grow_with_emulated_time(runs):
+    short, long, _t, unpruned, _u = runs
+    assert long["unmaps"] > 3 * short["unmaps"] > 0
+    for k, n in short.items():
+        if k.endswith("slots"):   # the dense array grows by doubling and is cut only once a
+            # retired prefix spans 1024 ids: one doubling of slack, or 4096 slots
+            assert long[k] <= max(2 * n, 4096), (k, n, long[k])
+        elif k != "unmaps":
+            assert long[k] <= 1.25 * n + 64, (k, n, long[k])
+    # without retirement the oracle holds, and its array spans, every unmap of the run
+    for what in ("oracle_ids", "oracle_slots"):
+        assert sum(v for k, v in unpruned.items() if k.endswith(what)) >= long["unmaps"]
+
+
+def test_pruning_changes_no_result(runs):
+    _s, _l, tables, _u, unpruned_tables = runs
+    assert tables == unpruned_tables
+    summary = tables["summary"]
+    assert sum(r["stale_dma"] for r in summary) > 0   # stale DMAs are still being judged
+
+
+@pytest.mark.parametrize(("first", "count", "ok"), [
+    (0, 1, True), (5, MAX_RETIRE_RUN, True), (0, 0, False), (0, MAX_RETIRE_RUN + 1, False),
+    (1 << 62, 1, False)])
+def test_retire_runs_are_checked_at_the_boundary(first, count, ok):
+    """A retire run names 1..MAX_RETIRE_RUN ids below 2^62; anything else is refused."""
+    ops = np.zeros(1, dtype=OP_DTYPE)
+    ops[0] = (10, 1, 0, OP_UNMAP_RETIRE, 0, 0, first, count, 0, -1)
+    if ok:
+        assert unpack_ops(pack_ops(ops))["a1"][0] == count
+    else:
+        with pytest.raises(ProtocolError, match="unmap retire run out of range"):
+            unpack_ops(pack_ops(ops))
