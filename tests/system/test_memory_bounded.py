@@ -23,6 +23,7 @@ from host_iommu.protocol import (
     unpack_ops,
 )
 from tests.system.conftest import experiment, nic, nvme
+from vm_agent.flushq import FlushQueue
 
 # The lazy NIC runs fast enough to fill its per-CPU flush queues (256 slots each) in the short
 # run already: before its first flush no IOVA is reused, so every unmap id is still live.
@@ -104,3 +105,31 @@ def test_retire_runs_are_checked_at_the_boundary(first, count, ok):
     else:
         with pytest.raises(ProtocolError, match="unmap retire run out of range"):
             unpack_ops(pack_ops(ops))
+
+
+def test_flush_queue_keeps_only_completion_times_still_asked_for():
+    """Hundreds of ring-full flushes, one ring four times busier than the other: each freed
+    entry's stale window still ends at the completion of the first flush started after it
+    was queued, and the queue holds the completion times of the last few flushes only."""
+    fq = FlushQueue(2, size=4)
+    queued_at: dict[int, int] = {}
+    starts: list[int] = []          # start time of each flush; each completes 7 ns later
+    freed: list[tuple[int, int]] = []   # (pfn, window)
+
+    def take(r) -> None:
+        freed.extend((pfn, w) for (pfn, _n), w in zip(r, r.stale_ns, strict=True))
+
+    for pfn in range(4000):
+        t = 10 * (pfn + 1)
+        r = fq.queue(0 if pfn % 5 == 0 else 1, pfn, 1, t)
+        queued_at[pfn] = t
+        take(r.freed)
+        if r.flush_now:
+            starts.append(t)
+            take(fq.flush_done(t + 7))
+        assert len(fq._finish_ns) <= 4
+    assert fq.flushes > 600 and len(freed) > 3900
+    for pfn, window in freed:
+        t_q = queued_at[pfn]
+        first = starts[int(np.searchsorted(starts, t_q, side="right"))]
+        assert window == first + 7 - t_q, pfn
