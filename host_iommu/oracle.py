@@ -155,6 +155,29 @@ class Oracle:
         times.trim()
         return dropped
 
+    def retire_runs(self, vm: int, runs: list[tuple[int, int]]) -> int:
+        """``retire`` for runs of consecutive ids (first, count), as the guest sends them.
+
+        Each run is clipped to the ids held, so a run naming many ids nobody holds costs no
+        memory (the work per run is at most its length or the number of spilled ids).
+        """
+        times = self._vms.get(vm)
+        if times is None:
+            return 0
+        lo, hi = times.base, times.base + times.ret.size
+        parts = []
+        for first, count in runs:
+            a, b = max(first, lo), min(first + count, hi)
+            if a < b:
+                parts.append(np.arange(a, b, dtype=np.int64))
+            if times.spill:
+                far = (range(first, first + count) if count <= len(times.spill)
+                       else [u for u in times.spill if first <= u < first + count])
+                parts.append(np.array([u for u in far if u in times.spill], dtype=np.int64))
+        if not parts:
+            return 0
+        return self.retire(vm, np.concatenate(parts))
+
     def check(self, vm: np.ndarray, unmap_id: np.ndarray, t_ns: np.ndarray, ok: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
         """(stale, window_ns) per DMA: translated successfully after its page's unmap returned.

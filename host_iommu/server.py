@@ -88,7 +88,7 @@ class HostServer:
         self.unmap_waits: dict[int, list[tuple[int, int, int]]] = {}   # vm -> this epoch's
         self._qi_stamp_max = 0                  # latest time stamp that submitted to the QI
         self._qi_out_of_order: set[tuple[int, int]] = set()   # (vm, unmap id)
-        self._retiring: dict[int, list[np.ndarray]] = {}   # vm -> ids retired this epoch
+        self._retiring: dict[int, list[tuple[int, int]]] = {}   # vm -> retired id runs
         self.counters: dict[int, dict[str, int]] = {}
         self.host_counters: dict[str, int] = dict.fromkeys(HOST_ONLY_COUNTERS, 0)
 
@@ -213,7 +213,7 @@ class HostServer:
         # Retired unmap ids are dropped only now, after every DMA of the epoch was checked
         # (a DMA stamped with an id may sort after the retire in time order).
         for vm in sorted(self._retiring):
-            self.oracle.retire(vm, np.concatenate(self._retiring[vm]))
+            self.oracle.retire_runs(vm, self._retiring[vm])
         self._retiring.clear()
         # The host driver's fault handler reads every record and clears PFO (dmar_fault).
         f = h.faults.take_all()
@@ -295,9 +295,7 @@ class HostServer:
             except IommufdError:
                 c["ops_refused"] += 1
         elif k == OP_UNMAP_RETIRE:
-            first = int(op["a0"])
-            self._retiring.setdefault(vm, []).append(
-                np.arange(first, first + int(op["a1"]), dtype=np.int64))
+            self._retiring.setdefault(vm, []).append((int(op["a0"]), int(op["a1"])))
 
     def _dma(self, ops: np.ndarray) -> None:
         h = self.iommu

@@ -133,3 +133,18 @@ def test_flush_queue_keeps_only_completion_times_still_asked_for():
         t_q = queued_at[pfn]
         first = starts[int(np.searchsorted(starts, t_q, side="right"))]
         assert window == first + 7 - t_q, pfn
+
+
+def test_retire_runs_drop_only_what_they_name():
+    """Runs are clipped to the ids held: long runs of ids nobody holds are cheap, a spilled
+    (far) id goes only when a run names it."""
+    o = Oracle()
+    for uid in (3, 5, 9):
+        o.unmap_returned(1, uid, 100 + uid)
+    o.unmap_returned(1, 1 << 40, 7)           # far outside the dense range: spilled
+    o.unmap_returned(2, 5, 50)
+    assert o.retire_runs(1, [(4, 2)] + [(1 << 20, MAX_RETIRE_RUN)] * 1000) == 1
+    assert dict(o.returned) == {(1, 3): 103, (1, 9): 109, (1, 1 << 40): 7, (2, 5): 50}
+    assert o.retire_runs(1, [((1 << 40) - 2, 3), (0, 4)]) == 2
+    assert dict(o.returned) == {(1, 9): 109, (2, 5): 50}
+    assert o.retire_runs(3, [(0, 10)]) == 0
