@@ -4,7 +4,10 @@ Like Ray's own util/queue.py (a plain ``_QueueActor`` made remote only where it 
 these are plain classes: cluster/ray_runner.py wraps them with ``ray.remote(...).options(...)``.
 Every method is one call per actor per epoch and carries whole batches in the protocol's wire
 encoding (host_iommu/protocol.py: ``pack_ops`` msgpack frames of OP_DTYPE columns, ``pack``
-for control messages), never one remote call per operation.
+for control messages), never one remote call per operation. Batches and reports go from actor
+to actor: a VM actor's ``step`` returns its batches and its small stats as separate objects
+(``num_returns=2``), the host's ``apply`` takes every group's batches and returns one report
+object per group plus its small counters, so the driver fetches the counters only.
 
 A VM actor carries several VMs of one host: a Ray actor is a worker process (about 100 MiB
 resident before any emulation state), so one process per VM would cap a 24 GiB machine near
@@ -21,7 +24,7 @@ from typing import Any
 
 from cluster.config import Config
 from cluster.runner import VmPlan, guest_epoch_stats, guest_final, make_agent, make_host
-from host_iommu.protocol import EpochReport, pack, pack_ops, unpack, unpack_ops
+from host_iommu.protocol import EpochReport, merge, pack, pack_ops, unpack, unpack_ops
 
 
 def _node_id() -> str:
@@ -49,12 +52,17 @@ class HostActor:
         for vm in sorted(frames):
             self.server.setup_vm(unpack(frames[vm]))
 
-    def apply_epoch(self, frame: bytes) -> tuple[dict[int, bytes], float]:
-        """One epoch's merged operations in; one packed EpochReport per VM out, and the wall
-        seconds the emulation took (for overhead accounting, never for results)."""
+    def apply(self, *groups: dict[int, bytes]) -> tuple[Any, ...]:
+        """One epoch: each VM group's packed batches (``VmGroupActor.step``'s first return) in,
+        merged by (t_ns, vm, seq) as the in-process back-end merges them. Out: per group its
+        VMs' packed EpochReports, then ``(counters per VM, operations applied, wall seconds of
+        emulation)``; the wall time is for overhead accounting, never for results."""
         t0 = time.perf_counter()
-        reports = self.server.apply_epoch(unpack_ops(frame))
-        return {vm: pack(r) for vm, r in reports.items()}, time.perf_counter() - t0
+        ops = merge([unpack_ops(g[vm]) for g in groups for vm in sorted(g)])
+        reports = self.server.apply_epoch(ops)
+        out = tuple({vm: pack(reports[vm]) for vm in sorted(g)} for g in groups)
+        counters = {vm: r.counters for vm, r in reports.items()}
+        return (*out, (counters, int(ops.size), time.perf_counter() - t0))
 
     def finish(self) -> tuple[dict[int, dict[str, int]], dict[str, Any], int]:
         """Drain the QI; the host counters per VM, the fault columns, and peak RSS."""
@@ -76,25 +84,27 @@ class VmGroupActor:
         return {a.vm: pack(a.setup()) for a in self.agents}
 
     def step(self, t_end_ns: int, reports: dict[int, bytes]
-             ) -> tuple[dict[int, tuple[bytes, dict[str, int]]], float]:
-        """Deliver ``reports`` (packed EpochReports, none before the first epoch), run every
-        VM to ``t_end_ns``; per VM its packed operation batch and its stats, and the wall
-        seconds it took."""
+             ) -> tuple[dict[int, bytes], tuple[dict[int, dict[str, int]], float]]:
+        """Deliver ``reports`` (packed EpochReports from ``HostActor.apply``, none before the
+        first epoch), run every VM to ``t_end_ns``. Two returns: per VM its packed operation
+        batch (for the host actor), and per VM its stats with the wall seconds it took (for
+        the driver)."""
         t0 = time.perf_counter()
-        out = {}
+        self._receive(reports)
+        frames, stats = {}, {}
+        for a in self.agents:
+            frames[a.vm] = pack_ops(a.run_epoch(t_end_ns))
+            stats[a.vm] = guest_epoch_stats(a)
+        return frames, (stats, time.perf_counter() - t0)
+
+    def _receive(self, reports: dict[int, bytes]) -> None:
         for a in self.agents:
             if a.vm in reports:
                 r = unpack(reports[a.vm])
                 assert isinstance(r, EpochReport)
                 a.receive(r)
-            out[a.vm] = (pack_ops(a.run_epoch(t_end_ns)), guest_epoch_stats(a))
-        return out, time.perf_counter() - t0
 
     def finish(self, reports: dict[int, bytes]) -> tuple[dict[int, dict[str, int]], int]:
         """Deliver the last reports; each VM's final counters, and this actor's peak RSS."""
-        for a in self.agents:
-            if a.vm in reports:
-                r = unpack(reports[a.vm])
-                assert isinstance(r, EpochReport)
-                a.receive(r)
+        self._receive(reports)
         return {a.vm: guest_final(a) for a in self.agents}, _peak_rss_bytes()

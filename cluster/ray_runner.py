@@ -5,10 +5,13 @@
 order and every result table are those of the in-process back-end. Placement follows Ray's
 placement groups: each emulated host is one bundle, so a host and its VMs' actors share a node
 (one bundle never spans nodes), and the bundles of a run form one SPREAD group so the hosts
-land on different nodes where the cluster has them. Per epoch there is one call per actor:
-``VmGroupActor.step`` (last epoch's reports in, this epoch's batches out) and
-``HostActor.apply_epoch`` (merged batch in, reports out). An actor that dies ends the run
-with RunFailed naming it; nothing waits longer than ``timeout_s`` for an answer.
+land on different nodes where the cluster has them. Per epoch there is one call per actor,
+and the data flows from actor to actor: the driver submits ``VmGroupActor.step`` for every
+group (last epoch's report object in; batches and stats out as two objects), hands the batch
+objects straight to ``HostActor.apply`` (Ray resolves them on the host actor; the host merges
+by (t_ns, vm, seq)), whose per-group report objects go to the next epoch's ``step`` calls. The
+driver fetches only the small stats and counters it writes as metrics. An actor that dies ends
+the run with RunFailed naming it; nothing waits longer than ``timeout_s`` for an answer.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 from cluster.actors import HostActor, VmGroupActor
 from cluster.config import Config
 from cluster.runner import MACHINE_ERRORS, FinalState, RunError, RunFailed, VmPlan, plan_vms
-from host_iommu.protocol import EpochReport, pack_ops, unpack, unpack_ops
+from host_iommu.protocol import EpochReport
 
 DEFAULT_TIMEOUT_S = 600.0       # longest wait for one epoch's answers from every actor
 PLACEMENT_TIMEOUT_S = 3600.0    # longest wait for a run's placement group (queued runs)
@@ -164,7 +167,7 @@ class RayMachine:
             self.close()
             raise
         self.nodes = nodes
-        self._pending: dict[int, bytes] = {}
+        self._reports: dict[str, Any] = {}  # VM actor name -> its last epoch's report object
         self._stats: dict[int, dict[str, int]] = {}
 
     def _add(self, actor: Any, name: str) -> None:
@@ -178,8 +181,10 @@ class RayMachine:
                 raise RunError(f"the cluster found no room for {self.pg.bundle_specs} "
                                f"within {PLACEMENT_TIMEOUT_S:.0f} s")
 
-    def _get(self, refs: dict[str, Any]) -> dict[str, Any]:
-        """Every answer, or RunFailed naming the actors that died or did not answer."""
+    def _get(self, refs: dict[str, Any], upstream: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """Every answer, or RunFailed naming the actors that died or did not answer. When one
+        of the ``upstream`` actors failed, only those are named: the others' calls took its
+        output as their input and failed with it."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -213,6 +218,9 @@ class RayMachine:
                 failed.append(n)
                 why.append(f"{n} raised {e.cause!r}")
         if failed:
+            if upstream & set(failed):
+                why = [w for n, w in zip(failed, why, strict=True) if n in upstream]
+                failed = [n for n in failed if n in upstream]
             raise RunFailed("; ".join(why), failed)
         return out
 
@@ -223,51 +231,47 @@ class RayMachine:
     def host_of(self) -> dict[int, int]:
         return dict(self._host_of)
 
-    def run_epochs(self, t_end_ns: int) -> dict[int, np.ndarray]:
-        refs = {name: a.step.remote(t_end_ns, {vm: self._pending[vm] for vm in vms
-                                               if vm in self._pending})
-                for a, name, vms in self.vm_actors}
-        got = self._get(refs)
-        batches: dict[int, np.ndarray] = {}
-        busiest = 0.0
-        for per_vm, busy_s in got.values():
-            busiest = max(busiest, busy_s)
-            for vm, (frame, stats) in per_vm.items():
-                batches[vm] = unpack_ops(frame)
-                self._stats[vm] = stats
-        self.emulation_s += busiest
-        self._pending = {}
-        return batches
-
-    def host_apply(self, ops: dict[int, np.ndarray]) -> dict[int, EpochReport]:
-        got = self._get({f"host {h} actor": self.host_actors[h].apply_epoch.remote(
-            pack_ops(ops[h])) for h in sorted(ops)})
+    def epoch(self, t_end_ns: int) -> tuple[int, dict[int, EpochReport]]:
+        """One epoch, actor to actor (Engine.step); the operations applied and, per VM, an
+        EpochReport carrying its host counters (the faults went straight to the VM actors)."""
+        by_host: dict[int, list[tuple[str, Any]]] = {h: [] for h in self.host_actors}
+        infos: dict[str, Any] = {}
+        for a, name, vms in self.vm_actors:  # no ray.get: the refs go on to the host actor
+            frames, infos[name] = a.step.options(num_returns=2).remote(
+                t_end_ns, self._reports.get(name, {}))
+            by_host[self._host_of[vms[0]]].append((name, frames))
+        for h, groups in by_host.items():
+            if not groups:
+                continue
+            refs = self.host_actors[h].apply.options(num_returns=len(groups) + 1).remote(
+                *[frames for _n, frames in groups])
+            for (name, _f), report in zip(groups, refs[:-1], strict=True):
+                self._reports[name] = report
+            infos[f"host {h} actor"] = refs[-1]
+        got_infos = self._get(infos, upstream=frozenset(n for _a, n, _v in self.vm_actors))
+        busiest_vm = busiest_host = 0.0
+        ops = 0
         reports: dict[int, EpochReport] = {}
-        busiest = 0.0
-        for frames, busy_s in got.values():
-            busiest = max(busiest, busy_s)
-            for vm, f in frames.items():
-                r = unpack(f)
-                assert isinstance(r, EpochReport)
-                reports[vm] = r
-                self._pending[vm] = f
-        self.emulation_s += busiest
-        return reports
-
-    def deliver(self, reports: dict[int, EpochReport]) -> None:
-        """Reports travel with the next ``step`` call (one call per actor per epoch)."""
-        missing = sorted(set(self._host_of) - set(self._pending))
-        if missing:
-            raise RunError(f"no report to deliver to VMs {missing}")
+        for name, info in got_infos.items():
+            if name.startswith("host "):
+                counters, n, busy_s = info
+                ops += n
+                busiest_host = max(busiest_host, busy_s)
+                reports.update({vm: EpochReport(vm, c) for vm, c in counters.items()})
+            else:
+                stats, busy_s = info
+                busiest_vm = max(busiest_vm, busy_s)
+                self._stats.update(stats)
+        self.emulation_s += busiest_vm + busiest_host
+        return ops, reports
 
     # --- Runner ------------------------------------------------------------------------------
     def guest_stats(self) -> dict[int, dict[str, int]]:
         return self._stats
 
     def finish(self) -> FinalState:
-        guest_refs = {name: a.finish.remote({vm: self._pending[vm] for vm in vms
-                                             if vm in self._pending})
-                      for a, name, vms in self.vm_actors}
+        guest_refs = {name: a.finish.remote(self._reports.get(name, {}))
+                      for a, name, _vms in self.vm_actors}
         host_refs = {f"host {h} actor": a.finish.remote() for h, a in self.host_actors.items()}
         got = self._get({**guest_refs, **host_refs})
         guest: dict[int, dict[str, int]] = {}
