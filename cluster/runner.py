@@ -161,6 +161,7 @@ class InProcMachine(InProcTransport):
     def __init__(self, cfg: Config) -> None:
         hosts, agents, plans = build_hosts(cfg)
         super().__init__(hosts, agents, {vm: p.host for vm, p in plans.items()})
+        self._stats: dict[int, dict[str, int]] = {}
 
     def run_epochs(self, t_end_ns: int) -> dict[int, np.ndarray]:
         batches = super().run_epochs(t_end_ns)
