@@ -38,14 +38,11 @@ from host_iommu.defs import (
     FaultReason,
     Stage,
 )
+from host_iommu.entrycache import ContextEntryCache, PasidEntryCache
 from host_iommu.fault import FaultLog
-from host_iommu.iotlb import (
-    IOTLB,
-    ContextCache,
-    DeviceTLB,
-    PagingStructureCache,
-    PasidCache,
-)
+from host_iommu.kernels.devtlb import DeviceTlbArrays
+from host_iommu.kernels.iotlb import IotlbArrays
+from host_iommu.kernels.pwc import PwcArrays
 from host_iommu.memory import HostMemory, HostMemoryError
 from host_iommu.pasid import (
     ContextEntry,
@@ -142,13 +139,18 @@ class CacheSet:
     """
 
     def __init__(self, p: IommuParams) -> None:
-        self.iotlb = IOTLB(p.iotlb_entries, p.iotlb_ways)
+        # The live caches are array state driven by compiled kernels (host_iommu/kernels/),
+        # with iotlb.py's placement, LRU and batch semantics; context and PASID caches hold
+        # decoded entries on plain ints (host_iommu/entrycache.py).
+        self.iotlb = IotlbArrays(p.iotlb_entries, p.iotlb_ways)
         use_pwc = p.page_walk_cache and p.pwc_entries > 0
-        self.fl_pwc = PagingStructureCache(p.pwc_entries, p.pwc_ways, "fl") if use_pwc else None
-        self.sl_pwc = PagingStructureCache(p.pwc_entries, p.pwc_ways, "sl") if use_pwc else None
-        self.pasidc = PasidCache(p.pasid_cache_entries, min(4, p.pasid_cache_entries) or 1)
-        self.ctxc = ContextCache(p.context_cache_entries, min(4, p.context_cache_entries) or 1)
-        self.dtlb = DeviceTLB(p.devtlb_entries, p.devtlb_ways)
+        self.fl_pwc = PwcArrays(p.pwc_entries, p.pwc_ways, "fl") if use_pwc else None
+        self.sl_pwc = PwcArrays(p.pwc_entries, p.pwc_ways, "sl") if use_pwc else None
+        self.pasidc = PasidEntryCache(p.pasid_cache_entries,
+                                      min(4, p.pasid_cache_entries) or 1)
+        self.ctxc = ContextEntryCache(p.context_cache_entries,
+                                      min(4, p.context_cache_entries) or 1)
+        self.dtlb = DeviceTlbArrays(p.devtlb_entries, p.devtlb_ways)
 
     def _pwcs(self):
         return [c for c in (self.fl_pwc, self.sl_pwc) if c is not None]
@@ -405,25 +407,22 @@ class HostIommu:
     def _resolve(self, sid: int, pasid: int) -> ContextResult:
         """Root, context and PASID entries of one (sid, pasid), through the caches."""
         refs = 0
-        chit, _did, cwords = self.caches.ctxc.lookup(np.array([sid]))
-        if chit[0]:
-            ce = ContextEntry.decode(int(cwords[0, 0]), int(cwords[0, 1]))
-        else:
+        caches = self.caches
+        ce = caches.ctxc.lookup(sid)
+        if ce is None:
             ce, fault, refs = self.sm.fetch_context(sid)
             if ce is None:
                 return ContextResult(None, fault, refs)
-            self.caches.ctxc.fill(np.array([sid]), np.array([0]),
-                                  np.array([[*ce.words(), 0, 0]], dtype=U64))
-        phit, _pdid, pwords = self.caches.pasidc.lookup(np.array([sid]), np.array([pasid]))
-        if phit[0]:
-            decoded = decode_pasid_entry([int(x) for x in pwords[0]])
+            # the cache holds the entry's words; a hit decodes them (done once, here)
+            caches.ctxc.fill(sid, ContextEntry.decode(*ce.words()))
+        decoded = caches.pasidc.lookup(sid, pasid)
+        if decoded is not None:
             if isinstance(decoded, FaultReason):
                 return ContextResult(None, decoded, refs, ce.fpd, ce.dte)
             return ContextResult(decoded, FaultReason.NONE, refs, ce.fpd or decoded.fpd, ce.dte)
         entry, fault, more, fpd = self.sm.fetch_pasid_entry(ce, pasid)
         if entry is not None:
-            self.caches.pasidc.fill(np.array([sid]), np.array([pasid]), np.array([entry.did]),
-                                    np.array([entry.encode()], dtype=U64))
+            caches.pasidc.fill(sid, pasid, entry.did, decode_pasid_entry(entry.encode()))
         return ContextResult(entry, fault, refs + more, fpd, ce.dte)
 
     def translate(self, sid: np.ndarray, pasid: np.ndarray, addr: np.ndarray,

@@ -313,6 +313,23 @@ class IotlbArrays:
     def counters(self) -> dict[str, int]:
         return counters_dict(self.counts)
 
+    @property
+    def cache(self) -> IotlbArrays:
+        """The store itself (iotlb.py's caches keep theirs in ``.cache``: the same reads)."""
+        return self
+
+    @property
+    def hits(self) -> int:
+        return int(self.counts[C_HITS])
+
+    @property
+    def misses(self) -> int:
+        return int(self.counts[C_MISSES])
+
+    def occupancy(self) -> int:
+        """Number of valid lines."""
+        return int(np.count_nonzero(self.state[F_VALID]))
+
     def contents(self, layout: bool = False) -> list[tuple[int, ...]]:
         """Valid lines as ((set, way, stamp,)? did, pasid, vpn_at_order, order, hpa_page,
         perm, pgtt), sorted: RefSetAssoc.contents' format."""

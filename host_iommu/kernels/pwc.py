@@ -138,6 +138,19 @@ class PwcArrays:
     def counters(self) -> dict[str, int]:
         return counters_dict(self.counts)
 
+    @property
+    def cache(self) -> PwcArrays:
+        """The store itself (iotlb.py's caches keep theirs in ``.cache``: the same reads)."""
+        return self
+
+    @property
+    def hits(self) -> int:
+        return int(self.counts[C_HITS])
+
+    @property
+    def misses(self) -> int:
+        return int(self.counts[C_MISSES])
+
     def contents(self, layout: bool = False) -> list[tuple[int, ...]]:
         """Valid lines as ((set, way, stamp,)? did, pasid, level, prefix, entry), sorted:
         RefSetAssoc.contents' format for the PWC key."""
