@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,13 +98,13 @@ class VmAgent:
         self.pasid_devices: list[PasidDevice] = []   # PASIDs besides 0, in creation order
         self.busy_until = [0] * vcpus
         self._events: list[tuple[int, int, Callable[..., None], tuple]] = []
-        self._event_seq = 0
+        self._event_seq = itertools.count()   # ties in time run in scheduling order
         self.now = 0
         self.host_counters: dict[str, int] = {}
         self.epoch_faults: list[tuple] = []
         self.epoch_ns = 0                    # length of the last epoch run
         self.qi_wait_due = [0] * vcpus       # host QI waits reported, not yet charged (ns)
-        self._made: dict[int, list[int]] = {}  # table GPA -> rows of its creation stores
+        self._made: dict[int, list[int]] = {}  # table GPA -> seqs of its creation stores
 
     # --- set-up --------------------------------------------------------------------------
     def setup(self) -> VmSetup:
@@ -170,7 +171,7 @@ class VmAgent:
         page = gpa & ~(PAGE_SIZE - 1)
         self._made_by(page, store.now)
         self.log.add(store.now, OP_GUEST_WRITE, a0=gpa, a1=value)
-        row = self.log.n - 1
+        row = self.log.seq - 1      # the store's sequence number
         target = value & TABLE_ADDR_MASK
         if store.zeroing == page:
             self._made.setdefault(page, []).append(row)
@@ -178,23 +179,28 @@ class VmAgent:
             self._made.setdefault(target, []).append(row)
 
     def _made_by(self, page: int, t_ns: int) -> None:
-        """Move the creation stores of table ``page`` (this epoch's) to ``t_ns`` if later."""
-        rows = self._made.get(page)
-        if not rows:
+        """Move the creation stores of table ``page`` (this epoch's) to ``t_ns`` if later.
+
+        ``_made`` holds the stores' sequence numbers; a store the log has handed over
+        already (before its sequence number ``seq0``) is left as sent.
+        """
+        seqs = self._made.get(page)
+        if not seqs:
             return
-        stamps = self.log.buf["t_ns"]
-        late = [r for r in rows if stamps[r] > t_ns]
-        for r in late:
-            stamps[r] = t_ns
-        for r in late:
-            parent = int(self.log.buf["a0"][r]) & ~(PAGE_SIZE - 1)
+        log = self.log
+        ops, step, seq0 = log.rows, log.ROW, log.seq0
+        late = [step * (s - seq0) for s in seqs
+                if s >= seq0 and ops[step * (s - seq0) + log.T_NS] > t_ns]
+        for i in late:
+            ops[i + log.T_NS] = t_ns
+        for i in late:
+            parent = int(ops[i + log.A0]) & ~(PAGE_SIZE - 1)
             if parent != page:
                 self._made_by(parent, t_ns)
 
     # --- events and vCPUs ----------------------------------------------------------------
     def schedule(self, t_ns: int, fn: Callable[..., None], *args: Any) -> None:
-        heapq.heappush(self._events, (int(t_ns), self._event_seq, fn, args))
-        self._event_seq += 1
+        heapq.heappush(self._events, (int(t_ns), next(self._event_seq), fn, args))
 
     def cpu_free_at(self, cpu: int) -> int:
         return self.busy_until[cpu % self.vcpus]
@@ -264,15 +270,23 @@ class VmAgent:
 
     def dma_map(self, cpu: int, dev: Device, gpa: int, size: int, direction: int,
                 t_ns: int) -> tuple[int, int]:
-        t0 = self._start(cpu, t_ns)
+        # _start and _finish, inlined (a call per packet)
+        c = cpu % self.vcpus
+        t0 = max(int(t_ns), self.busy_until[c])
         segs, t1 = self.dma.map_segments(cpu, domain_key(dev), [(gpa, size)], direction,
                                           t0)
-        return segs[0][0], self._finish(cpu, t0, t1)
+        self.busy_until[c] = t1
+        self.stats["cpu_busy_ns"] += t1 - t0
+        return segs[0][0], t1
 
     def dma_unmap(self, cpu: int, dev: Device, iova: int, size: int, direction: int,
                   t_ns: int) -> int:
-        t0 = self._start(cpu, t_ns)
-        return self._finish(cpu, t0, self.dma.unmap_range(cpu, domain_key(dev), iova, t0))
+        c = cpu % self.vcpus
+        t0 = max(int(t_ns), self.busy_until[c])
+        t1 = self.dma.unmap_range(cpu, domain_key(dev), iova, t0)
+        self.busy_until[c] = t1
+        self.stats["cpu_busy_ns"] += t1 - t0
+        return t1
 
     def dma_map_sg(self, cpu: int, dev: Device, sg: list[tuple[int, int]], direction: int,
                    t_ns: int) -> tuple[list[tuple[int, int]], int]:
@@ -289,18 +303,32 @@ class VmAgent:
     # --- the device side -----------------------------------------------------------------
     def device_dma(self, dev: Device, t_ns: int, iova: int, size: int, write: bool,
                    rogue: bool = False) -> None:
-        access = ACCESS_WRITE if write else ACCESS_READ
-        flags = access | (DMA_ROGUE if rogue else 0)
+        """One OP_DMA request per page the access touches, each tagged with the unmap that
+        last covered its page (the oracle's window; -1 while mapped)."""
+        flags = (ACCESS_WRITE if write else ACCESS_READ) | (DMA_ROGUE if rogue else 0)
+        key = domain_key(dev)
+        pasid = getattr(dev, "pasid", NO_PASID)
+        unmap_tag = self.dma.unmap_tag
+        rows = self.log.rows       # OpLog's flat rows: t_ns, op, sid, pasid, a0, a1, a2, a3
+        t = int(t_ns)
         end = iova + max(1, size)
-        addr = iova
-        while addr < end:
-            nxt = min(end, (addr | (PAGE_SIZE - 1)) + 1)
-            tag = self.dma.unmap_tag(domain_key(dev), addr >> PAGE_SHIFT)
-            self.log.add(int(t_ns), OP_DMA, sid=dev.sid, pasid=getattr(dev, "pasid", NO_PASID),
-                         a0=addr & 0xFFFF_FFFF_FFFF_FFFF, a1=nxt - addr, a2=flags, a3=tag)
-            self.stats["dma_requests"] += 1
-            self.stats["rogue_dma"] += rogue   # per page request, as the host classifies them
-            addr = nxt
+        if iova >> PAGE_SHIFT == (end - 1) >> PAGE_SHIFT:     # within one page: one request
+            rows.extend((t, OP_DMA, dev.sid, pasid, iova & 0xFFFF_FFFF_FFFF_FFFF, end - iova,
+                         flags, unmap_tag(key, iova >> PAGE_SHIFT)))
+            pages = 1
+        else:
+            addr = iova
+            pages = 0
+            while addr < end:
+                nxt = min(end, (addr | (PAGE_SIZE - 1)) + 1)
+                rows.extend((t, OP_DMA, dev.sid, pasid, addr & 0xFFFF_FFFF_FFFF_FFFF,
+                             nxt - addr, flags, unmap_tag(key, addr >> PAGE_SHIFT)))
+                pages += 1
+                addr = nxt
+        stats = self.stats
+        stats["dma_requests"] += pages
+        if rogue:
+            stats["rogue_dma"] += pages   # per page request, as the host classifies them
 
     def last_unmapped(self, dev: Device) -> int | None:
         return self.dma.last_unmapped.get(domain_key(dev))

@@ -39,6 +39,7 @@ State is bounded by the ring sizes: at most ``rx_ring + tx_ring`` buffers mapped
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,17 +100,26 @@ def schedule_at(ctx: GuestContext, t_ns: int, fn: Callable[..., None], *args: An
 
 
 class SizeSampler:
-    """Draws sizes by weight with one ``rng.random()`` per draw (deterministic per seed)."""
+    """Draws sizes by weight with one ``rng.random()`` per draw (deterministic per seed).
+
+    The draw is ``sizes[searchsorted(cdf, u, side="right")]`` (clipped to the last size); it
+    runs on plain Python floats and ints (``bisect_right`` finds the same index as numpy's
+    searchsorted on the same float64 values), a few times cheaper per draw than numpy on a
+    scalar. One size still takes its ``rng.random()``, so the generator's stream is the same.
+    """
 
     def __init__(self, sizes: Sequence[int], weights: Sequence[float]) -> None:
         self.sizes = np.asarray(sizes, dtype=np.int64)
         w = np.asarray(weights, dtype=np.float64)
         self.cdf = np.cumsum(w) / w.sum()
         self.mean = float((self.sizes * w).sum() / w.sum())
+        self._cdf = self.cdf.tolist()
+        self._sizes = [int(s) for s in self.sizes] + [int(self.sizes[-1])]  # index n: clip
 
     def draw(self, rng: np.random.Generator) -> int:
-        i = int(np.searchsorted(self.cdf, rng.random(), side="right"))
-        return int(self.sizes[min(i, len(self.sizes) - 1)])
+        # i = int(np.searchsorted(self.cdf, rng.random(), side="right"))
+        # return int(self.sizes[min(i, len(self.sizes) - 1)])
+        return self._sizes[bisect_right(self._cdf, rng.random())]
 
 
 @dataclass
