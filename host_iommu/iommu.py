@@ -57,6 +57,8 @@ from host_iommu.slbuild import build_second_level, uniform_backing
 from host_iommu.walk import WalkBatch, Walker
 
 U64 = np.uint64
+M64 = (1 << 64) - 1
+GUEST_WRITE_LOOP_MAX = 32   # stores per call below which guest_write loops on ints
 
 
 @dataclass(frozen=True)
@@ -326,6 +328,33 @@ class HostIommu:
         goes nowhere, as a store to unbacked memory would fault the vCPU, not the IOMMU).
         """
         v = self.vms[vm]
+        n = len(gpa)
+        if n > GUEST_WRITE_LOOP_MAX:
+            return self._guest_write_batch(v, gpa, value)
+        # A few stores (the usual case: one PTE per map): plain ints, no numpy per store.
+        frames, hpa_of = v.gpa_frames, v.hpa_of
+        stores = []
+        for g, val in zip(np.asarray(gpa).tolist(), np.asarray(value).tolist(), strict=True):
+            g &= M64                      # as the uint64 cast of the batch path
+            f = g >> PAGE_SHIFT
+            if f < frames:
+                hf = int(hpa_of[f])
+                if hf >= 0:
+                    stores.append((hf, (g >> 3) & 511, val & M64))
+        mem = self.mem
+        slot_of = mem.slot_of
+        for frame in sorted({hf for hf, _, _ in stores}):   # np.unique's order
+            if slot_of[frame] < 0:
+                mem.table(frame)
+                mem.kind[frame] = KIND_GUEST_TABLE
+        slab = mem.slab   # after any growth above
+        for hf, idx, val in stores:
+            slab[slot_of[hf], idx] = val
+        mem.pte_writes += len(stores)
+        return n - len(stores)
+
+    def _guest_write_batch(self, v: VmMemory, gpa: np.ndarray, value: np.ndarray) -> int:
+        """guest_write of many stores at once, with numpy."""
         f = (np.asarray(gpa, dtype=U64) >> U64(PAGE_SHIFT)).astype(np.int64)
         ok = (f < v.gpa_frames)
         ok[ok] &= v.hpa_of[f[ok]] >= 0

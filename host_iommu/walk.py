@@ -34,6 +34,9 @@ from host_iommu.defs import (
     FaultReason,
     Stage,
 )
+from host_iommu.kernels.iotlb import LINE_FIELDS
+from host_iommu.kernels.pwc import PwcArrays
+from host_iommu.kernels.walk import walk_batch
 from host_iommu.memory import HostMemory
 from host_iommu.pgtable import (
     FL_A,
@@ -53,6 +56,12 @@ from host_iommu.pgtable import (
 )
 
 U64 = np.uint64
+_NO_PWC = (np.zeros((len(LINE_FIELDS), 0, 1), dtype=np.uint64), np.zeros(6, dtype=np.int64))
+
+
+def _c(a: np.ndarray, dtype) -> np.ndarray:
+    """``a`` as a contiguous array of ``dtype`` (a kernel argument)."""
+    return np.ascontiguousarray(a, dtype=dtype)
 _SHIFT = {lvl: np.uint64(PAGE_SHIFT + 9 * (lvl - 1)) for lvl in range(1, 7)}
 _NINE = np.uint64(511)
 _EIGHT = np.uint64(8)
@@ -328,7 +337,43 @@ class Walker:
 
     # --- all PGTTs -------------------------------------------------------------------------
     def walk(self, b: WalkBatch, *, fill_pwc: bool = True) -> WalkResult:
-        """Walk every request of ``b`` according to its PGTT; fills PWCs after the batch."""
+        """Walk every request of ``b`` according to its PGTT; fills PWCs after the batch.
+
+        Runs the compiled kernel (host_iommu/kernels/walk.py) when the PWCs are array state
+        (or absent), else ``walk_numpy``; both implement the semantics described here.
+        """
+        if all(c is None or isinstance(c, PwcArrays) for c in (self.fl_pwc, self.sl_pwc)):
+            return self.walk_compiled(b, fill_pwc=fill_pwc)
+        return self.walk_numpy(b, fill_pwc=fill_pwc)
+
+    def walk_compiled(self, b: WalkBatch, *, fill_pwc: bool = True) -> WalkResult:
+        """``walk`` by the compiled kernel over HostMemory's slab and the PWCs' line planes."""
+        n = b.addr.size
+        hpa = np.zeros(n, dtype=U64)
+        fault = np.zeros(n, dtype=np.uint8)
+        stage = np.zeros(n, dtype=np.uint8)
+        refs = np.zeros(n, dtype=np.int64)
+        order = np.zeros(n, dtype=np.uint8)
+        perm = np.zeros(n, dtype=np.uint8)
+        if n == 0:
+            return WalkResult(hpa, fault, stage, refs, order, perm, 0)
+        fl, sl = self.fl_pwc, self.sl_pwc
+        none = _NO_PWC
+        ad = walk_batch(
+            self.mem.slab, self.mem.slot_of, self.haw, self.amask, self.fl_rsvd, self.sl_rsvd,
+            _c(b.addr, U64), _c(b.access, np.uint8), _c(b.pgtt, np.uint8),
+            _c(b.did, np.int64), _c(b.pasid, np.int64), _c(b.flptr, U64),
+            _c(b.fl_levels, np.uint8), _c(b.slptr, U64), _c(b.sl_levels, np.uint8),
+            _c(b.ssade, np.bool_),
+            fl is not None, none[0] if fl is None else fl.state,
+            none[1] if fl is None else fl.counts,
+            sl is not None, none[0] if sl is None else sl.state,
+            none[1] if sl is None else sl.counts,
+            fill_pwc, hpa, fault, stage, refs, order, perm)
+        return WalkResult(hpa, fault, stage, refs, order, perm, int(ad))
+
+    def walk_numpy(self, b: WalkBatch, *, fill_pwc: bool = True) -> WalkResult:
+        """``walk`` with numpy: one gather per level for all requests still walking."""
         n = b.addr.size
         self._ad = 0
         hpa = np.zeros(n, dtype=U64)

@@ -1,0 +1,519 @@
+"""The batch page walker as one numba kernel: first-level, second-level, nested and pass-through.
+
+VT-d spec rev. 3.x chapter 3 (3.6 first-level, 3.7 second-level, 3.8 nested translation) and
+QEMU vtd_iova_to_flpte / vtd_iova_to_slpte, with the batch semantics of host_iommu/walk.py
+kept step for step, so results, memory (A/D bits), counters and cache state are the same:
+
+- requests are walked level-synchronously within one call of a stage walk: at each level
+  every request still walking reads its entry first, then A/D bits are set (so requests of
+  one level do not see each other's A/D writes, as walk.py's one gather per level);
+- the groups run in walk.py's order: pass-through, second level only, first level only,
+  nested (its first level, where each table pointer goes through a second-level walk of the
+  requests at that level, then the final GPA);
+- every stage walk looks the paging-structure cache up once for all its requests, as
+  walk.py's ``lookup_deepest`` calls (the LRU clock advances by the call's size), all
+  before any fill; fills come after the batch in (request, walk order, level top-down)
+  order through the PWC kernels' keyed fill (host_iommu/kernels/pwc.py).
+
+``host_iommu/reference.py`` is the one-request-at-a-time reference it is tested against
+(tests/host_iommu/test_kernel_walk.py). Bit layouts are walk.py's (host_iommu/pgtable.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from host_iommu.defs import (
+    ACCESS_WRITE,
+    PGTT_FL_ONLY,
+    PGTT_NESTED,
+    PGTT_PT,
+    PGTT_SL_ONLY,
+    FaultReason,
+    Stage,
+)
+from host_iommu.kernels.iotlb import _fill_keyed
+from host_iommu.kernels.pwc import _lookup_deepest
+from host_iommu.pgtable import FL_A, FL_D, FL_P, FL_PS, FL_RW, FL_US, SL_A, SL_D, SL_PS, SL_R, SL_W
+
+# Fault reasons and stages as plain ints for the kernel.
+F_ADDR_BEYOND = int(FaultReason.ADDR_BEYOND_MGAW)
+F_SL_NOT_PRESENT = int(FaultReason.PAGING_ENTRY_INV)
+F_SL_ACCESS = int(FaultReason.SL_PAGING_ENTRY_ACCESS)
+F_SL_RSVD = int(FaultReason.PAGING_ENTRY_RSVD)
+F_READ = int(FaultReason.READ)
+F_WRITE = int(FaultReason.WRITE)
+F_NON_CANONICAL = int(FaultReason.FS_NON_CANONICAL)
+F_FL_ACCESS = int(FaultReason.FS_PAGING_ENTRY_INV)
+F_FL_NOT_PRESENT = int(FaultReason.FS_PAGING_ENTRY_P)
+F_FL_RSVD = int(FaultReason.FS_PAGING_ENTRY_RSVD)
+F_FL_US = int(FaultReason.FS_PAGING_ENTRY_US)
+F_FL_WRITE = int(FaultReason.SM_WRITE)
+F_PGTT = int(FaultReason.PASID_TABLE_ENTRY_INV)
+ST_CONTEXT, ST_FIRST, ST_SECOND = int(Stage.CONTEXT), int(Stage.FIRST), int(Stage.SECOND)
+
+# Widths of the input address by levels (index = levels): walk.py's SL/FL_WIDTH_OF_LEVELS.
+SL_WIDTH = np.array([0, 0, 0, 39, 48, 57], dtype=np.uint64)
+FL_WIDTH = np.array([0, 0, 0, 0, 48, 57], dtype=np.uint64)
+FL_PERM_BITS = FL_RW | FL_US
+SL_PERM_BITS = SL_R | SL_W
+# Second-level PWC fills one request can make: 6 second-level walks (5 table pointers and the
+# final GPA) of at most 4 non-leaf entries each.
+MAX_FILLS_PER_REQUEST = 24
+
+# Indices of the walk's scalar context vector ``ctx`` (int64).
+CX_AD, CX_NFL, CX_NSL = range(3)
+
+
+@njit(cache=True)
+def _read(slab, slot_of, ea):
+    """(entry, inside memory): HostMemory.gather_u64 of one address."""
+    frame = ea >> np.uint64(12)
+    if frame >= np.uint64(slot_of.shape[0]):
+        return np.uint64(0), False
+    slot = slot_of[np.int64(frame)]
+    if slot < 0:
+        return np.uint64(0), True
+    return slab[slot, np.int64((ea >> np.uint64(3)) & np.uint64(511))], True
+
+
+@njit(cache=True)
+def _or(slab, slot_of, ea, bit):
+    """HostMemory.or_u64 of one address: frames beyond memory or without a table skipped."""
+    frame = ea >> np.uint64(12)
+    if frame < np.uint64(slot_of.shape[0]):
+        slot = slot_of[np.int64(frame)]
+        if slot >= 0:
+            idx = np.int64((ea >> np.uint64(3)) & np.uint64(511))
+            slab[slot, idx] = slab[slot, idx] | np.uint64(bit)
+
+
+@njit(cache=True)
+def _sl_walk(slab, slot_of, amask, sl_rsvd, ix, gpa, write, seq, did, sl_levels, slptr, ssade,
+             use_pwc, pwc, pwc_counts, fill_pwc, fills, ctx):
+    """Second-level walk of ``gpa[k]`` for batch requests ``ix[k]`` (walk.py Walker.sl_walk).
+
+    slab: uint64[slots, 512] and slot_of: int32[frames] (HostMemory); amask: the entries'
+    address field; sl_rsvd: uint64[6, 2] reserved bits by (level, PS); ix: int64[m]; gpa:
+    uint64[m]; write: bool[m]; seq: walk order of this call within a request (PWC fills);
+    did, sl_levels, slptr, ssade: per batch request; pwc, pwc_counts: the second-level PWC
+    (use_pwc); fills: int64/uint64 rows (req, seq, level, addr, value) appended at ctx[CX_NSL].
+    Returns (hpa, order, r, w, fault, refs) per k.
+    """
+    n = ix.shape[0]
+    hpa = np.zeros(n, np.uint64)
+    order = np.zeros(n, np.uint8)
+    r = np.ones(n, np.bool_)
+    w = np.ones(n, np.bool_)
+    fault = np.zeros(n, np.uint8)
+    refs = np.zeros(n, np.int64)
+    if n == 0:
+        return hpa, order, r, w, fault, refs
+    levels = np.empty(n, np.int64)
+    beyond = np.zeros(n, np.bool_)
+    table = np.empty(n, np.uint64)
+    start = np.empty(n, np.int64)
+    for k in range(n):
+        i = ix[k]
+        levels[k] = sl_levels[i]
+        beyond[k] = (gpa[k] >> SL_WIDTH[levels[k]]) != np.uint64(0)
+        if beyond[k]:
+            fault[k] = F_ADDR_BEYOND
+        table[k] = slptr[i]
+        start[k] = 0 if beyond[k] else levels[k]
+    if use_pwc:
+        d = np.empty(n, np.uint64)
+        for k in range(n):
+            d[k] = np.uint64(did[ix[k]])
+        level_hit = np.zeros(n, np.int64)
+        entry = np.zeros(n, np.uint64)
+        _lookup_deepest(pwc, pwc_counts, d, np.zeros(n, np.uint64), gpa,
+                        levels.astype(np.uint64), level_hit, entry)
+        for k in range(n):
+            if level_hit[k] > 0 and not beyond[k]:
+                e = entry[k]
+                table[k] = e & amask
+                start[k] = level_hit[k] - 1
+                r[k] = (e & np.uint64(SL_R)) != 0
+                w[k] = (e & np.uint64(SL_W)) != 0
+    live = start > 0
+    sel = np.empty(n, np.int64)
+    vals = np.empty(n, np.uint64)
+    oks = np.empty(n, np.bool_)
+    eas = np.empty(n, np.uint64)
+    for lvl in range(5, 0, -1):
+        m = 0
+        for k in range(n):
+            if live[k] and start[k] >= lvl:
+                sel[m] = k
+                m += 1
+        if m == 0:
+            continue
+        shift = np.uint64(12 + 9 * (lvl - 1))
+        for j in range(m):           # every read of the level before any A/D write
+            k = sel[j]
+            eas[j] = table[k] + ((gpa[k] >> shift) & np.uint64(511)) * np.uint64(8)
+            vals[j], oks[j] = _read(slab, slot_of, eas[j])
+            refs[k] += 1
+        for j in range(m):
+            k = sel[j]
+            v = vals[j]
+            ok = oks[j]
+            ps = ((v & np.uint64(SL_PS)) != 0) and (lvl == 2 or lvl == 3)
+            rsvd = (v & sl_rsvd[lvl, 1 if ps else 0]) != 0
+            present = (v & np.uint64(SL_R | SL_W)) != 0
+            if not present:
+                fault[k] = F_SL_NOT_PRESENT
+            if not ok:
+                fault[k] = F_SL_ACCESS
+            bad = (not ok) or (not present)
+            if not bad and rsvd:
+                fault[k] = F_SL_RSVD
+            good = not bad and not rsvd
+            r[k] = r[k] and (v & np.uint64(SL_R)) != 0
+            w[k] = w[k] and (v & np.uint64(SL_W)) != 0
+            leaf = good and (ps or lvl == 1)
+            nonleaf = good and not leaf
+            i = ix[k]
+            if ssade[i] and good and (v & np.uint64(SL_A)) == 0:
+                _or(slab, slot_of, eas[j], SL_A)
+                ctx[CX_AD] += 1
+            if fill_pwc and nonleaf:
+                perms = (np.uint64(SL_R) if r[k] else np.uint64(0)) | (
+                    np.uint64(SL_W) if w[k] else np.uint64(0))
+                f = ctx[CX_NSL]
+                fills[0, f] = i
+                fills[1, f] = seq
+                fills[2, f] = lvl
+                fills[3, f] = np.int64(gpa[k])
+                fills[4, f] = np.int64((v & ~np.uint64(SL_PERM_BITS)) | perms)
+                ctx[CX_NSL] = f + 1
+            if nonleaf:
+                table[k] = v & amask
+            if leaf:
+                size_mask = (np.uint64(1) << shift) - np.uint64(1)
+                hpa[k] = (v & amask & ~size_mask) | (gpa[k] & size_mask)
+                order[k] = lvl - 1
+                if ssade[i] and write[k] and w[k] and (v & np.uint64(SL_D)) == 0:
+                    _or(slab, slot_of, eas[j], SL_D)
+                    ctx[CX_AD] += 1
+            if not nonleaf:
+                live[k] = False
+    for k in range(n):
+        if fault[k] == 0 and not beyond[k]:
+            if write[k] and not w[k]:
+                fault[k] = F_WRITE
+            elif not write[k] and not r[k]:
+                fault[k] = F_READ
+    return hpa, order, r, w, fault, refs
+
+
+@njit(cache=True)
+def _fl_walk(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, did, pasid,
+             flptr, fl_levels, sl_levels, slptr, ssade, use_fl, fl_pwc, fl_counts, use_sl,
+             sl_pwc, sl_counts, fill_pwc, fl_fills, sl_fills, ctx):
+    """First-level walk of batch requests ``ix`` (walk.py Walker.fl_walk); under ``nested``
+    every table pointer is a GPA walked through the second level first.
+
+    Arguments as _sl_walk's, plus addr, access, pasid, flptr, fl_levels per batch request and
+    the first-level PWC (use_fl, fl_pwc, fl_counts, fills at ctx[CX_NFL]).
+    Returns (out_addr, order, rw, fault, stage, refs) per k; out_addr is a GPA when nested.
+    """
+    n = ix.shape[0]
+    out = np.zeros(n, np.uint64)
+    order = np.zeros(n, np.uint8)
+    fault = np.zeros(n, np.uint8)
+    stage = np.zeros(n, np.uint8)
+    refs = np.zeros(n, np.int64)
+    rw = np.ones(n, np.bool_)
+    us = np.ones(n, np.bool_)
+    if n == 0:
+        return out, order, rw, fault, stage, refs
+    iova = np.empty(n, np.uint64)
+    levels = np.empty(n, np.int64)
+    write = np.empty(n, np.bool_)
+    canon = np.empty(n, np.bool_)
+    table = np.empty(n, np.uint64)
+    start = np.empty(n, np.int64)
+    ones = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+    for k in range(n):
+        i = ix[k]
+        iova[k] = addr[i]
+        levels[k] = fl_levels[i]
+        write[k] = access[i] == ACCESS_WRITE
+        sh = FL_WIDTH[levels[k]] - np.uint64(1)
+        top = iova[k] >> sh
+        canon[k] = top == 0 or top == (ones >> sh)
+        if not canon[k]:
+            fault[k] = F_NON_CANONICAL
+            stage[k] = ST_FIRST
+        table[k] = flptr[i]
+        start[k] = levels[k] if canon[k] else 0
+    if use_fl:
+        d = np.empty(n, np.uint64)
+        p = np.empty(n, np.uint64)
+        for k in range(n):
+            d[k] = np.uint64(did[ix[k]])
+            p[k] = np.uint64(pasid[ix[k]])
+        level_hit = np.zeros(n, np.int64)
+        entry = np.zeros(n, np.uint64)
+        _lookup_deepest(fl_pwc, fl_counts, d, p, iova, levels.astype(np.uint64), level_hit,
+                        entry)
+        for k in range(n):
+            if level_hit[k] > 0 and canon[k]:
+                e = entry[k]
+                table[k] = e & amask
+                start[k] = level_hit[k] - 1
+                rw[k] = (e & np.uint64(FL_RW)) != 0
+                us[k] = (e & np.uint64(FL_US)) != 0
+    live = start > 0
+    seq = 0
+    sel = np.empty(n, np.int64)
+    vals = np.empty(n, np.uint64)
+    oks = np.empty(n, np.bool_)
+    eas = np.empty(n, np.uint64)
+    for lvl in range(5, 0, -1):
+        m = 0
+        for k in range(n):
+            if live[k] and start[k] >= lvl:
+                sel[m] = k
+                m += 1
+        if m == 0:
+            continue
+        shift = np.uint64(12 + 9 * (lvl - 1))
+        for j in range(m):
+            k = sel[j]
+            eas[j] = table[k] + ((iova[k] >> shift) & np.uint64(511)) * np.uint64(8)
+        if nested:
+            # the table pointers' GPAs of this level, through the second level (table reads)
+            sub = np.empty(m, np.int64)
+            for j in range(m):
+                sub[j] = ix[sel[j]]
+            h, _o, _r, _w, sfault, srefs = _sl_walk(
+                slab, slot_of, amask, sl_rsvd, sub, eas[:m].copy(), np.zeros(m, np.bool_),
+                seq, did, sl_levels, slptr, ssade, use_sl, sl_pwc, sl_counts, fill_pwc,
+                sl_fills, ctx)
+            seq += 1
+            kept = 0
+            for j in range(m):
+                k = sel[j]
+                refs[k] += srefs[j]
+                if sfault[j] != 0:
+                    fault[k] = sfault[j]
+                    stage[k] = ST_SECOND
+                    live[k] = False
+                else:
+                    sel[kept] = k
+                    eas[kept] = h[j]
+                    kept += 1
+            m = kept
+            if m == 0:
+                continue
+        for j in range(m):           # every read of the level before any A/D write
+            vals[j], oks[j] = _read(slab, slot_of, eas[j])
+            refs[sel[j]] += 1
+        for j in range(m):
+            k = sel[j]
+            v = vals[j]
+            ok = oks[j]
+            present = (v & np.uint64(FL_P)) != 0
+            ps_bit = (v & np.uint64(FL_PS)) != 0
+            ps = ps_bit and (lvl == 2 or lvl == 3)
+            # PS at levels 4/5 is reserved: the [ps] column is indexed by the raw bit there
+            ps_col = ps_bit if lvl >= 4 else ps
+            rsvd = (v & fl_rsvd[lvl, 1 if ps_col else 0]) != 0
+            if not ok:
+                fault[k] = F_FL_ACCESS
+            elif not present:
+                fault[k] = F_FL_NOT_PRESENT
+            elif rsvd:
+                fault[k] = F_FL_RSVD
+            good = ok and present and not rsvd
+            if not good:
+                stage[k] = ST_FIRST
+            rw[k] = rw[k] and (v & np.uint64(FL_RW)) != 0
+            us[k] = us[k] and (v & np.uint64(FL_US)) != 0
+            leaf = good and (ps or lvl == 1)
+            nonleaf = good and not leaf
+            if good and (v & np.uint64(FL_A)) == 0:
+                _or(slab, slot_of, eas[j], FL_A)
+                ctx[CX_AD] += 1
+            if fill_pwc and nonleaf:
+                perms = (np.uint64(FL_RW) if rw[k] else np.uint64(0)) | (
+                    np.uint64(FL_US) if us[k] else np.uint64(0))
+                f = ctx[CX_NFL]
+                fl_fills[0, f] = ix[k]
+                fl_fills[1, f] = 0
+                fl_fills[2, f] = lvl
+                fl_fills[3, f] = np.int64(iova[k])
+                fl_fills[4, f] = np.int64((v & ~np.uint64(FL_PERM_BITS)) | perms)
+                ctx[CX_NFL] = f + 1
+            if nonleaf:
+                table[k] = v & amask
+            if leaf:
+                size_mask = (np.uint64(1) << shift) - np.uint64(1)
+                out[k] = (v & amask & ~size_mask) | (iova[k] & size_mask)
+                order[k] = lvl - 1
+                perm_ok = us[k] and ((not write[k]) or rw[k])
+                if perm_ok and write[k] and (v & np.uint64(FL_D)) == 0:
+                    _or(slab, slot_of, eas[j], FL_D)
+                    ctx[CX_AD] += 1
+            if not nonleaf:
+                live[k] = False
+    for k in range(n):
+        if fault[k] == 0 and canon[k]:
+            if not us[k]:
+                fault[k] = F_FL_US
+                stage[k] = ST_FIRST
+            elif write[k] and not rw[k]:
+                fault[k] = F_FL_WRITE
+                stage[k] = ST_FIRST
+    return out, order, rw, fault, stage, refs
+
+
+@njit(cache=True)
+def _pwc_fill(pwc, counts, fills, nf, use_pasid, did, pasid):
+    """Fill a PWC with ``fills[:, :nf]`` in (request, walk order, level top-down) order
+    (walk.py PwcFills.ordered, then PwcArrays.fill)."""
+    if nf == 0:
+        return
+    key = np.empty(nf, np.int64)
+    for f in range(nf):
+        key[f] = (fills[0, f] * 64 + fills[1, f]) * 8 + (7 - fills[2, f])
+    order = np.argsort(key, kind="mergesort")
+    d = np.empty(nf, np.uint64)
+    p = np.zeros(nf, np.uint64)
+    tag = np.empty(nf, np.uint64)
+    lv = np.empty(nf, np.uint64)
+    e = np.empty(nf, np.uint64)
+    for j in range(nf):
+        f = order[j]
+        req = fills[0, f]
+        d[j] = np.uint64(did[req])
+        if use_pasid:
+            p[j] = np.uint64(pasid[req])
+        lv[j] = np.uint64(fills[2, f])
+        tag[j] = np.uint64(fills[3, f]) >> (np.uint64(12) + np.uint64(9) * (lv[j] - np.uint64(1)))
+        e[j] = np.uint64(fills[4, f])
+    zeros = np.zeros(nf, np.uint64)
+    _fill_keyed(pwc, counts, d, p, tag, lv, e, zeros, zeros)
+
+
+@njit(cache=True)
+def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, did, pasid,
+               flptr, fl_levels, slptr, sl_levels, ssade, use_fl, fl_pwc, fl_counts, use_sl,
+               sl_pwc, sl_counts, fill_pwc, hpa, fault, stage, refs, order, perm):
+    """Walk every request of a batch by its PGTT (walk.py Walker.walk); returns A/D writes.
+
+    slab, slot_of: HostMemory's table slab and frame->slot map; haw: host address width;
+    amask: address field of an entry; fl_rsvd, sl_rsvd: uint64[6, 2] reserved-bit tables.
+    Per request (length n): addr uint64, access uint8, pgtt uint8, did int64, pasid int64,
+    flptr uint64, fl_levels uint8, slptr uint64, sl_levels uint8, ssade bool.
+    fl_pwc/sl_pwc with their counters: the PWCs' line planes (used when use_fl/use_sl);
+    fill_pwc: fill them after the batch. Outputs (length n, zeroed by the caller): hpa
+    uint64, fault, stage, order, perm uint8, refs int64.
+    """
+    n = addr.shape[0]
+    ctx = np.zeros(3, np.int64)
+    fl_fills = np.empty((5, n * 4 + 1), np.int64)
+    sl_fills = np.empty((5, n * MAX_FILLS_PER_REQUEST + 1), np.int64)
+    fill_fl = fill_pwc and use_fl
+    fill_sl = fill_pwc and use_sl
+    groups = np.zeros(5, np.int64)
+    for i in range(n):
+        g = pgtt[i]
+        if g == PGTT_PT:
+            if (addr[i] >> np.uint64(haw)) != 0:
+                fault[i] = F_ADDR_BEYOND
+                stage[i] = ST_SECOND
+            hpa[i] = addr[i]
+            perm[i] = 3
+        elif g in (PGTT_FL_ONLY, PGTT_SL_ONLY, PGTT_NESTED):
+            groups[g] += 1
+    # second level only
+    ix = np.empty(groups[PGTT_SL_ONLY], np.int64)
+    m = 0
+    for i in range(n):
+        if pgtt[i] == PGTT_SL_ONLY:
+            ix[m] = i
+            m += 1
+    if m:
+        g_addr = np.empty(m, np.uint64)
+        g_write = np.empty(m, np.bool_)
+        for k in range(m):
+            g_addr[k] = addr[ix[k]]
+            g_write[k] = access[ix[k]] == ACCESS_WRITE
+        h, o, r, w, f, rf = _sl_walk(slab, slot_of, amask, sl_rsvd, ix, g_addr, g_write, 0,
+                                     did, sl_levels, slptr, ssade, use_sl, sl_pwc, sl_counts,
+                                     fill_sl, sl_fills, ctx)
+        for k in range(m):
+            i = ix[k]
+            hpa[i], order[i], fault[i], refs[i] = h[k], o[k], f[k], rf[k]
+            if f[k] != 0:
+                stage[i] = ST_SECOND
+            perm[i] = (1 if r[k] else 0) | (2 if w[k] else 0)
+    # first level only, then nested
+    for g, nested in ((PGTT_FL_ONLY, False), (PGTT_NESTED, True)):
+        ix = np.empty(groups[g], np.int64)
+        m = 0
+        for i in range(n):
+            if pgtt[i] == g:
+                ix[m] = i
+                m += 1
+        if m == 0:
+            continue
+        out, fo, rw, f, s, rf = _fl_walk(
+            slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, did, pasid,
+            flptr, fl_levels, sl_levels, slptr, ssade, use_fl, fl_pwc, fl_counts, use_sl,
+            sl_pwc, sl_counts, fill_fl, fl_fills, sl_fills, ctx)
+        if not nested:
+            for k in range(m):
+                i = ix[k]
+                hpa[i], order[i], fault[i], stage[i], refs[i] = out[k], fo[k], f[k], s[k], rf[k]
+                perm[i] = 1 | (2 if rw[k] else 0)
+            continue
+        okn = 0
+        for k in range(m):
+            i = ix[k]
+            fault[i], stage[i], refs[i] = f[k], s[k], rf[k]
+            if f[k] == 0:
+                okn += 1
+        if okn == 0:
+            continue
+        sub = np.empty(okn, np.int64)
+        gpa = np.empty(okn, np.uint64)
+        sw = np.empty(okn, np.bool_)
+        kk = np.empty(okn, np.int64)
+        j = 0
+        for k in range(m):
+            if f[k] == 0:
+                sub[j] = ix[k]
+                gpa[j] = out[k]
+                sw[j] = access[ix[k]] == ACCESS_WRITE
+                kk[j] = k
+                j += 1
+        h, so, r, w, sf, srf = _sl_walk(slab, slot_of, amask, sl_rsvd, sub, gpa, sw, 5, did,
+                                        sl_levels, slptr, ssade, use_sl, sl_pwc, sl_counts,
+                                        fill_sl, sl_fills, ctx)
+        for j in range(okn):
+            i = sub[j]
+            refs[i] += srf[j]
+            hpa[i] = h[j]
+            fault[i] = sf[j]
+            if sf[j] != 0:
+                stage[i] = ST_SECOND
+            order[i] = min(fo[kk[j]], so[j])
+            perm[i] = (1 if r[j] else 0) | (2 if (w[j] and rw[kk[j]]) else 0)
+    for i in range(n):
+        g = pgtt[i]
+        if g not in (PGTT_PT, PGTT_SL_ONLY, PGTT_FL_ONLY, PGTT_NESTED):
+            fault[i] = F_PGTT
+            stage[i] = ST_CONTEXT
+        if fault[i] != 0:
+            hpa[i] = 0
+    if fill_fl:
+        _pwc_fill(fl_pwc, fl_counts, fl_fills, ctx[CX_NFL], True, did, pasid)
+    if fill_sl:
+        _pwc_fill(sl_pwc, sl_counts, sl_fills, ctx[CX_NSL], False, did, pasid)
+    return ctx[CX_AD]
