@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE
 from workloads.base import DMA_FROM_DEVICE, DMA_TO_DEVICE, Device, GuestContext, Workload
 from workloads.nic import (
@@ -93,6 +95,27 @@ def merge_contiguous(sg: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((gpa, length))
     return out
+
+
+def scattered_segments(gpa: int, nbytes: int, draws: Sequence[float],
+                       contiguity: float) -> list[tuple[int, int]]:
+    """``merge_contiguous(scattered_pages(gpa, nbytes, draws, contiguity))`` in one step.
+
+    With a page-aligned ``gpa`` every run of ``scattered_pages`` merges into one segment and
+    no two runs merge (the runs are listed last first), so the segments are the runs: from
+    page s up to page e (exclusive), ``(gpa + s * PAGE_SIZE, min(e * PAGE_SIZE, nbytes) -
+    s * PAGE_SIZE)``, last run first. Any other ``gpa`` takes the two steps.
+    """
+    if gpa % PAGE_SIZE:
+        return merge_contiguous(scattered_pages(gpa, nbytes, draws, contiguity))
+    npages = (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+    if npages <= 1:
+        return [(gpa, nbytes)]
+    d = draws.tolist() if isinstance(draws, np.ndarray) else list(draws)
+    cuts = [i for i in range(1, npages) if not d[i - 1] < contiguity]   # a run starts at i
+    starts, ends = [0, *cuts], [*cuts, npages]
+    return [(gpa + (s << PAGE_SHIFT), min(e << PAGE_SHIFT, nbytes) - (s << PAGE_SHIFT))
+            for s, e in zip(reversed(starts), reversed(ends), strict=True)]
 
 
 @dataclass
@@ -209,10 +232,10 @@ class NvmeWorkload(Workload):
         read = bool(ctx.rng.random() < p.read_fraction)
         gpa = ctx.alloc_buffer(nbytes)
         npages = (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
-        sg = scattered_pages(gpa, nbytes, ctx.rng.random(max(npages - 1, 0)),
-                             p.page_contiguity)
+        sg = scattered_segments(gpa, nbytes, ctx.rng.random(max(npages - 1, 0)),
+                                p.page_contiguity)   # merge_contiguous(scattered_pages(..))
         direction = DMA_FROM_DEVICE if read else DMA_TO_DEVICE
-        segs, t = ctx.dma_map_sg(cpu, self.dev, merge_contiguous(sg), direction, t)
+        segs, t = ctx.dma_map_sg(cpu, self.dev, sg, direction, t)
         pages = [a for iova, length in segs
                  for a in range(iova, iova + length, PAGE_SIZE)]
         counts = prp_layout(len(pages))
@@ -243,20 +266,20 @@ class NvmeWorkload(Workload):
             self._transfer(ctx, t_ns, cmd)
 
     def _transfer(self, ctx: GuestContext, t_ns: int, cmd: _Command) -> None:
+        """One device DMA event per data page, back to back at the drive's bandwidth."""
         bw = self.params.bandwidth_gbps
         t = max(t_ns, self._media_free_ns)
+        page_ns = max(1, round(PAGE_SIZE * 8 / bw))
+        dma, dev, read = self.device_dma, self.dev, cmd.read
         for i, addr in enumerate(cmd.pages):
             size = min(PAGE_SIZE, cmd.nbytes - (i << PAGE_SHIFT))
-            schedule_at(ctx, t, self._page_dma, cmd, addr, size)
-            t += max(1, round(size * 8 / bw))
+            # the event runs self.device_dma(ctx, dev, t, addr, size, read) at t
+            ctx.schedule(t, dma, ctx, dev, t, addr, size, read)
+            t += page_ns if size == PAGE_SIZE else max(1, round(size * 8 / bw))
         self._media_free_ns = t
         if not cmd.read:
             t += round(self.params.write_latency_us * 1000.0)
         schedule_at(ctx, t, self._complete, cmd)
-
-    def _page_dma(self, ctx: GuestContext, t_ns: int, cmd: _Command, addr: int,
-                  size: int) -> None:
-        self.device_dma(ctx, self.dev, t_ns, addr, size, cmd.read)
 
     def _complete(self, ctx: GuestContext, t_ns: int, cmd: _Command) -> None:
         p = self.params
