@@ -105,11 +105,20 @@ class OpLog:
 
 
 def merge(batches: list[np.ndarray]) -> np.ndarray:
-    """All VMs' operations of an epoch in protocol order: (t_ns, vm, seq)."""
+    """All VMs' operations of an epoch in protocol order: (t_ns, vm, seq).
+
+    The same as ``ops = np.concatenate(batches); ops[np.lexsort((seq, vm, t_ns))]``, with
+    the records moved as raw bytes: numpy's concatenate and fancy indexing of a structured
+    dtype copy field by field, several times slower than a byte copy and ``np.take``.
+    """
     if not batches:
         return np.zeros(0, dtype=OP_DTYPE)
-    ops = np.concatenate(batches)
-    return ops[np.lexsort((ops["seq"], ops["vm"], ops["t_ns"]))]
+    if any(b.dtype != OP_DTYPE or b.ndim != 1 for b in batches):
+        ops = np.concatenate(batches)
+        return ops[np.lexsort((ops["seq"], ops["vm"], ops["t_ns"]))]
+    ops = np.concatenate([np.ascontiguousarray(b).view(np.uint8) for b in batches]
+                         ).view(OP_DTYPE)
+    return np.take(ops, np.lexsort((ops["seq"], ops["vm"], ops["t_ns"])))
 
 
 def pack_ops(ops: np.ndarray) -> bytes:
@@ -138,8 +147,23 @@ _KNOWN_OP = np.zeros(256, dtype=bool)   # indexed by the uint8 "op" column
 _KNOWN_OP[list(OP_NAMES)] = True
 
 
+def _all_valid(ops: np.ndarray) -> bool:
+    """True when no operation breaks a rule check_ops names (a few whole-column reductions:
+    the common case needs no per-rule masks)."""
+    op = ops["op"]
+    if (not _KNOWN_OP[op].all() or ops["t_ns"].min() < 0 or ops["vm"].min() < 1
+            or ops["pasid"].max() > MAX_PASID):
+        return False
+    access = ops["a2"] & 0xFF
+    if not ((op != OP_DMA) | (access == ACCESS_READ) | (access == ACCESS_WRITE)).all():
+        return False
+    return not (op == OP_UNMAP_RETIRE).any() or not bad_retire(ops).any()
+
+
 def check_ops(ops: np.ndarray) -> np.ndarray:
     """Raise ProtocolError unless every operation's fields are ones a valid operation has."""
+    if ops.size == 0 or _all_valid(ops):
+        return ops
     op = ops["op"]
     access = ops["a2"] & 0xFF
     bad = {
@@ -174,7 +198,8 @@ def unpack_ops(frame: bytes) -> np.ndarray:
     if n < 0 or len(data) != n * OP_DTYPE.itemsize:
         raise ProtocolError(f"operation batch length does not match its header: n={n}, "
                             f"{len(data)} bytes of {OP_DTYPE.itemsize}-byte records")
-    return check_ops(np.frombuffer(data, dtype=OP_DTYPE).copy())
+    # a writable copy: copied as bytes (a structured .copy() goes field by field)
+    return check_ops(np.frombuffer(data, dtype=np.uint8).copy().view(OP_DTYPE))
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,3 +122,28 @@ def test_check_ops_names_what_isin_named(rows):
         with pytest.raises(ProtocolError, match=f"operation {first[1]} of the batch: "
                                                 f"{first[0]}"):
             check_ops(ops)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 4), st.integers(0, 50)),
+                         max_size=10), max_size=5))
+def test_merge_equals_concatenate_lexsort(batches_rows):
+    """merge() gives, byte for byte, concatenate + lexsort((seq, vm, t_ns)) + fancy index,
+    whatever the batches hold (repeated keys, several VMs in one batch, empty batches)."""
+    from host_iommu.protocol import merge
+
+    batches = []
+    for rows in batches_rows:
+        b = np.zeros(len(rows), dtype=OP_DTYPE)
+        for i, (t, vm, seq) in enumerate(rows):
+            b[i] = (t, vm, seq, 2, 1, 0, i, 8, 1, -1)
+        batches.append(b)
+    if not batches:
+        assert merge(batches).size == 0
+        return
+    ops = np.concatenate(batches)
+    want = ops[np.lexsort((ops["seq"], ops["vm"], ops["t_ns"]))]
+    got = merge(batches)
+    assert got.dtype == OP_DTYPE and got.tobytes() == want.tobytes()
+    assert merge([b[::2] for b in batches]).tobytes() == merge(
+        [b[::2].copy() for b in batches]).tobytes()        # strided views too
