@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import numpy as np
 
-from host_iommu import qi
+from host_iommu import qi, refengine
 from host_iommu.costs import CostModel
 from host_iommu.defs import (
     ACCESS_READ,
@@ -81,6 +82,28 @@ class IommuParams:
     fault_records: int = 256
     qi_entries: int = 256
     mamv: int = qi.QI_MAMV_DEFAULT  # CAP.MAMV: largest AM of a page-selective 0x2 (QEMU: 18)
+    # The translate engine, not a config key: "fast" (compiled kernels over array state) or
+    # "reference" (host_iommu/refengine.py: reference.py's walker and reference_cache.py's
+    # caches, request by request). A class attribute, not a field, so that parameters built
+    # field by field from the [host] table stay valid; ``with_engine`` switches it.
+    engine: ClassVar[str] = "fast"
+
+    def with_engine(self, engine: str) -> IommuParams:
+        """The same parameters translating on ``engine`` ("fast" or "reference")."""
+        if engine not in ENGINES:
+            raise ValueError(f"engine {engine!r}: expected one of {ENGINES}")
+        cls = ReferenceIommuParams if engine == "reference" else IommuParams
+        return cls(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class ReferenceIommuParams(IommuParams):
+    """IommuParams whose HostIommu translates on the reference engine."""
+
+    engine: ClassVar[str] = "reference"
+
+
+ENGINES = ("fast", "reference")
 
 
 @dataclass
@@ -220,10 +243,16 @@ class HostIommu:
         self.mem = HostMemory(frames)
         self.sm = ScalableModeTables(self.mem)
         p = self.p
-        self.caches = CacheSet(p)
+        if p.engine == "reference":
+            self.caches = refengine.RefCacheSet(p)
+        else:
+            self.caches = CacheSet(p)
         c = self.caches
         self.iotlb, self.fl_pwc, self.sl_pwc = c.iotlb, c.fl_pwc, c.sl_pwc
-        self.walker = Walker(self.mem, p.haw, self.fl_pwc, self.sl_pwc)
+        if p.engine == "reference":
+            self.walker = refengine.make_walker(self, c)
+        else:
+            self.walker = Walker(self.mem, p.haw, self.fl_pwc, self.sl_pwc)
         self.qi = InvalidationQueue(p.qi_entries, self.costs, mamv=p.mamv)
         self.faults = FaultLog(p.fault_records)
         self.vms: dict[int, VmMemory] = {}
@@ -459,7 +488,10 @@ class HostIommu:
         """Translate a batch of DMA requests (each within one 4-KiB page).
 
         Returns a RESULT_DTYPE array. Faults are recorded in the fault log (unless FPD).
+        On the reference engine, host_iommu/refengine.py translates the batch instead.
         """
+        if self.p.engine == "reference":
+            return refengine.translate(self, sid, pasid, addr, access, t_ns)
         sid = np.asarray(sid, dtype=np.int64)
         pasid = np.asarray(pasid, dtype=np.int64)
         addr = np.asarray(addr, dtype=U64)

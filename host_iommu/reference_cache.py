@@ -314,3 +314,65 @@ class RefPagingStructureCache:
             return (f["did"] == did and (want is None or f["pasid"] == want)
                     and _meets(f["prefix"] << span, 1 << span, lo, hi))
         return self.cache.invalidate(pred)
+
+
+class RefPasidCache:
+    """Reference PASID-cache (VT-d spec 6.2.2): the eight words of a PASID-table entry keyed
+    (sid, pasid), with the entry's DID for the 0x7 selections. For the reference engine
+    (host_iommu/refengine.py), one request at a time."""
+
+    def __init__(self, entries: int, ways: int) -> None:
+        self.cache = RefSetAssoc(entries, ways, ("sid", "pasid"),
+                                 ("did", *(f"w{i}" for i in range(8))))
+
+    def lookup(self, sid: int, pasid: int) -> tuple[int, ...] | None:
+        """(did, w0..w7) cached for (sid, pasid), or None."""
+        (p, value), = self.cache.lookup_first([[(sid, pasid)]])
+        return value if p >= 0 else None
+
+    def fill(self, sid: int, pasid: int, did: int, words: Sequence[int]) -> None:
+        self.cache.fill([((sid, pasid), (did, *(int(w) for w in words)))])
+
+    def inv_global(self) -> int:
+        return self.cache.invalidate(lambda f: True)
+
+    def inv_domain(self, did: int) -> int:
+        return self.cache.invalidate(lambda f: f["did"] == did)
+
+    def inv_pasid(self, did: int, pasid: int) -> int:
+        return self.cache.invalidate(lambda f: f["did"] == did and f["pasid"] == pasid)
+
+    def inv_sid(self, sid: int) -> int:
+        return self.cache.invalidate(lambda f: f["sid"] == sid)
+
+    def inv_entry(self, sid: int, pasid: int) -> int:
+        return self.cache.invalidate(lambda f: f["sid"] == sid and f["pasid"] == pasid)
+
+
+class RefContextCache:
+    """Reference context-cache (VT-d spec 6.2.1): a scalable-mode context entry's low words
+    keyed by sid (DID 0: the entry has none); 0x1 device-selective with QEMU's function mask
+    (vtd_context_device_invalidate: FM 1 ignores bit 2 of the sid, 2 bits 2:1, 3 bits 2:0)."""
+
+    FM_IGNORED = (0b000, 0b100, 0b110, 0b111)   # sid bits ignored, by FM
+
+    def __init__(self, entries: int, ways: int) -> None:
+        self.cache = RefSetAssoc(entries, ways, ("sid",), ("did", "w0", "w1"))
+
+    def lookup(self, sid: int) -> tuple[int, ...] | None:
+        """(did, w0, w1) cached for sid, or None."""
+        (p, value), = self.cache.lookup_first([[(sid,)]])
+        return value if p >= 0 else None
+
+    def fill(self, sid: int, w0: int, w1: int) -> None:
+        self.cache.fill([((sid,), (0, w0, w1))])
+
+    def inv_global(self) -> int:
+        return self.cache.invalidate(lambda f: True)
+
+    def inv_domain(self, did: int) -> int:
+        return self.cache.invalidate(lambda f: f["did"] == did)
+
+    def inv_device(self, sid: int, fm: int) -> int:
+        keep = 0xFFFF & ~self.FM_IGNORED[fm]
+        return self.cache.invalidate(lambda f: f["sid"] & keep == sid & keep)
