@@ -8,6 +8,7 @@ random stream and counters; a second device of the same name is numbered on ("ni
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -23,7 +24,10 @@ class _NamedContext:
         self._taken = taken
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._ctx, name)
+        value = getattr(self._ctx, name)
+        if inspect.ismethod(value):    # the guest's methods: found once, then called directly
+            self.__dict__[name] = value
+        return value
 
     def add_device(self, name: str, ats: bool = False) -> Device:
         base, k = name.rstrip("0123456789") or name, 0
