@@ -28,9 +28,9 @@ from host_iommu.defs import (
 )
 from host_iommu.invalidate import (
     ALL_PAGES,
-    devtlb_flush_descs,
-    domain_flush_descs,
-    pasid_flush_descs,
+    devtlb_flush_words,
+    domain_flush_words,
+    pasid_flush_words,
 )
 from host_iommu.iommu import HostIommu, VmMemory
 from host_iommu.memory import HostMemoryError
@@ -84,15 +84,15 @@ def _unbind(host: HostIommu, v: VmMemory, sid: int, pasid: int, t_ns: int) -> No
         return
     v.tags[:] = [t for t in v.tags if not (t[2] == sid and t[3] == pasid)]
     live = {t[1] for t in v.tags}
-    descs: list[np.void] = []
+    words: list[qi.Words] = []
     for _kind, did, _sid, _pasid in old:
-        descs.append(qi.pc_desc(qi.QI_PC_PASID_SEL, did, pasid))
+        words.append(qi.pc_words(qi.QI_PC_PASID_SEL, did, pasid))
         if did not in live:  # a DID still bound elsewhere keeps its entries until they age
-            descs.append(qi.iotlb_desc(qi.QI_IOTLB_GRAN_DOMAIN, did))
+            words.append(qi.iotlb_words(qi.QI_IOTLB_GRAN_DOMAIN, did))
     if sid in host.ats_sids:
-        descs += devtlb_flush_descs(sid, pasid, None, 0)
-    descs.append(qi.wait_desc())
-    t_done, _n = host.submit_qi(np.array(descs), max(t_ns, host.now_ns))
+        words += devtlb_flush_words(sid, pasid, None, 0)
+    words.append(qi.WAIT_WORDS)
+    t_done, _n = host.submit_qi(qi.as_descs(words), max(t_ns, host.now_ns))
     host.advance_to(t_done)
 
 
@@ -170,12 +170,12 @@ def hwpt_invalidate(host: HostIommu, dom: NestedDomain, entries: list[tuple[int,
     for addr, npages, flags in entries:
         check_inv_entry(addr, npages, flags)
     ats = [dom.sid] if dom.sid in host.ats_sids else []
-    descs = [d for addr, npages, flags in entries
-             for d in pasid_flush_descs(dom.did, dom.pasid, addr, npages,
+    words = [w for addr, npages, flags in entries
+             for w in pasid_flush_words(dom.did, dom.pasid, addr, npages,
                                         leaf=bool(flags & IOMMU_VTD_INV_FLAGS_LEAF),
                                         ats_sids=ats)]
-    descs.append(qi.wait_desc())
-    return host.submit_qi(np.array(descs), t_ns)
+    words.append(qi.WAIT_WORDS)
+    return host.submit_qi(qi.as_descs(words), t_ns)
 
 
 def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int, *,
@@ -194,19 +194,19 @@ def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int, *,
     goes on the page-selective descriptors, as cache_tag_flush_range passes it on.
     """
     v = vm_memory(host, vm)
-    descs: list[np.void] = []
+    words: list[qi.Words] = []
     seen: set[int] = set()
     for kind, did, sid, pasid in v.tags:
         if did not in seen:
             seen.add(did)
-            descs += domain_flush_descs(did, None if kind == "shadow" else gpa, npages,
+            words += domain_flush_words(did, None if kind == "shadow" else gpa, npages,
                                         ats_sids=[], mamv=host.p.mamv, ih=ih)
         if sid in host.ats_sids:
-            descs += devtlb_flush_descs(sid, pasid, gpa if kind == "sl" else None, npages)
-    if not descs:
+            words += devtlb_flush_words(sid, pasid, gpa if kind == "sl" else None, npages)
+    if not words:
         return t_ns, 0
-    descs.append(qi.wait_desc())
-    return host.submit_qi(np.array(descs), t_ns)
+    words.append(qi.WAIT_WORDS)
+    return host.submit_qi(qi.as_descs(words), t_ns)
 
 
 def _gpa_frames(v: VmMemory, gpa: int, npages: int) -> tuple[int, int]:

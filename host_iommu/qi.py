@@ -199,10 +199,25 @@ def _check(name: str, value: int, limit: int) -> int:
     return value
 
 
+# A descriptor's four 64-bit words as plain ints (qw0, qw1, qw2, qw3): what the *_words
+# encoders return and decode_words reads, so a caller that builds many descriptors needs no
+# numpy record per descriptor (as_desc / as_descs make records and arrays of them).
+Words = tuple[int, int, int, int]
+
+
+def as_desc(words: Words) -> np.void:
+    """One DESC_DTYPE record holding ``words`` (each taken modulo 2^64)."""
+    qw0, qw1, qw2, qw3 = words
+    return np.void((qw0 & U64, qw1 & U64, qw2 & U64, qw3 & U64), dtype=DESC_DTYPE)
+
+
+def as_descs(words: list[Words]) -> np.ndarray:
+    """A DESC_DTYPE array of descriptors given as words (each in 0..2^64-1), in queue order."""
+    return np.array(words, dtype=DESC_DTYPE)
+
+
 def _record(qw0: int, qw1: int = 0, qw2: int = 0, qw3: int = 0) -> np.void:
-    rec = np.zeros(1, dtype=DESC_DTYPE)
-    rec[0] = (qw0 & U64, qw1 & U64, qw2 & U64, qw3 & U64)
-    return rec[0]
+    return as_desc((qw0, qw1, qw2, qw3))
 
 
 def _page_addr(addr: int) -> int:
@@ -231,32 +246,48 @@ def _devtlb_addr(addr: int, size_bytes: int) -> int:
     return (addr | ((size_bytes >> 1) - 1)) & QI_ADDR_MASK
 
 
+def cc_words(gran: int, did: int = 0, sid: int = 0, fm: int = 0) -> Words:
+    """Context-cache invalidate (type 0x1), as words."""
+    return (QI_CC_TYPE | _check("gran", gran, QI_GRAN_MASK) << QI_GRAN_SHIFT
+            | _check("did", did, QI_DID_MASK) << QI_DID_SHIFT
+            | _check("sid", sid, 0xFFFF) << QI_CC_SID_SHIFT
+            | _check("fm", fm, QI_CC_FM_MASK) << QI_CC_FM_SHIFT, 0, 0, 0)
+
+
 def cc_desc(gran: int, did: int = 0, sid: int = 0, fm: int = 0) -> np.void:
     """Context-cache invalidate (type 0x1)."""
-    return _record(QI_CC_TYPE | _check("gran", gran, QI_GRAN_MASK) << QI_GRAN_SHIFT
-                   | _check("did", did, QI_DID_MASK) << QI_DID_SHIFT
-                   | _check("sid", sid, 0xFFFF) << QI_CC_SID_SHIFT
-                   | _check("fm", fm, QI_CC_FM_MASK) << QI_CC_FM_SHIFT)
+    return as_desc(cc_words(gran, did, sid, fm))
+
+
+def iotlb_words(gran: int, did: int = 0, addr: int = 0, am: int = 0, ih: bool = False,
+                dr: bool = False, dw: bool = False) -> Words:
+    """IOTLB invalidate (type 0x2), as words; see iotlb_desc."""
+    qw0 = (QI_IOTLB_TYPE | _check("gran", gran, QI_GRAN_MASK) << QI_GRAN_SHIFT
+           | _check("did", did, QI_DID_MASK) << QI_DID_SHIFT
+           | (QI_IOTLB_DR if dr else 0) | (QI_IOTLB_DW if dw else 0))
+    qw1 = _page_addr(addr) | (QI_IH if ih else 0) | _check("am", am, QI_AM_MASK)
+    return (qw0, qw1, 0, 0)
 
 
 def iotlb_desc(gran: int, did: int = 0, addr: int = 0, am: int = 0, ih: bool = False,
                dr: bool = False, dw: bool = False) -> np.void:
     """IOTLB invalidate (type 0x2); addr/am/ih matter for page-selective (G=3) only."""
-    qw0 = (QI_IOTLB_TYPE | _check("gran", gran, QI_GRAN_MASK) << QI_GRAN_SHIFT
-           | _check("did", did, QI_DID_MASK) << QI_DID_SHIFT
-           | (QI_IOTLB_DR if dr else 0) | (QI_IOTLB_DW if dw else 0))
-    qw1 = _page_addr(addr) | (QI_IH if ih else 0) | _check("am", am, QI_AM_MASK)
-    return _record(qw0, qw1)
+    return as_desc(iotlb_words(gran, did, addr, am, ih, dr, dw))
 
 
-def dev_iotlb_desc(sid: int, pfsid: int, qdep: int, addr: int, size_bytes: int) -> np.void:
-    """Device-TLB invalidate (type 0x3) of [addr, addr+size_bytes) for requests without PASID."""
+def dev_iotlb_words(sid: int, pfsid: int, qdep: int, addr: int, size_bytes: int) -> Words:
+    """Device-TLB invalidate (type 0x3), as words; see dev_iotlb_desc."""
     qw0 = (QI_DIOTLB_TYPE | _check("sid", sid, 0xFFFF) << QI_DEV_IOTLB_SID_SHIFT
            | _check("qdep", qdep, QI_QDEP_MASK) << QI_DEV_IOTLB_QDEP_SHIFT | _pfsid_bits(pfsid))
     qw1 = _devtlb_addr(addr, size_bytes)
     if int(size_bytes) > PAGE_SIZE:
         qw1 |= QI_DEV_IOTLB_SIZE
-    return _record(qw0, qw1)
+    return (qw0, qw1, 0, 0)
+
+
+def dev_iotlb_desc(sid: int, pfsid: int, qdep: int, addr: int, size_bytes: int) -> np.void:
+    """Device-TLB invalidate (type 0x3) of [addr, addr+size_bytes) for requests without PASID."""
+    return as_desc(dev_iotlb_words(sid, pfsid, qdep, addr, size_bytes))
 
 
 def iec_desc(gran: int = QI_IEC_GRAN_GLOBAL, iidx: int = 0, im: int = 0) -> np.void:
@@ -266,45 +297,72 @@ def iec_desc(gran: int = QI_IEC_GRAN_GLOBAL, iidx: int = 0, im: int = 0) -> np.v
                    | _check("iidx", iidx, QI_IEC_IIDX_MASK) << QI_IEC_IIDX_SHIFT)
 
 
-def wait_desc(status_data: int = 1, status_addr: int = 0, interrupt: bool = False,
-              status_write: bool = True, fence: bool = False) -> np.void:
-    """Invalidation wait (type 0x5): a status write and/or a completion interrupt."""
+def wait_words(status_data: int = 1, status_addr: int = 0, interrupt: bool = False,
+               status_write: bool = True, fence: bool = False) -> Words:
+    """Invalidation wait (type 0x5), as words; see wait_desc."""
     status_addr = _check("status_addr", status_addr, U64)
     if status_addr & 0x3:
         raise QiError(f"status_addr={status_addr:#x} is not dword aligned")
     qw0 = (QI_IWD_TYPE | (QI_IWD_IF if interrupt else 0)
            | (QI_IWD_STATUS_WRITE if status_write else 0) | (QI_IWD_FENCE if fence else 0)
            | _check("status_data", status_data, 0xFFFF_FFFF) << QI_IWD_STATUS_DATA_SHIFT)
-    return _record(qw0, status_addr)
+    return (qw0, status_addr, 0, 0)
+
+
+# The wait every qi_submit_sync appends (status write of 1, no interrupt): wait_words().
+WAIT_WORDS = wait_words()
+
+
+def wait_desc(status_data: int = 1, status_addr: int = 0, interrupt: bool = False,
+              status_write: bool = True, fence: bool = False) -> np.void:
+    """Invalidation wait (type 0x5): a status write and/or a completion interrupt."""
+    return as_desc(wait_words(status_data, status_addr, interrupt, status_write, fence))
+
+
+def piotlb_words(did: int, pasid: int, gran: int, addr: int = 0, am: int = 0,
+                 ih: bool = False) -> Words:
+    """PASID-based IOTLB invalidate (type 0x6), as words; see piotlb_desc."""
+    qw0 = (QI_EIOTLB_TYPE | _check("gran", gran, QI_GRAN_MASK) << QI_GRAN_SHIFT
+           | _check("did", did, QI_DID_MASK) << QI_DID_SHIFT
+           | _check("pasid", pasid, QI_PASID_MASK) << QI_PASID_SHIFT)
+    qw1 = _page_addr(addr) | (QI_IH if ih else 0) | _check("am", am, QI_AM_MASK)
+    return (qw0, qw1, 0, 0)
 
 
 def piotlb_desc(did: int, pasid: int, gran: int, addr: int = 0, am: int = 0,
                 ih: bool = False) -> np.void:
     """PASID-based IOTLB invalidate (type 0x6): all of a PASID (G=2) or pages in it (G=3)."""
-    qw0 = (QI_EIOTLB_TYPE | _check("gran", gran, QI_GRAN_MASK) << QI_GRAN_SHIFT
-           | _check("did", did, QI_DID_MASK) << QI_DID_SHIFT
-           | _check("pasid", pasid, QI_PASID_MASK) << QI_PASID_SHIFT)
-    qw1 = _page_addr(addr) | (QI_IH if ih else 0) | _check("am", am, QI_AM_MASK)
-    return _record(qw0, qw1)
+    return as_desc(piotlb_words(did, pasid, gran, addr, am, ih))
+
+
+def pc_words(gran: int, did: int = 0, pasid: int = 0) -> Words:
+    """PASID-cache invalidate (type 0x7), as words; see pc_desc."""
+    return (QI_PC_TYPE | _check("gran", gran, QI_GRAN_MASK) << QI_GRAN_SHIFT
+            | _check("did", did, QI_DID_MASK) << QI_DID_SHIFT
+            | _check("pasid", pasid, QI_PASID_MASK) << QI_PASID_SHIFT, 0, 0, 0)
 
 
 def pc_desc(gran: int, did: int = 0, pasid: int = 0) -> np.void:
     """PASID-cache invalidate (type 0x7): domain (G=0), PASID (G=1) or global (G=3)."""
-    return _record(QI_PC_TYPE | _check("gran", gran, QI_GRAN_MASK) << QI_GRAN_SHIFT
-                   | _check("did", did, QI_DID_MASK) << QI_DID_SHIFT
-                   | _check("pasid", pasid, QI_PASID_MASK) << QI_PASID_SHIFT)
+    return as_desc(pc_words(gran, did, pasid))
 
 
-def pasid_dev_iotlb_desc(sid: int, pfsid: int, pasid: int, addr: int, size_bytes: int,
-                         glob: bool = False, qdep: int = 0) -> np.void:
-    """PASID-based device-TLB invalidate (type 0x8); glob=True covers all PASIDs (G bit)."""
+def pasid_dev_iotlb_words(sid: int, pfsid: int, pasid: int, addr: int, size_bytes: int,
+                          glob: bool = False, qdep: int = 0) -> Words:
+    """PASID-based device-TLB invalidate (type 0x8), as words; see pasid_dev_iotlb_desc."""
     qw0 = (QI_DEIOTLB_TYPE | _check("sid", sid, 0xFFFF) << QI_DEV_EIOTLB_SID_SHIFT
            | _check("qdep", qdep, QI_QDEP_MASK) << QI_DEV_EIOTLB_QDEP_SHIFT
            | _check("pasid", pasid, QI_PASID_MASK) << QI_PASID_SHIFT | _pfsid_bits(pfsid))
     qw1 = _devtlb_addr(addr, size_bytes) | (QI_DEV_EIOTLB_GLOB if glob else 0)
     if int(size_bytes) > PAGE_SIZE:
         qw1 |= QI_DEV_EIOTLB_SIZE
-    return _record(qw0, qw1)
+    return (qw0, qw1, 0, 0)
+
+
+def pasid_dev_iotlb_desc(sid: int, pfsid: int, pasid: int, addr: int, size_bytes: int,
+                         glob: bool = False, qdep: int = 0) -> np.void:
+    """PASID-based device-TLB invalidate (type 0x8); glob=True covers all PASIDs (G bit)."""
+    return as_desc(pasid_dev_iotlb_words(sid, pfsid, pasid, addr, size_bytes, glob, qdep))
 
 
 def descs(*records: np.void) -> np.ndarray:
@@ -348,7 +406,38 @@ def _decode_page(t: int, qw1: int, mamv: int | None) -> tuple[int, int, bool] | 
 
 def decode(desc: np.void, mamv: int = QI_MAMV_DEFAULT) -> InvCommand | DescError:
     """Decode one descriptor; a malformed one gives a DescError naming its type and the reason."""
-    qw0, qw1, qw2, qw3 = (int(desc[f]) for f in DESC_DTYPE.names)
+    if isinstance(desc, np.void) and desc.dtype == DESC_DTYPE:
+        qw0, qw1, qw2, qw3 = desc.item()
+    else:
+        qw0, qw1, qw2, qw3 = (int(desc[f]) for f in DESC_DTYPE.names)
+    return decode_words(qw0, qw1, qw2, qw3, mamv)
+
+
+# Decoded descriptors by (qw0, qw1, qw2, qw3, mamv). Decoding is a pure function of these, and
+# InvCommand / DescError are frozen, so a cached result is exactly what decoding again would
+# give. The same few descriptors recur (every strict unmap's wait, an IOVA the rcache hands
+# out again), and each is decoded by the guest's vIOMMU and by the host. Bounded: cleared
+# when full.
+_DECODED: dict[tuple[int, int, int, int, int], InvCommand | DescError] = {}
+_DECODED_MAX = 1 << 16
+
+
+def decode_words(qw0: int, qw1: int, qw2: int = 0, qw3: int = 0,
+                 mamv: int = QI_MAMV_DEFAULT) -> InvCommand | DescError:
+    """``decode`` of a descriptor given as its four words (ints in 0..2^64-1)."""
+    key = (qw0, qw1, qw2, qw3, mamv)
+    cmd = _DECODED.get(key)
+    if cmd is None:
+        cmd = _decode_words(int(qw0), int(qw1), int(qw2), int(qw3), mamv)
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[key] = cmd
+    return cmd
+
+
+def _decode_words(qw0: int, qw1: int, qw2: int, qw3: int, mamv: int
+                  ) -> InvCommand | DescError:
+    """VT-d spec 6.5.2.1-6.5.2.8 field by field, as QEMU's vtd_process_*_desc check them."""
     t = desc_type(qw0)
     if t not in QI_RSVD:
         return _err(t, "unknown_type", f"descriptor type {t:#x} is not an invalidation type")
@@ -563,7 +652,7 @@ class InvalidationQueue:
             self.refused += 1
             return _refusal("queue_full", f"{len(descs)} descriptors, {free} free slots")
         self.tail = (self.tail + len(descs)) % self.entries
-        return self._process(descs.copy(), int(t_ns))
+        return self._process(descs, int(t_ns))   # read once, never kept
 
     def clear_iqe(self, t_ns: int = 0, replacement: np.void | None = None) -> SubmitResult:
         """Software clears FSTS.IQE. With a replacement for the bad descriptor, hardware
@@ -586,40 +675,49 @@ class InvalidationQueue:
         self.ics_iwc = False
 
     def _process(self, batch: np.ndarray, t_ns: int) -> SubmitResult:
+        """Hardware fetches ``batch`` from the head, one descriptor after the other.
+
+        The batch is read once, as words (``batch`` itself is not kept: what an error leaves
+        unprocessed is copied), and each descriptor is decoded with decode_words.
+        """
         cursor = max(t_ns, self._busy_until_ns)
-        res = SubmitResult()
-        for i in range(len(batch)):
-            cmd = decode(batch[i], self.mamv)
-            if isinstance(cmd, DescError):
+        commands: list[tuple[int, InvCommand]] = []
+        waits: list[tuple[int, InvCommand]] = []
+        wait_done_ns: list[int] = []
+        costs, mamv, counts, inflight = self.costs, self.mamv, self.counts, self._inflight_ns
+        for i, words in enumerate(batch.tolist()):
+            cmd = decode_words(*words, mamv)
+            if type(cmd) is DescError:
                 self.fsts_iqe, self.iqe_head = True, self.head
                 self._pending = batch[i:].copy()
                 self.errors += 1
-                return self._done(res, cursor, i, cmd)
-            self.counts[cmd.name] += 1
+                return self._done(commands, waits, wait_done_ns, cursor, i, cmd)
+            t = cmd.type
+            counts[TYPE_NAMES[t]] += 1
             self.head = (self.head + 1) % self.entries
-            if cmd.type == QI_IWD_TYPE:
-                cursor += self.costs.qi_wait_ns
-                res.waits.append((cursor, cmd))
-                res.wait_done_ns.append(cursor)
+            if t == QI_IWD_TYPE:
+                cursor += costs.qi_wait_ns
+                waits.append((cursor, cmd))
+                wait_done_ns.append(cursor)
                 self.ics_iwc = self.ics_iwc or cmd.interrupt
-            elif cmd.type in DEVTLB_TYPES and cmd.sid in self.unresponsive_sids:
+            elif t in DEVTLB_TYPES and cmd.sid in self.unresponsive_sids:
                 # Spec 6.5.2.10: ITE; pending waits are aborted, processing stops.
                 self.fsts_ite = True
                 self.head = self.tail
-                err = _err(cmd.type, "ite", f"device-TLB invalidation to sid {cmd.sid:#x} "
+                err = _err(t, "ite", f"device-TLB invalidation to sid {cmd.sid:#x} "
                            "timed out")
-                return self._done(res, cursor, i + 1, err, error_index=i)
+                return self._done(commands, waits, wait_done_ns, cursor, i + 1, err,
+                                  error_index=i)
             else:
-                cursor += (self.costs.devtlb_inv_ns if cmd.type in DEVTLB_TYPES
-                           else self.costs.qi_desc_ns)
-                res.commands.append((cursor, cmd))
-            self._inflight_ns.append(cursor)
-        return self._done(res, cursor, len(batch), None)
+                cursor += costs.devtlb_inv_ns if t in DEVTLB_TYPES else costs.qi_desc_ns
+                commands.append((cursor, cmd))
+            inflight.append(cursor)
+        return self._done(commands, waits, wait_done_ns, cursor, len(batch), None)
 
-    def _done(self, res: SubmitResult, cursor: int, processed: int, err: DescError | None,
+    def _done(self, commands: list[tuple[int, InvCommand]], waits: list[tuple[int, InvCommand]],
+              wait_done_ns: list[int], cursor: int, processed: int, err: DescError | None,
               error_index: int | None = None) -> SubmitResult:
         self._busy_until_ns = cursor
         if err is not None and error_index is None:
             error_index = processed
-        return SubmitResult(res.commands, res.waits, res.wait_done_ns, processed, err,
-                            error_index)
+        return SubmitResult(commands, waits, wait_done_ns, processed, err, error_index)
