@@ -132,6 +132,14 @@ class Oracle:
         self._vms: dict[int, _VmTimes] = {}
         self.returned = ReturnTimes(self._vms)
 
+    def returned_at(self, vm: int, unmap_id: int) -> int | None:
+        """``returned.get((vm, unmap_id))``: the recorded return time, or None."""
+        times = self._vms.get(vm)
+        if times is None or unmap_id < 0:
+            return None
+        t = times.get(unmap_id)
+        return None if t == _NONE else t
+
     def unmap_returned(self, vm: int, unmap_id: int, t_ns: int) -> None:
         if unmap_id < 0:
             return

@@ -70,6 +70,11 @@ HOST_COUNTERS = ("translations", "iotlb_hits", "iotlb_misses", "devtlb_hits", "w
 HOST_ONLY_COUNTERS = ("host_faults", "unknown_vm_ops")
 # Operations that name a device (sid): accepted only from the VM the device is assigned to.
 SID_OPS = (OP_DMA, OP_HWPT_INV, OP_VFIO_MAP, OP_VFIO_UNMAP)
+# Look-up tables indexed by the uint8 "op" column: a known kind, a kind that names a device.
+_KNOWN_OP = np.zeros(256, dtype=bool)
+_KNOWN_OP[list(OP_NAMES)] = True
+_SID_OP = np.zeros(256, dtype=bool)
+_SID_OP[list(SID_OPS)] = True
 
 
 class HostServer:
@@ -90,6 +95,8 @@ class HostServer:
         self._qi_out_of_order: set[tuple[int, int]] = set()   # (vm, unmap id)
         self._retiring: dict[int, list[tuple[int, int]]] = {}   # vm -> retired id runs
         self.counters: dict[int, dict[str, int]] = {}
+        self._owner = np.zeros(1 << 16, dtype=np.int64)   # sid -> owning VM, 0 for none
+        self._owner_of_sid: dict[int, int] = {}           # owner_of_sid that _owner holds
         self.host_counters: dict[str, int] = dict.fromkeys(HOST_ONLY_COUNTERS, 0)
 
     # --- set-up ---------------------------------------------------------------------------
@@ -152,6 +159,17 @@ class HostServer:
         self.nested[(sid, pasid)] = dom
         return dom
 
+    def _owner_table(self) -> np.ndarray:
+        """The VMM's device assignment as an array indexed by sid (0: no owner); rebuilt
+        only when ``HostIommu.owner_of_sid`` changed since the last epoch."""
+        owners = self.iommu.owner_of_sid
+        if self._owner_of_sid != owners:
+            table = np.zeros(1 << 16, dtype=np.int64)
+            for sid, v in owners.items():
+                table[sid] = v
+            self._owner, self._owner_of_sid = table, dict(owners)
+        return self._owner
+
     def _admit(self, ops: np.ndarray) -> np.ndarray:
         """The operations the host applies; every other one is refused and counted.
 
@@ -162,16 +180,13 @@ class HostServer:
         """
         vm = ops["vm"]
         known = np.isin(vm, np.array(sorted(self.counters), dtype=np.int64))
-        self.host_counters["unknown_vm_ops"] += int((~known).sum())
+        self.host_counters["unknown_vm_ops"] += known.size - int(np.count_nonzero(known))
         kind = ops["op"]
-        malformed = (~np.isin(kind, np.array(sorted(OP_NAMES))) | (ops["t_ns"] < 0)
+        access = ops["a2"] & 0xFF
+        malformed = (~_KNOWN_OP[kind] | (ops["t_ns"] < 0)
                      | (ops["pasid"] > MAX_PASID) | bad_retire(ops)
-                     | ((kind == OP_DMA)
-                        & ~np.isin(ops["a2"] & 0xFF, (ACCESS_READ, ACCESS_WRITE))))
-        owner = np.zeros(1 << 16, dtype=np.int64)
-        for sid, v in self.iommu.owner_of_sid.items():
-            owner[sid] = v
-        foreign = ~malformed & np.isin(kind, SID_OPS) & (owner[ops["sid"]] != vm)
+                     | ((kind == OP_DMA) & (access != ACCESS_READ) & (access != ACCESS_WRITE)))
+        foreign = ~malformed & _SID_OP[kind] & (self._owner_table()[ops["sid"]] != vm)
         for v in np.unique(vm[known & (malformed | foreign)]).tolist():
             c = self.counters[v]
             c["ops_refused"] += int((malformed & (vm == v)).sum())
@@ -181,34 +196,45 @@ class HostServer:
 
     # --- one epoch ------------------------------------------------------------------------
     def apply_epoch(self, ops: np.ndarray) -> dict[int, EpochReport]:
-        """Apply merged operations (sorted by t_ns, vm, seq); report per VM."""
+        """Apply merged operations (sorted by t_ns, vm, seq); report per VM.
+
+        The loop reads the kind, time and VM columns as Python lists (no numpy scalar per
+        operation); a control operation is read as one row of ints.
+        """
         if not isinstance(ops, np.ndarray) or ops.dtype != OP_DTYPE or ops.ndim != 1:
             raise ProtocolError("apply_epoch takes a 1-D numpy array of OP_DTYPE")
         h = self.iommu
         ops = self._admit(ops)
         n = ops.size
-        t = ops["t_ns"]
-        kind = ops["op"]
+        t_col = ops["t_ns"]
+        t = t_col.tolist()
+        kind = ops["op"].tolist()
+        vms = ops["vm"].tolist()
         i = 0
         while i < n:
-            h.advance_to(int(t[i]))
+            h.advance_to(t[i])
             k = kind[i]
             if k in (OP_DMA, OP_GUEST_WRITE):
                 j = i + 1
-                while j < n and kind[j] == k and (k == OP_DMA or ops["vm"][j] == ops["vm"][i]):
-                    j += 1
+                if k == OP_DMA:
+                    while j < n and kind[j] == k:
+                        j += 1
+                else:
+                    v = vms[i]
+                    while j < n and kind[j] == k and vms[j] == v:
+                        j += 1
                 nxt = h.next_effect_ns()
                 if nxt is not None and nxt <= t[j - 1]:
-                    j = max(i + 1, int(np.searchsorted(t[i:j], nxt, side="left")) + i)
+                    j = max(i + 1, int(np.searchsorted(t_col[i:j], nxt, side="left")) + i)
                 if k == OP_DMA:
                     self._dma(ops[i:j])
                 else:
-                    vm = int(ops["vm"][i])
+                    vm = vms[i]
                     dropped = h.guest_write(vm, ops["a0"][i:j], ops["a1"][i:j])
                     self.counters[vm]["guest_writes_dropped"] += dropped
                 i = j
                 continue
-            self._control(ops[i])
+            self._control(ops[i].item())
             i += 1
         # Retired unmap ids are dropped only now, after every DMA of the epoch was checked
         # (a DMA stamped with an id may sort after the retire in time order).
@@ -220,70 +246,75 @@ class HostServer:
         owned = np.isin(f["vm"], np.array(sorted(self.counters), dtype=np.int64))
         self.host_counters["host_faults"] += int((~owned).sum())
         reports = {}
+        any_faults = f["vm"].size > 0
         for vm in sorted(self.counters):
-            m = f["vm"] == vm
-            faults = list(zip(f["time_ns"][m].tolist(), f["sid"][m].tolist(),
-                              f["pasid"][m].tolist(), f["addr"][m].tolist(),
-                              f["reason"][m].tolist(), f["stage"][m].tolist(), strict=True))
+            faults = []
+            if any_faults:
+                m = f["vm"] == vm
+                faults = list(zip(f["time_ns"][m].tolist(), f["sid"][m].tolist(),
+                                  f["pasid"][m].tolist(), f["addr"][m].tolist(),
+                                  f["reason"][m].tolist(), f["stage"][m].tolist(),
+                                  strict=True))
             reports[vm] = EpochReport(vm, dict(self.counters[vm]), faults,
                                       self.unmap_waits.pop(vm, []))
         return reports
 
-    def _control(self, op: np.void) -> None:
+    def _control(self, row: tuple[int, ...]) -> None:
+        """One operation that is neither a DMA nor a guest table store: an OP_DTYPE row as
+        ints (``ops[i].item()``: t_ns, vm, seq, op, sid, pasid, a0, a1, a2, a3)."""
         h = self.iommu
-        k, vm, t = int(op["op"]), int(op["vm"]), int(op["t_ns"])
+        t, vm, _seq, k, sid, pasid, a0, a1, a2, a3 = row
         c = self.counters[vm]
         if k in (OP_HWPT_INV, OP_VFIO_UNMAP, OP_SL_UNMAP):   # these submit to the shared QI
             # An operation stamped earlier than one already applied (a VM's calls can run
             # past an epoch's end) finds the queue holding work from its future: its wait is
             # not reported to the guest, only used by the oracle.
-            if t < self._qi_stamp_max and k != OP_SL_UNMAP and int(op["a3"]) >= 0:
-                self._qi_out_of_order.add((vm, int(op["a3"])))
-            self._qi_stamp_max = max(self._qi_stamp_max, t)
+            if t < self._qi_stamp_max and k != OP_SL_UNMAP and a3 >= 0:
+                self._qi_out_of_order.add((vm, a3))
+            if t > self._qi_stamp_max:
+                self._qi_stamp_max = t
         if k == OP_HWPT_INV:
-            dom = self.nested.get((int(op["sid"]), int(op["pasid"])))
+            dom = self.nested.get((sid, pasid))
             if dom is None or dom.vm != vm:
                 c["vfio_errors"] += 1  # iommufd refuses a HWPT the VM does not own
                 return
             try:
-                t_done, nd = hwpt_invalidate(h, dom, [(int(op["a0"]), int(op["a1"]),
-                                                       int(op["a2"]))], t)
+                t_done, nd = hwpt_invalidate(h, dom, [(a0, a1, a2)], t)
             except IommufdError:
                 c["vfio_errors"] += 1  # refused entries are never applied
                 return
             c["host_inv_descriptors"] += nd
-            self.oracle.unmap_returned(vm, int(op["a3"]), t_done)
+            self.oracle.unmap_returned(vm, a3, t_done)
         elif k in (OP_VFIO_MAP, OP_VFIO_UNMAP):
-            dom = self.shadow_of_sid.get(int(op["sid"]))
+            dom = self.shadow_of_sid.get(sid)
             try:
                 if dom is None or dom.vm != vm:
-                    raise VfioError(f"device {int(op['sid']):#06x} of VM {vm} has no VFIO "
-                                    "container")
+                    raise VfioError(f"device {sid:#06x} of VM {vm} has no VFIO container")
                 if k == OP_VFIO_MAP:
-                    c["pinned_pages"] += vfio_map(h, dom, int(op["a0"]), int(op["a1"]),
-                                                  int(op["a2"]), bool(op["a3"]))
+                    c["pinned_pages"] += vfio_map(h, dom, a0, a1, a2, bool(a3))
                     return
-                t_done, nd = vfio_unmap(h, dom, int(op["a0"]), int(op["a1"]), t)
+                t_done, nd = vfio_unmap(h, dom, a0, a1, t)
             except VfioError:
                 c["vfio_errors"] += 1
                 return
             c["host_inv_descriptors"] += nd
-            self.oracle.unmap_returned(vm, int(op["a3"]), t_done)
+            self.oracle.unmap_returned(vm, a3, t_done)
         elif k == OP_UNMAP_RET:
             # A strict unmap returns only when its wait descriptor completed on this host's
             # queue, which every VM shares: report how much later than the guest's modelled
             # return that was (the VFIO unmap or HWPT invalidate came first in merge order).
-            uid, t_ret = int(op["a0"]), int(op["a1"])
-            host_done = self.oracle.returned.get((vm, uid))
-            causal = (vm, uid) not in self._qi_out_of_order
-            self._qi_out_of_order.discard((vm, uid))
+            uid, t_ret = a0, a1
+            host_done = self.oracle.returned_at(vm, uid)
+            causal = True
+            if self._qi_out_of_order:
+                causal = (vm, uid) not in self._qi_out_of_order
+                self._qi_out_of_order.discard((vm, uid))
             if host_done is not None and host_done > t_ret and causal:
-                self.unmap_waits.setdefault(vm, []).append(
-                    (uid, int(op["a2"]) & 0xFFFF, host_done - t_ret))
+                self.unmap_waits.setdefault(vm, []).append((uid, a2 & 0xFFFF, host_done - t_ret))
             self.oracle.unmap_returned(vm, uid, t_ret)
         elif k == OP_SL_UNMAP:
             try:
-                _t, nd, _freed, refused = sl_unmap(h, vm, int(op["a0"]), int(op["a1"]), t)
+                _t, nd, _freed, refused = sl_unmap(h, vm, a0, a1, t)
             except IommufdError:
                 c["ops_refused"] += 1
                 return
@@ -291,49 +322,82 @@ class HostServer:
             c["sl_unmap_refused"] += refused
         elif k == OP_SL_MAP:
             try:
-                sl_map(h, vm, int(op["a0"]), int(op["a1"]))
+                sl_map(h, vm, a0, a1)
             except IommufdError:
                 c["ops_refused"] += 1
         elif k == OP_UNMAP_RETIRE:
-            self._retiring.setdefault(vm, []).append((int(op["a0"]), int(op["a1"])))
+            self._retiring.setdefault(vm, []).append((a0, a1))
 
     def _dma(self, ops: np.ndarray) -> None:
+        """Translate a run of DMAs in one batch, run the oracle, count per VM."""
         h = self.iommu
-        access = (ops["a2"] & 0xFF).astype(np.uint8)
-        res = h.translate(ops["sid"], ops["pasid"], ops["a0"], access, ops["t_ns"])
+        a2 = ops["a2"]
+        t_ns, uid, vm = ops["t_ns"], ops["a3"], ops["vm"]
+        res = h.translate(ops["sid"], ops["pasid"], ops["a0"], (a2 & 0xFF).astype(np.uint8),
+                          t_ns)
         ok = res["fault"] == 0
         owner = h.mem.owner[(res["hpa"] >> np.uint64(PAGE_SHIFT)).astype(np.int64)]
-        vm = ops["vm"]
         cross = ok & (owner != vm)
-        stale, window = self.oracle.check(vm, ops["a3"], ops["t_ns"], ok)
-        rogue = (ops["a2"] & DMA_ROGUE) != 0
-        tagged = ops["a3"] >= 0     # the page was unmapped when the device aimed at it
-        classes = {"rogue_faulted": rogue & ~ok, "rogue_cross_vm": rogue & cross,
-                   "rogue_stale": rogue & ok & ~cross & stale,
-                   "rogue_in_flight": rogue & ok & ~cross & ~stale & tagged,
-                   "rogue_misdirected": rogue & ok & ~cross & ~tagged}
-        cost = self.costs
-        tns = np.where(res["iotlb_hit"], cost.iotlb_hit_ns,
-                       res["walk_refs"].astype(np.int64) * cost.mem_ref_ns
-                       + res["ctx_refs"].astype(np.int64) * cost.mem_ref_ns)
+        stale, window = self.oracle.check(vm, uid, t_ns, ok)
+        hit, walk, ctx = res["iotlb_hit"], res["walk_refs"], res["ctx_refs"]
+        cols = (hit, h.last_devtlb_hit, walk, ctx, ok, cross, stale, window,
+                (a2 & DMA_ROGUE) != 0, uid >= 0)
+        v0 = int(vm[0])
+        if vm.size == 1 or not (vm != v0).any():
+            self._tally(self.counters[v0], *cols)
+            return
         for v in np.unique(vm).tolist():
             m = vm == v
-            c = self.counters[v]
-            c["translations"] += int(m.sum())
-            c["iotlb_hits"] += int((res["iotlb_hit"][m]).sum())
-            c["devtlb_hits"] += int(h.last_devtlb_hit[m].sum())
-            c["iotlb_misses"] += int((~res["iotlb_hit"][m] & (res["walk_refs"][m] > 0)).sum())
-            c["walk_refs"] += int(res["walk_refs"][m].sum())
-            c["ctx_refs"] += int(res["ctx_refs"][m].sum())
-            c["faults"] += int((~ok[m]).sum())
-            c["cross_vm_dma"] += int(cross[m].sum())
-            c["stale_dma"] += int(stale[m].sum())
-            if stale[m].any():
-                c["stale_window_max_ns"] = max(c["stale_window_max_ns"],
-                                               int(window[m][stale[m]].max()))
-            c["translate_ns"] += int(tns[m].sum())
-            for name, hit in classes.items():
-                c[name] += int(hit[m].sum())
+            self._tally(self.counters[v], *(x[m] for x in cols))
+
+    def _tally(self, c: dict[str, int], hit: np.ndarray, devtlb_hit: np.ndarray,
+               walk: np.ndarray, ctx: np.ndarray, ok: np.ndarray, cross: np.ndarray,
+               stale: np.ndarray, window: np.ndarray, rogue: np.ndarray, tagged: np.ndarray
+               ) -> None:
+        """Add one VM's translations of a batch to its counters.
+
+        ``translate_ns`` charges an IOTLB (or device-TLB) hit ``iotlb_hit_ns``, any other
+        translation a memory reference per walk and context reference. Rogue DMAs (aimed at
+        the last unmapped IOVA) fall in one class each, see ROGUE_CLASSES.
+        """
+        def count(x: np.ndarray) -> int:
+            return int(np.count_nonzero(x))
+
+        n = hit.size
+        n_ok = count(ok)
+        c["translations"] += n
+        c["iotlb_hits"] += count(hit)
+        c["devtlb_hits"] += count(devtlb_hit)
+        c["iotlb_misses"] += count(~hit & (walk > 0))
+        walk_sum, ctx_sum = int(walk.sum()), int(ctx.sum())
+        c["walk_refs"] += walk_sum
+        c["ctx_refs"] += ctx_sum
+        c["faults"] += n - n_ok
+        n_cross = count(cross)
+        c["cross_vm_dma"] += n_cross
+        n_stale = count(stale)
+        if n_stale:
+            c["stale_dma"] += n_stale
+            c["stale_window_max_ns"] = max(c["stale_window_max_ns"], int(window[stale].max()))
+        cost = self.costs
+        n_hit = count(hit)
+        if n_hit:   # hits cost iotlb_hit_ns; the others their references
+            refs = int(walk[~hit].sum()) + int(ctx[~hit].sum())
+        else:
+            refs = walk_sum + ctx_sum
+        c["translate_ns"] += n_hit * cost.iotlb_hit_ns + refs * cost.mem_ref_ns
+        # The next lines are equivalent and left for reference:
+        #     tns = np.where(hit, cost.iotlb_hit_ns,
+        #                    walk.astype(np.int64) * cost.mem_ref_ns
+        #                    + ctx.astype(np.int64) * cost.mem_ref_ns)
+        #     c["translate_ns"] += int(tns.sum())
+        if rogue.any():
+            clean = ok & ~cross
+            c["rogue_faulted"] += count(rogue & ~ok)
+            c["rogue_cross_vm"] += count(rogue & cross)
+            c["rogue_stale"] += count(rogue & clean & stale)
+            c["rogue_in_flight"] += count(rogue & clean & ~stale & tagged)
+            c["rogue_misdirected"] += count(rogue & clean & ~tagged)
 
     # --- results --------------------------------------------------------------------------
     def fault_columns(self) -> dict[str, np.ndarray]:
