@@ -44,6 +44,7 @@ from host_iommu.fault import FaultLog
 from host_iommu.kernels.devtlb import DeviceTlbArrays
 from host_iommu.kernels.iotlb import IotlbArrays
 from host_iommu.kernels.pwc import PwcArrays
+from host_iommu.kernels.translate import translate_batch
 from host_iommu.memory import HostMemory, HostMemoryError
 from host_iommu.pasid import (
     ContextEntry,
@@ -55,11 +56,12 @@ from host_iommu.pasid import (
 from host_iommu.pgtable import HostTableStore, PageTable
 from host_iommu.qi import InvalidationQueue, InvCommand, apply
 from host_iommu.slbuild import build_second_level, uniform_backing
-from host_iommu.walk import WalkBatch, Walker
+from host_iommu.walk import NO_PWC, WalkBatch, Walker
 
 U64 = np.uint64
 M64 = (1 << 64) - 1
 GUEST_WRITE_LOOP_MAX = 32   # stores per call below which guest_write loops on ints
+CONTEXT_LOOP_MAX = 256      # requests per batch below which the context stage loops on ints
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,26 @@ def first_of_groups(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     leader[order] = order[start]
     firsts = np.flatnonzero(leader == pos)
     return firsts, np.searchsorted(firsts, leader)
+
+
+@dataclass
+class _Contexts:
+    """A batch's context stage: per request the fault (0 if none), DID, whether its device
+    caches translations (ATS, context fine), its context's index, the structure fetches it
+    pays and FPD; per resolved context the walk inputs of its PASID entry."""
+
+    r_fault: np.ndarray    # uint8 per request
+    r_did: np.ndarray      # int64 per request
+    r_dte: np.ndarray      # bool per request
+    inv: np.ndarray        # int64 per request: index of its context
+    ctx_refs: np.ndarray   # int64 per request
+    fpd_of: np.ndarray     # bool per request
+    pgtt: np.ndarray       # uint8 per context
+    flptr: np.ndarray      # uint64 per context
+    fl_levels: np.ndarray  # uint8 per context
+    slptr: np.ndarray      # uint64 per context
+    sl_levels: np.ndarray  # uint8 per context
+    ssade: np.ndarray      # bool per context
 
 
 class CacheSet:
@@ -488,7 +510,10 @@ class HostIommu:
         """Translate a batch of DMA requests (each within one 4-KiB page).
 
         Returns a RESULT_DTYPE array. Faults are recorded in the fault log (unless FPD).
-        On the reference engine, host_iommu/refengine.py translates the batch instead.
+        The context stage runs here; the rest of the batch (device-TLB, IOTLB, coalesced
+        walks, fills) is one compiled kernel (host_iommu/kernels/translate.py) doing what
+        ``translate_numpy`` spells out step by step. On the reference engine,
+        host_iommu/refengine.py translates the batch instead.
         """
         if self.p.engine == "reference":
             return refengine.translate(self, sid, pasid, addr, access, t_ns)
@@ -500,6 +525,100 @@ class HostIommu:
         out = np.zeros(n, dtype=RESULT_DTYPE)
         if n == 0:
             return out
+        cx = self._contexts(sid, pasid)
+        fault = cx.r_fault.copy()
+        stage = np.where(fault != 0, np.uint8(Stage.CONTEXT), np.uint8(0))
+        hpa = np.zeros(n, dtype=U64)
+        walk_refs = np.zeros(n, dtype=np.int64)
+        order = np.zeros(n, dtype=np.uint8)
+        perm = np.zeros(n, dtype=np.uint8)
+        iotlb_hit = np.zeros(n, dtype=bool)
+        devtlb_hit = np.zeros(n, dtype=bool)
+        fl, sl = self.fl_pwc, self.sl_pwc
+        mem = self.mem
+        w = self.walker
+        res = translate_batch(
+            sid, pasid, addr, access, cx.r_fault, cx.r_did, cx.r_dte, cx.inv, cx.pgtt,
+            cx.flptr, cx.fl_levels, cx.slptr, cx.sl_levels, cx.ssade,
+            self.iotlb.state, self.iotlb.counts, self.caches.dtlb.state,
+            self.caches.dtlb.counts, mem.slab, mem.slot_of, w.haw, w.amask, w.fl_rsvd,
+            w.sl_rsvd, fl is not None, NO_PWC[0] if fl is None else fl.state,
+            NO_PWC[1] if fl is None else fl.counts, sl is not None,
+            NO_PWC[0] if sl is None else sl.state, NO_PWC[1] if sl is None else sl.counts,
+            hpa, fault, stage, walk_refs, order, iotlb_hit, devtlb_hit, perm)
+        misses, ad, devtlb_hits, iotlb_hits, refs, faults = res.tolist()
+        out["hpa"], out["fault"], out["stage"] = hpa, fault, stage
+        out["walk_refs"], out["ctx_refs"], out["page_order"] = walk_refs, cx.ctx_refs, order
+        out["iotlb_hit"] = iotlb_hit | devtlb_hit
+        self.stats.ad_writes += ad
+        self._account(out, sid, pasid, addr, access, t_ns, cx.fpd_of,
+                      (devtlb_hits, iotlb_hits, misses, refs, int(cx.ctx_refs.sum()), faults))
+        self.last_devtlb_hit = devtlb_hit
+        return out
+
+    def _contexts(self, sid: np.ndarray, pasid: np.ndarray) -> _Contexts:
+        """Step 0-1 of a batch: malformed ids, then one resolution per distinct (sid, pasid)
+        in ascending order, through the context and PASID caches; the first request of each
+        pays its structure fetches."""
+        n = sid.size
+        if n > CONTEXT_LOOP_MAX:
+            return self._contexts_numpy(sid, pasid)
+        # A small batch: the same on plain ints (numpy's per-call cost dominated here).
+        keys = []
+        for s, p in zip(sid.tolist(), pasid.tolist(), strict=True):
+            if not 0 <= s <= 0xFFFF:
+                keys.append(-2)                       # ROOT_ENTRY_P
+            elif not 0 <= p <= MAX_PASID:
+                keys.append(-1)                       # PASID_DIR_ACCESS_ERR
+            else:
+                keys.append((s << 20) | p)
+        row = {}
+        ctx_rows = []
+        for k in sorted({k for k in keys if k >= 0}):
+            cr = self._resolve(k >> 20, k & MAX_PASID)
+            row[k] = len(ctx_rows)
+            ctx_rows.append(cr)
+        bad_row = len(ctx_rows)   # a row of defaults for malformed requests (never walked)
+        r_fault, r_did, r_dte, inv, ctx_refs, fpd_of = [], [], [], [], [], []
+        paid = set()
+        for k in keys:
+            if k < 0:
+                r_fault.append(FaultReason.ROOT_ENTRY_P if k == -2
+                               else FaultReason.PASID_DIR_ACCESS_ERR)
+                r_did.append(0)
+                r_dte.append(False)
+                inv.append(bad_row)
+                ctx_refs.append(0)
+                fpd_of.append(False)
+                continue
+            u = row[k]
+            cr = ctx_rows[u]
+            e = cr.entry
+            r_fault.append(cr.fault)
+            r_did.append(0 if e is None else e.did)
+            r_dte.append(bool(cr.dte) and cr.fault == 0)
+            inv.append(u)
+            ctx_refs.append(0 if k in paid else cr.ctx_refs)
+            paid.add(k)
+            fpd_of.append(bool(cr.fpd))
+        ents = [cr.entry for cr in ctx_rows]
+        none = [e is None for e in ents] + [True]
+        ents.append(None)
+        return _Contexts(
+            np.array(r_fault, np.uint8), np.array(r_did, np.int64), np.array(r_dte, bool),
+            np.array(inv, np.int64), np.array(ctx_refs, np.int64), np.array(fpd_of, bool),
+            np.array([0 if z else e.pgtt for e, z in zip(ents, none, strict=True)], np.uint8),
+            np.array([0 if z else e.flptr for e, z in zip(ents, none, strict=True)], U64),
+            np.array([4 if z else e.fl_levels for e, z in zip(ents, none, strict=True)],
+                     np.uint8),
+            np.array([0 if z else e.slptr for e, z in zip(ents, none, strict=True)], U64),
+            np.array([4 if z else e.sl_levels for e, z in zip(ents, none, strict=True)],
+                     np.uint8),
+            np.array([False if z else e.ssade for e, z in zip(ents, none, strict=True)], bool))
+
+    def _contexts_numpy(self, sid: np.ndarray, pasid: np.ndarray) -> _Contexts:
+        """``_contexts`` of a large batch, with numpy."""
+        n = sid.size
         # 0. fields no request can carry: a source-id is 16 bits and a PASID 20 bits (the
         # PCIe PASID prefix). Such a request faults at the context stage; it never aliases
         # another (sid, pasid) through the resolution key.
@@ -532,17 +651,36 @@ class HostIommu:
                 slptr[u], sl_levels[u], ssade[u] = e.slptr, e.sl_levels, e.ssade
         ctx_refs = np.zeros(n, np.int64)
         ctx_refs[first] = crefs
-        out["ctx_refs"] = ctx_refs
         r_fault = cfault[inv]
         r_fault[bad_sid] = FaultReason.ROOT_ENTRY_P
         r_fault[bad_pasid] = FaultReason.PASID_DIR_ACCESS_ERR
+        return _Contexts(r_fault, did[inv], dte[inv] & (r_fault == 0), inv.astype(np.int64),
+                         ctx_refs, fpd[inv], pgtt, flptr, fl_levels, slptr, sl_levels,
+                         ssade)
+
+    def translate_numpy(self, sid: np.ndarray, pasid: np.ndarray, addr: np.ndarray,
+                        access: np.ndarray, t_ns: np.ndarray | None = None) -> np.ndarray:
+        """``translate`` with numpy, step by step (what the compiled kernel does)."""
+        sid = np.asarray(sid, dtype=np.int64)
+        pasid = np.asarray(pasid, dtype=np.int64)
+        addr = np.asarray(addr, dtype=U64)
+        access = np.asarray(access, dtype=np.uint8)
+        n = sid.size
+        out = np.zeros(n, dtype=RESULT_DTYPE)
+        if n == 0:
+            return out
+        cx = self._contexts(sid, pasid)
+        inv, pgtt, flptr, fl_levels = cx.inv, cx.pgtt, cx.flptr, cx.fl_levels
+        slptr, sl_levels, ssade = cx.slptr, cx.sl_levels, cx.ssade
+        out["ctx_refs"] = cx.ctx_refs
+        r_fault = cx.r_fault
         out["fault"] = r_fault
         out["stage"] = np.where(r_fault != 0, Stage.CONTEXT, 0)
-        r_did = did[inv]
+        r_did = cx.r_did
         live = r_fault == 0
 
         # 2. device-TLB for ATS devices: a hit needs no IOMMU look-up at all.
-        r_dte = dte[inv] & live
+        r_dte = cx.r_dte
         devtlb_hit = np.zeros(n, bool)
         if r_dte.any():
             ix = np.flatnonzero(r_dte)
@@ -574,9 +712,10 @@ class HostIommu:
                 r_did[miss], pasid[miss], addr[miss] >> U64(PAGE_SHIFT), access[miss])
             leaders = miss[lead_pos]
             u = inv[leaders]
-            wb = WalkBatch(addr=addr[leaders], access=access[leaders], pgtt=pgtt[u], did=did[u],
-                           pasid=pasid[leaders], flptr=flptr[u], fl_levels=fl_levels[u],
-                           slptr=slptr[u], sl_levels=sl_levels[u], ssade=ssade[u])
+            wb = WalkBatch(addr=addr[leaders], access=access[leaders], pgtt=pgtt[u],
+                           did=r_did[leaders], pasid=pasid[leaders], flptr=flptr[u],
+                           fl_levels=fl_levels[u], slptr=slptr[u], sl_levels=sl_levels[u],
+                           ssade=ssade[u])
             wr = self.walker.walk(wb)
             self.stats.ad_writes += wr.ad_writes
             # results for leaders
@@ -621,16 +760,31 @@ class HostIommu:
                                   (out["hpa"][dfill] >> shift) << shift, r_perm[dfill])
 
         # 5. statistics and fault records
+        self._account(out, sid, pasid, addr, access, t_ns, cx.fpd_of, (
+            int(devtlb_hit.sum()), int(out["iotlb_hit"].sum()),
+            int(miss.size - (followers.size if self.iotlb.cache.sets else 0)),
+            int(out["walk_refs"].sum()), int(out["ctx_refs"].sum()),
+            int(np.count_nonzero(out["fault"]))))
+        out["iotlb_hit"] |= devtlb_hit
+        self.last_devtlb_hit = devtlb_hit
+        return out
+
+    def _account(self, out: np.ndarray, sid: np.ndarray, pasid: np.ndarray, addr: np.ndarray,
+                 access: np.ndarray, t_ns: np.ndarray | None, fpd_of: np.ndarray,
+                 counts: tuple[int, int, int, int, int, int]) -> None:
+        """Step 5 of a batch: statistics (``counts``: device-TLB hits, IOTLB hits, IOTLB
+        misses, walk and context references, faults) and the fault records."""
         st = self.stats
-        st.translations += n
-        st.devtlb_hits += int(devtlb_hit.sum())
-        st.iotlb_hits += int(out["iotlb_hit"].sum())
-        st.iotlb_misses += int(miss.size - (followers.size if self.iotlb.cache.sets else 0))
-        st.walk_refs += int(out["walk_refs"].sum())
-        st.ctx_refs += int(out["ctx_refs"].sum())
-        faulted = np.flatnonzero(out["fault"] != 0)
-        st.faults += faulted.size
-        if faulted.size:
+        st.translations += out.size
+        devtlb_hits, iotlb_hits, misses, walk_refs, ctx_refs, faults = counts
+        st.devtlb_hits += devtlb_hits
+        st.iotlb_hits += iotlb_hits
+        st.iotlb_misses += misses
+        st.walk_refs += walk_refs
+        st.ctx_refs += ctx_refs
+        st.faults += faults
+        if faults:
+            faulted = np.flatnonzero(out["fault"])
             # A fault of a device no VM owns is the host's (VM 0); the host driver drains
             # those (HostServer), so they never hold the recording registers.
             vm_of = np.array([self.owner_of_sid.get(int(s), 0) for s in sid[faulted]])
@@ -643,7 +797,4 @@ class HostIommu:
             self.faults.record(tt, vm_of, np.clip(sid[faulted], 0, 0xFFFF),
                                np.clip(pasid[faulted], 0, 0xFFFF_FFFF), addr[faulted],
                                rec_access, out["fault"][faulted], out["stage"][faulted],
-                               fpd=fpd[inv][faulted])
-        out["iotlb_hit"] |= devtlb_hit
-        self.last_devtlb_hit = devtlb_hit
-        return out
+                               fpd=fpd_of[faulted])

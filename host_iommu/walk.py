@@ -56,7 +56,7 @@ from host_iommu.pgtable import (
 )
 
 U64 = np.uint64
-_NO_PWC = (np.zeros((len(LINE_FIELDS), 0, 1), dtype=np.uint64), np.zeros(6, dtype=np.int64))
+NO_PWC = (np.zeros((len(LINE_FIELDS), 0, 1), dtype=np.uint64), np.zeros(6, dtype=np.int64))
 
 
 def _c(a: np.ndarray, dtype) -> np.ndarray:
@@ -358,7 +358,7 @@ class Walker:
         if n == 0:
             return WalkResult(hpa, fault, stage, refs, order, perm, 0)
         fl, sl = self.fl_pwc, self.sl_pwc
-        none = _NO_PWC
+        none = NO_PWC
         ad = walk_batch(
             self.mem.slab, self.mem.slot_of, self.haw, self.amask, self.fl_rsvd, self.sl_rsvd,
             _c(b.addr, U64), _c(b.access, np.uint8), _c(b.pgtt, np.uint8),
