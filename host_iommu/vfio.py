@@ -89,10 +89,23 @@ def vfio_map(host: HostIommu, dom: ShadowDomain, iova: int, gpa: int, size: int,
     if taken:
         raise VfioError(f"VFIO map iova={iova:#x} size={size:#x} overlaps a mapping")
     v.pins[f0:f0 + n] += 1
-    for i in range(n):
-        dom.gpa_of_iova[p0 + i] = f0 + i
-        hpa = int(v.hpa_of[f0 + i]) << PAGE_SHIFT
-        dom.pte_writes += dom.table.map(iova + (i << PAGE_SHIFT), hpa, PAGE_SIZE, write=write)
+    dom.gpa_of_iova.update(zip(range(p0, p0 + n), range(f0, f0 + n), strict=True))
+    frames = v.hpa_of[f0:f0 + n].tolist()
+    if dom.table.max_order != 0:
+        for i in range(n):
+            dom.pte_writes += dom.table.map(iova + (i << PAGE_SHIFT), frames[i] << PAGE_SHIFT,
+                                            PAGE_SIZE, write=write)
+    else:
+        # One table map per run of consecutive host frames: a table of 4-KiB pages only
+        # (max_order 0, as vfio_attach builds it) installs the same entries, in the same
+        # order, as the map per page above.
+        a = 0
+        for b in range(1, n + 1):
+            if b == n or frames[b] != frames[b - 1] + 1:
+                dom.pte_writes += dom.table.map(iova + (a << PAGE_SHIFT),
+                                                frames[a] << PAGE_SHIFT,
+                                                (b - a) << PAGE_SHIFT, write=write)
+                a = b
     dom.pinned_pages += n
     return n
 
