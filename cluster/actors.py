@@ -14,6 +14,13 @@ resident before any emulation state), so one process per VM would cap a 24 GiB m
 200 VMs, and every VM would add a remote call per epoch. The VMs of an actor run their epochs
 one after another, in id order, exactly as the in-process back-end does; results do not depend
 on how VMs are grouped into actors.
+
+Where a host's VMs form a single group (a host's share of the cluster is one CPU: one core,
+or as many hosts as cores), ``HostVmsActor`` runs that group and the host in one process: an
+epoch is then one call (run the VMs, apply their merged batches, keep the reports for the next
+epoch) instead of a VM call, a host call and the hand-over of batches and reports between
+them. With one CPU per host the two processes could not run at once anyway, so nothing is lost
+in parallelism; the same plain classes do the same work in the same order.
 """
 
 from __future__ import annotations
@@ -79,9 +86,10 @@ class VmGroupActor:
     def node_id(self) -> str:
         return _node_id()
 
-    def setup(self) -> dict[int, bytes]:
-        """Start every VM's workload; their packed ``VmSetup`` messages."""
-        return {a.vm: pack(a.setup()) for a in self.agents}
+    def setup(self) -> tuple[dict[int, bytes], str]:
+        """Start every VM's workload; their packed ``VmSetup`` messages, and this actor's
+        node id (so that starting an actor is one round trip)."""
+        return {a.vm: pack(a.setup()) for a in self.agents}, _node_id()
 
     def step(self, t_end_ns: int, reports: dict[int, bytes]
              ) -> tuple[dict[int, bytes], tuple[dict[int, dict[str, int]], float]]:
@@ -108,3 +116,41 @@ class VmGroupActor:
         """Deliver the last reports; each VM's final counters, and this actor's peak RSS."""
         self._receive(reports)
         return {a.vm: guest_final(a) for a in self.agents}, _peak_rss_bytes()
+
+
+class HostVmsActor:
+    """One emulated host with all of its VMs (a single group): ``epoch`` is one call.
+
+    It composes the two plain classes above and calls them exactly as the separate actors
+    are called, batches and reports crossing the wire encoding in between, so its tables are
+    those of a ``VmGroupActor`` beside a ``HostActor``.
+    """
+
+    def __init__(self, cfg: Config, host: int, plans: list[VmPlan]) -> None:
+        self.host = HostActor(cfg, host)
+        self.vms = VmGroupActor(cfg, plans)
+        self._reports: dict[int, bytes] = {}  # last epoch's packed reports, delivered next
+
+    def node_id(self) -> str:
+        return _node_id()
+
+    def setup(self) -> str:
+        """Every VM's ``VmSetup``, applied by the host in VM id order; the node id."""
+        frames, node = self.vms.setup()
+        self.host.setup_vms(frames)
+        return node
+
+    def epoch(self, t_end_ns: int) -> tuple[dict[int, dict[str, int]], float,
+                                            dict[int, dict[str, int]], int, float]:
+        """``VmGroupActor.step`` then ``HostActor.apply``: the VMs' stats and wall seconds,
+        then the host counters per VM, operations applied and the host's wall seconds."""
+        frames, (stats, vm_s) = self.vms.step(t_end_ns, self._reports)
+        self._reports, (counters, n_ops, host_s) = self.host.apply(frames)
+        return stats, vm_s, counters, n_ops, host_s
+
+    def finish(self) -> tuple[dict[int, dict[str, int]], dict[int, dict[str, int]],
+                              dict[str, Any], int]:
+        """The VMs' final counters (last reports delivered), then ``HostActor.finish``."""
+        guest, _rss = self.vms.finish(self._reports)
+        counters, faults, rss = self.host.finish()
+        return guest, counters, faults, rss

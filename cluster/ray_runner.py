@@ -12,6 +12,14 @@ objects straight to ``HostActor.apply`` (Ray resolves them on the host actor; th
 by (t_ns, vm, seq)), whose per-group report objects go to the next epoch's ``step`` calls. The
 driver fetches only the small stats and counters it writes as metrics. An actor that dies ends
 the run with RunFailed naming it; nothing waits longer than ``timeout_s`` for an answer.
+
+A host whose VMs form a single group (one CPU per host) is one ``HostVmsActor`` instead: its
+epoch is a single call, and the only data leaving it are the stats and counters.
+
+Start-up is arranged so that the driver's waits overlap: the actor classes are made remote once
+per process, every actor's ``setup`` and ``node_id`` go out in one round trip, and while the
+actors start (worker processes importing the emulator) the driver does its own one-time work
+(runner.warm_up_tables) instead of doing it after the first epoch.
 """
 
 from __future__ import annotations
@@ -26,9 +34,17 @@ from typing import Any
 
 import numpy as np
 
-from cluster.actors import HostActor, VmGroupActor
+from cluster.actors import HostActor, HostVmsActor, VmGroupActor
 from cluster.config import Config
-from cluster.runner import MACHINE_ERRORS, FinalState, RunError, RunFailed, VmPlan, plan_vms
+from cluster.runner import (
+    MACHINE_ERRORS,
+    FinalState,
+    RunError,
+    RunFailed,
+    VmPlan,
+    plan_vms,
+    warm_up_tables,
+)
 from host_iommu.protocol import EpochReport
 
 DEFAULT_TIMEOUT_S = 600.0       # longest wait for one epoch's answers from every actor
@@ -85,6 +101,19 @@ def ray_session(address: str | None = None) -> Iterator[None]:
             ray.shutdown()
 
 
+_REMOTE: dict[type, Any] = {}
+
+
+def _remote(cls: type) -> Any:
+    """``ray.remote(cls)``, made once per process: each new remote class is exported to the
+    cluster again (pickled and stored) at its first ``.remote()``."""
+    import ray
+
+    if cls not in _REMOTE:
+        _REMOTE[cls] = ray.remote(cls)
+    return _REMOTE[cls]
+
+
 def _split(plans: list[VmPlan], parts: int) -> list[list[VmPlan]]:
     """``plans`` (in VM id order) cut into ``parts`` contiguous, nearly equal blocks."""
     size, extra = divmod(len(plans), parts)
@@ -128,12 +157,14 @@ class RayMachine:
         self.names: list[str] = []
         self.vm_actors: list[tuple[Any, str, list[int]]] = []
         self.host_actors: dict[int, Any] = {}
+        self.host_vms_actors: list[tuple[Any, str, list[int]]] = []  # hosts of one group
         self.pg: Any = None
         try:
             if not node_cpus or max(node_cpus) < bundle_cpu:
                 raise RunError(f"no Ray node has {bundle_cpu} CPU for a host's actors")
             self.pg = placement_group([{"CPU": bundle_cpu}] * hosts, strategy="SPREAD")
             self._wait_placement()
+            setups: dict[str, Any] = {}
             for h in range(hosts):
                 mine = [p for p in plans if p.host == h]
                 if vms_per_actor:
@@ -145,30 +176,54 @@ class RayMachine:
                 opts = {"num_cpus": share, "max_restarts": 0, "max_task_retries": 0,
                         "scheduling_strategy": PlacementGroupSchedulingStrategy(
                             self.pg, placement_group_bundle_index=h)}
-                host = ray.remote(HostActor).options(**opts).remote(cfg, h)
+                if len(groups) == 1:  # the host and its one group in one process
+                    vms = [p.vm for p in groups[0]]
+                    opts["num_cpus"] = bundle_cpu
+                    actor = _remote(HostVmsActor).options(**opts).remote(cfg, h, groups[0])
+                    name = f"host {h} actor with {_vm_list(vms)}"
+                    self.host_vms_actors.append((actor, name, vms))
+                    self._add(actor, name)
+                    setups[name] = actor.setup.remote()
+                    continue
+                host = _remote(HostActor).options(**opts).remote(cfg, h)
                 self.host_actors[h] = host
                 self._add(host, f"host {h} actor")
                 for g in groups:
                     vms = [p.vm for p in g]
-                    actor = ray.remote(VmGroupActor).options(**opts).remote(cfg, g)
+                    actor = _remote(VmGroupActor).options(**opts).remote(cfg, g)
                     name = f"VM actor for {_vm_list(vms)} (host {h})"
                     self.vm_actors.append((actor, name, vms))
                     self._add(actor, name)
-            setups = self._get({name: a.setup.remote() for a, name, _ in self.vm_actors})
-            frames: dict[int, dict[int, bytes]] = {h: {} for h in range(hosts)}
-            for got in setups.values():
-                for vm, f in got.items():
+                    setups[name] = actor.setup.remote()
+            # one round trip for every actor's start (each setup returns its node id, a host
+            # actor answers its node id); the driver's own warm-up runs meanwhile
+            setups.update({f"host {h} actor": a.node_id.remote()
+                           for h, a in self.host_actors.items()})
+            warm_up_tables()
+            got = self._get(setups)
+            frames: dict[int, dict[int, bytes]] = {h: {} for h in self.host_actors}
+            for _a, name, _vms in self.vm_actors:
+                got[name], node = got[name]
+                for vm, f in got[name].items():
                     frames[self._host_of[vm]][vm] = f
-            self._get({f"host {h} actor": self.host_actors[h].setup_vms.remote(frames[h])
-                       for h in range(hosts)})
-            nodes = self._get({name: a.node_id.remote()
-                               for a, name in zip(self.actors, self.names, strict=True)})
+                got[name] = node
+            if self.host_actors:
+                self._get({f"host {h} actor": self.host_actors[h].setup_vms.remote(frames[h])
+                           for h in sorted(self.host_actors)})
+            nodes = {name: got[name] for name in self.names}
         except BaseException:
             self.close()
             raise
         self.nodes = nodes
         self._reports: dict[str, Any] = {}  # VM actor name -> its last epoch's report object
         self._stats: dict[int, dict[str, int]] = {}
+        # method handles with their options, made once: one ``.options`` per call costs
+        self._step = {name: a.step.options(num_returns=2) for a, name, _v in self.vm_actors}
+        self._apply: dict[int, Any] = {}
+        for h, a in self.host_actors.items():
+            n = sum(1 for _a, _n, vms in self.vm_actors if self._host_of[vms[0]] == h)
+            self._apply[h] = a.apply.options(num_returns=n + 1)
+        self._upstream = frozenset(n for _a, n, _v in self.vm_actors)
 
     def _add(self, actor: Any, name: str) -> None:
         self.actors.append(actor)
@@ -236,24 +291,31 @@ class RayMachine:
         EpochReport carrying its host counters (the faults went straight to the VM actors)."""
         by_host: dict[int, list[tuple[str, Any]]] = {h: [] for h in self.host_actors}
         infos: dict[str, Any] = {}
-        for a, name, vms in self.vm_actors:  # no ray.get: the refs go on to the host actor
-            frames, infos[name] = a.step.options(num_returns=2).remote(
-                t_end_ns, self._reports.get(name, {}))
+        for a, name, _vms in self.host_vms_actors:  # host and VMs in one call
+            infos[name] = a.epoch.remote(t_end_ns)
+        for _a, name, vms in self.vm_actors:  # no ray.get: the refs go on to the host actor
+            frames, infos[name] = self._step[name].remote(t_end_ns,
+                                                          self._reports.get(name, {}))
             by_host[self._host_of[vms[0]]].append((name, frames))
         for h, groups in by_host.items():
             if not groups:
                 continue
-            refs = self.host_actors[h].apply.options(num_returns=len(groups) + 1).remote(
-                *[frames for _n, frames in groups])
+            refs = self._apply[h].remote(*[frames for _n, frames in groups])
             for (name, _f), report in zip(groups, refs[:-1], strict=True):
                 self._reports[name] = report
             infos[f"host {h} actor"] = refs[-1]
-        got_infos = self._get(infos, upstream=frozenset(n for _a, n, _v in self.vm_actors))
-        busiest_vm = busiest_host = 0.0
+        got_infos = self._get(infos, upstream=self._upstream)
+        busiest_vm = busiest_host = busiest_both = 0.0
         ops = 0
         reports: dict[int, EpochReport] = {}
         for name, info in got_infos.items():
-            if name.startswith("host "):
+            if len(info) == 5:  # HostVmsActor: VMs then host, one after the other
+                stats, vm_s, counters, n, host_s = info
+                ops += n
+                busiest_both = max(busiest_both, vm_s + host_s)
+                self._stats.update(stats)
+                reports.update({vm: EpochReport(vm, c) for vm, c in counters.items()})
+            elif name.startswith("host "):
                 counters, n, busy_s = info
                 ops += n
                 busiest_host = max(busiest_host, busy_s)
@@ -262,7 +324,7 @@ class RayMachine:
                 stats, busy_s = info
                 busiest_vm = max(busiest_vm, busy_s)
                 self._stats.update(stats)
-        self.emulation_s += busiest_vm + busiest_host
+        self.emulation_s += max(busiest_vm + busiest_host, busiest_both)
         return ops, reports
 
     # --- Runner ------------------------------------------------------------------------------
@@ -273,7 +335,8 @@ class RayMachine:
         guest_refs = {name: a.finish.remote(self._reports.get(name, {}))
                       for a, name, _vms in self.vm_actors}
         host_refs = {f"host {h} actor": a.finish.remote() for h, a in self.host_actors.items()}
-        got = self._get({**guest_refs, **host_refs})
+        both_refs = {name: a.finish.remote() for a, name, _vms in self.host_vms_actors}
+        got = self._get({**guest_refs, **host_refs, **both_refs})
         guest: dict[int, dict[str, int]] = {}
         counters: dict[int, dict[str, int]] = {}
         faults: dict[int, dict[str, np.ndarray]] = {}
@@ -285,8 +348,15 @@ class RayMachine:
             c, f, rss[f"host {h} actor"] = got[f"host {h} actor"]
             counters.update(c)
             faults[h] = f
+        for _a, name, vms in self.host_vms_actors:
+            final, c, f, rss[name] = got[name]
+            guest.update(final)
+            counters.update(c)
+            faults[self._host_of[vms[0]]] = f
+        faults = dict(sorted(faults.items()))
         placement = {"nodes": self.nodes, "peak_rss_bytes": rss,
-                     "vms": {name: vms for _a, name, vms in self.vm_actors}}
+                     "vms": {name: vms for _a, name, vms in
+                             [*self.vm_actors, *self.host_vms_actors]}}
         return FinalState(guest, counters, faults, placement)
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -244,15 +246,21 @@ def test_progress_is_quiet_off_a_terminal_and_draws_on_one():
 
 
 def test_unreachable_ray_address_is_a_user_error(capsys, cfg_file, tmp_path):
-    """Nothing listens at the address: a clear error at once (no minute of Ray retries)."""
+    """Nothing listens at the address: a clear error at once (no minute of Ray retries).
+
+    The port stays bound (never listening) for the whole test, so no other process (another
+    Ray, whose non-GCS listener ray.init would wait on for many minutes) can take it: a
+    connection to it is refused at once."""
     pytest.importorskip("ray")
     import ray
 
     if ray.is_initialized():
         pytest.skip("a Ray session is already connected in this process")
-    port = __import__("socket").socket()
-    port.bind(("127.0.0.1", 0))
-    dead = f"127.0.0.1:{port.getsockname()[1]}"
-    port.close()
-    err = user_error(capsys, ["run", str(cfg_file), "--out", str(tmp_path), "--address", dead])
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        dead = f"127.0.0.1:{held.getsockname()[1]}"
+        t0 = time.monotonic()
+        err = user_error(capsys, ["run", str(cfg_file), "--out", str(tmp_path),
+                                  "--address", dead])
+        assert time.monotonic() - t0 < 120  # not Ray's minutes of retries
     assert f"cannot join the Ray cluster at {dead}" in err
