@@ -44,7 +44,21 @@ from host_iommu.fault import FaultLog
 from host_iommu.kernels.devtlb import DeviceTlbArrays
 from host_iommu.kernels.iotlb import IotlbArrays
 from host_iommu.kernels.pwc import PwcArrays
-from host_iommu.kernels.translate import translate_batch
+from host_iommu.kernels.translate import (
+    C_FL_LEVELS,
+    C_FLPTR,
+    C_PGTT,
+    C_SL_LEVELS,
+    C_SLPTR,
+    C_SSADE,
+    R_CTX,
+    R_CTX_REFS,
+    R_DID,
+    R_DTE,
+    R_FAULT,
+    R_FPD,
+    translate_batch,
+)
 from host_iommu.memory import HostMemory, HostMemoryError
 from host_iommu.pasid import (
     ContextEntry,
@@ -159,22 +173,15 @@ def first_of_groups(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class _Contexts:
-    """A batch's context stage: per request the fault (0 if none), DID, whether its device
-    caches translations (ATS, context fine), its context's index, the structure fetches it
-    pays and FPD; per resolved context the walk inputs of its PASID entry."""
+    """A batch's context stage (columns: host_iommu/kernels/translate.py R_* and C_*).
 
-    r_fault: np.ndarray    # uint8 per request
-    r_did: np.ndarray      # int64 per request
-    r_dte: np.ndarray      # bool per request
-    inv: np.ndarray        # int64 per request: index of its context
-    ctx_refs: np.ndarray   # int64 per request
-    fpd_of: np.ndarray     # bool per request
-    pgtt: np.ndarray       # uint8 per context
-    flptr: np.ndarray      # uint64 per context
-    fl_levels: np.ndarray  # uint8 per context
-    slptr: np.ndarray      # uint64 per context
-    sl_levels: np.ndarray  # uint8 per context
-    ssade: np.ndarray      # bool per context
+    ``req`` int64[n, 6]: per request the context stage's fault (0 if none), its DID, whether
+    its device caches translations (ATS, context fine), the row of its context, the structure
+    fetches it pays, FPD. ``ctx`` uint64[rows, 6]: per resolved context the walk inputs of its
+    PASID entry (PGTT, FLPTR, first-level levels, SLPTR, second-level levels, SSADE)."""
+
+    req: np.ndarray
+    ctx: np.ndarray
 
 
 class CacheSet:
@@ -526,33 +533,18 @@ class HostIommu:
         if n == 0:
             return out
         cx = self._contexts(sid, pasid)
-        fault = cx.r_fault.copy()
-        stage = np.where(fault != 0, np.uint8(Stage.CONTEXT), np.uint8(0))
-        hpa = np.zeros(n, dtype=U64)
-        walk_refs = np.zeros(n, dtype=np.int64)
-        order = np.zeros(n, dtype=np.uint8)
-        perm = np.zeros(n, dtype=np.uint8)
-        iotlb_hit = np.zeros(n, dtype=bool)
-        devtlb_hit = np.zeros(n, dtype=bool)
         fl, sl = self.fl_pwc, self.sl_pwc
-        mem = self.mem
-        w = self.walker
-        res = translate_batch(
-            sid, pasid, addr, access, cx.r_fault, cx.r_did, cx.r_dte, cx.inv, cx.pgtt,
-            cx.flptr, cx.fl_levels, cx.slptr, cx.sl_levels, cx.ssade,
-            self.iotlb.state, self.iotlb.counts, self.caches.dtlb.state,
-            self.caches.dtlb.counts, mem.slab, mem.slot_of, w.haw, w.amask, w.fl_rsvd,
-            w.sl_rsvd, fl is not None, NO_PWC[0] if fl is None else fl.state,
+        mem, w = self.mem, self.walker
+        res, devtlb_hit = translate_batch(
+            sid, pasid, addr, access, cx.req, cx.ctx, self.iotlb.state, self.iotlb.counts,
+            self.caches.dtlb.state, self.caches.dtlb.counts, mem.slab, mem.slot_of, w.haw,
+            w.amask, w.fl_rsvd, w.sl_rsvd, fl is not None, NO_PWC[0] if fl is None else fl.state,
             NO_PWC[1] if fl is None else fl.counts, sl is not None,
-            NO_PWC[0] if sl is None else sl.state, NO_PWC[1] if sl is None else sl.counts,
-            hpa, fault, stage, walk_refs, order, iotlb_hit, devtlb_hit, perm)
+            NO_PWC[0] if sl is None else sl.state, NO_PWC[1] if sl is None else sl.counts, out)
         misses, ad, devtlb_hits, iotlb_hits, refs, faults = res.tolist()
-        out["hpa"], out["fault"], out["stage"] = hpa, fault, stage
-        out["walk_refs"], out["ctx_refs"], out["page_order"] = walk_refs, cx.ctx_refs, order
-        out["iotlb_hit"] = iotlb_hit | devtlb_hit
         self.stats.ad_writes += ad
-        self._account(out, sid, pasid, addr, access, t_ns, cx.fpd_of,
-                      (devtlb_hits, iotlb_hits, misses, refs, int(cx.ctx_refs.sum()), faults))
+        self._account(out, sid, pasid, addr, access, t_ns, cx.req, (
+            devtlb_hits, iotlb_hits, misses, refs, int(cx.req[:, R_CTX_REFS].sum()), faults))
         self.last_devtlb_hit = devtlb_hit
         return out
 
@@ -572,49 +564,32 @@ class HostIommu:
                 keys.append(-1)                       # PASID_DIR_ACCESS_ERR
             else:
                 keys.append((s << 20) | p)
-        row = {}
+        row: dict[int, int] = {}
         ctx_rows = []
         for k in sorted({k for k in keys if k >= 0}):
             cr = self._resolve(k >> 20, k & MAX_PASID)
+            e = cr.entry
             row[k] = len(ctx_rows)
-            ctx_rows.append(cr)
+            ctx_rows.append((cr, (0, 0, 4, 0, 4, 0) if e is None else (
+                e.pgtt, e.flptr, e.fl_levels, e.slptr, e.sl_levels, int(e.ssade))))
         bad_row = len(ctx_rows)   # a row of defaults for malformed requests (never walked)
-        r_fault, r_did, r_dte, inv, ctx_refs, fpd_of = [], [], [], [], [], []
+        req = []
         paid = set()
         for k in keys:
             if k < 0:
-                r_fault.append(FaultReason.ROOT_ENTRY_P if k == -2
-                               else FaultReason.PASID_DIR_ACCESS_ERR)
-                r_did.append(0)
-                r_dte.append(False)
-                inv.append(bad_row)
-                ctx_refs.append(0)
-                fpd_of.append(False)
+                req.append((FaultReason.ROOT_ENTRY_P if k == -2
+                            else FaultReason.PASID_DIR_ACCESS_ERR, 0, 0, bad_row, 0, 0))
                 continue
             u = row[k]
-            cr = ctx_rows[u]
-            e = cr.entry
-            r_fault.append(cr.fault)
-            r_did.append(0 if e is None else e.did)
-            r_dte.append(bool(cr.dte) and cr.fault == 0)
-            inv.append(u)
-            ctx_refs.append(0 if k in paid else cr.ctx_refs)
+            cr = ctx_rows[u][0]
+            req.append((cr.fault, 0 if cr.entry is None else cr.entry.did,
+                        int(bool(cr.dte) and cr.fault == 0), u,
+                        0 if k in paid else cr.ctx_refs, int(bool(cr.fpd))))
             paid.add(k)
-            fpd_of.append(bool(cr.fpd))
-        ents = [cr.entry for cr in ctx_rows]
-        none = [e is None for e in ents] + [True]
-        ents.append(None)
-        return _Contexts(
-            np.array(r_fault, np.uint8), np.array(r_did, np.int64), np.array(r_dte, bool),
-            np.array(inv, np.int64), np.array(ctx_refs, np.int64), np.array(fpd_of, bool),
-            np.array([0 if z else e.pgtt for e, z in zip(ents, none, strict=True)], np.uint8),
-            np.array([0 if z else e.flptr for e, z in zip(ents, none, strict=True)], U64),
-            np.array([4 if z else e.fl_levels for e, z in zip(ents, none, strict=True)],
-                     np.uint8),
-            np.array([0 if z else e.slptr for e, z in zip(ents, none, strict=True)], U64),
-            np.array([4 if z else e.sl_levels for e, z in zip(ents, none, strict=True)],
-                     np.uint8),
-            np.array([False if z else e.ssade for e, z in zip(ents, none, strict=True)], bool))
+        ctx = [c for _, c in ctx_rows]
+        ctx.append((0, 0, 4, 0, 4, 0))
+        return _Contexts(np.array(req, np.int64).reshape(n, 6),
+                         np.array(ctx, U64).reshape(len(ctx), 6))
 
     def _contexts_numpy(self, sid: np.ndarray, pasid: np.ndarray) -> _Contexts:
         """``_contexts`` of a large batch, with numpy."""
@@ -654,9 +629,14 @@ class HostIommu:
         r_fault = cfault[inv]
         r_fault[bad_sid] = FaultReason.ROOT_ENTRY_P
         r_fault[bad_pasid] = FaultReason.PASID_DIR_ACCESS_ERR
-        return _Contexts(r_fault, did[inv], dte[inv] & (r_fault == 0), inv.astype(np.int64),
-                         ctx_refs, fpd[inv], pgtt, flptr, fl_levels, slptr, sl_levels,
-                         ssade)
+        req = np.empty((n, 6), np.int64)
+        req[:, R_FAULT], req[:, R_DID], req[:, R_DTE] = r_fault, did[inv], dte[inv] & (
+            r_fault == 0)
+        req[:, R_CTX], req[:, R_CTX_REFS], req[:, R_FPD] = inv, ctx_refs, fpd[inv]
+        ctx = np.empty((nu, 6), U64)
+        ctx[:, C_PGTT], ctx[:, C_FLPTR], ctx[:, C_FL_LEVELS] = pgtt, flptr, fl_levels
+        ctx[:, C_SLPTR], ctx[:, C_SL_LEVELS], ctx[:, C_SSADE] = slptr, sl_levels, ssade
+        return _Contexts(req, ctx)
 
     def translate_numpy(self, sid: np.ndarray, pasid: np.ndarray, addr: np.ndarray,
                         access: np.ndarray, t_ns: np.ndarray | None = None) -> np.ndarray:
@@ -670,17 +650,20 @@ class HostIommu:
         if n == 0:
             return out
         cx = self._contexts(sid, pasid)
-        inv, pgtt, flptr, fl_levels = cx.inv, cx.pgtt, cx.flptr, cx.fl_levels
-        slptr, sl_levels, ssade = cx.slptr, cx.sl_levels, cx.ssade
-        out["ctx_refs"] = cx.ctx_refs
-        r_fault = cx.r_fault
+        req, ctx = cx.req, cx.ctx
+        inv = req[:, R_CTX]
+        pgtt, flptr = ctx[:, C_PGTT].astype(np.uint8), ctx[:, C_FLPTR]
+        fl_levels, slptr = ctx[:, C_FL_LEVELS].astype(np.uint8), ctx[:, C_SLPTR]
+        sl_levels, ssade = ctx[:, C_SL_LEVELS].astype(np.uint8), ctx[:, C_SSADE] != 0
+        out["ctx_refs"] = req[:, R_CTX_REFS]
+        r_fault = req[:, R_FAULT].astype(np.uint8)
         out["fault"] = r_fault
         out["stage"] = np.where(r_fault != 0, Stage.CONTEXT, 0)
-        r_did = cx.r_did
+        r_did = req[:, R_DID]
         live = r_fault == 0
 
         # 2. device-TLB for ATS devices: a hit needs no IOMMU look-up at all.
-        r_dte = cx.r_dte
+        r_dte = req[:, R_DTE] != 0
         devtlb_hit = np.zeros(n, bool)
         if r_dte.any():
             ix = np.flatnonzero(r_dte)
@@ -760,7 +743,7 @@ class HostIommu:
                                   (out["hpa"][dfill] >> shift) << shift, r_perm[dfill])
 
         # 5. statistics and fault records
-        self._account(out, sid, pasid, addr, access, t_ns, cx.fpd_of, (
+        self._account(out, sid, pasid, addr, access, t_ns, req, (
             int(devtlb_hit.sum()), int(out["iotlb_hit"].sum()),
             int(miss.size - (followers.size if self.iotlb.cache.sets else 0)),
             int(out["walk_refs"].sum()), int(out["ctx_refs"].sum()),
@@ -770,7 +753,7 @@ class HostIommu:
         return out
 
     def _account(self, out: np.ndarray, sid: np.ndarray, pasid: np.ndarray, addr: np.ndarray,
-                 access: np.ndarray, t_ns: np.ndarray | None, fpd_of: np.ndarray,
+                 access: np.ndarray, t_ns: np.ndarray | None, req: np.ndarray,
                  counts: tuple[int, int, int, int, int, int]) -> None:
         """Step 5 of a batch: statistics (``counts``: device-TLB hits, IOTLB hits, IOTLB
         misses, walk and context references, faults) and the fault records."""
@@ -797,4 +780,4 @@ class HostIommu:
             self.faults.record(tt, vm_of, np.clip(sid[faulted], 0, 0xFFFF),
                                np.clip(pasid[faulted], 0, 0xFFFF_FFFF), addr[faulted],
                                rec_access, out["fault"][faulted], out["stage"][faulted],
-                               fpd=fpd_of[faulted])
+                               fpd=req[faulted, R_FPD] != 0)

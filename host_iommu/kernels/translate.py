@@ -30,6 +30,12 @@ from host_iommu.kernels.walk import walk_batch
 
 ST_CONTEXT = int(Stage.CONTEXT)
 PAGE_MASK_4K = np.uint64(4095)
+# Columns of the per-request context array ``req`` (int64[n, 6]): the context stage's fault
+# (0 if none), the DID, whether the device caches translations (ATS, context fine), the row
+# of its context in ``ctx``, the structure fetches it pays (its first request only), FPD.
+R_FAULT, R_DID, R_DTE, R_CTX, R_CTX_REFS, R_FPD = range(6)
+# Columns of the per-context array ``ctx`` (uint64[rows, 6]): the PASID entry's walk inputs.
+C_PGTT, C_FLPTR, C_FL_LEVELS, C_SLPTR, C_SL_LEVELS, C_SSADE = range(6)
 # Indices of the returned statistics vector (int64): IOTLB misses counted (misses less the
 # followers answered by a leader's fill), A/D writes, device-TLB hits, IOTLB hits (not
 # counting device-TLB hits), walk references, faults.
@@ -72,23 +78,46 @@ def _leaders(did, pasid, page, access):
 
 
 @njit(cache=True)
-def translate_batch(sid, pasid, addr, access, r_fault, r_did, r_dte, u_of, pgtt, flptr,
-                    fl_levels, slptr, sl_levels, ssade, iotlb, iotlb_counts, dtlb, dtlb_counts,
+def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtlb, dtlb_counts,
                     slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, use_fl, fl_pwc, fl_counts,
-                    use_sl, sl_pwc, sl_counts, hpa, fault, stage, walk_refs, order, iotlb_hit,
-                    devtlb_hit, perm):
-    """Translate a batch whose contexts are resolved; returns its statistics, int64[6] (S_*).
+                    use_sl, sl_pwc, sl_counts, out):
+    """Translate a batch whose contexts are resolved into ``out``; returns (statistics,
+    int64[6] by S_*; device-TLB hit per request, bool).
 
-    Requests (length n): sid, pasid int64, addr uint64, access uint8; r_fault uint8 (the
-    context stage's fault, 0 if none), r_did int64, r_dte bool (ATS device, context fine),
-    u_of int64 (index of its resolved context). Per resolved context u: pgtt, fl_levels,
-    sl_levels uint8, flptr, slptr uint64, ssade bool. iotlb/dtlb and counts: the IOTLB and
-    device-TLB line planes (kernels/iotlb.py); slab ... sl_counts: walk_batch's memory and
-    PWC arguments. Outputs (length n, zeroed by the caller, fault/stage holding the context
-    stage's): hpa uint64, fault, stage, order, perm uint8, walk_refs int64, iotlb_hit and
-    devtlb_hit bool.
+    Requests (length n): sid, pasid int64, addr uint64, access uint8; req: int64[n, 6] by
+    R_* (the context stage's fault, DID, ATS, context row, structure fetches, FPD). Per
+    resolved context row: ctx uint64[rows, 6] by C_* (PGTT, FLPTR, FL levels, SLPTR, SL
+    levels, SSADE). iotlb/dtlb and counts: the IOTLB and device-TLB line planes
+    (kernels/iotlb.py); slab ... sl_counts: walk_batch's memory and PWC arguments. out: the
+    batch's RESULT_DTYPE array (zeroed), filled here.
     """
     n = sid.shape[0]
+    r_fault = np.empty(n, np.uint8)
+    r_did = np.empty(n, np.int64)
+    r_dte = np.empty(n, np.bool_)
+    u_of = np.empty(n, np.int64)
+    for i in range(n):
+        r_fault[i] = req[i, R_FAULT]
+        r_did[i] = req[i, R_DID]
+        r_dte[i] = req[i, R_DTE] != 0
+        u_of[i] = req[i, R_CTX]
+    pgtt = ctx[:, C_PGTT].astype(np.uint8)
+    flptr = ctx[:, C_FLPTR].copy()
+    fl_levels = ctx[:, C_FL_LEVELS].astype(np.uint8)
+    slptr = ctx[:, C_SLPTR].copy()
+    sl_levels = ctx[:, C_SL_LEVELS].astype(np.uint8)
+    ssade = ctx[:, C_SSADE] != 0
+    hpa = np.zeros(n, np.uint64)
+    fault = r_fault.copy()
+    stage = np.zeros(n, np.uint8)
+    for i in range(n):
+        if fault[i] != 0:
+            stage[i] = ST_CONTEXT
+    walk_refs = np.zeros(n, np.int64)
+    order = np.zeros(n, np.uint8)
+    iotlb_hit = np.zeros(n, np.bool_)
+    devtlb_hit = np.zeros(n, np.bool_)
+    perm = np.zeros(n, np.uint8)
     stats = np.zeros(6, np.int64)
     need = np.empty(n, np.uint8)
     live = np.empty(n, np.bool_)
@@ -309,4 +338,12 @@ def translate_batch(sid, pasid, addr, access, r_fault, r_did, r_dte, u_of, pgtt,
                 t += 1
         _fill(dtlb, dtlb_counts, f_sid, f_pasid, f_addr, f_order, f_hpa, f_perm,
               np.zeros(nf, np.uint64))
-    return stats
+    for i in range(n):
+        out[i]["hpa"] = hpa[i]
+        out[i]["fault"] = fault[i]
+        out[i]["stage"] = stage[i]
+        out[i]["walk_refs"] = walk_refs[i]
+        out[i]["ctx_refs"] = req[i, R_CTX_REFS]
+        out[i]["iotlb_hit"] = iotlb_hit[i] or devtlb_hit[i]
+        out[i]["page_order"] = order[i]
+    return stats, devtlb_hit
