@@ -36,6 +36,7 @@ from host_iommu.defs import (
 from host_iommu.memory import HostMemory
 
 U64 = (1 << 64) - 1
+_L2_SHIFT = PAGE_SHIFT + LEVEL_STRIDE   # 21: one level-1 table maps 2 MiB
 MAX_HAW = 52  # address fields end at bit 51 in both formats (spec 9.7, 9.8)
 MAX_LEVELS = 5
 
@@ -339,13 +340,25 @@ class PageTable:
         self.limit = 1 << (self.width - 1 if fmt == "fl" else self.width)
         self._addr_mask = addr_mask(haw)
         self._ps = FL_PS if fmt == "fl" else SL_PS
+        self._present = FL_P if fmt == "fl" else SL_R | SL_W   # what makes an entry present
         self._used: dict[int, int] = {}  # table address -> non-zero entries in it
         self.freed_tables = 0
         self.root = self._alloc()
 
     # --- entry helpers ----------------------------------------------------------------------
+    # The walks below read entries as plain ints: ``entry & self._present`` is fl_decode's /
+    # sl_decode's ``present`` (P, or R|W), ``level == 1 or entry & self._ps`` their ``leaf``,
+    # ``entry & self._addr_mask`` a table's address, ``self._perms_of(entry)`` their
+    # ``perms``. The next line is equivalent and left for reference:
+    #     info = self._decode(self.store.read(ea), level)
     def _decode(self, entry: int, level: int) -> PteInfo:
         return (fl_decode if self.fmt == "fl" else sl_decode)(entry, level, self.haw)
+
+    def _perms_of(self, entry: int) -> int:
+        """ACCESS_* bits of one entry, as ``_decode(entry, level).perms``."""
+        if self.fmt == "fl":
+            return (ACCESS_READ | (ACCESS_WRITE if entry & FL_RW else 0)) if entry & FL_P else 0
+        return (ACCESS_READ if entry & SL_R else 0) | (ACCESS_WRITE if entry & SL_W else 0)
 
     def _table_entry(self, addr: int) -> int:
         return fl_table(addr) if self.fmt == "fl" else sl_table(addr)
@@ -354,6 +367,13 @@ class PageTable:
         if self.fmt == "fl":
             return fl_leaf(phys, order, write)
         return sl_leaf(phys, order, read, write)
+
+    def _leaf_bits(self, read: bool, write: bool) -> int:
+        """The bits ``_leaf_entry`` adds to a 4-KiB page's address (PS comes on top for a
+        large page): fl_leaf's P|US|A (+RW|D), sl_leaf's R/W."""
+        if self.fmt == "fl":
+            return FL_P | FL_US | FL_A | ((FL_RW | FL_D) if write else 0)
+        return (SL_R if read else 0) | (SL_W if write else 0)
 
     def _alloc(self) -> int:
         addr = self.store.alloc_table()
@@ -371,10 +391,12 @@ class PageTable:
         """Free ``table`` and every table below it; returns the pages freed."""
         freed = 1
         if level > 1:
+            read = self.store.read
+            present, ps, amask = self._present, self._ps, self._addr_mask
             for idx in range(PTES_PER_TABLE):
-                info = self._decode(self.store.read(table + 8 * idx), level)
-                if info.present and not info.leaf:
-                    freed += self._free_subtree(info.addr, level - 1)
+                entry = read(table + 8 * idx)
+                if entry & present and not entry & ps:   # a table below (level > 1)
+                    freed += self._free_subtree(entry & amask, level - 1)
         self.store.free_table(table)
         del self._used[table]
         return freed
@@ -429,6 +451,8 @@ class PageTable:
             raise ValueError("first-level entries cannot map a page without read access")
         if not (read or write):
             raise ValueError("a mapping needs read or write access")
+        bits = self._leaf_bits(read, write)
+        ps = self._ps
         writes = 0
         end = iova + size
         while iova < end:
@@ -436,31 +460,67 @@ class PageTable:
             while order and ((iova | phys) & (order_size(order) - 1)
                              or end - iova < order_size(order)):
                 order -= 1
-            entry = self._leaf_entry(phys, order, read, write)
+            if order == 0:
+                # A run of 4-KiB pages up to the end of this level-1 table: no page inside it
+                # is 2-MiB aligned, so each would be given order 0 here; one walk for all.
+                run_end = min(end, ((iova >> _L2_SHIFT) + 1) << _L2_SHIFT)
+                writes += self._install_4k_run(iova, phys, (run_end - iova) >> PAGE_SHIFT,
+                                               bits)
+                phys += run_end - iova
+                iova = run_end
+                continue
+            # The next line is equivalent and left for reference:
+            #     entry = self._leaf_entry(phys, order, read, write)
+            entry = phys | bits | ps
             writes += self._install(iova, order, entry)
             iova += order_size(order)
             phys += order_size(order)
         return writes
 
-    def _install(self, iova: int, order: int, entry: int) -> int:
+    def _walk_to(self, iova: int, target: int) -> tuple[int, int]:
+        """The table at level ``target`` on ``iova``'s path, made as _install makes it:
+        a missing table is allocated and linked, a large leaf on the way is split. Returns
+        (table address, entry writes made)."""
         writes = 0
         table = self.root
-        target = order + 1
+        read = self.store.read
+        present, ps, amask = self._present, self._ps, self._addr_mask
         for level in range(self.levels, target, -1):
-            ea = table + 8 * fl_index(iova, level)
-            info = self._decode(self.store.read(ea), level)
-            if not info.present:
+            ea = table + 8 * ((iova >> level_shift(level)) & (PTES_PER_TABLE - 1))
+            entry = read(ea)
+            if not entry & present:
                 table = self._alloc()
                 writes += self._write(ea, self._table_entry(table))
                 continue
-            if info.leaf:
-                writes += self._split(ea, self.store.read(ea), level)
-                info = self._decode(self.store.read(ea), level)
-            table = info.addr
+            if entry & ps:   # a large leaf (level >= 2 here): split it
+                writes += self._split(ea, entry, level)
+                entry = read(ea)
+            table = entry & amask
+        return table, writes
+
+    def _install_4k_run(self, iova: int, phys: int, pages: int, bits: int) -> int:
+        """Install ``pages`` 4-KiB leaves from ``iova`` (all in one level-1 table) as that
+        many _install(iova + 4096 k, 0, ...) calls would: the walk is made once, since the
+        leaves written on the way change no entry above level 1."""
+        table, writes = self._walk_to(iova, 1)
+        read, write = self.store.read, self.store.write
+        used = self._used
+        ea = table + 8 * ((iova >> PAGE_SHIFT) & (PTES_PER_TABLE - 1))
+        for k in range(pages):
+            old = read(ea)
+            value = (phys + (k << PAGE_SHIFT)) | bits
+            write(ea, value)
+            used[table] += 1 - (old != 0)
+            ea += 8
+        return writes + pages
+
+    def _install(self, iova: int, order: int, entry: int) -> int:
+        target = order + 1
+        table, writes = self._walk_to(iova, target)
         ea = table + 8 * fl_index(iova, target)
-        old = self._decode(self.store.read(ea), target)
-        if old.present and not old.leaf:
-            self._free_subtree(old.addr, target - 1)
+        old = self.store.read(ea)
+        if old & self._present and not (target == 1 or old & self._ps):   # a table: free it
+            self._free_subtree(old & self._addr_mask, target - 1)
         return writes + self._write(ea, entry)
 
     def unmap(self, iova: int, size: int) -> int:
@@ -483,23 +543,25 @@ class PageTable:
         shift = level_shift(level)
         span = 1 << shift
         writes = 0
+        read = self.store.read
+        present, ps, amask = self._present, self._ps, self._addr_mask
         for idx in range((start - base) >> shift, ((end - 1 - base) >> shift) + 1):
             ea = table + 8 * idx
-            entry = self.store.read(ea)
-            info = self._decode(entry, level)
-            if not info.present:
+            entry = read(ea)
+            if not entry & present:
                 continue
             lo = base + idx * span
             hi = lo + span
+            leaf = level == 1 or entry & ps
             if start <= lo and hi <= end:  # the whole region: clear it, free its tables
-                if not info.leaf:
-                    self.freed_tables += self._free_subtree(info.addr, level - 1)
+                if not leaf:
+                    self.freed_tables += self._free_subtree(entry & amask, level - 1)
                 writes += self._write(ea, 0)
                 continue
-            if info.leaf:
+            if leaf:
                 writes += self._split(ea, entry, level)
-                info = self._decode(self.store.read(ea), level)
-            writes += self._unmap(info.addr, level - 1, lo, max(start, lo), min(end, hi))
+                entry = read(ea)
+            writes += self._unmap(entry & amask, level - 1, lo, max(start, lo), min(end, hi))
         return writes
 
     def lookup(self, iova: int) -> tuple[int, int, bool, bool] | None:
@@ -511,16 +573,18 @@ class PageTable:
             raise ValueError(f"iova {iova!r} outside the {self.width}-bit {self.fmt} space")
         table = self.root
         perms = ACCESS_READ | ACCESS_WRITE
+        read = self.store.read
+        present, ps, amask = self._present, self._ps, self._addr_mask
         for level in range(self.levels, 0, -1):
-            info = self._decode(self.store.read(table + 8 * fl_index(iova, level)), level)
-            if not info.present:
+            entry = read(table + 8 * fl_index(iova, level))
+            if not entry & present:
                 return None
-            perms &= info.perms
-            if info.leaf:
-                offset = iova & ((1 << level_shift(level)) - 1)
-                return (info.addr + offset, level - 1, bool(perms & ACCESS_READ),
-                        bool(perms & ACCESS_WRITE))
-            table = info.addr
+            perms &= self._perms_of(entry)
+            if level == 1 or entry & ps:
+                mask = (1 << level_shift(level)) - 1
+                return ((entry & amask & ~mask) + (iova & mask), level - 1,
+                        bool(perms & ACCESS_READ), bool(perms & ACCESS_WRITE))
+            table = entry & amask
         raise AssertionError("unreachable: level-1 entries are always leaves")
 
     def leaves(self, start: int = 0, end: int | None = None
@@ -546,18 +610,20 @@ class PageTable:
         span = 1 << shift
         first = max(0, (start - base) >> shift)
         last = min(PTES_PER_TABLE - 1, (end - 1 - base) >> shift)
+        read = self.store.read
+        present, ps, amask = self._present, self._ps, self._addr_mask
         for idx in range(first, last + 1):
-            info = self._decode(self.store.read(table + 8 * idx), level)
-            if not info.present:
+            entry = read(table + 8 * idx)
+            if not entry & present:
                 continue
-            p = perms & info.perms
-            if info.leaf:
-                yield (base + idx * span, info.addr, level - 1, bool(p & ACCESS_READ),
-                       bool(p & ACCESS_WRITE))
-            elif info.addr not in seen:
-                seen.add(info.addr)
-                yield from self._leaves(info.addr, level - 1, base + idx * span, p,
-                                        start, end, seen)
+            p = perms & self._perms_of(entry)
+            if level == 1 or entry & ps:
+                yield (base + idx * span, entry & amask & ~(span - 1), level - 1,
+                       bool(p & ACCESS_READ), bool(p & ACCESS_WRITE))
+            elif (addr := entry & amask) not in seen:
+                seen.add(addr)
+                yield from self._leaves(addr, level - 1, base + idx * span, p, start, end,
+                                        seen)
 
     def walk_range(self, start: int, end: int | None = None
                    ) -> tuple[list[tuple[int, int, int | None, bool]], int]:
@@ -575,30 +641,44 @@ class PageTable:
         """
         hi = self.limit if end is None else min(end, self.limit)
         events: list[tuple[int, int, int | None, bool]] = []
-        reads = [0]
+        reads = 0
         if max(start, 0) < hi:
-            self._walk_range(self.root, self.levels, 0, ACCESS_READ | ACCESS_WRITE,
-                             max(start, 0), hi, {self.root}, events, reads)
-        return events, reads[0]
+            reads = self._walk_range(self.root, self.levels, 0, ACCESS_READ | ACCESS_WRITE,
+                                     max(start, 0), hi, {self.root}, events)
+        return events, reads
 
     def _walk_range(self, table: int, level: int, base: int, perms: int, start: int,
-                    end: int, seen: set[int], events: list, reads: list[int]) -> None:
+                    end: int, seen: set[int], events: list) -> int:
+        """One level of walk_range; returns the entries read at this level and below."""
         shift = level_shift(level)
+        span = 1 << shift
         first = (start - base) >> shift
         last = min(PTES_PER_TABLE - 1, (end - 1 - base) >> shift)
+        read = self.store.read
+        ps, amask = self._ps, self._addr_mask
+        fl = self.fmt == "fl"
+        reads = last + 1 - first
         for idx in range(first, last + 1):
-            reads[0] += 1
-            info = self._decode(self.store.read(table + 8 * idx), level)
+            entry = read(table + 8 * idx)
             region = base + (idx << shift)
-            p = perms & info.perms if info.present else 0
-            if p and info.leaf:
-                events.append((region, level, info.addr, bool(p & ACCESS_WRITE)))
-            elif p and info.addr not in seen:
-                seen.add(info.addr)
-                self._walk_range(info.addr, level - 1, region, p, max(start, region),
-                                 min(end, region + (1 << shift)), seen, events, reads)
+            # The next line is equivalent and left for reference (present and perms, both
+            # formats): p = perms & info.perms if info.present else 0
+            if fl:
+                p = perms & (ACCESS_READ | (ACCESS_WRITE if entry & FL_RW else 0)
+                             ) if entry & FL_P else 0
+            else:
+                p = perms & ((ACCESS_READ if entry & SL_R else 0)
+                             | (ACCESS_WRITE if entry & SL_W else 0))
+            if p and (level == 1 or entry & ps):
+                events.append((region, level, entry & amask & ~(span - 1),
+                               bool(p & ACCESS_WRITE)))
+            elif p and (addr := entry & amask) not in seen:
+                seen.add(addr)
+                reads += self._walk_range(addr, level - 1, region, p, max(start, region),
+                                          min(end, region + span), seen, events)
             else:
                 events.append((region, level, None, False))
+        return reads
 
     def destroy(self) -> None:
         """Free every table page, root included; the table is unusable afterwards."""
