@@ -22,7 +22,8 @@ effect, so the slots software may fill at time t are the queue size minus one (I
 means empty) minus the descriptors whose effect lies after t, minus those held by an error.
 A malformed descriptor stops the hardware with FSTS.IQE and IQH on it; a device-TLB
 invalidation to an unresponsive device stops it with FSTS.ITE and drops the rest (spec
-6.5.2.10).
+6.5.2.10). Every effect time is kept, so an answer depends on the time asked only, never on
+which times were asked before.
 """
 
 from __future__ import annotations

@@ -33,9 +33,13 @@ def outcome(x) -> tuple:
 
 
 def same_decode(words, mamv: int = qi.QI_MAMV_DEFAULT) -> tuple:
-    rec = np.array([tuple(w & U64 for w in words)], dtype=qi.DESC_DTYPE)[0]
+    words = [w & U64 for w in words]
+    rec = np.array([tuple(words)], dtype=qi.DESC_DTYPE)[0]
     a, b = outcome(qi.decode(rec, mamv)), outcome(rq.ref_decode(rec, mamv))
     assert a == b, ([hex(w) for w in words], a, b)
+    if hasattr(qi, "decode_words"):      # the queue's cached decoder: cold, then cached
+        for _ in range(2):
+            assert outcome(qi.decode_words(*words, mamv=mamv)) == b
     return a
 
 
@@ -307,13 +311,29 @@ def test_bad_arguments_refused_alike():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "host_iommu/qi.py InvalidationQueue.free_slots forgets the effect times up to the latest "
-    "time it was asked about, so a later question about an earlier time (the host's next "
-    "submission carries an earlier op time than a submission that spun in room_at) counts "
-    "slots as free that are still held at that time; the reference counts every descriptor "
-    "whose effect lies after the time asked."))
-def test_free_slots_at_an_earlier_time_after_a_later_question():
+    "host_iommu/qi.py InvalidationQueue.free_slots drops the effect times up to the time it "
+    "is asked about, so asking about a later time changes the answer for an earlier one: an "
+    "observer changes the queue. The host does ask at earlier times after later ones (a "
+    "submission that spun in room_at is followed by another VM's earlier op): in the golden "
+    "worlds about half the room_at calls of nic-strict-vs-lazy, quickstart, churn-rogue and "
+    "two-hosts go back in time. The reference's answer depends on the time asked only."))
+def test_free_slots_does_not_depend_on_earlier_questions():
+    answers = []
+    for ask_later_first in (False, True):
+        q = qi.InvalidationQueue(128)
+        q.submit(np.array([POOL[0]] * 100, dtype=qi.DESC_DTYPE), 0)
+        if ask_later_first:
+            q.free_slots(50_000)
+        answers.append(q.free_slots(10))
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "host_iommu/qi.py: an empty tail write at t moves the queue's busy time to t, so a later "
+    "submission stamped earlier starts at t; the reference's hardware stays idle (the host "
+    "never submits an empty batch: every submission ends with a wait descriptor)."))
+def test_empty_submission_leaves_the_hardware_idle():
     pair = Pair(128)
-    pair.both("submit", np.array([POOL[0]] * 100, dtype=qi.DESC_DTYPE), 0)
-    pair.both("free_slots", 50_000)
-    pair.both("free_slots", 10)
+    pair.both("submit", np.array([POOL[1]], dtype=qi.DESC_DTYPE), 0)
+    pair.both("submit", np.array([], dtype=qi.DESC_DTYPE), 5000)
+    pair.both("submit", np.array([POOL[1]], dtype=qi.DESC_DTYPE), 1000)
