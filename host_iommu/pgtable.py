@@ -537,7 +537,38 @@ class PageTable:
         """
         self._check_range(iova, size)
         self.freed_tables = 0
-        return self._unmap(self.root, self.levels, 0, iova, iova + size)
+        end = iova + size
+        if iova >> _L2_SHIFT == (end - 1) >> _L2_SHIFT and size < 1 << _L2_SHIFT:
+            writes = self._unmap_4k_run(iova, end)
+            if writes is not None:
+                return writes
+        return self._unmap(self.root, self.levels, 0, iova, end)
+
+    def _unmap_4k_run(self, start: int, end: int) -> int | None:
+        """_unmap of a range inside one level-1 table's 2 MiB, smaller than it: no entry
+        above level 1 is covered whole, so the walk only descends, and at level 1 each
+        present entry is cleared. None (nothing done) when a large leaf on the way would
+        need a split: the caller then takes the general path."""
+        table = self.root
+        read = self.store.read
+        present, ps, amask = self._present, self._ps, self._addr_mask
+        for level in range(self.levels, 1, -1):
+            entry = read(table + 8 * ((start >> level_shift(level)) & (PTES_PER_TABLE - 1)))
+            if not entry & present:
+                return 0
+            if entry & ps:
+                return None
+            table = entry & amask
+        write = self.store.write
+        writes = 0
+        ea = table + 8 * ((start >> PAGE_SHIFT) & (PTES_PER_TABLE - 1))
+        for _ in range((end - start) >> PAGE_SHIFT):
+            if read(ea) & present:   # _write(ea, 0) of a present (so non-zero) entry
+                write(ea, 0)
+                self._used[table] -= 1
+                writes += 1
+            ea += 8
+        return writes
 
     def _unmap(self, table: int, level: int, base: int, start: int, end: int) -> int:
         shift = level_shift(level)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from host_iommu import qi
 from host_iommu.costs import CostModel
 from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE
-from host_iommu.invalidate import ALL_PAGES, domain_flush_descs, pasid_flush_descs
+from host_iommu.invalidate import ALL_PAGES, domain_flush_words, pasid_flush_words
 from host_iommu.pgtable import PageTable
 from host_iommu.protocol import MAX_RETIRE_RUN, OP_UNMAP_RET, OP_UNMAP_RETIRE, OpLog
 from vm_agent.flushq import DEFAULT_HZ, FlushQueue
@@ -32,6 +32,12 @@ from workloads.base import DMA_TO_DEVICE
 DMA_BIT_MASK_32_PFN = ((1 << 32) - 1) >> PAGE_SHIFT
 DMA_MAPPING_ERROR = (1 << 64) - 1  # include/linux/dma-mapping.h: ~(dma_addr_t)0
 DIRECT_CALL_NS = 40  # dma-direct map/unmap: a few dozen instructions
+
+# Strict flushes as descriptor words, by (mode, did, pasid, iova, pages, leaf, ATS sids).
+# Building them is a pure function of that key, and the same few recur (the rcache hands the
+# same IOVAs out again). Bounded: cleared when full.
+_FLUSH_WORDS: dict[tuple, tuple[qi.Words, ...]] = {}
+_FLUSH_WORDS_MAX = 1 << 14
 
 
 def domain_key(dev) -> int:
@@ -137,8 +143,9 @@ class DmaApi:
         return t + c.vm_exit_ns - c.vm_exit_ns // 2
 
     def _flush_descs(self, dom: IommuDomain, iova: int, pages: int, *, leaf: bool = False,
-                     on_map: bool = False) -> list:
-        """One strict flush: the range's invalidation(s) then a wait (qi_submit_sync).
+                     on_map: bool = False) -> list[qi.Words]:
+        """One strict flush: the range's invalidation(s) then a wait (qi_submit_sync), as
+        descriptor words (the vIOMMU takes words or DESC_DTYPE records).
 
         Shadow guests see a vIOMMU with second-level tables and use IOTLB invalidations (0x2);
         nested guests use PASID-based ones (0x6). ``leaf`` sets the invalidation hint: the
@@ -148,13 +155,20 @@ class DmaApi:
         cache_tag_flush_range_np) flushes the IOTLB tags only, with IH 0, since a device
         cannot cache a translation that was not present.
         """
-        ats = [dom.sid] if self.ats and not on_map else []
-        if self.mode == "shadow":
-            descs = domain_flush_descs(dom.did, iova, pages, ats_sids=ats, ih=leaf)
-        else:
-            descs = pasid_flush_descs(dom.did, dom.pasid, iova, pages, leaf=leaf,
-                                      ats_sids=ats)
-        return [*descs, qi.wait_desc()]
+        ats = (dom.sid,) if self.ats and not on_map else ()
+        key = (self.mode, dom.did, dom.pasid, iova, pages, leaf, ats)
+        words = _FLUSH_WORDS.get(key)
+        if words is None:
+            if self.mode == "shadow":
+                words = domain_flush_words(dom.did, iova, pages, ats_sids=list(ats), ih=leaf)
+            else:
+                words = pasid_flush_words(dom.did, dom.pasid, iova, pages, leaf=leaf,
+                                          ats_sids=list(ats))
+            words = (*words, qi.WAIT_WORDS)
+            if len(_FLUSH_WORDS) >= _FLUSH_WORDS_MAX:
+                _FLUSH_WORDS.clear()
+            _FLUSH_WORDS[key] = words
+        return list(words)
 
     # --- map ---------------------------------------------------------------------------
     def _alloc_iova(self, dom: IommuDomain, cpu: int, pages: int) -> tuple[int, int]:

@@ -4,7 +4,8 @@ Models what QEMU's intel-iommu device shows a guest (hw/i386/intel_iommu.c): Cac
 (CAP.CM, VT-d spec 6.1) under shadowing, scalable mode with first-level support under nesting.
 The guest driver writes descriptors and moves the queue tail (Linux dmar.c qi_submit_sync); the
 tail write is an MMIO access that traps to the VMM (a VM exit) in both vIOMMU modes. The vIOMMU
-decodes each descriptor as the hardware would (host_iommu.qi.decode).
+decodes each descriptor as the hardware would (host_iommu.qi.decode_words); the driver may write
+a descriptor as its four words (qi.Words, plain ints) or as a DESC_DTYPE record.
 
 Queue states (VT-d spec 6.5.2.10, 11.4.9.9 FSTS.IQE):
 
@@ -43,9 +44,9 @@ class VIommu:
     descriptors: int = 0
     errors: int = 0               # queue errors raised (IQE set)
     counts: dict[str, int] = field(default_factory=dict)
-    queued: list[np.void] = field(default_factory=list)
+    queued: list[np.void | qi.Words] = field(default_factory=list)
 
-    def submit(self, descs: list[np.void]) -> list[qi.InvCommand]:
+    def submit(self, descs: list[np.void | qi.Words]) -> list[qi.InvCommand]:
         """Guest writes descriptors and the tail; returns what the VMM must emulate now."""
         self.tail_writes += 1
         self.queued.extend(descs)
@@ -53,7 +54,8 @@ class VIommu:
             return []
         return self._fetch()
 
-    def clear_iqe(self, replacement: np.void | None = None) -> list[qi.InvCommand]:
+    def clear_iqe(self, replacement: np.void | qi.Words | None = None
+                  ) -> list[qi.InvCommand]:
         """Guest writes 1 to FSTS.IQE after putting ``replacement`` over the bad descriptor
         (None drops it); returns the commands fetched on resuming (the VMM emulates them)."""
         self.fsts_writes += 1
@@ -70,15 +72,19 @@ class VIommu:
         """Fetch from the head until the queue is empty or a descriptor is malformed."""
         out: list[qi.InvCommand] = []
         fetched = 0
+        counts = self.counts
         for d in self.queued:
-            cmd = qi.decode(d)
+            # Words decode as the record holding them would (qi.decode reads a record's
+            # words and calls decode_words; the encoders keep each word in 0..2^64-1).
+            cmd = qi.decode_words(*d) if type(d) is tuple else qi.decode(d)
             if isinstance(cmd, qi.DescError):
                 self.iqe, self.iqe_error = True, cmd
                 self.errors += 1
                 break
             fetched += 1
             self.descriptors += 1
-            self.counts[cmd.name] = self.counts.get(cmd.name, 0) + 1
+            name = cmd.name
+            counts[name] = counts.get(name, 0) + 1
             out.append(cmd)
         del self.queued[:fetched]
         return out
