@@ -1,5 +1,14 @@
 """Compiled (numba) kernels over array state, one per hardware step; see docs/performance.md.
 
 Each kernel has a plain-Python wrapper that prepares arrays, and a differential test against
-the one-request-at-a-time reference model it must match (host_iommu/reference_cache.py, ...).
+the one-request-at-a-time reference model it must match (host_iommu/reference_cache.py,
+host_iommu/reference.py): ``iotlb.py`` (IOTLB), ``pwc.py`` (paging-structure caches),
+``devtlb.py`` (device-TLBs), ``walk.py`` (first-level, second-level and nested walks) and
+``translate.py`` (a batch of DMA translations after the context stage). All are on
+HostIommu's live path; ``IommuParams.with_engine("reference")`` runs the references instead.
+
+Compiled code is cached (``cache=True``) in this folder's __pycache__. numba checks only the
+file that defines a cached function, not the kernels it calls from other files: after editing
+a kernel in iotlb.py or pwc.py, delete host_iommu/kernels/__pycache__, or walk.py's and
+translate.py's cached code keeps the old callee.
 """

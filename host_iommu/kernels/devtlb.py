@@ -5,7 +5,8 @@ store keyed (source-id, PASID, page number at the entry's size, size), as host_i
 DeviceTLB. The IOTLB kernels (host_iommu/kernels/iotlb.py) do the work with the source-id in
 the DID field; ``inv`` is descriptor 0x3 (the device's requests without PASID) or 0x8 (one
 PASID, or every PASID with the global flag: pasid None) over a byte range. Checked against
-host_iommu/reference_cache.py's RefDeviceTLB; not yet on the live path.
+host_iommu/reference_cache.py's RefDeviceTLB; HostIommu's live device-TLBs (iommu.py
+CacheSet, host_iommu/kernels/translate.py).
 """
 
 from __future__ import annotations

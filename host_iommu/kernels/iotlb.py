@@ -8,8 +8,9 @@ matching line, else the lowest free way, else the least recently used way; inval
 the lines the descriptor selects (spec 6.5.2.3 IOTLB, 6.5.2.4 PASID-based IOTLB: 0x2 acts on
 second-level-only and pass-through entries by address and on every first-level and nested
 entry of the domain; 0x6 on first-level and nested entries of the PASID). Only the set-index
-multiplier (a number) is shared with iotlb.py. Not yet wired into HostIommu: it becomes the
-live path only when whole-run result tables stay identical (docs/performance.md).
+multiplier (a number) is shared with iotlb.py. It is HostIommu's live IOTLB (iommu.py
+CacheSet, and the translate kernel, host_iommu/kernels/translate.py); whole runs are compared
+with the reference engine by tests/system/test_fast_vs_reference.py.
 """
 
 from __future__ import annotations
@@ -280,12 +281,13 @@ class IotlbArrays:
 
     # --- invalidation (the interface of host_iommu.iotlb.IOTLB's inv_*) --------------------
     def _inv(self, kind: int, did: int = 0, pasid: int = 0, addr: int = 0, am: int = 0) -> int:
-        for name, value, limit in (("did", did, 0xFFFF), ("pasid", pasid, (1 << 20) - 1),
-                                   ("addr", addr, (1 << 64) - 1), ("am", am, 63)):
-            if not 0 <= int(value) <= limit:
-                raise ValueError(f"{name}={value!r} outside 0..{limit:#x}")
-        lo = ((int(addr) >> 12) >> int(am)) << int(am)
-        hi = min(lo + (1 << int(am)) - 1, MAX_PFN)
+        did, pasid, addr, am = int(did), int(pasid), int(addr), int(am)
+        if not (0 <= did <= 0xFFFF and 0 <= pasid < 1 << 20 and 0 <= addr < 1 << 64
+                and 0 <= am <= 63):
+            raise ValueError(f"invalidation did={did:#x} pasid={pasid:#x} addr={addr:#x} "
+                             f"am={am} outside did 0..0xffff, pasid 0..0xfffff, 64 bits, 0..63")
+        lo = ((addr >> 12) >> am) << am
+        hi = min(lo + (1 << am) - 1, MAX_PFN)
         return int(_invalidate(self.state, self.counts, kind, np.uint64(did), np.uint64(pasid),
                                np.uint64(lo), np.uint64(hi)))
 

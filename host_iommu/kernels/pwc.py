@@ -6,7 +6,8 @@ PASID, level, prefix), where the entry at level L (2..5) is selected by ``addr >
 Set placement, LRU and batch semantics as host_iommu/reference_cache.py (the lookup batch
 sees the cache at its start; fills in request order). Uses the IOTLB kernels' line layout
 and set hash (host_iommu/kernels/iotlb.py), with ``level`` in the order field and the entry
-in the hpa field. Not yet on the live path (docs/performance.md).
+in the hpa field. HostIommu's live paging-structure caches (iommu.py CacheSet; the walk
+kernel, host_iommu/kernels/walk.py, looks them up and fills them).
 """
 
 from __future__ import annotations

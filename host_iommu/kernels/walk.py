@@ -416,10 +416,10 @@ def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, 
     """
     n = addr.shape[0]
     ctx = np.zeros(3, np.int64)
-    fl_fills = np.empty((5, n * 4 + 1), np.int64)
-    sl_fills = np.empty((5, n * MAX_FILLS_PER_REQUEST + 1), np.int64)
     fill_fl = fill_pwc and use_fl
     fill_sl = fill_pwc and use_sl
+    fl_fills = np.empty((5, n * 4 + 1 if fill_fl else 1), np.int64)
+    sl_fills = np.empty((5, n * MAX_FILLS_PER_REQUEST + 1 if fill_sl else 1), np.int64)
     groups = np.zeros(5, np.int64)
     for i in range(n):
         g = pgtt[i]
