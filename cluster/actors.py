@@ -29,8 +29,8 @@ import resource
 import time
 from typing import Any
 
+from cluster.build import VmPlan, guest_epoch_stats, guest_final, make_agent, make_host
 from cluster.config import Config
-from cluster.runner import VmPlan, guest_epoch_stats, guest_final, make_agent, make_host
 from host_iommu.protocol import EpochReport, merge, pack, pack_ops, unpack, unpack_ops
 
 

@@ -5,32 +5,39 @@ module creates the objects (one HostServer per `[host]`, one VmAgent per VM, num
 group-name order and placed by config.vm_placement), runs them through the Engine on a
 back-end's transport, and writes summary, metrics (streamed per epoch) and faults through the
 RunWriter (cluster/results.py). Back-ends: ``inproc`` (everything in this process) and ``ray``
-(host and VM actors, cluster/ray_runner.py); both produce identical tables.
+(host and VM actors, cluster/ray_runner.py); both produce identical tables. The build steps
+themselves (VM plans, host servers, VM agents) are in cluster/build.py, which the Ray actors
+import without this module's pyarrow and result writer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from cluster.config import ClusterError, Config, vm_placement
+from cluster.build import (  # re-exported: the build steps live where actors import them
+    VmPlan,
+    guest_epoch_stats,
+    guest_final,
+    host_params,
+    make_agent,
+    plan_vms,
+)
+from cluster.config import ClusterError, Config
 from cluster.engine import Engine, Epoch, InProcTransport, Transport
 from cluster.results import RunWriter, run_id
-from host_iommu.defs import ORDER_BY_NAME, FaultReason, Stage
-from host_iommu.iommu import IommuParams
+from host_iommu.defs import FaultReason, Stage
 from host_iommu.memory import HostMemoryError
 from host_iommu.server import HostServer
 from vm_agent.agent import VmAgent
 from vm_agent.dma import DmaError
 from vm_agent.memory import GuestMemoryError
 from workloads import SUMMARY_COLUMNS as WORKLOAD_SUMMARY_COLUMNS
-from workloads import WORKLOADS, workload_summary
-from workloads.churn import Churn
 
 BACKENDS = ("ray", "inproc")
 METRIC_COLUMNS = ("ios", "bytes", "maps", "unmaps", "vm_exits", "inv_descriptors",
@@ -60,48 +67,9 @@ class RunOutcome:
     tables: dict[str, Path] = field(default_factory=dict)  # table -> its Parquet file
 
 
-@dataclass(frozen=True)
-class VmPlan:
-    vm: int
-    group: str
-    index: int
-    host: int = 0
-    bus: int | None = None  # PCI bus of the VM's devices: 1.. per host, in VM id order
-
-
-def plan_vms(cfg: Config) -> list[VmPlan]:
-    """VM ids 1.. in group-name order, then index within the group; hosts as placed.
-
-    Each host numbers the PCI buses of its VMs' devices from 1 in VM id order (each host has
-    its own requester-id space), so on one host a VM's bus is its id.
-    """
-    on_host = [0] * cfg.host.count
-    plans = []
-    for k, (g, i, h) in enumerate(vm_placement(cfg.vms, cfg.host.count)):
-        on_host[h] += 1
-        plans.append(VmPlan(k + 1, g, i, h, on_host[h]))
-    return plans
-
-
-def host_params(cfg: Config) -> IommuParams:
-    """The `[host]` table as HostIommu parameters (same names; the page size as an order)."""
-    names = {f.name for f in fields(IommuParams)} - {"sl_page_order"}
-    return IommuParams(**{n: getattr(cfg.host, n) for n in names},
-                       sl_page_order=ORDER_BY_NAME[cfg.host.sl_page_size])
-
-
 def make_host(cfg: Config, host: int) -> HostServer:
+    """build.make_host, on this module's ``host_params`` (tests patch it to pick an engine)."""
     return HostServer(host_params(cfg), cfg.cost, host)
-
-
-def make_agent(cfg: Config, p: VmPlan) -> VmAgent:
-    g = next(g for g in cfg.vms if g.name == p.group)
-    workload = WORKLOADS[g.workload.kind](g.workload.params)
-    churn = Churn(g.churn) if g.churn is not None else None
-    return VmAgent(p.vm, mode=g.mode, policy=g.policy, flush_queue=g.flush_queue,
-                   vcpus=g.vcpus, memory_bytes=g.memory_mib << 20, fl_levels=g.fl_levels,
-                   ats=g.ats, workload=workload, churn=churn, costs=cfg.cost,
-                   seed=cfg.experiment.seed, stream=p.index, hz=g.hz, bus=p.bus)
 
 
 def build_hosts(cfg: Config) -> tuple[dict[int, HostServer], list[VmAgent], dict[int, VmPlan]]:
@@ -127,16 +95,6 @@ def build(cfg: Config) -> tuple[HostServer, list[VmAgent], dict[int, VmPlan]]:
 
 
 # --- Back-ends -----------------------------------------------------------------------------
-def guest_epoch_stats(agent: VmAgent) -> dict[str, int]:
-    """A VM's counters after an epoch: its stats and its workload's summary counters."""
-    return {**agent.stats, **workload_summary(agent.workload)}
-
-
-def guest_final(agent: VmAgent) -> dict[str, int]:
-    """A VM's counters at the end of a run (its stats plus the flush queue's stale bound)."""
-    return {**guest_epoch_stats(agent), "stale_bound_ns": agent.dma.stale_bound_ns}
-
-
 @dataclass
 class FinalState:
     """Everything the summary and faults tables need, gathered from wherever the run ran."""
