@@ -70,6 +70,9 @@ HOST_COUNTERS = ("translations", "iotlb_hits", "iotlb_misses", "devtlb_hits", "w
 HOST_ONLY_COUNTERS = ("host_faults", "unknown_vm_ops")
 # Operations that name a device (sid): accepted only from the VM the device is assigned to.
 SID_OPS = (OP_DMA, OP_HWPT_INV, OP_VFIO_MAP, OP_VFIO_UNMAP)
+# A run of at most this many DMAs is checked and counted one DMA at a time on plain ints
+# (HostServer._tally_each), a longer one with numpy columns (_tally): the same counts.
+DMA_SMALL_BATCH = 16
 # Look-up tables indexed by the uint8 "op" column: a known kind, a kind that names a device.
 _KNOWN_OP = np.zeros(256, dtype=bool)
 _KNOWN_OP[list(OP_NAMES)] = True
@@ -331,16 +334,24 @@ class HostServer:
     def _dma(self, ops: np.ndarray) -> None:
         """Translate a run of DMAs in one batch, run the oracle, count per VM."""
         h = self.iommu
+        res = h.translate(ops["sid"], ops["pasid"], ops["a0"],
+                          (ops["a2"] & 0xFF).astype(np.uint8), ops["t_ns"])
+        if ops.size <= DMA_SMALL_BATCH:
+            self._tally_each(ops, res, h.last_devtlb_hit)
+        else:
+            self._tally_columns(ops, res, h.last_devtlb_hit)
+
+    def _tally_columns(self, ops: np.ndarray, res: np.ndarray, devtlb_hit: np.ndarray) -> None:
+        """_dma's oracle and counting for a batch of DMAs (OP_DTYPE rows and the translate
+        results, RESULT_DTYPE), as numpy columns."""
         a2 = ops["a2"]
         t_ns, uid, vm = ops["t_ns"], ops["a3"], ops["vm"]
-        res = h.translate(ops["sid"], ops["pasid"], ops["a0"], (a2 & 0xFF).astype(np.uint8),
-                          t_ns)
         ok = res["fault"] == 0
-        owner = h.mem.owner[(res["hpa"] >> np.uint64(PAGE_SHIFT)).astype(np.int64)]
+        owner = self.iommu.mem.owner[(res["hpa"] >> np.uint64(PAGE_SHIFT)).astype(np.int64)]
         cross = ok & (owner != vm)
         stale, window = self.oracle.check(vm, uid, t_ns, ok)
         hit, walk, ctx = res["iotlb_hit"], res["walk_refs"], res["ctx_refs"]
-        cols = (hit, h.last_devtlb_hit, walk, ctx, ok, cross, stale, window,
+        cols = (hit, devtlb_hit, walk, ctx, ok, cross, stale, window,
                 (a2 & DMA_ROGUE) != 0, uid >= 0)
         v0 = int(vm[0])
         if vm.size == 1 or not (vm != v0).any():
@@ -349,6 +360,52 @@ class HostServer:
         for v in np.unique(vm).tolist():
             m = vm == v
             self._tally(self.counters[v], *(x[m] for x in cols))
+
+    def _tally_each(self, ops: np.ndarray, res: np.ndarray, devtlb_hit: np.ndarray) -> None:
+        """_dma's oracle and counting for a few DMAs, one at a time on plain ints.
+
+        The same counts as the column path (_tally, Oracle.check) gives, without a numpy
+        operation per counter: a batch cut short by a guest write or an invalidation taking
+        effect is often only one or two DMAs long.
+        """
+        owner_of_frame = self.iommu.mem.owner
+        returned_at = self.oracle.returned_at
+        hit_ns, mem_ref_ns = self.costs.iotlb_hit_ns, self.costs.mem_ref_ns
+        counters = self.counters
+        for (t, vm, _s, _k, _sid, _p, _a0, _a1, a2, uid), hit, dev, fault, hpa, walk, ctx \
+                in zip(ops.tolist(), res["iotlb_hit"].tolist(), devtlb_hit.tolist(),
+                       res["fault"].tolist(), res["hpa"].tolist(), res["walk_refs"].tolist(),
+                       res["ctx_refs"].tolist(), strict=True):
+            c = counters[vm]
+            ok = fault == 0
+            cross = ok and int(owner_of_frame[hpa >> PAGE_SHIFT]) != vm
+            stale = False
+            if ok and uid >= 0:
+                ret = returned_at(vm, uid)    # a DMA after its page's unmap returned
+                if ret is not None and t > ret:
+                    stale = True
+                    c["stale_dma"] += 1
+                    c["stale_window_max_ns"] = max(c["stale_window_max_ns"], t - ret)
+            c["translations"] += 1
+            if hit:
+                c["iotlb_hits"] += 1
+                c["translate_ns"] += hit_ns
+            else:
+                if walk > 0:
+                    c["iotlb_misses"] += 1
+                c["translate_ns"] += (walk + ctx) * mem_ref_ns
+            if dev:
+                c["devtlb_hits"] += 1
+            c["walk_refs"] += walk
+            c["ctx_refs"] += ctx
+            if not ok:
+                c["faults"] += 1
+            if cross:
+                c["cross_vm_dma"] += 1
+            if a2 & DMA_ROGUE:
+                c[("rogue_faulted" if not ok else "rogue_cross_vm" if cross
+                   else "rogue_stale" if stale else "rogue_in_flight" if uid >= 0
+                   else "rogue_misdirected")] += 1
 
     def _tally(self, c: dict[str, int], hit: np.ndarray, devtlb_hit: np.ndarray,
                walk: np.ndarray, ctx: np.ndarray, ok: np.ndarray, cross: np.ndarray,
