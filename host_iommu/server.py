@@ -182,18 +182,26 @@ class HostServer:
         VM (``foreign_sid_refused``), so nothing is translated or charged to another VM.
         """
         vm = ops["vm"]
-        known = np.isin(vm, np.array(sorted(self.counters), dtype=np.int64))
+        ids = np.zeros(max(self.counters, default=0) + 1, dtype=bool)   # VM id -> known
+        ids[list(self.counters)] = True
+        inside = (vm >= 0) & (vm < ids.size)
+        known = inside & ids[np.where(inside, vm, 0)]
+        # The next line is equivalent and left for reference:
+        #     known = np.isin(vm, np.array(sorted(self.counters), dtype=np.int64))
         self.host_counters["unknown_vm_ops"] += known.size - int(np.count_nonzero(known))
         kind = ops["op"]
         access = ops["a2"] & 0xFF
-        malformed = (~_KNOWN_OP[kind] | (ops["t_ns"] < 0)
-                     | (ops["pasid"] > MAX_PASID) | bad_retire(ops)
+        malformed = (~_KNOWN_OP[kind] | (ops["t_ns"] < 0) | (ops["pasid"] > MAX_PASID)
                      | ((kind == OP_DMA) & (access != ACCESS_READ) & (access != ACCESS_WRITE)))
+        if (kind == OP_UNMAP_RETIRE).any():
+            malformed |= bad_retire(ops)
         foreign = ~malformed & _SID_OP[kind] & (self._owner_table()[ops["sid"]] != vm)
-        for v in np.unique(vm[known & (malformed | foreign)]).tolist():
-            c = self.counters[v]
-            c["ops_refused"] += int((malformed & (vm == v)).sum())
-            c["foreign_sid_refused"] += int((foreign & (vm == v)).sum())
+        refused = known & (malformed | foreign)
+        if refused.any():
+            for v in np.unique(vm[refused]).tolist():
+                c = self.counters[v]
+                c["ops_refused"] += int((malformed & (vm == v)).sum())
+                c["foreign_sid_refused"] += int((foreign & (vm == v)).sum())
         keep = known & ~malformed & ~foreign
         return ops if keep.all() else ops[keep]
 
