@@ -3,9 +3,10 @@
 Models the guest kernel's page allocator only as far as DMA needs it: buffers of 2^k pages,
 page-table pages for the IOMMU driver, and pages the balloon driver hands back to the host.
 Allocation is deterministic (size-class free lists, then a bump pointer), so a run is a pure
-function of its inputs. Page-table pages are kept locally (512 x uint64 each), because the
-guest reads its own tables; under nesting every store into them is also logged for the host,
-which holds the real memory the IOMMU walks.
+function of its inputs. Page-table pages are kept locally (512 64-bit entries each, as a list of
+Python ints: the driver reads and writes one entry at a time, and a list index is several times
+cheaper than a numpy scalar), because the guest reads its own tables; under nesting every store
+into them is also logged for the host, which holds the real memory the IOMMU walks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE, PTE_DTYPE, PTES_PER_TABLE
+from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE, PTES_PER_TABLE
+
+_U64 = (1 << 64) - 1
 
 
 class GuestMemoryError(Exception):
@@ -90,7 +93,7 @@ class GuestTableStore:
     def __init__(self, mem: GuestMemory, on_write: Callable[[int, int], None] | None = None
                  ) -> None:
         self.mem = mem
-        self.pages: dict[int, np.ndarray] = {}
+        self.pages: dict[int, list[int]] = {}   # GPA -> its 512 entries (ints in 0..2^64-1)
         self.on_write = on_write
         self.writes = 0
         self.now = 0
@@ -105,7 +108,7 @@ class GuestTableStore:
         driver (``writes`` does not count them).
         """
         gpa = self.mem.alloc(1)
-        self.pages[gpa] = np.zeros(PTES_PER_TABLE, dtype=PTE_DTYPE)
+        self.pages[gpa] = [0] * PTES_PER_TABLE
         residue = self.mem.table_residue.pop(gpa, None)
         if residue is not None and self.on_write is not None:
             self.zeroing = gpa
@@ -117,16 +120,19 @@ class GuestTableStore:
     def free_table(self, addr: int) -> None:
         page = self.pages.pop(addr, None)
         if page is not None:
-            residue = np.flatnonzero(page)
+            # np.flatnonzero over the page, as int64 slot indices
+            residue = np.array([i for i, v in enumerate(page) if v], dtype=np.int64)
             if residue.size:
                 self.mem.table_residue[addr] = residue
         self.mem.free(addr, 1)
 
     def read(self, addr: int) -> int:
         page = self.pages.get(addr & ~(PAGE_SIZE - 1))
-        return 0 if page is None else int(page[(addr >> 3) & 511])
+        return 0 if page is None else page[(addr >> 3) & 511]
 
     def write(self, addr: int, value: int) -> None:
+        if not 0 <= value <= _U64:   # what a uint64 slot would refuse
+            raise OverflowError(f"entry {value!r} is not a 64-bit unsigned value")
         self.pages[addr & ~(PAGE_SIZE - 1)][(addr >> 3) & 511] = value
         self.writes += 1
         if self.on_write is not None:
