@@ -221,6 +221,7 @@ class HostServer:
         t = t_col.tolist()
         kind = ops["op"].tolist()
         vms = ops["vm"].tolist()
+        gpa, value = ops["a0"], ops["a1"]     # a guest write's columns
         i = 0
         while i < n:
             h.advance_to(t[i])
@@ -241,7 +242,7 @@ class HostServer:
                     self._dma(ops[i:j])
                 else:
                     vm = vms[i]
-                    dropped = h.guest_write(vm, ops["a0"][i:j], ops["a1"][i:j])
+                    dropped = h.guest_write(vm, gpa[i:j], value[i:j])
                     self.counters[vm]["guest_writes_dropped"] += dropped
                 i = j
                 continue
