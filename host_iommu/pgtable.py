@@ -111,6 +111,7 @@ def fl_index(addr: int | np.ndarray, level: int) -> int | np.ndarray:
 
 
 sl_index = fl_index  # both formats use 9 bits per level above the 12-bit page offset
+_LEVEL_SHIFT = (0, *(level_shift(level) for level in range(1, MAX_LEVELS + 1)))  # [level]
 
 
 # --- Canonical addresses (first level, spec 3.6) -------------------------------------------
@@ -486,7 +487,7 @@ class PageTable:
         read = self.store.read
         present, ps, amask = self._present, self._ps, self._addr_mask
         for level in range(self.levels, target, -1):
-            ea = table + 8 * ((iova >> level_shift(level)) & (PTES_PER_TABLE - 1))
+            ea = table + 8 * ((iova >> _LEVEL_SHIFT[level]) & (PTES_PER_TABLE - 1))
             entry = read(ea)
             if not entry & present:
                 table = self._alloc()
@@ -553,7 +554,7 @@ class PageTable:
         read = self.store.read
         present, ps, amask = self._present, self._ps, self._addr_mask
         for level in range(self.levels, 1, -1):
-            entry = read(table + 8 * ((start >> level_shift(level)) & (PTES_PER_TABLE - 1)))
+            entry = read(table + 8 * ((start >> _LEVEL_SHIFT[level]) & (PTES_PER_TABLE - 1)))
             if not entry & present:
                 return 0
             if entry & ps:
@@ -571,7 +572,7 @@ class PageTable:
         return writes
 
     def _unmap(self, table: int, level: int, base: int, start: int, end: int) -> int:
-        shift = level_shift(level)
+        shift = _LEVEL_SHIFT[level]
         span = 1 << shift
         writes = 0
         read = self.store.read
@@ -637,7 +638,7 @@ class PageTable:
 
     def _leaves(self, table: int, level: int, base: int, perms: int, start: int, end: int,
                 seen: set[int]) -> Iterator[tuple[int, int, int, bool, bool]]:
-        shift = level_shift(level)
+        shift = _LEVEL_SHIFT[level]
         span = 1 << shift
         first = max(0, (start - base) >> shift)
         last = min(PTES_PER_TABLE - 1, (end - 1 - base) >> shift)
@@ -681,7 +682,7 @@ class PageTable:
     def _walk_range(self, table: int, level: int, base: int, perms: int, start: int,
                     end: int, seen: set[int], events: list) -> int:
         """One level of walk_range; returns the entries read at this level and below."""
-        shift = level_shift(level)
+        shift = _LEVEL_SHIFT[level]
         span = 1 << shift
         first = (start - base) >> shift
         last = min(PTES_PER_TABLE - 1, (end - 1 - base) >> shift)

@@ -50,7 +50,7 @@ class DmaError(Exception):
     """A DMA API call the guest kernel would refuse (WARN + error return), named."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Mapping:
     """One live DMA mapping of the domain (a map call), by its first IOVA page."""
 
@@ -218,16 +218,19 @@ class DmaApi:
         write = direction != DMA_TO_DEVICE
         out: list[tuple[int, int]] = []
         page = pfn
-        writes0 = dom.table.store.writes
+        table = dom.table
+        store = table.store
+        stats = self.stats
+        writes0 = store.writes
         for (gpa, ln), np_ in zip(segs, pages_each, strict=True):
-            dom.table.store.now = t
-            dom.table.map(page << PAGE_SHIFT, gpa & ~(PAGE_SIZE - 1), np_ << PAGE_SHIFT,
-                          write=write)
+            store.now = t
+            table.map(page << PAGE_SHIFT, gpa & ~(PAGE_SIZE - 1), np_ << PAGE_SHIFT,
+                      write=write)
             out.append(((page << PAGE_SHIFT) | (gpa & (PAGE_SIZE - 1)), ln))
-            self.stats["iommu_map_events"] += 1
+            stats["iommu_map_events"] += 1
             page += np_
-        pte = dom.table.store.writes - writes0
-        self.stats["pte_writes"] += pte
+        pte = store.writes - writes0
+        stats["pte_writes"] += pte
         t += pte * c.pte_write_ns
         if self.mode == "shadow":  # caching mode: iotlb_sync_map flushes the new range
             t, ok = self._invalidate(dom, t, self._flush_descs(dom, pfn << PAGE_SHIFT, total,
@@ -236,9 +239,12 @@ class DmaApi:
             if not ok:
                 return self._map_failed(dom, cpu, pfn, total, segs, t)
         dom.mappings[pfn] = Mapping(pfn, total)
+        mapped = self.mapped_pages
+        tagged = self.unmap_id_of
         for p in range(pfn, pfn + total):
-            self.mapped_pages.add((sid, p))
-            self._untag(sid, p)
+            mapped.add((sid, p))
+            if (sid, p) in tagged:
+                self._untag(sid, p)
         return out, t
 
     def _map_failed(self, dom: IommuDomain, cpu: int, pfn: int, pages: int,
@@ -282,10 +288,13 @@ class DmaApi:
         unmap_id = self.next_unmap_id
         self.next_unmap_id += 1
         t = self._clear_ptes(dom, pfn, m.pages, t)
+        mapped = self.mapped_pages
+        tagged = self.unmap_id_of
         for p in range(pfn, pfn + m.pages):
-            self.mapped_pages.discard((sid, p))
-            self._untag(sid, p)
-            self.unmap_id_of[(sid, p)] = unmap_id
+            mapped.discard((sid, p))
+            if (sid, p) in tagged:
+                self._untag(sid, p)
+            tagged[(sid, p)] = unmap_id
         if m.pages:
             self.pages_tagged[unmap_id] = m.pages
         else:   # an empty mapping tags no page

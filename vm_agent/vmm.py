@@ -91,7 +91,9 @@ class ShadowVmm(Vmm):
     def handle(self, cmds, t_ns, sid, table, unmap_id=-1):
         c = self.costs
         t = t_ns + c.vmm_trap_ns
-        shadow = self.shadowed.setdefault(sid, IovaTree())
+        shadow = self.shadowed.get(sid)
+        if shadow is None:
+            shadow = self.shadowed[sid] = IovaTree()
         for cmd in cmds:
             if cmd.type != qi.QI_IOTLB_TYPE or table is None:
                 continue  # wait, device-TLB: nothing to shadow
