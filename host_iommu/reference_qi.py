@@ -28,6 +28,7 @@ which times were asked before.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -246,15 +247,21 @@ class InvalidationQueue:
 
     # --- room --------------------------------------------------------------------------
     def free_slots(self, t_ns: int) -> int:
-        """Slots software may fill at ``t_ns``."""
-        busy = sum(1 for e in self.effect_ns if e > t_ns)
+        """Slots software may fill at ``t_ns``.
+
+        ``effect_ns`` is in processing order, and the hardware is serial, so it is sorted:
+        the descriptors still holding a slot at t_ns are those after bisect_right.
+        """
+        busy = len(self.effect_ns) - bisect_right(self.effect_ns, t_ns)
         return self.entries - 1 - busy - len(self.held)
 
     def room_at(self, t_ns: int, n: int) -> int:
-        """The first time >= ``t_ns`` at which ``n`` descriptors fit."""
+        """The first time >= ``t_ns`` at which ``n`` descriptors fit: t_ns itself, or the
+        effect time of one of the descriptors holding a slot then (slots free only then)."""
         if n > self.entries - 1 - len(self.held):
             raise QiError(f"{n} descriptors never fit a queue of {self.entries}")
-        for t in sorted({t_ns, *(e for e in self.effect_ns if e > t_ns)}):
+        later = self.effect_ns[bisect_right(self.effect_ns, t_ns):]
+        for t in [t_ns, *later]:
             if self.free_slots(t) >= n:
                 return t
         raise AssertionError("once everything took effect, n descriptors fit")
@@ -333,6 +340,7 @@ class InvalidationQueue:
                 done = start + (self.costs.devtlb_inv_ns if cmd.type in DEVTLB
                                 else self.costs.qi_desc_ns)
                 res.commands.append((done, cmd))
+            assert not self.effect_ns or done >= self.effect_ns[-1], "the hardware is serial"
             self.effect_ns.append(done)
             self.hw_free_ns = done
         res.processed = len(batch)

@@ -316,7 +316,10 @@ def test_bad_arguments_refused_alike():
     "observer changes the queue. The host does ask at earlier times after later ones (a "
     "submission that spun in room_at is followed by another VM's earlier op): in the golden "
     "worlds about half the room_at calls of nic-strict-vs-lazy, quickstart, churn-rogue and "
-    "two-hosts go back in time. The reference's answer depends on the time asked only."))
+    "two-hosts go back in time. The reference's answer depends on the time asked only. No "
+    "result changes today (tests/system/test_qi_reference_run.py: a saturated queue's "
+    "completion times follow its busy time, not the submission time), but an observer call "
+    "such as free_slots at an epoch's end could change a run."))
 def test_free_slots_does_not_depend_on_earlier_questions():
     answers = []
     for ask_later_first in (False, True):
