@@ -13,6 +13,11 @@ reference. Wall time is measured here only, never in a test. Goals (issue 10): o
 10% at 16 VMs; two cores at least 1.8x one core on a two-host 16-VM run; 256 VMs in 24 GiB
 (``--vms 256``). Keys of an existing results file that a run does not write (hand-added
 ``extra_cases``, earlier figures kept for comparison) are kept.
+
+``--baseline DIR`` runs every Ray case a second time from another source tree (an earlier
+version of this project, e.g. a ``git worktree``) right after this tree's, so the comparison
+is made in the same minutes on the same loaded machine; ``--repeat N`` runs each case N times.
+``peak_rss_total_gib`` adds the driver's peak to the actors'.
 """
 
 from __future__ import annotations
@@ -76,7 +81,8 @@ def one_case(vms: int, hosts: int, cores: int, backend: str, duration_us: int) -
     ios = sum(outcome.summary["ios"].to_pylist())
     rec = {"vms": vms, "hosts": hosts, "cores": cores, "backend": backend,
            "virtual_us": duration_us, "ios": ios, "wall_s": round(total, 3),
-           "loop_wall_s": round(loop, 3), "ios_per_wall_s": round(ios / loop, 1)}
+           "loop_wall_s": round(loop, 3), "ios_per_wall_s": round(ios / loop, 1),
+           "start_s": round(started["t"] - t0, 3)}  # building the machine (actors' start)
     if backend == "ray":
         m = hook["m"]
         rss = manifest["placement"]["peak_rss_bytes"]
@@ -88,6 +94,10 @@ def one_case(vms: int, hosts: int, cores: int, backend: str, duration_us: int) -
         if tn > t1:
             rec["steady_overhead_share"] = round(max(0.0, 1 - (en - e1) / (tn - t1)), 4)
         ray.shutdown()
+        import resource
+
+        driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rec["peak_rss_total_gib"] = round((sum(rss.values()) + driver) / 2**30, 2)
     else:
         import resource
 
@@ -96,13 +106,16 @@ def one_case(vms: int, hosts: int, cores: int, backend: str, duration_us: int) -
     return rec
 
 
-def run_case(vms: int, hosts: int, cores: int, backend: str, duration_us: int) -> dict:
+def run_case(vms: int, hosts: int, cores: int, backend: str, duration_us: int,
+             root: Path = ROOT) -> dict:
+    """One case in a fresh subprocess, from the source tree ``root``."""
     code = ("import json, sys; from benchmarks.bench_ray import one_case; "
             f"print('RESULT', json.dumps(one_case({vms}, {hosts}, {cores}, {backend!r}, "
             f"{duration_us})))")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=3600)
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -111,46 +124,80 @@ def run_case(vms: int, hosts: int, cores: int, backend: str, duration_us: int) -
                        f"{r.stderr[-3000:]}")
 
 
+def _line(rec: dict, tag: str = "") -> str:
+    extra = (f", overhead {100 * rec['overhead_share']:.1f}% "
+             f"(steady {100 * rec.get('steady_overhead_share', 0):.1f}%), "
+             f"{rec['actors']} actors" if rec["backend"] == "ray" else "")
+    return (f"{tag}{rec['vms']:4d} VMs {rec['hosts']} host(s) {rec['cores']} core(s) "
+            f"{rec['backend']:6s}: {rec['loop_wall_s']:7.2f} s loop ({rec['wall_s']:.2f} s "
+            f"run), {rec['ios_per_wall_s']:9,.0f} I/Os/s, "
+            f"{rec['peak_rss_per_vm_mib']:.0f} MiB/VM{extra}")
+
+
+def _speedups(records: list[dict]) -> dict[str, list[float]]:
+    """Loop wall time on one core over two cores, per (VMs, hosts), for each repeat."""
+    out: dict[str, list[float]] = {}
+    for vms, hosts in sorted({(r["vms"], r["hosts"]) for r in records
+                              if r["backend"] == "ray"}):
+        one = [r["loop_wall_s"] for r in records
+               if (r["vms"], r["hosts"], r["cores"], r["backend"]) == (vms, hosts, 1, "ray")]
+        two = [r["loop_wall_s"] for r in records
+               if (r["vms"], r["hosts"], r["cores"], r["backend"]) == (vms, hosts, 2, "ray")]
+        if one and two:
+            out[f"{vms}vm-{hosts}host"] = [round(a / b, 2) for a, b in zip(one, two,
+                                                                           strict=False)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="bench_ray")
     ap.add_argument("--vms", type=int, nargs="*", default=[16, 64])
+    ap.add_argument("--hosts", type=int, nargs="*", default=None,
+                    help="host counts per VM count (default: the fewest that hold the VMs, "
+                         "and two hosts for 16 VMs)")
+    ap.add_argument("--cores", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--duration-us", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--no-inproc", action="store_true", help="Ray cases only")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="source tree of an earlier version: each Ray case runs there too")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     cases = []
     for vms in args.vms:
-        hosts = -(-vms // 255)  # a host holds at most 255 VMs
-        cases.append((vms, hosts, 1, "inproc"))
-        for cores in (1, 2):
-            cases.append((vms, hosts, cores, "ray"))
-    if 16 in args.vms:
-        cases += [(16, 2, 1, "ray"), (16, 2, 2, "ray")]
-    records = []
-    for vms, hosts, cores, backend in cases:
-        rec = run_case(vms, hosts, cores, backend, args.duration_us)
-        records.append(rec)
-        extra = (f", overhead {100 * rec['overhead_share']:.1f}% "
-                 f"(steady {100 * rec.get('steady_overhead_share', 0):.1f}%), "
-                 f"{rec['actors']} actors" if backend == "ray" else "")
-        print(f"{vms:4d} VMs {hosts} host(s) {cores} core(s) {backend:6s}: "
-              f"{rec['loop_wall_s']:7.2f} s loop ({rec['wall_s']:.2f} s run), "
-              f"{rec['ios_per_wall_s']:9,.0f} I/Os/s, "
-              f"{rec['peak_rss_per_vm_mib']:.0f} MiB/VM{extra}", flush=True)
-    speedup = {}
-    for vms, hosts in {(r["vms"], r["hosts"]) for r in records if r["backend"] == "ray"}:
-        by = {r["cores"]: r["loop_wall_s"] for r in records
-              if (r["vms"], r["hosts"], r["backend"]) == (vms, hosts, "ray")}
-        if 1 in by and 2 in by and by[2] > 0:
-            speedup[f"{vms}vm-{hosts}host"] = round(by[1] / by[2], 2)
+        fewest = -(-vms // 255)  # a host holds at most 255 VMs
+        hosts_list = args.hosts or ([fewest, 2] if vms == 16 else [fewest])
+        for hosts in hosts_list:
+            if hosts < fewest:
+                continue
+            if not args.no_inproc:
+                cases.append((vms, hosts, 1, "inproc"))
+            cases += [(vms, hosts, cores, "ray") for cores in args.cores]
+    records, baseline = [], []
+    for _ in range(args.repeat):
+        for vms, hosts, cores, backend in cases:
+            rec = run_case(vms, hosts, cores, backend, args.duration_us)
+            records.append(rec)
+            print(_line(rec), flush=True)
+            if args.baseline is not None and backend == "ray":
+                old = run_case(vms, hosts, cores, backend, args.duration_us, args.baseline)
+                baseline.append(old)
+                print(_line(old, "  baseline "), flush=True)
+    speedup = _speedups(records)
     print(f"two cores vs one: {speedup}")
-    result = {"cases": records, "speedup_2_vs_1_core": speedup,
-              "cpu_count": os.cpu_count(), "python": platform.python_version(),
-              "platform": platform.platform(),
-              "date": datetime.now(UTC).isoformat(timespec="seconds")}
-    if OUT.exists():
-        kept = json.loads(OUT.read_text())
+    result: dict = {"cases": records, "speedup_2_vs_1_core": speedup,
+                    "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(),
+                    "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    if baseline:
+        result["baseline"] = {"tree": str(args.baseline), "cases": baseline,
+                              "speedup_2_vs_1_core": _speedups(baseline)}
+        print(f"baseline two cores vs one: {result['baseline']['speedup_2_vs_1_core']}")
+    if args.out.exists():
+        kept = json.loads(args.out.read_text())
         result.update({k: v for k, v in kept.items() if k not in result})
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

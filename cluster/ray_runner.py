@@ -203,10 +203,9 @@ class RayMachine:
             got = self._get(setups)
             frames: dict[int, dict[int, bytes]] = {h: {} for h in self.host_actors}
             for _a, name, _vms in self.vm_actors:
-                got[name], node = got[name]
-                for vm, f in got[name].items():
+                vm_frames, got[name] = got[name]  # VmSetup frames, node id
+                for vm, f in vm_frames.items():
                     frames[self._host_of[vm]][vm] = f
-                got[name] = node
             if self.host_actors:
                 self._get({f"host {h} actor": self.host_actors[h].setup_vms.remote(frames[h])
                            for h in sorted(self.host_actors)})
@@ -224,6 +223,7 @@ class RayMachine:
             n = sum(1 for _a, _n, vms in self.vm_actors if self._host_of[vms[0]] == h)
             self._apply[h] = a.apply.options(num_returns=n + 1)
         self._upstream = frozenset(n for _a, n, _v in self.vm_actors)
+        self._host_vms_names = frozenset(n for _a, n, _v in self.host_vms_actors)
 
     def _add(self, actor: Any, name: str) -> None:
         self.actors.append(actor)
@@ -309,7 +309,7 @@ class RayMachine:
         ops = 0
         reports: dict[int, EpochReport] = {}
         for name, info in got_infos.items():
-            if len(info) == 5:  # HostVmsActor: VMs then host, one after the other
+            if name in self._host_vms_names:  # VMs then host, one after the other
                 stats, vm_s, counters, n, host_s = info
                 ops += n
                 busiest_both = max(busiest_both, vm_s + host_s)
