@@ -10,5 +10,6 @@ HostIommu's live path; ``IommuParams.with_engine("reference")`` runs the referen
 Compiled code is cached (``cache=True``) in this folder's __pycache__. numba checks only the
 file that defines a cached function, not the kernels it calls from other files: after editing
 a kernel in iotlb.py or pwc.py, delete host_iommu/kernels/__pycache__, or walk.py's and
-translate.py's cached code keeps the old callee.
+translate.py's cached code keeps the old callee. Calls between kernels pass no literal
+constants (``np.int64(5)``, not ``5``): numba compiles a callee once per literal value.
 """

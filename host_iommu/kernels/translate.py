@@ -253,7 +253,7 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
         stats[S_AD] = walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, w_addr, w_acc,
                                  w_pgtt, w_did, w_pasid, w_flptr, w_fll, w_slptr, w_sll,
                                  w_ssade, use_fl, fl_pwc, fl_counts, use_sl, sl_pwc,
-                                 sl_counts, True, wh, wf, ws, wr, wo, wp)
+                                 sl_counts, use_fl or use_sl, wh, wf, ws, wr, wo, wp)
         has_iotlb = iotlb.shape[1] > 0
         for k in range(nm):
             i = miss[k]

@@ -268,7 +268,7 @@ def _fl_walk(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, d
                 rw[k] = (e & np.uint64(FL_RW)) != 0
                 us[k] = (e & np.uint64(FL_US)) != 0
     live = start > 0
-    seq = 0
+    seq = np.int64(0)   # walk order of the second-level walks (not a literal: see __init__)
     sel = np.empty(n, np.int64)
     vals = np.empty(n, np.uint64)
     oks = np.empty(n, np.bool_)
@@ -373,9 +373,9 @@ def _fl_walk(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, d
 
 
 @njit(cache=True)
-def _pwc_fill(pwc, counts, fills, nf, use_pasid, did, pasid):
+def _pwc_fill(pwc, counts, fills, nf, did, pasid):
     """Fill a PWC with ``fills[:, :nf]`` in (request, walk order, level top-down) order
-    (walk.py PwcFills.ordered, then PwcArrays.fill)."""
+    (walk.py PwcFills.ordered, then PwcArrays.fill); did, pasid: per batch request."""
     if nf == 0:
         return
     key = np.empty(nf, np.int64)
@@ -383,7 +383,7 @@ def _pwc_fill(pwc, counts, fills, nf, use_pasid, did, pasid):
         key[f] = (fills[0, f] * 64 + fills[1, f]) * 8 + (7 - fills[2, f])
     order = np.argsort(key, kind="mergesort")
     d = np.empty(nf, np.uint64)
-    p = np.zeros(nf, np.uint64)
+    p = np.empty(nf, np.uint64)
     tag = np.empty(nf, np.uint64)
     lv = np.empty(nf, np.uint64)
     e = np.empty(nf, np.uint64)
@@ -391,8 +391,7 @@ def _pwc_fill(pwc, counts, fills, nf, use_pasid, did, pasid):
         f = order[j]
         req = fills[0, f]
         d[j] = np.uint64(did[req])
-        if use_pasid:
-            p[j] = np.uint64(pasid[req])
+        p[j] = np.uint64(pasid[req])
         lv[j] = np.uint64(fills[2, f])
         tag[j] = np.uint64(fills[3, f]) >> (np.uint64(12) + np.uint64(9) * (lv[j] - np.uint64(1)))
         e[j] = np.uint64(fills[4, f])
@@ -444,9 +443,9 @@ def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, 
         for k in range(m):
             g_addr[k] = addr[ix[k]]
             g_write[k] = access[ix[k]] == ACCESS_WRITE
-        h, o, r, w, f, rf = _sl_walk(slab, slot_of, amask, sl_rsvd, ix, g_addr, g_write, 0,
-                                     did, sl_levels, slptr, ssade, use_sl, sl_pwc, sl_counts,
-                                     fill_sl, sl_fills, ctx)
+        h, o, r, w, f, rf = _sl_walk(slab, slot_of, amask, sl_rsvd, ix, g_addr, g_write,
+                                     np.int64(0), did, sl_levels, slptr, ssade, use_sl, sl_pwc,
+                                     sl_counts, fill_sl, sl_fills, ctx)
         for k in range(m):
             i = ix[k]
             hpa[i], order[i], fault[i], refs[i] = h[k], o[k], f[k], rf[k]
@@ -493,9 +492,9 @@ def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, 
                 sw[j] = access[ix[k]] == ACCESS_WRITE
                 kk[j] = k
                 j += 1
-        h, so, r, w, sf, srf = _sl_walk(slab, slot_of, amask, sl_rsvd, sub, gpa, sw, 5, did,
-                                        sl_levels, slptr, ssade, use_sl, sl_pwc, sl_counts,
-                                        fill_sl, sl_fills, ctx)
+        h, so, r, w, sf, srf = _sl_walk(slab, slot_of, amask, sl_rsvd, sub, gpa, sw,
+                                        np.int64(5), did, sl_levels, slptr, ssade, use_sl,
+                                        sl_pwc, sl_counts, fill_sl, sl_fills, ctx)
         for j in range(okn):
             i = sub[j]
             refs[i] += srf[j]
@@ -513,7 +512,7 @@ def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, 
         if fault[i] != 0:
             hpa[i] = 0
     if fill_fl:
-        _pwc_fill(fl_pwc, fl_counts, fl_fills, ctx[CX_NFL], True, did, pasid)
-    if fill_sl:
-        _pwc_fill(sl_pwc, sl_counts, sl_fills, ctx[CX_NSL], False, did, pasid)
+        _pwc_fill(fl_pwc, fl_counts, fl_fills, ctx[CX_NFL], did, pasid)
+    if fill_sl:   # second-level entries are tagged PASID 0
+        _pwc_fill(sl_pwc, sl_counts, sl_fills, ctx[CX_NSL], did, np.zeros(n, np.int64))
     return ctx[CX_AD]
