@@ -71,6 +71,9 @@ class Pair:
             assert lr.depot_size(1 << order) == rr.depot_size(1 << order)
         for lo, hi in rd.nodes[:-1]:
             assert ld.find_iova(lo) == (lo, hi) and ld.find_iova(hi) == (lo, hi)
+        # the reference's own invariant: sorted, disjoint ranges, the anchor last
+        assert all(a[1] < b[0] for a, b in zip(rd.nodes, rd.nodes[1:], strict=False))
+        assert rd.nodes[-1] == (ref.IOVA_ANCHOR, ref.IOVA_ANCHOR)
         for p in probes:
             assert ld.find_iova(p) == rd.find_iova(p), p
 
