@@ -29,7 +29,8 @@ WORLDS = {
     "shadow-strict-nic": ({"a": nic("shadow", rogue=0.05, gbps=4.0)}, None, 0),
     "shadow-strict-nvme": ({"a": nvme("shadow", rogue=0.05)}, None, 0),
     "nested-lazy-single-fq": ({"a": {**nic("nested", "lazy", rogue=0.02, gbps=8.0),
-                                     "flush_queue": "single", "count": 2, "hz": 1000}},
+                                     "flush_queue": "single", "count": 2, "hz": 1000,
+                                     "ats": True}},
                               400_000, 1),
 }
 
