@@ -1,0 +1,43 @@
+"""Compile (or load from numba's cache) every live kernel once, on a tiny host.
+
+The kernels under host_iommu/kernels/ compile at their first call: about 20 s of CPU with a
+cold cache (then a second or two to load). ``warm_up`` makes that first call on purpose, so
+that a caller with a time budget (a test that signals a CLI run after its first epochs,
+tests/conftest.py) does not spend it compiling. It translates a few requests of an ATS device
+bound nested (through the translate, walk, IOTLB, PWC and device-TLB kernels) and applies one
+invalidation of each kind the caches take.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, PGTT_NESTED
+from host_iommu.iommu import HostIommu, IommuParams
+from host_iommu.pasid import PasidEntry
+from host_iommu.walk import WalkBatch
+
+
+def warm_up() -> None:
+    """Run every live kernel once (results discarded)."""
+    h = HostIommu(IommuParams(memory_mib=64, iotlb_entries=64, pwc_entries=16))
+    vm = h.create_vm(1, 4 << 20)
+    sid = 0x100
+    h.attach_device(sid, 1, ats=True)
+    did = h.alloc_did()
+    h.set_pasid_entry(sid, 0, PasidEntry(pgtt=PGTT_NESTED, did=did, slptr=vm.sl.root,
+                                         sl_levels=vm.sl.levels, flptr=0x1000, fl_levels=4))
+    n = 4
+    h.translate(np.full(n, sid), np.zeros(n, np.int64), np.arange(n, dtype=np.uint64) << 12,
+                np.array([ACCESS_READ, ACCESS_WRITE] * (n // 2), np.uint8))
+    b = WalkBatch(addr=np.zeros(1, np.uint64), access=np.ones(1, np.uint8),
+                  pgtt=np.full(1, PGTT_NESTED, np.uint8), did=np.full(1, did, np.int64),
+                  pasid=np.zeros(1, np.int64), flptr=np.full(1, 0x1000, np.uint64),
+                  fl_levels=np.full(1, 4, np.uint8), slptr=np.full(1, vm.sl.root, np.uint64),
+                  sl_levels=np.full(1, vm.sl.levels, np.uint8), ssade=np.zeros(1, bool))
+    h.walker.walk(b)
+    c = h.caches
+    c.iotlb_global()
+    c.iotlb_page(did, 0, 0, False)
+    c.piotlb_page(did, 0, 0, 0, False)
+    c.devtlb(sid, 0, 0, 4096)
