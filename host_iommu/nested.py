@@ -28,8 +28,8 @@ from host_iommu.defs import (
 )
 from host_iommu.invalidate import (
     ALL_PAGES,
-    devtlb_flush_words,
-    domain_flush_words,
+    devtlb_flush_descs,
+    domain_flush_descs,
     pasid_flush_words,
 )
 from host_iommu.iommu import HostIommu, VmMemory
@@ -84,15 +84,15 @@ def _unbind(host: HostIommu, v: VmMemory, sid: int, pasid: int, t_ns: int) -> No
         return
     v.tags[:] = [t for t in v.tags if not (t[2] == sid and t[3] == pasid)]
     live = {t[1] for t in v.tags}
-    words: list[qi.Words] = []
+    descs: list[np.void] = []
     for _kind, did, _sid, _pasid in old:
-        words.append(qi.pc_words(qi.QI_PC_PASID_SEL, did, pasid))
+        descs.append(qi.pc_desc(qi.QI_PC_PASID_SEL, did, pasid))
         if did not in live:  # a DID still bound elsewhere keeps its entries until they age
-            words.append(qi.iotlb_words(qi.QI_IOTLB_GRAN_DOMAIN, did))
+            descs.append(qi.iotlb_desc(qi.QI_IOTLB_GRAN_DOMAIN, did))
     if sid in host.ats_sids:
-        words += devtlb_flush_words(sid, pasid, None, 0)
-    words.append(qi.WAIT_WORDS)
-    t_done, _n = host.submit_qi(qi.as_descs(words), max(t_ns, host.now_ns))
+        descs += devtlb_flush_descs(sid, pasid, None, 0)
+    descs.append(qi.wait_desc())
+    t_done, _n = host.submit_qi(qi.descs(*descs), max(t_ns, host.now_ns))
     host.advance_to(t_done)
 
 
@@ -194,19 +194,19 @@ def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int, *,
     goes on the page-selective descriptors, as cache_tag_flush_range passes it on.
     """
     v = vm_memory(host, vm)
-    words: list[qi.Words] = []
+    descs: list[np.void] = []
     seen: set[int] = set()
     for kind, did, sid, pasid in v.tags:
         if did not in seen:
             seen.add(did)
-            words += domain_flush_words(did, None if kind == "shadow" else gpa, npages,
+            descs += domain_flush_descs(did, None if kind == "shadow" else gpa, npages,
                                         ats_sids=[], mamv=host.p.mamv, ih=ih)
         if sid in host.ats_sids:
-            words += devtlb_flush_words(sid, pasid, gpa if kind == "sl" else None, npages)
-    if not words:
+            descs += devtlb_flush_descs(sid, pasid, gpa if kind == "sl" else None, npages)
+    if not descs:
         return t_ns, 0
-    words.append(qi.WAIT_WORDS)
-    return host.submit_qi(qi.as_descs(words), t_ns)
+    descs.append(qi.wait_desc())
+    return host.submit_qi(qi.descs(*descs), t_ns)
 
 
 def _gpa_frames(v: VmMemory, gpa: int, npages: int) -> tuple[int, int]:

@@ -345,19 +345,27 @@ class HostServer:
         h = self.iommu
         res = h.translate(ops["sid"], ops["pasid"], ops["a0"],
                           (ops["a2"] & 0xFF).astype(np.uint8), ops["t_ns"])
+        ok, cross = self._reached(ops, res)
         if ops.size <= DMA_SMALL_BATCH:
-            self._tally_each(ops, res, h.last_devtlb_hit)
+            self._tally_each(ops, res, h.last_devtlb_hit, cross)
         else:
-            self._tally_columns(ops, res, h.last_devtlb_hit)
+            self._tally_columns(ops, res, h.last_devtlb_hit, ok, cross)
 
-    def _tally_columns(self, ops: np.ndarray, res: np.ndarray, devtlb_hit: np.ndarray) -> None:
-        """_dma's oracle and counting for a batch of DMAs (OP_DTYPE rows and the translate
-        results, RESULT_DTYPE), as numpy columns."""
-        a2 = ops["a2"]
-        t_ns, uid, vm = ops["t_ns"], ops["a3"], ops["vm"]
+    def _reached(self, ops: np.ndarray, res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(translated, reached a frame its VM does not own) per DMA: the isolation check
+        against the host's frame owner map."""
         ok = res["fault"] == 0
         owner = self.iommu.mem.owner[(res["hpa"] >> np.uint64(PAGE_SHIFT)).astype(np.int64)]
+        vm = ops["vm"]
         cross = ok & (owner != vm)
+        return ok, cross
+
+    def _tally_columns(self, ops: np.ndarray, res: np.ndarray, devtlb_hit: np.ndarray,
+                       ok: np.ndarray, cross: np.ndarray) -> None:
+        """_dma's oracle and counting for a batch of DMAs (OP_DTYPE rows, the translate
+        results as RESULT_DTYPE, and _reached's columns), as numpy columns."""
+        a2 = ops["a2"]
+        t_ns, uid, vm = ops["t_ns"], ops["a3"], ops["vm"]
         stale, window = self.oracle.check(vm, uid, t_ns, ok)
         hit, walk, ctx = res["iotlb_hit"], res["walk_refs"], res["ctx_refs"]
         cols = (hit, devtlb_hit, walk, ctx, ok, cross, stale, window,
@@ -370,24 +378,23 @@ class HostServer:
             m = vm == v
             self._tally(self.counters[v], *(x[m] for x in cols))
 
-    def _tally_each(self, ops: np.ndarray, res: np.ndarray, devtlb_hit: np.ndarray) -> None:
+    def _tally_each(self, ops: np.ndarray, res: np.ndarray, devtlb_hit: np.ndarray,
+                    cross: np.ndarray) -> None:
         """_dma's oracle and counting for a few DMAs, one at a time on plain ints.
 
         The same counts as the column path (_tally, Oracle.check) gives, without a numpy
         operation per counter: a batch cut short by a guest write or an invalidation taking
         effect is often only one or two DMAs long.
         """
-        owner_of_frame = self.iommu.mem.owner
         returned_at = self.oracle.returned_at
         hit_ns, mem_ref_ns = self.costs.iotlb_hit_ns, self.costs.mem_ref_ns
         counters = self.counters
-        for (t, vm, _s, _k, _sid, _p, _a0, _a1, a2, uid), hit, dev, fault, hpa, walk, ctx \
+        for (t, vm, _s, _k, _sid, _p, _a0, _a1, a2, uid), hit, dev, fault, crossed, walk, ctx \
                 in zip(ops.tolist(), res["iotlb_hit"].tolist(), devtlb_hit.tolist(),
-                       res["fault"].tolist(), res["hpa"].tolist(), res["walk_refs"].tolist(),
+                       res["fault"].tolist(), cross.tolist(), res["walk_refs"].tolist(),
                        res["ctx_refs"].tolist(), strict=True):
             c = counters[vm]
             ok = fault == 0
-            cross = ok and int(owner_of_frame[hpa >> PAGE_SHIFT]) != vm
             stale = False
             if ok and uid >= 0:
                 ret = returned_at(vm, uid)    # a DMA after its page's unmap returned
@@ -409,10 +416,10 @@ class HostServer:
             c["ctx_refs"] += ctx
             if not ok:
                 c["faults"] += 1
-            if cross:
+            if crossed:
                 c["cross_vm_dma"] += 1
             if a2 & DMA_ROGUE:
-                c[("rogue_faulted" if not ok else "rogue_cross_vm" if cross
+                c[("rogue_faulted" if not ok else "rogue_cross_vm" if crossed
                    else "rogue_stale" if stale else "rogue_in_flight" if uid >= 0
                    else "rogue_misdirected")] += 1
 

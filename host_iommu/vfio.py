@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from host_iommu import qi
 from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE, PGTT_SL_ONLY
-from host_iommu.invalidate import domain_flush_words
+from host_iommu.invalidate import domain_flush_descs
 from host_iommu.iommu import HostIommu
 from host_iommu.pasid import PasidEntry
 from host_iommu.pgtable import HostTableStore, PageTable
@@ -136,9 +136,9 @@ def vfio_unmap(host: HostIommu, dom: ShadowDomain, iova: int, size: int, t_ns: i
     dom.pte_writes += dom.table.unmap(iova, size)
     ats = [sid for sid in dom.sids if sid in host.ats_sids]
     # IH when no table page was freed (intel_iommu_tlb_sync: list_empty(&gather->freelist))
-    words = domain_flush_words(dom.did, iova, n, ats_sids=ats, mamv=host.p.mamv,
+    descs = domain_flush_descs(dom.did, iova, n, ats_sids=ats, mamv=host.p.mamv,
                                ih=not dom.table.freed_tables)
-    t_done, nd = host.submit_qi(qi.as_descs([*words, qi.WAIT_WORDS]), t_ns)
+    t_done, nd = host.submit_qi(qi.descs(*descs, qi.wait_desc()), t_ns)
     # table pages the unmap emptied go back to the allocator only after the flush
     host.free_after(dom.table.store.take_freed(), t_done)
     return t_done, nd

@@ -1,7 +1,8 @@
 """HostServer counts a run of DMAs alike one DMA at a time and as numpy columns.
 
 apply_epoch checks and counts a short run of DMAs on plain ints (``_tally_each``) and a long
-one with numpy columns (``_tally`` and Oracle.check). Whole worlds with rogue DMAs (every
+one with numpy columns (``_tally`` and Oracle.check); both take the isolation check from
+``_reached``. Whole worlds with rogue DMAs (every
 rogue class), stale lazy DMAs, faults, several VMs and ATS run once with every run on the
 one path and once on the other; every host counter, fault and unmap wait must agree.
 """
@@ -106,7 +107,8 @@ def test_tally_each_equals_tally_columns(rows, owners, returns):
                   (hit or dhit) and ok, 0)
         dev[i] = dhit and ok
     a, b = fresh_server(owners, returns), fresh_server(owners, returns)
-    a._tally_each(ops, res, dev)
-    b._tally_columns(ops, res, dev)
+    ok, cross = a._reached(ops, res)
+    a._tally_each(ops, res, dev, cross)
+    b._tally_columns(ops, res, dev, ok, cross)
     assert a.counters == b.counters
     assert all(type(v) is int for c in a.counters.values() for v in c.values())
