@@ -419,7 +419,7 @@ def decode(desc: np.void, mamv: int = QI_MAMV_DEFAULT) -> InvCommand | DescError
 # out again), and each is decoded by the guest's vIOMMU and by the host. Bounded: cleared
 # when full.
 _DECODED: dict[tuple[int, int, int, int, int], InvCommand | DescError] = {}
-_DECODED_MAX = 1 << 16
+_DECODED_MAX = 1 << 14   # about 8 MB at most
 
 
 def decode_words(qw0: int, qw1: int, qw2: int = 0, qw3: int = 0,
