@@ -417,9 +417,10 @@ class PageTable:
     def _check_range(self, iova: int, size: int) -> None:
         if not self._used:
             raise ValueError("page table was destroyed")
-        for name, value in (("iova", iova), ("size", size)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} {value!r} is not an int")
+        if type(iova) is not int or type(size) is not int:   # else both are plain ints
+            for name, value in (("iova", iova), ("size", size)):
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ValueError(f"{name} {value!r} is not an int")
         if iova < 0 or size <= 0:
             raise ValueError(f"bad range iova={iova:#x} size={size:#x}")
         if (iova | size) & (PAGE_SIZE - 1):
