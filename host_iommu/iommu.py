@@ -14,6 +14,12 @@ between them. Every request looks up the caches as they were when the batch star
 for the same (DID, PASID, 4-KiB page, access) are coalesced into one walk (the first walks,
 the others wait for it and count as IOTLB hits; with the IOTLB disabled they are misses that
 walk themselves), and fills apply afterwards in request order.
+
+The live path runs array state through compiled kernels (host_iommu/kernels/); with
+``IommuParams.with_engine("reference")`` a host translates on the reference models instead
+(host_iommu/refengine.py). Module length (~780 lines): ``translate_numpy`` keeps the batch
+steps spelled out in numpy beside the kernel call, as the description the kernel is tested
+against (tests/host_iommu/test_kernel_translate.py).
 """
 
 from __future__ import annotations
