@@ -369,7 +369,8 @@ class DmaApi:
 
     def unmap_tag(self, sid: int, page: int) -> int:
         """-1 while (sid, IOVA page) is mapped, else the id of the unmap that last covered it."""
-        if self.mode == "passthrough" or (sid, page) in self.mapped_pages:
+        key = (sid, page)
+        if key in self.mapped_pages or self.mode == "passthrough":
             return -1
-        return self.unmap_id_of.get((sid, page), -2)
+        return self.unmap_id_of.get(key, -2)
 
