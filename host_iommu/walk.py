@@ -431,7 +431,8 @@ class Walker:
         unknown = ~np.isin(b.pgtt, (PGTT_PT, PGTT_SL_ONLY, PGTT_FL_ONLY, PGTT_NESTED))
         fault[unknown] = FaultReason.PASID_TABLE_ENTRY_INV
         stage[unknown] = Stage.CONTEXT
-        hpa[fault != 0] = 0
+        hpa[fault != 0] = 0        # a fault translates nothing: no address, no page size
+        order[fault != 0] = 0
 
         if fl_fills is not None:
             self._fill(self.fl_pwc, fl_fills, b)

@@ -509,8 +509,9 @@ def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, 
         if g not in (PGTT_PT, PGTT_SL_ONLY, PGTT_FL_ONLY, PGTT_NESTED):
             fault[i] = F_PGTT
             stage[i] = ST_CONTEXT
-        if fault[i] != 0:
+        if fault[i] != 0:   # a fault translates nothing: no address, no page size
             hpa[i] = 0
+            order[i] = 0
     if fill_fl:
         _pwc_fill(fl_pwc, fl_counts, fl_fills, ctx[CX_NFL], did, pasid)
     if fill_sl:   # second-level entries are tagged PASID 0

@@ -82,9 +82,9 @@ MUTANTS = (
            "bad = base | SL_SNP | SL_PS",
            "bad = base | SL_PS",
            ("tests/host_iommu/test_walk.py",)),
-    Mutant("pwc-never-probes-the-top-level", "host_iommu/iotlb.py",
-           "active.append(lvmax >= np.uint64(lv))",
-           "active.append(lvmax > np.uint64(lv))",
+    Mutant("pwc-never-probes-the-top-level", "host_iommu/kernels/pwc.py",
+           "for lv in range(PWC_MIN_LEVEL, int(levels[i]) + 1):",
+           "for lv in range(PWC_MIN_LEVEL, int(levels[i])):",
            ("tests/host_iommu/test_walk.py",)),
 )
 
