@@ -269,6 +269,11 @@ class TableStore(Protocol):
 
     def write(self, addr: int, value: int) -> None: ...
 
+    # A store may declare ``exclusive_writes = True`` when every change to its pages goes
+    # through write() and is counted in an int ``writes`` attribute: PageTable then keeps the
+    # level-1 tables of its recent 4-KiB walks (dropped whenever ``writes`` moves behind its
+    # back). A store whose memory others write (the walker's A/D bits) must not declare it.
+
 
 class HostTableStore:
     """TableStore over HostMemory: addresses are HPAs (frame << 12), pages owned by ``owner``.
@@ -343,6 +348,14 @@ class PageTable:
         self._ps = FL_PS if fmt == "fl" else SL_PS
         self._present = FL_P if fmt == "fl" else SL_R | SL_W   # what makes an entry present
         self._used: dict[int, int] = {}  # table address -> non-zero entries in it
+        # The level-1 table of each 2-MiB region the 4-KiB fast paths walked to, kept only
+        # over a store whose every write goes through its counted write() (``exclusive_writes``)
+        # and only while no entry above level 1 changed: any _write (the walks' table links,
+        # splits, large leaves, the general unmap) and any table free drop it all, and a
+        # write someone else made (``store.writes`` moved) drops it before it is used.
+        self._l1_on = bool(getattr(store, "exclusive_writes", False))
+        self._l1: dict[int, int] = {}    # iova >> 21 -> level-1 table address
+        self._l1_writes = -1             # store.writes when _l1 was last known good
         self.freed_tables = 0
         self.root = self._alloc()
 
@@ -382,6 +395,8 @@ class PageTable:
         return addr
 
     def _write(self, ea: int, value: int) -> int:
+        if self._l1:
+            self._l1.clear()
         table = ea & ~(PAGE_SIZE - 1)
         old = self.store.read(ea)
         self.store.write(ea, value)
@@ -398,6 +413,7 @@ class PageTable:
                 entry = read(table + 8 * idx)
                 if entry & present and not entry & ps:   # a table below (level > 1)
                     freed += self._free_subtree(entry & amask, level - 1)
+        self._l1.clear()
         self.store.free_table(table)
         del self._used[table]
         return freed
@@ -504,7 +520,13 @@ class PageTable:
         """Install ``pages`` 4-KiB leaves from ``iova`` (all in one level-1 table) as that
         many _install(iova + 4096 k, 0, ...) calls would: the walk is made once, since the
         leaves written on the way change no entry above level 1."""
-        table, writes = self._walk_to(iova, 1)
+        table = self._cached_l1(iova)
+        if table is None:
+            table, writes = self._walk_to(iova, 1)
+            if self._l1_on:
+                self._l1[iova >> _L2_SHIFT] = table
+        else:
+            writes = 0
         read, write = self.store.read, self.store.write
         used = self._used
         ea = table + 8 * ((iova >> PAGE_SHIFT) & (PTES_PER_TABLE - 1))
@@ -514,7 +536,18 @@ class PageTable:
             write(ea, value)
             used[table] += 1 - (old != 0)
             ea += 8
+        if self._l1_on:
+            self._l1_writes = self.store.writes
         return writes + pages
+
+    def _cached_l1(self, iova: int) -> int | None:
+        """The level-1 table a fast walk found for ``iova``'s 2 MiB, if still valid."""
+        if not self._l1:
+            return None
+        if self.store.writes != self._l1_writes:   # someone else wrote: forget every walk
+            self._l1.clear()
+            return None
+        return self._l1.get(iova >> _L2_SHIFT)
 
     def _install(self, iova: int, order: int, entry: int) -> int:
         target = order + 1
@@ -551,16 +584,22 @@ class PageTable:
         above level 1 is covered whole, so the walk only descends, and at level 1 each
         present entry is cleared. None (nothing done) when a large leaf on the way would
         need a split: the caller then takes the general path."""
-        table = self.root
         read = self.store.read
-        present, ps, amask = self._present, self._ps, self._addr_mask
-        for level in range(self.levels, 1, -1):
-            entry = read(table + 8 * ((start >> _LEVEL_SHIFT[level]) & (PTES_PER_TABLE - 1)))
-            if not entry & present:
-                return 0
-            if entry & ps:
-                return None
-            table = entry & amask
+        present = self._present
+        table = self._cached_l1(start)
+        if table is None:
+            table = self.root
+            ps, amask = self._ps, self._addr_mask
+            for level in range(self.levels, 1, -1):
+                entry = read(table + 8 * ((start >> _LEVEL_SHIFT[level])
+                                          & (PTES_PER_TABLE - 1)))
+                if not entry & present:
+                    return 0
+                if entry & ps:
+                    return None
+                table = entry & amask
+            if self._l1_on:
+                self._l1[start >> _L2_SHIFT] = table
         write = self.store.write
         writes = 0
         ea = table + 8 * ((start >> PAGE_SHIFT) & (PTES_PER_TABLE - 1))
@@ -570,6 +609,8 @@ class PageTable:
                 self._used[table] -= 1
                 writes += 1
             ea += 8
+        if self._l1_on:
+            self._l1_writes = self.store.writes
         return writes
 
     def _unmap(self, table: int, level: int, base: int, start: int, end: int) -> int:

@@ -90,6 +90,11 @@ class GuestTableStore:
     ``writes`` counts them.
     """
 
+    # Every change to these pages goes through write() and is counted in ``writes`` (no
+    # walker sets A/D bits here: the host holds the memory the IOMMU walks), so PageTable may
+    # keep the level-1 tables of its recent walks (host_iommu.pgtable.TableStore).
+    exclusive_writes = True
+
     def __init__(self, mem: GuestMemory, on_write: Callable[[int, int], None] | None = None
                  ) -> None:
         self.mem = mem

@@ -21,7 +21,9 @@ class RecordingStore:
     """A TableStore that logs every allocation, free and store, in order; frees are reused
     last-in first-out, so two tables making the same calls get the same addresses."""
 
-    def __init__(self) -> None:
+    def __init__(self, exclusive: bool = False) -> None:
+        self.exclusive_writes = exclusive   # PageTable may then keep its level-1 walks
+        self.writes = 0
         self.pages: dict[int, list[int]] = {}
         self.free: list[int] = []
         self.next = 1 << 30
@@ -47,6 +49,7 @@ class RecordingStore:
 
     def write(self, addr: int, value: int) -> None:
         self.pages[addr & ~(PAGE_SIZE - 1)][(addr >> 3) & 511] = value
+        self.writes += 1
         self.log.append(("write", addr, value))
 
 
@@ -96,11 +99,12 @@ def _both(fast_fn, ref_fn, args: tuple, kwargs: dict, fs: RecordingStore,
 
 
 @settings(max_examples=150, deadline=None)
-@given(layouts, st.lists(op, max_size=25))
-def test_fast_walks_make_the_reference_writes(layout, ops):
-    """Every map, unmap and external store leaves both tables making the same calls."""
+@given(layouts, st.lists(op, max_size=25), st.booleans())
+def test_fast_walks_make_the_reference_writes(layout, ops, exclusive):
+    """Every map, unmap and external store leaves both tables making the same calls (with
+    the level-1 walk cache on an ``exclusive_writes`` store, and without)."""
     fmt, levels, max_order = layout
-    fs, rs = RecordingStore(), RecordingStore()
+    fs, rs = RecordingStore(exclusive), RecordingStore()
     fast = PageTable(fs, fmt, levels, max_order=max_order)
     ref = RefPageTable(rs, fmt, levels, max_order=max_order)
     for o in ops:
@@ -125,7 +129,9 @@ def test_fast_walks_make_the_reference_writes(layout, ops):
         else:   # a store made outside the table (a test's): permission or P bits flipped
             _k, pick, slot, bits = o
             tables = sorted(fs.pages)
-            addr = tables[pick % len(tables)] + 8 * slot
+            table = tables[pick % len(tables)]
+            used = [i for i, v in enumerate(fs.pages[table]) if v]
+            addr = table + 8 * (used[slot % len(used)] if used else slot)
             if fs.read(addr):   # a zero entry made present would point at address 0
                 fs.write(addr, fs.read(addr) ^ bits)
                 rs.write(addr, rs.read(addr) ^ bits)
@@ -164,7 +170,7 @@ def test_small_pages_into_large_leaves():
     reference does (no step of the fast walk may take a large leaf for a table)."""
     for fmt, levels in (("fl", 4), ("sl", 4), ("sl", 3)):
         for big_pages in (MIB2_PAGES, GIB_PAGES):
-            fs, rs = RecordingStore(), RecordingStore()
+            fs, rs = RecordingStore(exclusive=True), RecordingStore()
             fast = PageTable(fs, fmt, levels, max_order=2)
             ref = RefPageTable(rs, fmt, levels, max_order=2)
             iova, phys = GIB_PAGES << PAGE_SHIFT, 3 * GIB_PAGES << PAGE_SHIFT
@@ -183,3 +189,27 @@ def test_small_pages_into_large_leaves():
             assert fast.unmap(iova, size) == ref.unmap(iova, size)
             assert fast.freed_tables == ref.freed_tables
             _same(fast, ref, fs, rs)
+
+
+def test_walk_cache_follows_frees_and_outside_stores():
+    """The level-1 walk cache of an exclusive_writes store: a table freed by an unmap over
+    its whole 2 MiB, or an upper entry changed by an outside store, is walked afresh."""
+    for fmt in ("fl", "sl"):
+        fs, rs = RecordingStore(exclusive=True), RecordingStore()
+        fast = PageTable(fs, fmt, 4, max_order=0)
+        ref = RefPageTable(rs, fmt, 4, max_order=0)
+        region = 3 << 21
+        for fn in (fast, ref):
+            fn.map(region + PAGE_SIZE, 0x9000, PAGE_SIZE)
+            fn.unmap(region + PAGE_SIZE, PAGE_SIZE)           # the walks are cached
+            fn.unmap(region, 1 << 21)                         # frees the level-1 table
+            fn.map(region + 2 * PAGE_SIZE, 0xA000, PAGE_SIZE)  # a new one is made
+        _same(fast, ref, fs, rs)
+        for store in (fs, rs):   # an outside store takes the level-2 entry's present bit
+            l2 = next(t for t in sorted(store.pages) if t != fast.root
+                      and any(store.pages[t][3:4]))
+            store.write(l2 + 8 * 3, store.read(l2 + 8 * 3) & ~1 & ~SL_W)
+        for fn in (fast, ref):
+            fn.map(region + 5 * PAGE_SIZE, 0xB000, PAGE_SIZE)
+            fn.unmap(region + 2 * PAGE_SIZE, PAGE_SIZE)
+        _same(fast, ref, fs, rs)
