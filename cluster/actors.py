@@ -59,14 +59,16 @@ class HostActor:
         for vm in sorted(frames):
             self.server.setup_vm(unpack(frames[vm]))
 
-    def apply(self, *groups: dict[int, bytes]) -> tuple[Any, ...]:
+    def apply(self, *groups: dict[int, bytes], t_start_ns: int | None = None
+              ) -> tuple[Any, ...]:
         """One epoch: each VM group's packed batches (``VmGroupActor.step``'s first return) in,
-        merged by (t_ns, vm, seq) as the in-process back-end merges them. Out: per group its
+        merged by (t_ns, vm, seq) as the in-process back-end merges them, applied as the epoch
+        starting at ``t_start_ns`` (HostServer.apply_epoch). Out: per group its
         VMs' packed EpochReports, then ``(counters per VM, operations applied, wall seconds of
         emulation)``; the wall time is for overhead accounting, never for results."""
         t0 = time.perf_counter()
         ops = merge([unpack_ops(g[vm]) for g in groups for vm in sorted(g)])
-        reports = self.server.apply_epoch(ops)
+        reports = self.server.apply_epoch(ops, t_start_ns)
         out = tuple({vm: pack(reports[vm]) for vm in sorted(g)} for g in groups)
         counters = {vm: r.counters for vm, r in reports.items()}
         return (*out, (counters, int(ops.size), time.perf_counter() - t0))
@@ -130,6 +132,7 @@ class HostVmsActor:
         self.host = HostActor(cfg, host)
         self.vms = VmGroupActor(cfg, plans)
         self._reports: dict[int, bytes] = {}  # last epoch's packed reports, delivered next
+        self._t_start_ns = 0                   # the coming epoch's start: the last one's end
 
     def node_id(self) -> str:
         return _node_id()
@@ -145,7 +148,9 @@ class HostVmsActor:
         """``VmGroupActor.step`` then ``HostActor.apply``: the VMs' stats and wall seconds,
         then the host counters per VM, operations applied and the host's wall seconds."""
         frames, (stats, vm_s) = self.vms.step(t_end_ns, self._reports)
-        self._reports, (counters, n_ops, host_s) = self.host.apply(frames)
+        self._reports, (counters, n_ops, host_s) = self.host.apply(
+            frames, t_start_ns=self._t_start_ns)
+        self._t_start_ns = t_end_ns
         return stats, vm_s, counters, n_ops, host_s
 
     def finish(self) -> tuple[dict[int, dict[str, int]], dict[int, dict[str, int]],

@@ -30,7 +30,8 @@ class Transport(Protocol):
     def vm_ids(self) -> list[int]: ...
     def host_of(self) -> dict[int, int]: ...
     def run_epochs(self, t_end_ns: int) -> dict[int, np.ndarray]: ...
-    def host_apply(self, ops: dict[int, np.ndarray]) -> dict[int, EpochReport]: ...
+    def host_apply(self, ops: dict[int, np.ndarray], t_start_ns: int | None = None
+                   ) -> dict[int, EpochReport]: ...
     def deliver(self, reports: dict[int, EpochReport]) -> None: ...
 
 
@@ -57,10 +58,11 @@ class InProcTransport:
         return {vm: unpack_ops(pack_ops(self.agents[vm].run_epoch(t_end_ns)))
                 for vm in self.vm_ids()}
 
-    def host_apply(self, ops: dict[int, np.ndarray]) -> dict[int, EpochReport]:
+    def host_apply(self, ops: dict[int, np.ndarray], t_start_ns: int | None = None
+                   ) -> dict[int, EpochReport]:
         reports: dict[int, EpochReport] = {}
         for h in sorted(ops):
-            reports.update(self.hosts[h].apply_epoch(ops[h]))
+            reports.update(self.hosts[h].apply_epoch(ops[h], t_start_ns))
         return reports
 
     def deliver(self, reports: dict[int, EpochReport]) -> None:
@@ -100,7 +102,7 @@ class Engine:
             batches = self.transport.run_epochs(t_end)
             ops = {h: merge([batches[vm] for vm in vms])
                    for h, vms in sorted(self.vms_by_host.items())}
-            reports = self.transport.host_apply(ops)
+            reports = self.transport.host_apply(ops, self.now)
             self.transport.deliver(reports)
             n_ops = sum(int(o.size) for o in ops.values())
         ep = Epoch(self.index, t_end, n_ops, reports)

@@ -215,6 +215,7 @@ class RayMachine:
             raise
         self.nodes = nodes
         self._reports: dict[str, Any] = {}  # VM actor name -> its last epoch's report object
+        self._t_start_ns = 0                # the coming epoch's start: the last one's end
         self._stats: dict[int, dict[str, int]] = {}
         # method handles with their options, made once: one ``.options`` per call costs
         self._step = {name: a.step.options(num_returns=2) for a, name, _v in self.vm_actors}
@@ -300,10 +301,12 @@ class RayMachine:
         for h, groups in by_host.items():
             if not groups:
                 continue
-            refs = self._apply[h].remote(*[frames for _n, frames in groups])
+            refs = self._apply[h].remote(*[frames for _n, frames in groups],
+                                         t_start_ns=self._t_start_ns)
             for (name, _f), report in zip(groups, refs[:-1], strict=True):
                 self._reports[name] = report
             infos[f"host {h} actor"] = refs[-1]
+        self._t_start_ns = t_end_ns
         got_infos = self._get(infos, upstream=self._upstream)
         busiest_vm = busiest_host = busiest_both = 0.0
         ops = 0

@@ -15,7 +15,7 @@ About 600 lines: the eight descriptor layouts, their encoders and decoder belong
 
 from __future__ import annotations
 
-from collections import deque
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -611,15 +611,23 @@ class InvalidationQueue:
         self.errors = 0
         self.refused = 0
         self._busy_until_ns = 0
-        self._inflight_ns: deque[int] = deque()  # effect times of descriptors holding slots
+        # Effect times of the processed descriptors, ascending (hardware is serial): one
+        # holds its slot at t while its effect time is > t. Times no caller can ask about
+        # any more are dropped by forget_until, never by a question, so an answer depends
+        # only on the time asked.
+        self._inflight_ns: list[int] = []
         self._pending: np.ndarray | None = None  # unprocessed descriptors under IQE
 
     def free_slots(self, t_ns: int) -> int:
         """Slots software may fill at t_ns (one stays empty: head == tail means empty)."""
-        while self._inflight_ns and self._inflight_ns[0] <= t_ns:
-            self._inflight_ns.popleft()
-        held = len(self._inflight_ns) + (0 if self._pending is None else len(self._pending))
+        held = len(self._inflight_ns) - bisect_right(self._inflight_ns, t_ns)
+        held += 0 if self._pending is None else len(self._pending)
         return self.entries - 1 - held
+
+    def forget_until(self, t_ns: int) -> None:
+        """The caller will ask about no time before ``t_ns`` again (HostServer: the start of
+        the epoch it applies): drop the effect times <= t_ns, which hold no slot then."""
+        del self._inflight_ns[:bisect_right(self._inflight_ns, t_ns)]
 
     def room_at(self, t_ns: int, n: int) -> int:
         """Earliest time >= t_ns at which ``n`` descriptors fit (software spins until then).
@@ -631,11 +639,12 @@ class InvalidationQueue:
         allowed = self.entries - 1 - n - pending  # descriptors that may still hold slots
         if allowed < 0:
             raise QiError(f"{n} descriptors can never fit a queue of {self.entries} entries")
-        self.free_slots(t_ns)
-        must_retire = len(self._inflight_ns) - allowed
+        inflight = self._inflight_ns
+        k = bisect_right(inflight, t_ns)        # descriptors whose slot is free at t_ns
+        must_retire = len(inflight) - k - allowed
         if must_retire <= 0:
             return int(t_ns)
-        return max(int(t_ns), self._inflight_ns[must_retire - 1])
+        return max(int(t_ns), inflight[k + must_retire - 1])
 
     def submit(self, descs: np.ndarray, t_ns: int) -> SubmitResult:
         """Write descriptors at the tail at t_ns and let hardware process them in order."""
@@ -680,6 +689,8 @@ class InvalidationQueue:
         The batch is read once, as words (``batch`` itself is not kept: what an error leaves
         unprocessed is copied), and each descriptor is decoded with decode_words.
         """
+        if len(batch) == 0:   # an empty tail write fetches nothing: the hardware stays idle
+            return SubmitResult()
         cursor = max(t_ns, self._busy_until_ns)
         commands: list[tuple[int, InvCommand]] = []
         waits: list[tuple[int, InvCommand]] = []

@@ -246,6 +246,10 @@ class InvalidationQueue:
         self.hw_free_ns = 0                 # when the hardware may fetch its next descriptor
 
     # --- room --------------------------------------------------------------------------
+    def forget_until(self, t_ns: int) -> None:
+        """The live queue drops effect times no later question can see; the reference keeps
+        every one (its answers never depend on what it was told to forget)."""
+
     def free_slots(self, t_ns: int) -> int:
         """Slots software may fill at ``t_ns``.
 

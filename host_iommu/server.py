@@ -206,8 +206,14 @@ class HostServer:
         return ops if keep.all() else ops[keep]
 
     # --- one epoch ------------------------------------------------------------------------
-    def apply_epoch(self, ops: np.ndarray) -> dict[int, EpochReport]:
+    def apply_epoch(self, ops: np.ndarray, t_start_ns: int | None = None
+                    ) -> dict[int, EpochReport]:
         """Apply merged operations (sorted by t_ns, vm, seq); report per VM.
+
+        ``t_start_ns`` is the epoch's start, when the caller knows it: no operation of this
+        epoch or a later one is stamped earlier (a guest stamps its operations at or after the
+        event that made them), so the invalidation queue may forget the slots released by
+        then (InvalidationQueue.forget_until). Without it the queue keeps them.
 
         The loop reads the kind, time and VM columns as Python lists (no numpy scalar per
         operation); a control operation is read as one row of ints.
@@ -215,6 +221,8 @@ class HostServer:
         if not isinstance(ops, np.ndarray) or ops.dtype != OP_DTYPE or ops.ndim != 1:
             raise ProtocolError("apply_epoch takes a 1-D numpy array of OP_DTYPE")
         h = self.iommu
+        if t_start_ns is not None:
+            h.qi.forget_until(int(t_start_ns))
         ops = self._admit(ops)
         n = ops.size
         t_col = ops["t_ns"]

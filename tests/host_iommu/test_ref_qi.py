@@ -310,17 +310,9 @@ def test_bad_arguments_refused_alike():
         assert pair.both("submit", bad, 0) == "QiError"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "host_iommu/qi.py InvalidationQueue.free_slots drops the effect times up to the time it "
-    "is asked about, so asking about a later time changes the answer for an earlier one: an "
-    "observer changes the queue. The host does ask at earlier times after later ones (a "
-    "submission that spun in room_at is followed by another VM's earlier op): in the golden "
-    "worlds about half the room_at calls of nic-strict-vs-lazy, quickstart, churn-rogue and "
-    "two-hosts go back in time. The reference's answer depends on the time asked only. No "
-    "result changes today (tests/system/test_qi_reference_run.py: a saturated queue's "
-    "completion times follow its busy time, not the submission time), but an observer call "
-    "such as free_slots at an epoch's end could change a run."))
 def test_free_slots_does_not_depend_on_earlier_questions():
+    """A question about a later time leaves the answer for an earlier one unchanged (the
+    queue once dropped effect times as it was asked; the host asks back in time)."""
     answers = []
     for ask_later_first in (False, True):
         q = qi.InvalidationQueue(128)
@@ -331,11 +323,9 @@ def test_free_slots_does_not_depend_on_earlier_questions():
     assert answers[0] == answers[1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "host_iommu/qi.py: an empty tail write at t moves the queue's busy time to t, so a later "
-    "submission stamped earlier starts at t; the reference's hardware stays idle (the host "
-    "never submits an empty batch: every submission ends with a wait descriptor)."))
 def test_empty_submission_leaves_the_hardware_idle():
+    """An empty tail write does not move the busy time: a later submission stamped earlier
+    starts when it was written, as on the reference."""
     pair = Pair(128)
     pair.both("submit", np.array([POOL[1]], dtype=qi.DESC_DTYPE), 0)
     pair.both("submit", np.array([], dtype=qi.DESC_DTYPE), 5000)
