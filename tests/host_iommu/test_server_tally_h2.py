@@ -27,8 +27,8 @@ def run(cfg, small: int) -> tuple[dict, list, list]:
     reports: list = []
     orig = host.apply_epoch
 
-    def apply(ops):
-        out = orig(ops)
+    def apply(ops, t_start_ns=None):
+        out = orig(ops, t_start_ns)
         reports.append({vm: (r.counters, r.faults, r.unmap_waits) for vm, r in out.items()})
         return out
 
