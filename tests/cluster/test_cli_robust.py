@@ -102,10 +102,17 @@ def test_a_signal_keeps_the_run_readable_and_leaves_no_staging(sig, code, name, 
     p = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env=_env())
     try:
-        # wait (polling, no time limit asserted) until the run has streamed some epochs
-        while p.poll() is None and not list(out.glob("quickstart/.tmp-run=*/metrics.arrows")):
+        # wait (polling, no time limit asserted) until the run has streamed an epoch's rows:
+        # the stream file first holds only its schema, then grows by one batch per epoch
+        # (a loaded machine may take seconds to start the run and load the kernels)
+        streams: list = []
+        while p.poll() is None and not streams:
+            streams = list(out.glob("quickstart/.tmp-run=*/metrics.arrows"))
             time.sleep(0.2)
-        time.sleep(1.0)
+        header = streams[0].stat().st_size if streams else 0
+        while p.poll() is None and streams and streams[0].stat().st_size <= header:
+            time.sleep(0.2)
+        time.sleep(0.5)
         p.send_signal(sig)
         _, err = p.communicate(timeout=120)
     finally:
