@@ -198,19 +198,22 @@ class CacheSet:
     descriptor reaches every cache that could hold something derived from what it names.
     """
 
-    def __init__(self, p: IommuParams) -> None:
-        # The live caches are array state driven by compiled kernels (host_iommu/kernels/),
-        # with iotlb.py's placement, LRU and batch semantics; context and PASID caches hold
-        # decoded entries on plain ints (host_iommu/entrycache.py).
-        self.iotlb = IotlbArrays(p.iotlb_entries, p.iotlb_ways)
+    # The live caches: array state driven by compiled kernels (host_iommu/kernels/), with
+    # iotlb.py's placement, LRU and batch semantics; context and PASID caches hold decoded
+    # entries on plain ints (host_iommu/entrycache.py). Order: IOTLB, paging-structure cache,
+    # PASID cache, context cache, device-TLB (refengine.CACHE_KINDS gives the references).
+    FAST_KINDS: ClassVar[tuple[type, ...]] = (IotlbArrays, PwcArrays, PasidEntryCache,
+                                              ContextEntryCache, DeviceTlbArrays)
+
+    def __init__(self, p: IommuParams, kinds: tuple[type, ...] | None = None) -> None:
+        iotlb, pwc, pasidc, ctxc, dtlb = kinds or self.FAST_KINDS
+        self.iotlb = iotlb(p.iotlb_entries, p.iotlb_ways)
         use_pwc = p.page_walk_cache and p.pwc_entries > 0
-        self.fl_pwc = PwcArrays(p.pwc_entries, p.pwc_ways, "fl") if use_pwc else None
-        self.sl_pwc = PwcArrays(p.pwc_entries, p.pwc_ways, "sl") if use_pwc else None
-        self.pasidc = PasidEntryCache(p.pasid_cache_entries,
-                                      min(4, p.pasid_cache_entries) or 1)
-        self.ctxc = ContextEntryCache(p.context_cache_entries,
-                                      min(4, p.context_cache_entries) or 1)
-        self.dtlb = DeviceTlbArrays(p.devtlb_entries, p.devtlb_ways)
+        self.fl_pwc = pwc(p.pwc_entries, p.pwc_ways, "fl") if use_pwc else None
+        self.sl_pwc = pwc(p.pwc_entries, p.pwc_ways, "sl") if use_pwc else None
+        self.pasidc = pasidc(p.pasid_cache_entries, min(4, p.pasid_cache_entries) or 1)
+        self.ctxc = ctxc(p.context_cache_entries, min(4, p.context_cache_entries) or 1)
+        self.dtlb = dtlb(p.devtlb_entries, p.devtlb_ways)
 
     def _pwcs(self):
         return [c for c in (self.fl_pwc, self.sl_pwc) if c is not None]
@@ -278,10 +281,7 @@ class HostIommu:
         self.mem = HostMemory(frames)
         self.sm = ScalableModeTables(self.mem)
         p = self.p
-        if p.engine == "reference":
-            self.caches = refengine.RefCacheSet(p)
-        else:
-            self.caches = CacheSet(p)
+        self.caches = CacheSet(p, refengine.CACHE_KINDS if p.engine == "reference" else None)
         c = self.caches
         self.iotlb, self.fl_pwc, self.sl_pwc = c.iotlb, c.fl_pwc, c.sl_pwc
         if p.engine == "reference":

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from host_iommu import qi
 from host_iommu.defs import (
     ACCESS_READ,
     ACCESS_WRITE,
@@ -48,88 +47,23 @@ from host_iommu.reference_cache import (
 )
 
 if TYPE_CHECKING:
-    from host_iommu.iommu import HostIommu, IommuParams
+    from host_iommu.iommu import CacheSet, HostIommu
 
 PAGE = 4096
 
 
-class RefCacheSet:
-    """The reference caches of one IOMMU and what each invalidation drops from them: the
-    qi.InvalidationTarget of the reference engine (VT-d spec 6.5.2; Linux cache.c decides
-    which caches a flush reaches)."""
-
-    def __init__(self, p: IommuParams) -> None:
-        self.iotlb = RefIOTLB(p.iotlb_entries, p.iotlb_ways)
-        on = p.page_walk_cache and p.pwc_entries > 0
-        self.fl_pwc = RefPagingStructureCache(p.pwc_entries, p.pwc_ways, "fl") if on else None
-        self.sl_pwc = RefPagingStructureCache(p.pwc_entries, p.pwc_ways, "sl") if on else None
-        self.pasidc = RefPasidCache(p.pasid_cache_entries, min(4, p.pasid_cache_entries) or 1)
-        self.ctxc = RefContextCache(p.context_cache_entries,
-                                    min(4, p.context_cache_entries) or 1)
-        self.dtlb = RefDeviceTLB(p.devtlb_entries, p.devtlb_ways)
-
-    # 0x2 IOTLB invalidation: the IOTLB and the paging-structure caches of the domain
-    def iotlb_global(self) -> None:
-        self.iotlb.inv_global()
-        for pwc in (self.fl_pwc, self.sl_pwc):
-            if pwc is not None:
-                pwc.inv_global()
-
-    def iotlb_domain(self, did: int) -> None:
-        self.iotlb.inv_domain(did)
-        for pwc in (self.fl_pwc, self.sl_pwc):
-            if pwc is not None:
-                pwc.inv_domain(did)
-
-    def iotlb_page(self, did: int, addr: int, am: int, ih: bool) -> None:
-        self.iotlb.inv_page(did, addr, am, int(ih))
-        if not ih:   # IH=1: only leaf entries changed, the PWCs stay
-            if self.sl_pwc is not None:
-                self.sl_pwc.inv_range(did, None, addr, am)
-            if self.fl_pwc is not None:   # nested first levels over this second level
-                self.fl_pwc.inv_domain(did)
-
-    # 0x6 PASID-based IOTLB invalidation: first-level and nested entries of one PASID
-    def piotlb_pasid(self, did: int, pasid: int) -> None:
-        self.iotlb.inv_pasid(did, pasid)
-        if self.fl_pwc is not None:
-            self.fl_pwc.inv_pasid(did, pasid)
-
-    def piotlb_page(self, did: int, pasid: int, addr: int, am: int, ih: bool) -> None:
-        self.iotlb.inv_pasid_page(did, pasid, addr, am, int(ih))
-        if not ih and self.fl_pwc is not None:
-            self.fl_pwc.inv_range(did, pasid, addr, am)
-
-    # 0x7 PASID-cache and 0x1 context-cache invalidation
-    def pasid_cache(self, gran: int, did: int, pasid: int) -> None:
-        if gran == qi.QI_PC_GLOBAL:
-            self.pasidc.inv_global()
-        elif gran == qi.QI_PC_PASID_SEL:
-            self.pasidc.inv_pasid(did, pasid)
-        else:
-            self.pasidc.inv_domain(did)
-
-    def context_cache(self, gran: int, did: int, sid: int, fm: int) -> None:
-        if gran == qi.QI_CC_GRAN_DEVICE:
-            self.ctxc.inv_device(sid, fm)
-            self.pasidc.inv_sid(sid)
-        else:   # a scalable-mode context entry has no DID: domain-selective is global
-            self.ctxc.inv_global()
-            self.pasidc.inv_global()
-
-    # 0x3 / 0x8 device-TLB invalidation; 0x4 interrupt entry cache (not emulated)
-    def devtlb(self, sid: int, pasid: int | None, addr: int, size_bytes: int) -> None:
-        self.dtlb.inv(sid, pasid, addr, size_bytes)
-
-    def iec(self, gran: int, iidx: int, im: int) -> None:
-        """Interrupt remapping is not emulated."""
+# The reference caches, in CacheSet's order (IOTLB, paging-structure cache, PASID cache,
+# context cache, device-TLB): HostIommu's CacheSet built on them dispatches each invalidation
+# to them exactly as to the live caches (which caches a descriptor reaches is not what the
+# reference engine checks; how each cache drops what it names is).
+CACHE_KINDS = (RefIOTLB, RefPagingStructureCache, RefPasidCache, RefContextCache, RefDeviceTLB)
 
 
-def make_walker(host: HostIommu, caches: RefCacheSet) -> ReferenceWalker:
+def make_walker(host: HostIommu, caches: CacheSet) -> ReferenceWalker:
     return ReferenceWalker(host.mem, host.p.haw, caches.fl_pwc, caches.sl_pwc)
 
 
-def resolve(host: HostIommu, caches: RefCacheSet, sid: int, pasid: int) -> ContextResult:
+def resolve(host: HostIommu, caches: CacheSet, sid: int, pasid: int) -> ContextResult:
     """Root, context and PASID entries of (sid, pasid) through the reference caches."""
     refs = 0
     got = caches.ctxc.lookup(sid)
@@ -155,7 +89,7 @@ def resolve(host: HostIommu, caches: RefCacheSet, sid: int, pasid: int) -> Conte
 def translate(host: HostIommu, sid: np.ndarray, pasid: np.ndarray, addr: np.ndarray,
               access: np.ndarray, t_ns: np.ndarray | None = None) -> np.ndarray:
     """HostIommu.translate of a batch, one request at a time on the reference models."""
-    caches: RefCacheSet = host.caches
+    caches: CacheSet = host.caches
     walker: ReferenceWalker = host.walker
     sids = [int(x) for x in np.asarray(sid).tolist()]
     pasids = [int(x) for x in np.asarray(pasid).tolist()]
