@@ -1,5 +1,5 @@
 """PageTable's fast walks (plain-int entries, one walk per run of 4-KiB pages, the one-table
-unmap) against the scalar reference they replaced (ref_pgtable_h3.RefPageTable): the same
+unmap) against the scalar reference they replaced (ref_pgtable.RefPageTable): the same
 table allocations, frees and entry stores in the same order, the same return values,
 ``freed_tables`` and per-table counts, and the same look-ups, leaves and shadow walks."""
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE, PTES_PER_TABLE
 from host_iommu.pgtable import FL_PS, FL_RW, SL_W, PageTable
-from tests.host_iommu.ref_pgtable_h3 import RefPageTable
+from tests.host_iommu.ref_pgtable import RefPageTable
 from vm_agent.memory import GuestMemory, GuestTableStore
 
 MIB2_PAGES = 1 << 9

@@ -1,5 +1,5 @@
 """The scalar PageTable as it was before its fast paths (decode every entry, one walk per
-page): the plain reference test_pgtable_fastpath_h3.py compares host_iommu.pgtable.PageTable
+page): the plain reference test_pgtable_fastpath.py compares host_iommu.pgtable.PageTable
 with. It shares only the entry encoders and decoders (fl_leaf, sl_decode, ...) with the code
 under test, never its walks.
 """
