@@ -26,11 +26,12 @@ def config(duration_us: int = 600, hosts: int = 1, name: str = "hv"):
 
 def test_one_group_host_is_one_actor_with_inproc_tables(tmp_path, ray_local):
     """Three VMs in one group: a single actor carries the host and its VMs, and every table
-    equals the in-process run's (and the run split into a host and VM actors)."""
+    equals the in-process run's (and the run split into a host and VM actors). One host on
+    two CPUs is one group by default (ray_runner.MIN_CPUS_TO_SPLIT)."""
     cfg = config()
     machine = {}
     a = run_config(cfg, tmp_path / "inproc", "inproc")
-    b = run_config(cfg, tmp_path / "one", "ray", vms_per_actor=8,
+    b = run_config(cfg, tmp_path / "one", "ray",
                    machine_hook=lambda m: machine.setdefault("m", m))
     c = run_config(cfg, tmp_path / "split", "ray", vms_per_actor=2)
     m = machine["m"]
