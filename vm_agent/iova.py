@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 
+from vm_agent.kernels import iova as _k
+
 IOVA_ANCHOR = (1 << 64) - 1          # iova.c IOVA_ANCHOR (~0UL): the anchor node's pfn
 IOVA_MAG_SIZE = 127                  # iova.c: pfns a magazine holds
 IOVA_RANGE_CACHE_MAX_SIZE = 6        # iova.h: log2 size classes cached (orders 0..5)
@@ -330,3 +332,194 @@ def _magazine_pop(mag: list[int], max_pfn: int) -> int | None:
             mag[i] = mag.pop()
             return pfn
     return None
+
+
+# --- the same allocator over array state (vm_agent/kernels/iova.py) ----------------------------
+_PFN_LIMIT = _k.PFN_LIMIT
+
+
+def _stat(slot: int, doc: str) -> property:
+    return property(lambda self: int(self._st[slot]), doc=doc)
+
+
+class ArrayIovaDomain:
+    """``IovaDomain`` with its state in arrays, worked on by the compiled kernels.
+
+    The tree is ``_tree`` (int64[cap, 3]: pfn_lo, pfn_hi, in-a-magazine mark per node, sorted,
+    in the last rows, the anchor last) and the scalars ``_st`` (kernels/iova.py S_*), the
+    arrays a guest-epoch kernel works on. Same calls, results, counters and refusals as
+    ``IovaDomain``, except that a limit, size or reservation beyond 2^62 pfns (2^74 bytes at
+    4 KiB) is an IovaError.
+    """
+
+    tree_allocs = _stat(_k.S_TREE_ALLOCS, "tree allocations that succeeded")
+    tree_frees = _stat(_k.S_TREE_FREES, "ranges freed to the tree")
+    failures = _stat(_k.S_FAILURES, "tree allocations that found no room")
+    max32_alloc_size = _stat(_k.S_MAX32, "smallest size a 32-bit allocation failed at")
+
+    def __init__(self, granule: int = 4096, start_pfn: int = 1) -> None:
+        if granule <= 0 or granule & (granule - 1):
+            raise IovaError(f"granule {granule} is not a power of two")
+        if start_pfn < 0:
+            raise IovaError(f"start_pfn {start_pfn} is negative")
+        if start_pfn >= _PFN_LIMIT:
+            raise IovaError(f"start_pfn {start_pfn:#x} beyond the 2^62-pfn space")
+        self.granule = granule
+        self.shift = granule.bit_length() - 1
+        self.start_pfn = start_pfn
+        self.dma_32bit_pfn = 1 << (32 - self.shift)
+        self._tree, self._st = _k.new_state(start_pfn, self.dma_32bit_pfn)
+        self._has_rcache = False
+
+    def __len__(self) -> int:
+        """Allocated ranges (reserved ones included, the anchor not)."""
+        return int(self._st[_k.S_NODES]) - 1
+
+    @property
+    def cached_node(self) -> int:
+        """pfn_lo of the node 64-bit searches start from (IOVA_ANCHOR for the anchor)."""
+        return _unanchor(int(self._st[_k.S_CACHED]))
+
+    @property
+    def cached32_node(self) -> int:
+        """pfn_lo of the node 32-bit searches start from (IOVA_ANCHOR for the anchor)."""
+        return _unanchor(int(self._st[_k.S_CACHED32]))
+
+    def alloc_iova(self, size_pages: int, limit_pfn: int, size_aligned: bool = True) -> int | None:
+        """Allocate ``size_pages`` pfns ending at or below ``limit_pfn``; the pfn_lo or None."""
+        _check_range(limit_pfn, size_pages)
+        while True:
+            pfn = _k.alloc_iova(self._tree, self._st, size_pages, limit_pfn, size_aligned)
+            if pfn >= 0:
+                return pfn
+            if pfn == _k.NONE:
+                return None
+            if pfn != _k.ROOM:
+                raise IovaError(f"alloc of {size_pages} pages")
+            self._grow()
+
+    def reserve_iova(self, pfn_lo: int, pfn_hi: int) -> None:
+        """Mark [pfn_lo, pfn_hi] allocated; an overlap is an IovaError (see IovaDomain)."""
+        if not 0 <= pfn_lo <= pfn_hi < _PFN_LIMIT:
+            raise IovaError(f"bad reservation [{pfn_lo:#x}, {pfn_hi:#x}]")
+        while (code := _k.reserve_iova(self._tree, self._st, pfn_lo, pfn_hi)) == _k.ROOM:
+            self._grow()
+        if code < 0:
+            raise IovaError(f"reservation [{pfn_lo:#x}, {pfn_hi:#x}] overlaps an allocation")
+
+    def find_iova(self, pfn: int) -> tuple[int, int] | None:
+        """The allocated (pfn_lo, pfn_hi) containing ``pfn``, or None."""
+        if not -_PFN_LIMIT < pfn < _PFN_LIMIT:
+            return None              # every node but the anchor lies below 2^62
+        i = _k.find_iova(self._tree, self._st, pfn)
+        if i < 0:
+            return None
+        return int(self._tree[i, _k.T_LO]), int(self._tree[i, _k.T_HI])
+
+    def free_iova(self, pfn: int) -> int:
+        """Free the allocation starting at ``pfn``; returns its size in pages."""
+        size = _k.free_iova(self._tree, self._st, pfn) if 0 <= pfn < _PFN_LIMIT else _k.E_NOT_ALLOC
+        if size >= 0:
+            return size
+        if size == _k.E_IN_MAG:
+            raise IovaError(f"free of pfn {pfn:#x}, which sits in an rcache magazine")
+        raise IovaError(f"free of pfn {pfn:#x}, which starts no allocation")
+
+    def _grow(self) -> None:
+        self._tree = _k.grown(self._tree)
+
+
+class ArrayIovaRcache:
+    """``IovaRcache`` over an ``ArrayIovaDomain``: magazines and depot in ``_mag`` (one row a
+    magazine, kernels/iova.py), counters in the domain's ``_st``. One rcache per domain."""
+
+    rcache_hits = _stat(_k.S_HITS, "allocations the magazines served")
+    rcache_misses = _stat(_k.S_MISSES, "cacheable sizes the rcache could not serve")
+    depot_pushes = _stat(_k.S_DEPOT_PUSHES, "full magazines moved to the depot")
+    depot_pops = _stat(_k.S_DEPOT_POPS, "depot magazines a CPU took")
+    depot_overflows = _stat(_k.S_DEPOT_OVERFLOWS, "full magazines freed to the tree, depot full")
+    rcache_flushes = _stat(_k.S_FLUSHES, "tree failures that emptied every cache and retried")
+
+    def __init__(self, domain: ArrayIovaDomain, cpus: int) -> None:
+        if cpus <= 0:
+            raise IovaError(f"rcache for {cpus} CPUs")
+        if domain._has_rcache:
+            raise IovaError("the domain already has an rcache")
+        domain._has_rcache = True
+        self.domain = domain
+        self.cpus = cpus
+        self._st = domain._st            # never reallocated (only the tree grows)
+        self._mag = _k.new_magazines(domain._st, cpus)
+
+    def alloc_iova_fast(self, cpu: int, size_pages: int, limit_pfn: int,
+                        flush_rcache: bool = True) -> int | None:
+        """As IovaRcache.alloc_iova_fast."""
+        if not (-_PFN_LIMIT < limit_pfn < _PFN_LIMIT and -_PFN_LIMIT < size_pages < _PFN_LIMIT
+                and -_PFN_LIMIT < cpu < _PFN_LIMIT):
+            _check_range(limit_pfn, size_pages, cpu)
+        d = self.domain
+        pfn = _k.alloc_iova_fast(d._tree, d._st, self._mag, cpu, size_pages, limit_pfn,
+                                 flush_rcache)
+        if pfn >= 0:
+            return pfn
+        while pfn == _k.ROOM:
+            d._grow()
+            pfn = _k.alloc_iova_fast(d._tree, d._st, self._mag, cpu, size_pages, limit_pfn,
+                                     flush_rcache)
+        if pfn == _k.E_CPU:
+            raise IovaError(f"cpu {cpu} out of range 0..{self.cpus - 1}")
+        if pfn == _k.E_SIZE:
+            raise IovaError(f"alloc of {size_pages} pages")
+        return None if pfn == _k.NONE else pfn
+
+    def free_iova_fast(self, cpu: int, pfn: int, size_pages: int) -> None:
+        """As IovaRcache.free_iova_fast."""
+        d = self.domain
+        if -_PFN_LIMIT < cpu < _PFN_LIMIT and 0 <= pfn < _PFN_LIMIT \
+                and -_PFN_LIMIT < size_pages < _PFN_LIMIT:
+            code = _k.free_iova_fast(d._tree, d._st, self._mag, cpu, pfn, size_pages)
+            if code == 0:
+                return
+        elif not 0 <= cpu < self.cpus:
+            code = _k.E_CPU
+        elif not 0 <= pfn < _PFN_LIMIT:
+            code = _k.E_NOT_ALLOC
+        else:        # a size no allocation has: size 0 gives the same refusal, changing nothing
+            code = _k.free_iova_fast(d._tree, d._st, self._mag, cpu, pfn, 0)
+        if code == _k.E_CPU:
+            raise IovaError(f"cpu {cpu} out of range 0..{self.cpus - 1}")
+        if code == _k.E_NOT_ALLOC:
+            raise IovaError(f"free of pfn {pfn:#x}, which is not allocated")
+        lo, hi = d.find_iova(pfn)
+        raise IovaError(f"free of pfn {pfn:#x} with size {size_pages}, allocated {hi - lo + 1}")
+
+    def free_cpu_cached_iovas(self, cpu: int) -> None:
+        """Free one CPU's loaded and prev magazines to the tree."""
+        if -self.cpus <= cpu < 0:
+            cpu += self.cpus             # as IovaRcache's list indexing
+        if not 0 <= cpu < self.cpus:
+            raise IndexError(f"cpu {cpu} out of range 0..{self.cpus - 1}")
+        _k.free_cpu_cached_iovas(self.domain._tree, self.domain._st, self._mag, cpu)
+
+    def free_global_cached_iovas(self) -> None:
+        """Free every depot magazine to the tree."""
+        _k.free_global_cached_iovas(self.domain._tree, self.domain._st, self._mag)
+
+    def cached(self) -> int:
+        """IOVAs now held in magazines (per-CPU and depot)."""
+        return int(self.domain._st[_k.S_CACHED_IOVAS])
+
+    def depot_size(self, size_pages: int) -> int:
+        """Full magazines in the depot of the class serving ``size_pages``."""
+        return int(self.domain._st[_k.S_DEPOT + range(IOVA_RANGE_CACHE_MAX_SIZE)[
+            _SIZE_CLASS[size_pages][1]]])
+
+
+def _unanchor(pfn: int) -> int:
+    return IOVA_ANCHOR if pfn == _k.ANCHOR else pfn
+
+
+def _check_range(*values: int) -> None:
+    for v in values:
+        if not -_PFN_LIMIT < v < _PFN_LIMIT:
+            raise IovaError(f"{v:#x} beyond the 2^62-pfn space the allocator's arrays hold")
