@@ -47,8 +47,9 @@ from host_iommu.defs import (
 )
 from host_iommu.entrycache import ContextEntryCache, PasidEntryCache
 from host_iommu.fault import FaultLog
+from host_iommu.kernels import qiq as qk
 from host_iommu.kernels.devtlb import DeviceTlbArrays
-from host_iommu.kernels.iotlb import IotlbArrays
+from host_iommu.kernels.iotlb import LINE_FIELDS, IotlbArrays
 from host_iommu.kernels.pwc import PwcArrays
 from host_iommu.kernels.translate import (
     C_FL_LEVELS,
@@ -82,6 +83,7 @@ U64 = np.uint64
 M64 = (1 << 64) - 1
 GUEST_WRITE_LOOP_MAX = 32   # stores per call below which guest_write loops on ints
 CONTEXT_LOOP_MAX = 256      # requests per batch below which the context stage loops on ints
+NEVER = (1 << 63) - 1       # the effect time of "no pending effect"
 
 
 @dataclass(frozen=True)
@@ -294,8 +296,17 @@ class HostIommu:
         self.owner_of_sid: dict[int, int] = {}
         self.ats_sids: set[int] = set()
         self.stats = TranslateStats()
+        # Invalidations waiting for their effect time. Live: rows of an array queue
+        # (kernels/qiq.py's pend) that the queue's kernel appends to and _advance applies.
+        # On the reference engine, or with a queue other than qi.InvalidationQueue (the
+        # reference queue of tests/system/test_qi_reference_run.py): a heap of (effect time,
+        # seq, command) applied by qi.apply.
+        self._array_effects = p.engine == "fast" and type(self.qi) is qi.InvalidationQueue
+        self._effects = qi.new_effects()
         self._pending: list[tuple[int, int, InvCommand]] = []
         self._pending_seq = 0
+        self._next_effect_ns = NEVER      # the earliest pending effect time, NEVER if none
+        self._no_pwc = (np.zeros((len(LINE_FIELDS), 0, 1), U64), np.zeros(6, np.int64))
         self._deferred_free: list[tuple[int, int, list[int]]] = []  # (t, seq, table frames)
         self._next_did = 1
         self.now_ns = 0
@@ -441,8 +452,28 @@ class HostIommu:
         wait and submitted once the previous one completed (qi_submit_sync is synchronous, and
         cache.c's qi_batch flushes a full batch the same way); before each chunk the driver
         spins until enough slots are free. Returns (completion time of the last wait or of
-        the last descriptor, descriptors processed).
+        the last descriptor, descriptors processed). ``descs``: DESC_DTYPE[n] (or, on the
+        live queue, uint64[n, 4]).
         """
+        if not self._array_effects:
+            return self._submit_qi_commands(descs, t_ns)
+        processed = 0
+        q = self.qi
+        for chunk in self._qi_chunks(descs):
+            status, n, t_at, t_done, _code, self._effects = q.submit_effects(
+                chunk, t_ns, self._effects)
+            if status != qk.S_OK:  # the host driver's own descriptors are well-formed
+                err = q.error_result(chunk, status, n, t_at)
+                self._sync_next_effect()
+                q.clear_iqe()
+                raise RuntimeError(f"host QI rejected its own descriptor: {err}")
+            t_ns = t_done
+            processed += n
+        self._sync_next_effect()
+        return t_ns, processed
+
+    def _submit_qi_commands(self, descs: np.ndarray, t_ns: int) -> tuple[int, int]:
+        """submit_qi with the queue's SubmitResult: commands kept in the heap."""
         processed = 0
         for chunk in self._qi_chunks(descs):
             t_ns = self.qi.room_at(t_ns, len(chunk))
@@ -451,11 +482,21 @@ class HostIommu:
                 heapq.heappush(self._pending, (t_eff, self._pending_seq, cmd))
                 self._pending_seq += 1
             if res.error is not None:  # the host driver's own descriptors are well-formed
+                self._sync_next_effect()
                 self.qi.clear_iqe()
                 raise RuntimeError(f"host QI rejected its own descriptor: {res.error}")
             t_ns = max([t_ns, *res.wait_done_ns, *(t for t, _ in res.commands)])
             processed += res.processed
+        self._sync_next_effect()
         return t_ns, processed
+
+    def _sync_next_effect(self) -> None:
+        if not self._array_effects:
+            self._next_effect_ns = self._pending[0][0] if self._pending else NEVER
+            return
+        e = self._effects
+        first = e[0, qk.P_FIRST]
+        self._next_effect_ns = int(e[first, qk.E_T]) if first < e[0, qk.P_END] else NEVER
 
     def _qi_chunks(self, descs: np.ndarray) -> list[np.ndarray]:
         """Split a submission into pieces the queue can hold, each ending with a wait."""
@@ -479,20 +520,46 @@ class HostIommu:
     def advance_to(self, t_ns: int) -> None:
         """Apply every invalidation whose effect time is <= t_ns, in time order; then free
         the table frames whose flush has completed by t_ns."""
-        while self._pending and self._pending[0][0] <= t_ns:
-            _t, _s, cmd = heapq.heappop(self._pending)
-            apply(cmd, self.caches)
+        if self._next_effect_ns <= t_ns:
+            self._apply_effects(t_ns)
         while self._deferred_free and self._deferred_free[0][0] <= t_ns:
             self.mem.free(heapq.heappop(self._deferred_free)[2])
         self.now_ns = max(self.now_ns, t_ns)
 
+    def _apply_effects(self, t_ns: int) -> None:
+        """The pending invalidations with effect time <= t_ns, in (time, submission) order:
+        live, by the compiled kernel (kernels/qiq.py _advance), which hands the context- and
+        PASID-cache ones (Python caches) back one at a time; else by qi.apply."""
+        if not self._array_effects:
+            while self._pending and self._pending[0][0] <= t_ns:
+                apply(heapq.heappop(self._pending)[2], self.caches)
+            self._sync_next_effect()
+            return
+        c = self.caches
+        fl = self._no_pwc if c.fl_pwc is None else (c.fl_pwc.state, c.fl_pwc.counts)
+        sl = self._no_pwc if c.sl_pwc is None else (c.sl_pwc.state, c.sl_pwc.counts)
+        t_ns = min(int(t_ns), NEVER)
+        while True:
+            e = self._effects
+            row, t_next = qk._advance(e, t_ns, c.iotlb.state, c.iotlb.counts, fl[0], fl[1],
+                                      sl[0], sl[1], c.dtlb.state, c.dtlb.counts)
+            if row < 0:
+                break
+            gran, did, pasid = int(e[row, qk.E_GRAN]), int(e[row, qk.E_DID]), int(
+                e[row, qk.E_PASID])
+            if e[row, qk.E_TYPE] == qi.QI_PC_TYPE:
+                c.pasid_cache(gran, did, pasid)
+            else:
+                c.context_cache(gran, did, int(e[row, qk.E_SID]), int(e[row, qk.E_FM]))
+            e[0, qk.P_FIRST] = row + 1
+        self._next_effect_ns = NEVER if t_next < 0 else int(t_next)
+
     def next_effect_ns(self) -> int | None:
-        return self._pending[0][0] if self._pending else None
+        return None if self._next_effect_ns == NEVER else self._next_effect_ns
 
     def drain(self) -> None:
         """Apply all pending invalidations now (end of run / tests), then free what waited."""
-        while self._pending:
-            apply(heapq.heappop(self._pending)[2], self.caches)
+        self._apply_effects(NEVER)
         while self._deferred_free:
             self.mem.free(heapq.heappop(self._deferred_free)[2])
 

@@ -15,7 +15,6 @@ About 600 lines: the eight descriptor layouts, their encoders and decoder belong
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from host_iommu.costs import CostModel
 from host_iommu.defs import MAX_PASID, NO_PASID, PAGE_SHIFT, PAGE_SIZE
+from host_iommu.kernels import qiq as qk
 
 # --- Descriptor (spec 6.5.2: 256-bit with IQA.DW=1, scalable mode; Linux struct qi_desc) -----
 DESC_DTYPE = np.dtype([("qw0", "<u8"), ("qw1", "<u8"), ("qw2", "<u8"), ("qw3", "<u8")])
@@ -588,6 +588,12 @@ class InvalidationQueue:
     replaced, as Linux qi_check_fault does) or drops the rest. Hardware processes serially:
     a descriptor starts when the previous one finished, a submit while busy queues behind it,
     and a descriptor holds its slot until it took effect.
+
+    The state is in arrays (``ctl``: registers, parameters and counters; ``inflight``: the
+    effect times still holding or able to hold a slot) and a tail write is processed by a
+    compiled kernel (host_iommu/kernels/qiq.py); ``submit`` turns its outcome into a
+    SubmitResult of decoded commands, ``submit_effects`` (HostIommu) appends the effects to
+    an array queue instead.
     """
 
     def __init__(self, entries: int = 256, costs: CostModel | None = None, *,
@@ -601,33 +607,61 @@ class InvalidationQueue:
         self.costs = costs if costs is not None else CostModel()
         self.mamv = mamv
         self.unresponsive_sids = frozenset(unresponsive_sids)
-        self.head = 0
-        self.tail = 0
-        self.fsts_iqe = False
-        self.iqe_head: int | None = None
-        self.fsts_ite = False
-        self.ics_iwc = False
-        self.counts: dict[str, int] = dict.fromkeys(TYPE_NAMES.values(), 0)
-        self.errors = 0
-        self.refused = 0
-        self._busy_until_ns = 0
-        # Effect times of the processed descriptors, ascending (hardware is serial): one
-        # holds its slot at t while its effect time is > t. Times no caller can ask about
-        # any more are dropped by forget_until, never by a question, so an answer depends
-        # only on the time asked.
-        self._inflight_ns: list[int] = []
+        self._unresponsive = np.array(sorted(self.unresponsive_sids), dtype=np.int64)
+        ctl = np.zeros(qk.CTL_SIZE, dtype=np.int64)
+        ctl[qk.Q_ENTRIES] = entries
+        ctl[qk.Q_MAMV] = mamv
+        ctl[qk.Q_DESC_NS] = self.costs.qi_desc_ns
+        ctl[qk.Q_WAIT_NS] = self.costs.qi_wait_ns
+        ctl[qk.Q_DEVTLB_NS] = self.costs.devtlb_inv_ns
+        self.ctl = ctl
+        # Effect times of the processed descriptors, ascending (hardware is serial), in
+        # inflight[ctl[Q_LO]:ctl[Q_HI]]: one holds its slot at t while its effect time is > t.
+        # Times no caller can ask about any more are dropped by forget_until, never by a
+        # question, so an answer depends only on the time asked.
+        self.inflight = np.zeros(2 * entries, dtype=np.int64)
+        self._done = np.zeros(entries, dtype=np.int64)
+        self._no_effects = np.zeros((1, qk.EFFECT_FIELDS), dtype=np.int64)
         self._pending: np.ndarray | None = None  # unprocessed descriptors under IQE
 
+    # --- registers and counters, read from ctl ----------------------------------------------
+    head = property(lambda self: int(self.ctl[qk.Q_HEAD]))
+    tail = property(lambda self: int(self.ctl[qk.Q_TAIL]))
+    fsts_iqe = property(lambda self: bool(self.ctl[qk.Q_IQE]))
+    fsts_ite = property(lambda self: bool(self.ctl[qk.Q_ITE]))
+    ics_iwc = property(lambda self: bool(self.ctl[qk.Q_IWC]))
+    errors = property(lambda self: int(self.ctl[qk.Q_ERRORS]))
+    refused = property(lambda self: int(self.ctl[qk.Q_REFUSED]))
+
+    @property
+    def iqe_head(self) -> int | None:
+        return int(self.ctl[qk.Q_IQE_HEAD]) if self.ctl[qk.Q_IQE] else None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Processed descriptors by type name (TYPE_NAMES)."""
+        c = self.ctl[qk.Q_COUNTS:].tolist()
+        return {name: c[t] for t, name in TYPE_NAMES.items()}
+
+    @property
+    def _inflight_ns(self) -> list[int]:
+        return self.inflight[self.ctl[qk.Q_LO]:self.ctl[qk.Q_HI]].tolist()
+
+    @property
+    def _busy_until_ns(self) -> int:
+        return int(self.ctl[qk.Q_BUSY])
+
+    # --- room -----------------------------------------------------------------------------
     def free_slots(self, t_ns: int) -> int:
         """Slots software may fill at t_ns (one stays empty: head == tail means empty)."""
-        held = len(self._inflight_ns) - bisect_right(self._inflight_ns, t_ns)
-        held += 0 if self._pending is None else len(self._pending)
-        return self.entries - 1 - held
+        return int(qk._free_slots(self.ctl, self.inflight, int(t_ns)))
 
     def forget_until(self, t_ns: int) -> None:
         """The caller will ask about no time before ``t_ns`` again (HostServer: the start of
         the epoch it applies): drop the effect times <= t_ns, which hold no slot then."""
-        del self._inflight_ns[:bisect_right(self._inflight_ns, t_ns)]
+        ctl = self.ctl
+        lo, hi = int(ctl[qk.Q_LO]), int(ctl[qk.Q_HI])
+        ctl[qk.Q_LO] = lo + int(np.searchsorted(self.inflight[lo:hi], int(t_ns), "right"))
 
     def room_at(self, t_ns: int, n: int) -> int:
         """Earliest time >= t_ns at which ``n`` descriptors fit (software spins until then).
@@ -635,33 +669,79 @@ class InvalidationQueue:
         Slots free in effect-time order, since hardware processes serially. Raises QiError
         when ``n`` can never fit (more than the queue holds beside what IQE left pending).
         """
-        pending = 0 if self._pending is None else len(self._pending)
-        allowed = self.entries - 1 - n - pending  # descriptors that may still hold slots
-        if allowed < 0:
+        at = int(qk._room_at(self.ctl, self.inflight, int(t_ns), int(n)))
+        if at < 0:
             raise QiError(f"{n} descriptors can never fit a queue of {self.entries} entries")
-        inflight = self._inflight_ns
-        k = bisect_right(inflight, t_ns)        # descriptors whose slot is free at t_ns
-        must_retire = len(inflight) - k - allowed
-        if must_retire <= 0:
-            return int(t_ns)
-        return max(int(t_ns), inflight[k + must_retire - 1])
+        return at
 
+    def _make_room(self, n: int, effects: np.ndarray | None = None) -> np.ndarray | None:
+        """Drop the forgotten effect times (moving the kept ones to the front) and grow
+        ``inflight`` so that n more fit; grow ``effects`` likewise (returned, maybe anew)."""
+        ctl = self.ctl
+        lo, hi = int(ctl[qk.Q_LO]), int(ctl[qk.Q_HI])
+        kept = self.inflight[lo:hi]
+        size = max(self.inflight.size, 2 * (kept.size + n))
+        if size != self.inflight.size or lo:
+            grown = np.zeros(size, dtype=np.int64)
+            grown[:kept.size] = kept
+            self.inflight = grown
+            ctl[qk.Q_LO], ctl[qk.Q_HI] = 0, kept.size
+        if effects is not None:
+            effects = grow_effects(effects, n)
+        return effects
+
+    # --- software writes --------------------------------------------------------------------
     def submit(self, descs: np.ndarray, t_ns: int) -> SubmitResult:
         """Write descriptors at the tail at t_ns and let hardware process them in order."""
         if not isinstance(descs, np.ndarray) or descs.dtype != DESC_DTYPE or descs.ndim != 1:
             raise QiError("submit takes a 1-D numpy array of DESC_DTYPE")
-        if self.fsts_iqe:
-            self.refused += 1
-            return _refusal("iqe_pending", f"FSTS.IQE set at head {self.iqe_head}")
-        if self.fsts_ite:
-            self.refused += 1
-            return _refusal("ite_pending", "FSTS.ITE set (device-TLB invalidation time-out)")
-        free = self.free_slots(t_ns)
-        if len(descs) > free:
-            self.refused += 1
-            return _refusal("queue_full", f"{len(descs)} descriptors, {free} free slots")
-        self.tail = (self.tail + len(descs)) % self.entries
-        return self._process(descs, int(t_ns))   # read once, never kept
+        return self._run(descs, int(t_ns), False)
+
+    def submit_effects(self, descs: np.ndarray, t_ns: int, effects: np.ndarray
+                       ) -> tuple[int, int, int, int, int, np.ndarray]:
+        """The host driver's tail write (qi_submit_sync): spin until ``descs`` fit
+        (room_at), write them and let hardware process them, appending each invalidation's
+        effect to ``effects`` (kernels/qiq.py's pend layout) instead of building commands.
+
+        ``descs`` is DESC_DTYPE[n] or uint64[n, 4]. Returns (status S_*, descriptors
+        processed, the time written, the completion time of the last one processed (or the
+        time written), decode error ERR_*, ``effects`` or its grown copy). A refusal or an
+        error leaves the registers as ``submit`` would; ``error_result`` describes it.
+        """
+        words = _as_words(descs)
+        if words.shape[0] > self._done.size:
+            self._done = np.zeros(words.shape[0], dtype=np.int64)
+        while True:
+            status, processed, t_at, err = qk._submit(
+                self.ctl, self.inflight, self._unresponsive, words, effects, self._done,
+                int(t_ns), qk.M_DRIVER, True)
+            if status != qk.S_NEED_ROOM:
+                break
+            effects = self._make_room(words.shape[0], effects)
+        if status == qk.S_NEVER_FITS:
+            self.room_at(t_ns, words.shape[0])     # raises QiError
+        if status == qk.S_IQE:
+            self._pending = np.ascontiguousarray(words[processed:]).view(DESC_DTYPE).ravel()
+        t_done = int(self._done[processed - 1]) if status == qk.S_OK and processed else t_at
+        return status, processed, t_at, t_done, err, effects
+
+    def error_result(self, descs: np.ndarray, status: int, processed: int, t_ns: int
+                     ) -> DescError:
+        """The DescError of a submit_effects at ``t_ns`` that did not end S_OK."""
+        if status == qk.S_REFUSED_IQE:
+            return _refusal("iqe_pending", f"FSTS.IQE set at head {self.iqe_head}").error
+        if status == qk.S_REFUSED_ITE:
+            return _refusal("ite_pending", "FSTS.ITE set (device-TLB invalidation "
+                            "time-out)").error
+        if status == qk.S_REFUSED_FULL:
+            return _refusal("queue_full", f"{len(descs)} descriptors, "
+                            f"{self.free_slots(t_ns)} free slots").error
+        words = _as_words(descs)
+        if status == qk.S_ITE:
+            cmd = decode_words(*words[processed - 1].tolist(), self.mamv)
+            return _err(cmd.type, "ite", f"device-TLB invalidation to sid {cmd.sid:#x} "
+                        "timed out")
+        return decode_words(*words[processed].tolist(), self.mamv)
 
     def clear_iqe(self, t_ns: int = 0, replacement: np.void | None = None) -> SubmitResult:
         """Software clears FSTS.IQE. With a replacement for the bad descriptor, hardware
@@ -669,66 +749,91 @@ class InvalidationQueue:
         if not self.fsts_iqe:
             return SubmitResult()
         pending, self._pending = self._pending, None
-        self.fsts_iqe, self.iqe_head = False, None
+        self.ctl[qk.Q_IQE] = 0
+        self.ctl[qk.Q_HELD] = 0
         if replacement is None or pending is None:
-            self.head = self.tail
+            self.ctl[qk.Q_HEAD] = self.ctl[qk.Q_TAIL]
             return SubmitResult()
         pending[0] = replacement
-        return self._process(pending, int(t_ns))
+        return self._run(pending, int(t_ns), True)
 
     def clear_ite(self) -> None:
         """Software clears FSTS.ITE (Linux then resubmits what was aborted)."""
-        self.fsts_ite = False
+        self.ctl[qk.Q_ITE] = 0
 
     def clear_iwc(self) -> None:
-        self.ics_iwc = False
+        self.ctl[qk.Q_IWC] = 0
 
-    def _process(self, batch: np.ndarray, t_ns: int) -> SubmitResult:
-        """Hardware fetches ``batch`` from the head, one descriptor after the other.
-
-        The batch is read once, as words (``batch`` itself is not kept: what an error leaves
-        unprocessed is copied), and each descriptor is decoded with decode_words.
-        """
-        if len(batch) == 0:   # an empty tail write fetches nothing: the hardware stays idle
-            return SubmitResult()
-        cursor = max(t_ns, self._busy_until_ns)
+    def _run(self, batch: np.ndarray, t_ns: int, resume: bool) -> SubmitResult:
+        """The kernel processes ``batch`` (a tail write, or after clear_iqe what IQE held,
+        already written: no checks, no tail move); the result is built from its words, each
+        decoded with decode_words (cached), and the times the kernel gave them."""
+        words = _as_words(batch)
+        n = words.shape[0]
+        if n > self._done.size:
+            self._done = np.zeros(n, dtype=np.int64)
+        while True:
+            status, processed, _t, _code = qk._submit(
+                self.ctl, self.inflight, self._unresponsive, words, self._no_effects,
+                self._done, t_ns, qk.M_RESUME if resume else qk.M_WRITE, False)
+            if status != qk.S_NEED_ROOM:
+                break
+            self._make_room(n)
+        if status == qk.S_REFUSED_IQE:
+            return _refusal("iqe_pending", f"FSTS.IQE set at head {self.iqe_head}")
+        if status == qk.S_REFUSED_ITE:
+            return _refusal("ite_pending", "FSTS.ITE set (device-TLB invalidation time-out)")
+        if status == qk.S_REFUSED_FULL:
+            return _refusal("queue_full", f"{n} descriptors, {self.free_slots(t_ns)} free "
+                            "slots")
         commands: list[tuple[int, InvCommand]] = []
         waits: list[tuple[int, InvCommand]] = []
         wait_done_ns: list[int] = []
-        costs, mamv, counts, inflight = self.costs, self.mamv, self.counts, self._inflight_ns
-        for i, words in enumerate(batch.tolist()):
-            cmd = decode_words(*words, mamv)
-            if type(cmd) is DescError:
-                self.fsts_iqe, self.iqe_head = True, self.head
-                self._pending = batch[i:].copy()
-                self.errors += 1
-                return self._done(commands, waits, wait_done_ns, cursor, i, cmd)
-            t = cmd.type
-            counts[TYPE_NAMES[t]] += 1
-            self.head = (self.head + 1) % self.entries
-            if t == QI_IWD_TYPE:
-                cursor += costs.qi_wait_ns
-                waits.append((cursor, cmd))
-                wait_done_ns.append(cursor)
-                self.ics_iwc = self.ics_iwc or cmd.interrupt
-            elif t in DEVTLB_TYPES and cmd.sid in self.unresponsive_sids:
-                # Spec 6.5.2.10: ITE; pending waits are aborted, processing stops.
-                self.fsts_ite = True
-                self.head = self.tail
-                err = _err(t, "ite", f"device-TLB invalidation to sid {cmd.sid:#x} "
-                           "timed out")
-                return self._done(commands, waits, wait_done_ns, cursor, i + 1, err,
-                                  error_index=i)
+        mamv = self.mamv
+        rows = words[:processed].tolist()
+        done = self._done[:processed].tolist()
+        last = processed - (status == qk.S_ITE)
+        for i in range(last):
+            cmd = decode_words(*rows[i], mamv)
+            if cmd.type == QI_IWD_TYPE:
+                waits.append((done[i], cmd))
+                wait_done_ns.append(done[i])
             else:
-                cursor += costs.devtlb_inv_ns if t in DEVTLB_TYPES else costs.qi_desc_ns
-                commands.append((cursor, cmd))
-            inflight.append(cursor)
-        return self._done(commands, waits, wait_done_ns, cursor, len(batch), None)
+                commands.append((done[i], cmd))
+        if status == qk.S_IQE:
+            self._pending = batch[processed:].copy()
+            err = decode_words(*words[processed].tolist(), mamv)
+            return SubmitResult(commands, waits, wait_done_ns, processed, err, processed)
+        if status == qk.S_ITE:
+            cmd = decode_words(*rows[last], mamv)
+            err = _err(cmd.type, "ite", f"device-TLB invalidation to sid {cmd.sid:#x} "
+                       "timed out")
+            return SubmitResult(commands, waits, wait_done_ns, processed, err, last)
+        return SubmitResult(commands, waits, wait_done_ns, processed)
 
-    def _done(self, commands: list[tuple[int, InvCommand]], waits: list[tuple[int, InvCommand]],
-              wait_done_ns: list[int], cursor: int, processed: int, err: DescError | None,
-              error_index: int | None = None) -> SubmitResult:
-        self._busy_until_ns = cursor
-        if err is not None and error_index is None:
-            error_index = processed
-        return SubmitResult(commands, waits, wait_done_ns, processed, err, error_index)
+
+def _as_words(descs: np.ndarray) -> np.ndarray:
+    """Descriptors as uint64[n, 4] (DESC_DTYPE[n] viewed, or uint64[n, 4] as given)."""
+    descs = np.ascontiguousarray(descs)
+    if descs.dtype == DESC_DTYPE:
+        return descs.view(np.uint64).reshape(-1, 4)
+    if descs.dtype != np.uint64 or descs.ndim != 2 or descs.shape[1] != 4:
+        raise QiError("descriptors are DESC_DTYPE[n] or uint64[n, 4]")
+    return descs
+
+
+def new_effects(rows: int = 64) -> np.ndarray:
+    """An empty effect queue (kernels/qiq.py's pend: row 0 holds its window)."""
+    effects = np.zeros((rows, qk.EFFECT_FIELDS), dtype=np.int64)
+    effects[0, qk.P_FIRST] = effects[0, qk.P_END] = 1
+    return effects
+
+
+def grow_effects(effects: np.ndarray, n: int) -> np.ndarray:
+    """The effect queue with its applied rows dropped and room for n more."""
+    first, end = int(effects[0, qk.P_FIRST]), int(effects[0, qk.P_END])
+    live = end - first
+    grown = new_effects(max(effects.shape[0], 2 * (live + n + 1)))
+    grown[1:1 + live] = effects[first:end]
+    grown[0, qk.P_END] = 1 + live
+    return grown
