@@ -40,7 +40,13 @@ The caller's protocol, the same for both policies:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+import numpy as np
+
+from vm_agent.kernels import flushq as K
+from vm_agent.kernels.flushq import TIMER_LVL_BITS, TIMER_LVL_CLK_SHIFT, TIMER_LVL_DEPTH
 
 IOVA_DEFAULT_FQ_SIZE = 256                    # dma-iommu.c: per-CPU ring slots
 IOVA_DEFAULT_FQ_TIMEOUT_NS = 10_000_000       # dma-iommu.c: 10 ms
@@ -49,11 +55,14 @@ IOVA_SINGLE_FQ_TIMEOUT_NS = 1_000_000_000     # dma-iommu.c: 1000 ms
 HZ_CHOICES = (100, 250, 300, 1000)            # Kconfig.hz: the CONFIG_HZ a kernel may have
 DEFAULT_HZ = 250                              # Kconfig.hz default (CONFIG_HZ_250)
 NS_PER_SEC = 1_000_000_000
-# kernel/time/timer.c: each wheel level has 2^LVL_BITS buckets, 2^LVL_CLK_SHIFT times coarser
-# than the level below.
-TIMER_LVL_CLK_SHIFT = 3
-TIMER_LVL_BITS = 6
-TIMER_LVL_DEPTH = 9
+# The timer wheel's TIMER_LVL_* (kernel/time/timer.c) are defined with the kernels.
+# First capacities of the arrays (each doubles when a kernel asks for room): ring slots (up
+# to the ring's size), in-flight flushes, kept completion times.
+_INITIAL_RING_SLOTS = 1024
+_INITIAL_INFLIGHT = 4
+_INITIAL_HISTORY = 16
+_fq_queue = K.fq_queue              # the two kernels of every unmap, bound once
+_fq_flush_done = K.fq_flush_done
 
 
 def jiffies_at(t_ns: int, hz: int) -> int:
@@ -118,22 +127,28 @@ class Reusable(list):
 
     __slots__ = ("max_stale_ns", "stale_ns")
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.stale_ns: list[int] = []
-        self.max_stale_ns = 0
+    def __init__(self, ranges: Iterable[tuple[int, int]] = (),
+                 stale_ns: list[int] | None = None, max_stale_ns: int = 0) -> None:
+        super().__init__(ranges)
+        self.stale_ns: list[int] = [] if stale_ns is None else stale_ns
+        self.max_stale_ns = max_stale_ns
 
 
 _NOTHING_FREED = Reusable()   # shared by every QueueResult that frees nothing: do not mutate
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class QueueResult:
     """What the DMA layer must do after queueing one unmapped IOVA range."""
 
     freed: Reusable             # (pfn, pages) reusable now: give back; read-only (may be shared)
     flush_now: bool             # invalidate now, then call flush_done
     timer_deadline_ns: int | None   # set only when this call armed the timer
+
+
+# What most queue calls answer (nothing freed, no flush, timer already armed): one shared
+# instance, so the common call builds no object.
+_NOTHING_TO_DO = QueueResult(_NOTHING_FREED, False, None)
 
 
 class FlushQueue:
@@ -145,6 +160,13 @@ class FlushQueue:
     their next ``queue`` (queue_iova's first fq_ring_free) or by a timer flush, which frees
     every ring. One timer serves all rings; ``queue`` arms it when unarmed, to fire at a tick
     of a ``hz`` clock (``fq_timer_deadline_ns``); ``timer_max_ns`` is the longest it can take.
+
+    The state is one int64 array, ``_st``, worked on by the compiled kernels of
+    vm_agent/kernels/flushq.py, which documents its layout: counters, timer, ring heads and
+    tails, in-flight flushes, completion times, the rings (``_ring``, a [rings, slots,
+    fields] view) and what the last call freed (``_out``). This class checks arguments,
+    grows the array when a kernel asks for room, and turns what a kernel freed into a
+    ``Reusable``.
     """
 
     lazy = True
@@ -169,125 +191,139 @@ class FlushQueue:
         self.timeout_ns = timeout_ns
         self.hz = hz
         self.timer_max_ns = fq_timer_max_ns(timeout_ns, hz)
-        self._cap = size - 1
-        # Entries: (pfn, pages, flush-start counter when queued, t_queued_ns).
-        self._fqs: list[deque[tuple[int, int, int, int]]] = [
-            deque() for _ in range(cpus if per_cpu else 1)]
-        self._start_cnt = 0            # fq_flush_start_cnt
-        self._finish_cnt = 0           # fq_flush_finish_cnt
-        # [k - _finish_base]: completion time of the k-th finished flush, kept from the
-        # oldest one a queued entry can still ask about (so it does not grow with the run)
-        self._finish_ns: deque[int] = deque([0])
-        self._finish_base = 0
-        self._inflight: deque[tuple[int, int]] = deque()   # (reason, ring) per started flush
-        self._deadline_ns: int | None = None
-        self._pending = 0
-        self.flushes = 0
-        self.flushes_full = 0
-        self.flushes_timer = 0
-        self.max_pending = 0
+        self._st = K.new_state(cpus if per_cpu else 1, size - 1, per_cpu,
+                               timeout_jiffies(timeout_ns, hz), hz,
+                               min(size, _INITIAL_RING_SLOTS), _INITIAL_INFLIGHT,
+                               _INITIAL_HISTORY)
 
+    # --- the guest's calls (the caller's protocol in the module docstring)
     def queue(self, cpu: int, pfn: int, pages: int, t_ns: int) -> QueueResult:
         """Queue an unmapped range (queue_iova): free covered entries, flush if full, add."""
-        if self.per_cpu:
-            if not 0 <= cpu < self.cpus:
+        n, flush_now, armed = _fq_queue(self._st, cpu, pfn, pages, t_ns)
+        if n <= 0:
+            if n == 0:
+                if not (flush_now or armed):
+                    return _NOTHING_TO_DO
+                freed = _NOTHING_FREED
+            elif n == K.BAD_CPU:
                 raise FlushQueueError(f"cpu {cpu} out of range 0..{self.cpus - 1}")
-            ring = cpu
+            else:   # NEED_ROOM: nothing was done
+                self._grow()
+                return self.queue(cpu, pfn, pages, t_ns)
         else:
-            ring = 0
-        fq = self._fqs[ring]
-        freed = _NOTHING_FREED
-        if fq and fq[0][2] < self._finish_cnt:
-            freed = Reusable()
-            self._ring_free(fq, freed)
-        flush_now = False
-        if len(fq) >= self._cap:
-            self._start(FLUSH_FULL, ring)
-            self.flushes_full += 1
-            flush_now = True
-        fq.append((pfn, pages, self._start_cnt, t_ns))
-        self._pending += 1
-        if self._pending > self.max_pending:
-            self.max_pending = self._pending
-        armed = None
-        if self._deadline_ns is None:   # fq_timer_on clear: mod_timer, in jiffies
-            armed = self._deadline_ns = fq_timer_deadline_ns(t_ns, self.timeout_ns, self.hz)
-        return QueueResult(freed, flush_now, armed)
+            freed = self._freed(n)
+        return QueueResult(freed, flush_now, int(self._st[K.S_DEADLINE_NS]) if armed else None)
 
     def due(self, t_ns: int) -> bool:
         """Whether the timer is armed and has expired at ``t_ns``."""
-        return self._deadline_ns is not None and t_ns >= self._deadline_ns
+        st = self._st
+        return bool(st[K.S_ARMED]) and t_ns >= int(st[K.S_DEADLINE_NS])
 
     def timer_deadline(self) -> int | None:
         """When the armed timer fires, or None when unarmed."""
-        return self._deadline_ns
+        st = self._st
+        return int(st[K.S_DEADLINE_NS]) if st[K.S_ARMED] else None
 
     def on_timer(self, t_ns: int) -> bool:
         """fq_flush_timeout: if due, disarm and start a flush of everything; True when the
         caller must now invalidate domain-wide and then call ``flush_done``."""
-        if not self.due(t_ns):
-            return False
-        self._deadline_ns = None
-        self._start(FLUSH_TIMER, -1)
-        self.flushes_timer += 1
-        return True
+        started = K.fq_on_timer(self._st, t_ns)
+        if started == K.NEED_ROOM:
+            self._grow()
+            return self.on_timer(t_ns)
+        return started == 1
 
     def start_flush(self) -> int:
         """Start a flush from outside the queue's own triggers; returns its start count."""
-        self._start(FLUSH_OTHER, -1)
-        return self._start_cnt
+        cnt = K.fq_start_flush(self._st)
+        if cnt == K.NEED_ROOM:
+            self._grow()
+            return self.start_flush()
+        return cnt
 
     def flush_done(self, t_ns: int) -> Reusable:
         """Finish the oldest started flush at ``t_ns``; returns the (pfn, pages) it frees."""
-        if not self._inflight:
-            raise FlushQueueError("flush_done with no flush started")
-        reason, ring = self._inflight.popleft()
-        self._finish_cnt += 1
-        self._finish_ns.append(t_ns)
-        freed = Reusable()
-        if reason == FLUSH_FULL:
-            self._ring_free(self._fqs[ring], freed)
-        else:
-            for fq in self._fqs:
-                self._ring_free(fq, freed)
-        # An entry queued under start count c asks for flush c + 1; later ones for more.
-        oldest = min((fq[0][2] for fq in self._fqs if fq), default=self._start_cnt) + 1
-        while self._finish_base < min(oldest, self._finish_cnt):
-            self._finish_ns.popleft()
-            self._finish_base += 1
-        return freed
+        n = _fq_flush_done(self._st, t_ns)
+        if n < 0:
+            if n == K.NO_FLUSH:
+                raise FlushQueueError("flush_done with no flush started")
+            self._grow()
+            return self.flush_done(t_ns)
+        return self._freed(n) if n else Reusable()
 
+    # --- what the counters and tests read
     def pending(self) -> int:
         """Entries awaiting flush in all rings."""
-        return self._pending
+        return int(self._st[K.S_PENDING])
 
     def inflight(self) -> int:
         """Flushes started and not yet finished."""
-        return len(self._inflight)
+        st = self._st
+        return int(st[K.S_IN_TAIL] - st[K.S_IN_HEAD])
 
-    def _start(self, reason: int, ring: int) -> None:
-        self._start_cnt += 1
-        self.flushes += 1
-        self._inflight.append((reason, ring))
+    @property
+    def flushes(self) -> int:
+        """Flushes started (ring full, timer and outside)."""
+        return int(self._st[K.S_FLUSHES])
 
-    def _ring_free(self, fq: deque[tuple[int, int, int, int]], freed: Reusable) -> None:
-        """fq_ring_free: pop entries from the head while a finished flush covers them."""
-        finish = self._finish_cnt
-        finish_ns = self._finish_ns
-        base = self._finish_base
-        stale = freed.stale_ns
-        worst = freed.max_stale_ns
-        n = 0
-        while fq and fq[0][2] < finish:
-            pfn, pages, counter, t_q = fq.popleft()
-            freed.append((pfn, pages))
-            window = finish_ns[counter + 1 - base] - t_q
-            stale.append(window)
-            if window > worst:
-                worst = window
-            n += 1
-        freed.max_stale_ns = worst
-        self._pending -= n
+    @property
+    def flushes_full(self) -> int:
+        """Flushes started because a ring was full."""
+        return int(self._st[K.S_FLUSHES_FULL])
+
+    @property
+    def flushes_timer(self) -> int:
+        """Flushes started by the timer."""
+        return int(self._st[K.S_FLUSHES_TIMER])
+
+    @property
+    def max_pending(self) -> int:
+        """The most entries ever awaiting flush at once."""
+        return int(self._st[K.S_MAX_PENDING])
+
+    @property
+    def _finish_ns(self) -> list[int]:
+        """Completion times still kept: flushes finish_base..finish_cnt, oldest first."""
+        st = self._st
+        hist, mask = int(st[K.S_HIST_OFF]), int(st[K.S_FCAP]) - 1
+        return [int(st[hist + (k & mask)])
+                for k in range(int(st[K.S_FINISH_BASE]), int(st[K.S_FINISH_CNT]) + 1)]
+
+    @property
+    def _ring(self) -> np.ndarray:
+        """The ring slots, [rings, slots, (pfn, pages, counter, t_queued_ns)] (a view)."""
+        return K.ring_view(self._st)
+
+    @property
+    def _out(self) -> np.ndarray:
+        """What the last kernel call freed, [(pfn, pages, stale_ns), slots] (a view)."""
+        return K.out_view(self._st)
+
+    def _freed(self, n: int) -> Reusable:
+        """The first ``n`` entries the last kernel call freed, as a Reusable."""
+        st = self._st
+        pfn = int(st[K.S_OUT_OFF])
+        pages = pfn + int(st[K.S_RINGS] * st[K.S_RCAP])
+        stale_at = 2 * pages - pfn
+        stale = st[stale_at:stale_at + n].tolist()
+        worst = max(stale)
+        return Reusable(zip(st[pfn:pfn + n].tolist(), st[pages:pages + n].tolist(),
+                            strict=True), stale, worst if worst > 0 else 0)
+
+    def _grow(self) -> None:
+        """Double whatever a kernel found full: a ring's slots, the in-flight FIFO or the
+        completion-time history."""
+        st = self._st
+        rings = int(st[K.S_RINGS])
+        rcap, icap, fcap = int(st[K.S_RCAP]), int(st[K.S_ICAP]), int(st[K.S_FCAP])
+        held = max(int(st[K.HEADER + rings + r] - st[K.HEADER + r]) for r in range(rings))
+        if held >= rcap:
+            rcap *= 2
+        if int(st[K.S_IN_TAIL] - st[K.S_IN_HEAD]) >= icap:
+            icap *= 2
+        if int(st[K.S_FINISH_CNT] - st[K.S_FINISH_BASE]) + 2 > fcap:
+            fcap *= 2
+        self._st = K.regrow(st, rcap, icap, fcap)
 
 
 class StrictPolicy:
