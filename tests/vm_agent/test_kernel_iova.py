@@ -148,6 +148,22 @@ def test_long_mixed_runs_with_32bit_workaround(seed):
     pair.check()
 
 
+def test_nodes_at_the_4gib_boundary():
+    """Nodes starting, ending and straddling at dma_32bit_pfn: which frees reset
+    max32_alloc_size and which move cached32_node, against a lowered max32_alloc_size."""
+    pair = ArrayPair()
+    pair.both("dom.reserve_iova", 1, LIMIT32 - 8)
+    for limit in (LIMIT32 + 1, LIMIT32, LIMIT32 + 2, LIMIT32 + 17):
+        for size in (1, 2, 16):
+            pfn = pair.both("dom.alloc_iova", size, limit, False)
+            assert pair.both("dom.alloc_iova", 16, LIMIT32) is None   # max32 lowered
+            if pfn is not None:
+                pair.both("dom.free_iova", pfn)
+            pair.check([LIMIT32, LIMIT32 + 1, LIMIT32 + 2])
+            pair.both("dom.alloc_iova", 1, LIMIT32)
+    pair.check()
+
+
 def test_refusals_and_the_int64_bounds():
     """Bad frees, sizes, CPUs and reservations are refused alike; values beyond 2^62 pfns are
     refused (allocations, reservations) or found absent (find_iova), never wrapped."""

@@ -423,3 +423,19 @@ def free_iova_fast(tree, st, mag, cpu, pfn, size_pages):
     tree[i, T_MAG] = 1
     st[S_CACHED_IOVAS] += 1
     return 0
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel above once, on a tiny domain."""
+    tree, st = new_state(1, 1 << 20, cap=1)
+    mag = new_magazines(st, 1)
+    tree = grown(tree)
+    limit = np.int64((1 << 36) - 1)
+    pfn = alloc_iova(tree, st, np.int64(3), limit, True)
+    find_iova(tree, st, pfn)
+    free_iova(tree, st, pfn)
+    reserve_iova(tree, st, np.int64(1), np.int64(1))
+    pfn = alloc_iova_fast(tree, st, mag, np.int64(0), np.int64(1), limit, True)
+    free_iova_fast(tree, st, mag, np.int64(0), pfn, np.int64(1))
+    free_cpu_cached_iovas(tree, st, mag, np.int64(0))
+    free_global_cached_iovas(tree, st, mag)
