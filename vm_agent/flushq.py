@@ -35,6 +35,11 @@ The caller's protocol, the same for both policies:
         give policy.flush_done(t_done_ns) back to the allocator
     if r.timer_deadline_ns is not None: schedule policy.on_timer at that time; when it
         returns True, invalidate domain-wide, wait, and give back flush_done(t_done_ns).
+
+FlushQueue keeps its state in one numpy array worked on by the compiled kernels of
+vm_agent/kernels/flushq.py, which a whole-VM-epoch kernel can call directly; the functions
+below (jiffies, the wheel's rounding, ``fq_timer_max_ns``) stay in plain Python for callers
+and tests. vm_agent/reference_flushq.py is the reference both are tested against.
 """
 
 from __future__ import annotations
@@ -302,12 +307,12 @@ class FlushQueue:
     def _freed(self, n: int) -> Reusable:
         """The first ``n`` entries the last kernel call freed, as a Reusable."""
         st = self._st
-        pfn = int(st[K.S_OUT_OFF])
-        pages = pfn + int(st[K.S_RINGS] * st[K.S_RCAP])
-        stale_at = 2 * pages - pfn
-        stale = st[stale_at:stale_at + n].tolist()
+        at_pfn = int(st[K.S_OUT_OFF])                  # out[0, 0]
+        slots = int(st[K.S_RINGS] * st[K.S_RCAP])
+        at_pages, at_stale = at_pfn + slots, at_pfn + 2 * slots
+        stale = st[at_stale:at_stale + n].tolist()
         worst = max(stale)
-        return Reusable(zip(st[pfn:pfn + n].tolist(), st[pages:pages + n].tolist(),
+        return Reusable(zip(st[at_pfn:at_pfn + n].tolist(), st[at_pages:at_pages + n].tolist(),
                             strict=True), stale, worst if worst > 0 else 0)
 
     def _grow(self) -> None:
@@ -323,6 +328,8 @@ class FlushQueue:
             icap *= 2
         if int(st[K.S_FINISH_CNT] - st[K.S_FINISH_BASE]) + 2 > fcap:
             fcap *= 2
+        if (rcap, icap, fcap) == (int(st[K.S_RCAP]), int(st[K.S_ICAP]), int(st[K.S_FCAP])):
+            raise FlushQueueError("a flush-queue kernel asked for room that is not short")
         self._st = K.regrow(st, rcap, icap, fcap)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import njit
 
 from vm_agent import flushq as live
 from vm_agent import reference_flushq as ref
@@ -240,3 +241,82 @@ def test_kernels_called_directly_on_the_arrays():
     assert K.fq_start_flush(s) == int(s[K.S_START_CNT]) == 3
     assert K.fq_on_timer(s, int(s[K.S_DEADLINE_NS]) - 1) == 0
     assert K.fq_on_timer(s, int(s[K.S_DEADLINE_NS])) == 1
+
+
+@njit
+def _guest_loop(state, ops, log):
+    """What a guest epoch kernel does with the queue, compiled: per op row (cpu, pfn, pages,
+    t_ns), run the timer if due (flush finished 700 ns later), queue the range, finish a
+    flush it asks for 700 ns later; append every freed (pfn, pages, stale_ns) to ``log``.
+    Returns the rows logged, or -1 when the queue asks for room (the test sizes it)."""
+    n_log = 0
+    for i in range(ops.shape[0]):
+        t = ops[i, 3]
+        if K.fq_on_timer(state, t) == 1:
+            n = K.fq_flush_done(state, t + 700)
+            if n < 0:
+                return -1
+            n_log = _copy_out(state, n, log, n_log)
+        n, flush_now, _armed = K.fq_queue(state, ops[i, 0], ops[i, 1], ops[i, 2], t)
+        if n < 0:
+            return -1
+        n_log = _copy_out(state, n, log, n_log)
+        if flush_now:
+            n = K.fq_flush_done(state, t + 700)
+            if n < 0:
+                return -1
+            n_log = _copy_out(state, n, log, n_log)
+    return n_log
+
+
+@njit
+def _copy_out(state, n, log, n_log):
+    slots = state[K.S_RINGS] * state[K.S_RCAP]
+    off = state[K.S_OUT_OFF]
+    for j in range(n):
+        log[n_log, 0] = state[off + j]
+        log[n_log, 1] = state[off + slots + j]
+        log[n_log, 2] = state[off + 2 * slots + j]
+        n_log += 1
+    return n_log
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 8), st.booleans(), st.sampled_from([2, 8, 64]),
+       st.lists(st.tuples(st.integers(0, 7), st.integers(1, 4),
+                          st.sampled_from([0, 10, 3_000_000, 20_000_000])), max_size=300))
+def test_kernels_called_from_a_compiled_loop(cpus, per_cpu, size, script):
+    """The kernels called from another compiled function, as the guest epoch kernel will:
+    the same frees, in the same order, with the same windows, as the reference driven by
+    the DMA layer's protocol."""
+    fq = live.FlushQueue(cpus, per_cpu=per_cpu, size=size, hz=250)
+    fq._st = K.regrow(fq._st, 512, 64, 1024)     # room for the whole script
+    rq = ref.FlushQueue(cpus, per_cpu=per_cpu, size=size, hz=250)
+    ops = np.zeros((len(script), 4), np.int64)
+    t = 0
+    want = []
+    for i, (cpu, pages, dt) in enumerate(script):
+        t += dt
+        ops[i] = (cpu % cpus, 0x1000 + 8 * i, pages, t)
+        if rq.on_timer(t):
+            want += _rows(rq.flush_done(t + 700))
+        r = rq.queue(cpu % cpus, 0x1000 + 8 * i, pages, t)
+        want += _rows(r.freed)
+        if r.flush_now:
+            want += _rows(rq.flush_done(t + 700))
+    log = np.zeros((len(script) + 1, 3), np.int64)
+    n = _guest_loop(fq._st, ops, log)
+    assert log[:n].tolist() == want
+    assert (fq.pending(), fq.flushes, fq.flushes_timer, fq.max_pending) == (
+        rq.pending(), rq.flushes, rq.flushes_timer, rq.max_pending)
+
+
+def _rows(freed) -> list[list[int]]:
+    return [[p, g, w] for (p, g), w in zip(freed, freed.stale_ns, strict=True)]
+
+
+def test_warm_up_compiles_every_kernel():
+    """warm_up calls each kernel the wrapper calls, with the wrapper's argument types."""
+    K.warm_up()
+    for kernel in (K.fq_queue, K.fq_flush_done, K.fq_on_timer, K.fq_start_flush):
+        assert kernel.signatures, kernel

@@ -335,3 +335,16 @@ def regrow(st: np.ndarray, rcap: int, icap: int, fcap: int) -> np.ndarray:
     k = np.arange(st[S_FINISH_BASE], st[S_FINISH_CNT] + 1, dtype=np.int64)
     new[hist + (k & (fcap - 1))] = st[int(st[S_HIST_OFF]) + (k & (old_fcap - 1))]
     return new
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel above once, on a tiny queue: a
+    ring of 2 slots filled, flushed, flushed from outside and by the timer."""
+    st = new_state(1, 1, True, 1, 250, 2, 4, 4)
+    fq_queue(st, 0, 1, 1, 0)
+    fq_queue(st, 0, 2, 1, 1)            # the ring is full: a flush starts
+    fq_flush_done(st, 2)
+    fq_start_flush(st)
+    fq_flush_done(st, 3)
+    fq_on_timer(st, int(st[S_DEADLINE_NS]))
+    fq_flush_done(st, int(st[S_DEADLINE_NS]))
