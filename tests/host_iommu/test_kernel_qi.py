@@ -252,7 +252,7 @@ def _host_pool() -> list[tuple[int, int, int, int]]:
     w = []
     for did in (1, 2):
         w += [qi.iotlb_words(1), qi.iotlb_words(2, did)]
-        for am, ih in ((0, False), (0, True), (2, False), (9, True)):
+        for am, ih in ((0, False), (0, True), (2, False), (9, True), (10, False)):
             w.append(qi.iotlb_words(3, did, (8 << 12) >> (12 + am) << (12 + am), am, ih))
         for pasid in (0, 1):
             w.append(qi.piotlb_words(did, pasid, 2))
@@ -284,12 +284,17 @@ HOST_STEPS = st.lists(st.one_of(
 ), max_size=30)
 
 
+# Pages of the lines filled: near 0, across the first 2-MiB and 4-MiB boundaries, at 1 GiB.
+PAGES = np.concatenate([np.arange(16), np.arange(500, 530), np.arange(1020, 1030),
+                        np.arange(1 << 18, (1 << 18) + 4)])
+
+
 def _fill(h: iommu.HostIommu, seed: int) -> None:
     """Random lines in every cache (the same on both hosts for a seed)."""
     rng = np.random.default_rng(seed)
     n = 24
     did, pasid = rng.integers(1, 3, n), rng.integers(0, 2, n)
-    addr = rng.integers(0, 16, n).astype(np.uint64) << np.uint64(12)
+    addr = rng.choice(PAGES, n).astype(np.uint64) << np.uint64(12)
     order = rng.integers(0, 3, n)
     c = h.caches
     c.iotlb.fill(did, pasid, addr, order, np.zeros(n, np.uint64), rng.integers(1, 4, n),
