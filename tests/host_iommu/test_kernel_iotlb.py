@@ -247,3 +247,198 @@ def test_devtlb_global_pasid_flag_and_byte_range_edges():
     assert [line[0] for line in c.contents()] == [0x11]
     with pytest.raises(ValueError, match="size_bytes"):
         c.inv(0x10, None, 0, 0)
+
+
+# --- pages on 2-MiB and 1-GiB edges, every geometry (from the retired numpy caches' tests) ---
+# (entries, ways): power-of-two sets, a non-power-of-two set count, ways beyond 8, direct-mapped,
+# fully associative and disabled.
+EDGE_GEOMETRIES = [(8, 2), (12, 4), (9, 3), (4, 1), (16, 16), (0, 4)]
+# 4K page numbers near 2M and 1G boundaries, so large pages cover several of them.
+EDGE_VPNS = [0, 1, 2, 3, 4, 5, 8, 511, 512, 513, 1024, 262143, 262144, 262145, 262656]
+EDGE_SETTINGS = settings(max_examples=40, deadline=None)
+
+
+def assert_same(fast, ref) -> None:
+    assert fast.counters() == ref.cache.counters()
+    assert fast.contents(layout=True) == ref.cache.contents(layout=True)
+
+
+def assert_results(a: tuple, b: tuple) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x).astype(np.uint64),
+                                      np.asarray(y).astype(np.uint64))
+
+
+def _edge_addr(vpn: int, off: int) -> int:
+    return (vpn << 12) | off
+
+
+edge_dids = st.sampled_from([1, 2])
+edge_pasids = st.sampled_from([0, 5, 6])
+edge_addrs = st.builds(_edge_addr, st.sampled_from(EDGE_VPNS), st.sampled_from([0, 0x123, 0xFFF]))
+edge_ams = st.sampled_from([0, 1, 2, 9, 10, 18, 30])
+edge_lookups = st.lists(st.tuples(edge_dids, edge_pasids, edge_addrs), min_size=1, max_size=12)
+edge_fills = st.lists(st.tuples(edge_dids, edge_pasids, edge_addrs, st.integers(0, 2),
+                                st.integers(0, 7), st.integers(0, 3), st.integers(1, 4)),
+                      min_size=1, max_size=12)
+edge_iotlb_ops = st.lists(st.one_of(
+    st.tuples(st.just("lookup"), edge_lookups),
+    st.tuples(st.just("fill"), edge_fills),
+    st.tuples(st.just("inv_global")),
+    st.tuples(st.just("inv_domain"), edge_dids),
+    st.tuples(st.just("inv_page"), edge_dids, edge_addrs, edge_ams, st.integers(0, 1)),
+    st.tuples(st.just("inv_pasid"), edge_dids, edge_pasids),
+    st.tuples(st.just("inv_pasid_page"), edge_dids, edge_pasids, edge_addrs, edge_ams,
+              st.integers(0, 1)),
+), min_size=1, max_size=25)
+
+
+def run_iotlb_op(fast, ref, op: tuple) -> None:
+    """One step on both caches: same results, then same lines, stamps and counters."""
+    kind, *args = op
+    if kind == "lookup":
+        did, pasid, addr = (np.array(c, dtype=np.uint64) for c in zip(*args[0], strict=True))
+        assert_results(fast.lookup(did, pasid, addr), ref.lookup(did, pasid, addr))
+    elif kind == "fill":
+        did, pasid, addr, order, hidx, perm, pgtt = (
+            np.array(c, dtype=np.uint64) for c in zip(*args[0], strict=True))
+        hpa = (hidx + 1) << (12 + 9 * order)
+        fast.fill(did, pasid, addr, order, hpa, perm, pgtt)
+        ref.fill(did, pasid, addr, order, hpa, perm, pgtt)
+    else:
+        assert getattr(fast, kind)(*args) == getattr(ref, kind)(*args)
+    assert_same(fast, ref)
+
+
+@EDGE_SETTINGS
+@given(st.sampled_from(EDGE_GEOMETRIES), edge_iotlb_ops)
+def test_iotlb_kernel_matches_reference_on_page_size_edges(geom, ops):
+    """Random op sequences near 2-MiB/1-GiB edges: identical results, counters, placement."""
+    fast, ref = IotlbArrays(*geom), RefIOTLB(*geom)
+    for op in ops:
+        run_iotlb_op(fast, ref, op)
+
+
+def test_iotlb_kernel_matches_reference_long_random():
+    """~5,000 mixed lookups, fills and invalidations on tiny caches agree exactly."""
+    rng = np.random.default_rng(20240601)
+    for geom in [(8, 2), (12, 3)]:
+        fast, ref = IotlbArrays(*geom), RefIOTLB(*geom)
+        done = 0
+        while done < 2500:
+            r = rng.random()
+            n = int(rng.integers(1, 16))
+            did = rng.integers(1, 4, n)
+            pasid = rng.choice([0, 5, 6], n)
+            addr = (rng.integers(0, 40, n) << 12) + rng.choice([0, 1 << 21, 1 << 30], n)
+            if r < 0.45:
+                run_iotlb_op(fast, ref, ("lookup", list(zip(did, pasid, addr, strict=True))))
+            elif r < 0.85:
+                order = rng.integers(0, 3, n)
+                reqs = list(zip(did, pasid, addr, order, rng.integers(0, 7, n),
+                                rng.integers(0, 4, n), rng.integers(1, 5, n), strict=True))
+                run_iotlb_op(fast, ref, ("fill", reqs))
+            else:
+                d, p, a = int(did[0]), int(pasid[0]), int(addr[0])
+                am = int(rng.choice([0, 1, 9, 18]))
+                op = [("inv_domain", d), ("inv_page", d, a, am, 0), ("inv_pasid", d, p),
+                      ("inv_pasid_page", d, p, a, am, 1), ("inv_global",)][
+                    int(rng.choice(5, p=[0.15, 0.35, 0.15, 0.3, 0.05]))]
+                run_iotlb_op(fast, ref, op)
+            done += n
+        assert fast.counters()["evictions"] > 100 and fast.counters()["hits"] > 100
+
+
+def test_iotlb_kernel_batches_in_one_set_keep_sequential_lru():
+    """Batches that all fall in one set, with repeated keys, keep sequential LRU semantics."""
+    fast, ref = IotlbArrays(8, 2), RefIOTLB(8, 2)
+    vpn = [0, 4, 8, 4, 12, 0, 16, 4, 4, 20]  # 4 sets: one set
+    assert len({ref.cache.set_index((1, 5, v, 0)) for v in vpn}) == 1
+    for _ in range(3):
+        run_iotlb_op(fast, ref, ("fill", [(1, 5, v << 12, 0, i, 3, 2)
+                                          for i, v in enumerate(vpn)]))
+        run_iotlb_op(fast, ref, ("lookup", [(1, 5, v << 12) for v in vpn[::-1]]))
+    assert fast.counters()["evictions"] > 0
+
+
+def test_iotlb_kernel_keys_sharing_a_set_are_told_apart_by_every_field():
+    """One set holds every key (entries == ways): hits are decided by the full key (DID,
+    PASID, page, size) alone, and agree with the reference exactly."""
+    rng = np.random.default_rng(7)
+    for geom in [(2, 2), (4, 4), (3, 3)]:
+        fast, ref = IotlbArrays(*geom), RefIOTLB(*geom)
+        for _ in range(40):
+            n = 6
+            did, pasid = rng.integers(1, 3, n), rng.choice([5, 6], n)
+            addr = rng.integers(0, 24, n) << 12
+            run_iotlb_op(fast, ref, ("fill", list(zip(did, pasid, addr, [0] * n, range(n),
+                                                      [3] * n, [2] * n, strict=True))))
+            run_iotlb_op(fast, ref, ("lookup", list(zip(did[::-1], pasid, addr, strict=True))))
+            run_iotlb_op(fast, ref, ("inv_page", int(did[0]), int(addr[0]), 0, 0))
+        assert fast.counters()["hits"] > 20
+
+
+edge_pwc_ops = st.lists(st.one_of(
+    st.tuples(st.just("lookup_deepest"),
+              st.lists(st.tuples(edge_dids, edge_pasids, edge_addrs, st.integers(2, 5)),
+                       min_size=1, max_size=10)),
+    st.tuples(st.just("fill"),
+              st.lists(st.tuples(edge_dids, edge_pasids, edge_addrs, st.integers(2, 5),
+                                 st.integers(0, 2**64 - 1)), min_size=1, max_size=10)),
+    st.tuples(st.just("inv_global")),
+    st.tuples(st.just("inv_domain"), edge_dids),
+    st.tuples(st.just("inv_pasid"), edge_dids, edge_pasids),
+    st.tuples(st.just("inv_range"), edge_dids, st.one_of(st.none(), edge_pasids), edge_addrs,
+              edge_ams),
+), min_size=1, max_size=25)
+
+
+@EDGE_SETTINGS
+@given(st.sampled_from(EDGE_GEOMETRIES), st.sampled_from(["fl", "sl"]), edge_pwc_ops)
+def test_pwc_kernel_matches_reference_on_page_size_edges(geom, stage, ops):
+    """Paging-structure caches (both stages), any 64-bit entry, agree with the reference."""
+    fast, ref = PwcArrays(*geom, stage), RefPagingStructureCache(*geom, stage)
+    for kind, *args in ops:
+        if kind == "inv_pasid" and stage == "sl":
+            with pytest.raises(ValueError, match="PASID"):
+                fast.inv_pasid(*args)
+            continue
+        if kind in ("lookup_deepest", "fill"):
+            cols = [np.array(c, dtype=np.uint64) for c in zip(*args[0], strict=True)]
+            got = getattr(fast, kind)(*cols)
+            want = getattr(ref, kind)(*cols)
+            if kind != "fill":
+                assert_results(got, want)
+        else:
+            assert getattr(fast, kind)(*args) == getattr(ref, kind)(*args)
+        assert_same(fast, ref)
+
+
+edge_dtlb_ops = st.lists(st.one_of(
+    st.tuples(st.just("lookup"), edge_lookups),
+    st.tuples(st.just("fill"), edge_fills),
+    st.tuples(st.just("inv"), edge_dids, st.one_of(st.none(), edge_pasids), edge_addrs,
+              st.sampled_from([1, 4096, 8192, 1 << 21, 3 << 20, 1 << 30, 1 << 64])),
+    st.tuples(st.just("inv_global")),
+), min_size=1, max_size=25)
+
+
+@EDGE_SETTINGS
+@given(st.sampled_from(EDGE_GEOMETRIES), edge_dtlb_ops)
+def test_devtlb_kernel_matches_reference_on_page_size_edges(geom, ops):
+    """The device-TLB, byte ranges up to 2^64 (dids stand in for sids here)."""
+    fast, ref = DeviceTlbArrays(*geom), RefDeviceTLB(*geom)
+    for kind, *args in ops:
+        if kind == "lookup":
+            cols = [np.array(c, dtype=np.uint64) for c in zip(*args[0], strict=True)]
+            assert_results(fast.lookup(*cols), ref.lookup(*cols))
+        elif kind == "fill":
+            sid, pasid, addr, order, hidx, perm, _ = (
+                np.array(c, dtype=np.uint64) for c in zip(*args[0], strict=True))
+            hpa = hidx << (12 + 9 * order)
+            fast.fill(sid, pasid, addr, order, hpa, perm)
+            ref.fill(sid, pasid, addr, order, hpa, perm)
+        else:
+            assert getattr(fast, kind)(*args) == getattr(ref, kind)(*args)
+        assert_same(fast, ref)
