@@ -346,7 +346,7 @@ class ArrayIovaDomain:
     """``IovaDomain`` with its state in arrays, worked on by the compiled kernels.
 
     The tree is ``_tree`` (int64[cap, 3]: pfn_lo, pfn_hi, in-a-magazine mark per node, sorted,
-    in the last rows, the anchor last) and the scalars ``_st`` (kernels/iova.py S_*), the
+    the anchor last, free rows on both sides) and the scalars ``_st`` (kernels/iova.py S_*), the
     arrays a guest-epoch kernel works on. Same calls, results, counters and refusals as
     ``IovaDomain``, except that a limit, size or reservation beyond 2^62 pfns (2^74 bytes at
     4 KiB) is an IovaError.
@@ -426,7 +426,7 @@ class ArrayIovaDomain:
         raise IovaError(f"free of pfn {pfn:#x}, which starts no allocation")
 
     def _grow(self) -> None:
-        self._tree = _k.grown(self._tree)
+        self._tree = _k.grown(self._tree, self._st)
 
 
 class ArrayIovaRcache:

@@ -33,13 +33,14 @@ class ArrayPair(Pair):
                  cap: int = 1) -> None:
         super().__init__(cpus, granule, start_pfn)
         self.ld = live.ArrayIovaDomain(granule, start_pfn)
-        self.ld._tree = k.new_state(start_pfn, self.ld.dma_32bit_pfn, cap)[0]
+        self.ld._tree, self.ld._st = k.new_state(start_pfn, self.ld.dma_32bit_pfn, cap)
         self.lr = live.ArrayIovaRcache(self.ld, cpus)
 
     def check(self, probes=()) -> None:
         super().check(probes)
         ld, rd, lr, rr = self.ld, self.rd, self.lr, self.rr
-        tree = ld._tree[len(ld._tree) - len(ld) - 1:]     # the live rows, the anchor last
+        base = ld._st[k.S_BASE]
+        tree = ld._tree[base:base + len(ld) + 1]         # the live rows, the anchor last
         assert [tuple(r) for r in tree[:-1, :2].tolist()] == rd.nodes[:-1]
         assert tree[-1, :2].tolist() == [k.ANCHOR, k.ANCHOR]
         assert (ld.cached_node, ld.cached32_node) == (rd.cached_node, rd.cached32_node)

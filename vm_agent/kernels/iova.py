@@ -7,10 +7,10 @@ that a whole-VM-epoch kernel can call these functions directly:
 
 - ``tree``: int64[cap, 3], a node a row: columns T_LO, T_HI (pfn_lo, pfn_hi, rows sorted by
   pfn_lo: the rbtree in order, rb_prev / rb_next are the neighbouring rows) and T_MAG (1 while
-  the node's IOVA sits in a magazine). The st[S_NODES] live rows are the LAST ones,
-  cap - nodes .. cap - 1, the anchor in row cap - 1: a top-down allocator inserts and frees
-  mostly at the low end, so an insert or erase moves only the rows below it (a list with its
-  room at the front; Python's list.insert would move every row above).
+  the node's IOVA sits in a magazine). The live rows are st[S_BASE] .. st[S_BASE] +
+  st[S_NODES] - 1, the anchor last, with free rows on both sides: an insert or erase moves the
+  rows on its shorter side (below it, or above it), so the top-down allocator's inserts at
+  the low end of the 32-bit or of the 64-bit nodes move few rows.
 - ``st``: int64[ST_LEN], the scalars (S_*): node count, cached_node and cached32_node (as
   pfn_lo, as iova.c's node pointers), max32_alloc_size, start_pfn, dma_32bit_pfn, the tree
   and rcache counters, the CPU count and each class's depot size.
@@ -46,9 +46,9 @@ PFN_LIMIT = 1 << 62                  # |pfn|, |limit|, |size| < PFN_LIMIT
 T_LO, T_HI, T_MAG = 0, 1, 2
 TREE_COLS = 3
 # st slots
-(S_NODES, S_CACHED, S_CACHED32, S_MAX32, S_START_PFN, S_DMA32, S_TREE_ALLOCS, S_TREE_FREES,
- S_FAILURES, S_HITS, S_MISSES, S_DEPOT_PUSHES, S_DEPOT_POPS, S_DEPOT_OVERFLOWS, S_FLUSHES,
- S_CACHED_IOVAS, S_CPUS, S_DEPOT) = range(18)
+(S_NODES, S_BASE, S_CACHED, S_CACHED32, S_MAX32, S_START_PFN, S_DMA32, S_TREE_ALLOCS,
+ S_TREE_FREES, S_FAILURES, S_HITS, S_MISSES, S_DEPOT_PUSHES, S_DEPOT_POPS, S_DEPOT_OVERFLOWS,
+ S_FLUSHES, S_CACHED_IOVAS, S_CPUS, S_DEPOT) = range(19)
 ST_LEN = S_DEPOT + CLASSES           # S_DEPOT + order: that class's depot size
 # return codes
 NONE, ROOM, E_SIZE, E_CPU, E_NOT_ALLOC, E_IN_MAG, E_WRONG_SIZE, E_BAD_RANGE, E_OVERLAP = (
@@ -58,9 +58,10 @@ NONE, ROOM, E_SIZE, E_CPU, E_NOT_ALLOC, E_IN_MAG, E_WRONG_SIZE, E_BAD_RANGE, E_O
 def new_state(start_pfn: int, dma_32bit_pfn: int, cap: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """A fresh domain (init_iova_domain): (tree, st) holding only the anchor."""
     tree = np.zeros((max(cap, 1), TREE_COLS), np.int64)
-    tree[-1, T_LO] = tree[-1, T_HI] = ANCHOR
     st = np.zeros(ST_LEN, np.int64)
     st[S_NODES] = 1
+    st[S_BASE] = base = tree.shape[0] // 2
+    tree[base, T_LO] = tree[base, T_HI] = ANCHOR
     st[S_CACHED] = st[S_CACHED32] = ANCHOR
     st[S_MAX32] = st[S_DMA32] = dma_32bit_pfn
     st[S_START_PFN] = start_pfn
@@ -73,11 +74,14 @@ def new_magazines(st: np.ndarray, cpus: int) -> np.ndarray:
     return np.zeros((cpus * 2 * CLASSES + CLASSES * MAX_GLOBAL_MAGS, MAG_COLS), np.int64)
 
 
-def grown(tree: np.ndarray) -> np.ndarray:
-    """A copy of ``tree`` with twice the node capacity (after a kernel returned ROOM); the
-    rows stay at the end."""
+def grown(tree: np.ndarray, st: np.ndarray) -> np.ndarray:
+    """A copy of ``tree`` with twice the node capacity (after a kernel returned ROOM), the
+    live rows in the middle; updates st[S_BASE]."""
+    n, base = int(st[S_NODES]), int(st[S_BASE])
     out = np.zeros((2 * tree.shape[0], TREE_COLS), np.int64)
-    out[tree.shape[0]:] = tree
+    new_base = (out.shape[0] - n) // 2
+    out[new_base:new_base + n] = tree[base:base + n]
+    st[S_BASE] = new_base
     return out
 
 
@@ -96,9 +100,9 @@ def depot_row(cpus, order, k):
 
 @njit(cache=True)
 def _bisect_left(tree, st, x):
-    """First row whose pfn_lo >= x (bisect.bisect_left over the live rows); cap if none."""
-    lo = tree.shape[0] - st[S_NODES]
-    hi = tree.shape[0]
+    """First live row whose pfn_lo >= x (bisect.bisect_left); the end if none."""
+    lo = st[S_BASE]
+    hi = lo + st[S_NODES]
     while lo < hi:
         mid = (lo + hi) >> 1
         if tree[mid, T_LO] < x:
@@ -112,7 +116,7 @@ def _bisect_left(tree, st, x):
 def _node_at(tree, st, pfn):
     """Row of the node starting at ``pfn`` (the anchor excluded), or -1."""
     i = _bisect_left(tree, st, pfn)
-    if i < tree.shape[0] - 1 and tree[i, T_LO] == pfn:
+    if i < st[S_BASE] + st[S_NODES] - 1 and tree[i, T_LO] == pfn:
         return i
     return -1
 
@@ -137,21 +141,30 @@ def _order(size_pages):
 @njit(cache=True)
 def _insert_below(tree, st, j, pfn_lo, pfn_hi):
     """Insert node (pfn_lo, pfn_hi) right below the node in row j (the caller checked for
-    room): the rows below j move down one, the new node takes row j - 1."""
-    base = tree.shape[0] - st[S_NODES]
-    for r in range(base, j):
-        for c in range(TREE_COLS):
-            tree[r - 1, c] = tree[r, c]
-    tree[j - 1, T_LO] = pfn_lo
-    tree[j - 1, T_HI] = pfn_hi
-    tree[j - 1, T_MAG] = 0
+    room): the rows below j move down one (the new node takes row j - 1), or, when that side
+    is longer or has no free row, j and the rows above move up one (it takes row j)."""
+    base = st[S_BASE]
+    end = base + st[S_NODES]
+    if base > 0 and (j - base <= end - j or end == tree.shape[0]):
+        for r in range(base, j):
+            for c in range(TREE_COLS):
+                tree[r - 1, c] = tree[r, c]
+        j -= 1
+        st[S_BASE] = base - 1
+    else:
+        for r in range(end, j, -1):
+            for c in range(TREE_COLS):
+                tree[r, c] = tree[r - 1, c]
+    tree[j, T_LO] = pfn_lo
+    tree[j, T_HI] = pfn_hi
+    tree[j, T_MAG] = 0
     st[S_NODES] += 1
 
 
 @njit(cache=True)
 def _remove_at(tree, st, i):
     """remove_iova of the node in row i: __cached_rbnode_delete_update, then rb_erase (the
-    rows below i move up one); its size."""
+    rows on the shorter side close the gap); its size."""
     lo = tree[i, T_LO]
     hi = tree[i, T_HI]
     nxt = tree[i + 1, T_LO]                  # rb_next: the anchor guarantees one
@@ -163,10 +176,17 @@ def _remove_at(tree, st, i):
         st[S_MAX32] = dma32
     if lo >= st[S_CACHED]:
         st[S_CACHED] = nxt
-    base = tree.shape[0] - st[S_NODES]
-    for r in range(i, base, -1):
-        for c in range(TREE_COLS):
-            tree[r, c] = tree[r - 1, c]
+    base = st[S_BASE]
+    end = base + st[S_NODES]
+    if i - base <= end - 1 - i:
+        for r in range(i, base, -1):
+            for c in range(TREE_COLS):
+                tree[r, c] = tree[r - 1, c]
+        st[S_BASE] = base + 1
+    else:
+        for r in range(i, end - 1):
+            for c in range(TREE_COLS):
+                tree[r, c] = tree[r + 1, c]
     st[S_NODES] -= 1
     st[S_TREE_FREES] += 1
     return hi - lo + 1
@@ -185,7 +205,7 @@ def _alloc_range(tree, st, size, limit_excl, aligned):
     align_mask = np.int64(-1)
     if aligned:
         align_mask = align_mask << _fls(size - 1)
-    base = tree.shape[0] - st[S_NODES]
+    base = st[S_BASE]
     cached = st[S_CACHED32] if limit_excl <= dma32 else st[S_CACHED]
     i = _bisect_left(tree, st, cached)
     retry_pfn = tree[i, T_HI]
@@ -251,8 +271,7 @@ def reserve_iova(tree, st, pfn_lo, pfn_hi):
     if st[S_NODES] >= tree.shape[0]:
         return ROOM
     i = _bisect_left(tree, st, pfn_lo)
-    if tree[i, T_LO] <= pfn_hi or (i > tree.shape[0] - st[S_NODES]
-                                   and tree[i - 1, T_HI] >= pfn_lo):
+    if tree[i, T_LO] <= pfn_hi or (i > st[S_BASE] and tree[i - 1, T_HI] >= pfn_lo):
         return E_OVERLAP
     _insert_below(tree, st, i, pfn_lo, pfn_hi)     # no cached-node update, as Linux
     return 0
@@ -262,7 +281,8 @@ def reserve_iova(tree, st, pfn_lo, pfn_hi):
 def find_iova(tree, st, pfn):
     """find_iova: row of the node containing ``pfn`` (the anchor never), or -1."""
     i = _bisect_left(tree, st, pfn + 1) - 1   # the last node starting at or below pfn
-    if i < tree.shape[0] - st[S_NODES] or i == tree.shape[0] - 1 or tree[i, T_HI] < pfn:
+    base = st[S_BASE]
+    if i < base or i == base + st[S_NODES] - 1 or tree[i, T_HI] < pfn:
         return -1
     return i
 
@@ -429,7 +449,7 @@ def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel above once, on a tiny domain."""
     tree, st = new_state(1, 1 << 20, cap=1)
     mag = new_magazines(st, 1)
-    tree = grown(tree)
+    tree = grown(tree, st)
     limit = np.int64((1 << 36) - 1)
     pfn = alloc_iova(tree, st, np.int64(3), limit, True)
     find_iova(tree, st, pfn)
