@@ -273,6 +273,26 @@ class TableStore(Protocol):
     # through write() and is counted in an int ``writes`` attribute: PageTable then keeps the
     # level-1 tables of its recent 4-KiB walks (dropped whenever ``writes`` moves behind its
     # back). A store whose memory others write (the walker's A/D bits) must not declare it.
+    #
+    # A store may also run PageTable's 4-KiB maps and its unmaps compiled over its own
+    # pages (vm_agent.memory's GuestTableStore, vm_agent/kernels/pgtable.py), making,
+    # counting and reporting the same stores in the same order:
+    #   bind(root, levels, fmt_bits): the tree; fmt_bits: (present bits, PS, address field,
+    #       non-leaf entry bits)
+    #   map_4k(iova, end, phys, bits, new_table) -> (RUN_* code, IOVA reached); new_table:
+    #       a table allocated for the RUN_NEED_TABLE it answered, or -1
+    #   unmap_range(start, end) -> (stores made, table pages for the caller to free, in
+    #       order), or None when it did nothing
+    #   table_counts() -> the mapping PageTable keeps as ``_used`` (the kernels count there)
+    # PageTable uses them when it is the only tree in the store (no ``pages`` yet when it is
+    # made), and its Python walks for everything else.
+
+
+# Answers of a store's compiled map_4k (vm_agent/kernels/pgtable.py uses the same numbers).
+RUN_DONE = 0        # the whole run is mapped
+RUN_NEED_TABLE = 1  # a missing table on the walk of the IOVA reached: allocate, call again
+RUN_MORE = 2        # the store's report buffer is full: call again from the IOVA reached
+RUN_FALLBACK = 3    # nothing done from the IOVA reached on: PageTable's Python walk goes on
 
 
 class HostTableStore:
@@ -353,11 +373,20 @@ class PageTable:
         # and only while no entry above level 1 changed: any _write (the walks' table links,
         # splits, large leaves, the general unmap) and any table free drop it all, and a
         # write someone else made (``store.writes`` moved) drops it before it is used.
-        self._l1_on = bool(getattr(store, "exclusive_writes", False))
+        # The store's compiled runs (TableStore above), when this is the only tree in it.
+        self._kernel = (getattr(store, "map_4k", None) is not None
+                        and not getattr(store, "pages", True))
+        if self._kernel:
+            self._used = store.table_counts()
+        self._l1_on = bool(getattr(store, "exclusive_writes", False)) and not self._kernel
         self._l1: dict[int, int] = {}    # iova >> 21 -> level-1 table address
         self._l1_writes = -1             # store.writes when _l1 was last known good
         self.freed_tables = 0
         self.root = self._alloc()
+        self._live = True   # until destroy()
+        if self._kernel:
+            link = FL_P | FL_RW | FL_US | FL_A if fmt == "fl" else SL_R | SL_W  # fl_/sl_table
+            store.bind(self.root, levels, (self._present, self._ps, self._addr_mask, link))
 
     # --- entry helpers ----------------------------------------------------------------------
     # The walks below read entries as plain ints: ``entry & self._present`` is fl_decode's /
@@ -431,7 +460,7 @@ class PageTable:
         return writes + self._write(ea, self._table_entry(table))
 
     def _check_range(self, iova: int, size: int) -> None:
-        if not self._used:
+        if not self._live:
             raise ValueError("page table was destroyed")
         if type(iova) is not int or type(size) is not int:   # else both are plain ints
             for name, value in (("iova", iova), ("size", size)):
@@ -473,6 +502,8 @@ class PageTable:
         ps = self._ps
         writes = 0
         end = iova + size
+        if self._kernel and top == 0:
+            return self._map_kernel(iova, phys, end, bits)
         while iova < end:
             order = top
             while order and ((iova | phys) & (order_size(order) - 1)
@@ -482,8 +513,11 @@ class PageTable:
                 # A run of 4-KiB pages up to the end of this level-1 table: no page inside it
                 # is 2-MiB aligned, so each would be given order 0 here; one walk for all.
                 run_end = min(end, ((iova >> _L2_SHIFT) + 1) << _L2_SHIFT)
-                writes += self._install_4k_run(iova, phys, (run_end - iova) >> PAGE_SHIFT,
-                                               bits)
+                if self._kernel:
+                    writes += self._map_kernel(iova, phys, run_end, bits)
+                else:
+                    writes += self._install_4k_run(iova, phys, (run_end - iova) >> PAGE_SHIFT,
+                                                   bits)
                 phys += run_end - iova
                 iova = run_end
                 continue
@@ -540,6 +574,47 @@ class PageTable:
             self._l1_writes = self.store.writes
         return writes + pages
 
+    def _map_kernel(self, iova: int, phys: int, end: int, bits: int) -> int:
+        """4-KiB leaves over [iova, end) by the store's compiled map_4k, as that many
+        _install(iova + 4096 k, 0, ...) calls would make them: a missing table is allocated
+        here when the kernel stops for one (its zeroing stores fall between the kernel's
+        stores, as in _walk_to), and a run the kernel leaves (a large leaf to split, an
+        entry leading to no table) is walked in Python from where it stopped."""
+        store = self.store
+        writes0 = store.writes
+        new_table = -1
+        while True:
+            code, pos = store.map_4k(iova, end, phys, bits, new_table)
+            new_table = -1
+            if code == RUN_DONE:
+                return store.writes - writes0
+            phys += pos - iova
+            iova = pos
+            if code == RUN_NEED_TABLE:
+                new_table = self._alloc()
+            elif code == RUN_FALLBACK:   # this 2-MiB run in Python, then the kernel again
+                run_end = min(end, ((iova >> _L2_SHIFT) + 1) << _L2_SHIFT)
+                self._install_4k_run(iova, phys, (run_end - iova) >> PAGE_SHIFT, bits)
+                phys += run_end - iova
+                iova = run_end
+                if iova == end:
+                    return store.writes - writes0
+
+    def _unmap_kernel(self, start: int, end: int) -> int | None:
+        """_unmap from the root by the store's compiled unmap_range: the same stores and
+        table frees in the same order (the frees made here, children first). None when the
+        kernel did nothing (a large leaf to split, an entry leading to no table, a table
+        reached twice): the Python walk does it all."""
+        done = self.store.unmap_range(start, end)
+        if done is None:
+            return None
+        writes, freed = done
+        for table in freed:   # children first, as _free_subtree frees them
+            self.store.free_table(table)
+            del self._used[table]
+        self.freed_tables = len(freed)
+        return writes
+
     def _cached_l1(self, iova: int) -> int | None:
         """The level-1 table a fast walk found for ``iova``'s 2 MiB, if still valid."""
         if not self._l1:
@@ -573,6 +648,10 @@ class PageTable:
         self._check_range(iova, size)
         self.freed_tables = 0
         end = iova + size
+        if self._kernel:
+            writes = self._unmap_kernel(iova, end)
+            if writes is not None:
+                return writes
         if iova >> _L2_SHIFT == (end - 1) >> _L2_SHIFT and size < 1 << _L2_SHIFT:
             writes = self._unmap_4k_run(iova, end)
             if writes is not None:
@@ -756,12 +835,14 @@ class PageTable:
 
     def destroy(self) -> None:
         """Free every table page, root included; the table is unusable afterwards."""
-        if self._used:
+        if self._live:
+            self._live = False
             self._free_subtree(self.root, self.levels)
 
 
 __all__ = [
     "FL_A", "FL_D", "FL_G", "FL_P", "FL_PCD", "FL_PS", "FL_PWT", "FL_RW", "FL_US", "FL_XD",
+    "RUN_DONE", "RUN_FALLBACK", "RUN_MORE", "RUN_NEED_TABLE",
     "SL_A", "SL_D", "SL_EMT", "SL_IPAT", "SL_PS", "SL_R", "SL_SNP", "SL_W", "SL_X",
     "HostTableStore", "PageTable", "PteInfo", "TableStore",
     "addr_mask", "canonical", "canonical_np", "fl_decode", "fl_index", "fl_leaf",

@@ -3,21 +3,26 @@
 Models the guest kernel's page allocator only as far as DMA needs it: buffers of 2^k pages,
 page-table pages for the IOMMU driver, and pages the balloon driver hands back to the host.
 Allocation is deterministic (size-class free lists, then a bump pointer), so a run is a pure
-function of its inputs. Page-table pages are kept locally (512 64-bit entries each, as a list of
-Python ints: the driver reads and writes one entry at a time, and a list index is several times
-cheaper than a numpy scalar), because the guest reads its own tables; under nesting every store
-into them is also logged for the host, which holds the real memory the IOMMU walks.
+function of its inputs. Page-table pages are kept locally, because the guest reads its own
+tables: one uint64 slab of 512-entry rows per domain, which the compiled map and unmap of a run
+(vm_agent/kernels/pgtable.py) work on in place; under nesting every store into them is also
+logged for the host, which holds the real memory the IOMMU walks (Linux's driver writes its
+tables with plain CPU stores: drivers/iommu/intel/iommu.c dma_pte, domain_flush_cache).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 
 import numpy as np
 
-from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE, PTES_PER_TABLE
+from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE
+from vm_agent.kernels import pgtable as kpg
 
 _U64 = (1 << 64) - 1
+_FIRST_ROWS = 16       # table pages the slab holds before it first grows
+_FIRST_FRAMES = 1024   # GPA frames row_of covers before it first grows
+_OUT_EVENTS = 2048     # stores a map call may list before it asks to be called again
 
 
 class GuestMemoryError(Exception):
@@ -85,24 +90,70 @@ class GuestMemory:
 class GuestTableStore:
     """TableStore (host_iommu.pgtable) over guest memory: addresses are GPAs.
 
+    The table pages live in one int64 array with the kernels' layout
+    (vm_agent/kernels/pgtable.py): a slab of 512-entry rows (a freed page's row is taken
+    again by the next allocation), each table's non-zero entry count, and ``row_of`` from
+    GPA frame to row. ``pages`` maps each table's GPA to its row as a uint64 view (made
+    again whenever the array grows). PageTable runs its 4-KiB maps and its unmaps on it
+    compiled (``map_4k``, ``unmap_range``) and keeps its per-table counts there
+    (``table_counts``). Which GPA a table gets is the guest page allocator's choice alone
+    (GuestMemory.alloc).
+
     ``on_write(gpa, value)`` is called for every store (the agent logs them for the host under
     nesting, stamped with ``now``: the virtual time of the driver code doing the store);
     ``writes`` counts them.
     """
 
-    # Every change to these pages goes through write() and is counted in ``writes`` (no
-    # walker sets A/D bits here: the host holds the memory the IOMMU walks), so PageTable may
-    # keep the level-1 tables of its recent walks (host_iommu.pgtable.TableStore).
+    # Every change to these pages goes through write() or the kernels and is counted in
+    # ``writes`` (no walker sets A/D bits here: the host holds the memory the IOMMU walks),
+    # so PageTable may keep the level-1 tables of its recent walks or run them compiled
+    # (host_iommu.pgtable.TableStore).
     exclusive_writes = True
 
     def __init__(self, mem: GuestMemory, on_write: Callable[[int, int], None] | None = None
                  ) -> None:
         self.mem = mem
-        self.pages: dict[int, list[int]] = {}   # GPA -> its 512 entries (ints in 0..2^64-1)
         self.on_write = on_write
         self.writes = 0
         self.now = 0
         self.zeroing: int | None = None  # the table page whose zeroing stores are under way
+        self._rows: dict[int, int] = {}   # GPA -> slab row of each table page
+        self._free_rows: list[int] = []
+        self._next_row = 0
+        self._resize(kpg.grown(None, _FIRST_FRAMES, _FIRST_ROWS, _OUT_EVENTS))
+
+    def _resize(self, state: np.ndarray) -> None:
+        self.state = state
+        frames, rows, events = (int(x) for x in state[:kpg.H_STAMP])
+        self._used_at, _mark, self._out_at, _slab, _end = kpg.offsets(frames, rows, events)
+        slab = kpg.slab_of(state)
+        self.pages: dict[int, np.ndarray] = {gpa: slab[row] for gpa, row in self._rows.items()}
+
+    # --- pickling: the views in ``pages`` are made again over the copied array --------------
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["pages"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._resize(self.state)
+
+    def _take_row(self, gpa: int) -> None:
+        frames, rows, events = (int(x) for x in self.state[:kpg.H_STAMP])
+        frame = gpa >> PAGE_SHIFT
+        row = self._free_rows.pop() if self._free_rows else self._next_row
+        if row == self._next_row:
+            self._next_row += 1
+        if row >= rows or frame >= frames:
+            self._resize(kpg.grown(self.state, max(frames, 2 * frame + 1),
+                                   2 * rows if row >= rows else rows, events))
+        self.state[kpg.HEADER + frame] = row
+        self.state[self._used_at + row] = 0
+        self._rows[gpa] = row
+        page = kpg.slab_of(self.state)[row]
+        page[:] = 0
+        self.pages[gpa] = page
 
     def alloc_table(self) -> int:
         """A zeroed page-table page (Linux iommu_alloc_page: __GFP_ZERO).
@@ -113,7 +164,7 @@ class GuestTableStore:
         driver (``writes`` does not count them).
         """
         gpa = self.mem.alloc(1)
-        self.pages[gpa] = [0] * PTES_PER_TABLE
+        self._take_row(gpa)
         residue = self.mem.table_residue.pop(gpa, None)
         if residue is not None and self.on_write is not None:
             self.zeroing = gpa
@@ -125,15 +176,16 @@ class GuestTableStore:
     def free_table(self, addr: int) -> None:
         page = self.pages.pop(addr, None)
         if page is not None:
-            # np.flatnonzero over the page, as int64 slot indices
-            residue = np.array([i for i, v in enumerate(page) if v], dtype=np.int64)
+            residue = np.flatnonzero(page)   # int64 slot indices
             if residue.size:
                 self.mem.table_residue[addr] = residue
+            self._free_rows.append(self._rows.pop(addr))
+            self.state[kpg.HEADER + (addr >> PAGE_SHIFT)] = -1
         self.mem.free(addr, 1)
 
     def read(self, addr: int) -> int:
         page = self.pages.get(addr & ~(PAGE_SIZE - 1))
-        return 0 if page is None else page[(addr >> 3) & 511]
+        return 0 if page is None else page.item((addr >> 3) & 511)
 
     def write(self, addr: int, value: int) -> None:
         if not 0 <= value <= _U64:   # what a uint64 slot would refuse
@@ -142,3 +194,87 @@ class GuestTableStore:
         self.writes += 1
         if self.on_write is not None:
             self.on_write(addr, value)
+
+    # --- PageTable's compiled runs (host_iommu.pgtable.TableStore) --------------------------
+    def table_counts(self) -> TableCounts:
+        """The non-zero entries of each table page, as PageTable counts them."""
+        return TableCounts(self)
+
+    def bind(self, root: int, levels: int, fmt_bits: tuple[int, int, int, int]) -> None:
+        """The one tree the kernels work on: its root, levels and format's bits (present
+        bits, PS, address field, non-leaf entry bits)."""
+        kpg.bind(self.state, root, levels, *fmt_bits)
+
+    def _report(self, n: int) -> list[int]:
+        """Report the stores among the kernel's ``n`` listed (address, value) pairs to
+        ``on_write`` in order; returns the tables listed as freed, in order."""
+        on_write = self.on_write
+        if n == 1:   # the common one store: two scalar reads beat a slice
+            addr = self.state.item(self._out_at)
+            if addr & kpg.FREED:
+                return [addr - kpg.FREED]
+            if on_write is not None:
+                on_write(addr, self.state.item(self._out_at + 1))
+            return []
+        listed = self.state[self._out_at:self._out_at + kpg.EVENT * n].tolist()
+        freed = []
+        for i in range(0, len(listed), kpg.EVENT):
+            addr = listed[i]
+            if addr & kpg.FREED:
+                freed.append(addr - kpg.FREED)
+            elif on_write is not None:
+                on_write(addr, listed[i + 1])
+        return freed
+
+    def map_4k(self, iova: int, end: int, phys: int, bits: int, new_table: int
+               ) -> tuple[int, int]:
+        """kpg.map_4k on this array: (RUN_* code, IOVA reached), its stores counted and
+        reported."""
+        code, pos, n = kpg.map_4k(self.state, iova, end, phys, bits, new_table)
+        self.writes += n
+        if n and self.on_write is not None:
+            self._report(n)
+        return code, pos
+
+    def unmap_range(self, start: int, end: int) -> tuple[int, list[int]] | None:
+        """kpg.unmap_range on this array: (stores made, tables to free in order), the stores
+        counted and reported; None when it did nothing (PageTable's walk must)."""
+        code, stores, frees = kpg.unmap_range(self.state, start, end)
+        while code == kpg.NEED_ROOM:
+            frames, rows, events = (int(x) for x in self.state[:kpg.H_STAMP])
+            self._resize(kpg.grown(self.state, frames, rows,
+                                   max(stores + frees, 2 * events)))
+            code, stores, frees = kpg.unmap_range(self.state, start, end)
+        if code == kpg.FALLBACK:
+            return None
+        self.writes += stores
+        if frees or (stores and self.on_write is not None):
+            return stores, self._report(stores + frees)
+        return stores, []
+
+
+class TableCounts(MutableMapping):
+    """PageTable's ``_used`` (table GPA -> its non-zero entries) over a GuestTableStore's
+    array, where the kernels keep the counts: the keys are the store's table pages, a free
+    drops the page's count with it (``del`` after GuestTableStore.free_table finds nothing
+    left to drop)."""
+
+    def __init__(self, store: GuestTableStore) -> None:
+        self.store = store
+
+    def __getitem__(self, gpa: int) -> int:
+        s = self.store
+        return int(s.state[s._used_at + s._rows[gpa]])
+
+    def __setitem__(self, gpa: int, count: int) -> None:
+        s = self.store
+        s.state[s._used_at + s._rows[gpa]] = count
+
+    def __delitem__(self, gpa: int) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.store._rows)
+
+    def __len__(self) -> int:
+        return len(self.store._rows)
