@@ -12,6 +12,11 @@ stays allocated in the tree, as in Linux; only a tree free makes the range free 
 The depot is the older bounded one (MAX_GLOBAL_MAGS full magazines per size class; a full
 magazine that finds the depot full is freed to the tree), not the unbounded depot with delayed
 reclaim of Linux 6.7+: it is deterministic without a time source.
+
+``ArrayIovaDomain`` / ``ArrayIovaRcache`` are the same allocator with its state in int64 arrays,
+worked on by the compiled kernels of vm_agent/kernels/iova.py (the building blocks of a
+guest-epoch kernel). The DMA layer uses the plain classes: called once per map or unmap from
+Python, a kernel's dispatch costs more than the whole dict-and-list rcache hit.
 """
 
 from __future__ import annotations

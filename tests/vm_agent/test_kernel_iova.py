@@ -7,7 +7,8 @@ max32_alloc_size, and every magazine (loaded, prev, depot) pfn for pfn in array 
 are random (hypothesis) and adversarial: exhaustion, the 32-bit window and its failure, depot
 full and empty, cross-CPU frees, reservations, bad frees. Trees start with room for one node,
 so the grow-and-retry path runs on nearly every insert. A compiled caller drives the kernels
-directly, as a guest-epoch kernel will.
+directly, as a guest-epoch kernel will, and whole runs with the array allocator plugged into
+the DMA layer give the live path's tables.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
+from tests.system.conftest import experiment, nic, nvme
+from tests.system.golden import tables
 from tests.vm_agent.test_ref_iova import LIMIT32, LIMIT64, OPS, Pair, run_script
+from vm_agent import dma
 from vm_agent import iova as live
 from vm_agent import reference_iova as ref
 from vm_agent.kernels import iova as k
@@ -224,3 +228,23 @@ def test_kernels_called_from_compiled_code_agree():
         if want[i] is not None:
             pair.rr.free_iova_fast((i + 1) % 2, want[i], int(sizes[i]))
     pair.check()
+
+
+@pytest.mark.parametrize("vms", [
+    {"a": nic("nested", rogue=0.05, gbps=4.0)},
+    {"a": nvme("shadow", "strict", rogue=0.05, depth=8), "b": nic("nested", "lazy", gbps=8.0)},
+], ids=["nested-strict-nic", "shadow-nvme-nested-lazy-nic"])
+def test_whole_runs_with_the_array_allocator_give_the_same_tables(vms, tmp_path):
+    """The DMA layer built on ArrayIovaDomain / ArrayIovaRcache: summary, metrics and faults
+    equal the live allocator's, value for value."""
+    cfg = experiment(vms, duration_us=3000, name="array-iova")
+    want = tables(cfg, tmp_path / "live")
+    made = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dma, "IovaDomain", lambda *a: made.append(1) or live.ArrayIovaDomain(*a))
+        mp.setattr(dma, "IovaRcache", live.ArrayIovaRcache)
+        got = tables(cfg, tmp_path / "arrays")
+    assert made, "the DMA layer no longer built its allocator"
+    assert sum(r["unmaps"] for r in want["summary"]) > 100
+    for table in ("summary", "metrics", "faults"):
+        assert got[table] == want[table], table
