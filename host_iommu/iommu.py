@@ -469,7 +469,8 @@ class HostIommu:
                 raise RuntimeError(f"host QI rejected its own descriptor: {err}")
             t_ns = t_done
             processed += n
-        self._sync_next_effect()
+        if self._next_effect_ns == NEVER:  # else the earliest effect is still the same one
+            self._sync_next_effect()
         return t_ns, processed
 
     def _submit_qi_commands(self, descs: np.ndarray, t_ns: int) -> tuple[int, int]:

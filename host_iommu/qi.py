@@ -709,20 +709,20 @@ class InvalidationQueue:
         error leaves the registers as ``submit`` would; ``error_result`` describes it.
         """
         words = _as_words(descs)
-        if words.shape[0] > self._done.size:
-            self._done = np.zeros(words.shape[0], dtype=np.int64)
+        n = words.shape[0]
+        if n > self._done.size:
+            self._done = np.zeros(n, dtype=np.int64)
         while True:
-            status, processed, t_at, err = qk._submit(
+            status, processed, t_at, t_done, err = qk._submit(
                 self.ctl, self.inflight, self._unresponsive, words, effects, self._done,
                 int(t_ns), qk.M_DRIVER, True)
             if status != qk.S_NEED_ROOM:
                 break
-            effects = self._make_room(words.shape[0], effects)
+            effects = self._make_room(n, effects)
         if status == qk.S_NEVER_FITS:
-            self.room_at(t_ns, words.shape[0])     # raises QiError
+            self.room_at(t_ns, n)     # raises QiError
         if status == qk.S_IQE:
             self._pending = np.ascontiguousarray(words[processed:]).view(DESC_DTYPE).ravel()
-        t_done = int(self._done[processed - 1]) if status == qk.S_OK and processed else t_at
         return status, processed, t_at, t_done, err, effects
 
     def error_result(self, descs: np.ndarray, status: int, processed: int, t_ns: int
@@ -773,7 +773,7 @@ class InvalidationQueue:
         if n > self._done.size:
             self._done = np.zeros(n, dtype=np.int64)
         while True:
-            status, processed, _t, _code = qk._submit(
+            status, processed, _t, _t_done, _code = qk._submit(
                 self.ctl, self.inflight, self._unresponsive, words, self._no_effects,
                 self._done, t_ns, qk.M_RESUME if resume else qk.M_WRITE, False)
             if status != qk.S_NEED_ROOM:
@@ -814,9 +814,11 @@ class InvalidationQueue:
 
 def _as_words(descs: np.ndarray) -> np.ndarray:
     """Descriptors as uint64[n, 4] (DESC_DTYPE[n] viewed, or uint64[n, 4] as given)."""
-    descs = np.ascontiguousarray(descs)
     if descs.dtype == DESC_DTYPE:
+        if not descs.flags.c_contiguous:
+            descs = np.ascontiguousarray(descs)
         return descs.view(np.uint64).reshape(-1, 4)
+    descs = np.ascontiguousarray(descs)
     if descs.dtype != np.uint64 or descs.ndim != 2 or descs.shape[1] != 4:
         raise QiError("descriptors are DESC_DTYPE[n] or uint64[n, 4]")
     return descs

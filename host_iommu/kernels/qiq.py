@@ -31,7 +31,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from host_iommu.defs import PGTT_FL_ONLY, PGTT_NESTED
 from host_iommu.kernels.iotlb import (
+    C_INVALIDATED,
+    F_DID,
+    F_ORDER,
+    F_PASID,
+    F_PGTT,
+    F_VALID,
+    F_VPN,
     INV_DOMAIN,
     INV_GLOBAL,
     INV_PAGE,
@@ -40,6 +48,7 @@ from host_iommu.kernels.iotlb import (
     MAX_PFN,
     _inv_range,
     _invalidate,
+    _set_index,
 )
 
 U64_MAX = (1 << 64) - 1
@@ -218,33 +227,34 @@ def _submit(ctl, inflight, unresponsive, words, pend, done, t_ns, mode, record):
     ``mode``: M_WRITE, a software tail write (refused while IQE or ITE is set, or when it does
     not fit: queue_full); M_DRIVER, the same after the driver spun until n descriptors fit
     (room_at); M_RESUME, hardware goes on with what IQE held (written already: no checks).
-    Returns (status S_*, descriptors processed, the time the write was made at, decode error
-    ERR_* or 0): S_IQE leaves the descriptor at ``processed`` unprocessed, S_ITE names the one
+    Returns (status S_*, descriptors processed, the time the write was made at, the time the
+    last one took effect or completed (S_OK; else the time written), decode error ERR_* or 0):
+    S_IQE leaves the descriptor at ``processed`` unprocessed, S_ITE names the one
     at ``processed - 1``; S_NEED_ROOM asks for larger ``inflight`` or ``pend`` (nothing
     changed).
     """
     n = words.shape[0]
     if ctl[Q_HI] + n > inflight.shape[0] or (record and pend[0, P_END] + n > pend.shape[0]):
-        return S_NEED_ROOM, 0, t_ns, 0
+        return S_NEED_ROOM, 0, t_ns, t_ns, 0
     if mode == M_DRIVER:
         at = _room_at(ctl, inflight, t_ns, n)
         if at < 0:
-            return S_NEVER_FITS, 0, t_ns, 0
+            return S_NEVER_FITS, 0, t_ns, t_ns, 0
         t_ns = at
     entries = ctl[Q_ENTRIES]
     if mode != M_RESUME:
         if ctl[Q_IQE] != 0:
             ctl[Q_REFUSED] += 1
-            return S_REFUSED_IQE, 0, t_ns, 0
+            return S_REFUSED_IQE, 0, t_ns, t_ns, 0
         if ctl[Q_ITE] != 0:
             ctl[Q_REFUSED] += 1
-            return S_REFUSED_ITE, 0, t_ns, 0
+            return S_REFUSED_ITE, 0, t_ns, t_ns, 0
         if n > _free_slots(ctl, inflight, t_ns):
             ctl[Q_REFUSED] += 1
-            return S_REFUSED_FULL, 0, t_ns, 0
+            return S_REFUSED_FULL, 0, t_ns, t_ns, 0
         ctl[Q_TAIL] = (ctl[Q_TAIL] + n) % entries
     if n == 0:              # an empty tail write fetches nothing: the hardware stays idle
-        return S_OK, 0, t_ns, 0
+        return S_OK, 0, t_ns, t_ns, 0
     cursor = max(t_ns, ctl[Q_BUSY])
     mamv = ctl[Q_MAMV]
     f = np.zeros(DECODED_FIELDS, np.int64)
@@ -261,7 +271,7 @@ def _submit(ctl, inflight, unresponsive, words, pend, done, t_ns, mode, record):
             ctl[Q_HI] = hi
             if record:
                 pend[0, P_END] = row
-            return S_IQE, i, t_ns, code
+            return S_IQE, i, t_ns, t_ns, code
         t = f[D_TYPE]
         ctl[Q_COUNTS + t] += 1
         ctl[Q_HEAD] = (ctl[Q_HEAD] + 1) % entries
@@ -280,7 +290,7 @@ def _submit(ctl, inflight, unresponsive, words, pend, done, t_ns, mode, record):
                         ctl[Q_HI] = hi
                         if record:
                             pend[0, P_END] = row
-                        return S_ITE, i + 1, t_ns, 0
+                        return S_ITE, i + 1, t_ns, t_ns, 0
             cursor += ctl[Q_DEVTLB_NS] if dev else ctl[Q_DESC_NS]
             if record:
                 pend[row, E_T] = cursor
@@ -303,7 +313,7 @@ def _submit(ctl, inflight, unresponsive, words, pend, done, t_ns, mode, record):
     ctl[Q_BUSY] = cursor
     if record:
         pend[0, P_END] = row
-    return S_OK, n, t_ns, 0
+    return S_OK, n, t_ns, cursor, 0
 
 
 @njit(cache=True)
@@ -312,6 +322,57 @@ def _page_range(pfn, am):
     lo = (np.uint64(pfn) >> np.uint64(am)) << np.uint64(am)
     hi = lo + ((np.uint64(1) << np.uint64(am)) - np.uint64(1))
     return lo, min(hi, np.uint64(MAX_PFN))
+
+
+@njit(cache=True)
+def _probe_range(state, counters, did, pasid, lo, hi, span_base, m_first, m_last,
+                 first_level):
+    """Drop the lines of (did, pasid) whose pages meet [lo, hi], visiting only the sets their
+    keys hash to; returns the count, or -1 (nothing done) when that would visit at least as
+    many sets as the cache has (the caller then scans every line).
+
+    The same lines, and the same counter, as iotlb.py's scans select: _invalidate's
+    INV_PASID_PAGE (``first_level``: PGTT first-level or nested only; span_base 0, orders
+    m 0..2) and _inv_range of one DID and one PASID (span_base 0 for device-TLB lines, 1 and
+    levels 2..5 for paging-structure lines). Every fill places a line in the set of its key
+    (_set_index(did, pasid, tag, m), iotlb.py _fill_keyed), and a line of ``m`` meets the
+    range only if its tag is in [lo >> 9 (m - span_base), hi >> 9 (m - span_base)], so those
+    sets hold every line a scan would drop. did, pasid, lo, hi: uint64; span_base, m_first,
+    m_last: int64; first_level: bool. The next lines are the scan, left for reference:
+        for s in range(sets): for w in range(ways): (the predicate below)
+    """
+    sets = state.shape[1]
+    if sets == 0:
+        return 0
+    nine = np.uint64(9)
+    one = np.uint64(1)
+    base = np.uint64(span_base)
+    probes = 0
+    for m in range(m_first, m_last + 1):
+        sh = nine * np.uint64(m - span_base)
+        probes += int((hi >> sh) - (lo >> sh)) + 1
+        if probes >= sets:
+            return -1
+    dropped = 0
+    for m in range(m_first, m_last + 1):
+        um = np.uint64(m)
+        sh = nine * np.uint64(m - span_base)
+        for tag in range(int(lo >> sh), int(hi >> sh) + 1):
+            s = _set_index(did, pasid, np.uint64(tag), um, sets)
+            for w in range(state.shape[2]):
+                if (state[F_VALID, s, w] == 0 or state[F_DID, s, w] != did
+                        or state[F_PASID, s, w] != pasid):
+                    continue
+                if first_level and state[F_PGTT, s, w] not in (PGTT_FL_ONLY, PGTT_NESTED):
+                    continue
+                span = nine * (state[F_ORDER, s, w] - base)
+                first = state[F_VPN, s, w] << span
+                last = first + ((one << span) - one)
+                if first <= hi and last >= lo:
+                    state[F_VALID, s, w] = 0
+                    dropped += 1
+    counters[C_INVALIDATED] += dropped
+    return dropped
 
 
 @njit(cache=True)
@@ -331,6 +392,10 @@ def _advance(pend, t_ns, it_state, it_counts, fl_state, fl_counts, sl_state, sl_
     zero = np.uint64(0)
     one = np.uint64(1)
     whole = np.uint64(MAX_PFN)
+    # _probe_range's span bases and key ranges: IOTLB and device-TLB page orders 0..2 (base
+    # 0), paging-structure levels 2..5 (base 1); int64 values, not literals (see __init__)
+    base0, base1 = np.int64(0), np.int64(1)
+    m0, m2, m5 = np.int64(0), np.int64(2), np.int64(5)
     while r < end and pend[r, E_T] <= t_ns:
         t = pend[r, E_TYPE]
         if t in (T_CC, T_PC):
@@ -364,15 +429,22 @@ def _advance(pend, t_ns, it_state, it_counts, fl_state, fl_counts, sl_state, sl_
                            one)
             else:
                 lo, hi = _page_range(pend[r, E_PFN], pend[r, E_AM])
-                _invalidate(it_state, it_counts, np.int64(INV_PASID_PAGE), did, pasid, lo, hi)
-                if not leaf:
+                if _probe_range(it_state, it_counts, did, pasid, lo, hi, base0, m0, m2,
+                                every) < 0:
+                    _invalidate(it_state, it_counts, np.int64(INV_PASID_PAGE), did, pasid,
+                                lo, hi)
+                if not leaf and _probe_range(fl_state, fl_counts, did, pasid, lo, hi, base1,
+                                             m2, m5, not every) < 0:
                     _inv_range(fl_state, fl_counts, not every, did, not every, pasid, lo, hi,
                                one)
         elif t in (T_DIOTLB, T_DEIOTLB):
             lo = np.uint64(pend[r, E_PFN])
             hi = min(lo + ((one << np.uint64(pend[r, E_SIZE_LOG2] - 12)) - one), whole)
-            _inv_range(dt_state, dt_counts, not every, np.uint64(pend[r, E_SID]),
-                       pend[r, E_GLOB] != 0, pasid, lo, hi, zero)
+            sid = np.uint64(pend[r, E_SID])
+            glob = pend[r, E_GLOB] != 0
+            if glob or _probe_range(dt_state, dt_counts, sid, pasid, lo, hi, base0, m0, m2,
+                                    not every) < 0:
+                _inv_range(dt_state, dt_counts, not every, sid, glob, pasid, lo, hi, zero)
         # T_IEC: interrupt remapping is not emulated (CacheSet.iec does nothing)
         r += 1
     if r == end:               # empty: start again from row 1
