@@ -110,8 +110,12 @@ class GuestTableStore:
     # (host_iommu.pgtable.TableStore).
     exclusive_writes = True
 
-    def __init__(self, mem: GuestMemory, on_write: Callable[[int, int], None] | None = None
-                 ) -> None:
+    def __init__(self, mem: GuestMemory, on_write: Callable[[int, int], None] | None = None,
+                 *, out_events: int = _OUT_EVENTS) -> None:
+        """``out_events``: the stores one map call may list (at least a 5-level walk and
+        one level-1 table's 512) before PageTable calls again; an unmap grows it."""
+        if out_events < 5 + kpg.SLOTS:
+            raise ValueError(f"out_events {out_events} below {5 + kpg.SLOTS}")
         self.mem = mem
         self.on_write = on_write
         self.writes = 0
@@ -120,7 +124,7 @@ class GuestTableStore:
         self._rows: dict[int, int] = {}   # GPA -> slab row of each table page
         self._free_rows: list[int] = []
         self._next_row = 0
-        self._resize(kpg.grown(None, _FIRST_FRAMES, _FIRST_ROWS, _OUT_EVENTS))
+        self._resize(kpg.grown(None, _FIRST_FRAMES, _FIRST_ROWS, out_events))
 
     def _resize(self, state: np.ndarray) -> None:
         self.state = state
