@@ -708,13 +708,16 @@ class InvalidationQueue:
         time written), decode error ERR_*, ``effects`` or its grown copy). A refusal or an
         error leaves the registers as ``submit`` would; ``error_result`` describes it.
         """
-        words = _as_words(descs)
-        n = words.shape[0]
+        if descs.dtype == DESC_DTYPE and descs.ndim == 1 and descs.flags.c_contiguous:
+            flat = descs.view(np.uint64)
+        else:
+            flat = _as_words(descs).reshape(-1)
+        n = flat.size >> 2
         if n > self._done.size:
             self._done = np.zeros(n, dtype=np.int64)
         while True:
             status, processed, t_at, t_done, err = qk._submit(
-                self.ctl, self.inflight, self._unresponsive, words, effects, self._done,
+                self.ctl, self.inflight, self._unresponsive, flat, effects, self._done,
                 int(t_ns), qk.M_DRIVER, True)
             if status != qk.S_NEED_ROOM:
                 break
@@ -722,7 +725,7 @@ class InvalidationQueue:
         if status == qk.S_NEVER_FITS:
             self.room_at(t_ns, n)     # raises QiError
         if status == qk.S_IQE:
-            self._pending = np.ascontiguousarray(words[processed:]).view(DESC_DTYPE).ravel()
+            self._pending = flat[4 * processed:].copy().view(DESC_DTYPE)
         return status, processed, t_at, t_done, err, effects
 
     def error_result(self, descs: np.ndarray, status: int, processed: int, t_ns: int
@@ -774,7 +777,7 @@ class InvalidationQueue:
             self._done = np.zeros(n, dtype=np.int64)
         while True:
             status, processed, _t, _t_done, _code = qk._submit(
-                self.ctl, self.inflight, self._unresponsive, words, self._no_effects,
+                self.ctl, self.inflight, self._unresponsive, words.reshape(-1), self._no_effects,
                 self._done, t_ns, qk.M_RESUME if resume else qk.M_WRITE, False)
             if status != qk.S_NEED_ROOM:
                 break

@@ -219,7 +219,8 @@ def _free_slots(ctl, inflight, t_ns):
 
 @njit(cache=True)
 def _submit(ctl, inflight, unresponsive, words, pend, done, t_ns, mode, record):
-    """One tail write of ``words`` (uint64[n, 4]) at t_ns, processed by the hardware.
+    """One tail write of ``words`` (uint64[4 n]: qw0..qw3 of each descriptor, in queue order;
+    a DESC_DTYPE array's own memory) at t_ns, processed by the hardware.
 
     ctl, inflight: the queue (Q_*); unresponsive: int64[] source-ids whose device-TLB
     invalidations time out (ITE); pend: int64[rows, EFFECT_FIELDS], where the effects go when
@@ -233,7 +234,7 @@ def _submit(ctl, inflight, unresponsive, words, pend, done, t_ns, mode, record):
     at ``processed - 1``; S_NEED_ROOM asks for larger ``inflight`` or ``pend`` (nothing
     changed).
     """
-    n = words.shape[0]
+    n = words.shape[0] // 4
     if ctl[Q_HI] + n > inflight.shape[0] or (record and pend[0, P_END] + n > pend.shape[0]):
         return S_NEED_ROOM, 0, t_ns, t_ns, 0
     if mode == M_DRIVER:
@@ -261,7 +262,8 @@ def _submit(ctl, inflight, unresponsive, words, pend, done, t_ns, mode, record):
     hi = ctl[Q_HI]
     row = pend[0, P_END]
     for i in range(n):
-        code = _decode(words[i, 0], words[i, 1], words[i, 2], words[i, 3], mamv, f)
+        k = 4 * i
+        code = _decode(words[k], words[k + 1], words[k + 2], words[k + 3], mamv, f)
         if code != ERR_NONE:
             ctl[Q_IQE] = 1
             ctl[Q_IQE_HEAD] = ctl[Q_HEAD]
