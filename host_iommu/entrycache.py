@@ -1,163 +1,200 @@
-"""Context-cache and PASID-cache of the live path: small set-associative stores on Python ints.
+"""Context-cache and PASID-cache of the live path: compiled kernels over one int64 array each.
 
 VT-d spec 6.2.1 (context-cache) and 6.2.2 (PASID-cache); invalidation as 6.5.2.1 (0x1, with
-QEMU vtd_context_device_invalidate's function mask) and 6.5.2.5 (0x7). The same placement,
-LRU and counters as host_iommu/iotlb.py's ContextCache and PasidCache (SetAssocCache: set =
-the key fields mixed with SET_MIX, modulo the sets; a lookup stamps ``clock`` and advances it
-by one; a fill replaces a line of the same key, else takes the lowest free way, else evicts
-the oldest stamp, first of equals), but one request at a time on plain ints: translate
-resolves a few (sid, pasid) per batch, where numpy's per-call cost dominated. A line holds
-the entry's 64-bit words and, beside them, the decoded entry a hit gives (decoding is a pure
-function of the words, so it is done once at fill). host_iommu/reference_cache.py's
-RefSetAssoc is the reference these are tested against (tests/host_iommu/test_entrycache.py).
+QEMU vtd_context_device_invalidate's function mask) and 6.5.2.5 (0x7). Placement, LRU and
+counters as host_iommu/reference_cache.py's RefSetAssoc (set = the key fields mixed with
+SET_MIX, modulo the sets; a look-up stamps the clock on a hit and advances it by one; a fill
+replaces the line of the same key, else takes the lowest free way, else evicts the oldest
+stamp, first of equals), one request at a time: translate resolves a few (sid, pasid) per
+batch. The kernels (host_iommu/kernels/entrycache.py) hold keys, DIDs and stamps; beside
+them each line keeps the decoded entry a hit gives (decoding is a pure function of the
+entry's words, so it is done once, at fill). Tested against RefSetAssoc
+(tests/host_iommu/test_entrycache.py) and against the plain-int caches these replaced
+(tests/host_iommu/test_kernel_entrycache.py).
+
+Keys are a source-id (16 bits) and a PASID (20 bits): the caller (HostIommu._contexts)
+refuses others before a look-up. Invalidation arguments are checked here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from host_iommu.iotlb import CC_FM_SID_MASK, SET_MIX, CacheError
+import numpy as np
+
+from host_iommu.iotlb import CC_FM_SID_MASK, CacheError
+from host_iommu.kernels.entrycache import (
+    H_CLOCK,
+    H_EVICTIONS,
+    H_FILLS,
+    H_HITS,
+    H_INVALIDATED,
+    H_MISSES,
+    HDR,
+    INV_ALL,
+    INV_DID,
+    INV_DID_PASID,
+    INV_SID,
+    INV_SID_PASID,
+    P_DID,
+    P_PASID,
+    P_SID,
+    P_STAMP,
+    P_VALID,
+    PLANES,
+    _fill,
+    _invalidate,
+    _lookup,
+    new_state,
+)
 
 M64 = (1 << 64) - 1
-
-
-class SmallSetAssoc:
-    """Lines ``[key tuple, did, value, stamp]`` per set, ``ways`` slots each (None: free)."""
-
-    def __init__(self, entries: int, ways: int) -> None:
-        if entries < 0 or ways < 1 or entries % ways:
-            raise ValueError(f"entries={entries} must be a non-negative multiple of ways={ways}")
-        self.entries, self.ways, self.sets = entries, ways, entries // ways
-        self.lines: list[list[list | None]] = [[None] * ways for _ in range(self.sets)]
-        self.clock = 0
-        self.hits = self.misses = self.fills = self.evictions = self.invalidated = 0
-
-    def set_index(self, key: tuple[int, ...]) -> int:
-        """SetAssocCache's placement for a key without a page field."""
-        h = 0
-        for k in key:
-            h = ((h ^ k) * SET_MIX) & M64
-            h ^= h >> 32
-        return h % self.sets
-
-    def lookup(self, key: tuple[int, ...]) -> Any:
-        """The value cached under ``key`` or None; a hit is stamped with the clock."""
-        clock = self.clock
-        self.clock = clock + 1
-        if self.sets:
-            for line in self.lines[self.set_index(key)]:
-                if line is not None and line[0] == key:
-                    line[3] = clock
-                    self.hits += 1
-                    return line[2]
-        self.misses += 1
-        return None
-
-    def fill(self, key: tuple[int, ...], did: int, value: Any) -> None:
-        """Insert or replace one line (SetAssocCache.fill of a batch of one)."""
-        clock = self.clock
-        self.clock = clock + 1
-        if not self.sets:
-            return
-        self.fills += 1
-        ways = self.lines[self.set_index(key)]
-        way = -1
-        for w, line in enumerate(ways):
-            if line is not None and line[0] == key:
-                way = w
-                break
-        if way < 0:
-            for w, line in enumerate(ways):
-                if line is None:
-                    way = w
-                    break
-        if way < 0:
-            way = min(range(self.ways), key=lambda j: ways[j][3])
-            self.evictions += 1
-        ways[way] = [key, did, value, clock]
-
-    def invalidate(self, pred: Callable[[tuple[int, ...], int], bool]) -> int:
-        """Drop every line whose (key, did) satisfies ``pred``; returns how many."""
-        dropped = 0
-        for ways in self.lines:
-            for w, line in enumerate(ways):
-                if line is not None and pred(line[0], line[1]):
-                    ways[w] = None
-                    dropped += 1
-        self.invalidated += dropped
-        return dropped
-
-    def counters(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "fills": self.fills,
-                "evictions": self.evictions, "invalidated": self.invalidated}
+ALL_BITS = -1   # an INV_SID mask comparing every source-id bit
 
 
 def _check(x: int, name: str) -> int:
+    """An invalidation field as the int64 with its 64-bit pattern (CacheError outside)."""
     if isinstance(x, bool) or not 0 <= int(x) <= M64:
         raise CacheError(f"{name}: {x!r} is not an integer in [0, 2**64)")
-    return int(x)
+    x = int(x)
+    return x - (1 << 64) if x >> 63 else x
 
 
-class PasidEntryCache:
+class EntryArrays:
+    """Lines of one context- or PASID-cache: the kernels' state ``st`` and, per line, the
+    decoded entry (``values[set * ways + way]``, meaningful while the line is valid)."""
+
+    def __init__(self, entries: int, ways: int, nkeys: int) -> None:
+        self.st = new_state(entries, ways, nkeys)
+        self.entries, self.ways, self.sets = entries, ways, entries // ways
+        self.nkeys = nkeys
+        self.values: list[Any] = [None] * entries
+
+    @property
+    def planes(self) -> np.ndarray:
+        """The line planes as (P_*, sets, ways), a view of ``st`` (a view kept as an
+        attribute would not survive copy.deepcopy, which copies it apart from ``st``)."""
+        return self.st[HDR:].reshape(PLANES, self.sets, self.ways)
+
+    @property
+    def cache(self) -> EntryArrays:
+        """The store itself (the counters, lines and clock are read here)."""
+        return self
+
+    @property
+    def clock(self) -> int:
+        return int(self.st[H_CLOCK])
+
+    @property
+    def hits(self) -> int:
+        return int(self.st[H_HITS])
+
+    @property
+    def misses(self) -> int:
+        return int(self.st[H_MISSES])
+
+    def counters(self) -> dict[str, int]:
+        """hits, misses, fills, evictions, invalidated (RefSetAssoc.counters)."""
+        st = self.st
+        return {"hits": int(st[H_HITS]), "misses": int(st[H_MISSES]),
+                "fills": int(st[H_FILLS]), "evictions": int(st[H_EVICTIONS]),
+                "invalidated": int(st[H_INVALIDATED])}
+
+    def occupancy(self) -> int:
+        """Number of valid lines."""
+        return int(self.planes[P_VALID].sum())
+
+    @property
+    def lines(self) -> list[list[list | None]]:
+        """Per set, per way: ``[key tuple, did, decoded entry, stamp]`` or None (free)."""
+        pl = self.planes
+        out: list[list[list | None]] = []
+        for s in range(self.sets):
+            row: list[list | None] = []
+            for w in range(self.ways):
+                if pl[P_VALID, s, w]:
+                    key = (int(pl[P_SID, s, w]), int(pl[P_PASID, s, w]))[:self.nkeys]
+                    row.append([key, int(pl[P_DID, s, w]), self.values[s * self.ways + w],
+                                int(pl[P_STAMP, s, w])])
+                else:
+                    row.append(None)
+            out.append(row)
+        return out
+
+    def contents(self, layout: bool = False) -> list[tuple]:
+        """Valid lines as ((set, way, stamp,)? key..., did, entry), sorted:
+        RefSetAssoc.contents' format with the values (did, entry)."""
+        out = []
+        for s, row in enumerate(self.lines):
+            for w, line in enumerate(row):
+                if line is not None:
+                    head = (s, w, line[3]) if layout else ()
+                    out.append((*head, *line[0], line[1], line[2]))
+        return sorted(out)
+
+    def _inv(self, kind: int, sid: int = 0, keep: int = ALL_BITS, pasid: int = 0,
+             did: int = 0) -> int:
+        return int(_invalidate(self.st, kind, sid, keep, pasid, did))
+
+
+class PasidEntryCache(EntryArrays):
     """The PASID-cache (spec 6.2.2): decoded PASID-table entries keyed (sid, pasid), tagged
     with the entry's DID for domain- and PASID-selective 0x7 invalidations."""
 
     def __init__(self, entries: int, ways: int) -> None:
-        self.cache = SmallSetAssoc(entries, ways)
+        super().__init__(entries, ways, 2)
 
     def lookup(self, sid: int, pasid: int) -> Any:
         """The decoded entry (PasidEntry or FaultReason) cached for (sid, pasid), or None."""
-        return self.cache.lookup((sid, pasid))
+        line = _lookup(self.st, sid, pasid)
+        return None if line < 0 else self.values[line]
 
     def fill(self, sid: int, pasid: int, did: int, decoded: Any) -> None:
-        self.cache.fill((sid, pasid), did, decoded)
+        line = _fill(self.st, sid, pasid, did)
+        if line >= 0:
+            self.values[line] = decoded
 
     def inv_global(self) -> int:
-        return self.cache.invalidate(lambda k, d: True)
+        return self._inv(INV_ALL)
 
     def inv_domain(self, did: int) -> int:
-        did = _check(did, "did")
-        return self.cache.invalidate(lambda k, d: d == did)
+        return self._inv(INV_DID, did=_check(did, "did"))
 
     def inv_pasid(self, did: int, pasid: int) -> int:
-        did, pasid = _check(did, "did"), _check(pasid, "pasid")
-        return self.cache.invalidate(lambda k, d: d == did and k[1] == pasid)
+        return self._inv(INV_DID_PASID, pasid=_check(pasid, "pasid"), did=_check(did, "did"))
 
     def inv_sid(self, sid: int) -> int:
-        sid = _check(sid, "sid")
-        return self.cache.invalidate(lambda k, d: k[0] == sid)
+        return self._inv(INV_SID, sid=_check(sid, "sid"))
 
     def inv_entry(self, sid: int, pasid: int) -> int:
         """Drop the entry of one (sid, pasid), whatever DID it was cached with."""
-        key = (_check(sid, "sid"), _check(pasid, "pasid"))
-        return self.cache.invalidate(lambda k, d: k == key)
+        return self._inv(INV_SID_PASID, sid=_check(sid, "sid"), pasid=_check(pasid, "pasid"))
 
 
-class ContextEntryCache:
+class ContextEntryCache(EntryArrays):
     """The context-cache (spec 6.2.1): decoded scalable-mode context entries keyed by sid
     (cached with DID 0: a scalable-mode context entry carries none)."""
 
     def __init__(self, entries: int, ways: int) -> None:
-        self.cache = SmallSetAssoc(entries, ways)
+        super().__init__(entries, ways, 1)
 
     def lookup(self, sid: int) -> Any:
-        return self.cache.lookup((sid,))
+        line = _lookup(self.st, sid, 0)
+        return None if line < 0 else self.values[line]
 
     def fill(self, sid: int, decoded: Any) -> None:
-        self.cache.fill((sid,), 0, decoded)
+        line = _fill(self.st, sid, 0, 0)
+        if line >= 0:
+            self.values[line] = decoded
 
     def inv_global(self) -> int:
-        return self.cache.invalidate(lambda k, d: True)
+        return self._inv(INV_ALL)
 
     def inv_domain(self, did: int) -> int:
-        did = _check(did, "did")
-        return self.cache.invalidate(lambda k, d: d == did)
+        return self._inv(INV_DID, did=_check(did, "did"))
 
     def inv_device(self, sid: int, fm: int) -> int:
         """0x1 device-selective: entries of ``sid`` with the FM-masked function bits ignored."""
         if fm not in CC_FM_SID_MASK:
             raise CacheError(f"function mask {fm} outside 0..3")
-        keep = ~CC_FM_SID_MASK[fm] & 0xFFFF
-        want = _check(sid, "sid") & keep
-        return self.cache.invalidate(lambda k, d: (k[0] & keep) == want)
+        return self._inv(INV_SID, sid=_check(sid, "sid"), keep=~CC_FM_SID_MASK[fm] & 0xFFFF)

@@ -15,7 +15,7 @@ from host_iommu.reference_cache import RefSetAssoc
 
 
 def layout(cache) -> list[tuple[int, ...]]:
-    """SmallSetAssoc lines in RefSetAssoc.contents(layout=True) form: (set, way, stamp,
+    """The cache's lines in RefSetAssoc.contents(layout=True) form: (set, way, stamp,
     key..., did, value)."""
     out = []
     for s, ways in enumerate(cache.lines):
