@@ -17,9 +17,13 @@ walk themselves), and fills apply afterwards in request order.
 
 The live path runs array state through compiled kernels (host_iommu/kernels/); with
 ``IommuParams.with_engine("reference")`` a host translates on the reference models instead
-(host_iommu/refengine.py). Module length (~780 lines): ``translate_numpy`` keeps the batch
-steps spelled out in numpy beside the kernel call, as the description the kernel is tested
-against (tests/host_iommu/test_kernel_translate.py).
+(host_iommu/refengine.py). Pending invalidations live in an array queue that the invalidation
+queue's kernel appends to and one kernel applies (host_iommu/kernels/qiq.py); the reference
+engine, or a reference queue put in place of qi.InvalidationQueue, keeps them as commands in
+a heap applied by qi.apply, the description the kernel is tested against
+(tests/host_iommu/test_kernel_qi.py). Module length (~860 lines): ``translate_numpy`` keeps
+the batch steps spelled out in numpy beside the kernel call, as the description the kernel is
+tested against (tests/host_iommu/test_kernel_translate.py), and both effect paths stay.
 """
 
 from __future__ import annotations

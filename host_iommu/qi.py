@@ -10,7 +10,10 @@ Unlike QEMU, which completes every descriptor inside the tail-register write, ea
 here takes effect at a modelled time: software writes descriptors and moves the tail; hardware
 processes them serially, and a wait descriptor completes only after everything before it took
 effect. A malformed descriptor is a modelled queue error (FSTS.IQE), never an exception.
-About 600 lines: the eight descriptor layouts, their encoders and decoder belong together.
+The queue's state is in arrays and a tail write runs in a compiled kernel
+(host_iommu/kernels/qiq.py, which decodes with the same masks); ``decode_words`` stays the
+readable decoder the results are built with. About 850 lines: the eight descriptor layouts,
+their encoders, decoder and queue belong together.
 """
 
 from __future__ import annotations

@@ -386,3 +386,8 @@ def test_host_refuses_its_own_bad_descriptor_and_recovers():
     assert not live.qi.fsts_iqe and live.next_effect_ns() == CostModel().qi_desc_ns
     t_done, n = live.submit_qi(qi.as_descs([qi.iotlb_words(1), qi.WAIT_WORDS]), 0)
     assert n == 2 and t_done > CostModel().qi_desc_ns
+
+
+def test_kernel_masks_are_the_queue_masks():
+    """The kernel's reserved-bit table is qi.QI_RSVD, type by type."""
+    assert {t: tuple(int(x) for x in qk.RSVD[t]) for t in range(1, 9)} == qi.QI_RSVD
