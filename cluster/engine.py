@@ -24,8 +24,10 @@ from vm_agent.agent import VmAgent
 
 class Transport(Protocol):
     """What a back-end provides. ``host_of`` maps every VM id to its host index. A back-end
-    whose hosts merge their VMs' batches themselves provides ``epoch(t_end_ns) -> (operations
-    applied, reports)`` instead of the three per-phase calls, and Engine.step uses it."""
+    whose hosts merge their VMs' batches themselves provides ``epoch(t_end_ns, until_ns) ->
+    (operations applied, reports)`` instead of the three per-phase calls, and Engine.step
+    uses it; ``until_ns`` (None when unknown) is the end of the run, which no epoch it runs
+    ahead may start at or after."""
 
     def vm_ids(self) -> list[int]: ...
     def host_of(self) -> dict[int, int]: ...
@@ -88,6 +90,7 @@ class Engine:
         self.epoch_ns = epoch_ns
         self.now = 0
         self.index = 0
+        self.until_ns: int | None = None  # the end of the run, once ``run`` knows it
         by_host: dict[int, list[int]] = {}
         for vm, h in sorted(transport.host_of().items()):
             by_host.setdefault(h, []).append(vm)
@@ -97,7 +100,7 @@ class Engine:
         t_end = self.now + self.epoch_ns
         direct = getattr(self.transport, "epoch", None)
         if direct is not None:  # hosts merge their own VMs' batches (cluster/ray_runner.py)
-            n_ops, reports = direct(t_end)
+            n_ops, reports = direct(t_end, self.until_ns)
         else:
             batches = self.transport.run_epochs(t_end)
             ops = {h: merge([batches[vm] for vm in vms])
@@ -111,6 +114,7 @@ class Engine:
         return ep
 
     def run(self, until_ns: int, on_epoch: Callable[[Epoch], None] | None = None) -> None:
+        self.until_ns = until_ns
         while self.now < until_ns:
             ep = self.step()
             if on_epoch is not None:

@@ -145,8 +145,11 @@ class InProcMachine(InProcTransport):
 
 
 def open_machine(cfg: Config, backend: str, address: str | None = None,
-                 vms_per_actor: int | None = None) -> Machine:
-    """Build ``cfg`` on a back-end; a config that does not fit raises RunError."""
+                 vms_per_actor: int | None = None,
+                 epochs_per_call: int | None = None) -> Machine:
+    """Build ``cfg`` on a back-end; a config that does not fit raises RunError.
+    ``vms_per_actor`` and ``epochs_per_call`` fix the Ray layout and batching
+    (cluster/ray_runner.py RayMachine); None: chosen by the machine."""
     if backend not in BACKENDS:
         raise RunError(f"unknown backend {backend!r} (one of: {', '.join(BACKENDS)})")
     try:
@@ -154,7 +157,8 @@ def open_machine(cfg: Config, backend: str, address: str | None = None,
             return InProcMachine(cfg)
         from cluster.ray_runner import RayMachine
 
-        return RayMachine(cfg, address=address, vms_per_actor=vms_per_actor)
+        return RayMachine(cfg, address=address, vms_per_actor=vms_per_actor,
+                          epochs_per_call=epochs_per_call)
     except MACHINE_ERRORS as e:
         raise RunError(f"the config does not fit: {e}") from None
 
@@ -186,6 +190,7 @@ def run_config(cfg: Config, out_dir: str | Path, backend: str = "inproc",
                params: Sequence[tuple[str, str]] = (),
                on_epoch: Callable[[Epoch], None] | None = None,
                vms_per_actor: int | None = None,
+               epochs_per_call: int | None = None,
                machine_hook: Callable[[Machine], None] | None = None) -> RunOutcome:
     """Run one config to completion and publish its tables.
 
@@ -199,7 +204,7 @@ def run_config(cfg: Config, out_dir: str | Path, backend: str = "inproc",
     rid = run_id(cfg)
     with RunWriter(out_dir, cfg, rid, overwrite=overwrite, params=params) as writer:
         try:
-            machine = open_machine(cfg, backend, address, vms_per_actor)
+            machine = open_machine(cfg, backend, address, vms_per_actor, epochs_per_call)
         except RunError as e:  # did not fit, or an actor died while starting
             failed = getattr(e, "failed", [])
             raise RunFailed(str(e), failed, writer.fail(str(e), failed)) from None

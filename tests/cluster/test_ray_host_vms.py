@@ -11,7 +11,7 @@ from cluster.runner import RunFailed, run_config
 TABLES = ("summary", "metrics", "faults")
 
 
-def config(duration_us: int = 600, hosts: int = 1, name: str = "hv"):
+def config(duration_us: int = 600, hosts: int = 1, name: str = "hv", warmup_us: int = 0):
     vm = {"mode": "nested", "policy": "strict", "vcpus": 2, "memory_mib": 64,
           "workload": {"kind": "nic", "offered_gbps": 2.0, "rx_ring": 64, "tx_ring": 64,
                        "rogue_fraction": 0.2}}
@@ -19,7 +19,7 @@ def config(duration_us: int = 600, hosts: int = 1, name: str = "hv"):
           "workload": {"kind": "nvme", "queue_depth": 4, "io_sizes": [4096, 16384],
                        "io_weights": [0.5, 0.5], "rogue_fraction": 0.3}}
     return parse_config({"experiment": {"name": name, "seed": 11, "duration_us": duration_us,
-                                        "epoch_us": 100},
+                                        "epoch_us": 100, "warmup_us": warmup_us},
                          "host": {"count": hosts, "memory_mib": 512},
                          "vm": {"n": {**vm, "count": 2}, "s": sh}})
 
@@ -70,11 +70,48 @@ def test_killed_host_vms_actor_fails_the_run_with_readable_metrics(tmp_path, ray
         if ep.index == 3:
             ray_local.kill(machine["m"].host_vms_actors[0][0], no_restart=True)
 
-    with pytest.raises(RunFailed) as info:
-        run_config(cfg, tmp_path, "ray", vms_per_actor=8, on_epoch=kill_at_epoch_3,
-                   machine_hook=lambda m: machine.setdefault("m", m))
+    with pytest.raises(RunFailed) as info:  # one epoch per call: it fails at the next one
+        run_config(cfg, tmp_path, "ray", vms_per_actor=8, epochs_per_call=1,
+                   on_epoch=kill_at_epoch_3, machine_hook=lambda m: machine.setdefault("m", m))
     e = info.value
     assert e.failed == ["host 0 actor with VMs 1,2,3"]
     manifest = read_manifest(e.path)
     assert manifest["status"] == "failed" and "died" in manifest["error"]
     assert sorted(set(read_run(e.path)["metrics"]["epoch"].to_pylist())) == [0, 1, 2, 3]
+
+
+def test_killed_actor_with_batched_epochs_fails_the_run(tmp_path, ray_local):
+    """Killed while later epochs are already computed: the run still fails naming it (at its
+    next call, or at finish), the metrics hold every epoch handed out before, in order."""
+    cfg = config(duration_us=2000, name="hvkill2")
+    machine = {}
+
+    def kill_at_epoch_3(ep) -> None:
+        if ep.index == 3:
+            ray_local.kill(machine["m"].host_vms_actors[0][0], no_restart=True)
+
+    with pytest.raises(RunFailed) as info:
+        run_config(cfg, tmp_path, "ray", epochs_per_call=6, on_epoch=kill_at_epoch_3,
+                   machine_hook=lambda m: machine.setdefault("m", m))
+    e = info.value
+    assert e.failed == ["host 0 actor with VMs 1,2,3"]
+    assert read_manifest(e.path)["status"] == "failed"
+    epochs = read_run(e.path)["metrics"]["epoch"].to_pylist()
+    assert sorted(set(epochs)) == list(range(6))  # the first call computed epochs 0-5
+
+
+@pytest.mark.parametrize("per_call", [None, 3, 64])
+def test_batched_epochs_equal_inproc(tmp_path, ray_local, per_call):
+    """Several epochs per call (adaptive, 3, more than the run has), with a warm-up window and
+    the run's end inside a batch: every table equals the in-process run's."""
+    cfg = config(hosts=2, duration_us=750, warmup_us=200, name=f"batch{per_call}")
+    a = run_config(cfg, tmp_path / "inproc", "inproc")
+    machine = {}
+    b = run_config(cfg, tmp_path / "ray", "ray", epochs_per_call=per_call,
+                   machine_hook=lambda m: machine.setdefault("m", m))
+    assert machine["m"]._batched and not machine["m"]._ready
+    ta, tb = read_run(a.path), read_run(b.path)
+    for name in TABLES:
+        assert ta[name].num_rows > 0, name
+        assert ta[name].equals(tb[name]), name
+    assert sorted(set(tb["metrics"]["epoch"].to_pylist())) == list(range(10))
