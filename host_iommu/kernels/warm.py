@@ -5,7 +5,7 @@ cold cache (then a second or two to load). ``warm_up`` makes that first call on 
 that a caller with a time budget (a test that signals a CLI run after its first epochs,
 tests/conftest.py) does not spend it compiling. It translates a few requests of an ATS device
 bound nested (through the translate, walk, IOTLB, PWC and device-TLB kernels) and applies one
-invalidation of each kind the caches take.
+invalidation of each kind the caches take; then the guest's flush-queue kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, PGTT_NESTED
 from host_iommu.iommu import HostIommu, IommuParams
 from host_iommu.pasid import PasidEntry
 from host_iommu.walk import WalkBatch
+from vm_agent.kernels.flushq import warm_up as warm_flush_queues
 
 
 def warm_up() -> None:
@@ -41,3 +42,4 @@ def warm_up() -> None:
     c.iotlb_page(did, 0, 0, False)
     c.piotlb_page(did, 0, 0, 0, False)
     c.devtlb(sid, 0, 0, 4096)
+    warm_flush_queues()  # the guest's lazy-mode flush queues (vm_agent/kernels/flushq.py)
