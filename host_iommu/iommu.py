@@ -275,6 +275,15 @@ class CacheSet:
         """Interrupt entry cache: interrupt remapping is not emulated."""
 
 
+# The invalidations the effect kernel (kernels/qiq.py _advance) dispatches itself, as these
+# CacheSet methods do. A host whose CacheSet has any of them replaced (a test injecting a bug,
+# as tests/fuzz/test_checker.py does) applies its effects through qi.apply instead, so that
+# the replacement is what runs.
+KERNEL_DISPATCH = {name: CacheSet.__dict__[name] for name in (
+    "iotlb_global", "iotlb_domain", "iotlb_page", "piotlb_pasid", "piotlb_page", "devtlb",
+    "iec")}
+
+
 class HostIommu:
     """One host: memory, VMs' second levels, remapping hardware. Knows nothing of Ray."""
 
@@ -303,9 +312,12 @@ class HostIommu:
         # Invalidations waiting for their effect time. Live: rows of an array queue
         # (kernels/qiq.py's pend) that the queue's kernel appends to and _advance applies.
         # On the reference engine, or with a queue other than qi.InvalidationQueue (the
-        # reference queue of tests/system/test_qi_reference_run.py): a heap of (effect time,
-        # seq, command) applied by qi.apply.
-        self._array_effects = p.engine == "fast" and type(self.qi) is qi.InvalidationQueue
+        # reference queue of tests/system/test_qi_reference_run.py), or with CacheSet methods
+        # replaced (KERNEL_DISPATCH): a heap of (effect time, seq, command) applied by
+        # qi.apply.
+        self._array_effects = (p.engine == "fast" and type(self.qi) is qi.InvalidationQueue
+                               and all(getattr(type(self.caches), name) is f
+                                       for name, f in KERNEL_DISPATCH.items()))
         self._effects = qi.new_effects()
         self._pending: list[tuple[int, int, InvCommand]] = []
         self._pending_seq = 0

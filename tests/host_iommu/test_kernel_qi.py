@@ -391,3 +391,16 @@ def test_host_refuses_its_own_bad_descriptor_and_recovers():
 def test_kernel_masks_are_the_queue_masks():
     """The kernel's reserved-bit table is qi.QI_RSVD, type by type."""
     assert {t: tuple(int(x) for x in qk.RSVD[t]) for t in range(1, 9)} == qi.QI_RSVD
+
+
+def test_replaced_cache_methods_take_the_command_path(monkeypatch):
+    """A CacheSet method replaced (a deliberately broken model, tests/fuzz) is what runs: the
+    host then applies its effects with qi.apply, and the broken flush really drops nothing."""
+    calls = []
+    monkeypatch.setattr(iommu.CacheSet, "piotlb_page", lambda self, *a: calls.append(a))
+    h = iommu.HostIommu(iommu.IommuParams(memory_mib=16, qi_entries=128))
+    assert not h._array_effects
+    t, _n = h.submit_qi(qi.as_descs([qi.piotlb_words(1, 2, 3, 0x4000, 0, True),
+                                     qi.WAIT_WORDS]), 0)
+    h.advance_to(t)
+    assert calls == [(1, 2, 0x4000, 0, True)]
