@@ -8,7 +8,9 @@ Follows the Intel VT-d specification sections 3.6/9.7 (first-level entries) and 
 A table is one 4-KiB page of 512 64-bit entries living in a TableStore (HPA space for host
 tables, GPA space for guest tables). PageTable builds one tree in a store with scalar Python:
 it is the slow, obviously correct writer that the VMM (shadow tables), the guest driver (its
-own first-level tables) and test fixtures share; batch walkers read what it wrote.
+own first-level tables) and test fixtures share; batch walkers read what it wrote. On the
+guest's store (vm_agent.memory.GuestTableStore) its 4-KiB maps and its unmaps run compiled
+(vm_agent/kernels/pgtable.py), store for store as the Python walks below would make them.
 """
 
 from __future__ import annotations

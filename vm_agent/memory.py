@@ -7,7 +7,7 @@ function of its inputs. Page-table pages are kept locally, because the guest rea
 tables: one uint64 slab of 512-entry rows per domain, which the compiled map and unmap of a run
 (vm_agent/kernels/pgtable.py) work on in place; under nesting every store into them is also
 logged for the host, which holds the real memory the IOMMU walks (Linux's driver writes its
-tables with plain CPU stores: drivers/iommu/intel/iommu.c dma_pte, domain_flush_cache).
+tables with plain CPU stores, drivers/iommu/intel/iommu.c).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from vm_agent.kernels import pgtable as kpg
 _U64 = (1 << 64) - 1
 _FIRST_ROWS = 16       # table pages the slab holds before it first grows
 _FIRST_FRAMES = 1024   # GPA frames row_of covers before it first grows
-_OUT_EVENTS = 2048     # stores a map call may list before it asks to be called again
+_OUT_EVENTS = 1024     # stores a map call may list before it asks to be called again
 
 
 class GuestMemoryError(Exception):
@@ -124,6 +124,7 @@ class GuestTableStore:
         self._rows: dict[int, int] = {}   # GPA -> slab row of each table page
         self._free_rows: list[int] = []
         self._next_row = 0
+        self._freed: int | None = None   # the table page the last free_table freed
         self._resize(kpg.grown(None, _FIRST_FRAMES, _FIRST_ROWS, out_events))
 
     def _resize(self, state: np.ndarray) -> None:
@@ -150,8 +151,8 @@ class GuestTableStore:
         if row == self._next_row:
             self._next_row += 1
         if row >= rows or frame >= frames:
-            self._resize(kpg.grown(self.state, max(frames, 2 * frame + 1),
-                                   2 * rows if row >= rows else rows, events))
+            room = max(frames, min(2 * frame, self.mem.frames), frame + 1)
+            self._resize(kpg.grown(self.state, room, 2 * rows if row >= rows else rows, events))
         self.state[kpg.HEADER + frame] = row
         self.state[self._used_at + row] = 0
         self._rows[gpa] = row
@@ -185,6 +186,7 @@ class GuestTableStore:
                 self.mem.table_residue[addr] = residue
             self._free_rows.append(self._rows.pop(addr))
             self.state[kpg.HEADER + (addr >> PAGE_SHIFT)] = -1
+        self._freed = addr if page is not None else None   # for TableCounts' del
         self.mem.free(addr, 1)
 
     def read(self, addr: int) -> int:
@@ -259,9 +261,10 @@ class GuestTableStore:
 
 class TableCounts(MutableMapping):
     """PageTable's ``_used`` (table GPA -> its non-zero entries) over a GuestTableStore's
-    array, where the kernels keep the counts: the keys are the store's table pages, a free
-    drops the page's count with it (``del`` after GuestTableStore.free_table finds nothing
-    left to drop)."""
+    array, where the kernels keep the counts: the keys are the store's table pages, and a
+    free drops the page's count with it. So ``del`` (which PageTable makes right after
+    GuestTableStore.free_table) has nothing left to drop, and raises KeyError, as a dict
+    would, unless that free took a table page."""
 
     def __init__(self, store: GuestTableStore) -> None:
         self.store = store
@@ -275,7 +278,9 @@ class TableCounts(MutableMapping):
         s.state[s._used_at + s._rows[gpa]] = count
 
     def __delitem__(self, gpa: int) -> None:
-        pass
+        if self.store._freed != gpa:
+            raise KeyError(gpa)
+        self.store._freed = None
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.store._rows)
