@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from host_iommu import qi
 from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, PGTT_NESTED
 from host_iommu.iommu import HostIommu, IommuParams
 from host_iommu.pasid import PasidEntry
@@ -42,4 +43,10 @@ def warm_up() -> None:
     c.iotlb_page(did, 0, 0, False)
     c.piotlb_page(did, 0, 0, 0, False)
     c.devtlb(sid, 0, 0, 4096)
+    # the queue's tail write and the pending effects (kernels/qiq.py)
+    h.submit_qi(qi.as_descs([qi.piotlb_words(did, 0, qi.QI_GRAN_PSI_PASID),
+                             qi.pc_words(qi.QI_PC_PASID_SEL, did), qi.WAIT_WORDS]), 0)
+    h.drain()
+    q = qi.InvalidationQueue(128)
+    q.submit(qi.as_descs([qi.WAIT_WORDS]), q.room_at(0, 1))
     warm_flush_queues()  # the guest's lazy-mode flush queues (vm_agent/kernels/flushq.py)
