@@ -205,9 +205,10 @@ class CacheSet:
     """
 
     # The live caches: array state driven by compiled kernels (host_iommu/kernels/), with
-    # iotlb.py's placement, LRU and batch semantics; context and PASID caches hold decoded
-    # entries on plain ints (host_iommu/entrycache.py). Order: IOTLB, paging-structure cache,
-    # PASID cache, context cache, device-TLB (refengine.CACHE_KINDS gives the references).
+    # the references' placement, LRU and batch semantics; context and PASID caches on
+    # compiled kernels too, with the decoded entry beside each line (host_iommu/entrycache.py).
+    # Order: IOTLB, paging-structure cache, PASID cache, context cache, device-TLB
+    # (refengine.CACHE_KINDS gives the references).
     FAST_KINDS: ClassVar[tuple[type, ...]] = (IotlbArrays, PwcArrays, PasidEntryCache,
                                               ContextEntryCache, DeviceTlbArrays)
 
