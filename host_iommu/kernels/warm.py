@@ -5,7 +5,8 @@ cold cache (then a second or two to load). ``warm_up`` makes that first call on 
 that a caller with a time budget (a test that signals a CLI run after its first epochs,
 tests/conftest.py) does not spend it compiling. It translates a few requests of an ATS device
 bound nested (through the translate, walk, IOTLB, PWC and device-TLB kernels) and applies one
-invalidation of each kind the caches take; then the guest's flush-queue kernels.
+invalidation of each kind the caches take; then the guest's flush-queue and page-table
+kernels.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from host_iommu import qi
 from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, PGTT_NESTED
 from host_iommu.iommu import HostIommu, IommuParams
 from host_iommu.pasid import PasidEntry
+from host_iommu.pgtable import PageTable
 from host_iommu.walk import WalkBatch
 from vm_agent.kernels.flushq import warm_up as warm_flush_queues
+from vm_agent.memory import GuestMemory, GuestTableStore
 
 
 def warm_up() -> None:
@@ -49,4 +52,8 @@ def warm_up() -> None:
     h.drain()
     q = qi.InvalidationQueue(128)
     q.submit(qi.as_descs([qi.WAIT_WORDS]), q.room_at(0, 1))
+    # the guest's compiled page tables (vm_agent/kernels/pgtable.py): map_4k, unmap_range
+    pt = PageTable(GuestTableStore(GuestMemory(64)), "fl", 4, max_order=0)
+    pt.map(0x1000, 0x2000, 0x3000)
+    pt.unmap(0, 1 << 21)
     warm_flush_queues()  # the guest's lazy-mode flush queues (vm_agent/kernels/flushq.py)

@@ -62,7 +62,7 @@ MUTANTS = (
     Mutant("pasid-inv-drops-domain-pwc", "host_iommu/iommu.py",
            "self.fl_pwc.inv_pasid(did, pasid)",
            "self.fl_pwc.inv_domain(did)",
-           ("tests/host_iommu/test_invalidate.py",)),
+           ("tests/host_iommu/test_invalidate.py", "tests/host_iommu/test_kernel_qi.py")),
     Mutant("churn-unknown-keys-dropped", "cluster/config.py",
            'churn = _build(churn_cls, table["churn"], ',
            'churn = _build(churn_cls, {k: v for k, v in dict(table["churn"]).items() if k in '
@@ -86,6 +86,15 @@ MUTANTS = (
            "for lv in range(PWC_MIN_LEVEL, int(levels[i]) + 1):",
            "for lv in range(PWC_MIN_LEVEL, int(levels[i])):",
            ("tests/host_iommu/test_walk.py",)),
+    # The context/PASID-cache kernel and the QI's effect kernel against their references.
+    Mutant("pasid-cache-ignores-pasid", "host_iommu/kernels/entrycache.py",
+           "and st[HDR + P_PASID * lines + line] == pasid):",
+           "):",
+           ("tests/host_iommu/test_kernel_entrycache.py",)),
+    Mutant("pasid-wide-flush-drops-whole-domain-pwc", "host_iommu/kernels/qiq.py",
+           "_inv_range(fl_state, fl_counts, not every, did, not every, pasid, zero, whole,",
+           "_inv_range(fl_state, fl_counts, not every, did, every, pasid, zero, whole,",
+           ("tests/host_iommu/test_kernel_qi.py",)),
 )
 
 
