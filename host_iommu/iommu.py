@@ -615,10 +615,12 @@ class HostIommu:
         """
         if self.p.engine == "reference":
             return refengine.translate(self, sid, pasid, addr, access, t_ns)
-        sid = np.asarray(sid, dtype=np.int64)
-        pasid = np.asarray(pasid, dtype=np.int64)
-        addr = np.asarray(addr, dtype=U64)
-        access = np.asarray(access, dtype=np.uint8)
+        # contiguous: the kernel is compiled (and cached) for C-layout arrays; a strided
+        # column (a field of an op batch) would compile a second specialisation mid-run
+        sid = np.ascontiguousarray(sid, dtype=np.int64)
+        pasid = np.ascontiguousarray(pasid, dtype=np.int64)
+        addr = np.ascontiguousarray(addr, dtype=U64)
+        access = np.ascontiguousarray(access, dtype=np.uint8)
         n = sid.size
         out = np.zeros(n, dtype=RESULT_DTYPE)
         if n == 0:
