@@ -165,8 +165,12 @@ def hwpt_invalidate(host: HostIommu, dom: NestedDomain, entries: list[tuple[int,
     """IOMMU_HWPT_INVALIDATE: entries of (addr, npages, flags). Returns (t_done, descriptors).
 
     Every entry is checked (check_inv_entry) before any is applied: a refused request
-    changes nothing. An entry of 0 pages invalidates nothing.
+    changes nothing. An entry of 0 pages invalidates nothing. A request of one entry (what
+    a guest's strict unmap sends) goes through hwpt_invalidate_one.
     """
+    if len(entries) == 1:
+        addr, npages, flags = entries[0]
+        return hwpt_invalidate_one(host, dom, addr, npages, flags, t_ns)
     for addr, npages, flags in entries:
         check_inv_entry(addr, npages, flags)
     ats = [dom.sid] if dom.sid in host.ats_sids else []
@@ -176,6 +180,37 @@ def hwpt_invalidate(host: HostIommu, dom: NestedDomain, entries: list[tuple[int,
                                         ats_sids=ats)]
     words.append(qi.WAIT_WORDS)
     return host.submit_qi(qi.as_descs(words), t_ns)
+
+
+# The descriptors of a one-entry IOMMU_HWPT_INVALIDATE (its PASID-based IOTLB invalidation,
+# the device-TLB one when the device has ATS, the wait) are a pure function of (DID, PASID,
+# addr, npages, flags, ATS): the same few recur, as the guest's IOVA allocator hands the same
+# ranges out again, so the DESC_DTYPE array submitted is kept by that key, bounded as
+# qi._DECODED is. Only an entry check_inv_entry accepted is kept, so a hit needs no check.
+# The arrays are shared: nothing writes them (the queue reads a submission; what it keeps
+# of one, it copies).
+_ONE_ENTRY: dict[tuple[int, int, int, int, int, bool], np.ndarray] = {}
+_ONE_ENTRY_MAX = 1 << 14   # about 5 MB at most
+
+
+def hwpt_invalidate_one(host: HostIommu, dom: NestedDomain, addr: int, npages: int,
+                        flags: int, t_ns: int) -> tuple[int, int]:
+    """hwpt_invalidate of the single entry (addr, npages, flags): refused (IommufdError)
+    as check_inv_entry refuses it; else (t_done, descriptors)."""
+    ats = dom.sid in host.ats_sids
+    key = (dom.did, dom.pasid, addr, npages, flags, ats)
+    descs = _ONE_ENTRY.get(key)
+    if descs is None:
+        check_inv_entry(addr, npages, flags)
+        words = pasid_flush_words(dom.did, dom.pasid, addr, npages,
+                                  leaf=bool(flags & IOMMU_VTD_INV_FLAGS_LEAF),
+                                  ats_sids=[dom.sid] if ats else [])
+        words.append(qi.WAIT_WORDS)
+        descs = qi.as_descs(words)
+        if len(_ONE_ENTRY) >= _ONE_ENTRY_MAX:
+            _ONE_ENTRY.clear()
+        _ONE_ENTRY[key] = descs
+    return host.submit_qi(descs, t_ns)
 
 
 def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int, *,

@@ -28,7 +28,7 @@ from host_iommu.nested import (
     NestedDomain,
     alloc_nested,
     attach_second_level,
-    hwpt_invalidate,
+    hwpt_invalidate_one,
     sl_map,
     sl_unmap,
 )
@@ -299,7 +299,7 @@ class HostServer:
                 c["vfio_errors"] += 1  # iommufd refuses a HWPT the VM does not own
                 return
             try:
-                t_done, nd = hwpt_invalidate(h, dom, [(a0, a1, a2)], t)
+                t_done, nd = hwpt_invalidate_one(h, dom, a0, a1, a2, t)
             except IommufdError:
                 c["vfio_errors"] += 1  # refused entries are never applied
                 return
