@@ -150,6 +150,7 @@ class VmAgent:
             store = GuestTableStore(self.mem)
             if self.mode == "nested":
                 store.on_write = functools.partial(self._log_table_store, store)
+                store.on_writes = functools.partial(self._log_table_stores, store)
             fmt, levels = ("fl", self.fl_levels) if self.mode == "nested" else ("sl", 4)
             table = PageTable(store, fmt, levels, max_order=0)
         lazy = self.policy == "lazy" and self.mode == "nested"
@@ -177,6 +178,29 @@ class VmAgent:
             self._made.setdefault(page, []).append(row)
         elif value & 1 and target != page and target in store.pages:
             self._made.setdefault(target, []).append(row)
+
+    def _log_table_stores(self, store: GuestTableStore, pairs: list[int]) -> None:
+        """``_log_table_store`` of each store of a compiled run (``pairs``: flat gpa, value,
+        in store order), in one call: the same rows, sequence numbers and creation marks."""
+        log = self.log
+        rows = log.rows
+        now = store.now
+        made = self._made
+        zeroing = store.zeroing
+        pages = store.pages
+        for i in range(0, len(pairs), 2):
+            gpa = pairs[i]
+            value = pairs[i + 1]
+            page = gpa & ~(PAGE_SIZE - 1)
+            if made and made.get(page):
+                self._made_by(page, now)
+            rows.extend((now, OP_GUEST_WRITE, 0, 0, gpa, value, 0, -1))   # log.add's row
+            if zeroing == page:
+                made.setdefault(page, []).append(log.seq0 + len(rows) // log.ROW - 1)
+            elif value & 1:
+                target = value & TABLE_ADDR_MASK
+                if target != page and target in pages:
+                    made.setdefault(target, []).append(log.seq0 + len(rows) // log.ROW - 1)
 
     def _made_by(self, page: int, t_ns: int) -> None:
         """Move the creation stores of table ``page`` (this epoch's) to ``t_ns`` if later.

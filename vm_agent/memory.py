@@ -101,7 +101,9 @@ class GuestTableStore:
 
     ``on_write(gpa, value)`` is called for every store (the agent logs them for the host under
     nesting, stamped with ``now``: the virtual time of the driver code doing the store);
-    ``writes`` counts them.
+    ``writes`` counts them. ``on_writes(pairs)``, when set, takes the compiled runs' stores
+    instead, one call per run with their flat ``[gpa, value, gpa, value, ...]`` in store
+    order (the agent logs them in one step); ``on_write`` still takes the others.
     """
 
     # Every change to these pages goes through write() or the kernels and is counted in
@@ -118,6 +120,7 @@ class GuestTableStore:
             raise ValueError(f"out_events {out_events} below {5 + kpg.SLOTS}")
         self.mem = mem
         self.on_write = on_write
+        self.on_writes: Callable[[list[int]], None] | None = None
         self.writes = 0
         self.now = 0
         self.zeroing: int | None = None  # the table page whose zeroing stores are under way
@@ -211,35 +214,51 @@ class GuestTableStore:
         bits, PS, address field, non-leaf entry bits)."""
         kpg.bind(self.state, root, levels, *fmt_bits)
 
-    def _report(self, n: int) -> list[int]:
-        """Report the stores among the kernel's ``n`` listed (address, value) pairs to
-        ``on_write`` in order; returns the tables listed as freed, in order."""
-        on_write = self.on_write
+    def _report(self, n: int, frees: int) -> list[int]:
+        """Report the stores among the kernel's ``n`` listed (address, value) pairs, ``frees``
+        of them freed tables, to ``on_writes`` (all at once) or ``on_write`` (one by one) in
+        order; returns the tables listed as freed, in order."""
+        on_writes = self.on_writes
+        state, at = self.state, self._out_at
         if n == 1:   # the common one store: two scalar reads beat a slice
-            addr = self.state.item(self._out_at)
+            addr = state.item(at)
             if addr & kpg.FREED:
                 return [addr - kpg.FREED]
-            if on_write is not None:
-                on_write(addr, self.state.item(self._out_at + 1))
+            if on_writes is not None:
+                on_writes([addr, state.item(at + 1)])
+            elif self.on_write is not None:
+                self.on_write(addr, state.item(at + 1))
             return []
-        listed = self.state[self._out_at:self._out_at + kpg.EVENT * n].tolist()
+        listed = state[at:at + kpg.EVENT * n].tolist()
+        if not frees and on_writes is not None and kpg.EVENT == 2:
+            on_writes(listed)    # the listed pairs are the stores
+            return []
         freed = []
+        pairs = []
         for i in range(0, len(listed), kpg.EVENT):
             addr = listed[i]
             if addr & kpg.FREED:
                 freed.append(addr - kpg.FREED)
-            elif on_write is not None:
-                on_write(addr, listed[i + 1])
+            else:
+                pairs.append(addr)
+                pairs.append(listed[i + 1])
+        if on_writes is not None:
+            if pairs:
+                on_writes(pairs)
+        elif self.on_write is not None:
+            on_write = self.on_write
+            for i in range(0, len(pairs), 2):
+                on_write(pairs[i], pairs[i + 1])
         return freed
 
     def map_4k(self, iova: int, end: int, phys: int, bits: int, new_table: int
                ) -> tuple[int, int]:
         """kpg.map_4k on this array: (RUN_* code, IOVA reached), its stores counted and
-        reported."""
+        reported (a map frees no table)."""
         code, pos, n = kpg.map_4k(self.state, iova, end, phys, bits, new_table)
         self.writes += n
-        if n and self.on_write is not None:
-            self._report(n)
+        if n and (self.on_writes is not None or self.on_write is not None):
+            self._report(n, 0)
         return code, pos
 
     def unmap_range(self, start: int, end: int) -> tuple[int, list[int]] | None:
@@ -254,8 +273,8 @@ class GuestTableStore:
         if code == kpg.FALLBACK:
             return None
         self.writes += stores
-        if frees or (stores and self.on_write is not None):
-            return stores, self._report(stores + frees)
+        if frees or (stores and (self.on_writes is not None or self.on_write is not None)):
+            return stores, self._report(stores + frees, frees)
         return stores, []
 
 
