@@ -27,6 +27,8 @@ import numpy as np
 
 from host_iommu import qi
 
+_DECODED_MAX = 4096   # word descriptors one vIOMMU keeps decoded
+
 
 @dataclass
 class VIommu:
@@ -46,13 +48,40 @@ class VIommu:
     counts: dict[str, int] = field(default_factory=dict)
     queued: list[np.void | qi.Words] = field(default_factory=list)
 
+    # Well-formed word descriptors already decoded: words -> (command, type name). Decoding
+    # is a pure function of the words (qi.decode_words), so a hit is what decoding gives.
+    _decoded: dict = field(default_factory=dict, repr=False, compare=False)
+
     def submit(self, descs: list[np.void | qi.Words]) -> list[qi.InvCommand]:
         """Guest writes descriptors and the tail; returns what the VMM must emulate now."""
         self.tail_writes += 1
-        self.queued.extend(descs)
-        if self.iqe:
-            return []
-        return self._fetch()
+        if self.iqe or self.queued:
+            self.queued.extend(descs)
+            return [] if self.iqe else self._fetch()
+        # Fetching with nothing queued (the guest's own submissions): ``_fetch`` over
+        # ``descs`` without queueing them first; a malformed one and all after it stay queued.
+        out: list[qi.InvCommand] = []
+        counts = self.counts
+        decoded = self._decoded
+        for d in descs:
+            hit = decoded.get(d) if type(d) is tuple else None
+            if hit is None:
+                cmd = qi.decode_words(*d) if type(d) is tuple else qi.decode(d)
+                if isinstance(cmd, qi.DescError):
+                    self.iqe, self.iqe_error = True, cmd
+                    self.errors += 1
+                    self.queued.extend(descs[len(out):])
+                    return out
+                hit = (cmd, cmd.name)
+                if type(d) is tuple:
+                    if len(decoded) >= _DECODED_MAX:
+                        decoded.clear()
+                    decoded[d] = hit
+            cmd, name = hit
+            self.descriptors += 1
+            counts[name] = counts.get(name, 0) + 1
+            out.append(cmd)
+        return out
 
     def clear_iqe(self, replacement: np.void | qi.Words | None = None
                   ) -> list[qi.InvCommand]:
