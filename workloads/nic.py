@@ -227,6 +227,11 @@ class NicWorkload(Workload):
     def start(self, ctx: GuestContext) -> None:
         p = self.params
         self._sizes = SizeSampler(p.packet_sizes, p.packet_weights)
+        # the hot paths draw inline: SizeSampler.draw's lists, and per-run constants
+        self._size_cdf, self._size_of = self._sizes._cdf, self._sizes._sizes
+        self._rogue = p.rogue_fraction > 0.0     # else Workload.device_dma draws nothing
+        self._irq_delay_ns = round(p.irq_coalesce_us * 1000.0)
+        self._turnaround_ns = round(p.peer_turnaround_us * 1000.0)
         nq = p.queues or ctx.vcpus
         self.dev = ctx.add_device("nic0")
         self._busy_until = [0] * ctx.vcpus
@@ -250,12 +255,19 @@ class NicWorkload(Workload):
                 for _ in range(p.rx_ring):
                     t = self._post_rx_buffer(ctx, qu, t)
             if rr:
-                schedule_at(ctx, t + round(p.peer_turnaround_us * 1000.0), self._rx_arrival,
-                            q)
+                schedule_at(ctx, t + self._turnaround_ns, self._rx_arrival, q)
             if self._rx_gap_ns > 0:
                 schedule_at(ctx, t + self._gap(ctx, self._rx_gap_ns), self._rx_arrival, q)
             if self._tx_gap_ns > 0:
                 schedule_at(ctx, t + self._gap(ctx, self._tx_gap_ns), self._tx_generate, q)
+
+    # The per-packet methods below inline ``schedule_at`` (``ctx.schedule(t, fn, ctx, t,
+    # ...)``), ``_gap``, ``_offer``, ``_cpu_start``, ``_raise_irq``, ``_post_rx_buffer`` and
+    # ``SizeSampler.draw``, and call ``ctx.device_dma`` directly when ``rogue_fraction`` is 0
+    # (``Workload.device_dma`` then draws nothing): the same calls on the guest, the same
+    # random draws in the same order, the same event times and scheduling order, with fewer
+    # Python calls per packet. tests/workloads/test_nic_nvme_inlined.py checks them against
+    # the plain versions (tests/workloads/nic_nvme_plain.py).
 
     @staticmethod
     def _gap(ctx: GuestContext, mean_ns: float) -> int:
@@ -273,77 +285,114 @@ class NicWorkload(Workload):
 
     # --- RX ----------------------------------------------------------------------------
     def _rx_arrival(self, ctx: GuestContext, t_ns: int, q: int) -> None:
-        rr = self.params.request_response
-        if not self._offer() or (rr and not self._offer()):    # a round trip: RX and TX
+        p = self.params
+        rr = p.request_response
+        limit = p.packets                      # _offer, once (twice for a round trip)
+        if limit and self.offered >= limit:
             return
+        self.offered += 1
+        if rr:
+            if limit and self.offered >= limit:
+                return
+            self.offered += 1
         qu = self.queues[q]
-        nbytes = self._sizes.draw(ctx.rng)
+        rng = ctx.rng
+        nbytes = self._size_of[bisect_right(self._size_cdf, rng.random())]
         if not rr:
-            schedule_at(ctx, t_ns + self._gap(ctx, self._rx_gap_ns), self._rx_arrival, q)
+            t_next = t_ns + max(1, round(float(rng.exponential(self._rx_gap_ns))))
+            ctx.schedule(t_next, self._rx_arrival, ctx, t_next, q)
         if not qu.rx_posted:
             self.rx_drops += 1
             return
         gpa, iova = qu.rx_posted.popleft()
-        desc = qu.rx_ring_iova + (qu.rx_next_desc % self.params.rx_ring) * DESC_BYTES
+        desc = qu.rx_ring_iova + (qu.rx_next_desc % p.rx_ring) * DESC_BYTES
         qu.rx_next_desc += 1
-        ctx.device_dma(qu.dev, t_ns, desc, DESC_BYTES, False)
-        self.device_dma(ctx, qu.dev, t_ns, iova, nbytes, True)
-        ctx.device_dma(qu.dev, t_ns, desc, DESC_BYTES, True)
+        dev = qu.dev
+        device_dma = ctx.device_dma
+        device_dma(dev, t_ns, desc, DESC_BYTES, False)
+        if self._rogue:
+            self.device_dma(ctx, dev, t_ns, iova, nbytes, True)
+        else:
+            device_dma(dev, t_ns, iova, nbytes, True)
+        device_dma(dev, t_ns, desc, DESC_BYTES, True)
         qu.rx_pending.append((gpa, iova, nbytes, t_ns))
-        self._raise_irq(ctx, qu, t_ns)
+        if qu.irq_state == IRQ_IDLE:           # _raise_irq
+            qu.irq_state = IRQ_ARMED
+            t_irq = t_ns + self._irq_delay_ns
+            ctx.schedule(t_irq, self._irq, ctx, t_irq, q)
 
     # --- interrupts and NAPI -----------------------------------------------------------
     def _raise_irq(self, ctx: GuestContext, qu: _Queue, t_ns: int) -> None:
         if qu.irq_state == IRQ_IDLE:
             qu.irq_state = IRQ_ARMED
-            delay_ns = round(self.params.irq_coalesce_us * 1000.0)
-            schedule_at(ctx, t_ns + delay_ns, self._irq, qu.q)
+            t_irq = t_ns + self._irq_delay_ns
+            ctx.schedule(t_irq, self._irq, ctx, t_irq, qu.q)
 
     def _irq(self, ctx: GuestContext, t_ns: int, q: int) -> None:
         self.queues[q].irq_state = IRQ_NAPI
-        schedule_at(ctx, t_ns, self._napi_poll, q)
+        ctx.schedule(t_ns, self._napi_poll, ctx, t_ns, q)
 
     def _napi_poll(self, ctx: GuestContext, t_ns: int, q: int) -> None:
         p = self.params
         qu = self.queues[q]
         cpu = qu.cpu
-        t = self._cpu_start(ctx, cpu, t_ns)
+        dev = qu.dev
+        busy_until = self._busy_until
+        t = max(t_ns, ctx.cpu_free_at(cpu), busy_until[cpu])
         self.polls += 1
-        while qu.tx_done:                      # TX clean-up first, as ixgbe_poll does
-            gpa, iova, nbytes, t_queued = qu.tx_done.popleft()
-            t = ctx.dma_unmap(cpu, qu.dev, iova, nbytes, DMA_TO_DEVICE, t)
-            ctx.free_buffer(gpa, nbytes)
+        rr = p.request_response
+        dma_unmap, free_buffer, io_done = ctx.dma_unmap, ctx.free_buffer, ctx.io_done
+        tx_done = qu.tx_done
+        while tx_done:                         # TX clean-up first, as ixgbe_poll does
+            gpa, iova, nbytes, t_queued = tx_done.popleft()
+            t = dma_unmap(cpu, dev, iova, nbytes, DMA_TO_DEVICE, t)
+            free_buffer(gpa, nbytes)
             qu.tx_in_flight -= 1
             self.tx_packets += 1
-            if not p.request_response:     # a round trip is counted when its response left
-                ctx.io_done(t, nbytes, t - t_queued)
+            if not rr:                         # a round trip is counted when its response left
+                io_done(t, nbytes, t - t_queued)
         done = 0
-        while qu.rx_pending and done < p.napi_budget:
-            gpa, iova, nbytes, t_arrive = qu.rx_pending.popleft()
-            t = ctx.dma_unmap(cpu, qu.dev, iova, p.buffer_bytes, DMA_FROM_DEVICE, t)
-            t += p.cpu_per_packet_ns
-            if not p.request_response:     # a round trip is counted when its response left
-                ctx.io_done(t, nbytes, t - t_arrive)
-            self.rx_packets += 1
-            t = self._post_rx_buffer(ctx, qu, t)
-            ctx.free_buffer(gpa, p.buffer_bytes)
-            done += 1
-            if p.request_response:         # the application answers the request at once
-                qu.rr_requests.append((t_arrive, nbytes))
-                t = self._tx_send(ctx, q, t, self._sizes.draw(ctx.rng))
-        self._busy_until[cpu] = max(self._busy_until[cpu], t)
-        self.max_poll_packets = max(self.max_poll_packets, done)
-        if qu.rx_pending:                      # budget spent: poll again, irqs stay masked
-            schedule_at(ctx, t, self._napi_poll, q)
+        rx_pending = qu.rx_pending
+        if rx_pending:
+            budget = p.napi_budget
+            size = p.buffer_bytes
+            stack_ns = p.cpu_per_packet_ns
+            alloc_buffer, dma_map, posted = ctx.alloc_buffer, ctx.dma_map, qu.rx_posted
+            while rx_pending and done < budget:
+                gpa, iova, nbytes, t_arrive = rx_pending.popleft()
+                t = dma_unmap(cpu, dev, iova, size, DMA_FROM_DEVICE, t)
+                t += stack_ns
+                if not rr:                     # a round trip is counted when its response left
+                    io_done(t, nbytes, t - t_arrive)
+                self.rx_packets += 1
+                new_gpa = alloc_buffer(size)   # _post_rx_buffer: refill the ring
+                new_iova, t = dma_map(cpu, dev, new_gpa, size, DMA_FROM_DEVICE, t)
+                posted.append((new_gpa, new_iova))
+                free_buffer(gpa, size)
+                done += 1
+                if rr:                         # the application answers the request at once
+                    qu.rr_requests.append((t_arrive, nbytes))
+                    t = self._tx_send(ctx, q, t, self._size_of[
+                        bisect_right(self._size_cdf, ctx.rng.random())])
+        if t > busy_until[cpu]:
+            busy_until[cpu] = t
+        if done > self.max_poll_packets:
+            self.max_poll_packets = done
+        if rx_pending:                         # budget spent: poll again, irqs stay masked
+            ctx.schedule(t, self._napi_poll, ctx, t, q)
         else:                                  # napi_complete_done: re-enable the interrupt
             qu.irq_state = IRQ_IDLE
 
     # --- TX ----------------------------------------------------------------------------
     def _tx_generate(self, ctx: GuestContext, t_ns: int, q: int) -> None:
-        if not self._offer():
+        limit = self.params.packets            # _offer
+        if limit and self.offered >= limit:
             return
-        nbytes = self._sizes.draw(ctx.rng)
-        schedule_at(ctx, t_ns + self._gap(ctx, self._tx_gap_ns), self._tx_generate, q)
+        self.offered += 1
+        rng = ctx.rng
+        nbytes = self._size_of[bisect_right(self._size_cdf, rng.random())]
+        t_next = t_ns + max(1, round(float(rng.exponential(self._tx_gap_ns))))
+        ctx.schedule(t_next, self._tx_generate, ctx, t_next, q)
         self._tx_send(ctx, q, t_ns, nbytes)
 
     def _tx_send(self, ctx: GuestContext, q: int, t_ns: int, nbytes: int) -> int:
@@ -353,10 +402,13 @@ class NicWorkload(Workload):
         if qu.tx_in_flight >= p.tx_ring:
             self.tx_drops += 1
             return t_ns
-        t = self._cpu_start(ctx, qu.cpu, t_ns)
+        cpu = qu.cpu
+        busy_until = self._busy_until
+        t = max(t_ns, ctx.cpu_free_at(cpu), busy_until[cpu])
         gpa = ctx.alloc_buffer(nbytes)
-        iova, t = ctx.dma_map(qu.cpu, qu.dev, gpa, nbytes, DMA_TO_DEVICE, t)
-        self._busy_until[qu.cpu] = max(self._busy_until[qu.cpu], t)
+        iova, t = ctx.dma_map(cpu, qu.dev, gpa, nbytes, DMA_TO_DEVICE, t)
+        if t > busy_until[cpu]:
+            busy_until[cpu] = t
         desc = qu.tx_ring_iova + (qu.tx_next_desc % p.tx_ring) * DESC_BYTES
         qu.tx_next_desc += 1
         qu.tx_in_flight += 1
@@ -364,27 +416,37 @@ class NicWorkload(Workload):
         t_start = max(t, self._tx_wire_free_ns)
         wire_ns = max(1, round(nbytes * 8 / p.line_gbps))
         self._tx_wire_free_ns = t_start + wire_ns
-        schedule_at(ctx, t_start, self._tx_fetch, q, desc, gpa, iova, nbytes, t_ns, wire_ns)
+        ctx.schedule(t_start, self._tx_fetch, ctx, t_start, q, desc, gpa, iova, nbytes, t_ns,
+                     wire_ns)
         return t
 
     def _tx_fetch(self, ctx: GuestContext, t_ns: int, q: int, desc: int, gpa: int, iova: int,
                   nbytes: int, t_queued: int, wire_ns: int) -> None:
         dev = self.queues[q].dev
         ctx.device_dma(dev, t_ns, desc, DESC_BYTES, False)
-        self.device_dma(ctx, dev, t_ns, iova, nbytes, False)
-        schedule_at(ctx, t_ns + wire_ns, self._tx_complete, q, desc, gpa, iova, nbytes, t_queued)
+        if self._rogue:
+            self.device_dma(ctx, dev, t_ns, iova, nbytes, False)
+        else:
+            ctx.device_dma(dev, t_ns, iova, nbytes, False)
+        t_done = t_ns + wire_ns
+        ctx.schedule(t_done, self._tx_complete, ctx, t_done, q, desc, gpa, iova, nbytes,
+                     t_queued)
 
     def _tx_complete(self, ctx: GuestContext, t_ns: int, q: int, desc: int, gpa: int,
                      iova: int, nbytes: int, t_queued: int) -> None:
         qu = self.queues[q]
         ctx.device_dma(qu.dev, t_ns, desc, DESC_BYTES, True)   # descriptor done write-back
         qu.tx_done.append((gpa, iova, nbytes, t_queued))
-        self._raise_irq(ctx, qu, t_ns)
+        if qu.irq_state == IRQ_IDLE:           # _raise_irq
+            qu.irq_state = IRQ_ARMED
+            t_irq = t_ns + self._irq_delay_ns
+            ctx.schedule(t_irq, self._irq, ctx, t_irq, q)
         if self.params.request_response and qu.rr_requests:
             t_request, req_bytes = qu.rr_requests.popleft()
-            turnaround_ns = round(self.params.peer_turnaround_us * 1000.0)
+            turnaround_ns = self._turnaround_ns
             rtt_ns = t_ns - t_request + turnaround_ns
             self.round_trips += 1
             self.rtt_sum_ns += rtt_ns
             ctx.io_done(t_ns, req_bytes + nbytes, rtt_ns)
-            schedule_at(ctx, t_ns + turnaround_ns, self._rx_arrival, q)
+            t_next = t_ns + turnaround_ns
+            ctx.schedule(t_next, self._rx_arrival, ctx, t_next, q)

@@ -24,6 +24,7 @@ iommu:map events at the default, as a real Linux 6.12 guest does, not always 16.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -200,6 +201,10 @@ class NvmeWorkload(Workload):
     def start(self, ctx: GuestContext) -> None:
         p = self.params
         self._sizes = SizeSampler(p.io_sizes, p.io_weights)
+        self._rogue = p.rogue_fraction > 0.0     # else Workload.device_dma draws nothing
+        self._read_ns = round(p.read_latency_us * 1000.0)
+        self._write_ns = round(p.write_latency_us * 1000.0)
+        self._page_ns = max(1, round(PAGE_SIZE * 8 / p.bandwidth_gbps))
         self.dev = ctx.add_device("nvme0")
         self._busy_until = [0] * ctx.vcpus
         # NVMe 1.4 4.1.3: a queue of N entries is full with N-1, so depth + 1 entries.
@@ -214,6 +219,11 @@ class NvmeWorkload(Workload):
                 schedule_at(ctx, 0, self._submit, qu.q)
 
     # --- host side ---------------------------------------------------------------------
+    # The per-command methods inline ``schedule_at`` (``ctx.schedule(t, fn, ctx, t, ...)``)
+    # and ``SizeSampler.draw``, and schedule ``ctx.device_dma`` directly when
+    # ``rogue_fraction`` is 0 (``Workload.device_dma`` then draws nothing): the same guest
+    # calls, random draws, event times and scheduling order as the plain versions
+    # (tests/workloads/nic_nvme_plain.py, checked by test_nic_nvme_inlined.py).
     def _prp_page(self, ctx: GuestContext, qu: _Queue) -> tuple[int, int]:
         """A PRP list page from the queue's dma_pool (grown on demand, never unmapped)."""
         if qu.prp_pool:
@@ -227,22 +237,33 @@ class NvmeWorkload(Workload):
             return
         qu = self.queues[q]
         cpu = qu.cpu
-        t = t_start = max(t_ns, ctx.cpu_free_at(cpu), self._busy_until[cpu])
-        nbytes = self._sizes.draw(ctx.rng)
-        read = bool(ctx.rng.random() < p.read_fraction)
+        busy_until = self._busy_until
+        t = t_start = max(t_ns, ctx.cpu_free_at(cpu), busy_until[cpu])
+        rng = ctx.rng
+        sizes = self._sizes
+        nbytes = sizes._sizes[bisect_right(sizes._cdf, rng.random())]   # SizeSampler.draw
+        read = bool(rng.random() < p.read_fraction)
         gpa = ctx.alloc_buffer(nbytes)
         npages = (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
-        sg = scattered_segments(gpa, nbytes, ctx.rng.random(max(npages - 1, 0)),
-                                p.page_contiguity)   # merge_contiguous(scattered_pages(..))
-        direction = DMA_FROM_DEVICE if read else DMA_TO_DEVICE
-        segs, t = ctx.dma_map_sg(cpu, self.dev, sg, direction, t)
-        pages = [a for iova, length in segs
-                 for a in range(iova, iova + length, PAGE_SIZE)]
+        if npages > 1 or gpa % PAGE_SIZE:
+            sg = scattered_segments(gpa, nbytes, rng.random(max(npages - 1, 0)),
+                                    p.page_contiguity)   # merge_contiguous(scattered_pages(..))
+        else:          # one page: the same [(gpa, nbytes)], rng.random(0) draws nothing
+            sg = [(gpa, nbytes)]
+        segs, t = ctx.dma_map_sg(cpu, self.dev, sg, DMA_FROM_DEVICE if read else DMA_TO_DEVICE,
+                                 t)
+        if len(segs) == 1 and segs[0][1] <= PAGE_SIZE:
+            pages = [segs[0][0]]
+        else:
+            pages = [a for iova, length in segs
+                     for a in range(iova, iova + length, PAGE_SIZE)]
         counts = prp_layout(len(pages))
-        lists = [self._prp_page(ctx, qu) for _ in counts]
         if counts:
+            lists = [self._prp_page(ctx, qu) for _ in counts]
             self.prp_list_commands += 1
             self.prp_list_pages_used += len(counts)
+        else:
+            lists = []
         sqe = qu.sq_iova + (qu.sq_tail % (p.queue_depth + 1)) * SQE_BYTES
         qu.sq_tail += 1
         self._cid += 1
@@ -250,18 +271,22 @@ class NvmeWorkload(Workload):
                        t_start)
         qu.outstanding += 1
         self.submitted += 1
-        self.max_outstanding = max(self.max_outstanding, qu.outstanding)
-        self._busy_until[cpu] = max(self._busy_until[cpu], t)
-        schedule_at(ctx, t, self._fetch, cmd)      # SQ tail doorbell (MMIO, no DMA)
+        if qu.outstanding > self.max_outstanding:
+            self.max_outstanding = qu.outstanding
+        if t > busy_until[cpu]:
+            busy_until[cpu] = t
+        ctx.schedule(t, self._fetch, ctx, t, cmd)   # SQ tail doorbell (MMIO, no DMA)
 
     # --- device side -------------------------------------------------------------------
     def _fetch(self, ctx: GuestContext, t_ns: int, cmd: _Command) -> None:
-        ctx.device_dma(self.dev, t_ns, cmd.sqe_iova, SQE_BYTES, False)
-        for (_, iova), n in zip(cmd.prp_lists, cmd.prp_counts, strict=True):
-            ctx.device_dma(self.dev, t_ns, iova, n * PRP_ENTRY_BYTES, False)
+        device_dma, dev = ctx.device_dma, self.dev
+        device_dma(dev, t_ns, cmd.sqe_iova, SQE_BYTES, False)
+        if cmd.prp_counts:
+            for (_, iova), n in zip(cmd.prp_lists, cmd.prp_counts, strict=True):
+                device_dma(dev, t_ns, iova, n * PRP_ENTRY_BYTES, False)
         if cmd.read:
-            t_media = t_ns + round(self.params.read_latency_us * 1000.0)
-            schedule_at(ctx, t_media, self._transfer, cmd)
+            t_media = t_ns + self._read_ns
+            ctx.schedule(t_media, self._transfer, ctx, t_media, cmd)
         else:
             self._transfer(ctx, t_ns, cmd)
 
@@ -269,17 +294,25 @@ class NvmeWorkload(Workload):
         """One device DMA event per data page, back to back at the drive's bandwidth."""
         bw = self.params.bandwidth_gbps
         t = max(t_ns, self._media_free_ns)
-        page_ns = max(1, round(PAGE_SIZE * 8 / bw))
-        dma, dev, read = self.device_dma, self.dev, cmd.read
-        for i, addr in enumerate(cmd.pages):
-            size = min(PAGE_SIZE, cmd.nbytes - (i << PAGE_SHIFT))
-            # the event runs self.device_dma(ctx, dev, t, addr, size, read) at t
-            ctx.schedule(t, dma, ctx, dev, t, addr, size, read)
-            t += page_ns if size == PAGE_SIZE else max(1, round(size * 8 / bw))
+        page_ns = self._page_ns
+        dev, read, nbytes, schedule = self.dev, cmd.read, cmd.nbytes, ctx.schedule
+        if self._rogue:
+            for i, addr in enumerate(cmd.pages):
+                size = min(PAGE_SIZE, nbytes - (i << PAGE_SHIFT))
+                # the event runs self.device_dma(ctx, dev, t, addr, size, read) at t
+                schedule(t, self.device_dma, ctx, dev, t, addr, size, read)
+                t += page_ns if size == PAGE_SIZE else max(1, round(size * 8 / bw))
+        else:
+            device_dma = ctx.device_dma
+            for i, addr in enumerate(cmd.pages):
+                size = min(PAGE_SIZE, nbytes - (i << PAGE_SHIFT))
+                # Workload.device_dma without rogue DMA: ctx.device_dma(dev, t, addr, size, read)
+                schedule(t, device_dma, dev, t, addr, size, read)
+                t += page_ns if size == PAGE_SIZE else max(1, round(size * 8 / bw))
         self._media_free_ns = t
-        if not cmd.read:
-            t += round(self.params.write_latency_us * 1000.0)
-        schedule_at(ctx, t, self._complete, cmd)
+        if not read:
+            t += self._write_ns
+        ctx.schedule(t, self._complete, ctx, t, cmd)
 
     def _complete(self, ctx: GuestContext, t_ns: int, cmd: _Command) -> None:
         p = self.params
@@ -289,14 +322,17 @@ class NvmeWorkload(Workload):
         ctx.device_dma(self.dev, t_ns, cqe, CQE_BYTES, True)
         # MSI-X interrupt -> nvme_irq on the queue's vCPU: reap the completion
         cpu = qu.cpu
-        t = max(t_ns, ctx.cpu_free_at(cpu), self._busy_until[cpu])
+        busy_until = self._busy_until
+        t = max(t_ns, ctx.cpu_free_at(cpu), busy_until[cpu])
         direction = DMA_FROM_DEVICE if cmd.read else DMA_TO_DEVICE
         t = ctx.dma_unmap_sg(cpu, self.dev, cmd.segs, direction, t)
         ctx.free_buffer(cmd.gpa, cmd.nbytes)
-        qu.prp_pool.extend(cmd.prp_lists)
+        if cmd.prp_lists:
+            qu.prp_pool.extend(cmd.prp_lists)
         t += p.cpu_per_io_ns
         ctx.io_done(t, cmd.nbytes, t - cmd.t_submit_ns)
         qu.outstanding -= 1
         self.completed += 1
-        self._busy_until[cpu] = max(self._busy_until[cpu], t)
+        if t > busy_until[cpu]:
+            busy_until[cpu] = t
         self._submit(ctx, t, cmd.q)
