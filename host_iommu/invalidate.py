@@ -7,6 +7,9 @@ Callers end each submission with a wait descriptor, as dmar.c qi_submit_sync doe
 guest's driver and the host's use the same helpers, as both run Linux's VT-d driver.
 Each helper comes twice: ``*_words`` gives the descriptors as words (qi.Words, plain ints, for
 a caller that builds a queue array at once with qi.as_descs), ``*_descs`` as DESC_DTYPE records.
+pasid_flush_words and domain_flush_words are pure functions of their arguments, and the same
+few recur (every strict unmap of an IOVA the allocator hands out again): their results are
+kept by argument in a bounded dict, as qi.decode_words keeps decoded descriptors.
 """
 
 from __future__ import annotations
@@ -48,8 +51,34 @@ def psi_aligned(addr: int, npages: int, mamv: int | None = qi.QI_MAMV_DEFAULT
     return (start >> am) << am << PAGE_SHIFT, am
 
 
+# (helper, its arguments..., the ATS sids...) -> the descriptors, for pasid_flush_words (0)
+# and domain_flush_words (1). Only results are kept: a call that raises (QiError: a field out
+# of range) is not, so it raises again when repeated. Callers get a new list each time.
+_FLUSH: dict[tuple[int | bool | None, ...], tuple[qi.Words, ...]] = {}
+_FLUSH_MAX = 1 << 14   # about 6 MB at most
+
+
+def _kept(key: tuple[int | bool | None, ...], words: list[qi.Words]) -> list[qi.Words]:
+    if len(_FLUSH) >= _FLUSH_MAX:
+        _FLUSH.clear()
+    _FLUSH[key] = tuple(words)
+    return words
+
+
 def pasid_flush_words(did: int, pasid: int, addr: int, npages: int, *, leaf: bool,
                       ats_sids: list[int]) -> list[qi.Words]:
+    """PASID-based IOTLB (+ device-TLB) invalidation of a range, or of the whole PASID:
+    _pasid_flush_words, kept by argument."""
+    key = (0, did, pasid, addr, npages, leaf, *ats_sids)
+    words = _FLUSH.get(key)
+    if words is not None:
+        return list(words)
+    return _kept(key, _pasid_flush_words(did, pasid, addr, npages, leaf=leaf,
+                                         ats_sids=ats_sids))
+
+
+def _pasid_flush_words(did: int, pasid: int, addr: int, npages: int, *, leaf: bool,
+                       ats_sids: list[int]) -> list[qi.Words]:
     """PASID-based IOTLB (+ device-TLB) invalidation of a range, or of the whole PASID.
 
     The first-level path never falls back to a PASID-wide flush for a large range (cache.c
@@ -76,6 +105,18 @@ def pasid_flush_descs(did: int, pasid: int, addr: int, npages: int, *, leaf: boo
 
 def domain_flush_words(did: int, addr: int | None, npages: int, *, ats_sids: list[int],
                        mamv: int = qi.QI_MAMV_DEFAULT, ih: bool = False) -> list[qi.Words]:
+    """IOTLB (0x2) invalidation of a range or of the domain, then the device-TLB ones:
+    _domain_flush_words, kept by argument."""
+    key = (1, did, addr, npages, mamv, ih, *ats_sids)
+    words = _FLUSH.get(key)
+    if words is not None:
+        return list(words)
+    return _kept(key, _domain_flush_words(did, addr, npages, ats_sids=ats_sids, mamv=mamv,
+                                          ih=ih))
+
+
+def _domain_flush_words(did: int, addr: int | None, npages: int, *, ats_sids: list[int],
+                        mamv: int = qi.QI_MAMV_DEFAULT, ih: bool = False) -> list[qi.Words]:
     """IOTLB (0x2) invalidation: page-selective over a range, or domain-selective when the
     range is None or its mask exceeds ``mamv`` (cache.c: ``mask > cap_max_amask_val``).
     Device-TLB invalidations of the ATS devices follow, over the same range."""
