@@ -257,7 +257,10 @@ class GuestTableStore:
         reported (a map frees no table)."""
         code, pos, n = kpg.map_4k(self.state, iova, end, phys, bits, new_table)
         self.writes += n
-        if n and (self.on_writes is not None or self.on_write is not None):
+        if n == 1 and self.on_writes is not None:   # the common one store, _report inlined
+            at = self._out_at
+            self.on_writes([self.state.item(at), self.state.item(at + 1)])
+        elif n and (self.on_writes is not None or self.on_write is not None):
             self._report(n, 0)
         return code, pos
 
@@ -273,6 +276,10 @@ class GuestTableStore:
         if code == kpg.FALLBACK:
             return None
         self.writes += stores
+        if stores == 1 and not frees and self.on_writes is not None:   # _report inlined
+            at = self._out_at
+            self.on_writes([self.state.item(at), self.state.item(at + 1)])
+            return stores, []
         if frees or (stores and (self.on_writes is not None or self.on_write is not None)):
             return stores, self._report(stores + frees, frees)
         return stores, []

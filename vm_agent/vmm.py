@@ -142,6 +142,8 @@ class NestedVmm(Vmm):
     def handle(self, cmds, t_ns, sid, table, unmap_id=-1):
         c = self.costs
         t = t_ns + c.vmm_trap_ns
+        rows = self.log.rows    # OpLog.add's row, appended here (a call per invalidation)
+        calls = 0
         for cmd in cmds:
             if cmd.type != qi.QI_EIOTLB_TYPE:
                 continue  # device-TLB and wait descriptors ride along in the host's request
@@ -150,10 +152,12 @@ class NestedVmm(Vmm):
             else:
                 addr, npages = cmd.addr, 1 << cmd.am
                 flags = IOMMU_VTD_INV_FLAGS_LEAF if cmd.ih else 0
-            self.log.add(t, OP_HWPT_INV, sid=sid, pasid=cmd.pasid, a0=addr,
-                         a1=npages & 0xFFFF_FFFF_FFFF_FFFF, a2=flags, a3=unmap_id)
-            self.stats["vmm_invalidate_calls"] += 1
+            rows.extend((t, OP_HWPT_INV, sid, cmd.pasid, addr, npages & 0xFFFF_FFFF_FFFF_FFFF,
+                         flags, unmap_id))
+            calls += 1
             t += c.hwpt_invalidate_ns + c.qi_desc_ns
+        if calls:
+            self.stats["vmm_invalidate_calls"] += calls
         return t + c.qi_wait_ns
 
 
