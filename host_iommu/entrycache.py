@@ -8,7 +8,8 @@ replaces the line of the same key, else takes the lowest free way, else evicts t
 stamp, first of equals), one request at a time: translate resolves a few (sid, pasid) per
 batch. The kernels (host_iommu/kernels/entrycache.py) hold keys, DIDs and stamps; beside
 them each line keeps the decoded entry a hit gives (decoding is a pure function of the
-entry's words, so it is done once, at fill). Tested against RefSetAssoc
+entry's words, so it is done once, at fill), and its fields as numbers for the compiled
+context stage (kernels.entrycache.contexts_hit). Tested against RefSetAssoc
 (tests/host_iommu/test_entrycache.py) and against the plain-int caches these replaced
 (tests/host_iommu/test_kernel_entrycache.py).
 
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from host_iommu.defs import FaultReason
 from host_iommu.iotlb import CC_FM_SID_MASK, CacheError
 from host_iommu.kernels.entrycache import (
     H_CLOCK,
@@ -36,19 +38,33 @@ from host_iommu.kernels.entrycache import (
     INV_DID_PASID,
     INV_SID,
     INV_SID_PASID,
+    NVALS,
     P_DID,
     P_PASID,
     P_SID,
     P_STAMP,
     P_VALID,
     PLANES,
+    V_DID,
+    V_DTE,
+    V_FAULT,
+    V_FL_LEVELS,
+    V_FLPTR,
+    V_FPD,
+    V_OK,
+    V_PGTT,
+    V_SL_LEVELS,
+    V_SLPTR,
+    V_SSADE,
     _fill,
     _invalidate,
     _lookup,
     new_state,
 )
+from host_iommu.pasid import ContextEntry, PasidEntry
 
 M64 = (1 << 64) - 1
+I64_MAX = (1 << 63) - 1
 ALL_BITS = -1   # an INV_SID mask comparing every source-id bit
 
 
@@ -62,13 +78,16 @@ def _check(x: int, name: str) -> int:
 
 class EntryArrays:
     """Lines of one context- or PASID-cache: the kernels' state ``st`` and, per line, the
-    decoded entry (``values[set * ways + way]``, meaningful while the line is valid)."""
+    decoded entry (``values[set * ways + way]``, meaningful while the line is valid) and its
+    fields as numbers (``vals[line, V_*]``, host_iommu/kernels/entrycache.py), which
+    kernels.entrycache.contexts_hit reads."""
 
     def __init__(self, entries: int, ways: int, nkeys: int) -> None:
         self.st = new_state(entries, ways, nkeys)
         self.entries, self.ways, self.sets = entries, ways, entries // ways
         self.nkeys = nkeys
         self.values: list[Any] = [None] * entries
+        self.vals = np.zeros((entries, NVALS), dtype=np.int64)
 
     @property
     def planes(self) -> np.ndarray:
@@ -153,6 +172,17 @@ class PasidEntryCache(EntryArrays):
         line = _fill(self.st, sid, pasid, did)
         if line >= 0:
             self.values[line] = decoded
+            row = self.vals[line]
+            row[:] = 0
+            if isinstance(decoded, FaultReason):
+                row[V_FAULT] = int(decoded)
+                row[V_OK] = 1
+            elif isinstance(decoded, PasidEntry) and max(decoded.flptr, decoded.slptr) <= I64_MAX:
+                row[V_FPD], row[V_PGTT], row[V_DID] = bool(decoded.fpd), decoded.pgtt, decoded.did
+                row[V_FLPTR], row[V_FL_LEVELS] = decoded.flptr, decoded.fl_levels
+                row[V_SLPTR], row[V_SL_LEVELS] = decoded.slptr, decoded.sl_levels
+                row[V_SSADE] = bool(decoded.ssade)
+                row[V_OK] = 1
 
     def inv_global(self) -> int:
         return self._inv(INV_ALL)
@@ -186,6 +216,10 @@ class ContextEntryCache(EntryArrays):
         line = _fill(self.st, sid, 0, 0)
         if line >= 0:
             self.values[line] = decoded
+            row = self.vals[line]
+            row[:] = 0
+            if isinstance(decoded, ContextEntry):
+                row[V_FPD], row[V_DTE], row[V_OK] = bool(decoded.fpd), bool(decoded.dte), 1
 
     def inv_global(self) -> int:
         return self._inv(INV_ALL)

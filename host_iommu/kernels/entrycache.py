@@ -23,6 +23,12 @@ ways + way), so each call passes a single array:
 
 Keys and DIDs are int64 (source-id 16 bits, PASID 20 bits, DID 16 bits in use); the set hash
 mixes their 64-bit patterns as uint64, as RefSetAssoc does on Python ints.
+
+Beside ``st`` each cache keeps ``vals`` int64[lines, NVALS]: the decoded entry's fields as
+numbers, written by the wrapper at fill (V_OK 0: the entry has no numeric form, so a hit on
+it is left to Python). ``contexts_hit`` runs a translate batch's context stage on them when
+every distinct (sid, pasid) hits both caches (HostIommu._resolve on hits only: no fetch);
+otherwise it changes nothing and the caller resolves the batch in Python.
 """
 
 from __future__ import annotations
@@ -30,7 +36,22 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from host_iommu.defs import MAX_PASID, FaultReason
 from host_iommu.iotlb import SET_MIX
+from host_iommu.kernels.translate import (
+    C_FL_LEVELS,
+    C_FLPTR,
+    C_PGTT,
+    C_SL_LEVELS,
+    C_SLPTR,
+    C_SSADE,
+    R_CTX,
+    R_CTX_REFS,
+    R_DID,
+    R_DTE,
+    R_FAULT,
+    R_FPD,
+)
 
 H_CLOCK, H_HITS, H_MISSES, H_FILLS, H_EVICTIONS, H_INVALIDATED, H_SETS, H_WAYS, H_NKEYS = (
     range(9))
@@ -40,6 +61,14 @@ PLANES = 5
 # Invalidation kinds (_invalidate's ``kind``): every line; every line of a DID; lines of a
 # (DID, PASID); lines whose source-id matches under a mask; the line of one (sid, pasid).
 INV_ALL, INV_DID, INV_DID_PASID, INV_SID, INV_SID_PASID = range(5)
+# Decoded-entry fields per line (``vals`` columns). Context-cache: V_OK, V_FPD, V_DTE. PASID
+# cache: V_OK, V_FAULT (the decoded fault reason, 0 for an entry), V_FPD (0 for a fault),
+# and for an entry its walk inputs V_PGTT .. V_SSADE and V_DID.
+(V_OK, V_FAULT, V_FPD, V_DTE, V_PGTT, V_DID, V_FLPTR, V_FL_LEVELS, V_SLPTR, V_SL_LEVELS,
+ V_SSADE) = range(11)
+NVALS = 11
+F_ROOT_ENTRY_P = int(FaultReason.ROOT_ENTRY_P)
+F_PASID_DIR_ACCESS_ERR = int(FaultReason.PASID_DIR_ACCESS_ERR)
 
 
 def new_state(entries: int, ways: int, nkeys: int) -> np.ndarray:
@@ -164,3 +193,105 @@ def _invalidate(st, kind, sid, sid_keep, pasid, did):
             dropped += 1
     st[H_INVALIDATED] += dropped
     return dropped
+
+
+@njit(cache=True)
+def contexts_hit(sid, pasid, cst, cval, pst, pval, req, ctx):
+    """The context stage of a batch whose every distinct (sid, pasid) hits both caches.
+
+    sid, pasid: int64[n] (C-contiguous); cst/cval, pst/pval: the context- and PASID-cache
+    states and their ``vals``; req int64[n, 6], ctx uint64[n + 1, 6]: outputs
+    (host_iommu/kernels/translate.py R_* and C_*). Returns the number of resolved rows
+    (row ``nu`` holds the defaults malformed requests point to), or -1 when some distinct
+    key misses a cache (or hits a line without numeric fields): then no state has changed.
+
+    As HostIommu._contexts: malformed ids (sid outside 16 bits: ROOT_ENTRY_P; PASID outside
+    20 bits: PASID_DIR_ACCESS_ERR) resolve nothing; the others are resolved once per
+    distinct (sid, pasid) in ascending (sid << 20 | pasid) order, each a context-cache then
+    a PASID-cache look-up (both hits: no structure fetch, so every request pays 0 refs).
+    """
+    n = sid.size
+    keys = np.empty(n, np.int64)
+    nv = 0
+    for i in range(n):
+        s = sid[i]
+        p = pasid[i]
+        if s < 0 or s > 0xFFFF:
+            keys[i] = -2
+        elif p < 0 or p > MAX_PASID:
+            keys[i] = -1
+        else:
+            keys[i] = (s << 20) | p
+            nv += 1
+    good = np.empty(nv, np.int64)
+    j = 0
+    for i in range(n):
+        if keys[i] >= 0:
+            good[j] = keys[i]
+            j += 1
+    uk = np.unique(good)
+    nu = uk.size
+    # probe first, without stamps or counters: a miss anywhere leaves it all to Python
+    for u in range(nu):
+        s = uk[u] >> 20
+        p = uk[u] & MAX_PASID
+        if cst[H_SETS] == 0 or pst[H_SETS] == 0:
+            return -1
+        c = _find(cst, _set_of(cst, s, 0), s, 0)
+        if c < 0 or cval[c, V_OK] == 0:
+            return -1
+        q = _find(pst, _set_of(pst, s, p), s, p)
+        if q < 0 or pval[q, V_OK] == 0:
+            return -1
+    fault = np.empty(nu, np.int64)
+    did = np.empty(nu, np.int64)
+    dte = np.empty(nu, np.int64)
+    fpd = np.empty(nu, np.int64)
+    for u in range(nu):
+        s = uk[u] >> 20
+        p = uk[u] & MAX_PASID
+        c = _lookup(cst, s, 0)
+        q = _lookup(pst, s, p)
+        f = pval[q, V_FAULT]
+        fault[u] = f
+        dte[u] = 1 if cval[c, V_DTE] != 0 and f == 0 else 0
+        fpd[u] = 1 if cval[c, V_FPD] != 0 or pval[q, V_FPD] != 0 else 0
+        if f == 0:
+            did[u] = pval[q, V_DID]
+            ctx[u, C_PGTT] = pval[q, V_PGTT]
+            ctx[u, C_FLPTR] = pval[q, V_FLPTR]
+            ctx[u, C_FL_LEVELS] = pval[q, V_FL_LEVELS]
+            ctx[u, C_SLPTR] = pval[q, V_SLPTR]
+            ctx[u, C_SL_LEVELS] = pval[q, V_SL_LEVELS]
+            ctx[u, C_SSADE] = pval[q, V_SSADE]
+        else:
+            did[u] = 0
+            ctx[u, C_PGTT] = 0
+            ctx[u, C_FLPTR] = 0
+            ctx[u, C_FL_LEVELS] = 4
+            ctx[u, C_SLPTR] = 0
+            ctx[u, C_SL_LEVELS] = 4
+            ctx[u, C_SSADE] = 0
+    ctx[nu, C_PGTT] = 0
+    ctx[nu, C_FLPTR] = 0
+    ctx[nu, C_FL_LEVELS] = 4
+    ctx[nu, C_SLPTR] = 0
+    ctx[nu, C_SL_LEVELS] = 4
+    ctx[nu, C_SSADE] = 0
+    for i in range(n):
+        k = keys[i]
+        req[i, R_CTX_REFS] = 0
+        if k < 0:
+            req[i, R_FAULT] = F_ROOT_ENTRY_P if k == -2 else F_PASID_DIR_ACCESS_ERR
+            req[i, R_DID] = 0
+            req[i, R_DTE] = 0
+            req[i, R_CTX] = nu
+            req[i, R_FPD] = 0
+        else:
+            u = np.searchsorted(uk, k)
+            req[i, R_FAULT] = fault[u]
+            req[i, R_DID] = did[u]
+            req[i, R_DTE] = dte[u]
+            req[i, R_CTX] = u
+            req[i, R_FPD] = fpd[u]
+    return nu

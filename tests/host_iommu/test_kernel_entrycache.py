@@ -6,19 +6,35 @@ request at a time), sharing nothing with the kernels but the set-placement multi
 scripts of look-ups, fills and every invalidation run on both; after every step the answers
 (the very objects cached), every line with its set, way, DID and stamp, the clock and the
 counters agree.
+
+The compiled context stage (kernels.entrycache.contexts_hit, which HostIommu._contexts runs
+when every distinct (sid, pasid) of a batch hits both caches) against the Python context
+stage on a copy of the host: the same batches (hits, misses, FPD from the context or the
+PASID entry, a cached decoded fault, malformed ids) give the same per-request answers, and
+the same cache lines, stamps, counters, translations, statistics and fault log.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from host_iommu import iommu as iommu_mod
+from host_iommu.defs import MAX_PASID, PAGE_SIZE, PGTT_PT, FaultReason
 from host_iommu.entrycache import ContextEntryCache, PasidEntryCache
 from host_iommu.iotlb import CC_FM_SID_MASK, SET_MIX, CacheError
+from host_iommu.kernels.translate import R_CTX, R_CTX_REFS, R_DID, R_DTE, R_FAULT, R_FPD
+from host_iommu.pasid import PasidEntry
+from host_iommu.qi import QI_CC_GRAN_DEVICE, QI_PC_ALL_PASIDS
+from tests.host_iommu.conftest import DATA_GPA, IOVA, SID
+from tests.host_iommu.test_kernel_translate import ATS_SID, compare, make_host
 
 M64 = (1 << 64) - 1
 
@@ -174,3 +190,121 @@ def test_invalidation_arguments_beyond_64_bits_are_refused():
         with pytest.raises(CacheError):
             call()
     assert pc.inv_domain(M64) == 0 and pc.lookup(1, 2) is VALUES[0]
+
+
+# --- the compiled context stage (kernels.entrycache.contexts_hit) against Python ---------
+
+FPD_SID = 0x118          # attached with FPD set in its context entry
+
+
+def context_host(ctx_geom: tuple[int, int], pasid_geom: tuple[int, int]):
+    """test_kernel_translate's host (nested, second-level-only and pass-through PASIDs, an
+    ATS device, unbound PASIDs) with small context/PASID caches, an FPD device and an FPD
+    PASID entry; a PASID-cache line holding a decoded fault (the Python path's hit on a
+    FaultReason)."""
+    h = make_host(32, True)
+    c = h.caches
+    c.ctxc, c.pasidc = ContextEntryCache(*ctx_geom), PasidEntryCache(*pasid_geom)
+    vm = next(iter(h.vms))
+    h.attach_device(FPD_SID, vm)
+    h.set_pasid_entry(FPD_SID, 0, PasidEntry(pgtt=PGTT_PT, did=h.alloc_did()))
+    h.set_pasid_entry(FPD_SID, 0, PasidEntry(pgtt=PGTT_PT, did=7))
+    h.set_pasid_entry(FPD_SID, 1, PasidEntry(pgtt=PGTT_PT, did=7, fpd=True))
+    h.attach_device(FPD_SID + 1, vm, fpd=True)
+    h.set_pasid_entry(FPD_SID + 1, 0, PasidEntry(pgtt=PGTT_PT, did=8))
+    c.ctxc.fill(ATS_SID, c.ctxc.lookup(ATS_SID) or h.sm.fetch_context(ATS_SID)[0])
+    c.pasidc.fill(ATS_SID, 5, 9, FaultReason.PASID_ENTRY_RSVD)
+    return h
+
+
+# (sid, pasid) a context stage can cache (the FaultReason line while it is not invalidated)
+CACHEABLE = np.array([(SID, 0), (ATS_SID, 0), (FPD_SID, 1), (FPD_SID + 1, 0), (SID, 1),
+                      (SID, 2), (SID, 3), (FPD_SID, 0), (ATS_SID, 5)], np.int64)
+
+
+def context_batch(rng: np.random.Generator, n: int, spread: int):
+    """``spread`` 1-9: requests of the first ``spread`` cacheable keys (all hit on a
+    replay unless evicted); 10-16: also unattached, unbound and malformed ids."""
+    if spread <= len(CACHEABLE):
+        sid, pasid = CACHEABLE[rng.integers(0, spread, n)].T.copy()
+    else:
+        sids = np.array([SID, ATS_SID, FPD_SID, FPD_SID + 1, 0x110, 0x1_0000 + 3, -1])
+        p = np.array([0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05])
+        spread -= len(CACHEABLE)
+        sid = sids[rng.choice(spread, n, p=p[:spread] / p[:spread].sum())]
+        pasid = rng.choice(np.array([0, 0, 0, 1, 2, 3, 5, MAX_PASID + 1, -4], np.int64), n)
+    page = rng.integers(0, 48, n).astype(np.uint64)
+    addr = np.where(pasid == 2, DATA_GPA, IOVA).astype(np.uint64) + page * np.uint64(PAGE_SIZE)
+    return sid, pasid, addr, rng.integers(1, 3, n).astype(np.uint8), np.arange(n) * 10
+
+
+def python_contexts(h, sid, pasid):
+    """HostIommu._contexts with the kernel declining every batch (today's Python path)."""
+    with mock.patch.object(iommu_mod, "contexts_hit", lambda *a: -1):
+        return h._contexts(sid, pasid)
+
+
+def assert_same_contexts(a, b) -> None:
+    """Per request: every req column but the row, and the row's walk inputs."""
+    ra, rb = a.req, b.req
+    cols = [R_FAULT, R_DID, R_DTE, R_CTX_REFS, R_FPD]
+    assert np.array_equal(ra[:, cols], rb[:, cols])
+    assert np.array_equal(a.ctx[ra[:, R_CTX]], b.ctx[rb[:, R_CTX]])
+
+
+def run_contexts(seed: int, ctx_geom, pasid_geom, sizes: list[int]) -> tuple[int, int]:
+    """Both copies see the same batches (each twice; ``sizes`` in pairs) and invalidations;
+    ``a`` runs the kernel when it accepts, ``b`` always Python. Returns (batches the kernel
+    took, batches it declined)."""
+    a = context_host(ctx_geom, pasid_geom)
+    b = copy.deepcopy(a)
+    rng = np.random.default_rng(seed)
+    took = [0, 0]
+    real = iommu_mod.contexts_hit
+
+    def counting(*args):
+        rows = real(*args)
+        took[rows < 0] += 1
+        return rows
+
+    for i, n in enumerate(sizes):
+        # each batch twice: the second time its keys are cached unless the first evicted them
+        if i % 2 == 0:
+            sid, pasid, addr, access, t = context_batch(rng, n, 1 + i // 2 % 16)
+        with mock.patch.object(iommu_mod, "contexts_hit", counting):
+            ca = a._contexts(sid, pasid)
+            assert_same_contexts(ca, python_contexts(b, sid, pasid))
+            compare(a, b)
+            ra = a.translate(sid, pasid, addr, access, t)
+        with mock.patch.object(iommu_mod, "contexts_hit", lambda *x: -1):
+            rb = b.translate(sid, pasid, addr, access, t)
+        assert np.array_equal(ra, rb)
+        compare(a, b)
+        kind = int(rng.integers(0, 6)) if i % 2 else 0     # none before a replay
+        for h in (a, b):
+            if kind == 1:
+                h.caches.pasid_cache(QI_PC_ALL_PASIDS, 7, 0)                    # 0x7 DID 7
+            elif kind == 2:
+                h.caches.context_cache(QI_CC_GRAN_DEVICE, 0, SID, 0)         # 0x1 device
+            elif kind == 3:
+                h.caches.pasidc.inv_entry(FPD_SID, 1)
+    return took[0], took[1]
+
+
+def test_context_kernel_matches_python_context_stage():
+    """Repeated small batches hit (kernel) and new keys or invalidations miss (Python);
+    answers, every cache line with its stamp, counters, statistics and faults agree."""
+    for geom in ((4, 2), (8, 2)), ((64, 4), (64, 4)):
+        took, declined = run_contexts(3, *geom, [1, 1, 2, 2, 3, 3, 9, 9, 20, 20] * 3 + [300] * 4)
+        assert took > 5 and declined > 5
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1),
+       ctx_geom=st.sampled_from([(0, 1), (1, 1), (4, 2), (64, 4)]),
+       pasid_geom=st.sampled_from([(0, 1), (2, 1), (8, 2), (64, 4)]),
+       sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4).map(
+           lambda x: [v for v in x for _ in (0, 1)]))
+def test_context_kernel_vs_python_random(seed, ctx_geom, pasid_geom, sizes):
+    """Hypothesis: cache geometries (none, one line, thrashing, roomy) and batch sizes."""
+    run_contexts(seed, ctx_geom, pasid_geom, sizes)
