@@ -299,7 +299,7 @@ class NicWorkload(Workload):
         rng = ctx.rng
         nbytes = self._size_of[bisect_right(self._size_cdf, rng.random())]
         if not rr:
-            t_next = t_ns + max(1, round(float(rng.exponential(self._rx_gap_ns))))
+            t_next = t_ns + max(1, round(rng.exponential(self._rx_gap_ns)))
             ctx.schedule(t_next, self._rx_arrival, ctx, t_next, q)
         if not qu.rx_posted:
             self.rx_drops += 1
@@ -391,7 +391,7 @@ class NicWorkload(Workload):
         self.offered += 1
         rng = ctx.rng
         nbytes = self._size_of[bisect_right(self._size_cdf, rng.random())]
-        t_next = t_ns + max(1, round(float(rng.exponential(self._tx_gap_ns))))
+        t_next = t_ns + max(1, round(rng.exponential(self._tx_gap_ns)))
         ctx.schedule(t_next, self._tx_generate, ctx, t_next, q)
         self._tx_send(ctx, q, t_ns, nbytes)
 
