@@ -67,6 +67,7 @@ INV_ALL, INV_DID, INV_DID_PASID, INV_SID, INV_SID_PASID = range(5)
 (V_OK, V_FAULT, V_FPD, V_DTE, V_PGTT, V_DID, V_FLPTR, V_FL_LEVELS, V_SLPTR, V_SL_LEVELS,
  V_SSADE) = range(11)
 NVALS = 11
+MAX_KEYS = 64   # contexts_hit declines a batch of more distinct (sid, pasid) than this
 F_ROOT_ENTRY_P = int(FaultReason.ROOT_ENTRY_P)
 F_PASID_DIR_ACCESS_ERR = int(FaultReason.PASID_DIR_ACCESS_ERR)
 
@@ -203,7 +204,8 @@ def contexts_hit(sid, pasid, cst, cval, pst, pval, req, ctx):
     states and their ``vals``; req int64[n, 6], ctx uint64[n + 1, 6]: outputs
     (host_iommu/kernels/translate.py R_* and C_*). Returns the number of resolved rows
     (row ``nu`` holds the defaults malformed requests point to), or -1 when some distinct
-    key misses a cache (or hits a line without numeric fields): then no state has changed.
+    key misses a cache (or hits a line without numeric fields), or the batch has more than
+    MAX_KEYS distinct keys: then no state has changed.
 
     As HostIommu._contexts: malformed ids (sid outside 16 bits: ROOT_ENTRY_P; PASID outside
     20 bits: PASID_DIR_ACCESS_ERR) resolve nothing; the others are resolved once per
@@ -212,25 +214,35 @@ def contexts_hit(sid, pasid, cst, cval, pst, pval, req, ctx):
     """
     n = sid.size
     keys = np.empty(n, np.int64)
-    nv = 0
+    # the distinct valid keys, ascending: insertion into a short sorted array (a batch has
+    # few; a run of equal keys costs one comparison)
+    room = np.empty(MAX_KEYS, np.int64)
+    nu = 0
+    prev = np.int64(-3)
     for i in range(n):
         s = sid[i]
         p = pasid[i]
         if s < 0 or s > 0xFFFF:
             keys[i] = -2
-        elif p < 0 or p > MAX_PASID:
+            continue
+        if p < 0 or p > MAX_PASID:
             keys[i] = -1
-        else:
-            keys[i] = (s << 20) | p
-            nv += 1
-    good = np.empty(nv, np.int64)
-    j = 0
-    for i in range(n):
-        if keys[i] >= 0:
-            good[j] = keys[i]
-            j += 1
-    uk = np.unique(good)
-    nu = uk.size
+            continue
+        k = (s << 20) | p
+        keys[i] = k
+        if k == prev:
+            continue
+        prev = k
+        at = np.searchsorted(room[:nu], k)
+        if at < nu and room[at] == k:
+            continue
+        if nu == room.size:
+            return -1       # many distinct keys (misses likely): Python resolves them
+        for j in range(nu, at, -1):
+            room[j] = room[j - 1]
+        room[at] = k
+        nu += 1
+    uk = room[:nu]
     # probe first, without stamps or counters: a miss anywhere leaves it all to Python
     for u in range(nu):
         s = uk[u] >> 20
@@ -278,6 +290,8 @@ def contexts_hit(sid, pasid, cst, cval, pst, pval, req, ctx):
     ctx[nu, C_SLPTR] = 0
     ctx[nu, C_SL_LEVELS] = 4
     ctx[nu, C_SSADE] = 0
+    u = 0
+    prev = np.int64(-3)
     for i in range(n):
         k = keys[i]
         req[i, R_CTX_REFS] = 0
@@ -288,7 +302,9 @@ def contexts_hit(sid, pasid, cst, cval, pst, pval, req, ctx):
             req[i, R_CTX] = nu
             req[i, R_FPD] = 0
         else:
-            u = np.searchsorted(uk, k)
+            if k != prev:
+                u = np.searchsorted(uk, k)
+                prev = k
             req[i, R_FAULT] = fault[u]
             req[i, R_DID] = did[u]
             req[i, R_DTE] = dte[u]

@@ -30,6 +30,7 @@ from host_iommu import iommu as iommu_mod
 from host_iommu.defs import MAX_PASID, PAGE_SIZE, PGTT_PT, FaultReason
 from host_iommu.entrycache import ContextEntryCache, PasidEntryCache
 from host_iommu.iotlb import CC_FM_SID_MASK, SET_MIX, CacheError
+from host_iommu.kernels.entrycache import MAX_KEYS, contexts_hit
 from host_iommu.kernels.translate import R_CTX, R_CTX_REFS, R_DID, R_DTE, R_FAULT, R_FPD
 from host_iommu.pasid import PasidEntry
 from host_iommu.qi import QI_CC_GRAN_DEVICE, QI_PC_ALL_PASIDS
@@ -308,3 +309,24 @@ def test_context_kernel_matches_python_context_stage():
 def test_context_kernel_vs_python_random(seed, ctx_geom, pasid_geom, sizes):
     """Hypothesis: cache geometries (none, one line, thrashing, roomy) and batch sizes."""
     run_contexts(seed, ctx_geom, pasid_geom, sizes)
+
+
+def test_context_kernel_declines_many_distinct_keys():
+    """More than MAX_KEYS distinct (sid, pasid), all cached: the kernel declines and changes
+    nothing; MAX_KEYS of them it resolves."""
+    h = context_host((4, 2), (256, 4))
+    pas = np.arange(10, 11 + MAX_KEYS, dtype=np.int64)
+    for p in pas.tolist():
+        h.set_pasid_entry(FPD_SID, p, PasidEntry(pgtt=PGTT_PT, did=7))
+    sid = np.full(pas.size, FPD_SID, np.int64)
+    python_contexts(h, sid, pas)                     # now every key is cached
+    c = h.caches
+    before = [x.copy() for x in (c.ctxc.st, c.pasidc.st)]
+    req, ctx = np.empty((pas.size, 6), np.int64), np.empty((pas.size + 1, 6), np.uint64)
+    assert contexts_hit(sid, pas, c.ctxc.st, c.ctxc.vals, c.pasidc.st, c.pasidc.vals,
+                        req, ctx) == -1
+    assert all(np.array_equal(x, y) for x, y in zip(before, (c.ctxc.st, c.pasidc.st),
+                                                   strict=True))
+    assert contexts_hit(sid[1:], pas[1:], c.ctxc.st, c.ctxc.vals, c.pasidc.st, c.pasidc.vals,
+                        req, ctx) == MAX_KEYS
+    assert c.pasidc.hits == MAX_KEYS
