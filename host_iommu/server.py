@@ -216,7 +216,8 @@ class HostServer:
         then (InvalidationQueue.forget_until). Without it the queue keeps them.
 
         The loop reads the kind, time and VM columns as Python lists (no numpy scalar per
-        operation); a control operation is read as one row of ints.
+        operation); the control operations are read as rows of ints, all at once, when the
+        first is met (the loop meets each once, in order).
         """
         if not isinstance(ops, np.ndarray) or ops.dtype != OP_DTYPE or ops.ndim != 1:
             raise ProtocolError("apply_epoch takes a 1-D numpy array of OP_DTYPE")
@@ -230,6 +231,7 @@ class HostServer:
         kind = ops["op"].tolist()
         vms = ops["vm"].tolist()
         gpa, value = ops["a0"], ops["a1"]     # a guest write's columns
+        rows = None                           # the control operations' rows, in order
         i = 0
         while i < n:
             h.advance_to(t[i])
@@ -254,7 +256,10 @@ class HostServer:
                     self.counters[vm]["guest_writes_dropped"] += dropped
                 i = j
                 continue
-            self._control(ops[i].item())
+            if rows is None:
+                kc = ops["op"]
+                rows = iter(ops[(kc != OP_DMA) & (kc != OP_GUEST_WRITE)].tolist())
+            self._control(next(rows))
             i += 1
         # Retired unmap ids are dropped only now, after every DMA of the epoch was checked
         # (a DMA stamped with an id may sort after the retire in time order).
@@ -281,9 +286,24 @@ class HostServer:
 
     def _control(self, row: tuple[int, ...]) -> None:
         """One operation that is neither a DMA nor a guest table store: an OP_DTYPE row as
-        ints (``ops[i].item()``: t_ns, vm, seq, op, sid, pasid, a0, a1, a2, a3)."""
+        ints (a row of ``ops.tolist()``: t_ns, vm, seq, op, sid, pasid, a0, a1, a2, a3)."""
         h = self.iommu
         t, vm, _seq, k, sid, pasid, a0, a1, a2, a3 = row
+        if k == OP_UNMAP_RET:
+            # A strict unmap returns only when its wait descriptor completed on this host's
+            # queue, which every VM shares: report how much later than the guest's modelled
+            # return that was (the VFIO unmap or HWPT invalidate came first in merge order).
+            uid, t_ret = a0, a1
+            oracle = self.oracle
+            host_done = oracle.returned_at(vm, uid)
+            causal = True
+            if self._qi_out_of_order:
+                causal = (vm, uid) not in self._qi_out_of_order
+                self._qi_out_of_order.discard((vm, uid))
+            if host_done is not None and host_done > t_ret and causal:
+                self.unmap_waits.setdefault(vm, []).append((uid, a2 & 0xFFFF, host_done - t_ret))
+            oracle.unmap_returned(vm, uid, t_ret)
+            return
         c = self.counters[vm]
         if k in (OP_HWPT_INV, OP_VFIO_UNMAP, OP_SL_UNMAP):   # these submit to the shared QI
             # An operation stamped earlier than one already applied (a VM's calls can run
@@ -319,19 +339,6 @@ class HostServer:
                 return
             c["host_inv_descriptors"] += nd
             self.oracle.unmap_returned(vm, a3, t_done)
-        elif k == OP_UNMAP_RET:
-            # A strict unmap returns only when its wait descriptor completed on this host's
-            # queue, which every VM shares: report how much later than the guest's modelled
-            # return that was (the VFIO unmap or HWPT invalidate came first in merge order).
-            uid, t_ret = a0, a1
-            host_done = self.oracle.returned_at(vm, uid)
-            causal = True
-            if self._qi_out_of_order:
-                causal = (vm, uid) not in self._qi_out_of_order
-                self._qi_out_of_order.discard((vm, uid))
-            if host_done is not None and host_done > t_ret and causal:
-                self.unmap_waits.setdefault(vm, []).append((uid, a2 & 0xFFFF, host_done - t_ret))
-            self.oracle.unmap_returned(vm, uid, t_ret)
         elif k == OP_SL_UNMAP:
             try:
                 _t, nd, _freed, refused = sl_unmap(h, vm, a0, a1, t)
