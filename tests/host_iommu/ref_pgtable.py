@@ -1,7 +1,8 @@
 """The scalar PageTable as it was before its fast paths (decode every entry, one walk per
-page): the plain reference test_pgtable_fastpath.py compares host_iommu.pgtable.PageTable
-with. It shares only the entry encoders and decoders (fl_leaf, sl_decode, ...) with the code
-under test, never its walks.
+page): the plain reference test_pgtable_fastpath.py and test_kernel_pgtable.py compare
+host_iommu.pgtable.PageTable with. It shares only the entry encoders and decoders (fl_leaf,
+sl_decode, ...) with the code under test, never its walks. ``apply_op`` is the step both
+differential tests replay on a (fast, reference) pair.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from host_iommu.defs import (
     DEFAULT_HAW,
     FL_WIDTH_BY_LEVELS,
     PAGE_ORDERS,
+    PAGE_SHIFT,
     PAGE_SIZE,
     PTES_PER_TABLE,
     SL_WIDTH_BY_LEVELS,
@@ -333,3 +335,52 @@ class RefPageTable:
         """Free every table page, root included; the table is unusable afterwards."""
         if self._used:
             self._free_subtree(self.root, self.levels)
+
+
+def both(fast_fn, ref_fn, args: tuple, kwargs: dict, fs, rs) -> bool:
+    """Call both: the same result, or the same exception after the same logged stores (an
+    outside store may lead a walk to a page that is no table). False when they raised."""
+    out = []
+    for fn in (fast_fn, ref_fn):
+        try:
+            out.append(("ok", fn(*args, **kwargs)))
+        except (KeyError, ValueError) as e:
+            out.append(("raised", type(e)))
+    assert out[0] == out[1]
+    if out[0][0] == "raised":
+        assert fs.log == rs.log
+        return False
+    return True
+
+
+def apply_op(o: tuple, fast, ref: RefPageTable, fs, rs, fmt: str) -> bool:
+    """One generated operation on both tables: ("map", base, off, pages, phys_page, write,
+    read, top), ("unmap", base, off, pages) or ("poke", pick, slot, bits), a store made
+    outside the table flipping bits of a present entry. False once both raised (stop)."""
+    if o[0] == "map":
+        _k, base, off, pages, phys_page, write, read, top = o
+        iova, size = (base + off) << PAGE_SHIFT, pages << PAGE_SHIFT
+        if iova + size > fast.limit:
+            return True
+        phys = phys_page << (PAGE_SHIFT + (9 if phys_page & 1 else 0))
+        read = read or fmt == "fl" or not write
+        return both(fast.map, ref.map, (iova, phys, size),
+                    dict(write=write, read=read, max_order=top), fs, rs)
+    if o[0] == "unmap":
+        _k, base, off, pages = o
+        iova, size = (base + off) << PAGE_SHIFT, pages << PAGE_SHIFT
+        if iova + size > fast.limit:
+            return True
+        if not both(fast.unmap, ref.unmap, (iova, size), {}, fs, rs):
+            return False
+        assert fast.freed_tables == ref.freed_tables
+        return True
+    _k, pick, slot, bits = o
+    tables = sorted(fs.pages)
+    table = tables[pick % len(tables)]
+    used = [i for i, v in enumerate(fs.pages[table]) if v]
+    addr = table + 8 * (used[slot % len(used)] if used else slot)
+    if fs.read(addr):   # a zero entry made present would point at address 0
+        fs.write(addr, fs.read(addr) ^ bits)
+        rs.write(addr, rs.read(addr) ^ bits)
+    return True

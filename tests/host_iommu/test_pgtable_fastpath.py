@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE, PTES_PER_TABLE
 from host_iommu.pgtable import FL_PS, FL_RW, SL_W, PageTable
-from tests.host_iommu.ref_pgtable import RefPageTable
+from tests.host_iommu.ref_pgtable import RefPageTable, apply_op
 from vm_agent.memory import GuestMemory, GuestTableStore
 
 MIB2_PAGES = 1 << 9
@@ -81,23 +81,6 @@ def _same(fast: PageTable, ref: RefPageTable, fs: RecordingStore, rs: RecordingS
         assert fast.lookup(page << PAGE_SHIFT) == ref.lookup(page << PAGE_SHIFT)
 
 
-def _both(fast_fn, ref_fn, args: tuple, kwargs: dict, fs: RecordingStore,
-          rs: RecordingStore) -> bool:
-    """Call both; the same result, or the same exception after the same stores (a poked
-    entry may lead a walk to a page that is no table). False when they raised."""
-    out = []
-    for fn in (fast_fn, ref_fn):
-        try:
-            out.append(("ok", fn(*args, **kwargs)))
-        except (KeyError, ValueError) as e:
-            out.append(("raised", type(e)))
-    assert out[0] == out[1]
-    if out[0][0] == "raised":
-        assert fs.log == rs.log
-        return False
-    return True
-
-
 @settings(max_examples=150, deadline=None)
 @given(layouts, st.lists(op, max_size=25), st.booleans())
 def test_fast_walks_make_the_reference_writes(layout, ops, exclusive):
@@ -108,33 +91,8 @@ def test_fast_walks_make_the_reference_writes(layout, ops, exclusive):
     fast = PageTable(fs, fmt, levels, max_order=max_order)
     ref = RefPageTable(rs, fmt, levels, max_order=max_order)
     for o in ops:
-        if o[0] == "map":
-            _k, base, off, pages, phys_page, write, read, top = o
-            iova, size = (base + off) << PAGE_SHIFT, pages << PAGE_SHIFT
-            if iova + size > fast.limit:
-                continue
-            phys = phys_page << (PAGE_SHIFT + (9 if phys_page & 1 else 0))
-            read = read or fmt == "fl" or not write
-            args = dict(write=write, read=read, max_order=top)
-            if not _both(fast.map, ref.map, (iova, phys, size), args, fs, rs):
-                return
-        elif o[0] == "unmap":
-            _k, base, off, pages = o
-            iova, size = (base + off) << PAGE_SHIFT, pages << PAGE_SHIFT
-            if iova + size > fast.limit:
-                continue
-            if not _both(fast.unmap, ref.unmap, (iova, size), {}, fs, rs):
-                return
-            assert fast.freed_tables == ref.freed_tables
-        else:   # a store made outside the table (a test's): permission or P bits flipped
-            _k, pick, slot, bits = o
-            tables = sorted(fs.pages)
-            table = tables[pick % len(tables)]
-            used = [i for i, v in enumerate(fs.pages[table]) if v]
-            addr = table + 8 * (used[slot % len(used)] if used else slot)
-            if fs.read(addr):   # a zero entry made present would point at address 0
-                fs.write(addr, fs.read(addr) ^ bits)
-                rs.write(addr, rs.read(addr) ^ bits)
+        if not apply_op(o, fast, ref, fs, rs, fmt):
+            return
         _same(fast, ref, fs, rs)
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE
 from host_iommu.pgtable import FL_PS, FL_RW, SL_W, PageTable
-from tests.host_iommu.ref_pgtable import RefPageTable
+from tests.host_iommu.ref_pgtable import RefPageTable, apply_op
 from vm_agent.kernels import pgtable as kpg
 from vm_agent.memory import GuestMemory, GuestTableStore
 
@@ -77,23 +77,6 @@ def _same(fast: PageTable, ref: RefPageTable, fs: LoggedStore, rs: LoggedStore) 
             assert fast.lookup(page << PAGE_SHIFT) == ref.lookup(page << PAGE_SHIFT)
 
 
-def _both(fast_fn, ref_fn, args: tuple, kwargs: dict, fs: LoggedStore, rs: LoggedStore
-          ) -> bool:
-    """Call both: the same result, or the same exception after the same stores (an outside
-    store may turn a table pointer into a large leaf). False when they raised."""
-    out = []
-    for fn in (fast_fn, ref_fn):
-        try:
-            out.append(("ok", fn(*args, **kwargs)))
-        except (KeyError, ValueError) as e:
-            out.append(("raised", type(e)))
-    assert out[0] == out[1]
-    if out[0][0] == "raised":
-        assert fs.log == rs.log
-        return False
-    return True
-
-
 # Page numbers near table edges: inside one level-1 table, across 2 MiB and 1 GiB.
 _BASES = (0, 1, 509, MIB2_PAGES, 3 * MIB2_PAGES - 2, GIB_PAGES - 3, GIB_PAGES, 5 * GIB_PAGES)
 
@@ -132,33 +115,8 @@ def test_compiled_runs_make_the_reference_stores(layout, ops, out_events):
     fmt, levels, max_order = layout
     fast, ref, fs, rs = _pair(fmt, levels, max_order, out_events)
     for o in ops:
-        if o[0] == "map":
-            _k, base, off, pages, phys_page, write, read, top = o
-            iova, size = (base + off) << PAGE_SHIFT, pages << PAGE_SHIFT
-            if iova + size > fast.limit:
-                continue
-            phys = phys_page << (PAGE_SHIFT + (9 if phys_page & 1 else 0))
-            read = read or fmt == "fl" or not write
-            args = dict(write=write, read=read, max_order=top)
-            if not _both(fast.map, ref.map, (iova, phys, size), args, fs, rs):
-                return
-        elif o[0] == "unmap":
-            _k, base, off, pages = o
-            iova, size = (base + off) << PAGE_SHIFT, pages << PAGE_SHIFT
-            if iova + size > fast.limit:
-                continue
-            if not _both(fast.unmap, ref.unmap, (iova, size), {}, fs, rs):
-                return
-            assert fast.freed_tables == ref.freed_tables
-        else:   # a store made outside the table: permission, P or PS bits flipped
-            _k, pick, slot, bits = o
-            tables = sorted(fs.pages)
-            table = tables[pick % len(tables)]
-            used = np.flatnonzero(fs.pages[table])
-            addr = table + 8 * (int(used[slot % len(used)]) if used.size else slot)
-            if fs.read(addr):   # a zero entry made present would point at address 0
-                fs.write(addr, fs.read(addr) ^ bits)
-                rs.write(addr, rs.read(addr) ^ bits)
+        if not apply_op(o, fast, ref, fs, rs, fmt):
+            return
         _same(fast, ref, fs, rs)
 
 
