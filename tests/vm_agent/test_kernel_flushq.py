@@ -18,48 +18,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
+from tests.vm_agent import flushq_pair
+from tests.vm_agent.flushq_pair import run_script
 from vm_agent import flushq as live
 from vm_agent import reference_flushq as ref
 from vm_agent.kernels import flushq as K
 
-ERR = "FlushQueueError"
 MS = 1_000_000
 
 
-def as_values(r) -> tuple:
-    """A Reusable as plain values: the (pfn, pages), their stale windows, the largest."""
-    return [tuple(x) for x in r], list(r.stale_ns), r.max_stale_ns
+class Pair(flushq_pair.Pair):
+    """The array-state queue and the reference in lockstep, the arrays checked too."""
 
-
-class Pair:
-    """The array-state queue and the reference, driven in lockstep."""
-
-    def __init__(self, **kw) -> None:
-        self.lq, self.rq = live.FlushQueue(**kw), ref.FlushQueue(**kw)
-
-    def both(self, what: str, *args):
-        outs = []
-        for q, err in ((self.lq, live.FlushQueueError), (self.rq, ref.FlushQueueError)):
-            try:
-                out = getattr(q, what)(*args)
-            except err:
-                out = ERR
-            if what == "queue" and out != ERR:
-                out = (as_values(out.freed), out.flush_now, out.timer_deadline_ns)
-            elif what == "flush_done" and out != ERR:
-                out = as_values(out)
-            outs.append(out)
-        assert outs[0] == outs[1], (what, args, outs)
-        self.check(after_flush=what == "flush_done" and outs[0] != ERR)
-        return outs[0]
-
-    def check(self, after_flush: bool) -> None:
+    def check_state(self, after_flush: bool) -> None:
         lq, rq = self.lq, self.rq
-        for k in ("flushes", "flushes_full", "flushes_timer", "max_pending"):
-            assert getattr(lq, k) == getattr(rq, k), k
-        assert lq.pending() == rq.pending()
-        assert lq.inflight() == rq.inflight()
-        assert lq.timer_deadline() == rq.timer_deadline()
         # the arrays: each ring holds what the reference's ring holds, in order
         s, ring = lq._st, lq._ring
         rings = int(s[K.S_RINGS])
@@ -76,37 +48,6 @@ class Pair:
             heads = [e[0].counter for e in rq.rings if e]
             asked = min(min(heads, default=rq.fq_flush_start_cnt) + 1, rq.fq_flush_finish_cnt)
             assert len(kept) == rq.fq_flush_finish_cnt - asked + 1
-
-
-def run_script(pair: Pair, steps, eager: bool) -> None:
-    """Steps: ("unmap", cpu, pages, dt), ("done", dt), ("timer", offset from the deadline),
-    ("outside",), ("due", offset). ``eager``: finish a flush when asked, as dma.py does."""
-    t = 0
-    pfn = 0x1000
-    for step in steps:
-        kind = step[0]
-        if kind == "unmap":
-            _, cpu, pages, dt = step
-            t += dt
-            out = pair.both("queue", cpu, pfn, pages, t)
-            pfn += pages
-            if out != ERR and out[1] and eager:
-                t += 700
-                pair.both("flush_done", t)
-        elif kind == "done":
-            t += step[1]
-            pair.both("flush_done", t)
-        elif kind == "timer":
-            deadline = pair.lq.timer_deadline()
-            t = t if deadline is None else max(t, deadline + step[1])
-            if pair.both("on_timer", t) and eager:
-                t += 700
-                pair.both("flush_done", t)
-        elif kind == "outside":
-            pair.both("start_flush")
-        else:
-            deadline = pair.lq.timer_deadline()
-            pair.both("due", t if deadline is None else deadline + step[1])
 
 
 def steps(cpus: int) -> st.SearchStrategy:

@@ -16,10 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.vm_agent.flushq_pair import ERR, Pair, run_script
 from vm_agent import flushq as live
 from vm_agent import reference_flushq as ref
-
-ERR = "FlushQueueError"
 
 
 def test_reference_follows_linux_constants():
@@ -28,48 +27,6 @@ def test_reference_follows_linux_constants():
         live.IOVA_DEFAULT_FQ_SIZE, live.IOVA_SINGLE_FQ_SIZE, live.DEFAULT_HZ)
     assert ref.IOVA_DEFAULT_FQ_TIMEOUT_MS * 1_000_000 == live.IOVA_DEFAULT_FQ_TIMEOUT_NS
     assert ref.IOVA_SINGLE_FQ_TIMEOUT_MS * 1_000_000 == live.IOVA_SINGLE_FQ_TIMEOUT_NS
-
-
-def freed(r) -> tuple:
-    """A Reusable as plain values: the (pfn, pages), their stale windows, the largest."""
-    return list(r), list(r.stale_ns), r.max_stale_ns
-
-
-class Pair:
-    """A live and a reference policy driven in lockstep."""
-
-    def __init__(self, strict: bool = False, **kw) -> None:
-        if strict:
-            self.lq, self.rq = live.StrictPolicy(**kw), ref.StrictPolicy(**kw)
-        else:
-            self.lq, self.rq = live.FlushQueue(**kw), ref.FlushQueue(**kw)
-        assert self.lq.lazy == self.rq.lazy
-
-    def both(self, what: str, *args):
-        outs = []
-        for q, err in ((self.lq, live.FlushQueueError), (self.rq, ref.FlushQueueError)):
-            try:
-                out = getattr(q, what)(*args)
-            except err:
-                out = ERR
-            if what == "queue" and out != ERR:
-                out = (freed(out.freed), out.flush_now, out.timer_deadline_ns)
-            elif what == "flush_done" and out != ERR:
-                out = freed(out)
-            outs.append(out)
-        assert outs[0] == outs[1], (what, args, outs)
-        self.check()
-        return outs[0]
-
-    def check(self) -> None:
-        lq, rq = self.lq, self.rq
-        for k in ("flushes", "flushes_full", "flushes_timer", "max_pending"):
-            assert getattr(lq, k) == getattr(rq, k), k
-        assert lq.pending() == rq.pending()
-        assert lq.inflight() == rq.inflight()
-        assert lq.timer_deadline() == rq.timer_deadline()
-        if lq.lazy:
-            assert lq.timer_max_ns == rq.timer_max_ns
 
 
 # One step of a script: unmap (cpu, pages, dt), finish the oldest flush (dt), run the timer
@@ -82,37 +39,6 @@ STEPS = st.lists(st.one_of(
     st.tuples(st.just("outside")),
     st.tuples(st.just("due"), st.sampled_from([-1, 0, 1])),
 ), max_size=150)
-
-
-def run_script(pair: Pair, steps, eager: bool) -> None:
-    """``eager``: finish a flush right when it is asked for, as the DMA layer does."""
-    t = 0
-    pfn = 0x1000
-    for step in steps:
-        kind = step[0]
-        if kind == "unmap":
-            _, cpu, pages, dt = step
-            t += dt
-            out = pair.both("queue", cpu, pfn, pages, t)
-            pfn += pages
-            if out != ERR and out[1] and eager:
-                t += 700
-                pair.both("flush_done", t)
-        elif kind == "done":
-            t += step[1]
-            pair.both("flush_done", t)
-        elif kind == "timer":
-            deadline = pair.lq.timer_deadline()
-            at = t if deadline is None else max(t, deadline + step[1])
-            t = at
-            if pair.both("on_timer", at) and eager:
-                t += 700
-                pair.both("flush_done", t)
-        elif kind == "outside":
-            pair.both("start_flush")
-        else:
-            deadline = pair.lq.timer_deadline()
-            pair.both("due", t if deadline is None else deadline + step[1])
 
 
 @settings(max_examples=200, deadline=None)
