@@ -297,8 +297,7 @@ class VmAgent:
         # _start and _finish, inlined (a call per packet)
         c = cpu % self.vcpus
         t0 = max(int(t_ns), self.busy_until[c])
-        segs, t1 = self.dma.map_segments(cpu, dev.sid | (getattr(dev, "pasid", NO_PASID) << 16),
-                                          [(gpa, size)], direction, t0)   # domain_key(dev)
+        segs, t1 = self.dma.map_segments(cpu, domain_key(dev), [(gpa, size)], direction, t0)
         self.busy_until[c] = t1
         self.stats["cpu_busy_ns"] += t1 - t0
         return segs[0][0], t1
@@ -307,8 +306,7 @@ class VmAgent:
                   t_ns: int) -> int:
         c = cpu % self.vcpus
         t0 = max(int(t_ns), self.busy_until[c])
-        t1 = self.dma.unmap_range(cpu, dev.sid | (getattr(dev, "pasid", NO_PASID) << 16),
-                                  iova, t0)   # domain_key(dev)
+        t1 = self.dma.unmap_range(cpu, domain_key(dev), iova, t0)
         self.busy_until[c] = t1
         self.stats["cpu_busy_ns"] += t1 - t0
         return t1
@@ -332,19 +330,14 @@ class VmAgent:
         last covered its page (the oracle's window; -1 while mapped)."""
         flags = (ACCESS_WRITE if write else ACCESS_READ) | (DMA_ROGUE if rogue else 0)
         pasid = getattr(dev, "pasid", NO_PASID)
-        key = dev.sid | (pasid << 16)      # domain_key(dev)
-        dma = self.dma
-        unmap_tag = dma.unmap_tag
+        key = domain_key(dev)
+        unmap_tag = self.dma.unmap_tag
         rows = self.log.rows       # OpLog's flat rows: t_ns, op, sid, pasid, a0, a1, a2, a3
         t = int(t_ns)
         end = iova + max(1, size)
         if iova >> PAGE_SHIFT == (end - 1) >> PAGE_SHIFT:     # within one page: one request
-            # dma.unmap_tag(key, page), inlined (a call per request)
-            kp = (key, iova >> PAGE_SHIFT)
-            tag = -1 if kp in dma.mapped_pages or dma.mode == "passthrough" \
-                else dma.unmap_id_of.get(kp, -2)
             rows.extend((t, OP_DMA, dev.sid, pasid, iova & 0xFFFF_FFFF_FFFF_FFFF, end - iova,
-                         flags, tag))
+                         flags, unmap_tag(key, iova >> PAGE_SHIFT)))
             pages = 1
         else:
             addr = iova
