@@ -33,12 +33,6 @@ DMA_BIT_MASK_32_PFN = ((1 << 32) - 1) >> PAGE_SHIFT
 DMA_MAPPING_ERROR = (1 << 64) - 1  # include/linux/dma-mapping.h: ~(dma_addr_t)0
 DIRECT_CALL_NS = 40  # dma-direct map/unmap: a few dozen instructions
 
-# Strict flushes as descriptor words, by (mode, did, pasid, iova, pages, leaf, ATS sids).
-# Building them is a pure function of that key, and the same few recur (the rcache hands the
-# same IOVAs out again). Bounded: cleared when full.
-_FLUSH_WORDS: dict[tuple, tuple[qi.Words, ...]] = {}
-_FLUSH_WORDS_MAX = 1 << 14
-
 
 def domain_key(dev) -> int:
     """The DMA API's key of a device's domain: the sid, with the PASID above it (a device's
@@ -155,20 +149,13 @@ class DmaApi:
         cache_tag_flush_range_np) flushes the IOTLB tags only, with IH 0, since a device
         cannot cache a translation that was not present.
         """
-        ats = (dom.sid,) if self.ats and not on_map else ()
-        key = (self.mode, dom.did, dom.pasid, iova, pages, leaf, ats)
-        words = _FLUSH_WORDS.get(key)
-        if words is None:
-            if self.mode == "shadow":
-                words = domain_flush_words(dom.did, iova, pages, ats_sids=list(ats), ih=leaf)
-            else:
-                words = pasid_flush_words(dom.did, dom.pasid, iova, pages, leaf=leaf,
-                                          ats_sids=list(ats))
-            words = (*words, qi.WAIT_WORDS)
-            if len(_FLUSH_WORDS) >= _FLUSH_WORDS_MAX:
-                _FLUSH_WORDS.clear()
-            _FLUSH_WORDS[key] = words
-        return list(words)
+        ats = [dom.sid] if self.ats and not on_map else []
+        if self.mode == "shadow":   # both helpers keep their results (invalidate.py)
+            words = domain_flush_words(dom.did, iova, pages, ats_sids=ats, ih=leaf)
+        else:
+            words = pasid_flush_words(dom.did, dom.pasid, iova, pages, leaf=leaf, ats_sids=ats)
+        words.append(qi.WAIT_WORDS)
+        return words
 
     # --- map ---------------------------------------------------------------------------
     def _alloc_iova(self, dom: IommuDomain, cpu: int, pages: int) -> tuple[int, int]:
