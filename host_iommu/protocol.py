@@ -22,6 +22,7 @@ import msgpack
 import numpy as np
 
 from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, MAX_PASID, PAGE_SIZE
+from host_iommu.kernels.wire import ops_all_valid, ops_order
 
 # Operation kinds (column "op").
 OP_GUEST_WRITE = 1   # a0 = GPA, a1 = 64-bit value: a guest store into its own page table
@@ -118,6 +119,11 @@ def merge(batches: list[np.ndarray]) -> np.ndarray:
         return ops[np.lexsort((ops["seq"], ops["vm"], ops["t_ns"]))]
     ops = np.concatenate([np.ascontiguousarray(b).view(np.uint8) for b in batches]
                          ).view(OP_DTYPE)
+    order = ops_order(ops)
+    if order == 2:   # already in protocol order: the stable sort would keep it
+        return ops
+    if order == 1:   # in (vm, seq) order: a stable sort by time alone gives protocol order
+        return np.take(ops, np.argsort(ops["t_ns"], kind="stable"))
     return np.take(ops, np.lexsort((ops["seq"], ops["vm"], ops["t_ns"])))
 
 
@@ -148,8 +154,15 @@ _KNOWN_OP[list(OP_NAMES)] = True
 
 
 def _all_valid(ops: np.ndarray) -> bool:
-    """True when no operation breaks a rule check_ops names (a few whole-column reductions:
-    the common case needs no per-rule masks)."""
+    """True when no operation breaks a rule check_ops names: one compiled pass over the
+    records (kernels/wire.py), the same answer as ``_all_valid_numpy``."""
+    return ops_all_valid(ops, _KNOWN_OP, MAX_PASID, OP_DMA, ACCESS_READ, ACCESS_WRITE,
+                         OP_UNMAP_RETIRE, MAX_RETIRE_RUN)
+
+
+def _all_valid_numpy(ops: np.ndarray) -> bool:
+    """``_all_valid`` as whole-column reductions (the common case needs no per-rule masks):
+    the plain form the kernel is tested against."""
     op = ops["op"]
     if (not _KNOWN_OP[op].all() or ops["t_ns"].min() < 0 or ops["vm"].min() < 1
             or ops["pasid"].max() > MAX_PASID):

@@ -18,6 +18,7 @@ from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, PGTT_NESTED
 from host_iommu.iommu import HostIommu, IommuParams
 from host_iommu.pasid import PasidEntry
 from host_iommu.pgtable import PageTable
+from host_iommu.protocol import OP_DMA, OP_DTYPE, merge, pack_ops, unpack_ops
 from host_iommu.walk import WalkBatch
 from vm_agent.kernels.flushq import warm_up as warm_flush_queues
 from vm_agent.memory import GuestMemory, GuestTableStore
@@ -57,3 +58,7 @@ def warm_up() -> None:
     pt.map(0x1000, 0x2000, 0x3000)
     pt.unmap(0, 1 << 21)
     warm_flush_queues()  # the guest's lazy-mode flush queues (vm_agent/kernels/flushq.py)
+    # the boundary's batch checks (kernels/wire.py): unpack_ops' validity pass, merge's order
+    ops = np.zeros(2, dtype=OP_DTYPE)
+    ops["vm"], ops["op"], ops["a2"], ops["seq"] = 1, OP_DMA, ACCESS_READ, (0, 1)
+    merge([unpack_ops(pack_ops(ops))])
