@@ -1,10 +1,11 @@
 """The compiled DMA API (vm_agent/kernels/dmaapi.py) against VmAgent's Python one, call by
-call: the same random sequences of map, unmap and timer calls on a VmAgent and on the arrays
-``freeze`` made of it give the same returns, stats, op-log rows, tables and IOVA state."""
+call: the same random sequences of map, unmap, flush-queue timer and end-of-epoch calls on a
+VmAgent and on the arrays ``freeze`` made of it give the same returns, stats, op-log rows
+(times included), IOVAs and allocator state, table contents, tags and flush-queue state."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import heapq
 
 import numpy as np
 from hypothesis import given, settings
@@ -12,8 +13,15 @@ from hypothesis import strategies as st
 
 from host_iommu.costs import CostModel
 from vm_agent.agent import GUEST_COUNTERS, VmAgent
+from vm_agent.flushq import FlushQueue
 from vm_agent.kernels import dmaapi as K
+from vm_agent.kernels import flushq as kfq
+from vm_agent.kernels import guest as kg
+from vm_agent.kernels import iova as kiova
+from vm_agent.kernels import pgtable as kpg
 from workloads.base import Workload
+
+PAGE = 4096
 
 
 class Bare(Workload):
@@ -25,61 +33,241 @@ class Bare(Workload):
         self.dev = ctx.add_device("dev0")
 
 
-class Guest(NamedTuple):
-    """The guest arrays the DMA API reads and writes (ctl, stats, busy, log)."""
-
-    ctl: np.ndarray
-    stats: np.ndarray
-    busy: np.ndarray
-    log: np.ndarray
-
-
-def make_agent(mode: str, policy: str = "strict", vcpus: int = 2, ats: bool = False
-               ) -> VmAgent:
-    a = VmAgent(1, mode=mode, policy=policy, flush_queue="percpu", vcpus=vcpus,
-                memory_bytes=64 << 20, fl_levels=4, ats=ats, workload=Bare(Bare.Params()),
-                churn=None, costs=CostModel(), seed=0)
+def make_agent(mode: str, policy: str = "strict", vcpus: int = 2, ats: bool = False,
+               levels: int = 4, percpu: bool = True, fq_size: int | None = None) -> VmAgent:
+    a = VmAgent(1, mode=mode, policy=policy, flush_queue="percpu" if percpu else "single",
+                vcpus=vcpus, memory_bytes=64 << 20, fl_levels=levels, ats=ats,
+                workload=Bare(Bare.Params()), churn=None, costs=CostModel(), seed=0)
     a.setup()
+    dom = a.dma.domains[a.workload.dev.sid] if mode != "passthrough" else None
+    if dom is not None and dom.fq is not None and fq_size is not None:
+        dom.fq = FlushQueue(vcpus, per_cpu=percpu, size=fq_size, hz=a.hz)
     return a
 
 
-def guest_of(a: VmAgent) -> Guest:
-    return Guest(np.zeros(8, np.int64), np.array([a.stats[n] for n in GUEST_COUNTERS],
-                                                 np.int64),
-                 np.array(a.busy_until, np.int64), np.zeros((4096, 8), np.int64))
+def guest_of(a: VmAgent) -> kg.GuestArrays:
+    g = kg.new_arrays(a.vm, a.vcpus, a.mem.frames, log_rows=1 << 14)
+    kg.load_memory(g, a.mem)
+    g.stats[:] = [a.stats[n] for n in GUEST_COUNTERS]
+    g.busy[:] = a.busy_until
+    rows = a.log.rows
+    n = len(rows) // 8
+    g.ctl[kg.C_SEQ0] = a.log.seq0
+    g.log[:n] = np.array([x & (2**64 - 1) for x in rows], np.uint64).view(np.int64).reshape(n, 8)
+    g.ctl[kg.C_LOG_N] = n
+    return g
 
 
-def stats_of(g: Guest) -> dict[str, int]:
-    return dict(zip(GUEST_COUNTERS, g.stats.tolist(), strict=True))
+def py_rows(a: VmAgent) -> np.ndarray:
+    rows = a.log.rows
+    return np.array([x & (2**64 - 1) for x in rows], np.uint64).view(np.int64).reshape(-1, 8)
 
 
-ops = st.lists(st.tuples(st.sampled_from(["map", "unmap"]), st.integers(0, 3),
-                         st.integers(1, 3 * 4096), st.integers(0, 20_000)), max_size=40)
+def iova_state(tree, st, mag):
+    """The allocator state with the tree's placement in its array left out."""
+    n, base = int(st[kiova.S_NODES]), int(st[kiova.S_BASE])
+    s = st.copy()
+    s[kiova.S_BASE] = 0
+    mags = [row[:1 + row[0]] for row in mag.tolist()]   # a magazine's pfns up to its size
+    return tree[base:base + n].tolist(), s.tolist(), mags
 
 
-@settings(max_examples=30, deadline=None)
-@given(ops)
-def test_passthrough_equals_python(seq):
-    """Pass-through: dma-direct maps and unmaps, busy times and counters equal."""
-    a = make_agent("passthrough")
+def check_same(a: VmAgent, g, d) -> None:
+    """Everything the DMA API keeps, Python against arrays."""
+    assert g.ctl[kg.C_ERR] == 0
+    assert dict(zip(GUEST_COUNTERS, g.stats.tolist(), strict=True)) == a.stats
+    assert g.busy.tolist() == a.busy_until
+    n = int(g.ctl[kg.C_LOG_N])
+    assert int(g.ctl[kg.C_SEQ0]) == a.log.seq0
+    assert g.log[:n].tolist() == py_rows(a).tolist()
+    dma = a.dma
+    sid = a.workload.dev.sid
+    assert K.last_unmapped(d) == dma.last_unmapped.get(sid)
+    assert K.stale_bound_ns(d) == dma.stale_bound_ns
+    if a.mode == "passthrough":
+        return
+    dom = dma.domains[sid]
+    assert d.ctl[K.D_NEXT_UNMAP_ID] == dma.next_unmap_id
+    assert d.ctl[K.D_PCI32] == dom.pci_32bit_workaround
+    assert iova_state(d.tree, d.ist, d.mag) == iova_state(*K._iova_arrays(dom, 0))
+    # per-page bookkeeping, tags, retired ids, creation marks
+    pg = {int(r[0]): r[1:].tolist() for r in d.pg if r[0] >= 0}
+    assert len(pg) == d.ctl[K.D_PG_N]
+    want = {}
+    for (_k, p) in dma.mapped_pages:
+        want.setdefault(p, [0, -1, -1, -1])[0] = 1
+    for (_k, p), uid in dma.unmap_id_of.items():
+        want.setdefault(p, [0, -1, -1, -1])[1] = uid
+    for p, m in dom.mappings.items():
+        want.setdefault(p, [0, -1, -1, -1])[2] = m.pages
+    for p, t in dom.freed_ns.items():
+        want.setdefault(p, [0, -1, -1, -1])[3] = t
+    assert pg == want
+    for p in want:
+        assert K.unmap_tag(g, d, p) == dma.unmap_tag(sid, p)
+    assert {int(r[0]): int(r[1]) for r in d.tg if r[0] >= 0} == dma.pages_tagged
+    assert d.retired[:d.ctl[K.D_RETIRED_N]].tolist() == dma.retired
+    made = [(p, s) for p, seqs in a._made.items() for s in seqs]
+    assert sorted(map(tuple, d.made[:d.ctl[K.D_MADE_N]].tolist())) == sorted(made)
+    # the table pages: the same rows, entries and counts
+    store = dom.table.store
+    slab = kpg.slab_of(d.pt)
+    frames = int(d.pt[kpg.H_FRAMES])
+    used = kpg.HEADER + frames
+    for gpa, row in store._rows.items():
+        assert d.pt[kpg.HEADER + (gpa >> 12)] == row
+        assert np.array_equal(slab[row], store.pages[gpa])
+        assert d.pt[used + row] == store.state[store._used_at + row]
+    assert int((d.pt[kpg.HEADER:used] >= 0).sum()) == len(store._rows)
+    assert d.ctl[K.D_NEXT_ROW] == store._next_row
+    assert d.rows_free[:d.ctl[K.D_FREE_ROWS_N]].tolist() == store._free_rows
+    assert int(g.ctl[kg.C_NEXT_FRAME]) == a.mem.next_frame
+    if dom.fq is not None:
+        s = dom.fq._st
+        for k in range(kfq.S_START_CNT, kfq.S_MAX_PENDING + 1):
+            assert d.fq[k] == s[k], k
+        assert fq_entries(d.fq) == fq_entries(s)
+
+
+def fq_entries(st) -> list:
+    """Each ring's queued entries, head to tail, and the armed timer."""
+    rings, rcap = int(st[kfq.S_RINGS]), int(st[kfq.S_RCAP])
+    ring = kfq.ring_view(st)
+    return [[ring[r, k & (rcap - 1)].tolist()
+             for k in range(int(st[kfq.HEADER + r]), int(st[kfq.HEADER + rings + r]))]
+            for r in range(rings)] + [int(st[kfq.S_ARMED]), int(st[kfq.S_DEADLINE_NS])]
+
+
+op = st.one_of(
+    st.tuples(st.just("map"), st.integers(0, 3), st.integers(0, 64 * PAGE - 1),
+              st.integers(0, PAGE - 1), st.integers(0, 2), st.integers(0, 30_000)),
+    st.tuples(st.just("unmap"), st.integers(0, 3), st.integers(0, 1 << 20), st.just(0),
+              st.just(0), st.integers(0, 30_000)),
+    st.tuples(st.just("bogus"), st.integers(0, 3), st.just(0), st.just(0), st.just(0),
+              st.integers(0, 30_000)),
+    st.tuples(st.just("timer"), st.just(0), st.just(0), st.just(0), st.just(0),
+              st.integers(0, 30_000_000)),
+    st.tuples(st.just("epoch"), st.just(0), st.just(0), st.just(0), st.just(0),
+              st.integers(0, 30_000)),
+)
+
+
+def run_pair(a: VmAgent, seq) -> tuple:
+    """Drive ``a`` and its frozen arrays through ``seq``, comparing after each call."""
     g = guest_of(a)
     d = K.freeze(a)
+    check_same(a, g, d)
     dev = a.workload.dev
-    live: list[int] = []
+    vcpus = a.vcpus
+    live: list[tuple[int, int]] = []
     t = 0
-    for op, cpu, size, dt in seq:
+    for kind, cpu, size, off, direction, dt in seq:
         t += dt
-        if op == "map" or not live:
+        cpu %= vcpus
+        if kind == "unmap" and not live:
+            kind = "map"
+        if kind == "map":
+            size = max(1, min(size, 64 * PAGE) - off) if a.mode != "passthrough" else size + 1
             gpa = a.alloc_buffer(size)
-            want = a.dma_map(cpu, dev, gpa, size, 0, t)
-            got = K.dma_map(g, d, cpu, gpa, size, 0, t)
-            live.append(want[0])
-        else:
-            iova = live.pop(cpu % len(live))
-            want = a.dma_unmap(cpu, dev, iova, size, 0, t)
-            got = K.dma_unmap(g, d, cpu, iova, size, 0, t)
-            assert d.ctl[K.D_LAST_UNMAPPED] == a.dma.last_unmapped[dev.sid]
-        assert got == want
-        assert stats_of(g) == a.stats
-        assert g.busy.tolist() == a.busy_until
-        assert K.unmap_tag(g, d, 5) == a.dma.unmap_tag(dev.sid, 5)
+            assert kg.mem_alloc(g, max(1, -(-size // PAGE))) == gpa
+            want = a.dma_map(cpu, dev, gpa + off, size, direction, t)
+            got = K.dma_map(g, d, cpu, gpa + off, size, direction, t)
+            assert got == want
+            live.append((want[0], size))
+        elif kind in ("unmap", "bogus"):
+            if kind == "unmap":
+                iova, n = live.pop(size % len(live))
+            else:
+                iova, n = (1 << 40) + size * PAGE, 1
+            before = len(a._events)
+            want = a.dma_unmap(cpu, dev, iova, n, 0, t)
+            got = K.dma_unmap(g, d, cpu, iova, n, 0, t)
+            assert got == want
+            if d.ctl[K.D_TIMER_NS] >= 0:   # the timer Python scheduled inside unmap_range
+                assert len(a._events) == before + 1
+                ev = max(a._events, key=lambda e: e[1])
+                assert (ev[0], ev[3][1]) == (d.ctl[K.D_TIMER_NS], d.ctl[K.D_TIMER_CPU])
+                d.ctl[K.D_TIMER_NS] = -1
+            else:
+                assert len(a._events) == before
+        elif kind == "timer":
+            if a._events:
+                _t, _s, fn, args = heapq.heappop(a._events)
+                fn(*args)
+                K.fq_timer(g, d, args[1])
+        else:   # the end of an epoch: VmAgent.run_epoch's last steps, then the batches
+            a._made.clear()
+            a.dma.log_retired(t)
+            K.end_epoch(g, d, t)
+            check_same(a, g, d)
+            want_ops = a.log.take()
+            got_ops = kg.take_log(g)
+            assert want_ops.tobytes() == got_ops.tobytes()
+        if not K.room_ok(g, d):
+            d = K.grown(d)
+        check_same(a, g, d)
+    return g, d
+
+
+settings_ = settings(max_examples=60, deadline=None)
+
+
+@settings_
+@given(st.lists(op, max_size=40))
+def test_passthrough_equals_python(seq):
+    """Pass-through: dma-direct maps and unmaps, busy times and counters equal."""
+    run_pair(make_agent("passthrough"), seq)
+
+
+@settings_
+@given(st.lists(op, max_size=60), st.integers(1, 3), st.booleans(), st.sampled_from([4, 5]))
+def test_nested_strict_equals_python(seq, vcpus, ats, levels):
+    """Nested strict: IOVAs, table stores and their log rows, HWPT invalidations, unmap
+    returns, tags, retired ids and the allocator equal after every call."""
+    run_pair(make_agent("nested", "strict", vcpus, ats, levels), seq)
+
+
+@settings_
+@given(st.lists(op, max_size=60), st.integers(1, 3), st.booleans(), st.booleans(),
+       st.sampled_from([2, 4, 256]))
+def test_nested_lazy_equals_python(seq, vcpus, ats, percpu, fq_size):
+    """Nested lazy: flush-queue flushes (full ring, timer), PASID-wide invalidations, IOVAs
+    freed late, stale bounds and the timer the unmap arms equal after every call."""
+    run_pair(make_agent("nested", "lazy", vcpus, ats, percpu=percpu, fq_size=fq_size), seq)
+
+
+def test_many_pages_reused():
+    """Adversarial by hand: mappings of 1..64 pages on every CPU, unmapped out of order and
+    mapped again (rcache reuse, freed_ns), across epochs."""
+    rng = np.random.default_rng(5)
+    seq = []
+    for _ in range(400):
+        r = rng.integers(0, 10)
+        kind = "map" if r < 5 else "unmap" if r < 9 else "epoch"
+        seq.append((kind, int(rng.integers(0, 4)), int(rng.integers(0, 64 * PAGE)),
+                    int(rng.integers(0, PAGE)), int(rng.integers(0, 3)),
+                    int(rng.integers(0, 3000))))
+    seq += [("timer", 0, 0, 0, 0, 0)] * 3 + [("epoch", 0, 0, 0, 0, 0)]
+    g, _d = run_pair(make_agent("nested", "strict", 3, ats=True), seq)
+    s = dict(zip(GUEST_COUNTERS, g.stats.tolist(), strict=True))
+    assert s["vmm_invalidate_calls"] == s["unmaps"] > 100 and s["pte_writes"] > 1000
+    g, _d = run_pair(make_agent("nested", "lazy", 2, fq_size=4), seq)
+    s = dict(zip(GUEST_COUNTERS, g.stats.tolist(), strict=True))
+    assert s["lazy_flushes"] > 20
+
+
+def test_refusals_change_nothing():
+    """A mapping beyond MAX_PAGES and a CPU outside the rcache are refused with C_ERR set
+    and nothing changed."""
+    a = make_agent("nested", "strict", 2)
+    g = guest_of(a)
+    d = K.freeze(a)
+    before = (g.stats.copy(), g.busy.copy(), d.ist.copy(), d.pt.copy(), int(g.ctl[kg.C_LOG_N]))
+    assert K.dma_map(g, d, 0, 1 << 20, (K.MAX_PAGES + 1) * PAGE, 0, 5) == (-1, 5)
+    assert g.ctl[kg.C_ERR] == kg.E_DMA and g.ctl[kg.C_ERR_ARG] == K.R_PAGES
+    g.ctl[kg.C_ERR] = 0
+    assert K.dma_map(g, d, 7, 1 << 20, PAGE, 0, 5) == (-1, 5)
+    assert g.ctl[kg.C_ERR_ARG] == K.R_CPU
+    after = (g.stats, g.busy, d.ist, d.pt, int(g.ctl[kg.C_LOG_N]))
+    for x, y in zip(before, after, strict=True):
+        assert np.array_equal(x, y)

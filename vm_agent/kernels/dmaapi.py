@@ -1,16 +1,38 @@
 """The guest's DMA API and IOMMU driver as numba functions, for the whole-VM-epoch kernel.
 
-What vm_agent/agent.py (VmAgent.dma_map / dma_unmap), vm_agent/dma.py (DmaApi) and
-vm_agent/vmm.py (PassthroughVmm, NestedVmm) do for one device's domain, compiled: Linux
-drivers/iommu/dma-iommu.c (iommu_dma_map_page, __iommu_dma_unmap, queue_iova) over
-drivers/iommu/intel/iommu.c's first-level tables and QEMU's nested intel-iommu, whose
-trapped PASID-based invalidations (VT-d spec 6.5.2.4) become IOMMU_HWPT_INVALIDATE rows of
-the op log. Pass-through is dma-direct (the DMA address is the GPA).
+What vm_agent/agent.py (VmAgent.dma_map / dma_unmap), vm_agent/dma.py (DmaApi), vm_agent/
+viommu.py and vm_agent/vmm.py (PassthroughVmm, NestedVmm) do for a guest's one device
+domain, compiled: Linux drivers/iommu/dma-iommu.c (iommu_dma_map_page: iommu_dma_alloc_iova
+then iommu_map; __iommu_dma_unmap: iommu_unmap, then a strict invalidation with a wait, or
+queue_iova onto the flush queue, whose fq_flush_iotlb is one PASID-wide invalidation and
+fq_flush_timeout its timer) over drivers/iommu/intel/iommu.c's first-level tables, and QEMU's
+nested intel-iommu: the guest's tail write traps (a VM exit) and each PASID-based IOTLB
+invalidation it fetches (VT-d spec 6.5.2.4) is forwarded as one IOMMU_HWPT_INVALIDATE, an
+OP_HWPT_INV row of the op log. Pass-through (no vIOMMU) is dma-direct: the DMA address is
+the GPA. Shadow (caching mode) stays on the Python path.
 
-The Python classes stay the reference; these functions make the same calls in the same
-order on array state, so stats, op-log rows (and their order and times), IOVAs, page-table
-stores and flush-queue behaviour are the same value for value
-(tests/vm_agent/test_kernel_dmaapi.py runs both side by side).
+The Python classes are the reference. These functions make the same calls in the same order
+on array state: the IOVA allocator of vm_agent/kernels/iova.py, the first-level table slab
+of vm_agent/kernels/pgtable.py, the flush queue of vm_agent/kernels/flushq.py, the guest's
+page allocator and op log of vm_agent/kernels/guest.py (``g``), and ``DomainArrays`` (``d``)
+for the rest of DmaApi's bookkeeping:
+
+- ``pg``: an open-addressing hash table (linear probing, backward-shift deletion) keyed by
+  IOVA page, holding what DmaApi keeps per page in four dicts and sets: mapped
+  (``mapped_pages``), the unmap id that last covered it (``unmap_id_of``), the pages of the
+  mapping starting there (``IommuDomain.mappings``) and when its IOVA was last freed
+  (``freed_ns``); an entry with none of them is removed, as the dicts would drop the key;
+- ``tg``: the same kind of table from unmap id to the pages it still tags (``pages_tagged``);
+- ``retired``: the ids retired since the last ``end_epoch`` (``DmaApi.retired``);
+- ``made``: VmAgent._made as (table page, store sequence number) pairs in insertion order;
+- ``ctl``: the scalars (D_*), ``costs``: the CostModel fields used (K_*).
+
+So stats, op-log rows (their order, times and values), IOVAs, table stores and flush-queue
+behaviour are the same value for value (tests/vm_agent/test_kernel_dmaapi.py runs both side
+by side). What is rare and not modelled here is refused BEFORE anything changes, with
+``g.ctl[C_ERR] = E_DMA`` and a reason R_* in ``C_ERR_ARG``: a mapping of more than
+MAX_PAGES pages (whose unmap could free a table page), a CPU outside the rcache, an array
+short of room (``room_ok`` / ``grown`` prevent it). IOVA exhaustion is E_IOVA, as DmaError.
 """
 
 from __future__ import annotations
@@ -20,62 +42,577 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from vm_agent.agent import GUEST_COUNTERS
+from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE
+from host_iommu.nested import IOMMU_VTD_INV_FLAGS_LEAF
+from host_iommu.pgtable import FL_A, FL_D, FL_P, FL_RW, FL_US
+from host_iommu.protocol import (
+    MAX_RETIRE_RUN,
+    OP_GUEST_WRITE,
+    OP_HWPT_INV,
+    OP_UNMAP_RET,
+    OP_UNMAP_RETIRE,
+)
+from vm_agent.iova import IOVA_ANCHOR
+from vm_agent.kernels import flushq as kfq
+from vm_agent.kernels import iova as kiova
+from vm_agent.kernels import pgtable as kpg
+from vm_agent.kernels.guest import (
+    C_ERR,
+    C_ERR_ARG,
+    C_LOG_N,
+    C_SEQ0,
+    E_DMA,
+    E_IOVA,
+    L_A0,
+    L_T_NS,
+    S_CPU_BUSY_NS,
+    S_DMA_API_ERRORS,
+    S_INV_DESCRIPTORS,
+    S_IOMMU_MAP_EVENTS,
+    S_LAZY_FLUSHES,
+    S_MAPS,
+    S_PTE_WRITES,
+    S_UNMAPS,
+    S_VM_EXITS,
+    S_VMM_INVALIDATE_CALLS,
+    log_add,
+    mem_alloc,
+)
 
 DIRECT_CALL_NS = 40            # vm_agent/dma.py: dma-direct map/unmap
-
-# --- stats slots: vm_agent.agent.GUEST_COUNTERS in order (the contract with guest.py)
-S_MAPS = GUEST_COUNTERS.index("maps")
-S_UNMAPS = GUEST_COUNTERS.index("unmaps")
-S_CPU_BUSY_NS = GUEST_COUNTERS.index("cpu_busy_ns")
+DMA_TO_DEVICE = 1              # workloads/base.py: the device reads guest memory
+DMA_BIT_MASK_32_PFN = ((1 << 32) - 1) >> PAGE_SHIFT
+TABLE_ADDR_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)   # a first-level entry's bits 51:12
+MAX_AGAW_PFN_WIDTH = 64 - PAGE_SHIFT                   # host_iommu/invalidate.py
 
 # --- d.ctl slots
 D_MODE = 0            # MODE_PASSTHROUGH or MODE_NESTED
 D_TIMER_NS = 1        # a flush-queue timer dma_unmap armed: its deadline (-1: none)
 D_TIMER_CPU = 2       # ... and the vCPU whose unmap armed it
 D_LAST_UNMAPPED = 3   # DmaApi.last_unmapped of the domain (-1: none yet)
-D_LEN = 4
+D_NEXT_UNMAP_ID = 4   # DmaApi.next_unmap_id
+D_STALE_BOUND = 5     # DmaApi.stale_bound_ns
+D_PCI32 = 6           # IommuDomain.pci_32bit_workaround
+D_LIMIT_PFN = 7       # IommuDomain.limit_pfn
+D_SID = 8             # the device's requester id
+D_PASID = 9           # the domain's PASID (NO_PASID: the device's PASID 0)
+D_DID = 10            # the guest's domain id in its descriptors
+D_ATS = 11            # 1: device-TLB invalidations follow each flush
+D_LAZY = 12           # 1: the flush queue (fq) is used; 0: strict
+D_PG_N = 13           # entries in pg
+D_TG_N = 14           # entries in tg
+D_RETIRED_N = 15      # ids in retired
+D_MADE_N = 16         # pairs in made
+D_FREE_ROWS_N = 17    # slab rows in rows_free (GuestTableStore._free_rows)
+D_NEXT_ROW = 18       # GuestTableStore._next_row
+D_LEVELS = 19         # the first-level table's levels
+D_LEN = 20
 
 MODE_PASSTHROUGH = 0
 MODE_NESTED = 1
 
 # --- d.costs slots (host_iommu.costs.CostModel fields)
-COST_FIELDS = ("dma_call_ns",)
-K_DMA_CALL = 0
+COST_FIELDS = ("dma_call_ns", "pte_write_ns", "iova_alloc_fast_ns", "iova_alloc_slow_ns",
+               "iova_free_ns", "qi_submit_ns", "vm_exit_ns", "vmm_trap_ns",
+               "hwpt_invalidate_ns", "qi_desc_ns", "qi_wait_ns")
+(K_DMA_CALL, K_PTE_WRITE, K_ALLOC_FAST, K_ALLOC_SLOW, K_IOVA_FREE, K_QI_SUBMIT, K_VM_EXIT,
+ K_VMM_TRAP, K_HWPT_INV, K_QI_DESC, K_QI_WAIT) = range(len(COST_FIELDS))
 
-MAX_MAP_ROWS = 0      # op-log rows one dma_map may append (pass-through: none)
-MAX_UNMAP_ROWS = 0    # op-log rows one dma_unmap may append
+# --- pg columns (key -1: an empty slot)
+P_KEY, P_MAPPED, P_TAG, P_MPAGES, P_FREED = range(5)
+PG_COLS = 5
+TG_COLS = 2           # unmap id, pages it tags
+
+# --- refusals (g.ctl[C_ERR_ARG] with C_ERR = E_DMA), nothing changed
+R_PAGES = 1001        # a mapping of no page or of more than MAX_PAGES
+R_CPU = 1002          # a CPU outside the rcache's (IovaError on the Python path)
+R_ROOM = 1003         # an array of g or d is short of room: grow (``grown``) and call again
+R_WALK = 1004         # the table kernel left a walk to PageTable's Python (never expected)
+
+MAX_PAGES = 64        # pages one map or unmap may cover here (a table frees at 512)
+MAX_MAP_ROWS = MAX_PAGES + 2 * 4 + 2     # leaves, tables linked on two 2-MiB runs (5 levels)
+MAX_UNMAP_ROWS = MAX_PAGES + 3           # cleared leaves, HWPT range, HWPT all, UNMAP_RET
+MAX_TIMER_ROWS = 1                       # fq_timer: one PASID-wide HWPT row
+_SLACK = 4 * MAX_PAGES                   # room ``grown`` leaves in every array
 
 
 class DomainArrays(NamedTuple):
-    """One device's DMA domain and the DMA API's bookkeeping for it, as arrays."""
+    """One device's DMA domain and the DMA API's bookkeeping for it (module docstring)."""
 
-    ctl: np.ndarray      # int64[D_LEN]: D_* scalars
-    costs: np.ndarray    # int64[len(COST_FIELDS)]
+    ctl: np.ndarray        # int64[D_LEN]
+    costs: np.ndarray      # int64[len(COST_FIELDS)]
+    tree: np.ndarray       # kernels/iova.py tree
+    ist: np.ndarray        # kernels/iova.py st
+    mag: np.ndarray        # kernels/iova.py magazines
+    pt: np.ndarray         # kernels/pgtable.py state of the first-level table
+    rows_free: np.ndarray  # int64[cap]: free slab rows, a stack
+    fq: np.ndarray         # kernels/flushq.py st (lazy), else int64[1]
+    pg: np.ndarray         # int64[cap, PG_COLS]: per IOVA page
+    tg: np.ndarray         # int64[cap, TG_COLS]: per unmap id
+    retired: np.ndarray    # int64[cap]
+    made: np.ndarray       # int64[cap, 2]: (table page, sequence number)
+
+
+# --- hash tables: linear probing, backward-shift deletion, keys >= 0 ----------------------
+@njit(cache=True)
+def _hash(key, mask):
+    return ((key ^ (key >> 17)) * 0x9E3779B1) & mask
 
 
 @njit(cache=True)
+def _h_find(tab, key):
+    """The slot holding ``key``, or -1 - the empty slot where it would go."""
+    mask = tab.shape[0] - 1
+    i = _hash(key, mask)
+    while True:
+        k = tab[i, 0]
+        if k == key:
+            return i
+        if k == -1:
+            return -1 - i
+        i = (i + 1) & mask
+
+
+@njit(cache=True)
+def _h_delete(tab, i):
+    """Empty slot ``i``, moving later entries of its probe run back (no tombstones)."""
+    mask = tab.shape[0] - 1
+    j = i
+    while True:
+        j = (j + 1) & mask
+        k = tab[j, 0]
+        if k == -1:
+            break
+        h = _hash(k, mask)
+        # the entry at j may move to i unless its home lies cyclically in (i, j]
+        if (i <= j and (h <= i or h > j)) or (i > j and h <= i and h > j):
+            for c in range(tab.shape[1]):
+                tab[i, c] = tab[j, c]
+            i = j
+    tab[i, 0] = -1
+
+
+@njit(cache=True)
+def _pg_slot(d, page):
+    """pg's slot of ``page``, made (nothing set) when missing."""
+    s = _h_find(d.pg, page)
+    if s >= 0:
+        return s
+    s = -1 - s
+    pg = d.pg
+    pg[s, P_KEY] = page
+    pg[s, P_MAPPED] = 0
+    pg[s, P_TAG] = -1
+    pg[s, P_MPAGES] = -1
+    pg[s, P_FREED] = -1
+    d.ctl[D_PG_N] += 1
+    return s
+
+
+@njit(cache=True)
+def _pg_tidy(d, s):
+    """Drop pg's entry in slot ``s`` once it holds nothing (the dicts drop their keys)."""
+    pg = d.pg
+    if (pg[s, P_MAPPED] == 0 and pg[s, P_TAG] == -1 and pg[s, P_MPAGES] == -1
+            and pg[s, P_FREED] == -1):
+        _h_delete(pg, s)
+        d.ctl[D_PG_N] -= 1
+
+
+# --- room ---------------------------------------------------------------------------------
+@njit(cache=True)
+def _fq_room(st):
+    """Whether each flush-queue kernel one event may call finds room (none asks NEED_ROOM)."""
+    rings = st[kfq.S_RINGS]
+    for r in range(rings):
+        if st[kfq.HEADER + rings + r] - st[kfq.HEADER + r] + 2 > st[kfq.S_RCAP]:
+            return False
+    if st[kfq.S_IN_TAIL] - st[kfq.S_IN_HEAD] + 2 > st[kfq.S_ICAP]:
+        return False
+    return st[kfq.S_FINISH_CNT] + 3 - st[kfq.S_FINISH_BASE] <= st[kfq.S_FCAP]
+
+
+@njit(cache=True)
+def room_ok(g, d):
+    """Whether one call (map, unmap or timer) finds room in every array it may fill."""
+    ctl = d.ctl
+    if ctl[D_MODE] == MODE_PASSTHROUGH:
+        return True
+    if g.ctl[C_LOG_N] + MAX_MAP_ROWS > g.log.shape[0]:
+        return False
+    if 2 * (ctl[D_PG_N] + MAX_PAGES + 1) > d.pg.shape[0]:
+        return False
+    if 2 * (ctl[D_TG_N] + 2) > d.tg.shape[0]:
+        return False
+    if ctl[D_RETIRED_N] + MAX_PAGES + 1 > d.retired.shape[0]:
+        return False
+    if ctl[D_MADE_N] + 2 * ctl[D_LEVELS] + 2 > d.made.shape[0]:
+        return False
+    if d.ist[kiova.S_NODES] + 2 > d.tree.shape[0]:
+        return False
+    if ctl[D_FREE_ROWS_N] + d.pt[kpg.H_ROWS] - ctl[D_NEXT_ROW] < 2 * ctl[D_LEVELS]:
+        return False
+    return ctl[D_LAZY] == 0 or _fq_room(d.fq)
+
+
+@njit(cache=True)
+def _refuse(g, reason):
+    g.ctl[C_ERR] = E_DMA
+    g.ctl[C_ERR_ARG] = reason
+
+
+# --- the op log's table stores (VmAgent._log_table_stores, _made_by) ---------------------
+@njit(cache=True)
+def _made_by(g, d, page, t):
+    """VmAgent._made_by: move this epoch's creation stores of table ``page`` to ``t`` if
+    later, and up the table path (with a stack: each store moves at most once per call,
+    so the set moved does not depend on the order)."""
+    made = d.made
+    n = d.ctl[D_MADE_N]
+    seq0 = g.ctl[C_SEQ0]
+    log = g.log
+    stack = np.empty(64, np.int64)
+    sp = 0
+    stack[0] = page
+    sp = 1
+    while sp > 0:
+        sp -= 1
+        p = stack[sp]
+        for i in range(n):
+            if made[i, 0] != p:
+                continue
+            s = made[i, 1]
+            if s < seq0:
+                continue
+            r = s - seq0
+            if log[r, L_T_NS] > t:
+                log[r, L_T_NS] = t
+                parent = log[r, L_A0] & ~(PAGE_SIZE - 1)
+                if parent != p and sp < 64:
+                    stack[sp] = parent
+                    sp += 1
+
+
+@njit(cache=True)
+def _log_stores(g, d, n, now):
+    """VmAgent._log_table_stores of the ``n`` stores a table kernel listed in ``out``."""
+    pt = d.pt
+    out = kpg.HEADER + pt[kpg.H_FRAMES] + 2 * pt[kpg.H_ROWS]
+    frames = pt[kpg.H_FRAMES]
+    for i in range(n):
+        gpa = pt[out + kpg.EVENT * i]
+        value = pt[out + kpg.EVENT * i + 1]
+        page = gpa & ~(PAGE_SIZE - 1)
+        if d.ctl[D_MADE_N] > 0:
+            _made_by(g, d, page, now)
+        row = log_add(g, now, OP_GUEST_WRITE, 0, 0, gpa, value, 0, -1)
+        if value & 1:
+            target = value & TABLE_ADDR_MASK
+            f = target >> PAGE_SHIFT
+            if target != page and f < frames and pt[kpg.HEADER + f] >= 0:
+                m = d.ctl[D_MADE_N]
+                d.made[m, 0] = target
+                d.made[m, 1] = g.ctl[C_SEQ0] + row
+                d.ctl[D_MADE_N] = m + 1
+
+
+@njit(cache=True)
+def _alloc_table(g, d):
+    """GuestTableStore.alloc_table: a page from the guest allocator, a slab row for it
+    (the last freed row first), zeroed; -1 when the allocator failed (C_ERR set)."""
+    gpa = mem_alloc(g, 1)
+    if gpa < 0:
+        return -1
+    ctl = d.ctl
+    pt = d.pt
+    n = ctl[D_FREE_ROWS_N]
+    if n > 0:
+        row = d.rows_free[n - 1]
+        ctl[D_FREE_ROWS_N] = n - 1
+    else:
+        row = ctl[D_NEXT_ROW]
+    if row == ctl[D_NEXT_ROW]:
+        ctl[D_NEXT_ROW] = row + 1
+    frames = pt[kpg.H_FRAMES]
+    rows = pt[kpg.H_ROWS]
+    pt[kpg.HEADER + (gpa >> PAGE_SHIFT)] = row
+    pt[kpg.HEADER + frames + row] = 0                       # used[row]
+    slab = kpg.HEADER + frames + 2 * rows + kpg.EVENT * pt[kpg.H_EVENTS]
+    for k in range(kpg.SLOTS):
+        pt[slab + row * kpg.SLOTS + k] = 0
+    return gpa
+
+
+@njit(cache=True)
+def _map_table(g, d, iova, phys, end, bits, now):
+    """PageTable._map_kernel over d.pt: 4-KiB leaves over [iova, end), a missing table
+    allocated where the kernel stops for one; the stores made (logged), or -1 (C_ERR)."""
+    total = 0
+    new_table = np.int64(-1)
+    while True:
+        code, pos, n = kpg.map_4k(d.pt, iova, end, phys, bits, new_table)
+        _log_stores(g, d, n, now)
+        total += n
+        new_table = -1
+        if code == kpg.DONE:
+            return total
+        phys += pos - iova
+        iova = pos
+        if code == kpg.NEED_TABLE:
+            new_table = _alloc_table(g, d)
+            if new_table < 0:
+                return -1
+        elif code != kpg.MORE:
+            _refuse(g, R_WALK)
+            return -1
+
+
+# --- invalidations (DmaApi._invalidate, _trap, NestedVmm.handle) -------------------------
+@njit(cache=True)
+def _psi(addr, npages):
+    """invalidate.psi_aligned(addr, npages, mamv=None): (aligned addr, am)."""
+    start = addr >> PAGE_SHIFT
+    end = start + npages - 1
+    am = 0
+    x = npages - 1
+    while x > 0:
+        x >>= 1
+        am += 1
+    x = start ^ end
+    b = 0
+    while x > 0:
+        x >>= 1
+        b += 1
+    if b > am:
+        am = b
+    if am > MAX_AGAW_PFN_WIDTH:
+        am = MAX_AGAW_PFN_WIDTH
+    return ((start >> am) << am) << PAGE_SHIFT, am
+
+
+@njit(cache=True)
+def _invalidate(g, d, t, everything, addr, npages, leaf, unmap_id):
+    """One strict flush as the DMA layer submits it: the PASID-based IOTLB invalidation
+    (range, or the whole PASID), a device-TLB one under ATS, the wait; the tail write traps
+    and the VMM forwards the IOTLB one as IOMMU_HWPT_INVALIDATE. The time after the VM entry."""
+    c = d.costs
+    ctl = d.ctl
+    g.stats[S_INV_DESCRIPTORS] += 2 + ctl[D_ATS]
+    t += c[K_QI_SUBMIT]
+    g.stats[S_VM_EXITS] += 1
+    half = c[K_VM_EXIT] // 2
+    t += half + c[K_VMM_TRAP]
+    if everything:
+        log_add(g, t, OP_HWPT_INV, ctl[D_SID], ctl[D_PASID], 0, -1, 0, unmap_id)
+    else:
+        a, am = _psi(addr, npages)
+        flags = IOMMU_VTD_INV_FLAGS_LEAF if leaf else 0
+        log_add(g, t, OP_HWPT_INV, ctl[D_SID], ctl[D_PASID], a, np.int64(1) << am, flags,
+                unmap_id)
+    g.stats[S_VMM_INVALIDATE_CALLS] += 1
+    t += c[K_HWPT_INV] + c[K_QI_DESC] + c[K_QI_WAIT]
+    return t + c[K_VM_EXIT] - half
+
+
+# --- IOVAs ----------------------------------------------------------------------------------
+@njit(cache=True)
+def _free_iova(d, cpu, pfn, pages, t):
+    """DmaApi._free_iova: free_iova_fast, and the time of the free kept for its next map."""
+    kiova.free_iova_fast(d.tree, d.ist, d.mag, cpu, pfn, pages)
+    s = _pg_slot(d, pfn)
+    d.pg[s, P_FREED] = t
+
+
+@njit(cache=True)
+def _give_back(d, cpu, n, t):
+    """DmaApi._give_back of the ``n`` entries a flush-queue kernel freed into its ``out``."""
+    st = d.fq
+    at = st[kfq.S_OUT_OFF]
+    slots = st[kfq.S_RINGS] * st[kfq.S_RCAP]
+    worst = st[at + 2 * slots] if n > 0 else 0
+    for i in range(n):
+        _free_iova(d, cpu, st[at + i], st[at + slots + i], t)
+        if st[at + 2 * slots + i] > worst:
+            worst = st[at + 2 * slots + i]
+    if n > 0 and worst > d.ctl[D_STALE_BOUND]:
+        d.ctl[D_STALE_BOUND] = worst
+
+
+@njit(cache=True)
+def _flush_all(g, d, cpu, t):
+    """DmaApi._flush_all: one PASID-wide invalidation, then free what it covered."""
+    g.stats[S_LAZY_FLUSHES] += 1
+    t = _invalidate(g, d, t, True, 0, 0, False, -1)
+    t += d.costs[K_QI_WAIT]
+    n = kfq.fq_flush_done(d.fq, t)
+    _give_back(d, cpu, n, t)
+    return t
+
+
+@njit(cache=True)
+def _untag(d, s):
+    """DmaApi._untag of the page in pg slot ``s`` (which holds a tag)."""
+    uid = d.pg[s, P_TAG]
+    d.pg[s, P_TAG] = -1
+    j = _h_find(d.tg, uid)
+    left = d.tg[j, 1] - 1
+    if left:
+        d.tg[j, 1] = left
+    else:
+        _h_delete(d.tg, j)
+        d.ctl[D_TG_N] -= 1
+        r = d.ctl[D_RETIRED_N]
+        d.retired[r] = uid
+        d.ctl[D_RETIRED_N] = r + 1
+
+
+# --- the DMA API ----------------------------------------------------------------------------
+@njit(cache=True)
 def dma_map(g, d, cpu, gpa, size, direction, t):
-    """VmAgent.dma_map: (iova, t1); the vCPU is busy from max(t, its busy time) to t1."""
+    """VmAgent.dma_map: (iova, t1); the vCPU is busy from max(t, its busy time) to t1.
+    (-1, t) when refused (g.ctl[C_ERR] set, nothing changed) or when the IOVA space is
+    exhausted (E_IOVA: DmaError on the Python path)."""
     busy = g.busy
     c = cpu % busy.shape[0]
     t0 = max(t, busy[c])
+    ctl = d.ctl
+    cost = d.costs
+    if ctl[D_MODE] == MODE_PASSTHROUGH:
+        g.stats[S_MAPS] += 1
+        t1 = t0 + cost[K_DMA_CALL] + DIRECT_CALL_NS
+        busy[c] = t1
+        g.stats[S_CPU_BUSY_NS] += t1 - t0
+        return gpa, t1
+    pages = ((gpa & (PAGE_SIZE - 1)) + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+    if pages <= 0 or pages > MAX_PAGES:
+        _refuse(g, R_PAGES)
+        return -1, t
+    if cpu < 0 or cpu >= d.ist[kiova.S_CPUS]:
+        _refuse(g, R_CPU)
+        return -1, t
+    if not room_ok(g, d):
+        _refuse(g, R_ROOM)
+        return -1, t
+    t1 = t0 + cost[K_DMA_CALL]
     g.stats[S_MAPS] += 1
-    t1 = t0 + d.costs[K_DMA_CALL] + DIRECT_CALL_NS
+    # _alloc_iova (iommu_dma_alloc_iova)
+    hits = d.ist[kiova.S_HITS]
+    pfn = np.int64(kiova.NONE)
+    if ctl[D_LIMIT_PFN] > DMA_BIT_MASK_32_PFN and ctl[D_PCI32]:
+        pfn = kiova.alloc_iova_fast(d.tree, d.ist, d.mag, cpu, pages, DMA_BIT_MASK_32_PFN,
+                                    False)
+        if pfn == kiova.NONE:
+            ctl[D_PCI32] = 0
+    if pfn == kiova.NONE:
+        pfn = kiova.alloc_iova_fast(d.tree, d.ist, d.mag, cpu, pages, ctl[D_LIMIT_PFN], True)
+    if pfn < 0:
+        g.ctl[C_ERR] = E_IOVA
+        g.ctl[C_ERR_ARG] = ctl[D_SID]
+        return -1, t
+    fast = d.ist[kiova.S_HITS] > hits
+    s = _h_find(d.pg, pfn)
+    if s >= 0 and d.pg[s, P_FREED] >= 0:      # dom.freed_ns.pop(pfn, 0)
+        if d.pg[s, P_FREED] > t1:
+            t1 = d.pg[s, P_FREED]
+        d.pg[s, P_FREED] = -1
+        _pg_tidy(d, s)
+    t1 += cost[K_ALLOC_FAST] if fast else cost[K_ALLOC_SLOW]
+    bits = FL_P | FL_US | FL_A
+    if direction != DMA_TO_DEVICE:
+        bits |= FL_RW | FL_D
+    iova = pfn << PAGE_SHIFT
+    n = _map_table(g, d, iova, gpa & ~(PAGE_SIZE - 1), iova + (pages << PAGE_SHIFT), bits, t1)
+    if n < 0:
+        return -1, t
+    g.stats[S_IOMMU_MAP_EVENTS] += 1
+    g.stats[S_PTE_WRITES] += n
+    t1 += n * cost[K_PTE_WRITE]
+    s = _pg_slot(d, pfn)
+    d.pg[s, P_MPAGES] = pages
+    for p in range(pfn, pfn + pages):
+        s = _pg_slot(d, p)
+        d.pg[s, P_MAPPED] = 1
+        if d.pg[s, P_TAG] != -1:
+            _untag(d, s)
     busy[c] = t1
     g.stats[S_CPU_BUSY_NS] += t1 - t0
-    return gpa, t1
+    return iova | (gpa & (PAGE_SIZE - 1)), t1
 
 
 @njit(cache=True)
 def dma_unmap(g, d, cpu, iova, size, direction, t):
-    """VmAgent.dma_unmap: t1; the vCPU is busy from max(t, its busy time) to t1."""
+    """VmAgent.dma_unmap: t1; the vCPU is busy from max(t, its busy time) to t1. A flush-
+    queue timer the unmap armed is left in ctl[D_TIMER_NS] / [D_TIMER_CPU] for the caller
+    to schedule. When refused (g.ctl[C_ERR] set) nothing changed and ``t`` comes back."""
     busy = g.busy
     c = cpu % busy.shape[0]
     t0 = max(t, busy[c])
+    ctl = d.ctl
+    cost = d.costs
+    if ctl[D_MODE] == MODE_PASSTHROUGH:
+        g.stats[S_UNMAPS] += 1
+        ctl[D_LAST_UNMAPPED] = iova
+        t1 = t0 + cost[K_DMA_CALL] + DIRECT_CALL_NS
+        busy[c] = t1
+        g.stats[S_CPU_BUSY_NS] += t1 - t0
+        return t1
+    pfn = iova >> PAGE_SHIFT
+    ms = _h_find(d.pg, pfn)
+    pages = d.pg[ms, P_MPAGES] if ms >= 0 else -1
+    if pages >= 0:
+        if pages > MAX_PAGES:
+            _refuse(g, R_PAGES)
+            return t
+        if cpu < 0 or cpu >= d.ist[kiova.S_CPUS]:
+            _refuse(g, R_CPU)
+            return t
+        if not room_ok(g, d):
+            _refuse(g, R_ROOM)
+            return t
+    t1 = t0 + cost[K_DMA_CALL]
     g.stats[S_UNMAPS] += 1
-    d.ctl[D_LAST_UNMAPPED] = iova
-    t1 = t0 + d.costs[K_DMA_CALL] + DIRECT_CALL_NS
+    ctl[D_LAST_UNMAPPED] = iova
+    if pages < 0:       # unmap of something never mapped: WARN
+        g.stats[S_DMA_API_ERRORS] += 1
+        busy[c] = t1
+        g.stats[S_CPU_BUSY_NS] += t1 - t0
+        return t1
+    d.pg[ms, P_MPAGES] = -1
+    _pg_tidy(d, ms)
+    unmap_id = ctl[D_NEXT_UNMAP_ID]
+    ctl[D_NEXT_UNMAP_ID] = unmap_id + 1
+    # _clear_ptes: fewer than 512 pages free no table page
+    code, stores, frees = kpg.unmap_range(d.pt, pfn << PAGE_SHIFT, (pfn + pages) << PAGE_SHIFT)
+    if code != kpg.DONE or frees:
+        _refuse(g, R_WALK)
+        return t
+    _log_stores(g, d, stores, t1)
+    g.stats[S_PTE_WRITES] += stores
+    t1 += stores * cost[K_PTE_WRITE]
+    for p in range(pfn, pfn + pages):
+        s = _pg_slot(d, p)
+        d.pg[s, P_MAPPED] = 0
+        if d.pg[s, P_TAG] != -1:
+            _untag(d, s)
+        d.pg[s, P_TAG] = unmap_id
+    j = -1 - _h_find(d.tg, unmap_id)
+    d.tg[j, 0] = unmap_id
+    d.tg[j, 1] = pages
+    ctl[D_TG_N] += 1
+    if ctl[D_LAZY] == 0:    # strict: invalidate and wait now, then free the IOVA
+        t1 = _invalidate(g, d, t1, False, pfn << PAGE_SHIFT, pages, True, unmap_id)
+        t1 += cost[K_QI_WAIT] + cost[K_IOVA_FREE]
+        _free_iova(d, cpu, pfn, pages, t1)
+    else:
+        n, flush_now, armed = kfq.fq_queue(d.fq, cpu, pfn, pages, t1)
+        _give_back(d, cpu, n, t1)
+        if flush_now:
+            t1 = _flush_all(g, d, cpu, t1)
+        if armed:
+            ctl[D_TIMER_NS] = d.fq[kfq.S_DEADLINE_NS]
+            ctl[D_TIMER_CPU] = cpu
+        t1 += cost[K_IOVA_FREE]
+    log_add(g, t1, OP_UNMAP_RET, 0, 0, unmap_id, t1, cpu, -1)
     busy[c] = t1
     g.stats[S_CPU_BUSY_NS] += t1 - t0
     return t1
@@ -83,37 +620,263 @@ def dma_unmap(g, d, cpu, iova, size, direction, t):
 
 @njit(cache=True)
 def fq_timer(g, d, cpu):
-    """DmaApi._on_timer (pass-through has no flush queue)."""
-    return
+    """DmaApi._on_timer: at the armed deadline, a PASID-wide flush of every queue. Refused
+    (C_ERR) without change when short of room."""
+    if d.ctl[D_LAZY] == 0:
+        return
+    st = d.fq
+    if st[kfq.S_ARMED] == 0:
+        return
+    if not room_ok(g, d):
+        _refuse(g, R_ROOM)
+        return
+    t = st[kfq.S_DEADLINE_NS]
+    if kfq.fq_on_timer(st, t) == 1:
+        _flush_all(g, d, cpu, t)
 
 
 @njit(cache=True)
 def unmap_tag(g, d, page):
-    """DmaApi.unmap_tag: -1 while the page is mapped (always, under pass-through)."""
-    return -1
+    """DmaApi.unmap_tag: -1 while the IOVA page is mapped (always, under pass-through),
+    else the id of the unmap that last covered it, or -2."""
+    if d.ctl[D_MODE] == MODE_PASSTHROUGH:
+        return -1
+    s = _h_find(d.pg, page)
+    if s < 0:
+        return -2
+    if d.pg[s, P_MAPPED]:
+        return -1
+    tag = d.pg[s, P_TAG]
+    return tag if tag != -1 else -2
 
 
 @njit(cache=True)
 def end_epoch(g, d, t_end):
-    """VmAgent.run_epoch's end: ``_made.clear()`` and ``dma.log_retired(t_end)``."""
-    return
+    """VmAgent.run_epoch's end: ``_made.clear()``, then DmaApi.log_retired(t_end): the ids
+    retired since the last call, sorted, as OP_UNMAP_RETIRE rows of consecutive runs. Needs
+    ``end_epoch_rows(d)`` rows free in g.log (refused, C_ERR, otherwise)."""
+    ctl = d.ctl
+    n = ctl[D_RETIRED_N]
+    if g.ctl[C_LOG_N] + n > g.log.shape[0]:
+        _refuse(g, R_ROOM)
+        return
+    ctl[D_MADE_N] = 0
+    ids = np.sort(d.retired[:n])
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and ids[j] == ids[j - 1] + 1 and j - i < MAX_RETIRE_RUN:
+            j += 1
+        log_add(g, t_end, OP_UNMAP_RETIRE, 0, 0, ids[i], j - i, 0, -1)
+        i = j
+    ctl[D_RETIRED_N] = 0
 
 
-def freeze(agent) -> DomainArrays:
-    """The DomainArrays of ``agent``'s one domain (after setup())."""
-    if agent.mode != "passthrough":
-        raise ValueError(f"compiled DMA API: mode {agent.mode!r} not supported yet")
-    last = agent.dma.last_unmapped
-    if len(last) > 1:
-        raise ValueError("compiled DMA API: one device only")
-    ctl = np.zeros(D_LEN, np.int64)
-    ctl[D_MODE] = MODE_PASSTHROUGH
-    ctl[D_TIMER_NS] = -1
-    ctl[D_LAST_UNMAPPED] = next(iter(last.values())) if last else -1
-    costs = np.array([getattr(agent.costs, f) for f in COST_FIELDS], np.int64)
-    return DomainArrays(ctl, costs)
+# --- Python: freeze, room, reading back -----------------------------------------------------
+def end_epoch_rows(d: DomainArrays) -> int:
+    """The most op-log rows ``end_epoch`` appends now."""
+    return int(d.ctl[D_RETIRED_N])
 
 
 def stale_bound_ns(d: DomainArrays) -> int:
     """DmaApi.stale_bound_ns."""
-    return 0
+    return int(d.ctl[D_STALE_BOUND])
+
+
+def last_unmapped(d: DomainArrays) -> int | None:
+    """DmaApi.last_unmapped of the domain's device (VmAgent.last_unmapped)."""
+    v = int(d.ctl[D_LAST_UNMAPPED])
+    return None if v < 0 else v
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(4, (int(n) - 1).bit_length())
+
+
+def _iova_arrays(dom, slack: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """kernels/iova.py's (tree, st, mag) of a plain IovaDomain + IovaRcache."""
+    iovad, rc = dom.iovad, dom.rcache
+    los = iovad._los
+    n = len(los)
+    cap = _pow2(2 * (n + slack))
+    tree = np.zeros((cap, kiova.TREE_COLS), np.int64)
+    base = (cap - n) // 2
+    anchor = kiova.ANCHOR
+    for k, lo in enumerate(los):
+        hi = iovad._hi[lo]
+        tree[base + k] = (anchor if lo == IOVA_ANCHOR else lo,
+                          anchor if hi == IOVA_ANCHOR else hi, int(lo in iovad._rcached))
+    st = np.zeros(kiova.ST_LEN, np.int64)
+
+    def unanchor(x: int) -> int:
+        return anchor if x == IOVA_ANCHOR else x
+    st[kiova.S_NODES], st[kiova.S_BASE] = n, base
+    st[kiova.S_CACHED], st[kiova.S_CACHED32] = (unanchor(iovad.cached_node),
+                                                unanchor(iovad.cached32_node))
+    st[kiova.S_MAX32], st[kiova.S_START_PFN] = iovad.max32_alloc_size, iovad.start_pfn
+    st[kiova.S_DMA32] = iovad.dma_32bit_pfn
+    st[kiova.S_TREE_ALLOCS], st[kiova.S_TREE_FREES] = iovad.tree_allocs, iovad.tree_frees
+    st[kiova.S_FAILURES], st[kiova.S_HITS] = iovad.failures, rc.rcache_hits
+    st[kiova.S_MISSES], st[kiova.S_DEPOT_PUSHES] = rc.rcache_misses, rc.depot_pushes
+    st[kiova.S_DEPOT_POPS], st[kiova.S_DEPOT_OVERFLOWS] = rc.depot_pops, rc.depot_overflows
+    st[kiova.S_FLUSHES], st[kiova.S_CACHED_IOVAS] = rc.rcache_flushes, len(iovad._rcached)
+    mag = kiova.new_magazines(st, rc.cpus)
+
+    def put(row: int, pfns: list[int]) -> None:
+        mag[row, 0] = len(pfns)
+        mag[row, 1:1 + len(pfns)] = pfns
+    for cpu in range(rc.cpus):
+        for order in range(kiova.CLASSES):
+            put(kiova.mag_row(cpu, 0, order), rc._loaded[cpu][order])
+            put(kiova.mag_row(cpu, 1, order), rc._prev[cpu][order])
+    for order in range(kiova.CLASSES):
+        depot = rc._depot[order]
+        st[kiova.S_DEPOT + order] = len(depot)
+        for k, m in enumerate(depot):
+            put(kiova.depot_row(rc.cpus, order, k), m)
+    return tree, st, mag
+
+
+def freeze(agent) -> DomainArrays:
+    """The DomainArrays of ``agent``'s one domain (a VmAgent after setup(); its own state is
+    copied, not shared). Pass-through or nested, one device, no PASID besides 0."""
+    dma = agent.dma
+    if agent.mode not in ("passthrough", "nested"):
+        raise ValueError(f"compiled DMA API: mode {agent.mode!r} stays on the Python path")
+    if len(agent.devices) != 1 or agent.pasid_devices:
+        raise ValueError("compiled DMA API: one device and its PASID 0 only")
+    sid = agent.devices[0].sid
+    ctl = np.zeros(D_LEN, np.int64)
+    ctl[D_TIMER_NS] = -1
+    ctl[D_TIMER_CPU] = -1
+    last = dma.last_unmapped.get(sid)
+    ctl[D_LAST_UNMAPPED] = -1 if last is None else last
+    ctl[D_NEXT_UNMAP_ID] = dma.next_unmap_id
+    ctl[D_STALE_BOUND] = dma.stale_bound_ns
+    ctl[D_SID] = sid
+    ctl[D_ATS] = int(bool(dma.ats))
+    costs = np.array([getattr(agent.costs, f) for f in COST_FIELDS], np.int64)
+    z1 = np.zeros(1, np.int64)
+    z2 = np.zeros((1, 2), np.int64)
+    if agent.mode == "passthrough":
+        ctl[D_MODE] = MODE_PASSTHROUGH
+        return DomainArrays(ctl, costs, np.zeros((1, kiova.TREE_COLS), np.int64), z1,
+                            np.zeros((1, kiova.MAG_COLS), np.int64), z1, z1, z1,
+                            np.zeros((1, PG_COLS), np.int64), z2, z1, z2)
+    ctl[D_MODE] = MODE_NESTED
+    dom = dma.domains[sid]
+    store = dom.table.store
+    if agent.mem.table_residue or store.zeroing is not None:
+        raise ValueError("compiled DMA API: a freed table page awaits its zeroing stores")
+    if dom.pasid != NO_PASID:
+        raise ValueError("compiled DMA API: the device's PASID 0 domain only")
+    ctl[D_PCI32] = int(dom.pci_32bit_workaround)
+    ctl[D_LIMIT_PFN] = dom.limit_pfn
+    ctl[D_PASID] = dom.pasid
+    ctl[D_DID] = dom.did
+    ctl[D_LEVELS] = dom.table.levels
+    if dom.fq is not None:
+        ctl[D_LAZY] = 1
+        fq = dom.fq._st.copy()
+    else:
+        fq = z1.copy()
+    tree, ist, mag = _iova_arrays(dom, _SLACK)
+    # the table slab, with a row per guest frame and spare rows
+    state = store.state
+    frames, rows, events = (int(x) for x in state[:kpg.H_STAMP])
+    pt = kpg.grown(state, max(frames, agent.mem.frames), rows + _SLACK, events)
+    rows_free = np.zeros(len(store._free_rows) + _SLACK, np.int64)
+    rows_free[:len(store._free_rows)] = store._free_rows
+    ctl[D_FREE_ROWS_N] = len(store._free_rows)
+    ctl[D_NEXT_ROW] = store._next_row
+    # per-page bookkeeping
+    pages: dict[int, list[int]] = {}
+
+    def entry(p: int) -> list[int]:
+        e = pages.get(p)
+        if e is None:
+            e = pages[p] = [p, 0, -1, -1, -1]
+        return e
+    for (key, p) in dma.mapped_pages:
+        if key == sid:
+            entry(p)[P_MAPPED] = 1
+    for (key, p), uid in dma.unmap_id_of.items():
+        if key == sid:
+            entry(p)[P_TAG] = uid
+    for p, m in dom.mappings.items():
+        entry(p)[P_MPAGES] = m.pages
+    for p, t in dom.freed_ns.items():
+        entry(p)[P_FREED] = t
+    pg = np.full((_pow2(4 * (len(pages) + _SLACK)), PG_COLS), -1, np.int64)
+    for e in pages.values():
+        s = _h_find(pg, e[0])
+        pg[-1 - s] = e
+    ctl[D_PG_N] = len(pages)
+    tg = np.full((_pow2(4 * (len(dma.pages_tagged) + _SLACK)), TG_COLS), -1, np.int64)
+    for uid, n in dma.pages_tagged.items():
+        tg[-1 - _h_find(tg, uid)] = (uid, n)
+    ctl[D_TG_N] = len(dma.pages_tagged)
+    retired = np.zeros(len(dma.retired) + 16 * _SLACK, np.int64)
+    retired[:len(dma.retired)] = dma.retired
+    ctl[D_RETIRED_N] = len(dma.retired)
+    pairs = [(p, s) for p, seqs in agent._made.items() for s in seqs]
+    made = np.zeros((len(pairs) + _SLACK, 2), np.int64)
+    if pairs:
+        made[:len(pairs)] = pairs
+    ctl[D_MADE_N] = len(pairs)
+    return DomainArrays(ctl, costs, tree, ist, mag, pt, rows_free, fq, pg, tg, retired, made)
+
+
+def grown(d: DomainArrays) -> DomainArrays:
+    """``d`` with every array ``room_ok`` checks grown to leave room (same dtypes and C
+    order, so no kernel compiles again); ``d`` itself when nothing was short."""
+    ctl = d.ctl
+    if ctl[D_MODE] == MODE_PASSTHROUGH:
+        return d
+    rep = {}
+    n = int(ctl[D_PG_N])
+    if 2 * (n + MAX_PAGES + 1) > d.pg.shape[0]:
+        pg = np.full((_pow2(4 * (n + _SLACK)), PG_COLS), -1, np.int64)
+        for e in d.pg[d.pg[:, P_KEY] >= 0]:
+            pg[-1 - _h_find(pg, int(e[P_KEY]))] = e
+        rep["pg"] = pg
+    n = int(ctl[D_TG_N])
+    if 2 * (n + 2) > d.tg.shape[0]:
+        tg = np.full((_pow2(4 * (n + _SLACK)), TG_COLS), -1, np.int64)
+        for e in d.tg[d.tg[:, 0] >= 0]:
+            tg[-1 - _h_find(tg, int(e[0]))] = e
+        rep["tg"] = tg
+    n = int(ctl[D_RETIRED_N])
+    if n + MAX_PAGES + 1 > d.retired.shape[0]:
+        r = np.zeros(2 * d.retired.shape[0] + _SLACK, np.int64)
+        r[:n] = d.retired[:n]
+        rep["retired"] = r
+    n = int(ctl[D_MADE_N])
+    if n + 2 * int(ctl[D_LEVELS]) + 2 > d.made.shape[0]:
+        m = np.zeros((2 * d.made.shape[0] + _SLACK, 2), np.int64)
+        m[:n] = d.made[:n]
+        rep["made"] = m
+    n, base = int(d.ist[kiova.S_NODES]), int(d.ist[kiova.S_BASE])
+    if n + 2 > d.tree.shape[0]:
+        tree = np.zeros((_pow2(2 * (n + _SLACK)), kiova.TREE_COLS), np.int64)
+        nb = (tree.shape[0] - n) // 2
+        tree[nb:nb + n] = d.tree[base:base + n]
+        d.ist[kiova.S_BASE] = nb
+        rep["tree"] = tree
+    rows = int(d.pt[kpg.H_ROWS])
+    if int(ctl[D_FREE_ROWS_N]) + rows - int(ctl[D_NEXT_ROW]) < 2 * int(ctl[D_LEVELS]):
+        frames, events = int(d.pt[kpg.H_FRAMES]), int(d.pt[kpg.H_EVENTS])
+        rep["pt"] = kpg.grown(d.pt, frames, 2 * rows + _SLACK, events)
+    if ctl[D_LAZY] and not _fq_room(d.fq):
+        st = d.fq
+        rings = int(st[kfq.S_RINGS])
+        rcap, icap, fcap = int(st[kfq.S_RCAP]), int(st[kfq.S_ICAP]), int(st[kfq.S_FCAP])
+        held = max(int(st[kfq.HEADER + rings + r] - st[kfq.HEADER + r]) for r in range(rings))
+        while held + 2 > rcap:
+            rcap *= 2
+        while int(st[kfq.S_IN_TAIL] - st[kfq.S_IN_HEAD]) + 2 > icap:
+            icap *= 2
+        while int(st[kfq.S_FINISH_CNT]) + 3 - int(st[kfq.S_FINISH_BASE]) > fcap:
+            fcap *= 2
+        rep["fq"] = kfq.regrow(st, rcap, icap, fcap)
+    return d._replace(**rep) if rep else d
