@@ -197,6 +197,14 @@ def hwpt_invalidate_one(host: HostIommu, dom: NestedDomain, addr: int, npages: i
                         flags: int, t_ns: int) -> tuple[int, int]:
     """hwpt_invalidate of the single entry (addr, npages, flags): refused (IommufdError)
     as check_inv_entry refuses it; else (t_done, descriptors)."""
+    return host.submit_qi(one_entry_descs(host, dom, addr, npages, flags), t_ns)
+
+
+def one_entry_descs(host: HostIommu, dom: NestedDomain, addr: int, npages: int,
+                    flags: int) -> np.ndarray:
+    """The DESC_DTYPE array hwpt_invalidate_one submits for (addr, npages, flags), kept
+    (shared, read-only); IommufdError when check_inv_entry refuses the entry. The host's
+    epoch kernel (host_iommu/kernels/epoch.py) submits these same words itself."""
     ats = dom.sid in host.ats_sids
     key = (dom.did, dom.pasid, addr, npages, flags, ats)
     descs = _ONE_ENTRY.get(key)
@@ -210,7 +218,7 @@ def hwpt_invalidate_one(host: HostIommu, dom: NestedDomain, addr: int, npages: i
         if len(_ONE_ENTRY) >= _ONE_ENTRY_MAX:
             _ONE_ENTRY.clear()
         _ONE_ENTRY[key] = descs
-    return host.submit_qi(descs, t_ns)
+    return descs
 
 
 def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int, *,

@@ -16,6 +16,11 @@ beyond twice the unmaps seen. State stays bounded when the guest retires unmap i
 (``retire``): an id no page carries any more (each page it covered was mapped again or
 covered by a later unmap) can never be asked about again, so dropping it changes no result;
 a retired prefix of the array is cut off.
+
+``ArrayOracle`` is the same oracle, method for method (it runs ``_VmTimes``' own code), with
+every VM's dense array held as a segment of one shared int64 buffer (``FlatTimes``), so that
+a compiled kernel (host_iommu/kernels/epoch.py) can read and record return times of any VM;
+``Oracle`` stays the plain form it is tested against (tests/host_iommu/test_oracle_arrays.py).
 """
 
 from __future__ import annotations
@@ -145,8 +150,12 @@ class Oracle:
             return
         times = self._vms.get(vm)
         if times is None:
-            times = self._vms[vm] = _VmTimes()
+            times = self._vms[vm] = self._new_times(vm)
         times.set_max(int(unmap_id), int(t_ns))
+
+    def _new_times(self, vm: int) -> _VmTimes:
+        """A VM's first return time: its record (ArrayOracle keeps it in a shared buffer)."""
+        return _VmTimes()
 
     def retire(self, vm: int, unmap_ids: np.ndarray | list[int]) -> int:
         """Forget the return times of ``unmap_ids`` of ``vm``; returns how many were held.
@@ -209,3 +218,106 @@ class Oracle:
             stale[idx[late]] = True
             window[idx[late]] = t[late] - ret[late]
         return stale, window
+
+
+# FlatTimes.seg columns: a VM's segment of ``data`` (offset, ids held densely, capacity) and
+# the unmap id of its first slot; a VM with no record has offset -1.
+SEG_OFF, SEG_SIZE, SEG_CAP, SEG_BASE = range(4)
+SEG_FIELDS = 4
+
+
+class FlatTimes:
+    """Every VM's dense return times in one int64 buffer: ``data[off:off + size]`` holds the
+    times of unmap ids ``base .. base + size - 1`` of the VM of row ``seg[vm]``.
+
+    A segment is rewritten in place while it fits its capacity; one that outgrows it moves to
+    the end of the buffer, which is compacted (live segments only) when it is full.
+    """
+
+    def __init__(self) -> None:
+        self.data = np.full(1024, _NONE, dtype=np.int64)
+        self.end = 0
+        self.seg = np.full((8, SEG_FIELDS), 0, dtype=np.int64)
+        self.seg[:, SEG_OFF] = -1
+
+    def add(self, vm: int) -> None:
+        if vm >= self.seg.shape[0]:
+            grown = np.zeros((max(2 * self.seg.shape[0], vm + 1), SEG_FIELDS), np.int64)
+            grown[:, SEG_OFF] = -1
+            grown[:self.seg.shape[0]] = self.seg
+            self.seg = grown
+        self.seg[vm] = (self.end, 0, 0, 0)
+
+    def view(self, vm: int) -> np.ndarray:
+        off, size = self.seg[vm, SEG_OFF], self.seg[vm, SEG_SIZE]
+        return self.data[off:off + size]
+
+    def put(self, vm: int, values: np.ndarray) -> None:
+        """Make ``values`` the VM's dense array (copied)."""
+        n = values.size
+        row = self.seg[vm]
+        if n > row[SEG_CAP]:
+            cap = max(64, 1 << (n - 1).bit_length())
+            if self.end + cap > self.data.size:
+                self._compact(vm, cap)
+            row = self.seg[vm]
+            row[SEG_OFF], row[SEG_CAP] = self.end, cap
+            self.end += cap
+        off = int(row[SEG_OFF])
+        self.data[off:off + n] = values
+        row[SEG_SIZE] = n
+
+    def _compact(self, moving: int, cap: int) -> None:
+        """Copy the live segments (all but ``moving``'s, which is rewritten next) to the
+        front of a buffer with room for ``cap`` more slots."""
+        live = [v for v in np.flatnonzero(self.seg[:, SEG_OFF] >= 0).tolist() if v != moving]
+        need = sum(int(self.seg[v, SEG_CAP]) for v in live) + cap
+        data = np.full(max(self.data.size, 2 * need), _NONE, dtype=np.int64)
+        end = 0
+        for v in live:
+            off, size, c = (int(x) for x in self.seg[v, :SEG_BASE])
+            data[end:end + size] = self.data[off:off + size]
+            self.seg[v, SEG_OFF] = end
+            end += c
+        self.data, self.end = data, end
+        self.seg[moving, SEG_CAP] = 0
+
+
+class _FlatVmTimes(_VmTimes):
+    """``_VmTimes`` whose ``ret`` and ``base`` live in a FlatTimes row (same code, same
+    states: ``ret`` reads as the segment's view, an assignment copies into the segment)."""
+
+    __slots__ = ("_flat", "_vm")
+
+    def __init__(self, flat: FlatTimes, vm: int) -> None:
+        self._flat, self._vm = flat, vm
+        flat.add(vm)
+        super().__init__()
+
+    @property
+    def base(self) -> int:
+        return int(self._flat.seg[self._vm, SEG_BASE])
+
+    @base.setter
+    def base(self, value: int) -> None:
+        self._flat.seg[self._vm, SEG_BASE] = value
+
+    @property
+    def ret(self) -> np.ndarray:
+        return self._flat.view(self._vm)
+
+    @ret.setter
+    def ret(self, values: np.ndarray) -> None:
+        self._flat.put(self._vm, values)
+
+
+class ArrayOracle(Oracle):
+    """``Oracle`` over one shared buffer (``flat``), for compiled callers. A VM id is a row
+    of ``flat.seg``, so ids are small non-negative ints (HostServer's VM ids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat = FlatTimes()
+
+    def _new_times(self, vm: int) -> _VmTimes:
+        return _FlatVmTimes(self.flat, vm)

@@ -17,11 +17,14 @@ devices' faults, faults of devices no VM owns are counted as host faults.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from host_iommu.costs import CostModel
 from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, MAX_PASID, NO_PASID, PAGE_SHIFT
 from host_iommu.iommu import HostIommu, IommuParams
+from host_iommu.kernels import epoch as ek
 from host_iommu.memory import HostMemoryError
 from host_iommu.nested import (
     IommufdError,
@@ -29,10 +32,11 @@ from host_iommu.nested import (
     alloc_nested,
     attach_second_level,
     hwpt_invalidate_one,
+    one_entry_descs,
     sl_map,
     sl_unmap,
 )
-from host_iommu.oracle import Oracle
+from host_iommu.oracle import ArrayOracle
 from host_iommu.protocol import (
     DMA_ROGUE,
     OP_DMA,
@@ -73,6 +77,10 @@ SID_OPS = (OP_DMA, OP_HWPT_INV, OP_VFIO_MAP, OP_VFIO_UNMAP)
 # A run of at most this many DMAs is checked and counted one DMA at a time on plain ints
 # (HostServer._tally_each), a longer one with numpy columns (_tally): the same counts.
 DMA_SMALL_BATCH = 16
+# apply_epoch runs on the epoch kernel (host_iommu/kernels/epoch.py) unless this is False
+# (environment IOMMU_EMU_HOST_KERNEL=0): the Python loop, the same results, op by op.
+EPOCH_KERNEL = os.environ.get("IOMMU_EMU_HOST_KERNEL", "1") != "0"
+_NO_WORDS = np.zeros(4, dtype=np.uint64)
 # Look-up tables indexed by the uint8 "op" column: a known kind, a kind that names a device.
 _KNOWN_OP = np.zeros(256, dtype=bool)
 _KNOWN_OP[list(OP_NAMES)] = True
@@ -92,7 +100,7 @@ class HostServer:
         self.shadow_of_sid: dict[int, ShadowDomain] = {}
         self.shadow: dict[int, ShadowDomain] = {}   # vm -> the container of its first device
         self.nested: dict[tuple[int, int], NestedDomain] = {}
-        self.oracle = Oracle()
+        self.oracle = ArrayOracle()
         self.unmap_waits: dict[int, list[tuple[int, int, int]]] = {}   # vm -> this epoch's
         self._qi_stamp_max = 0                  # latest time stamp that submitted to the QI
         self._qi_out_of_order: set[tuple[int, int]] = set()   # (vm, unmap id)
@@ -226,41 +234,25 @@ class HostServer:
             h.qi.forget_until(int(t_start_ns))
         ops = self._admit(ops)
         n = ops.size
-        t_col = ops["t_ns"]
-        t = t_col.tolist()
+        t = ops["t_ns"].tolist()
         kind = ops["op"].tolist()
         vms = ops["vm"].tolist()
-        gpa, value = ops["a0"], ops["a1"]     # a guest write's columns
-        rows = None                           # the control operations' rows, in order
-        i = 0
-        while i < n:
-            h.advance_to(t[i])
-            k = kind[i]
-            if k in (OP_DMA, OP_GUEST_WRITE):
-                j = i + 1
-                if k == OP_DMA:
-                    while j < n and kind[j] == k:
-                        j += 1
-                else:
-                    v = vms[i]
-                    while j < n and kind[j] == k and vms[j] == v:
-                        j += 1
-                nxt = h.next_effect_ns()
-                if nxt is not None and nxt <= t[j - 1]:
-                    j = max(i + 1, int(np.searchsorted(t_col[i:j], nxt, side="left")) + i)
-                if k == OP_DMA:
-                    self._dma(ops[i:j])
-                else:
-                    vm = vms[i]
-                    dropped = h.guest_write(vm, gpa[i:j], value[i:j])
-                    self.counters[vm]["guest_writes_dropped"] += dropped
-                i = j
-                continue
-            if rows is None:
-                kc = ops["op"]
-                rows = iter(ops[(kc != OP_DMA) & (kc != OP_GUEST_WRITE)].tolist())
-            self._control(next(rows))
-            i += 1
+        if n and self._compiled():
+            self._apply_compiled(ops, t, kind, vms)
+        else:
+            rows = None                           # the control operations' rows, in order
+            i = 0
+            while i < n:
+                h.advance_to(t[i])
+                k = kind[i]
+                if k in (OP_DMA, OP_GUEST_WRITE):
+                    i = self._run(ops, i, t, kind, vms)
+                    continue
+                if rows is None:
+                    kc = ops["op"]
+                    rows = iter(ops[(kc != OP_DMA) & (kc != OP_GUEST_WRITE)].tolist())
+                self._control(next(rows))
+                i += 1
         # Retired unmap ids are dropped only now, after every DMA of the epoch was checked
         # (a DMA stamped with an id may sort after the retire in time order).
         for vm in sorted(self._retiring):
@@ -283,6 +275,178 @@ class HostServer:
             reports[vm] = EpochReport(vm, dict(self.counters[vm]), faults,
                                       self.unmap_waits.pop(vm, []))
         return reports
+
+    def _run(self, ops: np.ndarray, i: int, t: list[int], kind: list[int], vms: list[int]
+             ) -> int:
+        """Apply the run of DMAs, or of one VM's guest stores, that starts at operation i
+        (after advance_to(t[i])), cut where a queued invalidation takes effect; returns
+        where the next operation starts."""
+        h = self.iommu
+        n = len(t)
+        k = kind[i]
+        j = i + 1
+        if k == OP_DMA:
+            while j < n and kind[j] == k:
+                j += 1
+        else:
+            v = vms[i]
+            while j < n and kind[j] == k and vms[j] == v:
+                j += 1
+        nxt = h.next_effect_ns()
+        if nxt is not None and nxt <= t[j - 1]:
+            j = max(i + 1, int(np.searchsorted(ops["t_ns"][i:j], nxt, side="left")) + i)
+        if k == OP_DMA:
+            self._dma(ops[i:j])
+        else:
+            vm = vms[i]
+            dropped = h.guest_write(vm, ops["a0"][i:j], ops["a1"][i:j])
+            self.counters[vm]["guest_writes_dropped"] += dropped
+        return j
+
+    # --- the compiled epoch -------------------------------------------------------------------
+    def _compiled(self) -> bool:
+        """Whether this epoch runs on kernels/epoch.py: the switch is on, and the host keeps
+        its effects in arrays (the fast engine, the live queue, CacheSet's own methods) and
+        its oracle in arrays; otherwise everything stays on the Python loop."""
+        h = self.iommu
+        return (EPOCH_KERNEL and h._array_effects and isinstance(self.oracle, ArrayOracle)
+                and type(h.mem.slab) is np.ndarray)
+
+    def _op_matrix(self, ops: np.ndarray) -> np.ndarray:
+        """The operations as kernels/epoch.py's int64[M_ROWS, n] (M_*), resolved columns
+        unset (-1)."""
+        m = np.empty((ek.M_ROWS, ops.size), dtype=np.int64)
+        m[ek.M_T] = ops["t_ns"]
+        m[ek.M_VM] = ops["vm"]
+        m[ek.M_OP] = ops["op"]
+        m[ek.M_SID] = ops["sid"]
+        m[ek.M_PASID] = ops["pasid"]
+        m[ek.M_A0] = ops["a0"].astype(np.int64)
+        m[ek.M_A1] = ops["a1"].astype(np.int64)
+        m[ek.M_A2] = ops["a2"]
+        m[ek.M_A3] = ops["a3"]
+        m[ek.M_RES] = -1
+        m[ek.M_NDESC] = 0
+        return m
+
+    def _resolve_stores(self, ops: np.ndarray, m: np.ndarray, start: int) -> None:
+        """m[M_RES] of the guest stores from ``start`` on: the host frame each store reaches
+        through its VM's memory map now (-1 when the GPA is not backed), as guest_write
+        finds it; redone after an operation that changes a memory map (OP_SL_*)."""
+        gw = np.flatnonzero(m[ek.M_OP, start:] == OP_GUEST_WRITE) + start
+        if gw.size == 0:
+            return
+        vm = m[ek.M_VM, gw]
+        frame = ops["a0"][gw] >> np.uint64(PAGE_SHIFT)
+        for v in np.unique(vm).tolist():
+            sel = vm == v
+            mem = self.iommu.vms[v]
+            f = frame[sel]
+            ok = f < np.uint64(mem.gpa_frames)
+            m[ek.M_RES, gw[sel]] = np.where(ok, mem.hpa_of[np.where(ok, f, 0).astype(np.int64)],
+                                            -1)
+
+    def _resolve_invalidations(self, ops: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """m[M_RES], m[M_NDESC] of the one-entry HWPT invalidations a VM may send (its own
+        HWPT, an entry iommufd accepts): where their descriptors start in the returned words
+        (nested.one_entry_descs, as hwpt_invalidate_one submits them) and how many."""
+        idx = np.flatnonzero(m[ek.M_OP] == OP_HWPT_INV)
+        if idx.size == 0:
+            return _NO_WORDS
+        h = self.iommu
+        nested = self.nested
+        parts = []
+        at = 0
+        res, nd = [], []
+        for vm, sid, pasid, a0, a1, a2 in zip(*(ops[f][idx].tolist() for f in (
+                "vm", "sid", "pasid", "a0", "a1", "a2")), strict=True):
+            dom = nested.get((sid, pasid))
+            if dom is None or dom.vm != vm:
+                res.append(-1)
+                nd.append(0)
+                continue
+            try:
+                descs = one_entry_descs(h, dom, a0, a1, a2)
+            except IommufdError:
+                res.append(-1)
+                nd.append(0)
+                continue
+            parts.append(descs)
+            res.append(at)
+            nd.append(len(descs))
+            at += 4 * len(descs)
+        m[ek.M_RES, idx] = res
+        m[ek.M_NDESC, idx] = nd
+        if not parts:
+            return _NO_WORDS
+        return np.concatenate(parts).view(np.uint64)
+
+    def _apply_compiled(self, ops: np.ndarray, t: list[int], kind: list[int],
+                        vms: list[int]) -> None:
+        """apply_epoch's loop on kernels/epoch.py: the kernel applies what it can from i on;
+        the operation it stops at is applied here, the Python way, then the kernel goes on.
+        State crosses in ``st`` (ST_*); per-VM counts, unmap waits and retired runs come back
+        as rows folded in the order the Python loop would have made them."""
+        h = self.iommu
+        n = len(t)
+        m = self._op_matrix(ops)
+        self._resolve_stores(ops, m, 0)
+        words = self._resolve_invalidations(ops, m)
+        val = np.ascontiguousarray(ops["a1"])
+        st = np.zeros(ek.ST_FIELDS, dtype=np.int64)
+        cnt = np.zeros((max(self.counters) + 1, ek.CNT_FIELDS), dtype=np.int64)
+        waits = np.zeros((n, 4), dtype=np.int64)
+        retires = np.zeros((n, 3), dtype=np.int64)
+        ooo = np.zeros((0, 2), dtype=np.int64)
+        c = h.caches
+        fl = h._no_pwc if c.fl_pwc is None else (c.fl_pwc.state, c.fl_pwc.counts)
+        sl = h._no_pwc if c.sl_pwc is None else (c.sl_pwc.state, c.sl_pwc.counts)
+        q, mem, flat = h.qi, h.mem, self.oracle.flat
+        i = 0
+        while True:
+            st[ek.ST_NEXT_EFFECT] = h._next_effect_ns
+            st[ek.ST_FREE_AT] = h._deferred_free[0][0] if h._deferred_free else ek.NEVER
+            st[ek.ST_STAMP_MAX] = self._qi_stamp_max
+            st[ek.ST_NOW] = h.now_ns
+            late = self._qi_out_of_order
+            if len(late) + n > ooo.shape[0]:
+                ooo = np.zeros((2 * (len(late) + n), 2), dtype=np.int64)
+            if late:
+                ooo[:len(late)] = list(late)
+            st[ek.ST_OUT_OF_ORDER] = len(late)
+            st[ek.ST_PTE_WRITES] = st[ek.ST_WAITS] = st[ek.ST_RETIRES] = 0
+            i = ek.run_ops(i, m, val, words, st, mem.slab, mem.slot_of, q.ctl, q.inflight,
+                           q._unresponsive, h._effects, q._done, c.iotlb.state, c.iotlb.counts,
+                           fl[0], fl[1], sl[0], sl[1], c.dtlb.state, c.dtlb.counts, flat.seg,
+                           flat.data, ooo, cnt, waits, retires)
+            h._next_effect_ns = int(st[ek.ST_NEXT_EFFECT])
+            h.now_ns = int(st[ek.ST_NOW])
+            self._qi_stamp_max = int(st[ek.ST_STAMP_MAX])
+            mem.pte_writes += int(st[ek.ST_PTE_WRITES])
+            if late or st[ek.ST_OUT_OF_ORDER]:
+                self._qi_out_of_order = set(map(tuple, ooo[:st[ek.ST_OUT_OF_ORDER]].tolist()))
+            if st[ek.ST_WAITS]:
+                for vm, uid, sid, wait in waits[:st[ek.ST_WAITS]].tolist():
+                    self.unmap_waits.setdefault(vm, []).append((uid, sid, wait))
+            if st[ek.ST_RETIRES]:
+                for vm, first, count in retires[:st[ek.ST_RETIRES]].tolist():
+                    self._retiring.setdefault(vm, []).append((first, count))
+            if i >= n:
+                break
+            h.advance_to(t[i])
+            k = kind[i]
+            if k in (OP_DMA, OP_GUEST_WRITE):
+                i = self._run(ops, i, t, kind, vms)
+                continue
+            self._control(ops[i:i + 1].tolist()[0])
+            i += 1
+            if k in (OP_SL_UNMAP, OP_SL_MAP):   # a memory map changed
+                self._resolve_stores(ops, m, i)
+        for vm in np.flatnonzero(cnt.any(axis=1)).tolist():
+            dropped, descs = cnt[vm].tolist()
+            ctr = self.counters[vm]
+            ctr["guest_writes_dropped"] += dropped
+            ctr["host_inv_descriptors"] += descs
 
     def _control(self, row: tuple[int, ...]) -> None:
         """One operation that is neither a DMA nor a guest table store: an OP_DTYPE row as

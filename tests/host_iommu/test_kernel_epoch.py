@@ -1,0 +1,219 @@
+"""The epoch kernel (host_iommu/kernels/epoch.py) against the Python loop it shortcuts.
+
+HostServer.apply_epoch with the kernel on and off (server.EPOCH_KERNEL) must give the same
+reports (counters, faults, unmap waits) for every epoch and leave the same host behind:
+caches, invalidation queue and pending effects, memory, fault log, oracle, the out-of-order
+set and the retired runs. Two sources of operations: the merged epochs of whole worlds
+(recorded from a run on the Python loop, replayed on fresh hosts both ways), and random,
+hostile operation streams (hypothesis): foreign and unknown devices and VMs, refused and
+unknown HWPT invalidations, unmap ids far from the dense range, stamps out of order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.engine import Engine, InProcTransport
+from cluster.runner import build
+from host_iommu import server
+from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, PAGE_SIZE
+from host_iommu.kernels import qiq as qk
+from host_iommu.protocol import (
+    OP_DMA,
+    OP_DTYPE,
+    OP_GUEST_WRITE,
+    OP_HWPT_INV,
+    OP_SL_MAP,
+    OP_SL_UNMAP,
+    OP_UNMAP_RET,
+    OP_UNMAP_RETIRE,
+)
+from tests.system.conftest import Bench, experiment, nic, nvme
+
+
+def host_state(s: server.HostServer) -> dict[str, Any]:
+    """Everything of a host an epoch can change, as comparable values."""
+    h = s.iommu
+    c = h.caches
+    out: dict[str, Any] = {
+        "counters": s.counters, "host_counters": s.host_counters,
+        "waits": s.unmap_waits, "stamp": s._qi_stamp_max, "ooo": s._qi_out_of_order,
+        "retiring": s._retiring, "oracle": dict(s.oracle.returned),
+        "next_effect": h._next_effect_ns, "now": h.now_ns, "pte_writes": h.mem.pte_writes,
+        "deferred": h._deferred_free, "stats": vars(h.stats),
+        "iotlb": c.iotlb.state, "iotlb_n": c.iotlb.counts, "dtlb": c.dtlb.state,
+        "dtlb_n": c.dtlb.counts, "ctl": h.qi.ctl,
+        "inflight": h.qi.inflight[h.qi.ctl[qk.Q_LO]:h.qi.ctl[qk.Q_HI]],
+        "effects": h._effects[h._effects[0, 0]:h._effects[0, 1]],
+        "slab": h.mem.slab, "slot_of": h.mem.slot_of, "owner": h.mem.owner,
+        "faults": h.faults.columns(),
+    }
+    for name in ("fl_pwc", "sl_pwc"):
+        p = getattr(c, name)
+        if p is not None:
+            out[name] = (p.state, p.counts)
+    for name in ("ctxc", "pasidc"):
+        out[name] = getattr(c, name).st
+    return out
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a, key=repr) == sorted(b, key=repr), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)) and any(isinstance(x, np.ndarray) for x in a):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _record(cfg) -> tuple[list[tuple[int, np.ndarray, int | None]], list]:
+    """A world's merged epochs (host, ops, t_start) on the Python loop, with its reports."""
+    hosts, agents, _ = build(cfg)
+    servers = hosts if isinstance(hosts, dict) else {0: hosts}
+    epochs, reports = [], []
+    for hid, hs in servers.items():
+        def rec(ops, t_start=None, _f=hs.apply_epoch, _h=hid):
+            epochs.append((_h, ops.copy(), t_start))
+            r = _f(ops, t_start)
+            reports.append(r)
+            return r
+        hs.apply_epoch = rec
+    Engine(InProcTransport(hosts, agents), cfg.experiment.epoch_us * 1000).run(
+        cfg.experiment.duration_us * 1000)
+    return epochs, reports
+
+
+WORLDS = {
+    "nested-strict-nic": lambda: experiment(
+        {"a": nic("nested", rogue=0.05), "b": {**nic("nested"), "count": 2}}, duration_us=1500),
+    "nested-lazy-nvme-ats": lambda: experiment(
+        {"a": {**nvme("nested", "lazy", rogue=0.05), "ats": True, "count": 2}},
+        duration_us=1500, host={"qi_entries": 128, "iotlb_entries": 64, "iotlb_ways": 4}),
+    "shadow-passthrough": lambda: experiment(
+        {"s": nic("shadow", rogue=0.05), "p": nvme("passthrough", rogue=0.05)},
+        duration_us=1000),
+    "churn": lambda: experiment(
+        {"a": {**nic("nested", "lazy", rogue=0.03), "count": 2,
+               "churn": {"kind": "balloon", "interval_us": 100, "pages": 64}}},
+        duration_us=1500),
+}
+
+
+@pytest.mark.parametrize("world", sorted(WORLDS))
+def test_world_epochs_equal_both_ways(world, monkeypatch):
+    """Every merged epoch of a world, replayed on fresh hosts with the kernel on and off:
+    the same reports, epoch by epoch, and the same host state at the end."""
+    monkeypatch.setattr(server, "EPOCH_KERNEL", False)
+    cfg = WORLDS[world]()
+    epochs, _reports = _record(cfg)
+    assert epochs
+    states = []
+    for on in (False, True):
+        monkeypatch.setattr(server, "EPOCH_KERNEL", on)
+        hosts, _agents, _ = build(cfg)
+        servers = hosts if isinstance(hosts, dict) else {0: hosts}
+        got = [servers[hid].apply_epoch(ops.copy(), t0) for hid, ops, t0 in epochs]
+        states.append((got, {hid: host_state(s) for hid, s in servers.items()}))
+    (r_off, s_off), (r_on, s_on) = states
+    assert r_off == r_on
+    assert_same(s_off, s_on, world)
+
+
+# --- random, hostile operation streams --------------------------------------------------------
+SIDS = (0x100, 0x200, 0x300)      # VM 1's, VM 2's, nobody's
+KINDS = (OP_GUEST_WRITE, OP_GUEST_WRITE, OP_GUEST_WRITE, OP_HWPT_INV, OP_UNMAP_RET,
+         OP_UNMAP_RETIRE, OP_DMA, OP_DMA, OP_SL_UNMAP, OP_SL_MAP)
+
+op_rows = st.lists(st.tuples(
+    st.integers(0, 400),                       # time step (may go back: see below)
+    st.sampled_from((1, 1, 2, 3)),            # VM (3: unknown)
+    st.sampled_from(KINDS),
+    st.sampled_from(SIDS), st.sampled_from((0, 0, 0, 5)),
+    st.integers(0, 40), st.integers(0, 6),     # a small address / id, a count
+    st.integers(-3, 60),                       # unmap id (-1: none) / flags
+    st.booleans(),                             # a far id / a stamp out of order
+), min_size=1, max_size=60)
+
+
+def _bench() -> Bench:
+    b = Bench(memory_mib=64, qi_entries=256, iotlb_entries=64, iotlb_ways=4)
+    b.nested_vm(1, SIDS[0], memory_mib=8)
+    b.nested_vm(2, SIDS[1], memory_mib=8, ats=True)
+    # page tables the guests' stores may land in (and leave table pages to land on)
+    for vm in (1, 2):
+        fl = b.fl[vm]
+        fl.store.now = 0
+        for p in range(4):
+            fl.map(0x10_0000 * p, (16 + p) << 12, PAGE_SIZE)
+    b.apply()
+    return b
+
+
+def _ops(rows) -> np.ndarray:
+    ops = np.zeros(len(rows), dtype=OP_DTYPE)
+    t = 1000
+    for i, (dt, vm, k, sid, pasid, x, cnt, uid, odd) in enumerate(rows):
+        t += dt
+        r = ops[i]
+        r["t_ns"] = t - 5000 if (odd and k == OP_HWPT_INV) else t
+        r["vm"], r["op"], r["seq"], r["sid"], r["pasid"] = vm, k, i, sid, pasid
+        far = 1 << 40 if odd else 0
+        if k == OP_GUEST_WRITE:
+            r["a0"] = ((1024 + 16 + x % 8) << 12) + 8 * cnt if not odd else (x << 30)
+            r["a1"] = (x << 12) | 0x7 | (cnt << 52)
+        elif k == OP_HWPT_INV:
+            r["a0"] = (x << 12) | (0x800 if cnt == 6 else 0)
+            r["a1"] = cnt if cnt < 5 else (1 << 64) - 1
+            r["a2"], r["a3"] = uid % 3, uid if not far else far + uid
+        elif k == OP_UNMAP_RET:
+            r["a0"], r["a1"], r["a2"] = (uid % 50) + far, t - 50 * cnt, x
+        elif k == OP_UNMAP_RETIRE:
+            r["a0"], r["a1"] = x, cnt + 1
+        elif k == OP_DMA:
+            r["a0"], r["a1"] = x << 12, 64
+            r["a2"] = ACCESS_WRITE if cnt & 1 else ACCESS_READ
+            r["a3"] = uid
+        else:                                   # balloon: a page of the VM's memory
+            r["a0"], r["a1"] = (16 + x % 8) << 12, 1 + cnt % 2
+    return ops
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op_rows, min_size=1, max_size=3), st.booleans())
+def test_random_streams_equal_both_ways(epochs, stable):
+    """Random epochs on two fresh hosts, kernel off and on: same reports and state."""
+    results = []
+    for on in (False, True):
+        saved = server.EPOCH_KERNEL
+        server.EPOCH_KERNEL = on
+        try:
+            b = _bench()
+            reports = []
+            for rows in epochs:
+                ops = _ops(rows)
+                if stable:    # merged order (t, vm, seq), as the engine delivers it
+                    ops = ops[np.lexsort((ops["seq"], ops["vm"], ops["t_ns"]))]
+                reports.append(b.server.apply_epoch(ops))
+            results.append((reports, host_state(b.server)))
+        finally:
+            server.EPOCH_KERNEL = saved
+    (r0, s0), (r1, s1) = results
+    assert r0 == r1
+    assert_same(s0, s1)
+
+
+def test_kernel_is_used():
+    """The switch really selects the kernel (a stream of its operations runs compiled)."""
+    b = _bench()
+    assert b.server._compiled() == server.EPOCH_KERNEL
