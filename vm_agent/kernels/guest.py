@@ -204,7 +204,7 @@ def load_log(g: GuestArrays, log: OpLog) -> GuestArrays:
     ctl[C_SEQ0] = log.seq0
     ctl[C_LOG_N] = 0
     if n > g.log.shape[0]:
-        g = g._replace(log=np.zeros((2 * n, LOG_COLUMNS), np.int64))
+        g = g._replace(log=np.zeros((n, LOG_COLUMNS), np.int64))
     if n:
         a = np.array([x & 0xFFFF_FFFF_FFFF_FFFF for x in rows], dtype=np.uint64)
         g.log[:n] = a.view(np.int64).reshape(n, LOG_COLUMNS)

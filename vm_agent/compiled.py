@@ -1,0 +1,245 @@
+"""CompiledNicAgent: a VmAgent whose NIC epochs run as one compiled call.
+
+Issue 9's "one call runs a whole VM-epoch of a workload through the guest DMA API": for the
+configs where it is exact (``eligible``), the agent sets up in Python exactly as VmAgent
+does (workloads/nic.py NicWorkload.start: the device, dma_alloc_coherent of the rings, the
+RX buffers posted, the first events scheduled), then moves the guest's hot state into
+arrays (vm_agent/kernels/guest.py GuestArrays, the DMA domain through
+vm_agent/kernels/dmaapi.py ``freeze``, the NIC's queues through vm_agent/kernels/nic.py)
+and runs every epoch with ``kernels.nic.run``: the same events in the same (time,
+sequence) order making the same DMA API calls (Linux dma-iommu.c over the VT-d driver, as
+vm_agent/dma.py models them) and the same random draws. VmAgent stays the reference: the
+result tables of a whole run are the same value for value
+(tests/vm_agent/test_compiled_nic.py, tests/system/golden.py).
+
+Eligible: the NIC workload with no rogue DMA and no PASID-tagged queues (one device), no
+host churn, in a mode the compiled DMA API supports (pass-through; nested strict and lazy
+once dmaapi runs them). ``ENABLED = False`` here, or ``IOMMU_EMU_GUEST_KERNEL=0`` in the
+environment, keeps every VM on the Python path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from host_iommu.defs import PAGE_SIZE
+from host_iommu.protocol import EpochReport
+from vm_agent.agent import GUEST_COUNTERS, VmAgent
+from vm_agent.kernels import dmaapi
+from vm_agent.kernels import guest as kg
+from vm_agent.kernels import nic as knic
+from workloads.nic import NicWorkload
+
+ENABLED = True          # the module switch; IOMMU_EMU_GUEST_KERNEL=0 turns it off too
+ENV = "IOMMU_EMU_GUEST_KERNEL"
+
+
+# (mode, policy) pairs whose compiled runs were checked equal to the Python path's
+# (tests/vm_agent/test_compiled_nic.py); "*": any policy (pass-through ignores it)
+MODES: tuple[tuple[str, str], ...] = (("passthrough", "*"),)
+
+
+def enabled() -> bool:
+    """The module switch and the environment's."""
+    return ENABLED and os.environ.get(ENV, "1") != "0"
+
+
+def eligible(group: Any) -> bool:
+    """Whether a ``[vm.<group>]`` (cluster.config.VmGroupConfig) runs on the compiled NIC
+    loop: the NIC workload, rogue_fraction 0, no PASID queues, no churn, buffers and
+    packets of at most dmaapi.MAX_PAGES pages, a mode and policy in MODES, the switch on."""
+    if not enabled() or group.workload.kind != NicWorkload.kind or group.churn is not None:
+        return False
+    p = group.workload.params
+    if p.rogue_fraction != 0 or p.pasid_queues != 0:
+        return False
+    if -(-max(p.buffer_bytes, *p.packet_sizes) // PAGE_SIZE) > dmaapi.MAX_PAGES:
+        return False
+    return any(m == group.mode and pol in ("*", group.policy) for m, pol in MODES)
+
+
+def nic_arrays(wl: NicWorkload, vcpus: int) -> knic.NicArrays:
+    """A started NicWorkload's state as NicArrays (its queues' deques as rings)."""
+    p = wl.params
+    nq = len(wl.queues)
+    ip = np.zeros(knic.NP, np.int64)
+    ip[knic.P_NQ] = nq
+    ip[knic.P_RX_RING] = p.rx_ring
+    ip[knic.P_TX_RING] = p.tx_ring
+    ip[knic.P_BUDGET] = p.napi_budget
+    ip[knic.P_STACK_NS] = p.cpu_per_packet_ns
+    ip[knic.P_BUFFER] = p.buffer_bytes
+    ip[knic.P_PACKETS] = p.packets
+    ip[knic.P_RR] = int(p.request_response)
+    ip[knic.P_IRQ_DELAY] = wl._irq_delay_ns
+    ip[knic.P_TURNAROUND] = wl._turnaround_ns
+    ip[knic.P_SID] = wl.dev.sid
+    ip[knic.P_PASID] = 0
+    fp = np.zeros(knic.NF, np.float64)
+    fp[knic.F_RX_GAP] = wl._rx_gap_ns
+    fp[knic.F_TX_GAP] = wl._tx_gap_ns
+    fp[knic.F_LINE_GBPS] = p.line_gbps
+    w = np.array([getattr(wl, n) for n in knic.W_NAMES], np.int64)
+    rr_cap = p.rx_ring + 2
+    q = np.zeros((nq, knic.NQF), np.int64)
+    posted = np.zeros((nq, p.rx_ring, 2), np.int64)
+    pending = np.zeros((nq, p.rx_ring, 4), np.int64)
+    done = np.zeros((nq, p.tx_ring, 4), np.int64)
+    rr = np.zeros((nq, rr_cap, 2), np.int64)
+    for i, qu in enumerate(wl.queues):
+        row = q[i]
+        row[knic.Q_CPU] = qu.cpu
+        row[knic.Q_RX_RING_IOVA] = qu.rx_ring_iova
+        row[knic.Q_TX_RING_IOVA] = qu.tx_ring_iova
+        row[knic.Q_RX_NEXT_DESC] = qu.rx_next_desc
+        row[knic.Q_TX_NEXT_DESC] = qu.tx_next_desc
+        row[knic.Q_TX_IN_FLIGHT] = qu.tx_in_flight
+        row[knic.Q_IRQ_STATE] = qu.irq_state
+        for dq, arr, n_col in ((qu.rx_posted, posted, knic.Q_POSTED_N),
+                               (qu.rx_pending, pending, knic.Q_PENDING_N),
+                               (qu.tx_done, done, knic.Q_DONE_N),
+                               (qu.rr_requests, rr, knic.Q_RR_N)):
+            if len(dq) > arr.shape[1]:
+                raise ValueError(f"queue {i}: {len(dq)} entries over {arr.shape[1]}")
+            for k, e in enumerate(dq):
+                arr[i, k] = e
+            row[n_col] = len(dq)
+    return knic.NicArrays(ip, fp, np.ascontiguousarray(wl._sizes.cdf, np.float64),
+                          np.array(wl._size_of, np.int64), w,
+                          np.array(wl._busy_until, np.int64), q, posted, pending, done, rr,
+                          np.zeros(knic.NR, np.int64))
+
+
+def _slack(p: NicWorkload.Params) -> tuple[int, int]:
+    """(log rows, heap rows) one step of the loop may add at most: one DMA API call's rows
+    (or a flush-queue timer's) and the device accesses of one event (a descriptor and a
+    packet read, written back: the packet's pages and two descriptors); a step schedules
+    at most two events (a timer, a TX fetch) and a poll's end one more."""
+    per_call = max(dmaapi.MAX_MAP_ROWS, dmaapi.MAX_UNMAP_ROWS,
+                   getattr(dmaapi, "MAX_TIMER_ROWS", 0))
+    dma_rows = max(p.packet_sizes) // PAGE_SIZE + 4
+    return per_call + dma_rows, 4
+
+
+class CompiledNicAgent(VmAgent):
+    """A VmAgent (same constructor, interface and results) whose epochs run compiled.
+
+    ``setup()`` runs VmAgent's, then ``freeze``; from then on the arrays hold the guest's
+    state: ``g`` (GuestArrays), ``d`` (the DMA domain) and ``nic`` (NicArrays). ``stats``,
+    the workload's counters and ``dma.stale_bound_ns`` are brought up to date after each
+    epoch and report, where the runner and the actors read them.
+    """
+
+    LOG_ROWS = 4096      # op-log rows and event-heap rows to start with (both grow)
+    HEAP_ROWS = 64
+
+    def setup(self):
+        vs = super().setup()
+        self.freeze()
+        return vs
+
+    def freeze(self) -> None:
+        """Move the guest's state after set-up into arrays (the Python objects are left
+        as they are and no longer used)."""
+        wl = self.workload
+        self.d = dmaapi.freeze(self)
+        g = kg.new_arrays(self.vm, self.vcpus, self.mem.frames, log_rows=self.LOG_ROWS,
+                          heap_rows=self.HEAP_ROWS + 2 * len(self._events))
+        kg.load_memory(g, self.mem)
+        g.busy[:] = self.busy_until
+        g.stats[:] = [self.stats[n] for n in GUEST_COUNTERS]
+        g = kg.load_log(g, self.log)
+        ctl = g.ctl
+        ctl[kg.C_NOW] = self.now
+        ctl[kg.C_LOG_SLACK], ctl[kg.C_HEAP_SLACK] = _slack(wl.params)
+        for t, seq, fn, args in sorted(self._events, key=lambda e: (e[0], e[1])):
+            kind = knic.KIND_OF[fn.__name__]
+            a = [args[1]] if kind == knic.K_FQ_TIMER else list(args[2:])
+            a += [0] * (kg.H_ARGS - len(a))
+            ctl[kg.C_EV_SEQ] = seq
+            kg.heap_push(g, t, kind, *a)
+        self._events = []
+        ctl[kg.C_EV_SEQ] = next(self._event_seq)
+        self.g = g
+        self.nic = nic_arrays(wl, self.vcpus)
+        if not kg.has_room(self.g):
+            self.g = self._grown_guest(self.g)
+
+    # --- per epoch -----------------------------------------------------------------------
+    def run_epoch(self, t_end_ns: int) -> np.ndarray:
+        """VmAgent.run_epoch on the arrays: every event before ``t_end_ns``, then the
+        epoch's end (the DMA API's retired unmap ids); the epoch's host operations."""
+        self.epoch_ns = t_end_ns - self.now
+        g, d, nic, rng = self.g, self.d, self.nic, self.rng
+        while True:
+            st = knic.run(g, d, nic, rng, t_end_ns)
+            if st == kg.ST_DONE:
+                break
+            if st == kg.ST_ROOM:
+                g, d = self._grow(g, d)
+                continue
+            self._sync()
+            kg.raise_error(g)
+        self.now = t_end_ns
+        g.ctl[kg.C_NOW] = t_end_ns
+        rows = dmaapi.end_epoch_rows(d)                 # rows end_epoch may append
+        if g.ctl[kg.C_LOG_N] + rows > g.log.shape[0]:
+            g = self._room_for(rows)
+        dmaapi.end_epoch(g, d, t_end_ns)
+        if g.ctl[kg.C_ERR]:
+            kg.raise_error(g)
+        self._sync()
+        return kg.take_log(g)
+
+    def _grow(self, g: kg.GuestArrays, d: Any) -> tuple[kg.GuestArrays, Any]:
+        """The guest's and the driver's arrays grown for the step that found no room."""
+        g2 = g if kg.has_room(g) else self._grown_guest(g)
+        d2 = dmaapi.grown(d)
+        if g2 is g and d2 is d:
+            raise RuntimeError("compiled NIC loop: no room, and nothing to grow")
+        self.g, self.d = g2, d2
+        return g2, d2
+
+    def _grown_guest(self, g: kg.GuestArrays) -> kg.GuestArrays:
+        return kg.grown(g)
+
+    def _room_for(self, rows: int) -> kg.GuestArrays:
+        g = self.g
+        n = int(g.ctl[kg.C_LOG_N])
+        log = np.zeros((max(2 * g.log.shape[0], n + rows), kg.LOG_COLUMNS), np.int64)
+        log[:n] = g.log[:n]
+        self.g = g._replace(log=log)
+        return self.g
+
+    def _sync(self) -> None:
+        """stats, the workload's counters and the stale bound from the arrays."""
+        self.stats.update(zip(GUEST_COUNTERS, self.g.stats.tolist(), strict=True))
+        wl = self.workload
+        for name, v in zip(knic.W_NAMES, self.nic.w.tolist(), strict=True):
+            setattr(wl, name, v)
+        self.dma.stale_bound_ns = dmaapi.stale_bound_ns(self.d)
+
+    def receive(self, report: EpochReport) -> None:
+        """VmAgent.receive on the arrays (the vCPUs' busy times and the stats)."""
+        self.host_counters = report.counters
+        s = self.g.stats
+        busy = self.g.busy
+        s[kg.S_GUEST_FAULTS_REPORTED] += len(report.faults)
+        self.epoch_faults = report.faults
+        due = self.qi_wait_due
+        for _unmap_id, cpu, wait_ns in report.unmap_waits:
+            due[cpu % self.vcpus] += wait_ns
+            s[kg.S_UNMAP_QI_WAIT_NS] += wait_ns
+        horizon = self.now + self.epoch_ns
+        for cpu in range(self.vcpus):
+            if due[cpu]:
+                t0 = max(int(busy[cpu]), self.now)
+                stall = max(0, min(due[cpu], horizon - t0))
+                if stall:
+                    busy[cpu] = t0 + stall
+                    s[kg.S_CPU_BUSY_NS] += stall
+                    due[cpu] -= stall
+        self.stats.update(zip(GUEST_COUNTERS, s.tolist(), strict=True))

@@ -1,0 +1,487 @@
+"""The NIC workload's event loop as one compiled call per VM-epoch.
+
+workloads/nic.py (a multi-queue NIC and its driver in the shape of Linux's ixgbe/mlx5:
+RX/TX descriptor rings, MSI-X interrupt moderation, napi_poll with a budget, RX refill)
+driven by VmAgent.run_epoch (vm_agent/agent.py) through the guest DMA API, on arrays: the
+guest's state in a GuestArrays (vm_agent/kernels/guest.py), the DMA domain in the compiled
+driver's DomainArrays (vm_agent/kernels/dmaapi.py), and the NIC's own state in a
+``NicArrays``: scalar parameters and counters, one row of scalars per queue, and the
+queues' deques (posted RX buffers, received packets awaiting NAPI, sent TX packets awaiting
+clean-up, request/response requests awaiting their answer) as ring arrays.
+
+Every event handler below is the method of the same name in workloads/nic.py for the
+configs vm_agent/compiled.py admits (no rogue DMA, no PASID queues, one device), with the
+same guest calls in the same order: the same random draws from the agent's own
+np.random.Generator (numba's Generator.random and .exponential draw the same stream as
+numpy's), Python's round() as np.rint (both round half to even), the size draw as
+bisect_right over the same float64 CDF, and events ordered by (time, sequence) with
+sequence numbers taken in scheduling order. So the op log, the stats and the workload's
+counters are the Python path's value for value (tests/vm_agent/test_compiled_nic.py runs
+whole configs both ways and compares the result tables).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, PAGE_SHIFT, PAGE_SIZE
+from host_iommu.protocol import OP_DMA
+from vm_agent.kernels import dmaapi
+from vm_agent.kernels import guest as kg
+from workloads.base import DMA_FROM_DEVICE, DMA_TO_DEVICE
+from workloads.nic import DESC_BYTES, IRQ_ARMED, IRQ_IDLE, IRQ_NAPI
+
+# --- event kinds (the NicWorkload method, or DmaApi._on_timer)
+K_RX_ARRIVAL = 1     # a0 = q
+K_IRQ = 2            # a0 = q
+K_NAPI_POLL = 3      # a0 = q
+K_TX_GENERATE = 4    # a0 = q
+K_TX_FETCH = 5       # q, desc, gpa, iova, nbytes, t_queued, wire_ns
+K_TX_COMPLETE = 6    # q, desc, gpa, iova, nbytes, t_queued
+K_FQ_TIMER = 7       # a0 = cpu
+KIND_OF = {"_rx_arrival": K_RX_ARRIVAL, "_irq": K_IRQ, "_napi_poll": K_NAPI_POLL,
+           "_tx_generate": K_TX_GENERATE, "_tx_fetch": K_TX_FETCH,
+           "_tx_complete": K_TX_COMPLETE, "_on_timer": K_FQ_TIMER}
+
+# --- p: int64 parameters and per-run constants
+(P_NQ, P_RX_RING, P_TX_RING, P_BUDGET, P_STACK_NS, P_BUFFER, P_PACKETS, P_RR, P_IRQ_DELAY,
+ P_TURNAROUND, P_SID, P_PASID, P_RX_ON, P_TX_ON) = range(14)
+NP = 14
+# --- f: float64 parameters
+F_RX_GAP, F_TX_GAP, F_LINE_GBPS = range(3)
+NF = 3
+# --- w: the workload's counters and scalars (NicWorkload's attributes of the same name)
+(W_RX_PACKETS, W_RX_DROPS, W_TX_PACKETS, W_TX_DROPS, W_POLLS, W_MAX_POLL_PACKETS,
+ W_OFFERED, W_ROUND_TRIPS, W_RTT_SUM_NS, W_TX_WIRE_FREE_NS) = range(10)
+W_NAMES = ("rx_packets", "rx_drops", "tx_packets", "tx_drops", "polls", "max_poll_packets",
+           "offered", "round_trips", "rtt_sum_ns", "_tx_wire_free_ns")
+NW = 10
+# --- q: one row of scalars per queue (_Queue's fields); deques as (head, count) pairs
+(Q_CPU, Q_RX_RING_IOVA, Q_TX_RING_IOVA, Q_RX_NEXT_DESC, Q_TX_NEXT_DESC, Q_TX_IN_FLIGHT,
+ Q_IRQ_STATE, Q_POSTED_HEAD, Q_POSTED_N, Q_PENDING_HEAD, Q_PENDING_N, Q_DONE_HEAD,
+ Q_DONE_N, Q_RR_HEAD, Q_RR_N) = range(15)
+NQF = 15
+# --- r: a NAPI poll under way (stopped for room): its queue, time, packets done, next step
+# and the RX packet between its steps
+R_ACTIVE, R_Q, R_T, R_DONE, R_STEP, R_GPA, R_NBYTES, R_T_ARRIVE = range(8)
+NR = 8
+STEP_TX, STEP_RX, STEP_REFILL, STEP_ANSWER = range(4)
+
+ST_DONE, ST_ROOM, ST_ERR = kg.ST_DONE, kg.ST_ROOM, kg.ST_ERR
+
+
+class NicArrays(NamedTuple):
+    """The NIC workload's state (see the module docstring)."""
+
+    p: np.ndarray         # int64[NP]
+    f: np.ndarray         # float64[NF]
+    cdf: np.ndarray       # float64[sizes]: SizeSampler.cdf
+    sizes: np.ndarray     # int64[sizes + 1]: the sizes, the last once more (clip)
+    w: np.ndarray         # int64[NW]
+    busy: np.ndarray      # int64[vcpus]: NicWorkload._busy_until
+    q: np.ndarray         # int64[queues, NQF]
+    posted: np.ndarray    # int64[queues, rx_ring, 2]: (gpa, iova)
+    pending: np.ndarray   # int64[queues, rx_ring, 4]: (gpa, iova, nbytes, t_arrive)
+    done: np.ndarray      # int64[queues, tx_ring, 4]: (gpa, iova, nbytes, t_queued)
+    rr: np.ndarray        # int64[queues, rr_cap, 2]: (t_request, nbytes)
+    r: np.ndarray         # int64[NR]: a poll under way
+
+
+# --- ring deques -------------------------------------------------------------------------
+@njit(cache=True)
+def _push_slot(qrow, head_col, n_col, cap):
+    """The slot a deque's append fills (its count grown), or -1 when it is full."""
+    n = qrow[n_col]
+    if n >= cap:
+        return -1
+    qrow[n_col] = n + 1
+    return (qrow[head_col] + n) % cap
+
+
+@njit(cache=True)
+def _pop_slot(qrow, head_col, n_col, cap):
+    """The slot a deque's popleft takes (its head moved on)."""
+    h = qrow[head_col]
+    qrow[head_col] = (h + 1) % cap
+    qrow[n_col] -= 1
+    return h
+
+
+# --- guest services ------------------------------------------------------------------------
+@njit(cache=True)
+def _pages(size):
+    """VmAgent.alloc_buffer / free_buffer's page count: max(1, ceil(size / PAGE_SIZE))."""
+    return max(1, -(-size // PAGE_SIZE))
+
+
+@njit(cache=True)
+def _io_done(g, nbytes, latency_ns):
+    """VmAgent.io_done."""
+    s = g.stats
+    s[kg.S_IOS] += 1
+    s[kg.S_BYTES] += nbytes
+    s[kg.S_IO_LATENCY_SUM_NS] += latency_ns
+
+
+@njit(cache=True)
+def _device_dma(g, d, sid, pasid, t, iova, size, write):
+    """VmAgent.device_dma (not rogue): one OP_DMA row per page the access touches, each
+    tagged with the unmap that last covered its page."""
+    flags = ACCESS_WRITE if write else ACCESS_READ
+    end = iova + max(1, size)
+    if iova >> PAGE_SHIFT == (end - 1) >> PAGE_SHIFT:
+        kg.log_add(g, t, OP_DMA, sid, pasid, iova, end - iova, flags,
+                   dmaapi.unmap_tag(g, d, iova >> PAGE_SHIFT))
+        pages = 1
+    else:
+        addr = iova
+        pages = 0
+        while addr < end:
+            nxt = min(end, (addr | (PAGE_SIZE - 1)) + 1)
+            kg.log_add(g, t, OP_DMA, sid, pasid, addr, nxt - addr, flags,
+                       dmaapi.unmap_tag(g, d, addr >> PAGE_SHIFT))
+            pages += 1
+            addr = nxt
+    g.stats[kg.S_DMA_REQUESTS] += pages
+
+
+@njit(cache=True)
+def _unmap(g, d, cpu, iova, size, direction, t):
+    """VmAgent.dma_unmap, then the flush-queue timer the unmap armed scheduled, as
+    DmaApi.unmap_range schedules it (no other event comes between)."""
+    t1 = dmaapi.dma_unmap(g, d, cpu, iova, size, direction, t)
+    if d.ctl[dmaapi.D_TIMER_NS] >= 0:
+        kg.heap_push(g, d.ctl[dmaapi.D_TIMER_NS], K_FQ_TIMER, d.ctl[dmaapi.D_TIMER_CPU],
+                     0, 0, 0, 0, 0, 0, 0, 0)
+        d.ctl[dmaapi.D_TIMER_NS] = -1
+    return t1
+
+
+@njit(cache=True)
+def _draw_size(nic, rng):
+    """SizeSampler.draw: sizes[bisect_right(cdf, rng.random())], clipped to the last."""
+    u = rng.random()
+    cdf = nic.cdf
+    i = 0
+    while i < cdf.shape[0] and cdf[i] <= u:   # bisect_right on a non-decreasing CDF
+        i += 1
+    return nic.sizes[i]
+
+
+@njit(cache=True)
+def _gap(rng, mean_ns):
+    """max(1, round(rng.exponential(mean_ns))), round half to even."""
+    return max(1, np.int64(np.rint(rng.exponential(mean_ns))))
+
+
+@njit(cache=True)
+def _raise_irq(g, nic, q, t):
+    qrow = nic.q[q]
+    if qrow[Q_IRQ_STATE] == IRQ_IDLE:
+        qrow[Q_IRQ_STATE] = IRQ_ARMED
+        kg.heap_push(g, t + nic.p[P_IRQ_DELAY], K_IRQ, q, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+# --- the handlers (NicWorkload's methods) --------------------------------------------------
+@njit(cache=True)
+def rx_arrival(g, d, nic, rng, t, q):
+    p = nic.p
+    w = nic.w
+    rr = p[P_RR] != 0
+    limit = p[P_PACKETS]
+    if limit and w[W_OFFERED] >= limit:
+        return
+    w[W_OFFERED] += 1
+    if rr:
+        if limit and w[W_OFFERED] >= limit:
+            return
+        w[W_OFFERED] += 1
+    qrow = nic.q[q]
+    nbytes = _draw_size(nic, rng)
+    if not rr:
+        t_next = t + _gap(rng, nic.f[F_RX_GAP])
+        kg.heap_push(g, t_next, K_RX_ARRIVAL, q, 0, 0, 0, 0, 0, 0, 0, 0)
+    if qrow[Q_POSTED_N] == 0:
+        w[W_RX_DROPS] += 1
+        return
+    rx_ring = p[P_RX_RING]
+    s = _pop_slot(qrow, Q_POSTED_HEAD, Q_POSTED_N, rx_ring)
+    gpa = nic.posted[q, s, 0]
+    iova = nic.posted[q, s, 1]
+    desc = qrow[Q_RX_RING_IOVA] + (qrow[Q_RX_NEXT_DESC] % rx_ring) * DESC_BYTES
+    qrow[Q_RX_NEXT_DESC] += 1
+    sid = p[P_SID]
+    pasid = p[P_PASID]
+    _device_dma(g, d, sid, pasid, t, desc, DESC_BYTES, False)
+    _device_dma(g, d, sid, pasid, t, iova, nbytes, True)
+    _device_dma(g, d, sid, pasid, t, desc, DESC_BYTES, True)
+    s = _push_slot(qrow, Q_PENDING_HEAD, Q_PENDING_N, rx_ring)
+    pend = nic.pending[q, s]
+    pend[0] = gpa
+    pend[1] = iova
+    pend[2] = nbytes
+    pend[3] = t
+    _raise_irq(g, nic, q, t)
+
+
+@njit(cache=True)
+def irq(g, nic, t, q):
+    nic.q[q, Q_IRQ_STATE] = IRQ_NAPI
+    kg.heap_push(g, t, K_NAPI_POLL, q, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+@njit(cache=True)
+def room_call(g, d):
+    """Whether the next step (at most one DMA API call, its device accesses, and the
+    events it schedules) finds room: the log and heap slack, and the driver's arrays
+    (dmaapi.room_ok)."""
+    ctl = g.ctl
+    return (ctl[kg.C_LOG_N] + ctl[kg.C_LOG_SLACK] <= g.log.shape[0]
+            and ctl[kg.C_HEAP_N] + ctl[kg.C_HEAP_SLACK] <= g.heap.shape[0]
+            and dmaapi.room_ok(g, d))
+
+
+@njit(cache=True)
+def napi_poll(g, d, nic, rng, t_ns, q):
+    """NicWorkload._napi_poll: its start here, its body in ``napi_steps`` (resumable)."""
+    qrow = nic.q[q]
+    cpu = qrow[Q_CPU]
+    r = nic.r
+    r[R_ACTIVE] = 1
+    r[R_Q] = q
+    r[R_T] = max(t_ns, g.busy[cpu % g.busy.shape[0]], nic.busy[cpu])
+    r[R_DONE] = 0
+    r[R_STEP] = STEP_TX
+    nic.w[W_POLLS] += 1
+    return napi_steps(g, d, nic, rng)
+
+
+@njit(cache=True)
+def napi_steps(g, d, nic, rng):
+    """The poll in ``nic.r`` from where it stopped: the TX clean-up (one unmap a step),
+    then up to a budget of RX packets (unmap; refill map; in request/response the answer's
+    map), each step run only with room for it (else ST_ROOM, its state kept in ``nic.r``
+    for the call after the arrays grew). ST_DONE when the poll is over, ST_ERR at an error.
+    The same guest calls in the same order as the Python method's loops."""
+    p = nic.p
+    w = nic.w
+    r = nic.r
+    q = r[R_Q]
+    qrow = nic.q[q]
+    cpu = qrow[Q_CPU]
+    t = r[R_T]
+    done = r[R_DONE]
+    step = r[R_STEP]
+    rr = p[P_RR] != 0
+    tx_ring = p[P_TX_RING]
+    rx_ring = p[P_RX_RING]
+    size = p[P_BUFFER]
+    while True:
+        if step == STEP_TX:                # TX clean-up first, as ixgbe_poll does
+            if qrow[Q_DONE_N] == 0:
+                step = STEP_RX
+                continue
+        elif step == STEP_RX and (qrow[Q_PENDING_N] == 0 or done >= p[P_BUDGET]):
+            break
+        if not room_call(g, d):
+            r[R_T] = t
+            r[R_DONE] = done
+            r[R_STEP] = step
+            return ST_ROOM
+        if step == STEP_TX:
+            s = _pop_slot(qrow, Q_DONE_HEAD, Q_DONE_N, tx_ring)
+            e = nic.done[q, s]
+            gpa = e[0]
+            nbytes = e[2]
+            t_queued = e[3]
+            t = _unmap(g, d, cpu, e[1], nbytes, DMA_TO_DEVICE, t)
+            if g.ctl[kg.C_ERR]:
+                return ST_ERR
+            kg.mem_free(g, gpa, _pages(nbytes))
+            qrow[Q_TX_IN_FLIGHT] -= 1
+            w[W_TX_PACKETS] += 1
+            if not rr:                     # a round trip is counted when its response left
+                _io_done(g, nbytes, t - t_queued)
+        elif step == STEP_RX:              # the packet's unmap and stack work
+            s = _pop_slot(qrow, Q_PENDING_HEAD, Q_PENDING_N, rx_ring)
+            e = nic.pending[q, s]
+            r[R_GPA] = e[0]
+            nbytes = e[2]
+            t_arrive = e[3]
+            r[R_NBYTES] = nbytes
+            r[R_T_ARRIVE] = t_arrive
+            t = _unmap(g, d, cpu, e[1], size, DMA_FROM_DEVICE, t)
+            if g.ctl[kg.C_ERR]:
+                return ST_ERR
+            t += p[P_STACK_NS]
+            if not rr:
+                _io_done(g, nbytes, t - t_arrive)
+            w[W_RX_PACKETS] += 1
+            step = STEP_REFILL
+        elif step == STEP_REFILL:          # _post_rx_buffer: refill the ring, free the old
+            new_gpa = kg.mem_alloc(g, _pages(size))
+            if new_gpa < 0:
+                return ST_ERR
+            new_iova, t = dmaapi.dma_map(g, d, cpu, new_gpa, size, DMA_FROM_DEVICE, t)
+            if g.ctl[kg.C_ERR]:
+                return ST_ERR
+            s = _push_slot(qrow, Q_POSTED_HEAD, Q_POSTED_N, rx_ring)
+            nic.posted[q, s, 0] = new_gpa
+            nic.posted[q, s, 1] = new_iova
+            kg.mem_free(g, r[R_GPA], _pages(size))
+            done += 1
+            step = STEP_ANSWER if rr else STEP_RX
+        else:                              # STEP_ANSWER: the application answers at once
+            s = _push_slot(qrow, Q_RR_HEAD, Q_RR_N, nic.rr.shape[1])
+            if s < 0:
+                g.ctl[kg.C_ERR] = kg.E_DMA
+                g.ctl[kg.C_ERR_ARG] = -1
+                return ST_ERR
+            nic.rr[q, s, 0] = r[R_T_ARRIVE]
+            nic.rr[q, s, 1] = r[R_NBYTES]
+            t = tx_send(g, d, nic, q, t, _draw_size(nic, rng))
+            if g.ctl[kg.C_ERR]:
+                return ST_ERR
+            step = STEP_RX
+    r[R_ACTIVE] = 0
+    wbusy = nic.busy
+    if t > wbusy[cpu]:
+        wbusy[cpu] = t
+    if done > w[W_MAX_POLL_PACKETS]:
+        w[W_MAX_POLL_PACKETS] = done
+    if qrow[Q_PENDING_N]:                  # budget spent: poll again, irqs stay masked
+        kg.heap_push(g, t, K_NAPI_POLL, q, 0, 0, 0, 0, 0, 0, 0, 0)
+    else:                                  # napi_complete_done: re-enable the interrupt
+        qrow[Q_IRQ_STATE] = IRQ_IDLE
+    return ST_DONE
+
+
+@njit(cache=True)
+def tx_generate(g, d, nic, rng, t, q):
+    limit = nic.p[P_PACKETS]
+    w = nic.w
+    if limit and w[W_OFFERED] >= limit:
+        return
+    w[W_OFFERED] += 1
+    nbytes = _draw_size(nic, rng)
+    t_next = t + _gap(rng, nic.f[F_TX_GAP])
+    kg.heap_push(g, t_next, K_TX_GENERATE, q, 0, 0, 0, 0, 0, 0, 0, 0)
+    tx_send(g, d, nic, q, t, nbytes)
+
+
+@njit(cache=True)
+def tx_send(g, d, nic, q, t_ns, nbytes):
+    """Map one packet and post it to the TX ring; the time the vCPU is done."""
+    p = nic.p
+    qrow = nic.q[q]
+    tx_ring = p[P_TX_RING]
+    if qrow[Q_TX_IN_FLIGHT] >= tx_ring:
+        nic.w[W_TX_DROPS] += 1
+        return t_ns
+    cpu = qrow[Q_CPU]
+    wbusy = nic.busy
+    t = max(t_ns, g.busy[cpu % g.busy.shape[0]], wbusy[cpu])
+    gpa = kg.mem_alloc(g, _pages(nbytes))
+    if gpa < 0:
+        return t
+    iova, t = dmaapi.dma_map(g, d, cpu, gpa, nbytes, DMA_TO_DEVICE, t)
+    if g.ctl[kg.C_ERR]:
+        return t
+    if t > wbusy[cpu]:
+        wbusy[cpu] = t
+    desc = qrow[Q_TX_RING_IOVA] + (qrow[Q_TX_NEXT_DESC] % tx_ring) * DESC_BYTES
+    qrow[Q_TX_NEXT_DESC] += 1
+    qrow[Q_TX_IN_FLIGHT] += 1
+    # the doorbell write is at t; the port sends packets one after another at line rate
+    t_start = max(t, nic.w[W_TX_WIRE_FREE_NS])
+    wire_ns = max(1, np.int64(np.rint(nbytes * 8 / nic.f[F_LINE_GBPS])))
+    nic.w[W_TX_WIRE_FREE_NS] = t_start + wire_ns
+    kg.heap_push(g, t_start, K_TX_FETCH, q, desc, gpa, iova, nbytes, t_ns, wire_ns, 0, 0)
+    return t
+
+
+@njit(cache=True)
+def tx_fetch(g, d, nic, t, q, desc, gpa, iova, nbytes, t_queued, wire_ns):
+    sid = nic.p[P_SID]
+    pasid = nic.p[P_PASID]
+    _device_dma(g, d, sid, pasid, t, desc, DESC_BYTES, False)
+    _device_dma(g, d, sid, pasid, t, iova, nbytes, False)
+    kg.heap_push(g, t + wire_ns, K_TX_COMPLETE, q, desc, gpa, iova, nbytes, t_queued,
+                 0, 0, 0)
+
+
+@njit(cache=True)
+def tx_complete(g, d, nic, t, q, desc, gpa, iova, nbytes, t_queued):
+    p = nic.p
+    qrow = nic.q[q]
+    _device_dma(g, d, p[P_SID], p[P_PASID], t, desc, DESC_BYTES, True)
+    s = _push_slot(qrow, Q_DONE_HEAD, Q_DONE_N, p[P_TX_RING])
+    e = nic.done[q, s]
+    e[0] = gpa
+    e[1] = iova
+    e[2] = nbytes
+    e[3] = t_queued
+    _raise_irq(g, nic, q, t)
+    if p[P_RR] and qrow[Q_RR_N]:
+        s = _pop_slot(qrow, Q_RR_HEAD, Q_RR_N, nic.rr.shape[1])
+        t_request = nic.rr[q, s, 0]
+        req_bytes = nic.rr[q, s, 1]
+        turnaround_ns = p[P_TURNAROUND]
+        rtt_ns = t - t_request + turnaround_ns
+        w = nic.w
+        w[W_ROUND_TRIPS] += 1
+        w[W_RTT_SUM_NS] += rtt_ns
+        _io_done(g, req_bytes + nbytes, rtt_ns)
+        kg.heap_push(g, t + turnaround_ns, K_RX_ARRIVAL, q, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+# --- the loop ------------------------------------------------------------------------------
+@njit(cache=True)
+def run(g, d, nic, rng, t_end):
+    """VmAgent.run_epoch's loop: every event before ``t_end`` in (time, sequence) order.
+
+    Each event, and each step of a NAPI poll (at most one DMA API call), runs only with
+    room for it (``room_call``); else ST_ROOM, nothing of it done: the caller grows the
+    arrays (guest.grown, dmaapi.grown) and calls again, which goes on where this stopped.
+    ST_ERR if an event raised (ctl[C_ERR]). ST_DONE once the next event is at ``t_end`` or
+    later (the caller then ends the epoch)."""
+    ctl = g.ctl
+    ev = g.ev
+    if nic.r[R_ACTIVE]:                    # the poll that stopped for room goes on first
+        st = napi_steps(g, d, nic, rng)
+        if st != ST_DONE:
+            return st
+    while ctl[kg.C_HEAP_N] and g.heap[0, 0] < t_end:
+        if not room_call(g, d):
+            return ST_ROOM
+        kind = kg.heap_pop(g)
+        t = ev[kg.H_T]
+        ctl[kg.C_NOW] = t
+        a = kg.H_A0
+        if kind == K_RX_ARRIVAL:
+            rx_arrival(g, d, nic, rng, t, ev[a])
+        elif kind == K_NAPI_POLL:
+            st = napi_poll(g, d, nic, rng, t, ev[a])
+            if st == ST_ROOM:
+                return st
+        elif kind == K_TX_FETCH:
+            tx_fetch(g, d, nic, t, ev[a], ev[a + 1], ev[a + 2], ev[a + 3], ev[a + 4],
+                     ev[a + 5], ev[a + 6])
+        elif kind == K_TX_COMPLETE:
+            tx_complete(g, d, nic, t, ev[a], ev[a + 1], ev[a + 2], ev[a + 3], ev[a + 4],
+                        ev[a + 5])
+        elif kind == K_IRQ:
+            irq(g, nic, t, ev[a])
+        elif kind == K_TX_GENERATE:
+            tx_generate(g, d, nic, rng, t, ev[a])
+        elif kind == K_FQ_TIMER:
+            dmaapi.fq_timer(g, d, ev[a])
+        else:
+            ctl[kg.C_ERR] = kg.E_DMA
+            ctl[kg.C_ERR_ARG] = kind
+        if ctl[kg.C_ERR]:
+            return ST_ERR
+    return ST_DONE
