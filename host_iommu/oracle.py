@@ -18,7 +18,8 @@ covered by a later unmap) can never be asked about again, so dropping it changes
 a retired prefix of the array is cut off.
 
 ``ArrayOracle`` is the same oracle, method for method (it runs ``_VmTimes``' own code), with
-every VM's dense array held as a segment of one shared int64 buffer (``FlatTimes``), so that
+every VM's dense array held as a segment of one shared int64 buffer and every spilled id in
+one open-addressing table (``FlatTimes``; host_iommu/kernels/oracle.py), so that
 a compiled kernel (host_iommu/kernels/epoch.py) can read and record return times of any VM;
 ``Oracle`` stays the plain form it is tested against (tests/host_iommu/test_oracle_arrays.py).
 """
@@ -28,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import numpy as np
+
+from host_iommu.kernels import oracle as ko
 
 _NONE = -1          # no return time recorded
 _MIN_TRIM = 1024    # cut a retired prefix once it is at least this long and half the array
@@ -220,15 +223,18 @@ class Oracle:
         return stale, window
 
 
-# FlatTimes.seg columns: a VM's segment of ``data`` (offset, ids held densely, capacity) and
-# the unmap id of its first slot; a VM with no record has offset -1.
-SEG_OFF, SEG_SIZE, SEG_CAP, SEG_BASE = range(4)
-SEG_FIELDS = 4
+# FlatTimes.seg columns: a VM's segment of ``data`` (offset, ids held densely, capacity),
+# the unmap id of its first slot, and how many ids it holds in the spill table; a VM with no
+# record has offset -1.
+SEG_OFF, SEG_SIZE, SEG_CAP, SEG_BASE, SEG_SPILL = range(5)
+SEG_FIELDS = 5
+_U64 = 1 << 64
 
 
 class FlatTimes:
-    """Every VM's dense return times in one int64 buffer: ``data[off:off + size]`` holds the
-    times of unmap ids ``base .. base + size - 1`` of the VM of row ``seg[vm]``.
+    """Every VM's return times in arrays: ``data[off:off + size]`` holds the times of unmap
+    ids ``base .. base + size - 1`` of the VM of row ``seg[vm]`` (its dense range), and the
+    spill table (``spk``, ``spv``, ``spm``; host_iommu/kernels/oracle.py) its other ids.
 
     A segment is rewritten in place while it fits its capacity; one that outgrows it moves to
     the end of the buffer, which is compacted (live segments only) when it is full.
@@ -239,6 +245,9 @@ class FlatTimes:
         self.end = 0
         self.seg = np.full((8, SEG_FIELDS), 0, dtype=np.int64)
         self.seg[:, SEG_OFF] = -1
+        self.spk = np.full((64, 2), ko.SP_EMPTY, dtype=np.int64)
+        self.spv = np.zeros(64, dtype=np.int64)
+        self.spm = np.zeros(2, dtype=np.int64)
 
     def add(self, vm: int) -> None:
         if vm >= self.seg.shape[0]:
@@ -246,7 +255,20 @@ class FlatTimes:
             grown[:, SEG_OFF] = -1
             grown[:self.seg.shape[0]] = self.seg
             self.seg = grown
-        self.seg[vm] = (self.end, 0, 0, 0)
+        self.seg[vm] = (self.end, 0, 0, 0, 0)
+
+    def grow_spill(self) -> None:
+        """Refill the spill table into one with room (twice the size when it is more than a
+        quarter full of live keys; removed keys are dropped)."""
+        cap = self.spk.shape[0]
+        live = int(self.spm[ko.SPM_LIVE])
+        while 8 * (live + 1) > 3 * cap:
+            cap *= 2
+        spk = np.full((cap, 2), ko.SP_EMPTY, dtype=np.int64)
+        spv = np.zeros(cap, dtype=np.int64)
+        spm = np.zeros(2, dtype=np.int64)
+        ko.spill_refill(self.spk, self.spv, spk, spv, spm)
+        self.spk, self.spv, self.spm = spk, spv, spm
 
     def view(self, vm: int) -> np.ndarray:
         off, size = self.seg[vm, SEG_OFF], self.seg[vm, SEG_SIZE]
@@ -283,6 +305,65 @@ class FlatTimes:
         self.seg[moving, SEG_CAP] = 0
 
 
+def _key(uid: int) -> int:
+    """An unmap id (a Python int in [0, 2^64)) as the int64 of its bits."""
+    return uid - _U64 if uid >= 1 << 63 else uid
+
+
+class _SpillView:
+    """One VM's part of the FlatTimes spill table, as the dict ``_VmTimes.spill`` uses it
+    (get, set, pop, len, in, iteration; iteration order is the table's, which no caller
+    depends on)."""
+
+    __slots__ = ("_flat", "_vm")
+
+    def __init__(self, flat: FlatTimes, vm: int) -> None:
+        self._flat, self._vm = flat, vm
+
+    def __len__(self) -> int:
+        return int(self._flat.seg[self._vm, SEG_SPILL])
+
+    def __bool__(self) -> bool:
+        return bool(self._flat.seg[self._vm, SEG_SPILL])
+
+    def get(self, uid: int, default: int | None = None) -> int | None:
+        f = self._flat
+        s = ko.spill_find(f.spk, self._vm, _key(int(uid)))
+        return default if s < 0 else int(f.spv[s])
+
+    def __contains__(self, uid: int) -> bool:
+        return ko.spill_find(self._flat.spk, self._vm, _key(int(uid))) >= 0
+
+    def __setitem__(self, uid: int, value: int) -> None:
+        f, k = self._flat, _key(int(uid))
+        v = np.int64(value)      # a time past int64 raises, as the dense array does
+        if ko.spill_find(f.spk, self._vm, k) < 0 and not ko.spill_room(f.spk, f.spm):
+            f.grow_spill()
+        ko.spill_put(f.spk, f.spv, f.spm, f.seg, self._vm, k, v)
+
+    def pop(self, uid: int, default: int | None = None) -> int | None:
+        f, k = self._flat, _key(int(uid))
+        s = ko.spill_find(f.spk, self._vm, k)
+        if s < 0:
+            return default
+        v = int(f.spv[s])
+        ko.spill_pop(f.spk, f.spv, f.spm, f.seg, self._vm, k)
+        return v
+
+    def _slots(self) -> np.ndarray:
+        return np.flatnonzero(self._flat.spk[:, 0] == self._vm)
+
+    def __iter__(self) -> Iterator[int]:
+        for k in self._flat.spk[self._slots(), 1].tolist():
+            yield k + _U64 if k < 0 else k
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        s = self._slots()
+        for k, v in zip(self._flat.spk[s, 1].tolist(), self._flat.spv[s].tolist(),
+                        strict=True):
+            yield (k + _U64 if k < 0 else k), v
+
+
 class _FlatVmTimes(_VmTimes):
     """``_VmTimes`` whose ``ret`` and ``base`` live in a FlatTimes row (same code, same
     states: ``ret`` reads as the segment's view, an assignment copies into the segment)."""
@@ -306,6 +387,29 @@ class _FlatVmTimes(_VmTimes):
     def ret(self) -> np.ndarray:
         return self._flat.view(self._vm)
 
+    @property
+    def spill(self) -> _SpillView:
+        return _SpillView(self._flat, self._vm)
+
+    @spill.setter
+    def spill(self, value: dict[int, int]) -> None:
+        if value:            # only _VmTimes.__init__ assigns it (empty)
+            raise ValueError("a spill table is filled key by key")
+
+    def drop_many(self, uids: np.ndarray) -> int:
+        """_VmTimes.drop_many with the spilled ids popped in one compiled call."""
+        i = uids - self.base
+        ret = self.ret
+        inside = (i >= 0) & (i < ret.size)
+        j = i[inside]
+        held = int((ret[j] != _NONE).sum())
+        ret[j] = _NONE
+        f = self._flat
+        if f.seg[self._vm, SEG_SPILL]:
+            far = np.ascontiguousarray(uids[~inside], dtype=np.int64)
+            held += int(ko.spill_pop_many(f.spk, f.spv, f.spm, f.seg, self._vm, far))
+        return held
+
     @ret.setter
     def ret(self, values: np.ndarray) -> None:
         self._flat.put(self._vm, values)
@@ -321,3 +425,28 @@ class ArrayOracle(Oracle):
 
     def _new_times(self, vm: int) -> _VmTimes:
         return _FlatVmTimes(self.flat, vm)
+
+    def retire_runs(self, vm: int, runs: list[tuple[int, int]]) -> int:
+        """Oracle.retire_runs with whole-array steps: the same ids retired (the runs clipped
+        to the dense range, and the spilled ids in the runs), the same ``retire`` call."""
+        times = self._vms.get(vm)
+        if times is None:
+            return 0
+        f = self.flat
+        lo = int(f.seg[vm, SEG_BASE])
+        hi = lo + int(f.seg[vm, SEG_SIZE])
+        r = np.array(runs, dtype=np.int64).reshape(-1, 2)
+        first, count = r[:, 0], r[:, 1]
+        a = np.maximum(first, lo)
+        n = np.maximum(np.minimum(first + count, hi) - a, 0)
+        parts = []
+        if n.any():
+            total = int(n.sum())
+            starts = np.repeat(a - np.cumsum(n) + n, n)   # each id's run start, shifted
+            parts.append(starts + np.arange(total, dtype=np.int64))
+        if f.seg[vm, SEG_SPILL] and len(runs):
+            parts.append(ko.spill_in_runs(f.spk, f.seg, vm, np.ascontiguousarray(first),
+                                          np.ascontiguousarray(count)))
+        if not parts:
+            return 0
+        return self.retire(vm, np.concatenate(parts))

@@ -80,7 +80,8 @@ DMA_SMALL_BATCH = 16
 # apply_epoch runs on the epoch kernel (host_iommu/kernels/epoch.py) unless this is False
 # (environment IOMMU_EMU_HOST_KERNEL=0): the Python loop, the same results, op by op.
 EPOCH_KERNEL = os.environ.get("IOMMU_EMU_HOST_KERNEL", "1") != "0"
-_NO_WORDS = np.zeros(4, dtype=np.uint64)
+_UNRESOLVED = (-1, 0)   # a HWPT invalidation the epoch kernel leaves to _control
+_INV_AT_MAX = 1 << 14   # invalidations whose descriptor words a server keeps (as nested's)
 # Look-up tables indexed by the uint8 "op" column: a known kind, a kind that names a device.
 _KNOWN_OP = np.zeros(256, dtype=bool)
 _KNOWN_OP[list(OP_NAMES)] = True
@@ -109,6 +110,10 @@ class HostServer:
         self._owner = np.zeros(1 << 16, dtype=np.int64)   # sid -> owning VM, 0 for none
         self._owner_of_sid: dict[int, int] = {}           # owner_of_sid that _owner holds
         self.host_counters: dict[str, int] = dict.fromkeys(HOST_ONLY_COUNTERS, 0)
+        # descriptor words of one-entry HWPT invalidations, kept for the epoch kernel
+        self._inv_words = np.zeros(1024, dtype=np.uint64)
+        self._inv_end = 0
+        self._inv_at: dict[tuple[int, int, int, int, int, bool], tuple[int, int]] = {}
 
     # --- set-up ---------------------------------------------------------------------------
     def setup_vm(self, s: VmSetup) -> None:
@@ -349,37 +354,50 @@ class HostServer:
     def _resolve_invalidations(self, ops: np.ndarray, m: np.ndarray) -> np.ndarray:
         """m[M_RES], m[M_NDESC] of the one-entry HWPT invalidations a VM may send (its own
         HWPT, an entry iommufd accepts): where their descriptors start in the returned words
-        (nested.one_entry_descs, as hwpt_invalidate_one submits them) and how many."""
+        (nested.one_entry_descs, as hwpt_invalidate_one submits them) and how many; -1 for
+        the others (applied by _control).
+
+        The words are kept across epochs in one buffer by one_entry_descs' own key (DID,
+        PASID, addr, npages, flags, ATS), a pure function of it; bounded as its cache is.
+        """
         idx = np.flatnonzero(m[ek.M_OP] == OP_HWPT_INV)
         if idx.size == 0:
-            return _NO_WORDS
+            return self._inv_words
         h = self.iommu
-        nested = self.nested
-        parts = []
-        at = 0
-        res, nd = [], []
-        for vm, sid, pasid, a0, a1, a2 in zip(*(ops[f][idx].tolist() for f in (
-                "vm", "sid", "pasid", "a0", "a1", "a2")), strict=True):
+        nested, ats, at = self.nested, h.ats_sids, self._inv_at
+        if len(at) >= _INV_AT_MAX:
+            at.clear()
+            self._inv_end = 0
+        res = []
+        for vm, sid, pasid, a0, a1, a2 in ops[idx][["vm", "sid", "pasid", "a0", "a1", "a2"]
+                                                 ].tolist():
             dom = nested.get((sid, pasid))
             if dom is None or dom.vm != vm:
-                res.append(-1)
-                nd.append(0)
+                res.append(_UNRESOLVED)
                 continue
-            try:
-                descs = one_entry_descs(h, dom, a0, a1, a2)
-            except IommufdError:
-                res.append(-1)
-                nd.append(0)
-                continue
-            parts.append(descs)
-            res.append(at)
-            nd.append(len(descs))
-            at += 4 * len(descs)
-        m[ek.M_RES, idx] = res
-        m[ek.M_NDESC, idx] = nd
-        if not parts:
-            return _NO_WORDS
-        return np.concatenate(parts).view(np.uint64)
+            key = (dom.did, dom.pasid, a0, a1, a2, dom.sid in ats)
+            hit = at.get(key)
+            if hit is None:
+                try:
+                    words = one_entry_descs(h, dom, a0, a1, a2).view(np.uint64)
+                except IommufdError:
+                    words = None
+                hit = at[key] = _UNRESOLVED if words is None else self._keep_words(words)
+            res.append(hit)
+        m[ek.M_RES:ek.M_NDESC + 1, idx] = np.array(res, dtype=np.int64).T
+        return self._inv_words
+
+    def _keep_words(self, words: np.ndarray) -> tuple[int, int]:
+        """Append descriptor words to the kept buffer: (first word, descriptors)."""
+        n = words.size
+        end = self._inv_end
+        if end + n > self._inv_words.size:
+            grown = np.zeros(2 * (end + n), dtype=np.uint64)
+            grown[:end] = self._inv_words[:end]
+            self._inv_words = grown
+        self._inv_words[end:end + n] = words
+        self._inv_end = end + n
+        return end, n >> 2
 
     def _apply_compiled(self, ops: np.ndarray, t: list[int], kind: list[int],
                         vms: list[int]) -> None:
@@ -418,7 +436,7 @@ class HostServer:
             i = ek.run_ops(i, m, val, words, st, mem.slab, mem.slot_of, q.ctl, q.inflight,
                            q._unresponsive, h._effects, q._done, c.iotlb.state, c.iotlb.counts,
                            fl[0], fl[1], sl[0], sl[1], c.dtlb.state, c.dtlb.counts, flat.seg,
-                           flat.data, ooo, cnt, waits, retires)
+                           flat.data, flat.spk, flat.spv, flat.spm, ooo, cnt, waits, retires)
             h._next_effect_ns = int(st[ek.ST_NEXT_EFFECT])
             h.now_ns = int(st[ek.ST_NOW])
             self._qi_stamp_max = int(st[ek.ST_STAMP_MAX])

@@ -13,16 +13,16 @@ the same batch cuts, every operation it can apply exactly as the Python loop wou
   tail-write kernel as the host driver's qi_submit_sync does (kernels/qiq.py ``_submit``);
 - an unmap's return (OP_UNMAP_RET: the host's completion against the guest's return, the
   unmap wait reported, the oracle's return time) and the retire of unmap ids (kept for the
-  end of the epoch), on the oracle's arrays (oracle.ArrayOracle: ``seg``/``data``).
+  end of the epoch), on the oracle's arrays (oracle.ArrayOracle: dense ranges and the spill
+  table, host_iommu/kernels/oracle.py).
 
 It stops, changing nothing of the operation it stops at, at anything else: a DMA run (the
 translate kernel and the tally stay in Python), VFIO and second-level operations, an effect
 the Python caches apply (context/PASID cache), a table frame to free, a store to a frame with
-no table page yet, an invalidation stamped before one already applied, a refused or
-unresolved HWPT invalidation, a queue that is not clean or has no room, an oracle id outside
-its VM's dense array. Python applies that one operation its own way and calls again, so the
-Python loop stays the description and the reference (tests/host_iommu/test_kernel_epoch.py
-runs both on the same operations).
+no table page yet, a refused or unresolved HWPT invalidation, a queue that is not clean or
+has no room, an oracle record to create or to grow. Python applies that one operation its
+own way and calls again, so the Python loop stays the description and the reference
+(tests/host_iommu/test_kernel_epoch.py runs both on the same operations).
 
 Per-VM counters go to rows of ``cnt`` (C_*), unmap waits and retired runs to rows of
 ``waits``/``retires``; the scalar state goes in and out through ``st`` (ST_*).
@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from host_iommu.kernels.oracle import spill_find, spill_put, spill_room
 from host_iommu.kernels.qiq import (
     DECODED_FIELDS,
     E_T,
@@ -72,19 +73,50 @@ C_DROPPED, C_INV_DESCS = range(2)
 CNT_FIELDS = 2
 
 # Oracle segment columns (oracle.SEG_*).
-SEG_OFF, SEG_SIZE, SEG_CAP, SEG_BASE = range(4)
+SEG_OFF, SEG_SIZE, SEG_CAP, SEG_BASE, SEG_SPILL = range(5)
 
 
 @njit(cache=True)
-def _ora_slot(seg, vm, uid):
-    """Index in the oracle's ``data`` of (vm, uid); -1: the VM has no record (no time);
-    -2: outside its dense array (Python answers)."""
+def _ora_get(seg, data, spk, spv, vm, uid):
+    """oracle._VmTimes.get of (vm, uid), NONE for a VM with no record (uid >= 0)."""
     if vm >= seg.shape[0] or seg[vm, SEG_OFF] < 0:
-        return -1
+        return NONE
     i = uid - seg[vm, SEG_BASE]
     if 0 <= i < seg[vm, SEG_SIZE]:
-        return seg[vm, SEG_OFF] + i
-    return -2
+        return data[seg[vm, SEG_OFF] + i]
+    if seg[vm, SEG_SPILL] == 0:
+        return NONE
+    s = spill_find(spk, vm, uid)
+    return NONE if s < 0 else spv[s]
+
+
+@njit(cache=True)
+def _ora_can_set(seg, spk, spm, vm, uid):
+    """Whether _ora_set can record (vm, uid) here: the VM has a record, and the id is in
+    its dense range, or goes to the spill table (which has room); growing the dense range
+    is left to Python (_VmTimes.set_max)."""
+    if vm >= seg.shape[0] or seg[vm, SEG_OFF] < 0:
+        return False
+    size = seg[vm, SEG_SIZE]
+    i = uid - seg[vm, SEG_BASE]
+    if 0 <= i < size:
+        return True
+    if size <= i < 2 * size + 4096:
+        return False
+    return spill_find(spk, vm, uid) >= 0 or spill_room(spk, spm)
+
+
+@njit(cache=True)
+def _ora_set(seg, data, spk, spv, spm, vm, uid, t):
+    """_VmTimes.set_max(uid, t) of ``vm`` where _ora_can_set allowed it."""
+    i = uid - seg[vm, SEG_BASE]
+    if 0 <= i < seg[vm, SEG_SIZE]:
+        at = seg[vm, SEG_OFF] + i
+        data[at] = max(max(data[at], 0), t)
+        return
+    s = spill_find(spk, vm, uid)
+    old = NONE if s < 0 else spv[s]
+    spill_put(spk, spv, spm, seg, vm, uid, max(max(old, 0), t))
 
 
 @njit(cache=True)
@@ -104,7 +136,7 @@ def _search_left(t, lo, hi, key):
 @njit(cache=True)
 def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, pend, done,
             it_state, it_counts, fl_state, fl_counts, sl_state, sl_counts, dt_state,
-            dt_counts, seg, data, ooo, cnt, waits, retires):
+            dt_counts, seg, data, spk, spv, spm, ooo, cnt, waits, retires):
     """Apply operations from ``i`` on, as HostServer.apply_epoch does; returns the index of
     the first operation not applied (``m.shape[1]`` when all were).
 
@@ -112,9 +144,9 @@ def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, p
     HWPT invalidations' descriptors (uint64, 4 per descriptor); st: int64[ST_FIELDS];
     slab, slot_of: the host's table pages (memory.HostMemory); qctl, inflight, unresponsive,
     pend, done: the invalidation queue and the pending effects (kernels/qiq.py); the cache
-    states for ``_advance``; seg, data: the oracle (oracle.FlatTimes); ooo: int64[cap, 2] the
-    (vm, unmap id) pairs of HostServer._qi_out_of_order, st[ST_OUT_OF_ORDER] of them (a set:
-    no order); cnt: int64[vms, C_*];
+    states for ``_advance``; seg, data, spk, spv, spm: the oracle (oracle.FlatTimes);
+    ooo: int64[cap, 2] the (vm, unmap id) pairs of HostServer._qi_out_of_order,
+    st[ST_OUT_OF_ORDER] of them (a set: no order); cnt: int64[vms, C_*];
     waits: int64[n, 4] (vm, unmap id, sid, wait ns); retires: int64[n, 3] (vm, first, count).
     """
     n = m.shape[1]
@@ -161,10 +193,9 @@ def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, p
             uid, t_ret = m[M_A0, i], m[M_A1, i]
             if uid < 0 or t_ret < 0:
                 return i
-            s = _ora_slot(seg, vm, uid)
-            if s < 0:                    # no record here: Python asks (and records) it
-                return i
-            host_done = data[s]
+            if not _ora_can_set(seg, spk, spm, vm, uid):
+                return i                 # Python asks and records it (growing the arrays)
+            host_done = _ora_get(seg, data, spk, spv, vm, uid)
             causal = True
             for q in range(st[ST_OUT_OF_ORDER]):   # HostServer._qi_out_of_order
                 if ooo[q, 0] == vm and ooo[q, 1] == uid:
@@ -178,7 +209,7 @@ def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, p
                 waits[w, 0], waits[w, 1] = vm, uid
                 waits[w, 2], waits[w, 3] = m[M_A2, i] & 0xFFFF, host_done - t_ret
                 st[ST_WAITS] = w + 1
-            data[s] = max(max(data[s], 0), t_ret)
+            _ora_set(seg, data, spk, spv, spm, vm, uid, t_ret)
             i += 1
             continue
         if k == OP_UNMAP_RETIRE:
@@ -208,11 +239,8 @@ def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, p
                        f) != ERR_NONE:
                 return i
         uid = m[M_A3, i]
-        s = -1
-        if uid >= 0:
-            s = _ora_slot(seg, vm, uid)
-            if s < 0:
-                return i
+        if uid >= 0 and not _ora_can_set(seg, spk, spm, vm, uid):
+            return i
         status, processed, _t_at, t_done, _err = _submit(
             qctl, inflight, unresponsive, words[w0:w0 + 4 * nd], pend, done, t, M_DRIVER,
             True)
@@ -234,7 +262,7 @@ def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, p
         if t > st[ST_STAMP_MAX]:
             st[ST_STAMP_MAX] = t
         cnt[vm, C_INV_DESCS] += processed
-        if s >= 0:
-            data[s] = max(max(data[s], 0), t_done)
+        if uid >= 0:
+            _ora_set(seg, data, spk, spv, spm, vm, uid, t_done)
         i += 1
     return i
