@@ -873,17 +873,24 @@ class HostIommu:
         st.ctx_refs += ctx_refs
         st.faults += faults
         if faults:
-            faulted = np.flatnonzero(out["fault"])
-            # A fault of a device no VM owns is the host's (VM 0); the host driver drains
-            # those (HostServer), so they never hold the recording registers.
-            vm_of = np.array([self.owner_of_sid.get(int(s), 0) for s in sid[faulted]])
-            tt = (np.zeros(faulted.size, np.int64) if t_ns is None
-                  else np.maximum(np.asarray(t_ns, dtype=np.int64)[faulted], 0))
-            # The record holds what the request carried, within the register's fields: any
-            # request that does not write is a read, out-of-range ids are clipped (the
-            # translation itself already faulted them without aliasing).
-            rec_access = np.where(access[faulted] == ACCESS_WRITE, ACCESS_WRITE, ACCESS_READ)
-            self.faults.record(tt, vm_of, np.clip(sid[faulted], 0, 0xFFFF),
-                               np.clip(pasid[faulted], 0, 0xFFFF_FFFF), addr[faulted],
-                               rec_access, out["fault"][faulted], out["stage"][faulted],
-                               fpd=req[faulted, R_FPD] != 0)
+            self._record_faults(out, sid, pasid, addr, access, t_ns, req)
+
+    def _record_faults(self, out: np.ndarray, sid: np.ndarray, pasid: np.ndarray,
+                       addr: np.ndarray, access: np.ndarray, t_ns: np.ndarray | None,
+                       req: np.ndarray) -> None:
+        """The fault records of a translated batch (``_account``'s second half; the epoch
+        kernel, host_iommu/kernels/epoch.py, counts the statistics itself)."""
+        faulted = np.flatnonzero(out["fault"])
+        # A fault of a device no VM owns is the host's (VM 0); the host driver drains
+        # those (HostServer), so they never hold the recording registers.
+        vm_of = np.array([self.owner_of_sid.get(int(s), 0) for s in sid[faulted]])
+        tt = (np.zeros(faulted.size, np.int64) if t_ns is None
+              else np.maximum(np.asarray(t_ns, dtype=np.int64)[faulted], 0))
+        # The record holds what the request carried, within the register's fields: any
+        # request that does not write is a read, out-of-range ids are clipped (the
+        # translation itself already faulted them without aliasing).
+        rec_access = np.where(access[faulted] == ACCESS_WRITE, ACCESS_WRITE, ACCESS_READ)
+        self.faults.record(tt, vm_of, np.clip(sid[faulted], 0, 0xFFFF),
+                           np.clip(pasid[faulted], 0, 0xFFFF_FFFF), addr[faulted],
+                           rec_access, out["fault"][faulted], out["stage"][faulted],
+                           fpd=req[faulted, R_FPD] != 0)

@@ -22,7 +22,14 @@ import os
 import numpy as np
 
 from host_iommu.costs import CostModel
-from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, MAX_PASID, NO_PASID, PAGE_SHIFT
+from host_iommu.defs import (
+    ACCESS_READ,
+    ACCESS_WRITE,
+    MAX_PASID,
+    NO_PASID,
+    PAGE_SHIFT,
+    RESULT_DTYPE,
+)
 from host_iommu.iommu import HostIommu, IommuParams
 from host_iommu.kernels import epoch as ek
 from host_iommu.memory import HostMemoryError
@@ -57,6 +64,7 @@ from host_iommu.protocol import (
     check_setup,
 )
 from host_iommu.vfio import ShadowDomain, VfioError, vfio_attach, vfio_map, vfio_unmap
+from host_iommu.walk import NO_PWC
 
 # What became of each rogue DMA (DMA_ROGUE: aimed at the device's last unmapped IOVA), one
 # class each, in this order of precedence, so the classes sum to the guest's rogue_dma:
@@ -80,8 +88,11 @@ DMA_SMALL_BATCH = 16
 # apply_epoch runs on the epoch kernel (host_iommu/kernels/epoch.py) unless this is False
 # (environment IOMMU_EMU_HOST_KERNEL=0): the Python loop, the same results, op by op.
 EPOCH_KERNEL = os.environ.get("IOMMU_EMU_HOST_KERNEL", "1") != "0"
+# ... and translates DMA runs itself unless this is False (the rest of it still runs).
+EPOCH_KERNEL_DMA = True
 _UNRESOLVED = (-1, 0)   # a HWPT invalidation the epoch kernel leaves to _control
 _INV_AT_MAX = 1 << 14   # invalidations whose descriptor words a server keeps (as nested's)
+_INV_TABLE_MAX = 1 << 16   # slots of the compiled table of resolved invalidations
 # Look-up tables indexed by the uint8 "op" column: a known kind, a kind that names a device.
 _KNOWN_OP = np.zeros(256, dtype=bool)
 _KNOWN_OP[list(OP_NAMES)] = True
@@ -114,6 +125,11 @@ class HostServer:
         self._inv_words = np.zeros(1024, dtype=np.uint64)
         self._inv_end = 0
         self._inv_at: dict[tuple[int, int, int, int, int, bool], tuple[int, int]] = {}
+        self._inv_ik = np.full((1024, ek.K_FIELDS), -1, dtype=np.int64)
+        self._inv_iv = np.zeros((1024, 2), dtype=np.int64)
+        self._inv_im = np.zeros(1, dtype=np.int64)
+        self._inv_sig: tuple[int, int, int] | None = None
+        self._doms_version = 0    # bumped whenever a VM's domains may change
 
     # --- set-up ---------------------------------------------------------------------------
     def setup_vm(self, s: VmSetup) -> None:
@@ -125,6 +141,7 @@ class HostServer:
         """
         check_setup(s)
         h = self.iommu
+        self._doms_version += 1
         if s.vm in h.vms or s.vm in self.counters:
             raise IommufdError(f"VM {s.vm} already exists on host {h.host}")
         taken = [sid for sid in s.sids if sid in h.owner_of_sid]
@@ -166,6 +183,7 @@ class HostServer:
         if c is None:
             self.host_counters["unknown_vm_ops"] += 1
             return None
+        self._doms_version += 1
         try:
             dom = alloc_nested(self.iommu, vm, sid, pasid, flptr_gpa, fl_levels,
                                ats=sid in self.iommu.ats_sids, t_ns=t_ns)
@@ -265,10 +283,11 @@ class HostServer:
         self._retiring.clear()
         # The host driver's fault handler reads every record and clears PFO (dmar_fault).
         f = h.faults.take_all()
-        owned = np.isin(f["vm"], np.array(sorted(self.counters), dtype=np.int64))
-        self.host_counters["host_faults"] += int((~owned).sum())
-        reports = {}
         any_faults = f["vm"].size > 0
+        if any_faults:
+            owned = np.isin(f["vm"], np.array(sorted(self.counters), dtype=np.int64))
+            self.host_counters["host_faults"] += int((~owned).sum())
+        reports = {}
         for vm in sorted(self.counters):
             faults = []
             if any_faults:
@@ -358,33 +377,52 @@ class HostServer:
         the others (applied by _control).
 
         The words are kept across epochs in one buffer by one_entry_descs' own key (DID,
-        PASID, addr, npages, flags, ATS), a pure function of it; bounded as its cache is.
+        PASID, addr, npages, flags, ATS), a pure function of it, bounded as its cache is; the
+        resolution of an operation's own fields (vm, sid, pasid, addr, npages, flags) in a
+        compiled table (kernels/epoch.py inv_lookup), dropped whenever a VM's domains or the
+        ATS devices may have changed.
         """
         idx = np.flatnonzero(m[ek.M_OP] == OP_HWPT_INV)
         if idx.size == 0:
             return self._inv_words
         h = self.iommu
-        nested, ats, at = self.nested, h.ats_sids, self._inv_at
-        if len(at) >= _INV_AT_MAX:
-            at.clear()
+        sig = (self._doms_version, len(self.nested), len(h.ats_sids))
+        if len(self._inv_at) >= _INV_AT_MAX:
+            self._inv_at.clear()
             self._inv_end = 0
-        res = []
-        for vm, sid, pasid, a0, a1, a2 in ops[idx][["vm", "sid", "pasid", "a0", "a1", "a2"]
-                                                 ].tolist():
+            sig = None
+        if sig != self._inv_sig:
+            self._inv_ik[:, 0] = -1
+            self._inv_im[0] = 0
+            self._inv_sig = sig
+        miss = np.empty(idx.size, dtype=np.int64)
+        nm = ek.inv_lookup(self._inv_ik, self._inv_iv, m, idx, miss)
+        if not nm:
+            return self._inv_words
+        nested, ats, at = self.nested, h.ats_sids, self._inv_at
+        todo = idx[miss[:nm]]
+        for i, (vm, sid, pasid, a0, a1, a2) in zip(todo.tolist(), ops[todo][
+                ["vm", "sid", "pasid", "a0", "a1", "a2"]].tolist(), strict=True):
             dom = nested.get((sid, pasid))
-            if dom is None or dom.vm != vm:
-                res.append(_UNRESOLVED)
-                continue
-            key = (dom.did, dom.pasid, a0, a1, a2, dom.sid in ats)
-            hit = at.get(key)
-            if hit is None:
-                try:
-                    words = one_entry_descs(h, dom, a0, a1, a2).view(np.uint64)
-                except IommufdError:
-                    words = None
-                hit = at[key] = _UNRESOLVED if words is None else self._keep_words(words)
-            res.append(hit)
-        m[ek.M_RES:ek.M_NDESC + 1, idx] = np.array(res, dtype=np.int64).T
+            hit = _UNRESOLVED
+            if dom is not None and dom.vm == vm:
+                key = (dom.did, dom.pasid, a0, a1, a2, dom.sid in ats)
+                hit = at.get(key)
+                if hit is None:
+                    try:
+                        words = one_entry_descs(h, dom, a0, a1, a2).view(np.uint64)
+                    except IommufdError:
+                        words = None
+                    hit = at[key] = (_UNRESOLVED if words is None
+                                     else self._keep_words(words))
+            m[ek.M_RES, i], m[ek.M_NDESC, i] = hit
+            if not ek.inv_insert(self._inv_ik, self._inv_iv, self._inv_im, m, i):
+                cap = self._inv_ik.shape[0]
+                cap = 2 * cap if cap < _INV_TABLE_MAX else cap
+                self._inv_ik = np.full((cap, ek.K_FIELDS), -1, dtype=np.int64)
+                self._inv_iv = np.zeros((cap, 2), dtype=np.int64)
+                self._inv_im[0] = 0
+                ek.inv_insert(self._inv_ik, self._inv_iv, self._inv_im, m, i)
         return self._inv_words
 
     def _keep_words(self, words: np.ndarray) -> tuple[int, int]:
@@ -411,7 +449,16 @@ class HostServer:
         self._resolve_stores(ops, m, 0)
         words = self._resolve_invalidations(ops, m)
         val = np.ascontiguousarray(ops["a1"])
+        addr = np.ascontiguousarray(ops["a0"])
+        access = (ops["a2"] & 0xFF).astype(np.uint8)
+        outb = np.zeros(n, dtype=RESULT_DTYPE)
+        reqb = np.zeros((n, 6), dtype=np.int64)
+        devb = np.zeros(n, dtype=bool)
+        tst = np.zeros(len(ek.TST_NAMES), dtype=np.int64)
         st = np.zeros(ek.ST_FIELDS, dtype=np.int64)
+        st[ek.ST_DMA] = EPOCH_KERNEL_DMA and hasattr(h.caches.ctxc, "vals") and hasattr(
+            h.caches.pasidc, "vals")
+        st[ek.ST_HIT_NS], st[ek.ST_REF_NS] = self.costs.iotlb_hit_ns, self.costs.mem_ref_ns
         cnt = np.zeros((max(self.counters) + 1, ek.CNT_FIELDS), dtype=np.int64)
         waits = np.zeros((n, 4), dtype=np.int64)
         retires = np.zeros((n, 3), dtype=np.int64)
@@ -433,10 +480,12 @@ class HostServer:
                 ooo[:len(late)] = list(late)
             st[ek.ST_OUT_OF_ORDER] = len(late)
             st[ek.ST_PTE_WRITES] = st[ek.ST_WAITS] = st[ek.ST_RETIRES] = 0
+            st[ek.ST_FAULTED_I] = st[ek.ST_LAST_I] = -1
             i = ek.run_ops(i, m, val, words, st, mem.slab, mem.slot_of, q.ctl, q.inflight,
                            q._unresponsive, h._effects, q._done, c.iotlb.state, c.iotlb.counts,
                            fl[0], fl[1], sl[0], sl[1], c.dtlb.state, c.dtlb.counts, flat.seg,
-                           flat.data, flat.spk, flat.spv, flat.spm, ooo, cnt, waits, retires)
+                           flat.data, flat.spk, flat.spv, flat.spm, ooo, cnt, waits, retires,
+                           addr, access, self._translation_state(), tst, outb, reqb, devb)
             h._next_effect_ns = int(st[ek.ST_NEXT_EFFECT])
             h.now_ns = int(st[ek.ST_NOW])
             self._qi_stamp_max = int(st[ek.ST_STAMP_MAX])
@@ -449,6 +498,13 @@ class HostServer:
             if st[ek.ST_RETIRES]:
                 for vm, first, count in retires[:st[ek.ST_RETIRES]].tolist():
                     self._retiring.setdefault(vm, []).append((first, count))
+            if st[ek.ST_LAST_I] >= 0:
+                h.last_devtlb_hit = devb[st[ek.ST_LAST_I]:st[ek.ST_LAST_J]].copy()
+            if st[ek.ST_FAULTED_I] >= 0:   # a run the kernel translated faulted
+                a, b = int(st[ek.ST_FAULTED_I]), int(st[ek.ST_FAULTED_J])
+                h._record_faults(outb[a:b], m[ek.M_SID, a:b], m[ek.M_PASID, a:b], addr[a:b],
+                                 access[a:b], ops["t_ns"][a:b], reqb[a:b])
+                continue
             if i >= n:
                 break
             h.advance_to(t[i])
@@ -461,10 +517,30 @@ class HostServer:
             if k in (OP_SL_UNMAP, OP_SL_MAP):   # a memory map changed
                 self._resolve_stores(ops, m, i)
         for vm in np.flatnonzero(cnt.any(axis=1)).tolist():
-            dropped, descs = cnt[vm].tolist()
             ctr = self.counters[vm]
-            ctr["guest_writes_dropped"] += dropped
-            ctr["host_inv_descriptors"] += descs
+            for name, x in zip(ek.CNT_NAMES, cnt[vm].tolist(), strict=True):
+                if name == "stale_window_max_ns":
+                    ctr[name] = max(ctr[name], x)
+                elif x:
+                    ctr[name] += x
+        if tst.any():
+            hs = h.stats
+            for name, x in zip(ek.TST_NAMES, tst.tolist(), strict=True):
+                setattr(hs, name, getattr(hs, name) + x)
+
+    def _translation_state(self) -> tuple:
+        """HostIommu.translate's arguments to the context stage and the translate kernel
+        (the caches, memory, the walker's masks) and the frame owners, for the epoch kernel:
+        taken afresh at each call (Python may have grown an array in between)."""
+        h = self.iommu
+        c, mem, w = h.caches, h.mem, h.walker
+        fl, sl = h.fl_pwc, h.sl_pwc
+        return (c.ctxc.st, c.ctxc.vals, c.pasidc.st, c.pasidc.vals, h.iotlb.state,
+                h.iotlb.counts, c.dtlb.state, c.dtlb.counts, mem.slab, mem.slot_of, w.haw,
+                w.amask, w.fl_rsvd, w.sl_rsvd, fl is not None,
+                NO_PWC[0] if fl is None else fl.state, NO_PWC[1] if fl is None else fl.counts,
+                sl is not None, NO_PWC[0] if sl is None else sl.state,
+                NO_PWC[1] if sl is None else sl.counts, mem.owner)
 
     def _control(self, row: tuple[int, ...]) -> None:
         """One operation that is neither a DMA nor a guest table store: an OP_DTYPE row as

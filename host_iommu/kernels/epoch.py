@@ -16,8 +16,14 @@ the same batch cuts, every operation it can apply exactly as the Python loop wou
   end of the epoch), on the oracle's arrays (oracle.ArrayOracle: dense ranges and the spill
   table, host_iommu/kernels/oracle.py).
 
-It stops, changing nothing of the operation it stops at, at anything else: a DMA run (the
-translate kernel and the tally stay in Python), VFIO and second-level operations, an effect
+- a run of DMAs (HostServer._dma), cut where a queued invalidation takes effect, whose
+  contexts all hit the context and PASID caches (kernels/entrycache.py contexts_hit): the
+  translate kernel (kernels/translate.py), the isolation check against the frame owners, the
+  oracle's stale check and the per-VM tally; a run that faulted returns at once, so that
+  Python writes its fault records (HostIommu._record_faults) in order.
+
+It stops, changing nothing of the operation it stops at, at anything else: a DMA run with a
+context or PASID cache miss, VFIO and second-level operations, an effect
 the Python caches apply (context/PASID cache), a table frame to free, a store to a frame with
 no table page yet, a refused or unresolved HWPT invalidation, a queue that is not clean or
 has no room, an oracle record to create or to grow. Python applies that one operation its
@@ -33,6 +39,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from host_iommu.defs import PAGE_SHIFT
+from host_iommu.kernels.entrycache import contexts_hit
 from host_iommu.kernels.oracle import spill_find, spill_put, spill_room
 from host_iommu.kernels.qiq import (
     DECODED_FIELDS,
@@ -52,7 +60,24 @@ from host_iommu.kernels.qiq import (
     _decode,
     _submit,
 )
-from host_iommu.protocol import OP_GUEST_WRITE, OP_HWPT_INV, OP_UNMAP_RET, OP_UNMAP_RETIRE
+from host_iommu.kernels.translate import (
+    R_CTX_REFS,
+    S_AD,
+    S_DEVTLB_HITS,
+    S_FAULTS,
+    S_IOTLB_HITS,
+    S_IOTLB_MISSES,
+    S_WALK_REFS,
+    translate_batch,
+)
+from host_iommu.protocol import (
+    DMA_ROGUE,
+    OP_DMA,
+    OP_GUEST_WRITE,
+    OP_HWPT_INV,
+    OP_UNMAP_RET,
+    OP_UNMAP_RETIRE,
+)
 
 NEVER = (1 << 63) - 1
 NONE = -1            # oracle: no return time
@@ -63,14 +88,29 @@ NONE = -1            # oracle: no return time
 M_T, M_VM, M_OP, M_SID, M_PASID, M_A0, M_A1, M_A2, M_A3, M_RES, M_NDESC = range(11)
 M_ROWS = 11
 
-# ``st``: scalar state in and out.
+# ``st``: scalar state in and out. ST_DMA: whether DMA runs are translated here (the
+# caches have numeric context fields); ST_HIT_NS, ST_REF_NS: CostModel.iotlb_hit_ns,
+# mem_ref_ns; ST_FAULTED_I/J: a DMA run [i, j) translated here that faulted (its fault
+# records are Python's: FaultLog), -1 if none; ST_LAST_I/J: the last DMA run translated here.
 (ST_NEXT_EFFECT, ST_FREE_AT, ST_STAMP_MAX, ST_NOW, ST_OUT_OF_ORDER, ST_PTE_WRITES, ST_WAITS,
- ST_RETIRES) = range(8)
-ST_FIELDS = 8
+ ST_RETIRES, ST_DMA, ST_HIT_NS, ST_REF_NS, ST_FAULTED_I, ST_FAULTED_J, ST_LAST_I,
+ ST_LAST_J) = range(15)
+ST_FIELDS = 15
 
-# ``cnt`` columns: per-VM counter deltas.
-C_DROPPED, C_INV_DESCS = range(2)
-CNT_FIELDS = 2
+# ``cnt`` columns: per-VM counter deltas (HostServer.counters by name, CNT_NAMES), the ones
+# of a DMA as HostServer._tally_each counts them; stale_window_max_ns is a maximum.
+(C_DROPPED, C_INV_DESCS, C_TRANSLATIONS, C_IOTLB_HITS, C_IOTLB_MISSES, C_DEVTLB_HITS,
+ C_WALK_REFS, C_CTX_REFS, C_FAULTS, C_STALE, C_CROSS, C_WINDOW_MAX, C_TRANSLATE_NS,
+ C_ROGUE_FAULTED, C_ROGUE_CROSS, C_ROGUE_STALE, C_ROGUE_IN_FLIGHT,
+ C_ROGUE_MISDIRECTED) = range(18)
+CNT_FIELDS = 18
+CNT_NAMES = ("guest_writes_dropped", "host_inv_descriptors", "translations", "iotlb_hits",
+             "iotlb_misses", "devtlb_hits", "walk_refs", "ctx_refs", "faults", "stale_dma",
+             "cross_vm_dma", "stale_window_max_ns", "translate_ns", "rogue_faulted",
+             "rogue_cross_vm", "rogue_stale", "rogue_in_flight", "rogue_misdirected")
+# ``tst``: HostIommu.stats deltas (TranslateStats), in this order.
+TST_NAMES = ("translations", "iotlb_hits", "iotlb_misses", "devtlb_hits", "walk_refs",
+             "ctx_refs", "faults", "ad_writes")
 
 # Oracle segment columns (oracle.SEG_*).
 SEG_OFF, SEG_SIZE, SEG_CAP, SEG_BASE, SEG_SPILL = range(5)
@@ -134,9 +174,99 @@ def _search_left(t, lo, hi, key):
 
 
 @njit(cache=True)
+def _dma_run(i, j, m, addr, access, st, tr, seg, data, spk, spv, cnt, tst, outb, reqb, devb):
+    """HostServer._dma of the DMA run [i, j): the context stage when every (sid, pasid)
+    hits both caches (contexts_hit; else False, nothing changed), the translate kernel, the
+    statistics of HostIommu._account, the isolation and oracle checks and the per-VM tally
+    (_tally_each). The run's results stay in outb/reqb/devb[i:j] (fault records: Python)."""
+    (cst, cval, pst, pval, iotlb, iotlb_counts, dtlb, dtlb_counts, slab, slot_of, haw, amask,
+     fl_rsvd, sl_rsvd, use_fl, fl_pwc, fl_counts, use_sl, sl_pwc, sl_counts, owner) = tr
+    sid = m[M_SID, i:j]
+    pasid = m[M_PASID, i:j]
+    nb = j - i
+    req = reqb[i:j]
+    ctx = np.empty((nb + 1, 6), np.uint64)
+    rows = contexts_hit(sid, pasid, cst, cval, pst, pval, req, ctx)
+    if rows < 0:
+        return False
+    out = outb[i:j]
+    stats, devtlb_hit = translate_batch(
+        sid, pasid, addr[i:j], access[i:j], req, ctx[:rows + 1], iotlb, iotlb_counts, dtlb,
+        dtlb_counts, slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, use_fl, fl_pwc, fl_counts,
+        use_sl, sl_pwc, sl_counts, out)
+    ctx_refs = 0
+    for q in range(nb):
+        ctx_refs += req[q, R_CTX_REFS]
+        devb[i + q] = devtlb_hit[q]
+    # HostIommu.translate / _account: TST_NAMES
+    tst[0] += nb
+    tst[1] += stats[S_IOTLB_HITS]
+    tst[2] += stats[S_IOTLB_MISSES]
+    tst[3] += stats[S_DEVTLB_HITS]
+    tst[4] += stats[S_WALK_REFS]
+    tst[5] += ctx_refs
+    tst[6] += stats[S_FAULTS]
+    tst[7] += stats[S_AD]
+    hit_ns, ref_ns = st[ST_HIT_NS], st[ST_REF_NS]
+    for q in range(nb):
+        r = i + q
+        vm = m[M_VM, r]
+        t = m[M_T, r]
+        uid = m[M_A3, r]
+        ok = out[q].fault == 0
+        crossed = False
+        if ok:
+            frame = np.int64(out[q].hpa >> np.uint64(PAGE_SHIFT))
+            if frame >= owner.shape[0]:
+                raise IndexError("epoch kernel: a translation past host memory")
+            crossed = owner[frame] != vm
+        stale = False
+        if ok and uid >= 0:
+            ret = _ora_get(seg, data, spk, spv, vm, uid)
+            if ret != NONE and t > ret:
+                stale = True
+                cnt[vm, C_STALE] += 1
+                cnt[vm, C_WINDOW_MAX] = max(cnt[vm, C_WINDOW_MAX], t - ret)
+        walk = np.int64(out[q].walk_refs)
+        cref = np.int64(out[q].ctx_refs)
+        cnt[vm, C_TRANSLATIONS] += 1
+        if out[q].iotlb_hit:
+            cnt[vm, C_IOTLB_HITS] += 1
+            cnt[vm, C_TRANSLATE_NS] += hit_ns
+        else:
+            if walk > 0:
+                cnt[vm, C_IOTLB_MISSES] += 1
+            cnt[vm, C_TRANSLATE_NS] += (walk + cref) * ref_ns
+        if devtlb_hit[q]:
+            cnt[vm, C_DEVTLB_HITS] += 1
+        cnt[vm, C_WALK_REFS] += walk
+        cnt[vm, C_CTX_REFS] += cref
+        if not ok:
+            cnt[vm, C_FAULTS] += 1
+        if crossed:
+            cnt[vm, C_CROSS] += 1
+        if m[M_A2, r] & DMA_ROGUE:
+            if not ok:
+                cnt[vm, C_ROGUE_FAULTED] += 1
+            elif crossed:
+                cnt[vm, C_ROGUE_CROSS] += 1
+            elif stale:
+                cnt[vm, C_ROGUE_STALE] += 1
+            elif uid >= 0:
+                cnt[vm, C_ROGUE_IN_FLIGHT] += 1
+            else:
+                cnt[vm, C_ROGUE_MISDIRECTED] += 1
+    st[ST_LAST_I], st[ST_LAST_J] = i, j
+    if stats[S_FAULTS]:
+        st[ST_FAULTED_I], st[ST_FAULTED_J] = i, j
+    return True
+
+
+@njit(cache=True)
 def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, pend, done,
             it_state, it_counts, fl_state, fl_counts, sl_state, sl_counts, dt_state,
-            dt_counts, seg, data, spk, spv, spm, ooo, cnt, waits, retires):
+            dt_counts, seg, data, spk, spv, spm, ooo, cnt, waits, retires, addr, access,
+            tr, tst, outb, reqb, devb):
     """Apply operations from ``i`` on, as HostServer.apply_epoch does; returns the index of
     the first operation not applied (``m.shape[1]`` when all were).
 
@@ -147,7 +277,10 @@ def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, p
     states for ``_advance``; seg, data, spk, spv, spm: the oracle (oracle.FlatTimes);
     ooo: int64[cap, 2] the (vm, unmap id) pairs of HostServer._qi_out_of_order,
     st[ST_OUT_OF_ORDER] of them (a set: no order); cnt: int64[vms, C_*];
-    waits: int64[n, 4] (vm, unmap id, sid, wait ns); retires: int64[n, 3] (vm, first, count).
+    waits: int64[n, 4] (vm, unmap id, sid, wait ns); retires: int64[n, 3] (vm, first, count);
+    for DMA runs (_dma_run): addr uint64[n], access uint8[n] (a0, a2 & 0xFF), tr the
+    translation state (caches, memory, walker masks, frame owners), tst int64[8] (TST_NAMES),
+    outb RESULT_DTYPE[n], reqb int64[n, 6], devb bool[n]: each run's results at its rows.
     """
     n = m.shape[1]
     f = np.zeros(DECODED_FIELDS, np.int64)
@@ -167,6 +300,22 @@ def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, p
             st[ST_NOW] = t
         k = m[M_OP, i]
         vm = m[M_VM, i]
+        if k == OP_DMA:
+            if st[ST_DMA] == 0:
+                return i
+            j = i + 1
+            while j < n and m[M_OP, j] == k:
+                j += 1
+            nxt = st[ST_NEXT_EFFECT]
+            if nxt <= m[M_T, j - 1]:      # cut where a queued invalidation takes effect
+                j = max(i + 1, _search_left(m[M_T], i, j, nxt))
+            if not _dma_run(i, j, m, addr, access, st, tr, seg, data, spk, spv, cnt, tst,
+                            outb, reqb, devb):
+                return i
+            i = j
+            if st[ST_FAULTED_I] >= 0:     # Python records the faults, then calls again
+                return i
+            continue
         if k == OP_GUEST_WRITE:
             j = i + 1
             while j < n and m[M_OP, j] == k and m[M_VM, j] == vm:
@@ -266,3 +415,77 @@ def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, p
             _ora_set(seg, data, spk, spv, spm, vm, uid, t_done)
         i += 1
     return i
+
+
+# --- the kept one-entry HWPT invalidations (HostServer._resolve_invalidations) ---------------
+# ``ik``: int64[cap, 6] keys (vm, sid, pasid, addr, npages, flags) as the operation carries
+# them (vm -1: a free slot); ``iv``: int64[cap, 2] (first word, descriptors) or (-1, 0) for
+# one left to Python; ``im``: int64[1] keys held. Open addressing, linear probing, at most
+# half full; no removal (the server drops the whole table).
+K_FIELDS = 6
+
+
+@njit(cache=True)
+def _inv_home(cap, key):
+    h = np.uint64(0x9E37_79B9_7F4A_7C15)
+    for q in range(K_FIELDS):
+        h = (h ^ np.uint64(key[q])) * np.uint64(0xBF58_476D_1CE4_E5B9)
+        h ^= h >> np.uint64(31)
+    return np.int64(h & np.uint64(cap - 1))
+
+
+@njit(cache=True)
+def _inv_find(ik, key):
+    cap = ik.shape[0]
+    s = _inv_home(cap, key)
+    while ik[s, 0] != -1:
+        same = True
+        for q in range(K_FIELDS):
+            if ik[s, q] != key[q]:
+                same = False
+                break
+        if same:
+            return s
+        s = (s + 1) & (cap - 1)
+    return -1
+
+
+@njit(cache=True)
+def inv_lookup(ik, iv, m, idx, miss):
+    """m[M_RES], m[M_NDESC] of the operations ``idx`` whose key the table holds; the others'
+    positions in ``idx`` go to ``miss``: returns how many."""
+    key = np.empty(K_FIELDS, np.int64)
+    nm = 0
+    for r in range(idx.shape[0]):
+        i = idx[r]
+        key[0], key[1], key[2] = m[M_VM, i], m[M_SID, i], m[M_PASID, i]
+        key[3], key[4], key[5] = m[M_A0, i], m[M_A1, i], m[M_A2, i]
+        s = _inv_find(ik, key)
+        if s < 0:
+            miss[nm] = r
+            nm += 1
+        else:
+            m[M_RES, i], m[M_NDESC, i] = iv[s, 0], iv[s, 1]
+    return nm
+
+
+@njit(cache=True)
+def inv_insert(ik, iv, im, m, i):
+    """Keep operation i's resolution (m[M_RES, i], m[M_NDESC, i]) under its key; False when
+    the table would be more than half full (the caller grows it and inserts again)."""
+    if 2 * (im[0] + 1) > ik.shape[0]:
+        return False
+    key = np.empty(K_FIELDS, np.int64)
+    key[0], key[1], key[2] = m[M_VM, i], m[M_SID, i], m[M_PASID, i]
+    key[3], key[4], key[5] = m[M_A0, i], m[M_A1, i], m[M_A2, i]
+    if _inv_find(ik, key) >= 0:
+        return True
+    cap = ik.shape[0]
+    s = _inv_home(cap, key)
+    while ik[s, 0] != -1:
+        s = (s + 1) & (cap - 1)
+    for q in range(K_FIELDS):
+        ik[s, q] = key[q]
+    iv[s, 0], iv[s, 1] = m[M_RES, i], m[M_NDESC, i]
+    im[0] += 1
+    return True
