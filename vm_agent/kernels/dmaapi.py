@@ -59,10 +59,14 @@ from vm_agent.kernels import pgtable as kpg
 from vm_agent.kernels.guest import (
     C_ERR,
     C_ERR_ARG,
+    C_FRAMES,
     C_LOG_N,
+    C_NEXT_FRAME,
     C_SEQ0,
+    C_USED_PAGES,
     E_DMA,
     E_IOVA,
+    E_MEM,
     L_A0,
     L_T_NS,
     S_CPU_BUSY_NS,
@@ -75,8 +79,6 @@ from vm_agent.kernels.guest import (
     S_UNMAPS,
     S_VM_EXITS,
     S_VMM_INVALIDATE_CALLS,
-    log_add,
-    mem_alloc,
 )
 
 DIRECT_CALL_NS = 40            # vm_agent/dma.py: dma-direct map/unmap
@@ -159,7 +161,7 @@ def _hash(key, mask):
     return ((key ^ (key >> 17)) * 0x9E3779B1) & mask
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _h_find(tab, key):
     """The slot holding ``key``, or -1 - the empty slot where it would go."""
     mask = tab.shape[0] - 1
@@ -192,87 +194,112 @@ def _h_delete(tab, i):
     tab[i, 0] = -1
 
 
-@njit(cache=True)
-def _pg_slot(d, page):
+@njit(cache=True, inline="always")
+def _pg_slot(pg, ctl, page):
     """pg's slot of ``page``, made (nothing set) when missing."""
-    s = _h_find(d.pg, page)
+    s = _h_find(pg, page)
     if s >= 0:
         return s
     s = -1 - s
-    pg = d.pg
     pg[s, P_KEY] = page
     pg[s, P_MAPPED] = 0
     pg[s, P_TAG] = -1
     pg[s, P_MPAGES] = -1
     pg[s, P_FREED] = -1
-    d.ctl[D_PG_N] += 1
+    ctl[D_PG_N] += 1
     return s
 
 
-@njit(cache=True)
-def _pg_tidy(d, s):
+@njit(cache=True, inline="always")
+def _pg_tidy(pg, ctl, s):
     """Drop pg's entry in slot ``s`` once it holds nothing (the dicts drop their keys)."""
-    pg = d.pg
     if (pg[s, P_MAPPED] == 0 and pg[s, P_TAG] == -1 and pg[s, P_MPAGES] == -1
             and pg[s, P_FREED] == -1):
         _h_delete(pg, s)
-        d.ctl[D_PG_N] -= 1
+        ctl[D_PG_N] -= 1
 
 
 # --- room ---------------------------------------------------------------------------------
+# The functions below take arrays, not the GuestArrays / DomainArrays tuples: a function that
+# hands a tuple on to another call, or reads its arrays on separate branches, counts
+# references on the tuple's arrays when it is called (measured: about 250 ns for g and d,
+# more than most of the work here). So the public functions take (g, d), take every array
+# out of them first, and pass only arrays on.
 @njit(cache=True)
 def _fq_room(st):
     """Whether each flush-queue kernel one event may call finds room (none asks NEED_ROOM)."""
     rings = st[kfq.S_RINGS]
     for r in range(rings):
-        if st[kfq.HEADER + rings + r] - st[kfq.HEADER + r] + 2 > st[kfq.S_RCAP]:
+        if st[kfq.HEADER + rings + r] - st[kfq.HEADER + r] + 1 > st[kfq.S_RCAP]:
             return False
-    if st[kfq.S_IN_TAIL] - st[kfq.S_IN_HEAD] + 2 > st[kfq.S_ICAP]:
+    if st[kfq.S_IN_TAIL] - st[kfq.S_IN_HEAD] + 1 > st[kfq.S_ICAP]:
         return False
-    return st[kfq.S_FINISH_CNT] + 3 - st[kfq.S_FINISH_BASE] <= st[kfq.S_FCAP]
+    return st[kfq.S_FINISH_CNT] + 2 - st[kfq.S_FINISH_BASE] <= st[kfq.S_FCAP]
 
 
-@njit(cache=True)
-def room_ok(g, d):
-    """Whether one call (map, unmap or timer) finds room in every array it may fill."""
-    ctl = d.ctl
+@njit(cache=True, inline="always")
+def _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq):
+    """room_ok over the arrays."""
     if ctl[D_MODE] == MODE_PASSTHROUGH:
         return True
-    if g.ctl[C_LOG_N] + MAX_MAP_ROWS > g.log.shape[0]:
+    if gctl[C_LOG_N] + MAX_MAP_ROWS > log.shape[0]:
         return False
-    if 2 * (ctl[D_PG_N] + MAX_PAGES + 1) > d.pg.shape[0]:
+    if 2 * (ctl[D_PG_N] + MAX_PAGES + 1) > pg.shape[0]:
         return False
-    if 2 * (ctl[D_TG_N] + 2) > d.tg.shape[0]:
+    if 2 * (ctl[D_TG_N] + 2) > tg.shape[0]:
         return False
-    if ctl[D_RETIRED_N] + MAX_PAGES + 1 > d.retired.shape[0]:
+    if ctl[D_RETIRED_N] + MAX_PAGES + 1 > retired.shape[0]:
         return False
-    if ctl[D_MADE_N] + 2 * ctl[D_LEVELS] + 2 > d.made.shape[0]:
+    if ctl[D_MADE_N] + 2 * ctl[D_LEVELS] + 2 > made.shape[0]:
         return False
-    if d.ist[kiova.S_NODES] + 2 > d.tree.shape[0]:
+    if ist[kiova.S_NODES] + 2 > tree.shape[0]:
         return False
-    if ctl[D_FREE_ROWS_N] + d.pt[kpg.H_ROWS] - ctl[D_NEXT_ROW] < 2 * ctl[D_LEVELS]:
+    if ctl[D_FREE_ROWS_N] + pt[kpg.H_ROWS] - ctl[D_NEXT_ROW] < 2 * ctl[D_LEVELS]:
         return False
-    return ctl[D_LAZY] == 0 or _fq_room(d.fq)
+    if ctl[D_LAZY] != 0:
+        return _fq_room(fq)
+    return True
+
+
+@njit(cache=True, inline="always")
+def room_ok(g, d):
+    """Whether one call (map, unmap or timer) finds room in every array it may fill; when
+    not, the caller grows ``d`` (``grown``) and ``g`` (guest.grown) first."""
+    return _room(g.ctl, g.log, d.ctl, d.pg, d.tg, d.retired, d.made, d.tree, d.ist, d.pt,
+                 d.fq)
 
 
 @njit(cache=True)
-def _refuse(g, reason):
-    g.ctl[C_ERR] = E_DMA
-    g.ctl[C_ERR_ARG] = reason
+def _refuse(gctl, reason):
+    gctl[C_ERR] = E_DMA
+    gctl[C_ERR_ARG] = reason
+
+
+@njit(cache=True, inline="always")
+def _log(gctl, log, t, op, sid, pasid, a0, a1, a2, a3):
+    """guest.log_add over the arrays: append one row; its index."""
+    i = gctl[C_LOG_N]
+    log[i, 0] = t
+    log[i, 1] = op
+    log[i, 2] = sid
+    log[i, 3] = pasid
+    log[i, 4] = a0
+    log[i, 5] = a1
+    log[i, 6] = a2
+    log[i, 7] = a3
+    gctl[C_LOG_N] = i + 1
+    return i
 
 
 # --- the op log's table stores (VmAgent._log_table_stores, _made_by) ---------------------
 @njit(cache=True)
-def _made_by(g, d, page, t):
+def _made_by(gctl, log, ctl, made, page, t):
     """VmAgent._made_by: move this epoch's creation stores of table ``page`` to ``t`` if
     later, and up the table path (with a stack: each store moves at most once per call,
     so the set moved does not depend on the order)."""
-    made = d.made
-    n = d.ctl[D_MADE_N]
-    seq0 = g.ctl[C_SEQ0]
-    log = g.log
+    n = ctl[D_MADE_N]
+    seq0 = gctl[C_SEQ0]
     stack = np.empty(64, np.int64)
-    sp = 0
     stack[0] = page
     sp = 1
     while sp > 0:
@@ -294,40 +321,56 @@ def _made_by(g, d, page, t):
 
 
 @njit(cache=True)
-def _log_stores(g, d, n, now):
+def _log_stores(gctl, log, ctl, made, pt, n, now):
     """VmAgent._log_table_stores of the ``n`` stores a table kernel listed in ``out``."""
-    pt = d.pt
-    out = kpg.HEADER + pt[kpg.H_FRAMES] + 2 * pt[kpg.H_ROWS]
     frames = pt[kpg.H_FRAMES]
+    out = kpg.HEADER + frames + 2 * pt[kpg.H_ROWS]
     for i in range(n):
         gpa = pt[out + kpg.EVENT * i]
         value = pt[out + kpg.EVENT * i + 1]
         page = gpa & ~(PAGE_SIZE - 1)
-        if d.ctl[D_MADE_N] > 0:
-            _made_by(g, d, page, now)
-        row = log_add(g, now, OP_GUEST_WRITE, 0, 0, gpa, value, 0, -1)
+        if ctl[D_MADE_N] > 0:
+            _made_by(gctl, log, ctl, made, page, now)
+        row = _log(gctl, log, now, OP_GUEST_WRITE, 0, 0, gpa, value, 0, -1)
         if value & 1:
             target = value & TABLE_ADDR_MASK
             f = target >> PAGE_SHIFT
             if target != page and f < frames and pt[kpg.HEADER + f] >= 0:
-                m = d.ctl[D_MADE_N]
-                d.made[m, 0] = target
-                d.made[m, 1] = g.ctl[C_SEQ0] + row
-                d.ctl[D_MADE_N] = m + 1
+                m = ctl[D_MADE_N]
+                made[m, 0] = target
+                made[m, 1] = gctl[C_SEQ0] + row
+                ctl[D_MADE_N] = m + 1
 
 
 @njit(cache=True)
-def _alloc_table(g, d):
+def _mem_alloc_page(gctl, fl, fl_off, fl_n):
+    """guest.mem_alloc(g, 1) over the arrays (GuestMemory.alloc of one page): the last page
+    freed, else the bump pointer; -1 with C_ERR = E_MEM where GuestMemory raises."""
+    n = fl_n[0]
+    if n:
+        frame = fl[fl_off[0] + n - 1]
+        fl_n[0] = n - 1
+    else:
+        frame = gctl[C_NEXT_FRAME]
+        if frame + 1 > gctl[C_FRAMES]:
+            gctl[C_ERR] = E_MEM
+            gctl[C_ERR_ARG] = 1
+            return -1
+        gctl[C_NEXT_FRAME] = frame + 1
+    gctl[C_USED_PAGES] += 1
+    return frame << PAGE_SHIFT
+
+
+@njit(cache=True)
+def _alloc_table(gctl, fl, fl_off, fl_n, ctl, pt, rows_free):
     """GuestTableStore.alloc_table: a page from the guest allocator, a slab row for it
     (the last freed row first), zeroed; -1 when the allocator failed (C_ERR set)."""
-    gpa = mem_alloc(g, 1)
+    gpa = _mem_alloc_page(gctl, fl, fl_off, fl_n)
     if gpa < 0:
         return -1
-    ctl = d.ctl
-    pt = d.pt
     n = ctl[D_FREE_ROWS_N]
     if n > 0:
-        row = d.rows_free[n - 1]
+        row = rows_free[n - 1]
         ctl[D_FREE_ROWS_N] = n - 1
     else:
         row = ctl[D_NEXT_ROW]
@@ -344,14 +387,18 @@ def _alloc_table(g, d):
 
 
 @njit(cache=True)
-def _map_table(g, d, iova, phys, end, bits, now):
+def _map_table(gctl, log, fl, fl_off, fl_n, ctl, made, pt, rows_free, iova, phys, end, bits,
+               now):
     """PageTable._map_kernel over d.pt: 4-KiB leaves over [iova, end), a missing table
-    allocated where the kernel stops for one; the stores made (logged), or -1 (C_ERR)."""
+    allocated where the kernel stops for one; the stores made (logged), or -1 (C_ERR).
+    (Called once a table is missing; dma_map runs the first kernel call itself.)"""
     total = 0
-    new_table = np.int64(-1)
+    new_table = _alloc_table(gctl, fl, fl_off, fl_n, ctl, pt, rows_free)
+    if new_table < 0:
+        return -1
     while True:
-        code, pos, n = kpg.map_4k(d.pt, iova, end, phys, bits, new_table)
-        _log_stores(g, d, n, now)
+        code, pos, n = kpg.map_4k(pt, iova, end, phys, bits, new_table)
+        _log_stores(gctl, log, ctl, made, pt, n, now)
         total += n
         new_table = -1
         if code == kpg.DONE:
@@ -359,11 +406,11 @@ def _map_table(g, d, iova, phys, end, bits, now):
         phys += pos - iova
         iova = pos
         if code == kpg.NEED_TABLE:
-            new_table = _alloc_table(g, d)
+            new_table = _alloc_table(gctl, fl, fl_off, fl_n, ctl, pt, rows_free)
             if new_table < 0:
                 return -1
         elif code != kpg.MORE:
-            _refuse(g, R_WALK)
+            _refuse(gctl, R_WALK)
             return -1
 
 
@@ -391,79 +438,76 @@ def _psi(addr, npages):
 
 
 @njit(cache=True)
-def _invalidate(g, d, t, everything, addr, npages, leaf, unmap_id):
+def _invalidate(stats, gctl, log, ctl, c, t, everything, addr, npages, leaf, unmap_id):
     """One strict flush as the DMA layer submits it: the PASID-based IOTLB invalidation
     (range, or the whole PASID), a device-TLB one under ATS, the wait; the tail write traps
     and the VMM forwards the IOTLB one as IOMMU_HWPT_INVALIDATE. The time after the VM entry."""
-    c = d.costs
-    ctl = d.ctl
-    g.stats[S_INV_DESCRIPTORS] += 2 + ctl[D_ATS]
+    stats[S_INV_DESCRIPTORS] += 2 + ctl[D_ATS]
     t += c[K_QI_SUBMIT]
-    g.stats[S_VM_EXITS] += 1
+    stats[S_VM_EXITS] += 1
     half = c[K_VM_EXIT] // 2
     t += half + c[K_VMM_TRAP]
     if everything:
-        log_add(g, t, OP_HWPT_INV, ctl[D_SID], ctl[D_PASID], 0, -1, 0, unmap_id)
+        _log(gctl, log, t, OP_HWPT_INV, ctl[D_SID], ctl[D_PASID], 0, -1, 0, unmap_id)
     else:
         a, am = _psi(addr, npages)
         flags = IOMMU_VTD_INV_FLAGS_LEAF if leaf else 0
-        log_add(g, t, OP_HWPT_INV, ctl[D_SID], ctl[D_PASID], a, np.int64(1) << am, flags,
-                unmap_id)
-    g.stats[S_VMM_INVALIDATE_CALLS] += 1
+        _log(gctl, log, t, OP_HWPT_INV, ctl[D_SID], ctl[D_PASID], a, np.int64(1) << am,
+             flags, unmap_id)
+    stats[S_VMM_INVALIDATE_CALLS] += 1
     t += c[K_HWPT_INV] + c[K_QI_DESC] + c[K_QI_WAIT]
     return t + c[K_VM_EXIT] - half
 
 
 # --- IOVAs ----------------------------------------------------------------------------------
-@njit(cache=True)
-def _free_iova(d, cpu, pfn, pages, t):
+@njit(cache=True, inline="always")
+def _free_iova(tree, ist, mag, pg, ctl, cpu, pfn, pages, t):
     """DmaApi._free_iova: free_iova_fast, and the time of the free kept for its next map."""
-    kiova.free_iova_fast(d.tree, d.ist, d.mag, cpu, pfn, pages)
-    s = _pg_slot(d, pfn)
-    d.pg[s, P_FREED] = t
+    kiova.free_iova_fast(tree, ist, mag, cpu, pfn, pages)
+    s = _pg_slot(pg, ctl, pfn)
+    pg[s, P_FREED] = t
 
 
 @njit(cache=True)
-def _give_back(d, cpu, n, t):
+def _give_back(fq, tree, ist, mag, pg, ctl, cpu, n, t):
     """DmaApi._give_back of the ``n`` entries a flush-queue kernel freed into its ``out``."""
-    st = d.fq
-    at = st[kfq.S_OUT_OFF]
-    slots = st[kfq.S_RINGS] * st[kfq.S_RCAP]
-    worst = st[at + 2 * slots] if n > 0 else 0
+    at = fq[kfq.S_OUT_OFF]
+    slots = fq[kfq.S_RINGS] * fq[kfq.S_RCAP]
+    worst = fq[at + 2 * slots] if n > 0 else 0
     for i in range(n):
-        _free_iova(d, cpu, st[at + i], st[at + slots + i], t)
-        if st[at + 2 * slots + i] > worst:
-            worst = st[at + 2 * slots + i]
-    if n > 0 and worst > d.ctl[D_STALE_BOUND]:
-        d.ctl[D_STALE_BOUND] = worst
+        _free_iova(tree, ist, mag, pg, ctl, cpu, fq[at + i], fq[at + slots + i], t)
+        if fq[at + 2 * slots + i] > worst:
+            worst = fq[at + 2 * slots + i]
+    if n > 0 and worst > ctl[D_STALE_BOUND]:
+        ctl[D_STALE_BOUND] = worst
 
 
 @njit(cache=True)
-def _flush_all(g, d, cpu, t):
+def _flush_all(stats, gctl, log, ctl, costs, fq, tree, ist, mag, pg, cpu, t):
     """DmaApi._flush_all: one PASID-wide invalidation, then free what it covered."""
-    g.stats[S_LAZY_FLUSHES] += 1
-    t = _invalidate(g, d, t, True, 0, 0, False, -1)
-    t += d.costs[K_QI_WAIT]
-    n = kfq.fq_flush_done(d.fq, t)
-    _give_back(d, cpu, n, t)
+    stats[S_LAZY_FLUSHES] += 1
+    t = _invalidate(stats, gctl, log, ctl, costs, t, True, 0, 0, False, -1)
+    t += costs[K_QI_WAIT]
+    n = kfq.fq_flush_done(fq, t)
+    _give_back(fq, tree, ist, mag, pg, ctl, cpu, n, t)
     return t
 
 
-@njit(cache=True)
-def _untag(d, s):
+@njit(cache=True, inline="always")
+def _untag(pg, tg, retired, ctl, s):
     """DmaApi._untag of the page in pg slot ``s`` (which holds a tag)."""
-    uid = d.pg[s, P_TAG]
-    d.pg[s, P_TAG] = -1
-    j = _h_find(d.tg, uid)
-    left = d.tg[j, 1] - 1
+    uid = pg[s, P_TAG]
+    pg[s, P_TAG] = -1
+    j = _h_find(tg, uid)
+    left = tg[j, 1] - 1
     if left:
-        d.tg[j, 1] = left
+        tg[j, 1] = left
     else:
-        _h_delete(d.tg, j)
-        d.ctl[D_TG_N] -= 1
-        r = d.ctl[D_RETIRED_N]
-        d.retired[r] = uid
-        d.ctl[D_RETIRED_N] = r + 1
+        _h_delete(tg, j)
+        ctl[D_TG_N] -= 1
+        r = ctl[D_RETIRED_N]
+        retired[r] = uid
+        ctl[D_RETIRED_N] = r + 1
 
 
 # --- the DMA API ----------------------------------------------------------------------------
@@ -472,70 +516,81 @@ def dma_map(g, d, cpu, gpa, size, direction, t):
     """VmAgent.dma_map: (iova, t1); the vCPU is busy from max(t, its busy time) to t1.
     (-1, t) when refused (g.ctl[C_ERR] set, nothing changed) or when the IOVA space is
     exhausted (E_IOVA: DmaError on the Python path)."""
-    busy = g.busy
+    # every array taken out of the tuples here, before any branch (see above)
+    busy, stats, gctl, log, fl, fl_off, fl_n = g.busy, g.stats, g.ctl, g.log, g.fl, g.fl_off, g.fl_n
+    ctl, cost, tree, ist, mag, pt, pg = d.ctl, d.costs, d.tree, d.ist, d.mag, d.pt, d.pg
+    tg, retired, made, fq, rows_free = d.tg, d.retired, d.made, d.fq, d.rows_free
     c = cpu % busy.shape[0]
     t0 = max(t, busy[c])
-    ctl = d.ctl
-    cost = d.costs
     if ctl[D_MODE] == MODE_PASSTHROUGH:
-        g.stats[S_MAPS] += 1
+        stats[S_MAPS] += 1
         t1 = t0 + cost[K_DMA_CALL] + DIRECT_CALL_NS
         busy[c] = t1
-        g.stats[S_CPU_BUSY_NS] += t1 - t0
+        stats[S_CPU_BUSY_NS] += t1 - t0
         return gpa, t1
     pages = ((gpa & (PAGE_SIZE - 1)) + size + PAGE_SIZE - 1) >> PAGE_SHIFT
     if pages <= 0 or pages > MAX_PAGES:
-        _refuse(g, R_PAGES)
+        _refuse(gctl, R_PAGES)
         return -1, t
-    if cpu < 0 or cpu >= d.ist[kiova.S_CPUS]:
-        _refuse(g, R_CPU)
+    if cpu < 0 or cpu >= ist[kiova.S_CPUS]:
+        _refuse(gctl, R_CPU)
         return -1, t
-    if not room_ok(g, d):
-        _refuse(g, R_ROOM)
+    if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq):
+        _refuse(gctl, R_ROOM)
         return -1, t
     t1 = t0 + cost[K_DMA_CALL]
-    g.stats[S_MAPS] += 1
+    stats[S_MAPS] += 1
     # _alloc_iova (iommu_dma_alloc_iova)
-    hits = d.ist[kiova.S_HITS]
+    hits = ist[kiova.S_HITS]
     pfn = np.int64(kiova.NONE)
     if ctl[D_LIMIT_PFN] > DMA_BIT_MASK_32_PFN and ctl[D_PCI32]:
-        pfn = kiova.alloc_iova_fast(d.tree, d.ist, d.mag, cpu, pages, DMA_BIT_MASK_32_PFN,
-                                    False)
+        pfn = kiova.alloc_iova_fast(tree, ist, mag, cpu, pages, DMA_BIT_MASK_32_PFN, False)
         if pfn == kiova.NONE:
             ctl[D_PCI32] = 0
     if pfn == kiova.NONE:
-        pfn = kiova.alloc_iova_fast(d.tree, d.ist, d.mag, cpu, pages, ctl[D_LIMIT_PFN], True)
+        pfn = kiova.alloc_iova_fast(tree, ist, mag, cpu, pages, ctl[D_LIMIT_PFN], True)
     if pfn < 0:
-        g.ctl[C_ERR] = E_IOVA
-        g.ctl[C_ERR_ARG] = ctl[D_SID]
+        gctl[C_ERR] = E_IOVA
+        gctl[C_ERR_ARG] = ctl[D_SID]
         return -1, t
-    fast = d.ist[kiova.S_HITS] > hits
-    s = _h_find(d.pg, pfn)
-    if s >= 0 and d.pg[s, P_FREED] >= 0:      # dom.freed_ns.pop(pfn, 0)
-        if d.pg[s, P_FREED] > t1:
-            t1 = d.pg[s, P_FREED]
-        d.pg[s, P_FREED] = -1
-        _pg_tidy(d, s)
+    fast = ist[kiova.S_HITS] > hits
+    s = _h_find(pg, pfn)
+    if s >= 0 and pg[s, P_FREED] >= 0:      # dom.freed_ns.pop(pfn, 0)
+        if pg[s, P_FREED] > t1:
+            t1 = pg[s, P_FREED]
+        pg[s, P_FREED] = -1
+        _pg_tidy(pg, ctl, s)
     t1 += cost[K_ALLOC_FAST] if fast else cost[K_ALLOC_SLOW]
     bits = FL_P | FL_US | FL_A
     if direction != DMA_TO_DEVICE:
         bits |= FL_RW | FL_D
     iova = pfn << PAGE_SHIFT
-    n = _map_table(g, d, iova, gpa & ~(PAGE_SIZE - 1), iova + (pages << PAGE_SHIFT), bits, t1)
-    if n < 0:
-        return -1, t
-    g.stats[S_IOMMU_MAP_EVENTS] += 1
-    g.stats[S_PTE_WRITES] += n
+    end = iova + (pages << PAGE_SHIFT)
+    phys = gpa & ~(PAGE_SIZE - 1)
+    # PageTable._map_kernel: the first kernel call here, the rest (a missing table) there
+    code, pos, n = kpg.map_4k(pt, iova, end, phys, bits, -1)
+    _log_stores(gctl, log, ctl, made, pt, n, t1)
+    if code != kpg.DONE:
+        if code != kpg.NEED_TABLE:
+            _refuse(gctl, R_WALK)
+            return -1, t
+        more = _map_table(gctl, log, fl, fl_off, fl_n, ctl, made, pt, rows_free, pos,
+                          phys + (pos - iova), end, bits, t1)
+        if more < 0:
+            return -1, t
+        n += more
+    stats[S_IOMMU_MAP_EVENTS] += 1
+    stats[S_PTE_WRITES] += n
     t1 += n * cost[K_PTE_WRITE]
-    s = _pg_slot(d, pfn)
-    d.pg[s, P_MPAGES] = pages
+    s = _pg_slot(pg, ctl, pfn)
+    pg[s, P_MPAGES] = pages
     for p in range(pfn, pfn + pages):
-        s = _pg_slot(d, p)
-        d.pg[s, P_MAPPED] = 1
-        if d.pg[s, P_TAG] != -1:
-            _untag(d, s)
+        s = _pg_slot(pg, ctl, p)
+        pg[s, P_MAPPED] = 1
+        if pg[s, P_TAG] != -1:
+            _untag(pg, tg, retired, ctl, s)
     busy[c] = t1
-    g.stats[S_CPU_BUSY_NS] += t1 - t0
+    stats[S_CPU_BUSY_NS] += t1 - t0
     return iova | (gpa & (PAGE_SIZE - 1)), t1
 
 
@@ -544,110 +599,167 @@ def dma_unmap(g, d, cpu, iova, size, direction, t):
     """VmAgent.dma_unmap: t1; the vCPU is busy from max(t, its busy time) to t1. A flush-
     queue timer the unmap armed is left in ctl[D_TIMER_NS] / [D_TIMER_CPU] for the caller
     to schedule. When refused (g.ctl[C_ERR] set) nothing changed and ``t`` comes back."""
-    busy = g.busy
+    # every array taken out of the tuples here, before any branch (see above)
+    busy, stats, gctl, log = g.busy, g.stats, g.ctl, g.log
+    ctl, cost, tree, ist, mag, pt, pg = d.ctl, d.costs, d.tree, d.ist, d.mag, d.pt, d.pg
+    tg, retired, made, fq = d.tg, d.retired, d.made, d.fq
     c = cpu % busy.shape[0]
     t0 = max(t, busy[c])
-    ctl = d.ctl
-    cost = d.costs
     if ctl[D_MODE] == MODE_PASSTHROUGH:
-        g.stats[S_UNMAPS] += 1
+        stats[S_UNMAPS] += 1
         ctl[D_LAST_UNMAPPED] = iova
         t1 = t0 + cost[K_DMA_CALL] + DIRECT_CALL_NS
         busy[c] = t1
-        g.stats[S_CPU_BUSY_NS] += t1 - t0
+        stats[S_CPU_BUSY_NS] += t1 - t0
         return t1
     pfn = iova >> PAGE_SHIFT
-    ms = _h_find(d.pg, pfn)
-    pages = d.pg[ms, P_MPAGES] if ms >= 0 else -1
+    ms = _h_find(pg, pfn)
+    pages = pg[ms, P_MPAGES] if ms >= 0 else -1
     if pages >= 0:
         if pages > MAX_PAGES:
-            _refuse(g, R_PAGES)
+            _refuse(gctl, R_PAGES)
             return t
-        if cpu < 0 or cpu >= d.ist[kiova.S_CPUS]:
-            _refuse(g, R_CPU)
+        if cpu < 0 or cpu >= ist[kiova.S_CPUS]:
+            _refuse(gctl, R_CPU)
             return t
-        if not room_ok(g, d):
-            _refuse(g, R_ROOM)
+        if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq):
+            _refuse(gctl, R_ROOM)
             return t
     t1 = t0 + cost[K_DMA_CALL]
-    g.stats[S_UNMAPS] += 1
+    stats[S_UNMAPS] += 1
     ctl[D_LAST_UNMAPPED] = iova
     if pages < 0:       # unmap of something never mapped: WARN
-        g.stats[S_DMA_API_ERRORS] += 1
+        stats[S_DMA_API_ERRORS] += 1
         busy[c] = t1
-        g.stats[S_CPU_BUSY_NS] += t1 - t0
+        stats[S_CPU_BUSY_NS] += t1 - t0
         return t1
-    d.pg[ms, P_MPAGES] = -1
-    _pg_tidy(d, ms)
+    pg[ms, P_MPAGES] = -1
+    _pg_tidy(pg, ctl, ms)
     unmap_id = ctl[D_NEXT_UNMAP_ID]
     ctl[D_NEXT_UNMAP_ID] = unmap_id + 1
     # _clear_ptes: fewer than 512 pages free no table page
-    code, stores, frees = kpg.unmap_range(d.pt, pfn << PAGE_SHIFT, (pfn + pages) << PAGE_SHIFT)
-    if code != kpg.DONE or frees:
-        _refuse(g, R_WALK)
-        return t
-    _log_stores(g, d, stores, t1)
-    g.stats[S_PTE_WRITES] += stores
+    stores = _clear_4k(pt, pfn << PAGE_SHIFT, (pfn + pages) << PAGE_SHIFT)
+    if stores < 0:
+        code, stores, frees = kpg.unmap_range(pt, pfn << PAGE_SHIFT, (pfn + pages) << PAGE_SHIFT)
+        if code != kpg.DONE or frees:
+            _refuse(gctl, R_WALK)
+            return t
+    _log_stores(gctl, log, ctl, made, pt, stores, t1)
+    stats[S_PTE_WRITES] += stores
     t1 += stores * cost[K_PTE_WRITE]
     for p in range(pfn, pfn + pages):
-        s = _pg_slot(d, p)
-        d.pg[s, P_MAPPED] = 0
-        if d.pg[s, P_TAG] != -1:
-            _untag(d, s)
-        d.pg[s, P_TAG] = unmap_id
-    j = -1 - _h_find(d.tg, unmap_id)
-    d.tg[j, 0] = unmap_id
-    d.tg[j, 1] = pages
+        s = _pg_slot(pg, ctl, p)
+        pg[s, P_MAPPED] = 0
+        if pg[s, P_TAG] != -1:
+            _untag(pg, tg, retired, ctl, s)
+        pg[s, P_TAG] = unmap_id
+    j = -1 - _h_find(tg, unmap_id)
+    tg[j, 0] = unmap_id
+    tg[j, 1] = pages
     ctl[D_TG_N] += 1
     if ctl[D_LAZY] == 0:    # strict: invalidate and wait now, then free the IOVA
-        t1 = _invalidate(g, d, t1, False, pfn << PAGE_SHIFT, pages, True, unmap_id)
+        t1 = _invalidate(stats, gctl, log, ctl, cost, t1, False, pfn << PAGE_SHIFT, pages,
+                         True, unmap_id)
         t1 += cost[K_QI_WAIT] + cost[K_IOVA_FREE]
-        _free_iova(d, cpu, pfn, pages, t1)
+        _free_iova(tree, ist, mag, pg, ctl, cpu, pfn, pages, t1)
     else:
-        n, flush_now, armed = kfq.fq_queue(d.fq, cpu, pfn, pages, t1)
-        _give_back(d, cpu, n, t1)
+        n, flush_now, armed = kfq.fq_queue(fq, cpu, pfn, pages, t1)
+        if n > 0:
+            _give_back(fq, tree, ist, mag, pg, ctl, cpu, n, t1)
         if flush_now:
-            t1 = _flush_all(g, d, cpu, t1)
+            t1 = _flush_all(stats, gctl, log, ctl, cost, fq, tree, ist, mag, pg, cpu, t1)
         if armed:
-            ctl[D_TIMER_NS] = d.fq[kfq.S_DEADLINE_NS]
+            ctl[D_TIMER_NS] = fq[kfq.S_DEADLINE_NS]
             ctl[D_TIMER_CPU] = cpu
         t1 += cost[K_IOVA_FREE]
-    log_add(g, t1, OP_UNMAP_RET, 0, 0, unmap_id, t1, cpu, -1)
+    _log(gctl, log, t1, OP_UNMAP_RET, 0, 0, unmap_id, t1, cpu, -1)
     busy[c] = t1
-    g.stats[S_CPU_BUSY_NS] += t1 - t0
+    stats[S_CPU_BUSY_NS] += t1 - t0
     return t1
+
+
+@njit(cache=True)
+def _clear_4k(pt, start, end):
+    """kpg.unmap_range of a range inside one level-1 table's 2 MiB and smaller than it (no
+    entry above level 1 is covered whole: no table freed), without its bookkeeping arrays:
+    the walk down, then each present leaf cleared in IOVA order, listed in ``out`` as the
+    kernel lists it. The stores made; -1 (nothing done) for any other shape, a large leaf
+    or an entry leading to no table: kpg.unmap_range then does it all."""
+    if start >> 21 != (end - 1) >> 21 or end - start >= 1 << 21:
+        return -1
+    frames = pt[kpg.H_FRAMES]
+    rows = pt[kpg.H_ROWS]
+    used = kpg.HEADER + frames
+    out = used + 2 * rows
+    slab = out + kpg.EVENT * pt[kpg.H_EVENTS]
+    present, ps, amask = pt[kpg.H_PRESENT], pt[kpg.H_PS], pt[kpg.H_AMASK]
+    table = pt[kpg.H_ROOT]
+    row = pt[kpg.HEADER + (table >> PAGE_SHIFT)]
+    for level in range(pt[kpg.H_LEVELS], 1, -1):
+        entry = pt[slab + row * kpg.SLOTS + ((start >> (PAGE_SHIFT + 9 * (level - 1))) & 511)]
+        if not entry & present:
+            return 0
+        if entry & ps:
+            return -1
+        table = entry & amask
+        f = table >> PAGE_SHIFT
+        if f >= frames:
+            return -1
+        row = pt[kpg.HEADER + f]
+        if row < 0:
+            return -1
+    n = 0
+    idx = (start >> PAGE_SHIFT) & 511
+    at = slab + row * kpg.SLOTS + idx
+    for k in range((end - start) >> PAGE_SHIFT):
+        if pt[at + k] & present:
+            pt[at + k] = 0
+            pt[used + row] -= 1
+            pt[out + kpg.EVENT * n] = table + 8 * (idx + k)
+            pt[out + kpg.EVENT * n + 1] = 0
+            n += 1
+    return n
 
 
 @njit(cache=True)
 def fq_timer(g, d, cpu):
     """DmaApi._on_timer: at the armed deadline, a PASID-wide flush of every queue. Refused
     (C_ERR) without change when short of room."""
-    if d.ctl[D_LAZY] == 0:
+    stats, gctl, log = g.stats, g.ctl, g.log
+    ctl, costs, st, tree, ist, mag, pg = d.ctl, d.costs, d.fq, d.tree, d.ist, d.mag, d.pg
+    tg, retired, made, pt = d.tg, d.retired, d.made, d.pt
+    if ctl[D_LAZY] == 0 or st[kfq.S_ARMED] == 0:
         return
-    st = d.fq
-    if st[kfq.S_ARMED] == 0:
-        return
-    if not room_ok(g, d):
-        _refuse(g, R_ROOM)
+    if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, st):
+        _refuse(gctl, R_ROOM)
         return
     t = st[kfq.S_DEADLINE_NS]
     if kfq.fq_on_timer(st, t) == 1:
-        _flush_all(g, d, cpu, t)
+        _flush_all(stats, gctl, log, ctl, costs, st, tree, ist, mag, pg, cpu, t)
 
 
-@njit(cache=True)
-def unmap_tag(g, d, page):
-    """DmaApi.unmap_tag: -1 while the IOVA page is mapped (always, under pass-through),
-    else the id of the unmap that last covered it, or -2."""
-    if d.ctl[D_MODE] == MODE_PASSTHROUGH:
+@njit(cache=True, inline="always")
+def _tag(ctl, pg, page):
+    if ctl[D_MODE] == MODE_PASSTHROUGH:
         return -1
-    s = _h_find(d.pg, page)
+    s = _h_find(pg, page)
     if s < 0:
         return -2
-    if d.pg[s, P_MAPPED]:
+    if pg[s, P_MAPPED]:
         return -1
-    tag = d.pg[s, P_TAG]
+    tag = pg[s, P_TAG]
     return tag if tag != -1 else -2
+
+
+@njit(cache=True, inline="always")
+def unmap_tag(g, d, page):
+    """DmaApi.unmap_tag: -1 while the IOVA page is mapped (always, under pass-through),
+    else the id of the unmap that last covered it, or -2. (A loop calling it per request
+    may call ``tag_of(d.ctl, d.pg, page)`` instead: the same, without the tuples.)"""
+    return _tag(d.ctl, d.pg, page)
+
+
+tag_of = _tag
 
 
 @njit(cache=True)
@@ -655,19 +767,19 @@ def end_epoch(g, d, t_end):
     """VmAgent.run_epoch's end: ``_made.clear()``, then DmaApi.log_retired(t_end): the ids
     retired since the last call, sorted, as OP_UNMAP_RETIRE rows of consecutive runs. Needs
     ``end_epoch_rows(d)`` rows free in g.log (refused, C_ERR, otherwise)."""
-    ctl = d.ctl
+    ctl, gctl, log, retired = d.ctl, g.ctl, g.log, d.retired
     n = ctl[D_RETIRED_N]
-    if g.ctl[C_LOG_N] + n > g.log.shape[0]:
-        _refuse(g, R_ROOM)
+    if gctl[C_LOG_N] + n > log.shape[0]:
+        _refuse(gctl, R_ROOM)
         return
     ctl[D_MADE_N] = 0
-    ids = np.sort(d.retired[:n])
+    ids = np.sort(retired[:n])
     i = 0
     while i < n:
         j = i + 1
         while j < n and ids[j] == ids[j - 1] + 1 and j - i < MAX_RETIRE_RUN:
             j += 1
-        log_add(g, t_end, OP_UNMAP_RETIRE, 0, 0, ids[i], j - i, 0, -1)
+        _log(gctl, log, t_end, OP_UNMAP_RETIRE, 0, 0, ids[i], j - i, 0, -1)
         i = j
     ctl[D_RETIRED_N] = 0
 
@@ -872,11 +984,11 @@ def grown(d: DomainArrays) -> DomainArrays:
         rings = int(st[kfq.S_RINGS])
         rcap, icap, fcap = int(st[kfq.S_RCAP]), int(st[kfq.S_ICAP]), int(st[kfq.S_FCAP])
         held = max(int(st[kfq.HEADER + rings + r] - st[kfq.HEADER + r]) for r in range(rings))
-        while held + 2 > rcap:
+        while held + 1 > rcap:
             rcap *= 2
-        while int(st[kfq.S_IN_TAIL] - st[kfq.S_IN_HEAD]) + 2 > icap:
+        while int(st[kfq.S_IN_TAIL] - st[kfq.S_IN_HEAD]) + 1 > icap:
             icap *= 2
-        while int(st[kfq.S_FINISH_CNT]) + 3 - int(st[kfq.S_FINISH_BASE]) > fcap:
+        while int(st[kfq.S_FINISH_CNT]) + 2 - int(st[kfq.S_FINISH_BASE]) > fcap:
             fcap *= 2
         rep["fq"] = kfq.regrow(st, rcap, icap, fcap)
     return d._replace(**rep) if rep else d
