@@ -34,7 +34,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 from host_iommu.defs import PAGE_SHIFT
 from host_iommu.protocol import OP_DTYPE, OpLog
@@ -150,6 +151,34 @@ def has_room(g: GuestArrays) -> bool:
     ctl = g.ctl
     return bool(ctl[C_LOG_N] + ctl[C_LOG_SLACK] <= g.log.shape[0]
                 and ctl[C_HEAP_N] + ctl[C_HEAP_SLACK] <= g.heap.shape[0])
+
+
+# --- borrowed arrays ----------------------------------------------------------------------
+@intrinsic
+def borrowed(typingctx, tup):
+    """The same namedtuple (or tuple) of arrays, each array without its reference count:
+    the same data, shape and strides, no meminfo.
+
+    Every compiled call that is passed a tuple of arrays, and every read of one of its
+    fields, increfs and later decrefs each array it holds: an atomic operation each
+    (about 280 ns for a call with a 12-array tuple, 90% of a whole-epoch loop's time).
+    A borrowed array's references are no-ops. The caller keeps the real arrays alive for
+    the call (the loop never reallocates them: it stops for room and Python grows them)."""
+    if not isinstance(tup, types.BaseTuple) or not all(
+            isinstance(t, types.Array) for t in tup.types):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out = context.get_constant_undef(sig.return_type)
+        for i, ty in enumerate(sig.args[0].types):
+            src = context.make_array(ty)(context, builder, value=builder.extract_value(
+                args[0], i))
+            dst = context.make_array(ty)(context, builder)
+            context.populate_array(dst, data=src.data, shape=src.shape, strides=src.strides,
+                                   itemsize=src.itemsize, meminfo=None)
+            out = builder.insert_value(out, dst._getvalue(), i)
+        return out
+    return tup(tup), codegen
 
 
 # --- the op log ---------------------------------------------------------------------------
