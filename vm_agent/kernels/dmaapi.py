@@ -849,9 +849,10 @@ def _iova_arrays(dom, slack: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tree, st, mag
 
 
-def freeze(agent) -> DomainArrays:
+def freeze(agent, slack: int = _SLACK) -> DomainArrays:
     """The DomainArrays of ``agent``'s one domain (a VmAgent after setup(); its own state is
-    copied, not shared). Pass-through or nested, one device, no PASID besides 0."""
+    copied, not shared), with room for about ``slack`` more pages, ids and tables in each
+    array. Pass-through or nested, one device, no PASID besides 0."""
     dma = agent.dma
     if agent.mode not in ("passthrough", "nested"):
         raise ValueError(f"compiled DMA API: mode {agent.mode!r} stays on the Python path")
@@ -892,12 +893,12 @@ def freeze(agent) -> DomainArrays:
         fq = dom.fq._st.copy()
     else:
         fq = z1.copy()
-    tree, ist, mag = _iova_arrays(dom, _SLACK)
+    tree, ist, mag = _iova_arrays(dom, slack)
     # the table slab, with a row per guest frame and spare rows
     state = store.state
     frames, rows, events = (int(x) for x in state[:kpg.H_STAMP])
-    pt = kpg.grown(state, max(frames, agent.mem.frames), rows + _SLACK, events)
-    rows_free = np.zeros(len(store._free_rows) + _SLACK, np.int64)
+    pt = kpg.grown(state, max(frames, agent.mem.frames), rows + slack, events)
+    rows_free = np.zeros(len(store._free_rows) + slack, np.int64)
     rows_free[:len(store._free_rows)] = store._free_rows
     ctl[D_FREE_ROWS_N] = len(store._free_rows)
     ctl[D_NEXT_ROW] = store._next_row
@@ -919,58 +920,61 @@ def freeze(agent) -> DomainArrays:
         entry(p)[P_MPAGES] = m.pages
     for p, t in dom.freed_ns.items():
         entry(p)[P_FREED] = t
-    pg = np.full((_pow2(4 * (len(pages) + _SLACK)), PG_COLS), -1, np.int64)
+    pg = np.full((_pow2(4 * (len(pages) + slack)), PG_COLS), -1, np.int64)
     for e in pages.values():
         s = _h_find(pg, e[0])
         pg[-1 - s] = e
     ctl[D_PG_N] = len(pages)
-    tg = np.full((_pow2(4 * (len(dma.pages_tagged) + _SLACK)), TG_COLS), -1, np.int64)
+    tg = np.full((_pow2(4 * (len(dma.pages_tagged) + slack)), TG_COLS), -1, np.int64)
     for uid, n in dma.pages_tagged.items():
         tg[-1 - _h_find(tg, uid)] = (uid, n)
     ctl[D_TG_N] = len(dma.pages_tagged)
-    retired = np.zeros(len(dma.retired) + 16 * _SLACK, np.int64)
+    retired = np.zeros(len(dma.retired) + 16 * slack, np.int64)
     retired[:len(dma.retired)] = dma.retired
     ctl[D_RETIRED_N] = len(dma.retired)
     pairs = [(p, s) for p, seqs in agent._made.items() for s in seqs]
-    made = np.zeros((len(pairs) + _SLACK, 2), np.int64)
+    made = np.zeros((len(pairs) + slack, 2), np.int64)
     if pairs:
         made[:len(pairs)] = pairs
     ctl[D_MADE_N] = len(pairs)
     return DomainArrays(ctl, costs, tree, ist, mag, pt, rows_free, fq, pg, tg, retired, made)
 
 
-def grown(d: DomainArrays) -> DomainArrays:
-    """``d`` with every array ``room_ok`` checks grown to leave room (same dtypes and C
-    order, so no kernel compiles again); ``d`` itself when nothing was short."""
+def grown(d: DomainArrays, slack: int = _SLACK) -> DomainArrays:
+    """``d`` with every array ``room_ok`` checks grown to leave room for one call and about
+    ``slack`` more (same dtypes and C order, so no kernel compiles again); ``d`` itself when
+    nothing was short."""
     ctl = d.ctl
     if ctl[D_MODE] == MODE_PASSTHROUGH:
         return d
     rep = {}
     n = int(ctl[D_PG_N])
     if 2 * (n + MAX_PAGES + 1) > d.pg.shape[0]:
-        pg = np.full((_pow2(4 * (n + _SLACK)), PG_COLS), -1, np.int64)
+        pg = np.full((_pow2(max(4 * (n + slack), 2 * (n + MAX_PAGES + 1))), PG_COLS), -1,
+                     np.int64)
         for e in d.pg[d.pg[:, P_KEY] >= 0]:
             pg[-1 - _h_find(pg, int(e[P_KEY]))] = e
         rep["pg"] = pg
     n = int(ctl[D_TG_N])
     if 2 * (n + 2) > d.tg.shape[0]:
-        tg = np.full((_pow2(4 * (n + _SLACK)), TG_COLS), -1, np.int64)
+        tg = np.full((_pow2(max(4 * (n + slack), 2 * (n + 2))), TG_COLS), -1, np.int64)
         for e in d.tg[d.tg[:, 0] >= 0]:
             tg[-1 - _h_find(tg, int(e[0]))] = e
         rep["tg"] = tg
     n = int(ctl[D_RETIRED_N])
     if n + MAX_PAGES + 1 > d.retired.shape[0]:
-        r = np.zeros(2 * d.retired.shape[0] + _SLACK, np.int64)
+        r = np.zeros(max(2 * d.retired.shape[0], n + MAX_PAGES + 1) + slack, np.int64)
         r[:n] = d.retired[:n]
         rep["retired"] = r
     n = int(ctl[D_MADE_N])
     if n + 2 * int(ctl[D_LEVELS]) + 2 > d.made.shape[0]:
-        m = np.zeros((2 * d.made.shape[0] + _SLACK, 2), np.int64)
+        m = np.zeros((max(2 * d.made.shape[0], n + 2 * int(ctl[D_LEVELS]) + 2) + slack, 2),
+                     np.int64)
         m[:n] = d.made[:n]
         rep["made"] = m
     n, base = int(d.ist[kiova.S_NODES]), int(d.ist[kiova.S_BASE])
     if n + 2 > d.tree.shape[0]:
-        tree = np.zeros((_pow2(2 * (n + _SLACK)), kiova.TREE_COLS), np.int64)
+        tree = np.zeros((_pow2(2 * (n + slack) + 2), kiova.TREE_COLS), np.int64)
         nb = (tree.shape[0] - n) // 2
         tree[nb:nb + n] = d.tree[base:base + n]
         d.ist[kiova.S_BASE] = nb
@@ -978,7 +982,7 @@ def grown(d: DomainArrays) -> DomainArrays:
     rows = int(d.pt[kpg.H_ROWS])
     if int(ctl[D_FREE_ROWS_N]) + rows - int(ctl[D_NEXT_ROW]) < 2 * int(ctl[D_LEVELS]):
         frames, events = int(d.pt[kpg.H_FRAMES]), int(d.pt[kpg.H_EVENTS])
-        rep["pt"] = kpg.grown(d.pt, frames, 2 * rows + _SLACK, events)
+        rep["pt"] = kpg.grown(d.pt, frames, 2 * rows + 2 * int(ctl[D_LEVELS]) + slack, events)
     if ctl[D_LAZY] and not _fq_room(d.fq):
         st = d.fq
         rings = int(st[kfq.S_RINGS])
