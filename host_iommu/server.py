@@ -46,6 +46,7 @@ from host_iommu.nested import (
 from host_iommu.oracle import ArrayOracle
 from host_iommu.protocol import (
     DMA_ROGUE,
+    MAX_RETIRE_RUN,
     OP_DMA,
     OP_DTYPE,
     OP_GUEST_WRITE,
@@ -255,14 +256,16 @@ class HostServer:
         h = self.iommu
         if t_start_ns is not None:
             h.qi.forget_until(int(t_start_ns))
-        ops = self._admit(ops)
-        n = ops.size
-        t = ops["t_ns"].tolist()
-        kind = ops["op"].tolist()
-        vms = ops["vm"].tolist()
-        if n and self._compiled():
-            self._apply_compiled(ops, t, kind, vms)
+        if self._compiled():
+            ops, m = self._admit_compiled(ops)
+            if ops.size:
+                self._apply_compiled(ops, m)
         else:
+            ops = self._admit(ops)
+            n = ops.size
+            t = ops["t_ns"].tolist()
+            kind = ops["op"].tolist()
+            vms = ops["vm"].tolist()
             rows = None                           # the control operations' rows, in order
             i = 0
             while i < n:
@@ -437,15 +440,37 @@ class HostServer:
         self._inv_end = end + n
         return end, n >> 2
 
-    def _apply_compiled(self, ops: np.ndarray, t: list[int], kind: list[int],
-                        vms: list[int]) -> None:
+    def _admit_compiled(self, ops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """_admit on the operation matrix (kernels/epoch.py admit): the same operations
+        kept, the same refusals counted; returns them with their matrix."""
+        m = self._op_matrix(ops)
+        if ops.size == 0:
+            return ops, m
+        top = max(self.counters, default=0) + 1
+        known = np.zeros(top, dtype=bool)
+        known[list(self.counters)] = True
+        refused = np.zeros((top, 2), dtype=np.int64)
+        keep = np.empty(ops.size, dtype=bool)
+        unknown = ek.admit(m, known, _KNOWN_OP, _SID_OP, self._owner_table(), MAX_PASID,
+                           OP_DMA, ACCESS_READ, ACCESS_WRITE, OP_UNMAP_RETIRE, MAX_RETIRE_RUN,
+                           refused, keep)
+        self.host_counters["unknown_vm_ops"] += unknown
+        if keep.all():
+            return ops, m
+        for v in np.flatnonzero(refused.any(axis=1)).tolist():
+            c = self.counters[v]
+            c["ops_refused"] += int(refused[v, 0])
+            c["foreign_sid_refused"] += int(refused[v, 1])
+        return ops[keep], np.ascontiguousarray(m[:, keep])
+
+    def _apply_compiled(self, ops: np.ndarray, m: np.ndarray) -> None:
         """apply_epoch's loop on kernels/epoch.py: the kernel applies what it can from i on;
         the operation it stops at is applied here, the Python way, then the kernel goes on.
         State crosses in ``st`` (ST_*); per-VM counts, unmap waits and retired runs come back
         as rows folded in the order the Python loop would have made them."""
         h = self.iommu
-        n = len(t)
-        m = self._op_matrix(ops)
+        n = ops.size
+        t = kind = vms = None        # the Python loop's lists, made at its first operation
         self._resolve_stores(ops, m, 0)
         words = self._resolve_invalidations(ops, m)
         val = np.ascontiguousarray(ops["a1"])
@@ -507,6 +532,8 @@ class HostServer:
                 continue
             if i >= n:
                 break
+            if t is None:
+                t, kind, vms = ops["t_ns"].tolist(), ops["op"].tolist(), ops["vm"].tolist()
             h.advance_to(t[i])
             k = kind[i]
             if k in (OP_DMA, OP_GUEST_WRITE):
@@ -749,3 +776,31 @@ class HostServer:
     def fault_columns(self) -> dict[str, np.ndarray]:
         return self.iommu.faults.columns()
 
+
+
+def warm_up_epoch() -> None:
+    """Compile (or load) the epoch kernel and its callees once: a tiny nested host applies
+    epochs of every operation kind the kernel takes (kernels/epoch.py), and an ArrayOracle
+    spills, finds and retires far ids (kernels/oracle.py). Results are discarded."""
+    from host_iommu.oracle import ArrayOracle as _Oracle
+
+    hs = HostServer(IommuParams(memory_mib=16, qi_entries=128, iotlb_entries=64,
+                                iotlb_ways=4))
+    sid, root = 0x100, 0x10_0000
+    hs.setup_vm(VmSetup(1, 2 << 20, "nested", (sid,), True, 4, (root,)))
+    for e in range(3):
+        t = 1000 + 100_000 * e
+        ops = np.zeros(7, dtype=OP_DTYPE)
+        for i, (k, a0, a1, a2, a3) in enumerate((
+                (OP_GUEST_WRITE, root, 0x20_0003, 0, 0), (OP_DMA, 0x1000, 64, ACCESS_READ, -1),
+                (OP_HWPT_INV, 0x1000, 1, 0, e), (OP_UNMAP_RET, e, t + 3, 0, 0),
+                (OP_UNMAP_RETIRE, e, 1, 0, 0), (OP_GUEST_WRITE, root + 8, 0, 0, 0),
+                (OP_DMA, 0x2000, 64, ACCESS_WRITE, e))):
+            ops[i] = (t + i, 1, 7 * e + i, k, sid, 0, a0, a1, a2, a3)
+        hs.apply_epoch(ops, t)
+    o = _Oracle()
+    for u in range(1 << 40, (1 << 40) + 64):
+        o.unmap_returned(1, u, 5)
+    o.returned_at(1, 1 << 40)
+    o.retire_runs(1, [(1 << 40, 2)])
+    o.retire(1, np.arange(1 << 40, (1 << 40) + 64, dtype=np.int64))

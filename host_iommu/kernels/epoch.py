@@ -133,8 +133,9 @@ def _ora_get(seg, data, spk, spv, vm, uid):
 @njit(cache=True)
 def _ora_can_set(seg, spk, spm, vm, uid):
     """Whether _ora_set can record (vm, uid) here: the VM has a record, and the id is in
-    its dense range, or goes to the spill table (which has room); growing the dense range
-    is left to Python (_VmTimes.set_max)."""
+    its dense range, or in reach of it (_VmTimes.set_max grows the range by doubling) and
+    the segment has the capacity, or goes to the spill table (which has room); a segment
+    that must move is left to Python."""
     if vm >= seg.shape[0] or seg[vm, SEG_OFF] < 0:
         return False
     size = seg[vm, SEG_SIZE]
@@ -142,7 +143,7 @@ def _ora_can_set(seg, spk, spm, vm, uid):
     if 0 <= i < size:
         return True
     if size <= i < 2 * size + 4096:
-        return False
+        return max(2 * size, i + 1) <= seg[vm, SEG_CAP]
     return spill_find(spk, vm, uid) >= 0 or spill_room(spk, spm)
 
 
@@ -150,6 +151,12 @@ def _ora_can_set(seg, spk, spm, vm, uid):
 def _ora_set(seg, data, spk, spv, spm, vm, uid, t):
     """_VmTimes.set_max(uid, t) of ``vm`` where _ora_can_set allowed it."""
     i = uid - seg[vm, SEG_BASE]
+    size = seg[vm, SEG_SIZE]
+    if size <= i < 2 * size + 4096:       # grow the dense range in its segment
+        grown = max(2 * size, i + 1)
+        off = seg[vm, SEG_OFF]
+        data[off + size:off + grown] = NONE
+        seg[vm, SEG_SIZE] = grown
     if 0 <= i < seg[vm, SEG_SIZE]:
         at = seg[vm, SEG_OFF] + i
         data[at] = max(max(data[at], 0), t)
@@ -489,3 +496,34 @@ def inv_insert(ik, iv, im, m, i):
     iv[s, 0], iv[s, 1] = m[M_RES, i], m[M_NDESC, i]
     im[0] += 1
     return True
+
+
+# --- admission (HostServer._admit) -------------------------------------------------------------
+@njit(cache=True)
+def admit(m, known_vm, known_op, sid_op, owner, max_pasid, op_dma, acc_read, acc_write,
+          op_retire, max_run, refused, keep):
+    """HostServer._admit over the operation matrix: keep[i] for the operations applied;
+    refused[vm, 0/1] += the VM's malformed / foreign-device operations; returns the number
+    of operations from unknown VMs. known_vm: bool[vms] (a VM id the host has); known_op,
+    sid_op: bool[256] by kind (_KNOWN_OP, _SID_OP); owner: int64[65536] sid -> VM."""
+    n = m.shape[1]
+    unknown = 0
+    for i in range(n):
+        vm = m[M_VM, i]
+        k = m[M_OP, i]
+        known = 0 <= vm < known_vm.shape[0] and known_vm[vm]
+        if not known:
+            unknown += 1
+        acc = m[M_A2, i] & 0xFF
+        a0, a1 = m[M_A0, i], m[M_A1, i]       # uint64 bits
+        bad = (not known_op[k] or m[M_T, i] < 0 or m[M_PASID, i] > max_pasid
+               or (k == op_dma and acc != acc_read and acc != acc_write)
+               or (k == op_retire and (a1 == 0 or a1 < 0 or a1 > max_run
+                                       or a0 < 0 or a0 >= (1 << 62))))
+        foreign = not bad and sid_op[k] and owner[m[M_SID, i]] != vm
+        if known and bad:
+            refused[vm, 0] += 1
+        if known and foreign:
+            refused[vm, 1] += 1
+        keep[i] = known and not bad and not foreign
+    return unknown

@@ -24,6 +24,7 @@ from host_iommu import server
 from host_iommu.defs import ACCESS_READ, ACCESS_WRITE, PAGE_SIZE
 from host_iommu.kernels import qiq as qk
 from host_iommu.protocol import (
+    DMA_ROGUE,
     OP_DMA,
     OP_DTYPE,
     OP_GUEST_WRITE,
@@ -179,10 +180,10 @@ def _ops(rows) -> np.ndarray:
         elif k == OP_UNMAP_RET:
             r["a0"], r["a1"], r["a2"] = (uid % 50) + far, t - 50 * cnt, x
         elif k == OP_UNMAP_RETIRE:
-            r["a0"], r["a1"] = x, cnt + 1
-        elif k == OP_DMA:
-            r["a0"], r["a1"] = x << 12, 64
-            r["a2"] = ACCESS_WRITE if cnt & 1 else ACCESS_READ
+            r["a0"], r["a1"] = x, cnt + 1 if cnt < 6 else 0                # 0: refused
+        elif k == OP_DMA:      # odd: an address past the host's width (0 references)
+            r["a0"], r["a1"] = (x << 12) | (far << 20), 64
+            r["a2"] = (ACCESS_WRITE if cnt & 1 else ACCESS_READ) if cnt < 6 else 3   # 3: bad
             r["a3"] = uid
         else:                                   # balloon: a page of the VM's memory
             r["a0"], r["a1"] = (16 + x % 8) << 12, 1 + cnt % 2
@@ -190,15 +191,19 @@ def _ops(rows) -> np.ndarray:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(op_rows, min_size=1, max_size=3), st.booleans())
-def test_random_streams_equal_both_ways(epochs, stable):
-    """Random epochs on two fresh hosts, kernel off and on: same reports and state."""
+@given(st.lists(op_rows, min_size=1, max_size=3), st.booleans(),
+       st.lists(st.sampled_from((1, 1, 2, 0)), min_size=8, max_size=8))
+def test_random_streams_equal_both_ways(epochs, stable, owners):
+    """Random epochs on two fresh hosts, kernel off and on: same reports and state. Some
+    of VM 1's data frames are handed to VM 2 or the host, so that DMAs reach frames their
+    VM does not own (the isolation check)."""
     results = []
     for on in (False, True):
         saved = server.EPOCH_KERNEL
         server.EPOCH_KERNEL = on
         try:
             b = _bench()
+            b.h.mem.owner[b.h.vms[1].hpa_of[16:24]] = owners   # the frames DMAs reach
             reports = []
             for rows in epochs:
                 ops = _ops(rows)
@@ -217,3 +222,36 @@ def test_kernel_is_used():
     """The switch really selects the kernel (a stream of its operations runs compiled)."""
     b = _bench()
     assert b.server._compiled() == server.EPOCH_KERNEL
+
+
+def test_dma_runs_take_the_kernel(monkeypatch):
+    """Once the contexts are cached, a DMA run is the kernel's (the Python run is never
+    called): good, faulting (a non-canonical address: no reference) and rogue DMAs, with the
+    same counters, statistics and fault records as the Python loop gives."""
+    def epochs(b: Bench) -> list:
+        b.server.oracle.unmap_returned(1, 0, 1)      # unmap 0 returned long ago
+        out = []
+        for e, addrs in enumerate(([0], [0, 1 << 60, 0x1000, 0x10_0000, 0])):
+            t = 10_000 * (e + 1)
+            for i, a in enumerate(addrs):
+                b.dma(1, t + i, SIDS[0], a, write=bool(i & 1), tag=0 if i == 4 else -1)
+            ops = b.logs[1].take()
+            ops["a2"][[i for i in (1, 3, 4) if i < ops.size]] |= DMA_ROGUE
+            out.append(b.server.apply_epoch(ops))
+        return out
+    monkeypatch.setattr(server, "EPOCH_KERNEL", False)
+    b0 = _bench()
+    want = epochs(b0)
+    monkeypatch.setattr(server, "EPOCH_KERNEL", True)
+    b1 = _bench()
+    calls = []
+    real = server.HostServer._run
+    monkeypatch.setattr(server.HostServer, "_run",
+                        lambda self, ops, i, *a: calls.append(i) or real(self, ops, i, *a))
+    got = epochs(b1)
+    assert calls == [0]            # only the first run (context caches cold) was Python's
+    assert got == want
+    c = want[1][1].counters
+    assert c["faults"] >= 1 and want[1][1].faults and c["stale_dma"] == 1
+    assert (c["rogue_faulted"], c["rogue_stale"], c["rogue_misdirected"]) == (1, 1, 1)
+    assert_same(host_state(b0.server), host_state(b1.server))
