@@ -996,3 +996,34 @@ def grown(d: DomainArrays, slack: int = _SLACK) -> DomainArrays:
             fcap *= 2
         rep["fq"] = kfq.regrow(st, rcap, icap, fcap)
     return d._replace(**rep) if rep else d
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel above once, on a tiny nested lazy
+    domain: the types are the same in every mode, so one signature serves them all."""
+    from host_iommu.costs import CostModel
+    from vm_agent.agent import VmAgent
+    from vm_agent.kernels import guest as kg
+    from workloads.base import Workload
+
+    class _OneDevice(Workload):
+        kind = "dmaapi_warm_up"
+
+        def start(self, ctx) -> None:
+            ctx.add_device("dev0")
+
+    a = VmAgent(0, mode="nested", policy="lazy", flush_queue="percpu", vcpus=1,
+                memory_bytes=16 << 20, fl_levels=4, ats=False,
+                workload=_OneDevice(_OneDevice.Params()), churn=None, costs=CostModel(),
+                seed=0)
+    a.setup()
+    g = kg.new_arrays(0, 1, a.mem.frames)
+    kg.load_memory(g, a.mem)
+    d = freeze(a)
+    room_ok(g, d)
+    gpa = int(g.ctl[kg.C_NEXT_FRAME]) << PAGE_SHIFT
+    iova, t = dma_map(g, d, 0, gpa, PAGE_SIZE, 0, 0)
+    unmap_tag(g, d, iova >> PAGE_SHIFT)
+    t = dma_unmap(g, d, 0, iova, PAGE_SIZE, 0, t)
+    fq_timer(g, d, 0)
+    end_epoch(g, d, t)
