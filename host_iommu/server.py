@@ -334,10 +334,13 @@ class HostServer:
     def _compiled(self) -> bool:
         """Whether this epoch runs on kernels/epoch.py: the switch is on, and the host keeps
         its effects in arrays (the fast engine, the live queue, CacheSet's own methods) and
-        its oracle in arrays; otherwise everything stays on the Python loop."""
+        its oracle in arrays, and no method the kernel stands in for was replaced (a test's
+        spy or injected bug must run: tests/fuzz wraps HostIommu.translate); otherwise
+        everything stays on the Python loop."""
         h = self.iommu
-        return (EPOCH_KERNEL and h._array_effects and isinstance(self.oracle, ArrayOracle)
-                and type(h.mem.slab) is np.ndarray)
+        return (EPOCH_KERNEL and h._array_effects and type(self.oracle) is ArrayOracle
+                and _intact(h, _IOMMU_HOOKS) and _intact(self, _SERVER_HOOKS)
+                and hwpt_invalidate_one is _HWPT_ONE)
 
     def _op_matrix(self, ops: np.ndarray) -> np.ndarray:
         """The operations as kernels/epoch.py's int64[M_ROWS, n] (M_*), resolved columns
@@ -776,6 +779,21 @@ class HostServer:
     def fault_columns(self) -> dict[str, np.ndarray]:
         return self.iommu.faults.columns()
 
+
+
+# What the epoch kernel stands in for: with any of these replaced (on the class or the
+# instance), apply_epoch takes the Python loop, which calls them.
+_IOMMU_HOOKS = {name: getattr(HostIommu, name) for name in (
+    "translate", "guest_write", "submit_qi", "advance_to", "_apply_effects", "next_effect_ns",
+    "_account", "_record_faults", "_contexts")}
+_SERVER_HOOKS = {name: getattr(HostServer, name) for name in (
+    "_dma", "_reached", "_tally_each", "_tally_columns", "_tally", "_control", "_admit")}
+_HWPT_ONE = hwpt_invalidate_one
+
+
+def _intact(obj: object, hooks: dict) -> bool:
+    cls, own = type(obj), vars(obj)
+    return all(getattr(cls, name) is f and name not in own for name, f in hooks.items())
 
 
 def warm_up_epoch() -> None:
