@@ -182,7 +182,7 @@ def borrowed(typingctx, tup):
 
 
 # --- the op log ---------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def log_add(g, t, op, sid, pasid, a0, a1, a2, a3):
     """OpLog.add: append one row; its index (sequence number ctl[C_SEQ0] + index). The
     caller's slack guarantees the room."""
@@ -201,6 +201,40 @@ def log_add(g, t, op, sid, pasid, a0, a1, a2, a3):
     return i
 
 
+# OP_DTYPE's packed layout, which _pack writes byte by byte (checked at import)
+_OP_LAYOUT = (("t_ns", 0, 8), ("vm", 8, 4), ("seq", 12, 8), ("op", 20, 1), ("sid", 21, 2),
+              ("pasid", 23, 4), ("a0", 27, 8), ("a1", 35, 8), ("a2", 43, 8), ("a3", 51, 8))
+assert OP_DTYPE.itemsize == 59 and all(
+    OP_DTYPE.fields[n][1] == at and OP_DTYPE.fields[n][0].itemsize == nb
+    and OP_DTYPE.fields[n][0].byteorder in "<|=" for n, at, nb in _OP_LAYOUT), OP_DTYPE
+
+
+@njit(cache=True)
+def _put(out, at, v, nbytes):
+    """The low ``nbytes`` bytes of ``v`` at out[at:], little-endian (numpy's cast to a
+    field of that width keeps the same bytes)."""
+    for k in range(nbytes):
+        out[at + k] = (v >> (8 * k)) & 0xFF
+
+
+@njit(cache=True)
+def _pack(log, n, vm, seq0, out):
+    """OP_DTYPE records (``out``: their bytes) of log rows 0..n-1, sequence numbers from
+    ``seq0``."""
+    for i in range(n):
+        b = i * 59
+        _put(out, b, log[i, L_T_NS], 8)
+        _put(out, b + 8, vm, 4)
+        _put(out, b + 12, seq0 + i, 8)
+        out[b + 20] = log[i, L_OP] & 0xFF
+        _put(out, b + 21, log[i, L_SID], 2)
+        _put(out, b + 23, log[i, L_PASID], 4)
+        _put(out, b + 27, log[i, L_A0], 8)
+        _put(out, b + 35, log[i, L_A1], 8)
+        _put(out, b + 43, log[i, L_A2], 8)
+        _put(out, b + 51, log[i, L_A3], 8)
+
+
 def take_log(g: GuestArrays) -> np.ndarray:
     """OpLog.take: the epoch's rows as a new OP_DTYPE batch; the log starts empty again."""
     ctl = g.ctl
@@ -208,17 +242,7 @@ def take_log(g: GuestArrays) -> np.ndarray:
     seq0 = int(ctl[C_SEQ0])
     out = np.empty(n, dtype=OP_DTYPE)
     if n:
-        rows = g.log[:n]
-        out["t_ns"] = rows[:, L_T_NS]
-        out["op"] = rows[:, L_OP]
-        out["sid"] = rows[:, L_SID]
-        out["pasid"] = rows[:, L_PASID]
-        out["a0"] = rows[:, L_A0].astype(np.uint64)     # the 64-bit patterns
-        out["a1"] = rows[:, L_A1].astype(np.uint64)
-        out["a2"] = rows[:, L_A2]
-        out["a3"] = rows[:, L_A3]
-    out["vm"] = int(ctl[C_VM])
-    out["seq"] = np.arange(seq0, seq0 + n, dtype=np.int64)
+        _pack(g.log, n, int(ctl[C_VM]), seq0, out.view(np.uint8))
     ctl[C_LOG_N] = 0
     ctl[C_SEQ0] = seq0 + n
     return out
@@ -244,7 +268,7 @@ def load_log(g: GuestArrays, log: OpLog) -> GuestArrays:
 
 
 # --- the guest page allocator (GuestMemory.alloc / free) ---------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _order(npages):
     """GuestMemory._order: max(0, (npages - 1).bit_length())."""
     x = npages - 1
@@ -257,7 +281,7 @@ def _order(npages):
     return k
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def mem_alloc(g, npages):
     """GuestMemory.alloc: the GPA of 2^order aligned pages; -1 with C_ERR = E_MEM (arg
     ``npages``) where GuestMemory raises GuestMemoryError, changing nothing."""
@@ -279,7 +303,7 @@ def mem_alloc(g, npages):
     return frame << PAGE_SHIFT
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def mem_free(g, gpa, npages):
     """GuestMemory.free: push the frame on its order's free list."""
     order = _order(npages)
@@ -317,12 +341,12 @@ def store_memory(g: GuestArrays, mem) -> None:
 
 
 # --- the event heap (VmAgent.schedule / run_epoch) ----------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _less(h, i, j):
     return h[i, 0] < h[j, 0] or (h[i, 0] == h[j, 0] and h[i, 1] < h[j, 1])
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _swap(h, i, j):
     for c in range(h.shape[1]):
         x = h[i, c]
@@ -330,7 +354,7 @@ def _swap(h, i, j):
         h[j, c] = x
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def heap_push(g, t, kind, a0, a1, a2, a3, a4, a5, a6, a7, a8):
     """VmAgent.schedule: push event ``kind`` at ``t`` with the next sequence number."""
     ctl = g.ctl
@@ -367,7 +391,7 @@ def heap_top_t(g):
     return g.heap[0, 0]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def heap_pop(g):
     """Pop the earliest (t, seq) event into ``g.ev``; its kind."""
     ctl = g.ctl

@@ -22,6 +22,7 @@ whole configs both ways and compares the result tables).
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 import numpy as np
@@ -75,8 +76,8 @@ ST_DONE, ST_ROOM, ST_ERR = kg.ST_DONE, kg.ST_ROOM, kg.ST_ERR
 # The driver's per-call functions inlined into this loop (numba IR inlining of the same
 # Python functions): a call between compiled functions increfs and decrefs every array
 # of the namedtuples it is passed (an atomic operation each; ~0.3 us per call with g and
-# d), more than the work of a pass-through map. NB a cached ``run`` then holds their code:
-# after editing dmaapi.py or guest.py, delete vm_agent/kernels/__pycache__.
+# d), more than the work of a pass-through map. A cached ``run`` then holds their code:
+# ``_stamp_with`` below makes its cache stale when those files change.
 _dma_map = njit(inline="always")(dmaapi.dma_map.py_func)
 _dma_unmap = njit(inline="always")(dmaapi.dma_unmap.py_func)
 _room_ok = njit(inline="always")(dmaapi.room_ok.py_func)
@@ -101,7 +102,7 @@ class NicArrays(NamedTuple):
 
 
 # --- ring deques -------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _push_slot(qrow, head_col, n_col, cap):
     """The slot a deque's append fills (its count grown), or -1 when it is full."""
     n = qrow[n_col]
@@ -111,7 +112,7 @@ def _push_slot(qrow, head_col, n_col, cap):
     return (qrow[head_col] + n) % cap
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _pop_slot(qrow, head_col, n_col, cap):
     """The slot a deque's popleft takes (its head moved on)."""
     h = qrow[head_col]
@@ -121,13 +122,13 @@ def _pop_slot(qrow, head_col, n_col, cap):
 
 
 # --- guest services ------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _pages(size):
     """VmAgent.alloc_buffer / free_buffer's page count: max(1, ceil(size / PAGE_SIZE))."""
     return max(1, -(-size // PAGE_SIZE))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _io_done(g, nbytes, latency_ns):
     """VmAgent.io_done."""
     s = g.stats
@@ -136,7 +137,7 @@ def _io_done(g, nbytes, latency_ns):
     s[kg.S_IO_LATENCY_SUM_NS] += latency_ns
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _device_dma(g, d, sid, pasid, t, iova, size, write):
     """VmAgent.device_dma (not rogue): one OP_DMA row per page the access touches, each
     tagged with the unmap that last covered its page."""
@@ -158,7 +159,7 @@ def _device_dma(g, d, sid, pasid, t, iova, size, write):
     g.stats[kg.S_DMA_REQUESTS] += pages
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _unmap(g, d, cpu, iova, size, direction, t):
     """VmAgent.dma_unmap, then the flush-queue timer the unmap armed scheduled, as
     DmaApi.unmap_range schedules it (no other event comes between)."""
@@ -170,7 +171,7 @@ def _unmap(g, d, cpu, iova, size, direction, t):
     return t1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _draw_size(nic, rng):
     """SizeSampler.draw: sizes[bisect_right(cdf, rng.random())], clipped to the last."""
     u = rng.random()
@@ -181,13 +182,13 @@ def _draw_size(nic, rng):
     return nic.sizes[i]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _gap(rng, mean_ns):
     """max(1, round(rng.exponential(mean_ns))), round half to even."""
     return max(1, np.int64(np.rint(rng.exponential(mean_ns))))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _raise_irq(g, nic, q, t):
     qrow = nic.q[q]
     if qrow[Q_IRQ_STATE] == IRQ_IDLE:
@@ -196,7 +197,7 @@ def _raise_irq(g, nic, q, t):
 
 
 # --- the handlers (NicWorkload's methods) --------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def rx_arrival(g, d, nic, rng, t, q):
     p = nic.p
     w = nic.w
@@ -237,13 +238,13 @@ def rx_arrival(g, d, nic, rng, t, q):
     _raise_irq(g, nic, q, t)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def irq(g, nic, t, q):
     nic.q[q, Q_IRQ_STATE] = IRQ_NAPI
     kg.heap_push(g, t, K_NAPI_POLL, q, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def room_call(g, d):
     """Whether the next step (at most one DMA API call, its device accesses, and the
     events it schedules) finds room: the log and heap slack, and the driver's arrays
@@ -254,9 +255,9 @@ def room_call(g, d):
             and _room_ok(g, d))
 
 
-@njit(cache=True)
-def napi_poll(g, d, nic, rng, t_ns, q):
-    """NicWorkload._napi_poll: its start here, its body in ``napi_steps`` (resumable)."""
+@njit(cache=True, inline="always")
+def napi_poll(g, nic, t_ns, q):
+    """NicWorkload._napi_poll's start (``run`` then runs its body, ``napi_steps``)."""
     qrow = nic.q[q]
     cpu = qrow[Q_CPU]
     r = nic.r
@@ -266,10 +267,9 @@ def napi_poll(g, d, nic, rng, t_ns, q):
     r[R_DONE] = 0
     r[R_STEP] = STEP_TX
     nic.w[W_POLLS] += 1
-    return napi_steps(g, d, nic, rng)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def napi_steps(g, d, nic, rng):
     """The poll in ``nic.r`` from where it stopped: the TX clean-up (one unmap a step),
     then up to a budget of RX packets (unmap; refill map; in request/response the answer's
@@ -369,7 +369,7 @@ def napi_steps(g, d, nic, rng):
     return ST_DONE
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def tx_generate(g, d, nic, rng, t, q):
     limit = nic.p[P_PACKETS]
     w = nic.w
@@ -382,7 +382,7 @@ def tx_generate(g, d, nic, rng, t, q):
     tx_send(g, d, nic, q, t, nbytes)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def tx_send(g, d, nic, q, t_ns, nbytes):
     """Map one packet and post it to the TX ring; the time the vCPU is done."""
     p = nic.p
@@ -413,7 +413,7 @@ def tx_send(g, d, nic, q, t_ns, nbytes):
     return t
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def tx_fetch(g, d, nic, t, q, desc, gpa, iova, nbytes, t_queued, wire_ns):
     sid = nic.p[P_SID]
     pasid = nic.p[P_PASID]
@@ -423,7 +423,7 @@ def tx_fetch(g, d, nic, t, q, desc, gpa, iova, nbytes, t_queued, wire_ns):
                  0, 0, 0)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def tx_complete(g, d, nic, t, q, desc, gpa, iova, nbytes, t_queued):
     p = nic.p
     qrow = nic.q[q]
@@ -463,11 +463,13 @@ def run(g, d, nic, rng, t_end):
     nic = kg.borrowed(nic)
     ctl = g.ctl
     ev = g.ev
-    if nic.r[R_ACTIVE]:                    # the poll that stopped for room goes on first
-        st = napi_steps(g, d, nic, rng)
-        if st != ST_DONE:
-            return st
-    while ctl[kg.C_HEAP_N] and g.heap[0, 0] < t_end:
+    while True:
+        if nic.r[R_ACTIVE]:                # a poll under way (begun, or stopped for room)
+            st = napi_steps(g, d, nic, rng)
+            if st != ST_DONE:
+                return st
+        if ctl[kg.C_HEAP_N] == 0 or g.heap[0, 0] >= t_end:
+            break
         if not room_call(g, d):
             return ST_ROOM
         kind = kg.heap_pop(g)
@@ -477,9 +479,7 @@ def run(g, d, nic, rng, t_end):
         if kind == K_RX_ARRIVAL:
             rx_arrival(g, d, nic, rng, t, ev[a])
         elif kind == K_NAPI_POLL:
-            st = napi_poll(g, d, nic, rng, t, ev[a])
-            if st == ST_ROOM:
-                return st
+            napi_poll(g, nic, t, ev[a])   # its body runs at the top of the loop
         elif kind == K_TX_FETCH:
             tx_fetch(g, d, nic, t, ev[a], ev[a + 1], ev[a + 2], ev[a + 3], ev[a + 4],
                      ev[a + 5], ev[a + 6])
@@ -498,3 +498,22 @@ def run(g, d, nic, rng, t_end):
         if ctl[kg.C_ERR]:
             return ST_ERR
     return ST_DONE
+
+
+def _stamp_with(dispatcher, *modules) -> None:
+    """Make ``dispatcher``'s cache stale when any of ``modules``' files changes, not only
+    its own (numba stamps a cache with the function's own file alone, but ``run`` holds
+    the code of the driver and guest kernels it calls). Falls back to numba's own stamp,
+    and to deleting vm_agent/kernels/__pycache__ by hand, if numba's cache changes shape."""
+    try:
+        cf = dispatcher._cache._cache_file
+        stamps = [cf._source_stamp]
+        for m in modules:
+            with open(m.__file__, "rb") as f:
+                stamps.append(hashlib.sha256(f.read()).digest())
+        cf._source_stamp = tuple(stamps)
+    except (AttributeError, OSError):
+        pass
+
+
+_stamp_with(run, dmaapi, kg, dmaapi.kfq, dmaapi.kiova, dmaapi.kpg)
