@@ -67,11 +67,12 @@ NW = 10
 NQF = 15
 # --- r: a NAPI poll under way (stopped for room): its queue, time, packets done, next step
 # and the RX packet between its steps
-R_ACTIVE, R_Q, R_T, R_DONE, R_STEP, R_GPA, R_NBYTES, R_T_ARRIVE = range(8)
-NR = 8
+R_ACTIVE, R_Q, R_T, R_DONE, R_STEP, R_GPA, R_NBYTES, R_T_ARRIVE, R_SEND_NBYTES = range(9)
+NR = 9
 STEP_TX, STEP_RX, STEP_REFILL, STEP_ANSWER = range(4)
 
 ST_DONE, ST_ROOM, ST_ERR = kg.ST_DONE, kg.ST_ROOM, kg.ST_ERR
+ST_SEND = 3          # napi_steps: send the answer in r[R_SEND_NBYTES], then go on
 
 # The driver's per-call functions inlined into this loop (numba IR inlining of the same
 # Python functions): a call between compiled functions increfs and decrefs every array
@@ -301,36 +302,38 @@ def napi_steps(g, d, nic, rng):
             r[R_DONE] = done
             r[R_STEP] = step
             return ST_ROOM
-        if step == STEP_TX:
-            s = _pop_slot(qrow, Q_DONE_HEAD, Q_DONE_N, tx_ring)
-            e = nic.done[q, s]
+        if step in (STEP_TX, STEP_RX):     # an unmap (one call site for both)
+            if step == STEP_TX:
+                s = _pop_slot(qrow, Q_DONE_HEAD, Q_DONE_N, tx_ring)
+                e = nic.done[q, s]
+                unmap_size = e[2]
+                direction = DMA_TO_DEVICE
+            else:
+                s = _pop_slot(qrow, Q_PENDING_HEAD, Q_PENDING_N, rx_ring)
+                e = nic.pending[q, s]
+                unmap_size = size
+                direction = DMA_FROM_DEVICE
             gpa = e[0]
             nbytes = e[2]
-            t_queued = e[3]
-            t = _unmap(g, d, cpu, e[1], nbytes, DMA_TO_DEVICE, t)
+            t_then = e[3]                  # t_queued (TX), t_arrive (RX)
+            t = _unmap(g, d, cpu, e[1], unmap_size, direction, t)
             if g.ctl[kg.C_ERR]:
                 return ST_ERR
-            kg.mem_free(g, gpa, _pages(nbytes))
-            qrow[Q_TX_IN_FLIGHT] -= 1
-            w[W_TX_PACKETS] += 1
-            if not rr:                     # a round trip is counted when its response left
-                _io_done(g, nbytes, t - t_queued)
-        elif step == STEP_RX:              # the packet's unmap and stack work
-            s = _pop_slot(qrow, Q_PENDING_HEAD, Q_PENDING_N, rx_ring)
-            e = nic.pending[q, s]
-            r[R_GPA] = e[0]
-            nbytes = e[2]
-            t_arrive = e[3]
-            r[R_NBYTES] = nbytes
-            r[R_T_ARRIVE] = t_arrive
-            t = _unmap(g, d, cpu, e[1], size, DMA_FROM_DEVICE, t)
-            if g.ctl[kg.C_ERR]:
-                return ST_ERR
-            t += p[P_STACK_NS]
-            if not rr:
-                _io_done(g, nbytes, t - t_arrive)
-            w[W_RX_PACKETS] += 1
-            step = STEP_REFILL
+            if step == STEP_TX:
+                kg.mem_free(g, gpa, _pages(nbytes))
+                qrow[Q_TX_IN_FLIGHT] -= 1
+                w[W_TX_PACKETS] += 1
+                if not rr:                 # a round trip is counted when its response left
+                    _io_done(g, nbytes, t - t_then)
+            else:                          # the packet's stack work
+                r[R_GPA] = gpa
+                r[R_NBYTES] = nbytes
+                r[R_T_ARRIVE] = t_then
+                t += p[P_STACK_NS]
+                if not rr:
+                    _io_done(g, nbytes, t - t_then)
+                w[W_RX_PACKETS] += 1
+                step = STEP_REFILL
         elif step == STEP_REFILL:          # _post_rx_buffer: refill the ring, free the old
             new_gpa = kg.mem_alloc(g, _pages(size))
             if new_gpa < 0:
@@ -352,10 +355,11 @@ def napi_steps(g, d, nic, rng):
                 return ST_ERR
             nic.rr[q, s, 0] = r[R_T_ARRIVE]
             nic.rr[q, s, 1] = r[R_NBYTES]
-            t = tx_send(g, d, nic, q, t, _draw_size(nic, rng))
-            if g.ctl[kg.C_ERR]:
-                return ST_ERR
-            step = STEP_RX
+            r[R_SEND_NBYTES] = _draw_size(nic, rng)
+            r[R_T] = t                     # run sends it (tx_send) and sets R_T to its end
+            r[R_DONE] = done
+            r[R_STEP] = STEP_RX
+            return ST_SEND
     r[R_ACTIVE] = 0
     wbusy = nic.busy
     if t > wbusy[cpu]:
@@ -370,16 +374,18 @@ def napi_steps(g, d, nic, rng):
 
 
 @njit(cache=True, inline="always")
-def tx_generate(g, d, nic, rng, t, q):
+def tx_generate(g, nic, rng, t, q):
+    """NicWorkload._tx_generate up to its _tx_send: the packet's size for ``run`` to send,
+    or -1 once the packet limit is reached."""
     limit = nic.p[P_PACKETS]
     w = nic.w
     if limit and w[W_OFFERED] >= limit:
-        return
+        return -1
     w[W_OFFERED] += 1
     nbytes = _draw_size(nic, rng)
     t_next = t + _gap(rng, nic.f[F_TX_GAP])
     kg.heap_push(g, t_next, K_TX_GENERATE, q, 0, 0, 0, 0, 0, 0, 0, 0)
-    tx_send(g, d, nic, q, t, nbytes)
+    return nbytes
 
 
 @njit(cache=True, inline="always")
@@ -463,38 +469,55 @@ def run(g, d, nic, rng, t_end):
     nic = kg.borrowed(nic)
     ctl = g.ctl
     ev = g.ev
+    r = nic.r
     while True:
-        if nic.r[R_ACTIVE]:                # a poll under way (begun, or stopped for room)
+        send_q = -1                        # a packet to send (one tx_send call site)
+        send_t = 0
+        send_n = 0
+        if r[R_ACTIVE]:                    # a poll under way (begun, or stopped for room)
             st = napi_steps(g, d, nic, rng)
-            if st != ST_DONE:
+            if st == ST_SEND:
+                send_q = r[R_Q]
+                send_t = r[R_T]
+                send_n = r[R_SEND_NBYTES]
+            elif st != ST_DONE:
                 return st
-        if ctl[kg.C_HEAP_N] == 0 or g.heap[0, 0] >= t_end:
-            break
-        if not room_call(g, d):
-            return ST_ROOM
-        kind = kg.heap_pop(g)
-        t = ev[kg.H_T]
-        ctl[kg.C_NOW] = t
-        a = kg.H_A0
-        if kind == K_RX_ARRIVAL:
-            rx_arrival(g, d, nic, rng, t, ev[a])
-        elif kind == K_NAPI_POLL:
-            napi_poll(g, nic, t, ev[a])   # its body runs at the top of the loop
-        elif kind == K_TX_FETCH:
-            tx_fetch(g, d, nic, t, ev[a], ev[a + 1], ev[a + 2], ev[a + 3], ev[a + 4],
-                     ev[a + 5], ev[a + 6])
-        elif kind == K_TX_COMPLETE:
-            tx_complete(g, d, nic, t, ev[a], ev[a + 1], ev[a + 2], ev[a + 3], ev[a + 4],
-                        ev[a + 5])
-        elif kind == K_IRQ:
-            irq(g, nic, t, ev[a])
-        elif kind == K_TX_GENERATE:
-            tx_generate(g, d, nic, rng, t, ev[a])
-        elif kind == K_FQ_TIMER:
-            dmaapi.fq_timer(g, d, ev[a])
-        else:
-            ctl[kg.C_ERR] = kg.E_DMA
-            ctl[kg.C_ERR_ARG] = kind
+        if send_q < 0:
+            if ctl[kg.C_HEAP_N] == 0 or g.heap[0, 0] >= t_end:
+                break
+            if not room_call(g, d):
+                return ST_ROOM
+            kind = kg.heap_pop(g)
+            t = ev[kg.H_T]
+            ctl[kg.C_NOW] = t
+            a = kg.H_A0
+            if kind == K_RX_ARRIVAL:
+                rx_arrival(g, d, nic, rng, t, ev[a])
+            elif kind == K_NAPI_POLL:
+                napi_poll(g, nic, t, ev[a])   # its body runs at the top of the loop
+            elif kind == K_TX_FETCH:
+                tx_fetch(g, d, nic, t, ev[a], ev[a + 1], ev[a + 2], ev[a + 3], ev[a + 4],
+                         ev[a + 5], ev[a + 6])
+            elif kind == K_TX_COMPLETE:
+                tx_complete(g, d, nic, t, ev[a], ev[a + 1], ev[a + 2], ev[a + 3],
+                            ev[a + 4], ev[a + 5])
+            elif kind == K_IRQ:
+                irq(g, nic, t, ev[a])
+            elif kind == K_TX_GENERATE:
+                n = tx_generate(g, nic, rng, t, ev[a])
+                if n >= 0:
+                    send_q = ev[a]
+                    send_t = t
+                    send_n = n
+            elif kind == K_FQ_TIMER:
+                dmaapi.fq_timer(g, d, ev[a])
+            else:
+                ctl[kg.C_ERR] = kg.E_DMA
+                ctl[kg.C_ERR_ARG] = kind
+        if send_q >= 0:
+            t1 = tx_send(g, d, nic, send_q, send_t, send_n)
+            if r[R_ACTIVE]:                # the poll's answer: it goes on from t1
+                r[R_T] = t1
         if ctl[kg.C_ERR]:
             return ST_ERR
     return ST_DONE
