@@ -149,3 +149,60 @@ def _grown(a):
     b = np.empty(max(16, 2 * a.shape[0]), np.int64)
     b[:a.shape[0]] = a
     return b
+
+
+# Oracle segment columns (oracle.SEG_*).
+SEG_OFF, SEG_SIZE, SEG_BASE = 0, 1, 3
+NONE = -1
+
+
+@njit(cache=True)
+def retire_runs(seg, data, spk, spv, spm, vm, first, count, min_trim):
+    """Oracle.retire_runs(vm, runs) of a VM that has a record, on FlatTimes' arrays: the
+    runs' ids dropped (each once: the dense ones in its range, the spilled ones outside it)
+    and then ``_VmTimes.trim``. Returns (ids that were held, whether the trim was done here;
+    when not, for want of room in the spill table, the caller trims)."""
+    off, size, base = seg[vm, SEG_OFF], seg[vm, SEG_SIZE], seg[vm, SEG_BASE]
+    lo, hi = base, base + size
+    held = 0
+    touched = seg[vm, SEG_SPILL] != 0 and first.shape[0] > 0
+    for r in range(first.shape[0]):
+        a, b = max(first[r], lo), min(first[r] + count[r], hi)
+        if a < b:
+            touched = True
+        for u in range(a, b):
+            if data[off + u - base] != NONE:
+                data[off + u - base] = NONE
+                held += 1
+    if seg[vm, SEG_SPILL]:
+        far = spill_in_runs(spk, seg, vm, first, count)
+        for u in far:
+            if (u < lo or u >= hi) and spill_pop(spk, spv, spm, seg, vm, u):
+                held += 1
+    if not touched:          # Oracle.retire_runs: no id to retire, no retire (no trim)
+        return held, True
+    # _VmTimes.trim
+    k = 0
+    while k < size and data[off + k] == NONE:
+        k += 1
+    if k < min_trim or 2 * k < size:
+        half = size // 2
+        if half < min_trim:
+            return held, True
+        few = 0
+        for i in range(half):
+            if data[off + i] != NONE:
+                few += 1
+        if 16 * few > half:
+            return held, True
+        if 4 * (spm[SPM_USED] + few) > 3 * spk.shape[0]:
+            return held, False
+        for i in range(half):
+            if data[off + i] != NONE:
+                spill_put(spk, spv, spm, seg, vm, base + i, data[off + i])
+        k = half
+    for i in range(size - k):
+        data[off + i] = data[off + k + i]
+    seg[vm, SEG_SIZE] = size - k
+    seg[vm, SEG_BASE] = base + k
+    return held, True

@@ -92,3 +92,18 @@ def test_spill_table_grows_and_forgets():
         assert plain.retire(vm, far) == arr.retire(vm, far)
     _same(plain, arr)
     assert len(arr.returned) == 0 and arr.flat.spm[1] == 0
+
+
+def test_trim_moving_more_ids_than_the_spill_table_holds():
+    """A retire whose trim moves more long-lived ids to the spill table than it has room
+    for: the compiled retire leaves the trim to Python, which grows the table; the same
+    state as Oracle's."""
+    plain, arr = Oracle(), ArrayOracle()
+    for o in (plain, arr):
+        for u in range(8192):
+            o.unmap_returned(1, u, 100 + u)
+    keep = set(range(0, 4096, 41))             # 100 long-lived ids in the first half
+    runs = [(u, 1) for u in range(8192) if u not in keep and u < 6000]
+    assert plain.retire_runs(1, runs) == arr.retire_runs(1, runs)
+    assert len(plain._vms[1].spill) == len(keep) > 48
+    _same(plain, arr)
