@@ -229,3 +229,8 @@ def test_eligible(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(compiled.ENV)
     monkeypatch.setattr(compiled, "ENABLED", False)
     assert not compiled.eligible(_group(pt))
+
+
+def test_warm_up_runs() -> None:
+    """warm_up (for host_iommu/kernels/warm.py) compiles or loads the loop on a tiny VM."""
+    compiled.warm_up()
