@@ -423,12 +423,16 @@ class HostServer:
                                      else self._keep_words(words))
             m[ek.M_RES, i], m[ek.M_NDESC, i] = hit
             if not ek.inv_insert(self._inv_ik, self._inv_iv, self._inv_im, m, i):
-                cap = self._inv_ik.shape[0]
-                cap = 2 * cap if cap < _INV_TABLE_MAX else cap
-                self._inv_ik = np.full((cap, ek.K_FIELDS), -1, dtype=np.int64)
-                self._inv_iv = np.zeros((cap, 2), dtype=np.int64)
+                cap = 2 * self._inv_ik.shape[0]
+                grow = cap <= _INV_TABLE_MAX     # else start afresh at the bound
+                cap = cap if grow else self._inv_ik.shape[0]
+                ik = np.full((cap, ek.K_FIELDS), -1, dtype=np.int64)
+                iv = np.zeros((cap, 2), dtype=np.int64)
                 self._inv_im[0] = 0
-                ek.inv_insert(self._inv_ik, self._inv_iv, self._inv_im, m, i)
+                if grow:
+                    ek.inv_rehash(self._inv_ik, self._inv_iv, ik, iv, self._inv_im)
+                self._inv_ik, self._inv_iv = ik, iv
+                ek.inv_insert(ik, iv, self._inv_im, m, i)
         return self._inv_words
 
     def _keep_words(self, words: np.ndarray) -> tuple[int, int]:

@@ -527,3 +527,19 @@ def admit(m, known_vm, known_op, sid_op, owner, max_pasid, op_dma, acc_read, acc
             refused[vm, 1] += 1
         keep[i] = known and not bad and not foreign
     return unknown
+
+
+@njit(cache=True)
+def inv_rehash(ik, iv, nk, nv, im):
+    """Every key of (ik, iv) into the empty, larger table (nk, nv); im: its count."""
+    cap = nk.shape[0]
+    im[0] = 0
+    for s in range(ik.shape[0]):
+        if ik[s, 0] == -1:
+            continue
+        d = _inv_home(cap, ik[s])
+        while nk[d, 0] != -1:
+            d = (d + 1) & (cap - 1)
+        nk[d] = ik[s]
+        nv[d] = iv[s]
+        im[0] += 1

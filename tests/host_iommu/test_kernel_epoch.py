@@ -255,3 +255,29 @@ def test_dma_runs_take_the_kernel(monkeypatch):
     assert c["faults"] >= 1 and want[1][1].faults and c["stale_dma"] == 1
     assert (c["rogue_faulted"], c["rogue_stale"], c["rogue_misdirected"]) == (1, 1, 1)
     assert_same(host_state(b0.server), host_state(b1.server))
+
+
+def test_invalidation_table_grows_and_keeps_its_keys(monkeypatch):
+    """The compiled table of resolved HWPT invalidations, started tiny, grows (rehashing
+    what it held) over epochs of many distinct invalidations: the same results both ways."""
+    def run(b: Bench) -> list:
+        out = []
+        for e in range(3):
+            for u in range(40):
+                t = 100_000 * (e + 1) + 10 * u
+                addr = ((u * 7) % 24) << 12
+                b.op(1, t, OP_HWPT_INV, sid=SIDS[0], pasid=0, a0=addr, a1=1 + u % 3,
+                     a2=u & 1, a3=40 * e + u)
+                b.op(1, t + 5, OP_UNMAP_RET, a0=40 * e + u, a1=t + 1, a2=u)
+            out.append(b.server.apply_epoch(b.logs[1].take()))
+        return out
+    monkeypatch.setattr(server, "EPOCH_KERNEL", False)
+    b0 = _bench()
+    want = run(b0)
+    monkeypatch.setattr(server, "EPOCH_KERNEL", True)
+    b1 = _bench()
+    b1.server._inv_ik = np.full((8, 6), -1, dtype=np.int64)
+    b1.server._inv_iv = np.zeros((8, 2), dtype=np.int64)
+    assert run(b1) == want
+    assert b1.server._inv_ik.shape[0] >= 64 and b1.server._inv_im[0] == 24
+    assert_same(host_state(b0.server), host_state(b1.server))
