@@ -237,11 +237,10 @@ class CompiledNicAgent(VmAgent):
         return self.g
 
     def _sync(self) -> None:
-        """stats, the workload's counters and the stale bound from the arrays."""
-        self.stats.update(zip(GUEST_COUNTERS, self.g.stats.tolist(), strict=True))
-        wl = self.workload
-        for name, v in zip(knic.W_NAMES, self.nic.w.tolist(), strict=True):
-            setattr(wl, name, v)
+        """stats, the workload's counters and the stale bound from the arrays (a new stats
+        dict: the Python DMA layer's reference to the old one is no longer used)."""
+        self.stats = dict(zip(GUEST_COUNTERS, self.g.stats.tolist(), strict=True))
+        self.workload.__dict__.update(zip(knic.W_NAMES, self.nic.w.tolist(), strict=True))
         self.dma.stale_bound_ns = dmaapi.stale_bound_ns(self.d)
 
     def receive(self, report: EpochReport) -> None:
@@ -264,7 +263,7 @@ class CompiledNicAgent(VmAgent):
                     busy[cpu] = t0 + stall
                     s[kg.S_CPU_BUSY_NS] += stall
                     due[cpu] -= stall
-        self.stats.update(zip(GUEST_COUNTERS, s.tolist(), strict=True))
+        self.stats = dict(zip(GUEST_COUNTERS, s.tolist(), strict=True))
 
 
 def warm_up() -> None:
