@@ -13,6 +13,13 @@ device assignment, ``HostIommu.owner_of_sid``, is the authority) is refused and 
 applied; refused VFIO / iommufd / memory requests are counted too. At the end of each epoch
 the host driver drains the fault recording registers (Linux dmar_fault): each VM receives its
 devices' faults, faults of devices no VM owns are counted as host faults.
+
+The epoch runs on a compiled kernel (host_iommu/kernels/epoch.py) that takes the operations
+it can apply exactly as the loop would (guest stores, DMA runs whose contexts are cached,
+one-entry HWPT invalidations, unmap returns and retires, with the due effects between them)
+and returns the others to the Python loop, one at a time; ``EPOCH_KERNEL`` (environment
+IOMMU_EMU_HOST_KERNEL=0) switches it off. The oracle is ``oracle.ArrayOracle``, the oracle's
+own code over arrays the kernel shares.
 """
 
 from __future__ import annotations
@@ -247,9 +254,12 @@ class HostServer:
         event that made them), so the invalidation queue may forget the slots released by
         then (InvalidationQueue.forget_until). Without it the queue keeps them.
 
-        The loop reads the kind, time and VM columns as Python lists (no numpy scalar per
-        operation); the control operations are read as rows of ints, all at once, when the
-        first is met (the loop meets each once, in order).
+        The Python loop below is the description: it reads the kind, time and VM columns as
+        Python lists (no numpy scalar per operation), and the control operations as rows of
+        ints, all at once, when the first is met (the loop meets each once, in order). On the
+        live path (``_compiled``) the epoch kernel walks the same operations instead and
+        hands back to this loop, one operation or run at a time, whatever it does not take
+        (``_apply_compiled``); the results are the same, value for value.
         """
         if not isinstance(ops, np.ndarray) or ops.dtype != OP_DTYPE or ops.ndim != 1:
             raise ProtocolError("apply_epoch takes a 1-D numpy array of OP_DTYPE")
