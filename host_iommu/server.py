@@ -836,3 +836,5 @@ def warm_up_epoch() -> None:
     o.returned_at(1, 1 << 40)
     o.retire_runs(1, [(1 << 40, 2)])
     o.retire(1, np.arange(1 << 40, (1 << 40) + 64, dtype=np.int64))
+    ek.inv_rehash(hs._inv_ik, hs._inv_iv, np.full((2048, ek.K_FIELDS), -1, dtype=np.int64),
+                  np.zeros((2048, 2), dtype=np.int64), np.zeros(1, dtype=np.int64))
