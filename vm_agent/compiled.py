@@ -30,6 +30,8 @@ import numpy as np
 from host_iommu.defs import PAGE_SIZE
 from host_iommu.protocol import EpochReport
 from vm_agent.agent import GUEST_COUNTERS, VmAgent
+from vm_agent.dma import DmaApi
+from vm_agent.iova import IovaDomain, IovaRcache
 from vm_agent.kernels import dmaapi
 from vm_agent.kernels import guest as kg
 from vm_agent.kernels import nic as knic
@@ -139,16 +141,28 @@ class CompiledNicAgent(VmAgent):
     LOG_ROWS = 4096      # op-log rows and event-heap rows to start with (both grow)
     HEAP_ROWS = 64
 
+    compiled = False     # True once frozen: the epochs run on the arrays
+
     def setup(self):
+        """VmAgent.setup, then ``freeze`` where the compiled DMA API takes this guest's
+        domain as built (the plain IOVA allocator and DMA layer; freeze's own checks):
+        otherwise the agent stays on the Python path, the same results either way."""
         vs = super().setup()
-        self.freeze()
+        if all(type(dom.iovad) is IovaDomain and type(dom.rcache) is IovaRcache
+               for dom in self.dma.domains.values()) and type(self.dma) is DmaApi:
+            try:
+                self.freeze()
+            except ValueError:
+                return vs
+            self.compiled = True
         return vs
 
     def freeze(self) -> None:
         """Move the guest's state after set-up into arrays (the Python objects are left
         as they are and no longer used)."""
         wl = self.workload
-        self.d = dmaapi.freeze(self)
+        self.d = dmaapi.freeze(self)           # both copy and check (ValueError): nothing
+        self.nic = nic_arrays(wl, self.vcpus)  # of the agent changed before this line
         g = kg.new_arrays(self.vm, self.vcpus, self.mem.frames, log_rows=self.LOG_ROWS,
                           heap_rows=self.HEAP_ROWS + 2 * len(self._events))
         kg.load_memory(g, self.mem)
@@ -167,7 +181,6 @@ class CompiledNicAgent(VmAgent):
         self._events = []
         ctl[kg.C_EV_SEQ] = next(self._event_seq)
         self.g = g
-        self.nic = nic_arrays(wl, self.vcpus)
         if not kg.has_room(self.g):
             self.g = self._grown_guest(self.g)
 
@@ -175,6 +188,8 @@ class CompiledNicAgent(VmAgent):
     def run_epoch(self, t_end_ns: int) -> np.ndarray:
         """VmAgent.run_epoch on the arrays: every event before ``t_end_ns``, then the
         epoch's end (the DMA API's retired unmap ids); the epoch's host operations."""
+        if not self.compiled:
+            return super().run_epoch(t_end_ns)
         self.epoch_ns = t_end_ns - self.now
         run, end = self._kernels()
         g, d, nic, rng = self.g, self.d, self.nic, self.rng
@@ -245,6 +260,8 @@ class CompiledNicAgent(VmAgent):
 
     def receive(self, report: EpochReport) -> None:
         """VmAgent.receive on the arrays (the vCPUs' busy times and the stats)."""
+        if not self.compiled:
+            return super().receive(report)
         self.host_counters = report.counters
         s = self.g.stats
         busy = self.g.busy

@@ -234,3 +234,15 @@ def test_eligible(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_warm_up_runs() -> None:
     """warm_up (for host_iommu/kernels/warm.py) compiles or loads the loop on a tiny VM."""
     compiled.warm_up()
+
+
+def test_other_allocator_stays_on_the_python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DMA layer built on another IOVA allocator (tests/vm_agent/test_kernel_iova.py
+    plugs the array one in) is not frozen: the agent runs VmAgent's epochs."""
+    from vm_agent import dma
+    from vm_agent import iova as live
+    monkeypatch.setattr(dma, "IovaDomain", live.ArrayIovaDomain)
+    monkeypatch.setattr(dma, "IovaRcache", live.ArrayIovaRcache)
+    _h, (a,) = _agents(CONFIGS["pt-rr-limit"], True)
+    assert isinstance(a, compiled.CompiledNicAgent) and not a.compiled
+    assert a.run_epoch(100_000).size
