@@ -161,6 +161,10 @@ class CompiledNicAgent(VmAgent):
         """Move the guest's state after set-up into arrays (the Python objects are left
         as they are and no longer used)."""
         wl = self.workload
+        for _t, _seq, fn, _args in self._events:
+            if knic.KIND_OF.get(fn.__name__) is None or getattr(fn, "__self__", None) not in (
+                    wl, self.dma):
+                raise ValueError(f"compiled NIC loop: no event kind for {fn!r}")
         self.d = dmaapi.freeze(self)           # both copy and check (ValueError): nothing
         self.nic = nic_arrays(wl, self.vcpus)  # of the agent changed before this line
         g = kg.new_arrays(self.vm, self.vcpus, self.mem.frames, log_rows=self.LOG_ROWS,
