@@ -277,3 +277,33 @@ def test_refusals_change_nothing():
     after = (g.stats, g.busy, d.ist, d.pt, int(g.ctl[kg.C_LOG_N]))
     for x, y in zip(before, after, strict=True):
         assert np.array_equal(x, y)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 1023), min_size=1, max_size=60), st.integers(0, 1023),
+       st.integers(1, 600))
+def test_clear_4k_equals_unmap_kernel(mapped, first, pages):
+    """The strict unmap's short path (_clear_4k) against the general unmap kernel on the
+    same tables: the same stores listed in the same order and the same table state, or it
+    declines (-1) and changes nothing; ranges inside and across a 2-MiB table, over present
+    and empty entries."""
+    a = make_agent("nested")
+    store = a.dma.domains[a.workload.dev.sid].table.store
+    for p in mapped:   # 4-KiB pages in two level-1 tables' 4 MiB, through the Python path
+        a.dma.domains[a.workload.dev.sid].table.map((0x40000 + p) << 12, 0x100000, PAGE)
+    start, end = (0x40000 + first) << 12, (0x40000 + first + pages) << 12
+    ours, ref = store.state.copy(), store.state.copy()
+    n = K._clear_4k(ours, start, end)
+    code, stores, frees = kpg.unmap_range(ref, start, end)
+    assert code == kpg.DONE
+    if n < 0:
+        assert first >> 9 != (first + pages - 1) >> 9 or pages >= 512
+        assert np.array_equal(ours, store.state)
+        return
+    assert (n, 0) == (stores, frees)
+    frames, rows = int(ref[kpg.H_FRAMES]), int(ref[kpg.H_ROWS])
+    out = kpg.HEADER + frames + 2 * rows
+    assert ours[out:out + 2 * n].tolist() == ref[out:out + 2 * n].tolist()
+    ours[kpg.H_STAMP], ref[kpg.H_STAMP] = 0, 0      # the kernel's own marks aside
+    ours[kpg.HEADER + frames + rows:out] = ref[kpg.HEADER + frames + rows:out]
+    assert np.array_equal(ours, ref)
