@@ -6,7 +6,8 @@ that a caller with a time budget (a test that signals a CLI run after its first 
 tests/conftest.py) does not spend it compiling. It translates a few requests of an ATS device
 bound nested (through the translate, walk, IOTLB, PWC and device-TLB kernels) and applies one
 invalidation of each kind the caches take; then the guest's flush-queue and page-table
-kernels.
+kernels, the boundary's batch checks, the host's epoch kernel, the guest's compiled DMA API
+and its whole-VM-epoch NIC loop.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from host_iommu.iommu import HostIommu, IommuParams
 from host_iommu.pasid import PasidEntry
 from host_iommu.pgtable import PageTable
 from host_iommu.protocol import OP_DMA, OP_DTYPE, merge, pack_ops, unpack_ops
+from host_iommu.server import warm_up_epoch
 from host_iommu.walk import WalkBatch
+from vm_agent.compiled import warm_up as warm_nic_loop
+from vm_agent.kernels.dmaapi import warm_up as warm_dma_api
 from vm_agent.kernels.flushq import warm_up as warm_flush_queues
 from vm_agent.memory import GuestMemory, GuestTableStore
 
@@ -62,3 +66,9 @@ def warm_up() -> None:
     ops = np.zeros(2, dtype=OP_DTYPE)
     ops["vm"], ops["op"], ops["a2"], ops["seq"] = 1, OP_DMA, ACCESS_READ, (0, 1)
     merge([unpack_ops(pack_ops(ops))])
+    # the host's epoch kernel and the array oracle (kernels/epoch.py, kernels/oracle.py)
+    warm_up_epoch()
+    # the guest's compiled IOMMU driver and the whole-VM-epoch NIC loop (vm_agent/kernels/
+    # dmaapi.py, nic.py): about a minute of CPU on a cold cache, under a second to load
+    warm_dma_api()
+    warm_nic_loop()
