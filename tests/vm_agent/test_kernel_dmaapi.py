@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from host_iommu.costs import CostModel
+from host_iommu.invalidate import psi_aligned
 from vm_agent.agent import GUEST_COUNTERS, VmAgent
 from vm_agent.flushq import FlushQueue
 from vm_agent.kernels import dmaapi as K
@@ -307,3 +308,32 @@ def test_clear_4k_equals_unmap_kernel(mapped, first, pages):
     ours[kpg.H_STAMP], ref[kpg.H_STAMP] = 0, 0      # the kernel's own marks aside
     ours[kpg.HEADER + frames + rows:out] = ref[kpg.HEADER + frames + rows:out]
     assert np.array_equal(ours, ref)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, (1 << 40) - 1), st.integers(1, 1 << 20))
+def test_psi_equals_invalidate_helper(addr, npages):
+    """The range an invalidation covers: invalidate.psi_aligned(mamv=None), value for value."""
+    assert K._psi(addr << 12, npages) == psi_aligned(addr << 12, npages, mamv=None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 40)), max_size=200))
+def test_hash_table_equals_dict(ops):
+    """The open-addressing table (linear probing, backward-shift deletion) on a small
+    table full of collisions: after each insert or delete every key is found with its
+    value, as in a dict, and no other key is."""
+    tab = np.full((16, 2), -1, np.int64)   # keys k and k + 16 share a home slot
+    want: dict[int, int] = {}
+    for i, (insert, key) in enumerate(ops):
+        s = K._h_find(tab, key)
+        assert (s >= 0) == (key in want)
+        if insert and s < 0 and len(want) < 12:
+            tab[-1 - s] = (key, i)
+            want[key] = i
+        elif not insert and s >= 0:
+            K._h_delete(tab, s)
+            del want[key]
+        for k in range(41):
+            s = K._h_find(tab, k)
+            assert (int(tab[s, 1]) if s >= 0 else None) == want.get(k)
