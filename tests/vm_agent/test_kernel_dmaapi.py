@@ -337,3 +337,17 @@ def test_hash_table_equals_dict(ops):
         for k in range(41):
             s = K._h_find(tab, k)
             assert (int(tab[s, 1]) if s >= 0 else None) == want.get(k)
+
+
+def test_32bit_space_exhausted():
+    """With all but a few pages below 4 GiB reserved, maps fill the 32-bit space, the
+    first failure there drops the pci_32bit_workaround for good, and later maps (and the
+    rcache flush the full aperture allows) equal the Python path's."""
+    for policy in ("strict", "lazy"):
+        a = make_agent("nested", policy, 2)
+        a.dma.domains[a.workload.dev.sid].iovad.reserve_iova(1, 0xFFFF0 - 1)
+        seq = [("map", k % 2, PAGE * (1 + k % 3), 0, 0, 100) for k in range(12)]
+        seq += [("unmap", k % 2, k, 0, 0, 100) for k in range(6)]
+        seq += [("map", k % 2, PAGE, 0, 0, 100) for k in range(12)] + [("epoch", 0, 0, 0, 0, 0)]
+        _g, d = run_pair(a, seq)
+        assert d.ctl[K.D_PCI32] == 0 and not a.dma.domains[a.workload.dev.sid].pci_32bit_workaround
