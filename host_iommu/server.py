@@ -99,8 +99,12 @@ EPOCH_KERNEL = os.environ.get("IOMMU_EMU_HOST_KERNEL", "1") != "0"
 # ... and translates DMA runs itself unless this is False (the rest of it still runs).
 EPOCH_KERNEL_DMA = True
 _UNRESOLVED = (-1, 0)   # a HWPT invalidation the epoch kernel leaves to _control
-_INV_AT_MAX = 1 << 14   # invalidations whose descriptor words a server keeps (as nested's)
-_INV_TABLE_MAX = 1 << 16   # slots of the compiled table of resolved invalidations
+# Invalidations whose descriptor words a server keeps, and the slots of the compiled table
+# of resolved invalidations: room for every IOVA range 64 NIC VMs of one host keep in use
+# (a few hundred each), so that a many-VM host does not start afresh every few epochs and
+# resolve its invalidations in Python again (at most about 13 MB of words, 16 MB of table).
+_INV_AT_MAX = 1 << 17
+_INV_TABLE_MAX = 1 << 18
 # Look-up tables indexed by the uint8 "op" column: a known kind, a kind that names a device.
 _KNOWN_OP = np.zeros(256, dtype=bool)
 _KNOWN_OP[list(OP_NAMES)] = True
