@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 
+import numba
 import numpy as np
 
 from host_iommu.costs import CostModel
@@ -95,7 +96,9 @@ SID_OPS = (OP_DMA, OP_HWPT_INV, OP_VFIO_MAP, OP_VFIO_UNMAP)
 DMA_SMALL_BATCH = 16
 # apply_epoch runs on the epoch kernel (host_iommu/kernels/epoch.py) unless this is False
 # (environment IOMMU_EMU_HOST_KERNEL=0): the Python loop, the same results, op by op.
-EPOCH_KERNEL = os.environ.get("IOMMU_EMU_HOST_KERNEL", "1") != "0"
+# (Off with numba's JIT off, NUMBA_DISABLE_JIT=1: as plain Python the kernel is no faster.)
+EPOCH_KERNEL = (os.environ.get("IOMMU_EMU_HOST_KERNEL", "1") != "0"
+                and not numba.config.DISABLE_JIT)
 # ... and translates DMA runs itself unless this is False (the rest of it still runs).
 EPOCH_KERNEL_DMA = True
 _UNRESOLVED = (-1, 0)   # a HWPT invalidation the epoch kernel leaves to _control

@@ -48,8 +48,10 @@ MODES: tuple[tuple[str, str], ...] = (("passthrough", "*"), ("nested", "strict")
 
 
 def enabled() -> bool:
-    """The module switch and the environment's."""
-    return ENABLED and os.environ.get(ENV, "1") != "0"
+    """The module switch and the environment's; off with numba's JIT off
+    (NUMBA_DISABLE_JIT=1), where the loop would be plain Python far slower than the agent's
+    own path and has no compiled entry points."""
+    return ENABLED and os.environ.get(ENV, "1") != "0" and not numba.config.DISABLE_JIT
 
 
 def eligible(group: Any) -> bool:

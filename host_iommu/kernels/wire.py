@@ -28,15 +28,15 @@ def ops_all_valid(ops: np.ndarray, known_op: np.ndarray, max_pasid: int, op_dma:
     """True when no operation of ``ops`` (OP_DTYPE records) breaks a rule of check_ops."""
     for i in range(ops.size):
         r = ops[i]
-        k = r.op
-        if not known_op[k] or r.t_ns < 0 or r.vm < 1 or r.pasid > max_pasid:
+        k = r["op"]
+        if not known_op[k] or r["t_ns"] < 0 or r["vm"] < 1 or r["pasid"] > max_pasid:
             return False
         if k == op_dma:
-            access = r.a2 & 0xFF
+            access = r["a2"] & 0xFF
             if access != access_read and access != access_write:
                 return False
-        elif k == op_retire and (r.a1 == 0 or r.a1 > np.uint64(max_retire_run)
-                                 or r.a0 >= np.uint64(1 << 62)):
+        elif k == op_retire and (r["a1"] == 0 or r["a1"] > np.uint64(max_retire_run)
+                                 or r["a0"] >= np.uint64(1 << 62)):
             return False
     return True
 
@@ -51,9 +51,9 @@ def ops_order(ops: np.ndarray) -> int:
     for i in range(1, ops.size):
         a = ops[i - 1]
         b = ops[i]
-        key_up = a.vm < b.vm or (a.vm == b.vm and a.seq < b.seq)
+        key_up = a["vm"] < b["vm"] or (a["vm"] == b["vm"] and a["seq"] < b["seq"])
         by_key = by_key and key_up
-        by_time = by_time and (a.t_ns < b.t_ns or (a.t_ns == b.t_ns and key_up))
+        by_time = by_time and (a["t_ns"] < b["t_ns"] or (a["t_ns"] == b["t_ns"] and key_up))
         if not by_key and not by_time:
             return 0
     if by_time:

@@ -79,10 +79,11 @@ ST_SEND = 3          # napi_steps: send the answer in r[R_SEND_NBYTES], then go 
 # of the namedtuples it is passed (an atomic operation each; ~0.3 us per call with g and
 # d), more than the work of a pass-through map. A cached ``run`` then holds their code:
 # ``_stamp_with`` below makes its cache stale when those files change.
-_dma_map = njit(inline="always")(dmaapi.dma_map.py_func)
-_dma_unmap = njit(inline="always")(dmaapi.dma_unmap.py_func)
-_room_ok = njit(inline="always")(dmaapi.room_ok.py_func)
-_unmap_tag = njit(inline="always")(dmaapi.unmap_tag.py_func)
+# (With NUMBA_DISABLE_JIT=1 ``njit`` returns the plain function, which has no py_func.)
+_dma_map = njit(inline="always")(getattr(dmaapi.dma_map, "py_func", dmaapi.dma_map))
+_dma_unmap = njit(inline="always")(getattr(dmaapi.dma_unmap, "py_func", dmaapi.dma_unmap))
+_room_ok = njit(inline="always")(getattr(dmaapi.room_ok, "py_func", dmaapi.room_ok))
+_unmap_tag = njit(inline="always")(getattr(dmaapi.unmap_tag, "py_func", dmaapi.unmap_tag))
 
 
 class NicArrays(NamedTuple):
