@@ -79,6 +79,7 @@ from vm_agent.kernels.guest import (
     S_UNMAPS,
     S_VM_EXITS,
     S_VMM_INVALIDATE_CALLS,
+    log_row,
 )
 
 DIRECT_CALL_NS = 40            # vm_agent/dma.py: dma-direct map/unmap
@@ -275,20 +276,7 @@ def _refuse(gctl, reason):
     gctl[C_ERR_ARG] = reason
 
 
-@njit(cache=True, inline="always")
-def _log(gctl, log, t, op, sid, pasid, a0, a1, a2, a3):
-    """guest.log_add over the arrays: append one row; its index."""
-    i = gctl[C_LOG_N]
-    log[i, 0] = t
-    log[i, 1] = op
-    log[i, 2] = sid
-    log[i, 3] = pasid
-    log[i, 4] = a0
-    log[i, 5] = a1
-    log[i, 6] = a2
-    log[i, 7] = a3
-    gctl[C_LOG_N] = i + 1
-    return i
+_log = log_row   # guest.log_add over the arrays: append one row; its index
 
 
 # --- the op log's table stores (VmAgent._log_table_stores, _made_by) ---------------------

@@ -183,12 +183,11 @@ def borrowed(typingctx, tup):
 
 # --- the op log ---------------------------------------------------------------------------
 @njit(cache=True, inline="always")
-def log_add(g, t, op, sid, pasid, a0, a1, a2, a3):
-    """OpLog.add: append one row; its index (sequence number ctl[C_SEQ0] + index). The
-    caller's slack guarantees the room."""
-    ctl = g.ctl
+def log_row(ctl, log, t, op, sid, pasid, a0, a1, a2, a3):
+    """log_add over the arrays themselves (``g.ctl``, ``g.log``), for kernels that are
+    handed arrays rather than the namedtuple."""
     i = ctl[C_LOG_N]
-    row = g.log[i]
+    row = log[i]
     row[0] = t
     row[1] = op
     row[2] = sid
@@ -199,6 +198,13 @@ def log_add(g, t, op, sid, pasid, a0, a1, a2, a3):
     row[7] = a3
     ctl[C_LOG_N] = i + 1
     return i
+
+
+@njit(cache=True, inline="always")
+def log_add(g, t, op, sid, pasid, a0, a1, a2, a3):
+    """OpLog.add: append one row; its index (sequence number ctl[C_SEQ0] + index). The
+    caller's slack guarantees the room."""
+    return log_row(g.ctl, g.log, t, op, sid, pasid, a0, a1, a2, a3)
 
 
 # OP_DTYPE's packed layout, which _pack writes byte by byte (checked at import)
