@@ -63,9 +63,9 @@ def make_agent(cfg: Config, p: VmPlan) -> VmAgent:
     churn = Churn(g.churn) if g.churn is not None else None
     cls = CompiledNicAgent if eligible(g) else VmAgent
     return cls(p.vm, mode=g.mode, policy=g.policy, flush_queue=g.flush_queue,
-                   vcpus=g.vcpus, memory_bytes=g.memory_mib << 20, fl_levels=g.fl_levels,
-                   ats=g.ats, workload=workload, churn=churn, costs=cfg.cost,
-                   seed=cfg.experiment.seed, stream=p.index, hz=g.hz, bus=p.bus)
+               vcpus=g.vcpus, memory_bytes=g.memory_mib << 20, fl_levels=g.fl_levels,
+               ats=g.ats, workload=workload, churn=churn, costs=cfg.cost,
+               seed=cfg.experiment.seed, stream=p.index, hz=g.hz, bus=p.bus)
 
 
 def guest_epoch_stats(agent: VmAgent) -> dict[str, int]:
