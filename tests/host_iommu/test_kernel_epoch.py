@@ -224,10 +224,12 @@ def test_kernel_is_used():
     assert b.server._compiled() == server.EPOCH_KERNEL
 
 
-def test_dma_runs_take_the_kernel(monkeypatch):
-    """Once the contexts are cached, a DMA run is the kernel's (the Python run is never
-    called): good, faulting (a non-canonical address: no reference) and rogue DMAs, with the
-    same counters, statistics and fault records as the Python loop gives."""
+@pytest.mark.parametrize("fetch", [True, False])
+def test_dma_runs_take_the_kernel(monkeypatch, fetch):
+    """A DMA run is the kernel's (the Python run is never called), the first one too, whose
+    contexts miss the cold caches (with server.EPOCH_KERNEL_FETCH off, that one is
+    Python's): good, faulting (a non-canonical address: no reference) and rogue DMAs, with
+    the same counters, statistics and fault records as the Python loop gives."""
     def epochs(b: Bench) -> list:
         b.server.oracle.unmap_returned(1, 0, 1)      # unmap 0 returned long ago
         out = []
@@ -243,13 +245,14 @@ def test_dma_runs_take_the_kernel(monkeypatch):
     b0 = _bench()
     want = epochs(b0)
     monkeypatch.setattr(server, "EPOCH_KERNEL", True)
+    monkeypatch.setattr(server, "EPOCH_KERNEL_FETCH", fetch)
     b1 = _bench()
     calls = []
     real = server.HostServer._run
     monkeypatch.setattr(server.HostServer, "_run",
                         lambda self, ops, i, *a: calls.append(i) or real(self, ops, i, *a))
     got = epochs(b1)
-    assert calls == [0]            # only the first run (context caches cold) was Python's
+    assert calls == ([] if fetch else [0])   # without fetches: the cold run was Python's
     assert got == want
     c = want[1][1].counters
     assert c["faults"] >= 1 and want[1][1].faults and c["stale_dma"] == 1
