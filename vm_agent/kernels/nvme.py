@@ -47,7 +47,7 @@ from workloads.nvme import CQE_BYTES, PRP_ENTRY_BYTES, PRPS_PER_LIST_PAGE, SQE_B
 K_SUBMIT = 1         # a0 = q
 K_FETCH = 2          # a0 = command slot
 K_TRANSFER = 3       # a0 = command slot
-K_DMA = 4            # a0 = address, a1 = size, a2 = write (the device's data transfer)
+K_DMA = 4            # a0 = command slot, a1 = page: the transfer's DMA of that page
 K_COMPLETE = 5       # a0 = command slot
 K_FQ_TIMER = 6       # a0 = cpu
 KIND_OF = {"_submit": K_SUBMIT, "_fetch": K_FETCH, "_transfer": K_TRANSFER,
@@ -320,28 +320,91 @@ def submit_steps(g, d, nv, rng):
 
 
 @njit(cache=True, inline="always")
+def _page_ns(nv, size):
+    """The time the drive takes for a page of ``size`` bytes at its bandwidth."""
+    if size == PAGE_SIZE:
+        return nv.p[P_PAGE_NS]
+    return max(1, np.int64(np.rint(size * 8 / nv.f[F_BW])))
+
+
+@njit(cache=True, inline="always")
+def push_seq(g, t, seq, kind, a0, a1):
+    """guest.heap_push of an event with a sequence number taken earlier (``seq``)."""
+    ctl = g.ctl
+    h = g.heap
+    i = ctl[kg.C_HEAP_N]
+    h[i, 0] = t
+    h[i, 1] = seq
+    h[i, 2] = kind
+    h[i, 3] = a0
+    h[i, 4] = a1
+    for c in range(5, h.shape[1]):
+        h[i, c] = 0
+    ctl[kg.C_HEAP_N] = i + 1
+    while i > 0:
+        p = (i - 1) >> 1
+        if kg._less(h, i, p):
+            kg._swap(h, i, p)
+            i = p
+        else:
+            break
+
+
+@njit(cache=True, inline="always")
 def transfer(g, nv, t_ns, slot):
     """NvmeWorkload._transfer: one device DMA event per data page, back to back at the
-    drive's bandwidth, then the completion."""
-    p = nv.p
+    drive's bandwidth, then the completion. The page events take their sequence numbers
+    here, in order, but only the first enters the heap: each page's event schedules the
+    next one when it runs (``page_dmas``), which comes after it in (time, sequence) order,
+    so the order of events is the same."""
     crow = nv.c[slot]
     t = max(t_ns, nv.w[W_MEDIA_FREE_NS])
-    page_ns = p[P_PAGE_NS]
+    t0 = t
     nbytes = crow[C_NBYTES]
     read = crow[C_READ]
-    bw = nv.f[F_BW]
-    pages = nv.pages[slot]
-    for i in range(crow[C_NPAGES]):
-        size = min(PAGE_SIZE, nbytes - (i << PAGE_SHIFT))
-        kg.heap_push(g, t, K_DMA, pages[i], size, read, 0, 0, 0, 0, 0, 0)
-        if size == PAGE_SIZE:
-            t += page_ns
-        else:
-            t += max(1, np.int64(np.rint(size * 8 / bw)))
+    npages = crow[C_NPAGES]
+    for i in range(npages):
+        t += _page_ns(nv, min(PAGE_SIZE, nbytes - (i << PAGE_SHIFT)))
     nv.w[W_MEDIA_FREE_NS] = t
     if not read:
-        t += p[P_WRITE_NS]
-    kg.heap_push(g, t, K_COMPLETE, slot, 0, 0, 0, 0, 0, 0, 0, 0)
+        t += nv.p[P_WRITE_NS]
+    ctl = g.ctl
+    seq = ctl[kg.C_EV_SEQ]
+    ctl[kg.C_EV_SEQ] = seq + npages + 1
+    if npages:
+        push_seq(g, t0, seq, K_DMA, slot, 0)
+    push_seq(g, t, seq + npages, K_COMPLETE, slot, 0)
+
+
+@njit(cache=True, inline="always")
+def page_dmas(g, d, nv, t, seq, slot, i, t_end):
+    """The event of page ``i`` of a transfer (VmAgent.device_dma of that page), then each
+    next page's at once while it would be the next event of the epoch anyway (before
+    ``t_end``, ahead of the heap's top in (time, sequence) order) and the log has room;
+    else the next page's event goes into the heap."""
+    p = nv.p
+    crow = nv.c[slot]
+    nbytes = crow[C_NBYTES]
+    read = crow[C_READ] != 0
+    npages = crow[C_NPAGES]
+    pages = nv.pages[slot]
+    sid = p[P_SID]
+    pasid = p[P_PASID]
+    ctl = g.ctl
+    h = g.heap
+    while True:
+        size = min(PAGE_SIZE, nbytes - (i << PAGE_SHIFT))
+        _device_dma(g, d, sid, pasid, t, pages[i], size, read)
+        i += 1
+        if i >= npages:
+            return
+        t += _page_ns(nv, size)
+        seq += 1
+        if (t >= t_end or ctl[kg.C_LOG_N] + ctl[kg.C_LOG_SLACK] > g.log.shape[0]
+                or (ctl[kg.C_HEAP_N] and (h[0, 0] < t or (h[0, 0] == t and h[0, 1] < seq)))):
+            push_seq(g, t, seq, K_DMA, slot, i)
+            return
+        ctl[kg.C_NOW] = t
 
 
 @njit(cache=True, inline="always")
@@ -423,7 +486,6 @@ def run(g, d, nv, rng, t_end):
     ctl = g.ctl
     ev = g.ev
     r = nv.r
-    p = nv.p
     while True:
         if r[R_STEP] != STEP_NONE:         # a submission under way (begun, or stopped)
             st = submit_steps(g, d, nv, rng)
@@ -438,7 +500,7 @@ def run(g, d, nv, rng, t_end):
         ctl[kg.C_NOW] = t
         a = kg.H_A0
         if kind == K_DMA:
-            _device_dma(g, d, p[P_SID], p[P_PASID], t, ev[a], ev[a + 1], ev[a + 2] != 0)
+            page_dmas(g, d, nv, t, ev[kg.H_SEQ], ev[a], ev[a + 1], t_end)
         elif kind == K_COMPLETE:
             slot = ev[a]
             q = nv.c[slot, C_Q]
