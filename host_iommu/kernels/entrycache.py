@@ -28,7 +28,13 @@ Beside ``st`` each cache keeps ``vals`` int64[lines, NVALS]: the decoded entry's
 numbers, written by the wrapper at fill (V_OK 0: the entry has no numeric form, so a hit on
 it is left to Python). ``contexts_hit`` runs a translate batch's context stage on them when
 every distinct (sid, pasid) hits both caches (HostIommu._resolve on hits only: no fetch);
-otherwise it changes nothing and the caller resolves the batch in Python.
+otherwise it changes nothing and the caller resolves the batch in Python. The host's epoch
+kernel then calls ``contexts_fetch``: HostIommu._resolve whole, the misses fetched from host
+memory (ScalableModeTables.fetch_context / fetch_pasid_entry: VT-d spec 9.2 root entry, 9.4
+scalable-mode context entry, 9.5 PASID directory entry, 9.6 PASID table entry, with their
+fault reasons and FPD) and filled into both caches look-up for look-up, fill for fill. It
+declines (changing nothing) only for a key whose cached line holds an entry Python put there
+with no numeric form.
 """
 
 from __future__ import annotations

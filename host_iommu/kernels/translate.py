@@ -13,8 +13,12 @@ semantics, so that a small batch costs one call instead of some hundred numpy op
 - IOTLB fills of the successful walks in request order, then device-TLB fills of every
   ATS completion sent.
 
-The context stage (root, context and PASID entries through their caches) stays in Python:
-a batch resolves a few (sid, pasid). host_iommu/refengine.py is the request-by-request
+The context stage (root, context and PASID entries through their caches) comes before it:
+HostIommu._contexts in Python, or from the host's epoch kernel (kernels/epoch.py)
+kernels/entrycache.py contexts_hit and contexts_fetch. Per-request state lives in a few
+arrays (rows of one array per dtype) and the IOTLB and device-TLB fills go line by line
+(iotlb._fill_line): a DMA run is often only a few requests long, and numba's array
+allocations were most of such a call. host_iommu/refengine.py is the request-by-request
 reference, compared on whole runs by tests/system/test_fast_vs_reference.py; the kernel is
 compared with the numpy orchestration it replaced by tests/host_iommu/test_kernel_translate.py.
 """
