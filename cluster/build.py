@@ -17,6 +17,8 @@ from host_iommu.iommu import IommuParams
 from host_iommu.server import HostServer
 from vm_agent.agent import VmAgent
 from vm_agent.compiled import CompiledNicAgent, eligible
+from vm_agent.compiled_nvme import CompiledNvmeAgent
+from vm_agent.compiled_nvme import eligible as nvme_eligible
 from workloads import WORKLOADS, workload_summary
 from workloads.churn import Churn
 
@@ -56,12 +58,14 @@ def make_host(cfg: Config, host: int) -> HostServer:
 
 
 def make_agent(cfg: Config, p: VmPlan) -> VmAgent:
-    """The VM's agent: a CompiledNicAgent where the group is eligible for the compiled
-    NIC loop (vm_agent/compiled.py: the same results), else a VmAgent."""
+    """The VM's agent: a CompiledNicAgent or CompiledNvmeAgent where the group is eligible
+    for the compiled NIC or NVMe loop (vm_agent/compiled.py, vm_agent/compiled_nvme.py:
+    the same results), else a VmAgent."""
     g = next(g for g in cfg.vms if g.name == p.group)
     workload = WORKLOADS[g.workload.kind](g.workload.params)
     churn = Churn(g.churn) if g.churn is not None else None
-    cls = CompiledNicAgent if eligible(g) else VmAgent
+    cls = (CompiledNicAgent if eligible(g) else CompiledNvmeAgent if nvme_eligible(g)
+           else VmAgent)
     return cls(p.vm, mode=g.mode, policy=g.policy, flush_queue=g.flush_queue,
                vcpus=g.vcpus, memory_bytes=g.memory_mib << 20, fl_levels=g.fl_levels,
                ats=g.ats, workload=workload, churn=churn, costs=cfg.cost,

@@ -51,10 +51,16 @@ from host_iommu.kernels.entrycache import (
     V_FL_LEVELS,
     V_FLPTR,
     V_FPD,
+    V_KFILL,
     V_OK,
+    V_PDIR,
+    V_PDTS,
+    V_PGSNP,
     V_PGTT,
+    V_RID_PASID,
     V_SL_LEVELS,
     V_SLPTR,
+    V_SRE,
     V_SSADE,
     _fill,
     _invalidate,
@@ -64,7 +70,6 @@ from host_iommu.kernels.entrycache import (
 from host_iommu.pasid import ContextEntry, PasidEntry
 
 M64 = (1 << 64) - 1
-I64_MAX = (1 << 63) - 1
 ALL_BITS = -1   # an INV_SID mask comparing every source-id bit
 
 
@@ -76,11 +81,18 @@ def _check(x: int, name: str) -> int:
     return x - (1 << 64) if x >> 63 else x
 
 
+def _bits(x: int) -> int:
+    """A 64-bit address as the int64 with its bit pattern (the ``vals`` columns)."""
+    return x - (1 << 64) if x >> 63 else x
+
+
 class EntryArrays:
     """Lines of one context- or PASID-cache: the kernels' state ``st`` and, per line, the
     decoded entry (``values[set * ways + way]``, meaningful while the line is valid) and its
     fields as numbers (``vals[line, V_*]``, host_iommu/kernels/entrycache.py), which
-    kernels.entrycache.contexts_hit reads."""
+    kernels.entrycache.contexts_hit reads. A line the compiled context stage filled
+    (kernels.entrycache.contexts_fetch: V_KFILL) has only its numbers; ``value`` builds its
+    decoded entry from them (the same entry the Python fill decodes from the words)."""
 
     def __init__(self, entries: int, ways: int, nkeys: int) -> None:
         self.st = new_state(entries, ways, nkeys)
@@ -88,6 +100,17 @@ class EntryArrays:
         self.nkeys = nkeys
         self.values: list[Any] = [None] * entries
         self.vals = np.zeros((entries, NVALS), dtype=np.int64)
+
+    def _build(self, row: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def value(self, line: int) -> Any:
+        """The decoded entry of a valid line (built from ``vals`` if the kernel filled it)."""
+        row = self.vals[line]
+        if row[V_KFILL]:
+            self.values[line] = self._build(row)
+            row[V_KFILL] = 0
+        return self.values[line]
 
     @property
     def planes(self) -> np.ndarray:
@@ -133,7 +156,7 @@ class EntryArrays:
             for w in range(self.ways):
                 if pl[P_VALID, s, w]:
                     key = (int(pl[P_SID, s, w]), int(pl[P_PASID, s, w]))[:self.nkeys]
-                    row.append([key, int(pl[P_DID, s, w]), self.values[s * self.ways + w],
+                    row.append([key, int(pl[P_DID, s, w]), self.value(s * self.ways + w),
                                 int(pl[P_STAMP, s, w])])
                 else:
                     row.append(None)
@@ -166,7 +189,7 @@ class PasidEntryCache(EntryArrays):
     def lookup(self, sid: int, pasid: int) -> Any:
         """The decoded entry (PasidEntry or FaultReason) cached for (sid, pasid), or None."""
         line = _lookup(self.st, sid, pasid)
-        return None if line < 0 else self.values[line]
+        return None if line < 0 else self.value(line)
 
     def fill(self, sid: int, pasid: int, did: int, decoded: Any) -> None:
         line = _fill(self.st, sid, pasid, did)
@@ -177,12 +200,21 @@ class PasidEntryCache(EntryArrays):
             if isinstance(decoded, FaultReason):
                 row[V_FAULT] = int(decoded)
                 row[V_OK] = 1
-            elif isinstance(decoded, PasidEntry) and max(decoded.flptr, decoded.slptr) <= I64_MAX:
+            elif isinstance(decoded, PasidEntry):
                 row[V_FPD], row[V_PGTT], row[V_DID] = bool(decoded.fpd), decoded.pgtt, decoded.did
-                row[V_FLPTR], row[V_FL_LEVELS] = decoded.flptr, decoded.fl_levels
-                row[V_SLPTR], row[V_SL_LEVELS] = decoded.slptr, decoded.sl_levels
+                row[V_FLPTR], row[V_FL_LEVELS] = _bits(decoded.flptr), decoded.fl_levels
+                row[V_SLPTR], row[V_SL_LEVELS] = _bits(decoded.slptr), decoded.sl_levels
                 row[V_SSADE] = bool(decoded.ssade)
+                row[V_SRE], row[V_PGSNP] = bool(decoded.sre), bool(decoded.pgsnp)
                 row[V_OK] = 1
+
+    def _build(self, row: np.ndarray) -> PasidEntry:
+        fpd, pgtt, did, flptr, fll, slptr, sll, ssade, sre, pgsnp = row[
+            [V_FPD, V_PGTT, V_DID, V_FLPTR, V_FL_LEVELS, V_SLPTR, V_SL_LEVELS, V_SSADE, V_SRE,
+             V_PGSNP]].tolist()
+        return PasidEntry(present=True, fpd=bool(fpd), pgtt=pgtt, did=did, slptr=slptr & M64,
+                          sl_levels=sll, ssade=bool(ssade), flptr=flptr & M64, fl_levels=fll,
+                          sre=bool(sre), pgsnp=bool(pgsnp))
 
     def inv_global(self) -> int:
         return self._inv(INV_ALL)
@@ -210,7 +242,7 @@ class ContextEntryCache(EntryArrays):
 
     def lookup(self, sid: int) -> Any:
         line = _lookup(self.st, sid, 0)
-        return None if line < 0 else self.values[line]
+        return None if line < 0 else self.value(line)
 
     def fill(self, sid: int, decoded: Any) -> None:
         line = _fill(self.st, sid, 0, 0)
@@ -220,6 +252,13 @@ class ContextEntryCache(EntryArrays):
             row[:] = 0
             if isinstance(decoded, ContextEntry):
                 row[V_FPD], row[V_DTE], row[V_OK] = bool(decoded.fpd), bool(decoded.dte), 1
+                row[V_PDIR], row[V_PDTS] = _bits(decoded.pasid_dir), decoded.pdts
+                row[V_RID_PASID] = decoded.rid_pasid
+
+    def _build(self, row: np.ndarray) -> ContextEntry:
+        fpd, dte, pdir, pdts, rid = row[[V_FPD, V_DTE, V_PDIR, V_PDTS, V_RID_PASID]].tolist()
+        return ContextEntry(fpd=bool(fpd), dte=bool(dte), pasid_dir=pdir & M64, pdts=pdts,
+                            rid_pasid=rid)
 
     def inv_global(self) -> int:
         return self._inv(INV_ALL)

@@ -99,8 +99,11 @@ DMA_SMALL_BATCH = 16
 # (Off with numba's JIT off, NUMBA_DISABLE_JIT=1: as plain Python the kernel is no faster.)
 EPOCH_KERNEL = (os.environ.get("IOMMU_EMU_HOST_KERNEL", "1") != "0"
                 and not numba.config.DISABLE_JIT)
-# ... and translates DMA runs itself unless this is False (the rest of it still runs).
+# ... and translates DMA runs itself unless this is False (the rest of it still runs),
+# resolving the contexts that miss the context and PASID caches too unless this is False
+# (then a run with a miss goes to HostIommu.translate's Python context stage).
 EPOCH_KERNEL_DMA = True
+EPOCH_KERNEL_FETCH = True
 _UNRESOLVED = (-1, 0)   # a HWPT invalidation the epoch kernel leaves to _control
 # Invalidations whose descriptor words a server keeps, and the slots of the compiled table
 # of resolved invalidations: room for every IOVA range 64 NIC VMs of one host keep in use
@@ -508,6 +511,7 @@ class HostServer:
         st[ek.ST_DMA] = EPOCH_KERNEL_DMA and hasattr(h.caches.ctxc, "vals") and hasattr(
             h.caches.pasidc, "vals")
         st[ek.ST_HIT_NS], st[ek.ST_REF_NS] = self.costs.iotlb_hit_ns, self.costs.mem_ref_ns
+        st[ek.ST_FETCH] = EPOCH_KERNEL_FETCH and h.sm.mem is h.mem
         cnt = np.zeros((max(self.counters) + 1, ek.CNT_FIELDS), dtype=np.int64)
         waits = np.zeros((n, 4), dtype=np.int64)
         retires = np.zeros((n, 3), dtype=np.int64)
@@ -591,7 +595,7 @@ class HostServer:
                 w.amask, w.fl_rsvd, w.sl_rsvd, fl is not None,
                 NO_PWC[0] if fl is None else fl.state, NO_PWC[1] if fl is None else fl.counts,
                 sl is not None, NO_PWC[0] if sl is None else sl.state,
-                NO_PWC[1] if sl is None else sl.counts, mem.owner)
+                NO_PWC[1] if sl is None else sl.counts, mem.owner, h.sm.rtaddr)
 
     def _control(self, row: tuple[int, ...]) -> None:
         """One operation that is neither a DMA nor a guest table store: an OP_DTYPE row as

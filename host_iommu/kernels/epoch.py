@@ -16,19 +16,23 @@ the same batch cuts, every operation it can apply exactly as the Python loop wou
   end of the epoch), on the oracle's arrays (oracle.ArrayOracle: dense ranges and the spill
   table, host_iommu/kernels/oracle.py).
 
-- a run of DMAs (HostServer._dma), cut where a queued invalidation takes effect, whose
-  contexts all hit the context and PASID caches (kernels/entrycache.py contexts_hit): the
-  translate kernel (kernels/translate.py), the isolation check against the frame owners, the
-  oracle's stale check and the per-VM tally; a run that faulted returns at once, so that
-  Python writes its fault records (HostIommu._record_faults) in order.
+- a run of DMAs (HostServer._dma), cut where a queued invalidation takes effect: its
+  context stage (HostIommu._contexts) on the context and PASID caches, the misses fetched
+  from the root, context, PASID-directory and PASID-table entries in host memory and filled
+  as HostIommu._resolve does, faults included (kernels/entrycache.py contexts_hit, then
+  contexts_fetch; VT-d spec 9.2-9.6, 6.2.1-6.2.2), the translate kernel
+  (kernels/translate.py), the isolation check against the frame owners, the oracle's stale
+  check and the per-VM tally; a run that faulted returns at once, so that Python writes its
+  fault records (HostIommu._record_faults) in order.
 
-It stops, changing nothing of the operation it stops at, at anything else: a DMA run with a
-context or PASID cache miss, VFIO and second-level operations, an effect
-the Python caches apply (context/PASID cache), a table frame to free, a store to a frame with
-no table page yet, a refused or unresolved HWPT invalidation, a queue that is not clean or
-has no room, an oracle record to create or to grow. Python applies that one operation its
-own way and calls again, so the Python loop stays the description and the reference
-(tests/host_iommu/test_kernel_epoch.py runs both on the same operations).
+It stops, changing nothing of the operation it stops at, at anything else: a DMA run whose
+key has a cache line holding an entry with no numeric form (one Python put there), VFIO and
+second-level operations, an effect the Python caches apply (context/PASID cache), a table
+frame to free, a store to a frame with no table page yet, a refused or unresolved HWPT
+invalidation, a queue that is not clean or has no room, an oracle record to create or to
+grow. Python applies that one operation its own way and calls again, so the Python loop
+stays the description and the reference (tests/host_iommu/test_kernel_epoch.py runs both on
+the same operations).
 
 Per-VM counters go to rows of ``cnt`` (C_*), unmap waits and retired runs to rows of
 ``waits``/``retires``; the scalar state goes in and out through ``st`` (ST_*).
@@ -40,7 +44,7 @@ import numpy as np
 from numba import njit
 
 from host_iommu.defs import PAGE_SHIFT
-from host_iommu.kernels.entrycache import contexts_hit
+from host_iommu.kernels.entrycache import contexts_fetch, contexts_hit
 from host_iommu.kernels.oracle import spill_find, spill_put, spill_room
 from host_iommu.kernels.qiq import (
     DECODED_FIELDS,
@@ -91,11 +95,13 @@ M_ROWS = 11
 # ``st``: scalar state in and out. ST_DMA: whether DMA runs are translated here (the
 # caches have numeric context fields); ST_HIT_NS, ST_REF_NS: CostModel.iotlb_hit_ns,
 # mem_ref_ns; ST_FAULTED_I/J: a DMA run [i, j) translated here that faulted (its fault
-# records are Python's: FaultLog), -1 if none; ST_LAST_I/J: the last DMA run translated here.
+# records are Python's: FaultLog), -1 if none; ST_LAST_I/J: the last DMA run translated here;
+# ST_FETCH: whether a run whose contexts miss the caches is resolved here too
+# (kernels/entrycache.py contexts_fetch: the root/context/PASID fetches and fills).
 (ST_NEXT_EFFECT, ST_FREE_AT, ST_STAMP_MAX, ST_NOW, ST_OUT_OF_ORDER, ST_PTE_WRITES, ST_WAITS,
  ST_RETIRES, ST_DMA, ST_HIT_NS, ST_REF_NS, ST_FAULTED_I, ST_FAULTED_J, ST_LAST_I,
- ST_LAST_J) = range(15)
-ST_FIELDS = 15
+ ST_LAST_J, ST_FETCH) = range(16)
+ST_FIELDS = 16
 
 # ``cnt`` columns: per-VM counter deltas (HostServer.counters by name, CNT_NAMES), the ones
 # of a DMA as HostServer._tally_each counts them; stale_window_max_ns is a maximum.
@@ -187,13 +193,17 @@ def _dma_run(i, j, m, addr, access, st, tr, seg, data, spk, spv, cnt, tst, outb,
     statistics of HostIommu._account, the isolation and oracle checks and the per-VM tally
     (_tally_each). The run's results stay in outb/reqb/devb[i:j] (fault records: Python)."""
     (cst, cval, pst, pval, iotlb, iotlb_counts, dtlb, dtlb_counts, slab, slot_of, haw, amask,
-     fl_rsvd, sl_rsvd, use_fl, fl_pwc, fl_counts, use_sl, sl_pwc, sl_counts, owner) = tr
+     fl_rsvd, sl_rsvd, use_fl, fl_pwc, fl_counts, use_sl, sl_pwc, sl_counts, owner,
+     rtaddr) = tr
     sid = m[M_SID, i:j]
     pasid = m[M_PASID, i:j]
     nb = j - i
     req = reqb[i:j]
     ctx = np.empty((nb + 1, 6), np.uint64)
     rows = contexts_hit(sid, pasid, cst, cval, pst, pval, req, ctx)
+    if rows < 0 and st[ST_FETCH] != 0:
+        rows = contexts_fetch(sid, pasid, cst, cval, pst, pval, slab, slot_of, rtaddr, req,
+                              ctx)
     if rows < 0:
         return False
     out = outb[i:j]

@@ -60,6 +60,7 @@ def host_state(s: server.HostServer) -> dict[str, Any]:
             out[name] = (p.state, p.counts)
     for name in ("ctxc", "pasidc"):
         out[name] = getattr(c, name).st
+        out[name + "_lines"] = repr(getattr(c, name).lines)    # the decoded entries too
     return out
 
 
@@ -104,6 +105,12 @@ WORLDS = {
     "shadow-passthrough": lambda: experiment(
         {"s": nic("shadow", rogue=0.05), "p": nvme("passthrough", rogue=0.05)},
         duration_us=1000),
+    # 13 VMs on a context cache of 4 lines and a PASID cache of 8: misses and evictions
+    "many-vms-small-caches": lambda: experiment(
+        {"a": {**nic("nested", "lazy", rogue=0.05), "count": 10},
+         "b": {**nvme("nested", rogue=0.05), "ats": True, "count": 3}},
+        duration_us=600, host={"memory_mib": 1024, "context_cache_entries": 4,
+                              "pasid_cache_entries": 8}),
     "churn": lambda: experiment(
         {"a": {**nic("nested", "lazy", rogue=0.03), "count": 2,
                "churn": {"kind": "balloon", "interval_us": 100, "pages": 64}}},
@@ -147,8 +154,8 @@ op_rows = st.lists(st.tuples(
 ), min_size=1, max_size=60)
 
 
-def _bench() -> Bench:
-    b = Bench(memory_mib=64, qi_entries=256, iotlb_entries=64, iotlb_ways=4)
+def _bench(**params) -> Bench:
+    b = Bench(memory_mib=64, qi_entries=256, iotlb_entries=64, iotlb_ways=4, **params)
     b.nested_vm(1, SIDS[0], memory_mib=8)
     b.nested_vm(2, SIDS[1], memory_mib=8, ats=True)
     # page tables the guests' stores may land in (and leave table pages to land on)
@@ -218,16 +225,75 @@ def test_random_streams_equal_both_ways(epochs, stable, owners):
     assert_same(s0, s1)
 
 
+def _tamper(h, kind: int) -> None:
+    """A change of the host's tables or context caches between epochs, as a hostile or
+    buggy host driver might leave them: entries torn down (with or without the cache
+    invalidation), a context entry with a reserved bit, a garbage PASID entry, a PASID
+    directory entry with reserved bits, caches flushed."""
+    sm, c, w = h.sm, h.caches, h.mem.write_u64
+    if kind == 1:
+        sm.clear_pasid_entry(SIDS[0], 0)                      # caches keep it (stale)
+    elif kind == 2:
+        sm.clear_pasid_entry(SIDS[1], 0)
+        c.pasidc.inv_entry(SIDS[1], 0)
+    elif kind == 3:
+        a = sm.context_entry_addr(SIDS[1])
+        w(a, h.mem.read_u64(a) | 0x40)
+        c.ctxc.inv_device(SIDS[1], 0)
+    elif kind == 4:
+        c.ctxc.inv_global()
+        c.pasidc.inv_global()
+    elif kind == 5:
+        sm.write_raw_pasid_entry(SIDS[0], 5, [0x1 | (6 << 6), 3, 0, 0, 0, 0, 0, 1])
+        c.pasidc.inv_entry(SIDS[0], 5)
+    elif kind == 6:
+        a = sm.pasid_entry_addr(SIDS[0], 0)
+        w0 = h.mem.read_u64(sm.context_entry_addr(SIDS[0]))
+        w(w0 & ~0xFFF, h.mem.read_u64(w0 & ~0xFFF) | 0x8)   # PDE of PASIDs 0-63: reserved
+        c.pasidc.inv_sid(SIDS[0])
+        assert a is not None
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op_rows, min_size=1, max_size=3),
+       st.lists(st.integers(0, 6), min_size=3, max_size=3),
+       st.sampled_from([(1, 1), (2, 2), (4, 4)]))
+def test_hostile_tables_and_small_caches_equal_both_ways(epochs, tamper, geom):
+    """Random epochs, kernel off and on, on hosts with tiny context and PASID caches
+    (misses and evictions every run) whose tables change between epochs (_tamper): the
+    same reports, fault records, cache lines and LRU state."""
+    results = []
+    for on in (False, True):
+        saved = server.EPOCH_KERNEL
+        server.EPOCH_KERNEL = on
+        try:
+            b = _bench(context_cache_entries=geom[0], pasid_cache_entries=geom[1])
+            reports = []
+            for rows, kind in zip(epochs, tamper, strict=False):
+                _tamper(b.h, kind)
+                ops = _ops(rows)
+                ops = ops[np.lexsort((ops["seq"], ops["vm"], ops["t_ns"]))]
+                reports.append(b.server.apply_epoch(ops))
+            results.append((reports, host_state(b.server)))
+        finally:
+            server.EPOCH_KERNEL = saved
+    (r0, s0), (r1, s1) = results
+    assert r0 == r1
+    assert_same(s0, s1)
+
+
 def test_kernel_is_used():
     """The switch really selects the kernel (a stream of its operations runs compiled)."""
     b = _bench()
     assert b.server._compiled() == server.EPOCH_KERNEL
 
 
-def test_dma_runs_take_the_kernel(monkeypatch):
-    """Once the contexts are cached, a DMA run is the kernel's (the Python run is never
-    called): good, faulting (a non-canonical address: no reference) and rogue DMAs, with the
-    same counters, statistics and fault records as the Python loop gives."""
+@pytest.mark.parametrize("fetch", [True, False])
+def test_dma_runs_take_the_kernel(monkeypatch, fetch):
+    """A DMA run is the kernel's (the Python run is never called), the first one too, whose
+    contexts miss the cold caches (with server.EPOCH_KERNEL_FETCH off, that one is
+    Python's): good, faulting (a non-canonical address: no reference) and rogue DMAs, with
+    the same counters, statistics and fault records as the Python loop gives."""
     def epochs(b: Bench) -> list:
         b.server.oracle.unmap_returned(1, 0, 1)      # unmap 0 returned long ago
         out = []
@@ -243,13 +309,14 @@ def test_dma_runs_take_the_kernel(monkeypatch):
     b0 = _bench()
     want = epochs(b0)
     monkeypatch.setattr(server, "EPOCH_KERNEL", True)
+    monkeypatch.setattr(server, "EPOCH_KERNEL_FETCH", fetch)
     b1 = _bench()
     calls = []
     real = server.HostServer._run
     monkeypatch.setattr(server.HostServer, "_run",
                         lambda self, ops, i, *a: calls.append(i) or real(self, ops, i, *a))
     got = epochs(b1)
-    assert calls == [0]            # only the first run (context caches cold) was Python's
+    assert calls == ([] if fetch else [0])   # without fetches: the cold run was Python's
     assert got == want
     c = want[1][1].counters
     assert c["faults"] >= 1 and want[1][1].faults and c["stale_dma"] == 1

@@ -351,3 +351,150 @@ def test_32bit_space_exhausted():
         seq += [("map", k % 2, PAGE, 0, 0, 100) for k in range(12)] + [("epoch", 0, 0, 0, 0, 0)]
         _g, d = run_pair(a, seq)
         assert d.ctl[K.D_PCI32] == 0 and not a.dma.domains[a.workload.dev.sid].pci_32bit_workaround
+
+
+# --- scatter lists: map_sg / unmap_sg against dma_map_sg / dma_unmap_sg -------------------
+sg_op = st.one_of(
+    st.tuples(st.just("sg"), st.integers(0, 3), st.integers(1, 64 * PAGE),
+              st.lists(st.floats(0, 1), min_size=63, max_size=63), st.integers(0, 2),
+              st.integers(0, 30_000)),
+    st.tuples(st.just("coherent"), st.just(0), st.integers(1, 4 * PAGE), st.just([]),
+              st.just(0), st.integers(0, 30_000)),
+    st.tuples(st.just("unmap"), st.integers(0, 3), st.integers(0, 1 << 20), st.just([]),
+              st.integers(0, 2), st.integers(0, 30_000)),
+    st.tuples(st.just("timer"), st.just(0), st.just(0), st.just([]), st.just(0),
+              st.integers(0, 30_000_000)),
+    st.tuples(st.just("epoch"), st.just(0), st.just(0), st.just([]), st.just(0),
+              st.integers(0, 30_000)),
+)
+
+
+def run_sg_pair(a: VmAgent, seq, contiguity: float, slack: int = K._SLACK) -> None:
+    """Drive ``a`` (VmAgent.dma_map_sg of workloads/nvme.py's scattered_segments lists,
+    dma_alloc_coherent, dma_unmap_sg, timers, epoch ends) and its frozen arrays (map_sg,
+    map_sg uncharged, unmap_sg, ...) through ``seq``, comparing after each call."""
+    from workloads.nvme import scattered_segments
+    g = guest_of(a)
+    d = K.freeze(a, slack)
+    dev = a.workload.dev
+    live: list[tuple[int, int]] = []
+    out = np.zeros((K.MAX_PAGES, 2), np.int64)
+    t = 0
+    for kind, cpu, nbytes, draws, direction, dt in seq:
+        t += dt
+        cpu %= a.vcpus
+        if not K.room_ok(g, d):
+            d = K.grown(d, slack)
+            assert K.room_ok(g, d)
+        if kind == "unmap" and not live:
+            kind, nbytes = "coherent", 1 + nbytes % (4 * PAGE)
+        if kind in ("sg", "coherent"):
+            if kind == "sg":
+                gpa = a.alloc_buffer(nbytes)
+                npages = -(-nbytes // PAGE)
+                sg = scattered_segments(gpa, nbytes, draws[:npages - 1], contiguity)
+                want_segs, want_t = a.dma_map_sg(cpu, dev, sg, direction, t)
+                charge = 1
+            else:       # at the event's time, vCPU 0's rcache, no vCPU charged
+                a.now = t
+                busy = list(a.busy_until)
+                gpa, iova = a.dma_alloc_coherent(dev, nbytes)
+                assert a.busy_until == busy
+                sg = [(gpa, nbytes)]
+                want_segs, want_t = [(iova, nbytes)], None
+                charge, cpu, direction = 0, 0, 0
+            assert kg.mem_alloc(g, max(1, -(-nbytes // PAGE))) == gpa
+            arr = np.array(sg, np.int64)
+            got_iova, got_t = K.map_sg(g, d, cpu, arr, len(sg), direction, t, out, charge)
+            assert out[:len(sg)].tolist() == [list(s) for s in want_segs]
+            assert got_iova == want_segs[0][0]
+            if want_t is not None:
+                assert got_t == want_t
+            live.append((want_segs[0][0], direction))
+        elif kind == "unmap":
+            iova, direction = live.pop(nbytes % len(live))
+            before = len(a._events)
+            want = a.dma_unmap_sg(cpu, dev, [(iova, 1)], direction, t)
+            got = K.unmap_sg(g, d, cpu, iova, direction, t)
+            assert got == want
+            if d.ctl[K.D_TIMER_NS] >= 0:
+                assert len(a._events) == before + 1
+                d.ctl[K.D_TIMER_NS] = -1
+        elif kind == "timer":
+            if a._events:
+                _t, _s, fn, args = heapq.heappop(a._events)
+                fn(*args)
+                K.fq_timer(g, d, args[1])
+        else:
+            a._made.clear()
+            a.dma.log_retired(t)
+            K.end_epoch(g, d, t)
+            check_same(a, g, d)
+            assert a.log.take().tobytes() == kg.take_log(g).tobytes()
+        check_same(a, g, d)
+
+
+@settings_
+@given(st.lists(sg_op, max_size=40), st.sampled_from([0.0, 0.1, 0.7, 1.0]))
+def test_sg_passthrough_equals_python(seq, contiguity):
+    """Pass-through scatter lists: dma-direct, each segment its GPA, one call each."""
+    run_sg_pair(make_agent("passthrough"), seq, contiguity)
+
+
+@settings_
+@given(st.lists(sg_op, max_size=50), st.sampled_from([0.0, 0.1, 0.7, 1.0]),
+       st.integers(1, 3), st.booleans(), st.sampled_from([4, 5]),
+       st.sampled_from([0, K._SLACK]))
+def test_sg_nested_strict_equals_python(seq, contiguity, vcpus, ats, levels, slack):
+    """Nested strict scatter lists: one IOVA range per list, each segment mapped at the
+    next pages of it (an iommu:map each), coherent maps at ``now`` without charging a
+    vCPU, one unmap (and one invalidation) of the whole range."""
+    run_sg_pair(make_agent("nested", "strict", vcpus, ats, levels), seq, contiguity, slack)
+
+
+@settings_
+@given(st.lists(sg_op, max_size=50), st.sampled_from([0.0, 0.1, 1.0]), st.integers(1, 3),
+       st.booleans(), st.sampled_from([2, 256]), st.sampled_from([0, K._SLACK]))
+def test_sg_nested_lazy_equals_python(seq, contiguity, vcpus, percpu, fq_size, slack):
+    """Nested lazy scatter lists: the flush queue takes the whole range as one entry."""
+    run_sg_pair(make_agent("nested", "lazy", vcpus, percpu=percpu, fq_size=fq_size), seq,
+                contiguity, slack)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["passthrough", "nested"]), st.integers(0, 1), st.integers(1, 60),
+       st.integers(0, PAGE - 1), st.integers(0, 2), st.integers(0, 5000))
+def test_map_sg_of_one_segment_is_dma_map(mode, cpu, pages, off, direction, t):
+    """map_sg of one segment changes the arrays exactly as dma_map of it does."""
+    a = make_agent(mode)
+    gpa = a.alloc_buffer(pages * PAGE)
+    size = max(1, pages * PAGE - off)
+    one = (guest_of(a), K.freeze(a))
+    two = (guest_of(a), K.freeze(a))
+    for g in (one[0], two[0]):
+        kg.mem_alloc(g, pages)
+    want = K.dma_map(*one, cpu, gpa + off, size, direction, t)
+    out = np.zeros((1, 2), np.int64)
+    got = K.map_sg(*two, cpu, np.array([[gpa + off, size]], np.int64), 1, direction, t, out,
+                   1)
+    assert got == want and out[0].tolist() == [want[0], size]
+    for x, y in zip((*one[0], *one[1]), (*two[0], *two[1]), strict=True):
+        assert np.array_equal(x, y)
+
+
+def test_sg_many_lists_reused():
+    """Adversarial by hand: scatter lists of 1..64 pages in 1..64 segments on every CPU,
+    coherent pages between them, unmapped out of order and mapped again, across epochs."""
+    rng = np.random.default_rng(7)
+    seq = []
+    for _ in range(300):
+        r = rng.integers(0, 12)
+        kind = "sg" if r < 5 else "coherent" if r < 6 else "unmap" if r < 11 else "epoch"
+        seq.append((kind, int(rng.integers(0, 4)), int(rng.integers(1, 64 * PAGE + 1)),
+                    rng.random(63).tolist(), int(rng.integers(0, 3)),
+                    int(rng.integers(0, 3000))))
+    seq += [("timer", 0, 0, [], 0, 0)] * 3 + [("epoch", 0, 0, [], 0, 0)]
+    for policy, contiguity in (("strict", 0.1), ("lazy", 0.5)):
+        a = make_agent("nested", policy, 3, ats=True, fq_size=4)
+        run_sg_pair(a, seq, contiguity)
+        assert a.stats["iommu_map_events"] > 2 * a.stats["maps"] > 200

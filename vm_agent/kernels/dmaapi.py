@@ -583,6 +583,129 @@ def dma_map(g, d, cpu, gpa, size, direction, t):
 
 
 @njit(cache=True)
+def map_sg(g, d, cpu, sg, n, direction, t, out, charge):
+    """DmaApi.map_segments of the scatter list ``sg[:n]`` (rows (gpa, len)) as
+    VmAgent.dma_map_sg calls it (``charge`` 1: from max(t, the vCPU's busy time), the vCPU
+    busy to the end) or as VmAgent.dma_alloc_coherent does (``charge`` 0: at ``t`` itself,
+    the vCPU's busy time and cpu_busy_ns untouched). Linux iommu_dma_map_sg: one IOVA range
+    for the whole list (iommu_dma_alloc_iova of the pages of all segments), each segment
+    mapped at the next pages of it (its own iommu_map: one iommu:map event each), the
+    stores at one time stamp, one mapping for the unmap (``unmap_sg``). Pass-through is
+    dma-direct: each segment's DMA address is its GPA.
+
+    ``out[:n]`` gets the (DMA address, len) of each segment; returns (the first segment's
+    DMA address, t1), or (-1, t) when refused (g.ctl[C_ERR] = E_DMA, nothing changed: no
+    segment, a segment of no page, more than MAX_PAGES pages in all, a CPU outside the
+    rcache, no room) or when the IOVA space is exhausted (E_IOVA)."""
+    # every array taken out of the tuples here, before any branch (see above)
+    busy, stats, gctl, log, fl, fl_off, fl_n = g.busy, g.stats, g.ctl, g.log, g.fl, g.fl_off, g.fl_n
+    ctl, cost, tree, ist, mag, pt, pg = d.ctl, d.costs, d.tree, d.ist, d.mag, d.pt, d.pg
+    tg, retired, made, fq, rows_free = d.tg, d.retired, d.made, d.fq, d.rows_free
+    c = cpu % busy.shape[0]
+    t0 = max(t, busy[c]) if charge else t
+    if n <= 0:
+        _refuse(gctl, R_PAGES)
+        return -1, t
+    if ctl[D_MODE] == MODE_PASSTHROUGH:
+        stats[S_MAPS] += 1
+        for i in range(n):
+            out[i, 0] = sg[i, 0]
+            out[i, 1] = sg[i, 1]
+        t1 = t0 + cost[K_DMA_CALL] + DIRECT_CALL_NS
+        if charge:
+            busy[c] = t1
+            stats[S_CPU_BUSY_NS] += t1 - t0
+        return sg[0, 0], t1
+    pages = 0
+    for i in range(n):
+        k = ((sg[i, 0] & (PAGE_SIZE - 1)) + sg[i, 1] + PAGE_SIZE - 1) >> PAGE_SHIFT
+        if k <= 0:
+            _refuse(gctl, R_PAGES)
+            return -1, t
+        pages += k
+    if pages > MAX_PAGES:
+        _refuse(gctl, R_PAGES)
+        return -1, t
+    if cpu < 0 or cpu >= ist[kiova.S_CPUS]:
+        _refuse(gctl, R_CPU)
+        return -1, t
+    if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq):
+        _refuse(gctl, R_ROOM)
+        return -1, t
+    t1 = t0 + cost[K_DMA_CALL]
+    stats[S_MAPS] += 1
+    # _alloc_iova (iommu_dma_alloc_iova), as dma_map
+    hits = ist[kiova.S_HITS]
+    pfn = np.int64(kiova.NONE)
+    if ctl[D_LIMIT_PFN] > DMA_BIT_MASK_32_PFN and ctl[D_PCI32]:
+        pfn = kiova.alloc_iova_fast(tree, ist, mag, cpu, pages, DMA_BIT_MASK_32_PFN, False)
+        if pfn == kiova.NONE:
+            ctl[D_PCI32] = 0
+    if pfn == kiova.NONE:
+        pfn = kiova.alloc_iova_fast(tree, ist, mag, cpu, pages, ctl[D_LIMIT_PFN], True)
+    if pfn < 0:
+        gctl[C_ERR] = E_IOVA
+        gctl[C_ERR_ARG] = ctl[D_SID]
+        return -1, t
+    fast = ist[kiova.S_HITS] > hits
+    s = _h_find(pg, pfn)
+    if s >= 0 and pg[s, P_FREED] >= 0:      # dom.freed_ns.pop(pfn, 0)
+        if pg[s, P_FREED] > t1:
+            t1 = pg[s, P_FREED]
+        pg[s, P_FREED] = -1
+        _pg_tidy(pg, ctl, s)
+    t1 += cost[K_ALLOC_FAST] if fast else cost[K_ALLOC_SLOW]
+    bits = FL_P | FL_US | FL_A
+    if direction != DMA_TO_DEVICE:
+        bits |= FL_RW | FL_D
+    stores = 0
+    page = pfn
+    for i in range(n):        # each segment its own table.map at the next pages
+        gpa = sg[i, 0]
+        k = ((gpa & (PAGE_SIZE - 1)) + sg[i, 1] + PAGE_SIZE - 1) >> PAGE_SHIFT
+        iova = page << PAGE_SHIFT
+        end = iova + (k << PAGE_SHIFT)
+        phys = gpa & ~(PAGE_SIZE - 1)
+        code, pos, m = kpg.map_4k(pt, iova, end, phys, bits, -1)
+        _log_stores(gctl, log, ctl, made, pt, m, t1)
+        if code != kpg.DONE:
+            if code != kpg.NEED_TABLE:
+                _refuse(gctl, R_WALK)
+                return -1, t
+            more = _map_table(gctl, log, fl, fl_off, fl_n, ctl, made, pt, rows_free, pos,
+                              phys + (pos - iova), end, bits, t1)
+            if more < 0:
+                return -1, t
+            m += more
+        stores += m
+        out[i, 0] = iova | (gpa & (PAGE_SIZE - 1))
+        out[i, 1] = sg[i, 1]
+        stats[S_IOMMU_MAP_EVENTS] += 1
+        page += k
+    stats[S_PTE_WRITES] += stores
+    t1 += stores * cost[K_PTE_WRITE]
+    s = _pg_slot(pg, ctl, pfn)
+    pg[s, P_MPAGES] = pages
+    for p in range(pfn, pfn + pages):
+        s = _pg_slot(pg, ctl, p)
+        pg[s, P_MAPPED] = 1
+        if pg[s, P_TAG] != -1:
+            _untag(pg, tg, retired, ctl, s)
+    if charge:
+        busy[c] = t1
+        stats[S_CPU_BUSY_NS] += t1 - t0
+    return out[0, 0], t1
+
+
+@njit(cache=True, inline="always")
+def unmap_sg(g, d, cpu, iova, direction, t):
+    """VmAgent.dma_unmap_sg: DmaApi.unmap_range of the mapping ``map_sg`` made, by its
+    first segment's DMA address ``iova`` (Linux iommu_dma_unmap_sg: one __iommu_dma_unmap
+    of the whole IOVA range); ``dma_unmap``'s returns, refusals and timer."""
+    return dma_unmap(g, d, cpu, iova, 0, direction, t)
+
+
+@njit(cache=True)
 def dma_unmap(g, d, cpu, iova, size, direction, t):
     """VmAgent.dma_unmap: t1; the vCPU is busy from max(t, its busy time) to t1. A flush-
     queue timer the unmap armed is left in ctl[D_TIMER_NS] / [D_TIMER_CPU] for the caller
