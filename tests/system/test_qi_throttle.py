@@ -112,3 +112,28 @@ def test_compiled_nvme_equals_python_when_throttled():
     assert fast == ref
     rows = fast["summary"]
     assert sum(r["unmap_qi_wait_ns"] for r in rows) > 1_000_000
+
+
+def test_trace_replay_slips_with_a_stalled_vcpu(tmp_path):
+    """A traced map whose vCPU is stalled past the epoch's end waits for it, and the rest
+    of the trace (its device DMAs, the unmap) slips by the same time: order kept, no DMA
+    before the map it needs."""
+    from tests.workloads.conftest import FakeGuestContext
+    from tests.workloads.test_trace import batch
+    from workloads.trace import OP_DMA_WRITE, OP_MAP, OP_UNMAP, TraceWorkload, write_trace
+    path = tmp_path / "s.trace"
+    write_trace(path, ["nic0"], [batch([(10, OP_MAP, 0, 0xFFFF_0000, 0x5000, 4096),
+                                        (50, OP_DMA_WRITE, 0, 0xFFFF_0100, 0, 64),
+                                        (100, OP_UNMAP, 0, 0xFFFF_0000, 0, 4096)])])
+    ctx = FakeGuestContext(vcpus=1)
+    w = TraceWorkload(TraceWorkload.Params(path=str(path)))
+    w.start(ctx)
+    ctx._busy[0] = 10_000                   # stalled on the host's queue until 10 us
+    ctx.run_until(999, epoch=True)
+    assert ctx.maps == [] and ctx.dmas == []
+    ctx.run_until(20_000, epoch=True)
+    slip = 10_000 - 10
+    assert [m[0] for m in ctx.maps] == [10_000 + 300]          # FakeGuestContext MAP_NS
+    assert [d.t_ns for d in ctx.dmas] == [50 + slip] and all(d.mapped for d in ctx.dmas)
+    assert len(ctx.unmaps) == 1 and ctx.unmaps[0][0] >= 100 + slip
+    assert ctx.errors == [] and w.unmatched_dmas == 0
