@@ -137,3 +137,40 @@ def test_trace_replay_slips_with_a_stalled_vcpu(tmp_path):
     assert [d.t_ns for d in ctx.dmas] == [50 + slip] and all(d.mapped for d in ctx.dmas)
     assert len(ctx.unmaps) == 1 and ctx.unmaps[0][0] >= 100 + slip
     assert ctx.errors == [] and w.unmatched_dmas == 0
+
+
+@pytest.mark.parametrize("gbps", [0.3, 4.0])
+def test_unsaturated_world_changes_only_from_the_first_deferral(gbps, monkeypatch, tmp_path):
+    """Pass-through (no invalidation, so no wait is ever reported): the rule changes a run
+    only where vCPU work could not start before an epoch's end and used to run early,
+    stamped in the next epoch. Every epoch's metrics before the first such deferral equal
+    those of the run without the rule, and a run with no deferral is equal throughout."""
+    from tests.system.golden import _exp, _nic, tables
+    from vm_agent import compiled
+    from vm_agent.agent import VmAgent
+    raw = _exp("qi-unsat", {"a": {**_nic("passthrough", offered_gbps=gbps), "count": 2}},
+               duration_us=1500)
+    cfg = parse_config(raw)
+    monkeypatch.setattr(compiled, "ENABLED", False)      # the Python path: one rule to patch
+    first: list[int] = []
+    rule = VmAgent.stalled_until
+
+    def counted(self: VmAgent, cpu: int, t_ns: int) -> int:
+        late = rule(self, cpu, t_ns)
+        if late and not first:
+            first.append(self.t_end)
+        return late
+
+    monkeypatch.setattr(VmAgent, "stalled_until", counted)
+    new = tables(cfg, tmp_path / "new")
+    monkeypatch.setattr(VmAgent, "stalled_until", lambda self, cpu, t_ns: 0)
+    old = tables(cfg, tmp_path / "old")
+    if not first:
+        assert gbps < 1 and new == old
+        return
+    assert gbps > 1 and new != old
+    cut = first[0]          # the end of the epoch the first deferral happened in
+    def rows(t: dict) -> dict:
+        return {(r["vm"], r["epoch"]): r for r in t["metrics"] if r["t_end_ns"] < cut}
+
+    assert rows(new) and rows(new) == rows(old)
