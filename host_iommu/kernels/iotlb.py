@@ -118,6 +118,40 @@ def _fill(state, counters, did, pasid, addr, order, hpa_page, perm, pgtt):
 
 
 @njit(cache=True)
+def _fill_line(state, counters, did, pasid, tag, mixed, v0, v1, v2, stamp):
+    """One fill of _fill_keyed (the caller advances the clock): the line of the key
+    (did, pasid, tag, mixed) replaced, else the lowest free way, else the oldest stamp (the
+    first of equals) evicted; stamped ``stamp``. A cache with no sets counts nothing."""
+    sets = state.shape[1]
+    if sets == 0:
+        return
+    ways = state.shape[2]
+    counters[C_FILLS] += 1
+    s = _set_index(did, pasid, tag, mixed, sets)
+    way = _find_way(state, s, did, pasid, tag, mixed)
+    if way < 0:
+        for w in range(ways):
+            if state[F_VALID, s, w] == 0:
+                way = w
+                break
+    if way < 0:
+        way = 0
+        for w in range(1, ways):
+            if state[F_STAMP, s, w] < state[F_STAMP, s, way]:
+                way = w
+        counters[C_EVICTIONS] += 1
+    state[F_VALID, s, way] = 1
+    state[F_DID, s, way] = did
+    state[F_PASID, s, way] = pasid
+    state[F_VPN, s, way] = tag
+    state[F_ORDER, s, way] = mixed
+    state[F_HPA, s, way] = v0
+    state[F_PERM, s, way] = v1
+    state[F_PGTT, s, way] = v2
+    state[F_STAMP, s, way] = np.uint64(stamp)
+
+
+@njit(cache=True)
 def _fill_keyed(state, counters, did, pasid, tag, mixed, v0, v1, v2):
     """Fill lines keyed (did, pasid, tag, mixed) with values (v0, v1, v2), in request order.
 
@@ -127,36 +161,11 @@ def _fill_keyed(state, counters, did, pasid, tag, mixed, v0, v1, v2):
     replaced; otherwise the lowest-numbered free way, otherwise the way with the oldest
     stamp (the first of equals) is evicted.
     """
-    sets = state.shape[1]
-    ways = state.shape[2]
     clock = counters[C_CLOCK]
     n = did.shape[0]
     for i in range(n):
-        if sets == 0:
-            continue
-        counters[C_FILLS] += 1
-        s = _set_index(did[i], pasid[i], tag[i], mixed[i], sets)
-        way = _find_way(state, s, did[i], pasid[i], tag[i], mixed[i])
-        if way < 0:
-            for w in range(ways):
-                if state[F_VALID, s, w] == 0:
-                    way = w
-                    break
-        if way < 0:
-            way = 0
-            for w in range(1, ways):
-                if state[F_STAMP, s, w] < state[F_STAMP, s, way]:
-                    way = w
-            counters[C_EVICTIONS] += 1
-        state[F_VALID, s, way] = 1
-        state[F_DID, s, way] = did[i]
-        state[F_PASID, s, way] = pasid[i]
-        state[F_VPN, s, way] = tag[i]
-        state[F_ORDER, s, way] = mixed[i]
-        state[F_HPA, s, way] = v0[i]
-        state[F_PERM, s, way] = v1[i]
-        state[F_PGTT, s, way] = v2[i]
-        state[F_STAMP, s, way] = np.uint64(clock + i)
+        _fill_line(state, counters, did[i], pasid[i], tag[i], mixed[i], v0[i], v1[i], v2[i],
+                   clock + i)
     counters[C_CLOCK] = clock + n
 
 

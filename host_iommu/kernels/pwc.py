@@ -49,27 +49,37 @@ def _lookup_deepest(state, counters, did, pasid, addr, levels, level_hit, entry)
     entry); counters: int64[6]; did, pasid, addr, levels: uint64[n]; level_hit: int64[n];
     entry: uint64[n]. Hits are stamped in request order (the same as after the batch).
     """
-    sets = state.shape[1]
     clock = counters[C_CLOCK]
     n = did.shape[0]
     hits = 0
     for i in range(n):
-        if sets == 0:
-            continue
-        for lv in range(PWC_MIN_LEVEL, int(levels[i]) + 1):
-            ulv = np.uint64(lv)
-            prefix = addr[i] >> np.uint64(12 + 9 * (lv - 1))
-            s = _set_index(did[i], pasid[i], prefix, ulv, sets)
-            way = _find_way(state, s, did[i], pasid[i], prefix, ulv)
-            if way >= 0:
-                level_hit[i] = lv
-                entry[i] = state[F_HPA, s, way]
-                state[F_STAMP, s, way] = np.uint64(clock + i)
-                hits += 1
-                break
+        lv, e = _probe_deepest(state, did[i], pasid[i], addr[i], levels[i], clock + i)
+        if lv > 0:
+            level_hit[i] = lv
+            entry[i] = e
+            hits += 1
     counters[C_HITS] += hits
     counters[C_MISSES] += n - hits
     counters[C_CLOCK] = clock + n
+
+
+@njit(cache=True)
+def _probe_deepest(state, did, pasid, addr, levels, stamp):
+    """One request of _lookup_deepest (the caller counts and advances the clock): (the
+    lowest cached level in 2..levels, 0 on a miss; its entry), the hit stamped ``stamp``.
+    did, pasid, addr, levels: uint64."""
+    sets = state.shape[1]
+    if sets == 0:
+        return 0, np.uint64(0)
+    for lv in range(PWC_MIN_LEVEL, int(levels) + 1):
+        ulv = np.uint64(lv)
+        prefix = addr >> np.uint64(12 + 9 * (lv - 1))
+        s = _set_index(did, pasid, prefix, ulv, sets)
+        way = _find_way(state, s, did, pasid, prefix, ulv)
+        if way >= 0:
+            state[F_STAMP, s, way] = np.uint64(stamp)
+            return lv, state[F_HPA, s, way]
+    return 0, np.uint64(0)
 
 
 class PwcArrays:

@@ -25,7 +25,8 @@ import numpy as np
 from numba import njit
 
 from host_iommu.defs import ACCESS_WRITE, Stage
-from host_iommu.kernels.iotlb import _fill, _lookup
+from host_iommu.kernels.iotlb import C_CLOCK as I_CLOCK
+from host_iommu.kernels.iotlb import _fill_line, _lookup
 from host_iommu.kernels.walk import walk_batch
 
 ST_CONTEXT = int(Stage.CONTEXT)
@@ -92,69 +93,48 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
     batch's RESULT_DTYPE array (zeroed), filled here.
     """
     n = sid.shape[0]
-    r_fault = np.empty(n, np.uint8)
-    r_did = np.empty(n, np.int64)
-    r_dte = np.empty(n, np.bool_)
-    u_of = np.empty(n, np.int64)
-    for i in range(n):
-        r_fault[i] = req[i, R_FAULT]
-        r_did[i] = req[i, R_DID]
-        r_dte[i] = req[i, R_DTE] != 0
-        u_of[i] = req[i, R_CTX]
-    pgtt = ctx[:, C_PGTT].astype(np.uint8)
-    flptr = ctx[:, C_FLPTR].copy()
-    fl_levels = ctx[:, C_FL_LEVELS].astype(np.uint8)
-    slptr = ctx[:, C_SLPTR].copy()
-    sl_levels = ctx[:, C_SL_LEVELS].astype(np.uint8)
-    ssade = ctx[:, C_SSADE] != 0
+    # per-request state, one array per dtype (few allocations: this runs per DMA run):
+    # u8 rows fault, stage, order, perm, need; b rows iotlb_hit, live
+    u8 = np.zeros((5, n), np.uint8)
+    fault, stage, order, perm, need = u8[0], u8[1], u8[2], u8[3], u8[4]
+    b = np.zeros((2, n), np.bool_)
+    iotlb_hit, live = b[0], b[1]
     hpa = np.zeros(n, np.uint64)
-    fault = r_fault.copy()
-    stage = np.zeros(n, np.uint8)
-    for i in range(n):
-        if fault[i] != 0:
-            stage[i] = ST_CONTEXT
     walk_refs = np.zeros(n, np.int64)
-    order = np.zeros(n, np.uint8)
-    iotlb_hit = np.zeros(n, np.bool_)
     devtlb_hit = np.zeros(n, np.bool_)
-    perm = np.zeros(n, np.uint8)
     stats = np.zeros(6, np.int64)
-    need = np.empty(n, np.uint8)
-    live = np.empty(n, np.bool_)
-    for i in range(n):
-        need[i] = 2 if access[i] == ACCESS_WRITE else 1
-        live[i] = r_fault[i] == 0
-    # 2. device-TLB (ATS devices): a hit with the permission needs no IOMMU look-up
     nd = 0
     for i in range(n):
-        if r_dte[i]:
+        f = req[i, R_FAULT]
+        fault[i] = f
+        if f != 0:
+            stage[i] = ST_CONTEXT
+        need[i] = 2 if access[i] == ACCESS_WRITE else 1
+        live[i] = f == 0
+        if req[i, R_DTE] != 0:
             nd += 1
-    dix = np.empty(nd, np.int64)
-    j = 0
-    for i in range(n):
-        if r_dte[i]:
-            dix[j] = i
-            j += 1
+    # 2. device-TLB (ATS devices): a hit with the permission needs no IOMMU look-up
     if nd:
-        d_sid = np.empty(nd, np.uint64)
-        d_pasid = np.empty(nd, np.uint64)
-        d_addr = np.empty(nd, np.uint64)
-        for j in range(nd):
-            d_sid[j] = np.uint64(sid[dix[j]])
-            d_pasid[j] = np.uint64(pasid[dix[j]])
-            d_addr[j] = addr[dix[j]]
+        dix = np.empty(nd, np.int64)
+        j = 0
+        for i in range(n):
+            if req[i, R_DTE] != 0:
+                dix[j] = i
+                j += 1
+        du = np.zeros((4, nd), np.uint64)       # sid, pasid, addr; hpa out
+        d8 = np.zeros((3, nd), np.uint8)        # perm, order, pgtt out
         h = np.zeros(nd, np.bool_)
-        a = np.zeros(nd, np.uint64)
-        p = np.zeros(nd, np.uint8)
-        o = np.zeros(nd, np.uint8)
-        g = np.zeros(nd, np.uint8)
-        _lookup(dtlb, dtlb_counts, d_sid, d_pasid, d_addr, h, a, p, o, g)
+        for j in range(nd):
+            du[0, j] = np.uint64(sid[dix[j]])
+            du[1, j] = np.uint64(pasid[dix[j]])
+            du[2, j] = addr[dix[j]]
+        _lookup(dtlb, dtlb_counts, du[0], du[1], du[2], h, du[3], d8[0], d8[1], d8[2])
         for j in range(nd):
             i = dix[j]
-            if h[j] and (p[j] & need[i]) == need[i]:
+            if h[j] and (d8[0, j] & need[i]) == need[i]:
                 devtlb_hit[i] = True
-                hpa[i] = a[j]
-                order[i] = o[j]
+                hpa[i] = du[3, j]
+                order[i] = d8[1, j]
                 live[i] = False
     # 3. IOTLB
     ni = 0
@@ -162,98 +142,82 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
         if live[i]:
             ni += 1
     ix = np.empty(ni, np.int64)
-    i_did = np.empty(ni, np.uint64)
-    i_pasid = np.empty(ni, np.uint64)
-    i_addr = np.empty(ni, np.uint64)
+    iu = np.zeros((4, ni), np.uint64)           # did, pasid, addr; hpa out
+    i8 = np.zeros((3, ni), np.uint8)            # perm, order, pgtt out
+    h = np.zeros(ni, np.bool_)
     j = 0
     for i in range(n):
         if live[i]:
             ix[j] = i
-            i_did[j] = np.uint64(r_did[i])
-            i_pasid[j] = np.uint64(pasid[i])
-            i_addr[j] = addr[i]
+            iu[0, j] = np.uint64(req[i, R_DID])
+            iu[1, j] = np.uint64(pasid[i])
+            iu[2, j] = addr[i]
             j += 1
-    h = np.zeros(ni, np.bool_)
-    a = np.zeros(ni, np.uint64)
-    p = np.zeros(ni, np.uint8)
-    o = np.zeros(ni, np.uint8)
-    g = np.zeros(ni, np.uint8)
-    _lookup(iotlb, iotlb_counts, i_did, i_pasid, i_addr, h, a, p, o, g)
+    _lookup(iotlb, iotlb_counts, iu[0], iu[1], iu[2], h, iu[3], i8[0], i8[1], i8[2])
     nm = 0
     for j in range(ni):
         i = ix[j]
-        if h[j] and (p[j] & need[i]) == need[i]:
-            perm[i] = p[j]
-            hpa[i] = a[j]
-            order[i] = o[j]
+        if h[j] and (i8[0, j] & need[i]) == need[i]:
+            perm[i] = i8[0, j]
+            hpa[i] = iu[3, j]
+            order[i] = i8[1, j]
             iotlb_hit[i] = True
         else:
             nm += 1
-    miss = np.empty(nm, np.int64)
-    k = 0
-    for j in range(ni):
-        if not iotlb_hit[ix[j]]:
-            miss[k] = ix[j]
-            k += 1
     stats[S_IOTLB_MISSES] = nm
     # 4. walk the misses, coalesced by (did, pasid, page, access)
     if nm:
-        m_did = np.empty(nm, np.int64)
-        m_pasid = np.empty(nm, np.int64)
-        m_page = np.empty(nm, np.uint64)
-        m_acc = np.empty(nm, np.uint8)
-        for k in range(nm):
-            i = miss[k]
-            m_did[k] = r_did[i]
-            m_pasid[k] = pasid[i]
-            m_page[k] = addr[i] >> np.uint64(12)
-            m_acc[k] = access[i]
-        lead = _leaders(m_did, m_pasid, m_page, m_acc)
+        miss = np.empty(nm, np.int64)
+        mk = np.empty((4, nm), np.int64)        # did, pasid, page, access
+        k = 0
+        for j in range(ni):
+            i = ix[j]
+            if not iotlb_hit[i]:
+                miss[k] = i
+                mk[0, k] = req[i, R_DID]
+                mk[1, k] = pasid[i]
+                mk[2, k] = np.int64(addr[i] >> np.uint64(12))
+                mk[3, k] = access[i]
+                k += 1
+        if nm == 1:
+            lead = np.zeros(1, np.int64)
+        else:
+            lead = _leaders(mk[0], mk[1], mk[2], mk[3])
         nl = 0
         for k in range(nm):
             if lead[k] == k:
                 nl += 1
-        lpos = np.empty(nl, np.int64)       # position in miss of each leader
-        rank = np.empty(nm, np.int64)       # leader rank of each miss
+        pos = np.empty((2, nm), np.int64)       # position in miss of each leader; ranks
+        lpos, rank = pos[0], pos[1]
         j = 0
         for k in range(nm):
             if lead[k] == k:
                 lpos[j] = k
                 rank[k] = j
                 j += 1
-        w_addr = np.empty(nl, np.uint64)
-        w_acc = np.empty(nl, np.uint8)
-        w_pgtt = np.empty(nl, np.uint8)
-        w_did = np.empty(nl, np.int64)
-        w_pasid = np.empty(nl, np.int64)
-        w_flptr = np.empty(nl, np.uint64)
-        w_fll = np.empty(nl, np.uint8)
-        w_slptr = np.empty(nl, np.uint64)
-        w_sll = np.empty(nl, np.uint8)
-        w_ssade = np.empty(nl, np.bool_)
+        wu = np.zeros((4, nl), np.uint64)       # addr, flptr, slptr; hpa out
+        w8 = np.zeros((8, nl), np.uint8)        # access, pgtt, fl/sl levels; outs
+        wi = np.zeros((3, nl), np.int64)        # did, pasid; refs out
+        wss = np.zeros(nl, np.bool_)
         for j in range(nl):
             i = miss[lpos[j]]
-            u = u_of[i]
-            w_addr[j] = addr[i]
-            w_acc[j] = access[i]
-            w_pgtt[j] = pgtt[u]
-            w_did[j] = r_did[i]
-            w_pasid[j] = pasid[i]
-            w_flptr[j] = flptr[u]
-            w_fll[j] = fl_levels[u]
-            w_slptr[j] = slptr[u]
-            w_sll[j] = sl_levels[u]
-            w_ssade[j] = ssade[u]
-        wh = np.zeros(nl, np.uint64)
-        wf = np.zeros(nl, np.uint8)
-        ws = np.zeros(nl, np.uint8)
-        wr = np.zeros(nl, np.int64)
-        wo = np.zeros(nl, np.uint8)
-        wp = np.zeros(nl, np.uint8)
-        stats[S_AD] = walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, w_addr, w_acc,
-                                 w_pgtt, w_did, w_pasid, w_flptr, w_fll, w_slptr, w_sll,
-                                 w_ssade, use_fl, fl_pwc, fl_counts, use_sl, sl_pwc,
-                                 sl_counts, use_fl or use_sl, wh, wf, ws, wr, wo, wp)
+            u = req[i, R_CTX]
+            wu[0, j] = addr[i]
+            wu[1, j] = ctx[u, C_FLPTR]
+            wu[2, j] = ctx[u, C_SLPTR]
+            w8[0, j] = access[i]
+            w8[1, j] = np.uint8(ctx[u, C_PGTT])
+            w8[2, j] = np.uint8(ctx[u, C_FL_LEVELS])
+            w8[3, j] = np.uint8(ctx[u, C_SL_LEVELS])
+            wi[0, j] = req[i, R_DID]
+            wi[1, j] = pasid[i]
+            wss[j] = ctx[u, C_SSADE] != 0
+        w_addr, w_pgtt, w_did, w_pasid = wu[0], w8[1], wi[0], wi[1]
+        wh, wf, ws, wr, wo, wp = wu[3], w8[4], w8[5], wi[2], w8[6], w8[7]
+        stats[S_AD] = walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, w_addr, w8[0],
+                                 w_pgtt, w_did, w_pasid, wu[1], w8[2], wu[2], w8[3], wss,
+                                 use_fl, fl_pwc, fl_counts, use_sl, sl_pwc, sl_counts,
+                                 use_fl or use_sl, wh, wf, ws, wr, wo, wp)
         has_iotlb = iotlb.shape[1] > 0
         for k in range(nm):
             i = miss[k]
@@ -278,32 +242,18 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
             else:                          # no IOTLB to hold that fill: it walks itself
                 walk_refs[i] = wr[j]
             perm[i] = wp[j]
-        # IOTLB fills for the successful walks, in request order
-        nf = 0
-        for j in range(nl):
-            if wf[j] == 0:
-                nf += 1
-        f_did = np.empty(nf, np.uint64)
-        f_pasid = np.empty(nf, np.uint64)
-        f_addr = np.empty(nf, np.uint64)
-        f_order = np.empty(nf, np.uint64)
-        f_hpa = np.empty(nf, np.uint64)
-        f_perm = np.empty(nf, np.uint64)
-        f_pgtt = np.empty(nf, np.uint64)
+        # IOTLB fills for the successful walks, in request order (iotlb._fill, line by line)
+        clock = iotlb_counts[I_CLOCK]
         t = 0
         for j in range(nl):
             if wf[j] == 0:
-                shift = np.uint64(12 + 9 * np.int64(wo[j]))
-                f_did[t] = np.uint64(w_did[j])
-                f_pasid[t] = np.uint64(w_pasid[j])
-                f_addr[t] = w_addr[j]
-                f_order[t] = np.uint64(wo[j])
-                f_hpa[t] = (wh[j] >> shift) << shift
-                f_perm[t] = np.uint64(wp[j])
-                f_pgtt[t] = np.uint64(w_pgtt[j])
+                o = np.uint64(wo[j])
+                shift = np.uint64(12) + np.uint64(9) * o
+                _fill_line(iotlb, iotlb_counts, np.uint64(w_did[j]), np.uint64(w_pasid[j]),
+                           w_addr[j] >> shift, o, (wh[j] >> shift) << shift,
+                           np.uint64(wp[j]), np.uint64(w_pgtt[j]), clock + t)
                 t += 1
-        if nf:
-            _fill(iotlb, iotlb_counts, f_did, f_pasid, f_addr, f_order, f_hpa, f_perm, f_pgtt)
+        iotlb_counts[I_CLOCK] = clock + t
     for i in range(n):
         if fault[i] != 0:
             hpa[i] = 0
@@ -313,31 +263,18 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
         if iotlb_hit[i]:
             stats[S_IOTLB_HITS] += 1
         stats[S_WALK_REFS] += walk_refs[i]
-    # device-TLB fills: every ATS translation completion the device received
-    nf = 0
+    # device-TLB fills: every ATS translation completion the device received (in order)
+    clock = dtlb_counts[I_CLOCK]
+    t = 0
     for i in range(n):
-        if r_dte[i] and not devtlb_hit[i] and fault[i] == 0:
-            nf += 1
-    if nf:
-        f_sid = np.empty(nf, np.uint64)
-        f_pasid = np.empty(nf, np.uint64)
-        f_addr = np.empty(nf, np.uint64)
-        f_order = np.empty(nf, np.uint64)
-        f_hpa = np.empty(nf, np.uint64)
-        f_perm = np.empty(nf, np.uint64)
-        t = 0
-        for i in range(n):
-            if r_dte[i] and not devtlb_hit[i] and fault[i] == 0:
-                shift = np.uint64(12 + 9 * np.int64(order[i]))
-                f_sid[t] = np.uint64(sid[i])
-                f_pasid[t] = np.uint64(pasid[i])
-                f_addr[t] = addr[i]
-                f_order[t] = np.uint64(order[i])
-                f_hpa[t] = (hpa[i] >> shift) << shift
-                f_perm[t] = np.uint64(perm[i])
-                t += 1
-        _fill(dtlb, dtlb_counts, f_sid, f_pasid, f_addr, f_order, f_hpa, f_perm,
-              np.zeros(nf, np.uint64))
+        if req[i, R_DTE] != 0 and not devtlb_hit[i] and fault[i] == 0:
+            o = np.uint64(order[i])
+            shift = np.uint64(12) + np.uint64(9) * o
+            _fill_line(dtlb, dtlb_counts, np.uint64(sid[i]), np.uint64(pasid[i]),
+                       addr[i] >> shift, o, (hpa[i] >> shift) << shift, np.uint64(perm[i]),
+                       np.uint64(0), clock + t)
+            t += 1
+    dtlb_counts[I_CLOCK] = clock + t
     for i in range(n):
         out[i]["hpa"] = hpa[i]
         out[i]["fault"] = fault[i]

@@ -33,8 +33,11 @@ from host_iommu.defs import (
     FaultReason,
     Stage,
 )
-from host_iommu.kernels.iotlb import _fill_keyed
-from host_iommu.kernels.pwc import _lookup_deepest
+from host_iommu.kernels.iotlb import C_CLOCK as PWC_CLOCK
+from host_iommu.kernels.iotlb import C_HITS as PWC_HITS
+from host_iommu.kernels.iotlb import C_MISSES as PWC_MISSES
+from host_iommu.kernels.iotlb import _fill_line
+from host_iommu.kernels.pwc import _probe_deepest
 from host_iommu.pgtable import FL_A, FL_D, FL_P, FL_PS, FL_RW, FL_US, SL_A, SL_D, SL_PS, SL_R, SL_W
 
 # Fault reasons and stages as plain ints for the kernel.
@@ -102,18 +105,21 @@ def _sl_walk(slab, slot_of, amask, sl_rsvd, ix, gpa, write, seq, did, sl_levels,
     Returns (hpa, order, r, w, fault, refs) per k.
     """
     n = ix.shape[0]
-    hpa = np.zeros(n, np.uint64)
-    order = np.zeros(n, np.uint8)
-    r = np.ones(n, np.bool_)
-    w = np.ones(n, np.bool_)
-    fault = np.zeros(n, np.uint8)
-    refs = np.zeros(n, np.int64)
+    # per-request scratch in one array per dtype (few allocations: this runs per level of
+    # every nested walk): rows of u64 hpa, table, vals, eas; i64 refs, levels, start, sel;
+    # u8 order, fault; b r, w, beyond, live, oks
+    u64 = np.zeros((4, n), np.uint64)
+    i64 = np.zeros((4, n), np.int64)
+    u8 = np.zeros((2, n), np.uint8)
+    b = np.zeros((5, n), np.bool_)
+    hpa, table, vals, eas = u64[0], u64[1], u64[2], u64[3]
+    refs, levels, start, sel = i64[0], i64[1], i64[2], i64[3]
+    order, fault = u8[0], u8[1]
+    r, w, beyond, live, oks = b[0], b[1], b[2], b[3], b[4]
+    r[:] = True
+    w[:] = True
     if n == 0:
         return hpa, order, r, w, fault, refs
-    levels = np.empty(n, np.int64)
-    beyond = np.zeros(n, np.bool_)
-    table = np.empty(n, np.uint64)
-    start = np.empty(n, np.int64)
     for k in range(n):
         i = ix[k]
         levels[k] = sl_levels[i]
@@ -123,25 +129,23 @@ def _sl_walk(slab, slot_of, amask, sl_rsvd, ix, gpa, write, seq, did, sl_levels,
         table[k] = slptr[i]
         start[k] = 0 if beyond[k] else levels[k]
     if use_pwc:
-        d = np.empty(n, np.uint64)
+        clock = pwc_counts[PWC_CLOCK]
+        hits = 0
         for k in range(n):
-            d[k] = np.uint64(did[ix[k]])
-        level_hit = np.zeros(n, np.int64)
-        entry = np.zeros(n, np.uint64)
-        _lookup_deepest(pwc, pwc_counts, d, np.zeros(n, np.uint64), gpa,
-                        levels.astype(np.uint64), level_hit, entry)
-        for k in range(n):
-            if level_hit[k] > 0 and not beyond[k]:
-                e = entry[k]
-                table[k] = e & amask
-                start[k] = level_hit[k] - 1
-                r[k] = (e & np.uint64(SL_R)) != 0
-                w[k] = (e & np.uint64(SL_W)) != 0
-    live = start > 0
-    sel = np.empty(n, np.int64)
-    vals = np.empty(n, np.uint64)
-    oks = np.empty(n, np.bool_)
-    eas = np.empty(n, np.uint64)
+            lv, e = _probe_deepest(pwc, np.uint64(did[ix[k]]), np.uint64(0), gpa[k],
+                                   np.uint64(levels[k]), clock + k)
+            if lv > 0:
+                hits += 1
+                if not beyond[k]:
+                    table[k] = e & amask
+                    start[k] = lv - 1
+                    r[k] = (e & np.uint64(SL_R)) != 0
+                    w[k] = (e & np.uint64(SL_W)) != 0
+        pwc_counts[PWC_HITS] += hits
+        pwc_counts[PWC_MISSES] += n - hits
+        pwc_counts[PWC_CLOCK] = clock + n
+    for k in range(n):
+        live[k] = start[k] > 0
     for lvl in range(5, 0, -1):
         m = 0
         for k in range(n):
@@ -221,21 +225,21 @@ def _fl_walk(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, d
     Returns (out_addr, order, rw, fault, stage, refs) per k; out_addr is a GPA when nested.
     """
     n = ix.shape[0]
-    out = np.zeros(n, np.uint64)
-    order = np.zeros(n, np.uint8)
-    fault = np.zeros(n, np.uint8)
-    stage = np.zeros(n, np.uint8)
-    refs = np.zeros(n, np.int64)
-    rw = np.ones(n, np.bool_)
-    us = np.ones(n, np.bool_)
+    # per-request scratch in one array per dtype (rows as in _sl_walk): u64 out, iova, table,
+    # vals, eas, and the nested second-level walks' GPAs; i64 refs, levels, start, sel, sub;
+    # u8 order, fault, stage; b rw, us, write, canon, live, oks, and all-False (reads)
+    u64 = np.zeros((6, n), np.uint64)
+    i64 = np.zeros((5, n), np.int64)
+    u8 = np.zeros((3, n), np.uint8)
+    b = np.zeros((7, n), np.bool_)
+    out, iova, table, vals, eas, sgpa = u64[0], u64[1], u64[2], u64[3], u64[4], u64[5]
+    refs, levels, start, sel, sub = i64[0], i64[1], i64[2], i64[3], i64[4]
+    order, fault, stage = u8[0], u8[1], u8[2]
+    rw, us, write, canon, live, oks, reads = b[0], b[1], b[2], b[3], b[4], b[5], b[6]
+    rw[:] = True
+    us[:] = True
     if n == 0:
         return out, order, rw, fault, stage, refs
-    iova = np.empty(n, np.uint64)
-    levels = np.empty(n, np.int64)
-    write = np.empty(n, np.bool_)
-    canon = np.empty(n, np.bool_)
-    table = np.empty(n, np.uint64)
-    start = np.empty(n, np.int64)
     ones = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
     for k in range(n):
         i = ix[k]
@@ -251,28 +255,24 @@ def _fl_walk(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, d
         table[k] = flptr[i]
         start[k] = levels[k] if canon[k] else 0
     if use_fl:
-        d = np.empty(n, np.uint64)
-        p = np.empty(n, np.uint64)
+        clock = fl_counts[PWC_CLOCK]
+        hits = 0
         for k in range(n):
-            d[k] = np.uint64(did[ix[k]])
-            p[k] = np.uint64(pasid[ix[k]])
-        level_hit = np.zeros(n, np.int64)
-        entry = np.zeros(n, np.uint64)
-        _lookup_deepest(fl_pwc, fl_counts, d, p, iova, levels.astype(np.uint64), level_hit,
-                        entry)
-        for k in range(n):
-            if level_hit[k] > 0 and canon[k]:
-                e = entry[k]
-                table[k] = e & amask
-                start[k] = level_hit[k] - 1
-                rw[k] = (e & np.uint64(FL_RW)) != 0
-                us[k] = (e & np.uint64(FL_US)) != 0
-    live = start > 0
+            lv, e = _probe_deepest(fl_pwc, np.uint64(did[ix[k]]), np.uint64(pasid[ix[k]]),
+                                   iova[k], np.uint64(levels[k]), clock + k)
+            if lv > 0:
+                hits += 1
+                if canon[k]:
+                    table[k] = e & amask
+                    start[k] = lv - 1
+                    rw[k] = (e & np.uint64(FL_RW)) != 0
+                    us[k] = (e & np.uint64(FL_US)) != 0
+        fl_counts[PWC_HITS] += hits
+        fl_counts[PWC_MISSES] += n - hits
+        fl_counts[PWC_CLOCK] = clock + n
+    for k in range(n):
+        live[k] = start[k] > 0
     seq = np.int64(0)   # walk order of the second-level walks (not a literal: see __init__)
-    sel = np.empty(n, np.int64)
-    vals = np.empty(n, np.uint64)
-    oks = np.empty(n, np.bool_)
-    eas = np.empty(n, np.uint64)
     for lvl in range(5, 0, -1):
         m = 0
         for k in range(n):
@@ -287,13 +287,12 @@ def _fl_walk(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, d
             eas[j] = table[k] + ((iova[k] >> shift) & np.uint64(511)) * np.uint64(8)
         if nested:
             # the table pointers' GPAs of this level, through the second level (table reads)
-            sub = np.empty(m, np.int64)
             for j in range(m):
                 sub[j] = ix[sel[j]]
+                sgpa[j] = eas[j]
             h, _o, _r, _w, sfault, srefs = _sl_walk(
-                slab, slot_of, amask, sl_rsvd, sub, eas[:m].copy(), np.zeros(m, np.bool_),
-                seq, did, sl_levels, slptr, ssade, use_sl, sl_pwc, sl_counts, fill_pwc,
-                sl_fills, ctx)
+                slab, slot_of, amask, sl_rsvd, sub[:m], sgpa[:m], reads[:m], seq, did,
+                sl_levels, slptr, ssade, use_sl, sl_pwc, sl_counts, fill_pwc, sl_fills, ctx)
             seq += 1
             kept = 0
             for j in range(m):
@@ -373,30 +372,33 @@ def _fl_walk(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, d
 
 
 @njit(cache=True)
-def _pwc_fill(pwc, counts, fills, nf, did, pasid):
+def _pwc_fill(pwc, counts, fills, nf, did, pasid, pasid0):
     """Fill a PWC with ``fills[:, :nf]`` in (request, walk order, level top-down) order
-    (walk.py PwcFills.ordered, then PwcArrays.fill); did, pasid: per batch request."""
+    (walk.py PwcFills.ordered, then PwcArrays.fill: iotlb.py _fill_keyed, one line at a
+    time); did, pasid: per batch request (pasid0: PASID 0 for every line, the second
+    level's tag)."""
     if nf == 0:
         return
-    key = np.empty(nf, np.int64)
-    for f in range(nf):
-        key[f] = (fills[0, f] * 64 + fills[1, f]) * 8 + (7 - fills[2, f])
-    order = np.argsort(key, kind="mergesort")
-    d = np.empty(nf, np.uint64)
-    p = np.empty(nf, np.uint64)
-    tag = np.empty(nf, np.uint64)
-    lv = np.empty(nf, np.uint64)
-    e = np.empty(nf, np.uint64)
+    key = np.empty((2, nf), np.int64)
+    for f in range(nf):     # a stable insertion sort: fills come nearly ordered, few
+        kf = (fills[0, f] * 64 + fills[1, f]) * 8 + (7 - fills[2, f])
+        j = f
+        while j > 0 and key[0, j - 1] > kf:
+            key[0, j] = key[0, j - 1]
+            key[1, j] = key[1, j - 1]
+            j -= 1
+        key[0, j] = kf
+        key[1, j] = f
+    clock = counts[PWC_CLOCK]
+    zero = np.uint64(0)
     for j in range(nf):
-        f = order[j]
+        f = key[1, j]
         req = fills[0, f]
-        d[j] = np.uint64(did[req])
-        p[j] = np.uint64(pasid[req])
-        lv[j] = np.uint64(fills[2, f])
-        tag[j] = np.uint64(fills[3, f]) >> (np.uint64(12) + np.uint64(9) * (lv[j] - np.uint64(1)))
-        e[j] = np.uint64(fills[4, f])
-    zeros = np.zeros(nf, np.uint64)
-    _fill_keyed(pwc, counts, d, p, tag, lv, e, zeros, zeros)
+        lv = np.uint64(fills[2, f])
+        tag = np.uint64(fills[3, f]) >> (np.uint64(12) + np.uint64(9) * (lv - np.uint64(1)))
+        _fill_line(pwc, counts, np.uint64(did[req]), zero if pasid0 else np.uint64(pasid[req]),
+                   tag, lv, np.uint64(fills[4, f]), zero, zero, clock + j)
+    counts[PWC_CLOCK] = clock + nf
 
 
 @njit(cache=True)
@@ -513,7 +515,7 @@ def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, 
             hpa[i] = 0
             order[i] = 0
     if fill_fl:
-        _pwc_fill(fl_pwc, fl_counts, fl_fills, ctx[CX_NFL], did, pasid)
+        _pwc_fill(fl_pwc, fl_counts, fl_fills, ctx[CX_NFL], did, pasid, False)
     if fill_sl:   # second-level entries are tagged PASID 0
-        _pwc_fill(sl_pwc, sl_counts, sl_fills, ctx[CX_NSL], did, np.zeros(n, np.int64))
+        _pwc_fill(sl_pwc, sl_counts, sl_fills, ctx[CX_NSL], did, pasid, True)
     return ctx[CX_AD]

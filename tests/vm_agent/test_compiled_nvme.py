@@ -42,6 +42,9 @@ CONFIGS = {
                         "b": {**_nvme("nested", "lazy", read_fraction=0.0,
                                       cpu_per_io_ns=500), "count": 2,
                               "flush_queue": "single", "ats": True}}),
+    # a shared QI of slow descriptors: the strict unmaps' waits stall the vCPUs
+    "ns-throttled": {**_exp("n-nsq", {"a": {**_nvme("nested", queues=2, **MIXED),
+                                            "count": 4}}), "cost": {"qi_desc_ns": 4000}},
     "nl-hz": _exp("n-nlhz", {"a": {**_nvme("nested", "lazy", queue_depth=32, **MIXED),
                                    "vcpus": 3, "hz": 100}}, duration_us=2500),
 }
@@ -65,6 +68,8 @@ def test_tables_equal(name: str) -> None:
     fast, ref = _both(CONFIGS[name])
     assert fast["summary"] and fast["metrics"]
     assert fast == ref
+    if name == "ns-throttled":
+        assert sum(r["unmap_qi_wait_ns"] for r in fast["summary"]) > 1_000_000
 
 
 def _agents(raw: dict, on: bool) -> tuple[Any, list[VmAgent]]:
@@ -127,7 +132,7 @@ class TightAgent(compiled_nvme.CompiledNvmeAgent):
         return g
 
 
-@pytest.mark.parametrize("name", ["pt", "ns", "nl"])
+@pytest.mark.parametrize("name", ["pt", "ns", "nl", "ns-throttled"])
 def test_room_stops_resume_exactly(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches, stats and counters epoch by epoch equal the Python path's with the arrays
     always short of room."""
@@ -153,7 +158,8 @@ def test_pickled_agent_goes_on_the_same() -> None:
 
 
 def test_receive_charges_qi_waits_as_python() -> None:
-    """receive() (CompiledNicAgent's) on an NVMe agent: the QI waits charged as VmAgent's."""
+    """receive() (CompiledNicAgent's) on an NVMe agent: the QI waits charged as VmAgent's,
+    and the epoch after it runs the same."""
     raw = CONFIGS["ns-ios-l5"]
     _h1, (fast,) = _agents(raw, True)
     _h2, (ref,) = _agents(raw, False)

@@ -195,6 +195,17 @@ def _h_delete(tab, i):
     tab[i, 0] = -1
 
 
+@njit(cache=True)
+def _rehash(src, dst):
+    """Every entry of table ``src`` inserted into the empty table ``dst`` (larger), in
+    ``src``'s slot order: ``grown``'s copy, one compiled call rather than a call a key."""
+    for i in range(src.shape[0]):
+        if src[i, 0] >= 0:
+            s = -1 - _h_find(dst, src[i, 0])
+            for c in range(src.shape[1]):
+                dst[s, c] = src[i, c]
+
+
 @njit(cache=True, inline="always")
 def _pg_slot(pg, ctl, page):
     """pg's slot of ``page``, made (nothing set) when missing."""
@@ -1063,14 +1074,12 @@ def grown(d: DomainArrays, slack: int = _SLACK) -> DomainArrays:
     if 2 * (n + MAX_PAGES + 1) > d.pg.shape[0]:
         pg = np.full((_pow2(max(4 * (n + slack), 2 * (n + MAX_PAGES + 1))), PG_COLS), -1,
                      np.int64)
-        for e in d.pg[d.pg[:, P_KEY] >= 0]:
-            pg[-1 - _h_find(pg, int(e[P_KEY]))] = e
+        _rehash(d.pg, pg)
         rep["pg"] = pg
     n = int(ctl[D_TG_N])
     if 2 * (n + 2) > d.tg.shape[0]:
         tg = np.full((_pow2(max(4 * (n + slack), 2 * (n + 2))), TG_COLS), -1, np.int64)
-        for e in d.tg[d.tg[:, 0] >= 0]:
-            tg[-1 - _h_find(tg, int(e[0]))] = e
+        _rehash(d.tg, tg)
         rep["tg"] = tg
     n = int(ctl[D_RETIRED_N])
     if n + MAX_PAGES + 1 > d.retired.shape[0]:
@@ -1138,3 +1147,4 @@ def warm_up() -> None:
     t = dma_unmap(g, d, 0, iova, PAGE_SIZE, 0, t)
     fq_timer(g, d, 0)
     end_epoch(g, d, t)
+    _rehash(d.pg, np.full((2 * d.pg.shape[0], PG_COLS), -1, np.int64))   # grown's
