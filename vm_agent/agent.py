@@ -5,6 +5,19 @@ GuestContext that workloads drive (workloads/base.py), runs its discrete events 
 each epoch of virtual time, and hands back the epoch's host operations (host_iommu/protocol.py)
 as one numpy batch: one call per VM per epoch. Events are ordered by (time, sequence), so a run
 is a pure function of the VM's config and seed.
+
+vCPU time. A call on a vCPU starts at max(its event's time, the vCPU's busy time). A strict
+unmap returns only when its wait descriptor completed on the host's shared invalidation
+queue (Linux drivers/iommu/intel/dmar.c qi_submit_sync; QEMU hw/i386/intel_iommu.c
+vtd_process_inv_desc, or the VFIO/iommufd path, completes it inside the VM exit): the host
+reports how much later than the guest's modelled return that was, and ``receive`` stalls
+the vCPU for it in full from the next epoch. A vCPU busy or stalled past an epoch's end
+issues nothing more in that epoch: an event handler doing vCPU work asks
+``stalled_until`` and, if so, schedules itself at the time the vCPU is free. So the guests
+of an oversubscribed queue slow down to its rate (their devices' rings fill, packets drop,
+commands wait), and no vCPU work starts in an epoch it does not belong to. Approximated: the
+stall lands one epoch late (the host reports after the guest ran the epoch), and a call
+that starts before an epoch's end runs whole (a NAPI poll of a full budget may run past it).
 """
 
 from __future__ import annotations
@@ -57,6 +70,17 @@ GUEST_COUNTERS = ("maps", "unmaps", "vm_exits", "vmm_map_calls", "vmm_unmap_call
                   "unmap_qi_wait_ns")
 
 
+def stall_per_vcpu(waits: list[tuple[int, int, int]], vcpus: int) -> list[int]:
+    """The stall to charge each vCPU for an epoch's reported unmap waits (unmap id, vCPU,
+    ns): the largest wait of its unmaps (VmAgent.receive says why not the sum)."""
+    stall = [0] * vcpus
+    for _unmap_id, cpu, wait_ns in waits:
+        c = cpu % vcpus
+        if wait_ns > stall[c]:
+            stall[c] = wait_ns
+    return stall
+
+
 @dataclass(frozen=True, slots=True)
 class PasidDevice(Device):
     """A device's requests tagged with one PASID (a PASID-tagged queue), with its own domain."""
@@ -103,7 +127,7 @@ class VmAgent:
         self.host_counters: dict[str, int] = {}
         self.epoch_faults: list[tuple] = []
         self.epoch_ns = 0                    # length of the last epoch run
-        self.qi_wait_due = [0] * vcpus       # host QI waits reported, not yet charged (ns)
+        self.t_end = 1 << 62                 # end of the epoch being run (set-up: none)
         self._made: dict[int, list[int]] = {}  # table GPA -> seqs of its creation stores
 
     # --- set-up --------------------------------------------------------------------------
@@ -229,6 +253,14 @@ class VmAgent:
     def cpu_free_at(self, cpu: int) -> int:
         return self.busy_until[cpu % self.vcpus]
 
+    def stalled_until(self, cpu: int, t_ns: int) -> int:
+        """0 when vCPU ``cpu`` can start work at ``t_ns`` within the epoch being run; else
+        the time it can (``max(t_ns, its busy time)``, at or after the epoch's end): the
+        caller schedules the work then and does nothing now (workloads/base.py
+        GuestContext.stalled_until)."""
+        start = max(t_ns, self.busy_until[cpu % self.vcpus])
+        return start if start >= self.t_end else 0
+
     def _start(self, cpu: int, t_ns: int) -> int:
         return max(int(t_ns), self.busy_until[cpu % self.vcpus])
 
@@ -241,6 +273,7 @@ class VmAgent:
         """Run every event before ``t_end_ns``; return the epoch's host operations."""
         ev = self._events
         self.epoch_ns = t_end_ns - self.now
+        self.t_end = t_end_ns
         while ev and ev[0][0] < t_end_ns:
             t, _s, fn, args = heapq.heappop(ev)
             self.now = t
@@ -254,29 +287,27 @@ class VmAgent:
         """Host counters, the faults reported to this guest's vIOMMU, and how much longer its
         strict unmaps' wait descriptors took on the host's shared queue, for the epoch.
 
-        Each such wait is charged to the unmapping vCPU from now, the start of the next epoch
-        (it spun in qi_submit_sync that long), at most up to that epoch's end; the rest waits
-        for the following epochs. So no vCPU is busy past the coming epoch's end, and no
-        operation is stamped further ahead than before (the host applies an epoch's operations
-        in that epoch: a vCPU far in the future would push the shared QI ahead of every other
-        VM). The vCPU's time is conserved; the stall lands one epoch late or more under a
-        saturated queue. The oracle uses the host's real completion time regardless.
+        A strict unmap returns only when its wait descriptor completed (Linux dmar.c
+        qi_submit_sync spins; under a vIOMMU the vCPU stays in the VM exit meanwhile), so
+        the vCPU's later work is shifted by that excess. With shift D before an unmap of
+        excess w, the unmap is submitted D later; on a backlogged queue it still completes
+        at the same time, so the vCPU returns max(D, w) late: D' = max(D, w). The stall
+        charged to a vCPU for the epoch is therefore the largest excess among its unmaps,
+        not their sum (a saturated queue would otherwise be counted once per unmap queued
+        behind the same backlog). It is charged in full, from the start of the next epoch
+        (or the vCPU's busy time if later): the vCPU issues nothing meanwhile, since its
+        work that cannot start before an epoch's end waits for a later epoch
+        (``stalled_until``). The oracle uses the host's real completion regardless.
         """
         self.host_counters = report.counters
         self.stats["guest_faults_reported"] += len(report.faults)
         self.epoch_faults = report.faults
-        due = self.qi_wait_due
-        for _unmap_id, cpu, wait_ns in report.unmap_waits:
-            due[cpu % self.vcpus] += wait_ns
-            self.stats["unmap_qi_wait_ns"] += wait_ns
-        horizon = self.now + self.epoch_ns
-        for cpu in range(self.vcpus):
-            if due[cpu]:
+        stall = stall_per_vcpu(report.unmap_waits, self.vcpus)
+        self.stats["unmap_qi_wait_ns"] += sum(w for _u, _c, w in report.unmap_waits)
+        for cpu, d in enumerate(stall):
+            if d:
                 t0 = max(self.busy_until[cpu], self.now)
-                stall = max(0, min(due[cpu], horizon - t0))
-                if stall:
-                    self._finish(cpu, t0, t0 + stall)
-                    due[cpu] -= stall
+                self._finish(cpu, t0, t0 + d)
 
     # --- guest memory ---------------------------------------------------------------------
     def alloc_buffer(self, size: int) -> int:

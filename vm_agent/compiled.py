@@ -29,7 +29,7 @@ import numpy as np
 
 from host_iommu.defs import PAGE_SIZE
 from host_iommu.protocol import EpochReport
-from vm_agent.agent import GUEST_COUNTERS, VmAgent
+from vm_agent.agent import GUEST_COUNTERS, VmAgent, stall_per_vcpu
 from vm_agent.dma import DmaApi
 from vm_agent.iova import IovaDomain, IovaRcache
 from vm_agent.kernels import dmaapi
@@ -197,6 +197,7 @@ class CompiledNicAgent(VmAgent):
         if not self.compiled:
             return super().run_epoch(t_end_ns)
         self.epoch_ns = t_end_ns - self.now
+        self.t_end = t_end_ns
         run, end = self._kernels()
         g, d, nic, rng = self.g, self.d, self.nic, self.rng
         while True:
@@ -273,19 +274,12 @@ class CompiledNicAgent(VmAgent):
         busy = self.g.busy
         s[kg.S_GUEST_FAULTS_REPORTED] += len(report.faults)
         self.epoch_faults = report.faults
-        due = self.qi_wait_due
-        for _unmap_id, cpu, wait_ns in report.unmap_waits:
-            due[cpu % self.vcpus] += wait_ns
-            s[kg.S_UNMAP_QI_WAIT_NS] += wait_ns
-        horizon = self.now + self.epoch_ns
-        for cpu in range(self.vcpus):
-            if due[cpu]:
+        s[kg.S_UNMAP_QI_WAIT_NS] += sum(w for _u, _c, w in report.unmap_waits)
+        for cpu, stall in enumerate(stall_per_vcpu(report.unmap_waits, self.vcpus)):
+            if stall:
                 t0 = max(int(busy[cpu]), self.now)
-                stall = max(0, min(due[cpu], horizon - t0))
-                if stall:
-                    busy[cpu] = t0 + stall
-                    s[kg.S_CPU_BUSY_NS] += stall
-                    due[cpu] -= stall
+                busy[cpu] = t0 + stall
+                s[kg.S_CPU_BUSY_NS] += stall
         self.stats = dict(zip(GUEST_COUNTERS, s.tolist(), strict=True))
 
 

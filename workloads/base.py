@@ -41,7 +41,8 @@ class GuestContext(Protocol):
     """What a guest offers its device drivers. Times are virtual ns.
 
     Calls that run on a vCPU (``dma_map``, ``dma_unmap`` ...) start at ``max(t_ns, the vCPU's
-    busy-until time)`` and return when they finish; the vCPU is busy until then.
+    busy-until time)`` and return when they finish; the vCPU is busy until then. An event
+    handler doing vCPU work first asks ``stalled_until`` whether it may start in this epoch.
     """
 
     vm: int
@@ -51,6 +52,16 @@ class GuestContext(Protocol):
     def add_device(self, name: str, ats: bool = False) -> Device: ...
     def schedule(self, t_ns: int, fn: Callable[..., None], *args: Any) -> None: ...
     def cpu_free_at(self, cpu: int) -> int: ...
+    def stalled_until(self, cpu: int, t_ns: int) -> int:
+        """0 when vCPU ``cpu`` can start work at ``t_ns`` (the caller's own start, its busy
+        time included) before the end of the epoch being run; else the time it can, at or
+        after that end (the vCPU is busy, or spins on the host's invalidation queue, until
+        then). An event handler that runs on a vCPU (an interrupt handler's work, a NAPI
+        poll, the application's send, NVMe completion handling) then schedules itself at
+        that time and does nothing now: a stalled vCPU issues nothing, and no vCPU work is
+        stamped in an epoch it does not start in. Device-side events (the wire, device DMA,
+        media) never wait for it."""
+        ...
 
     # guest memory (GPA) for I/O buffers: page-aligned, sizes rounded up to pages
     def alloc_buffer(self, size: int) -> int: ...

@@ -34,6 +34,12 @@ Per queue ``q`` (driven by vCPU ``q % vcpus``):
   leaves the others' cached translations alone. Needs the nested (scalable-mode first
   level) vIOMMU; the config refuses it in shadow and pass-through mode.
 
+- vCPU stalls: the NAPI poll and the application's send run on the queue's vCPU; when it is
+  busy (or spinning on the host's invalidation queue, GuestContext.stalled_until) past the
+  epoch's end they wait for it, while packets keep arriving on the wire (and drop once the
+  RX ring has no buffer posted) and sent ones complete on the device's clock. A stalled
+  sender generates its next packet once it runs again (no burst of the packets it missed).
+
 State is bounded by the ring sizes: at most ``rx_ring + tx_ring`` buffers mapped per queue.
 """
 
@@ -338,6 +344,10 @@ class NicWorkload(Workload):
         cpu = qu.cpu
         dev = qu.dev
         busy_until = self._busy_until
+        late = ctx.stalled_until(cpu, max(t_ns, busy_until[cpu]))
+        if late:                               # the vCPU cannot start it in this epoch
+            ctx.schedule(late, self._napi_poll, ctx, late, q)
+            return
         t = max(t_ns, ctx.cpu_free_at(cpu), busy_until[cpu])
         self.polls += 1
         rr = p.request_response
@@ -385,6 +395,11 @@ class NicWorkload(Workload):
 
     # --- TX ----------------------------------------------------------------------------
     def _tx_generate(self, ctx: GuestContext, t_ns: int, q: int) -> None:
+        cpu = self.queues[q].cpu               # the application sends on the queue's vCPU
+        late = ctx.stalled_until(cpu, max(t_ns, self._busy_until[cpu]))
+        if late:                               # stalled: it generates once it runs again
+            ctx.schedule(late, self._tx_generate, ctx, late, q)
+            return
         limit = self.params.packets            # _offer
         if limit and self.offered >= limit:
             return

@@ -6,13 +6,16 @@ nvme_pci_setup_prps: PRP2 is the second page when the data spans exactly two pag
 list from a dma_pool; a full list page's last entry chains to the next list page).
 
 Per queue ``q`` (driven by vCPU ``q % vcpus``) ``queue_depth`` commands stay outstanding. A
-command moves through: submitted (buffer allocated, dma_map_sg, PRPs built, SQ entry written,
-doorbell) -> fetched (device reads the 64-byte SQ entry and any PRP list pages) -> transferred
-(reads: media latency then data written to memory; writes: data read from memory then the
-write latency) page by page at ``bandwidth_gbps`` shared by the drive -> completed (16-byte CQ
-entry, MSI-X) -> reaped on the vCPU (dma_unmap_sg, free, ``cpu_per_io_ns``, io_done) and
-replaced by a new command. With ``ios`` set, the drive stops taking new commands after that
-many submissions (fixed work for comparing designs).
+command moves through: submitted (buffer allocated, dma_map_sg, PRPs built, SQ entry
+written, doorbell) -> fetched (device reads the 64-byte SQ entry and any PRP list pages) ->
+transferred (reads: media latency then data written to memory; writes: data read from memory
+then the write latency) page by page at ``bandwidth_gbps`` shared by the drive -> completed
+(16-byte CQ entry, MSI-X) -> reaped on the vCPU (``_reap``: dma_unmap_sg, free,
+``cpu_per_io_ns``, io_done) and replaced by a new command. A vCPU busy or stalled on the
+host's invalidation queue past the epoch's end reaps later (GuestContext.stalled_until): the
+completion waits in its CQ while the drive goes on with the commands it holds. With ``ios``
+set, the drive stops taking new commands after that many submissions (fixed work for
+comparing designs).
 
 Buffer pages (blk-mq data from the page cache or user pages) are physically scattered: each
 page follows the previous one in physical memory with probability ``page_contiguity``. The
@@ -320,7 +323,19 @@ class NvmeWorkload(Workload):
         cqe = qu.cq_iova + (qu.cq_head % (p.queue_depth + 1)) * CQE_BYTES
         qu.cq_head += 1
         ctx.device_dma(self.dev, t_ns, cqe, CQE_BYTES, True)
-        # MSI-X interrupt -> nvme_irq on the queue's vCPU: reap the completion
+        # MSI-X interrupt -> nvme_irq on the queue's vCPU: reap the completion (once the
+        # vCPU can start it in this epoch; else then, in a later one)
+        late = ctx.stalled_until(qu.cpu, max(t_ns, self._busy_until[qu.cpu]))
+        if late:
+            ctx.schedule(late, self._reap, ctx, late, cmd)
+            return
+        self._reap(ctx, t_ns, cmd)
+
+    def _reap(self, ctx: GuestContext, t_ns: int, cmd: _Command) -> None:
+        """nvme_irq's handling of one completion on the queue's vCPU: unmap, free, account,
+        and submit the next command (a closed loop of ``queue_depth`` per queue)."""
+        p = self.params
+        qu = self.queues[cmd.q]
         cpu = qu.cpu
         busy_until = self._busy_until
         t = max(t_ns, ctx.cpu_free_at(cpu), busy_until[cpu])

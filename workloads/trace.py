@@ -505,6 +505,14 @@ class TraceWorkload(Workload):
         schedule_at(ctx, t, self._replay)
 
     def _replay(self, ctx: GuestContext, t_ns: int) -> None:
+        row = self._records.peek()
+        if row is not None and row[1] in (OP_MAP, OP_UNMAP):
+            late = ctx.stalled_until(row[2] % self._ctx_vcpus, t_ns)
+            if late:          # the call's vCPU is stalled: the replay's clock slips with it
+                self._base_ns += late - t_ns
+                self._last_ns += late - t_ns
+                schedule_at(ctx, late, self._replay)
+                return
         group = self._take_call()
         self._schedule_next(ctx)
         _t, op, d, iova, _paddr, size, _call = group[0]

@@ -50,10 +50,15 @@ def classes(row: dict[str, int]) -> dict[str, int]:
 @pytest.mark.parametrize("mode", ["nested", "shadow"])
 def test_strict_nic_late_dmas_are_misdirected_not_faults(mode):
     """A strict NIC unmaps a packet buffer and maps the next one at once: the rcache hands
-    back the IOVA just freed (LIFO), so a DMA aimed at it lands on the new buffer."""
+    back the IOVA just freed (LIFO), so a DMA aimed at it lands on the new buffer. Not
+    always: these small worlds keep their vCPUs busy past epoch ends (shadow and nested
+    strict cost a few us per packet), and a send that cannot start before an epoch's end
+    now waits for the vCPU (VmAgent.stalled_until) instead of mapping at once: an IOVA freed
+    by the TX clean-up stays unmapped meanwhile, and a late DMA to it faults (1 of 22
+    nested, 1 of 6 shadow; none with the deferral switched off)."""
     a = simulate(experiment({"a": nic(mode, rogue=0.1)}, duration_us=1500))["a"]
-    assert a["rogue_dma"] > 0 and a["faults"] == 0
-    assert classes(a)["rogue_misdirected"] == a["rogue_dma"]
+    assert a["rogue_dma"] > 0 and a["faults"] == classes(a)["rogue_faulted"]
+    assert classes(a)["rogue_misdirected"] >= 0.75 * a["rogue_dma"]
     assert sum(classes(a).values()) == a["rogue_dma"]
 
 

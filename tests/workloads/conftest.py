@@ -75,12 +75,20 @@ class FakeGuestContext:
         heapq.heappush(self._heap, (t_ns, self._seq, fn, args))
         self._seq += 1
 
-    def run_until(self, t_ns: int) -> None:
+    def run_until(self, t_ns: int, epoch: bool = False) -> None:
+        """Run the events at or before ``t_ns``; with ``epoch``, as an epoch ending at
+        ``t_ns + 1`` (vCPU work that cannot start before then waits: ``stalled_until``)."""
+        self.t_end = t_ns + 1 if epoch else 1 << 62
         while self._heap and self._heap[0][0] <= t_ns:
             t, _, fn, args = heapq.heappop(self._heap)
             self.now = t
             fn(*args)
         self.now = t_ns
+
+    def stalled_until(self, cpu: int, t_ns: int) -> int:
+        """VmAgent.stalled_until: the vCPU's start if at or after the epoch's end, else 0."""
+        start = max(t_ns, self._busy[cpu])
+        return start if start >= getattr(self, "t_end", 1 << 62) else 0
 
     def pending_events(self) -> int:
         return len(self._heap)

@@ -126,6 +126,10 @@ class PlainNic(NicWorkload):
         p = self.params
         qu = self.queues[q]
         cpu = qu.cpu
+        late = ctx.stalled_until(cpu, max(t_ns, self._busy_until[cpu]))
+        if late:
+            schedule_at(ctx, late, self._napi_poll, q)
+            return
         t = self._cpu_start(ctx, cpu, t_ns)
         self.polls += 1
         while qu.tx_done:                      # TX clean-up first, as ixgbe_poll does
@@ -159,6 +163,11 @@ class PlainNic(NicWorkload):
 
     # --- TX ----------------------------------------------------------------------------
     def _tx_generate(self, ctx: GuestContext, t_ns: int, q: int) -> None:
+        cpu = self.queues[q].cpu
+        late = ctx.stalled_until(cpu, max(t_ns, self._busy_until[cpu]))
+        if late:
+            schedule_at(ctx, late, self._tx_generate, q)
+            return
         if not self._offer():
             return
         nbytes = self._sizes.draw(ctx.rng)
@@ -303,6 +312,15 @@ class PlainNvme(NvmeWorkload):
         qu.cq_head += 1
         ctx.device_dma(self.dev, t_ns, cqe, CQE_BYTES, True)
         # MSI-X interrupt -> nvme_irq on the queue's vCPU: reap the completion
+        late = ctx.stalled_until(qu.cpu, max(t_ns, self._busy_until[qu.cpu]))
+        if late:
+            schedule_at(ctx, late, self._reap, cmd)
+            return
+        self._reap(ctx, t_ns, cmd)
+
+    def _reap(self, ctx: GuestContext, t_ns: int, cmd: _Command) -> None:
+        p = self.params
+        qu = self.queues[cmd.q]
         cpu = qu.cpu
         t = max(t_ns, ctx.cpu_free_at(cpu), self._busy_until[cpu])
         direction = DMA_FROM_DEVICE if cmd.read else DMA_TO_DEVICE

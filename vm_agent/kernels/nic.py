@@ -9,13 +9,15 @@ driver's DomainArrays (vm_agent/kernels/dmaapi.py), and the NIC's own state in a
 queues' deques (posted RX buffers, received packets awaiting NAPI, sent TX packets awaiting
 clean-up, request/response requests awaiting their answer) as ring arrays.
 
-Every event handler below is the method of the same name in workloads/nic.py for the
-configs vm_agent/compiled.py admits (no rogue DMA, no PASID queues, one device), with the
-same guest calls in the same order: the same random draws from the agent's own
-np.random.Generator (numba's Generator.random and .exponential draw the same stream as
-numpy's), Python's round() as np.rint (both round half to even), the size draw as
-bisect_right over the same float64 CDF, and events ordered by (time, sequence) with
-sequence numbers taken in scheduling order. So the op log, the stats and the workload's
+Every event handler below is the method of the same name in workloads/nic.py for the configs
+vm_agent/compiled.py admits (no rogue DMA, no PASID queues, one device), with the same guest
+calls in the same order: the same random draws from the agent's own np.random.Generator
+(numba's Generator.random and .exponential draw the same stream as numpy's), Python's
+round() as np.rint (both round half to even), the size draw as bisect_right over the same
+float64 CDF, and events ordered by (time, sequence) with sequence numbers taken in
+scheduling order; a NAPI poll or a send whose vCPU cannot start before the epoch's end
+(``stalled_until``, VmAgent.stalled_until) is scheduled again for when it can, with the next
+sequence number, as the Python handlers do. So the op log, the stats and the workload's
 counters are the Python path's value for value (tests/vm_agent/test_compiled_nic.py runs
 whole configs both ways and compares the result tables).
 """
@@ -258,10 +260,23 @@ def room_call(g, d):
 
 
 @njit(cache=True, inline="always")
-def napi_poll(g, nic, t_ns, q):
-    """NicWorkload._napi_poll's start (``run`` then runs its body, ``napi_steps``)."""
+def stalled_until(g, cpu, t_ns, t_end):
+    """VmAgent.stalled_until: 0 when vCPU ``cpu`` can start at ``t_ns`` before ``t_end``,
+    else the time it can."""
+    start = max(t_ns, g.busy[cpu % g.busy.shape[0]])
+    return start if start >= t_end else 0
+
+
+@njit(cache=True, inline="always")
+def napi_poll(g, nic, t_ns, q, t_end):
+    """NicWorkload._napi_poll's start (``run`` then runs its body, ``napi_steps``), or,
+    with the vCPU stalled past the epoch's end, the poll scheduled for when it is free."""
     qrow = nic.q[q]
     cpu = qrow[Q_CPU]
+    late = stalled_until(g, cpu, max(t_ns, nic.busy[cpu]), t_end)
+    if late:
+        kg.heap_push(g, late, K_NAPI_POLL, q, 0, 0, 0, 0, 0, 0, 0, 0)
+        return
     r = nic.r
     r[R_ACTIVE] = 1
     r[R_Q] = q
@@ -375,9 +390,15 @@ def napi_steps(g, d, nic, rng):
 
 
 @njit(cache=True, inline="always")
-def tx_generate(g, nic, rng, t, q):
+def tx_generate(g, nic, rng, t, q, t_end):
     """NicWorkload._tx_generate up to its _tx_send: the packet's size for ``run`` to send,
-    or -1 once the packet limit is reached."""
+    or -1 once the packet limit is reached or with the vCPU stalled past the epoch's end
+    (then the generator is scheduled for when it is free)."""
+    cpu = nic.q[q, Q_CPU]
+    late = stalled_until(g, cpu, max(t, nic.busy[cpu]), t_end)
+    if late:
+        kg.heap_push(g, late, K_TX_GENERATE, q, 0, 0, 0, 0, 0, 0, 0, 0)
+        return -1
     limit = nic.p[P_PACKETS]
     w = nic.w
     if limit and w[W_OFFERED] >= limit:
@@ -495,7 +516,7 @@ def run(g, d, nic, rng, t_end):
             if kind == K_RX_ARRIVAL:
                 rx_arrival(g, d, nic, rng, t, ev[a])
             elif kind == K_NAPI_POLL:
-                napi_poll(g, nic, t, ev[a])   # its body runs at the top of the loop
+                napi_poll(g, nic, t, ev[a], t_end)   # its body runs at the top of the loop
             elif kind == K_TX_FETCH:
                 tx_fetch(g, d, nic, t, ev[a], ev[a + 1], ev[a + 2], ev[a + 3], ev[a + 4],
                          ev[a + 5], ev[a + 6])
@@ -505,7 +526,7 @@ def run(g, d, nic, rng, t_end):
             elif kind == K_IRQ:
                 irq(g, nic, t, ev[a])
             elif kind == K_TX_GENERATE:
-                n = tx_generate(g, nic, rng, t, ev[a])
+                n = tx_generate(g, nic, rng, t, ev[a], t_end)
                 if n >= 0:
                     send_q = ev[a]
                     send_t = t

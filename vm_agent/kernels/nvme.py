@@ -50,8 +50,10 @@ K_TRANSFER = 3       # a0 = command slot
 K_DMA = 4            # a0 = command slot, a1 = page: the transfer's DMA of that page
 K_COMPLETE = 5       # a0 = command slot
 K_FQ_TIMER = 6       # a0 = cpu
+K_REAP = 7           # a0 = command slot: its reaping, waiting for a stalled vCPU
 KIND_OF = {"_submit": K_SUBMIT, "_fetch": K_FETCH, "_transfer": K_TRANSFER,
-           "device_dma": K_DMA, "_complete": K_COMPLETE, "_on_timer": K_FQ_TIMER}
+           "device_dma": K_DMA, "_complete": K_COMPLETE, "_on_timer": K_FQ_TIMER,
+           "_reap": K_REAP}
 
 # --- p: int64 parameters and per-run constants
 (P_NQ, P_QD, P_IOS, P_READ_NS, P_WRITE_NS, P_PAGE_NS, P_CPU_PER_IO, P_SID, P_PASID,
@@ -425,19 +427,34 @@ def fetch(g, d, nv, t, slot):
 
 
 @njit(cache=True, inline="always")
-def complete(g, d, nv, t_ns, slot):
-    """NvmeWorkload._complete up to its _submit: the CQ entry written, then on the queue's
-    vCPU dma_unmap_sg (the flush-queue timer it armed scheduled, as DmaApi.unmap_range
-    does), the buffer freed, the list pages back to the pool, io_done. The time the vCPU
-    is done (the resubmission's time), or -1 at an error."""
+def complete(g, d, nv, t_ns, slot, t_end):
+    """NvmeWorkload._complete up to its _submit: the CQ entry written, then ``reap`` at
+    once, or, with the queue's vCPU stalled past the epoch's end (VmAgent.stalled_until),
+    a K_REAP event for when it can start (-2: nothing to submit now)."""
+    p = nv.p
+    qrow = nv.q[nv.c[slot, C_Q]]
+    cqe = qrow[Q_CQ_IOVA] + (qrow[Q_CQ_HEAD] % (p[P_QD] + 1)) * CQE_BYTES
+    qrow[Q_CQ_HEAD] += 1
+    _device_dma(g, d, p[P_SID], p[P_PASID], t_ns, cqe, CQE_BYTES, True)
+    cpu = qrow[Q_CPU]
+    late = knic.stalled_until(g, cpu, max(t_ns, nv.busy[cpu]), t_end)
+    if late:
+        kg.heap_push(g, late, K_REAP, slot, 0, 0, 0, 0, 0, 0, 0, 0)
+        return -2
+    return reap(g, d, nv, t_ns, slot)
+
+
+@njit(cache=True, inline="always")
+def reap(g, d, nv, t_ns, slot):
+    """NvmeWorkload._reap up to its _submit: on the queue's vCPU dma_unmap_sg (the
+    flush-queue timer it armed scheduled, as DmaApi.unmap_range does), the buffer freed,
+    the list pages back to the pool, io_done. The time the vCPU is done (the
+    resubmission's time), or -1 at an error."""
     p = nv.p
     w = nv.w
     crow = nv.c[slot]
     q = crow[C_Q]
     qrow = nv.q[q]
-    cqe = qrow[Q_CQ_IOVA] + (qrow[Q_CQ_HEAD] % (p[P_QD] + 1)) * CQE_BYTES
-    qrow[Q_CQ_HEAD] += 1
-    _device_dma(g, d, p[P_SID], p[P_PASID], t_ns, cqe, CQE_BYTES, True)
     cpu = qrow[Q_CPU]
     t = vcpu_start(g, nv, cpu, t_ns)
     read = crow[C_READ]
@@ -501,12 +518,15 @@ def run(g, d, nv, rng, t_end):
         a = kg.H_A0
         if kind == K_DMA:
             page_dmas(g, d, nv, t, ev[kg.H_SEQ], ev[a], ev[a + 1], t_end)
-        elif kind == K_COMPLETE:
+        elif kind in (K_COMPLETE, K_REAP):
             slot = ev[a]
             q = nv.c[slot, C_Q]
-            t1 = complete(g, d, nv, t, slot)
+            if kind == K_COMPLETE:
+                t1 = complete(g, d, nv, t, slot, t_end)
+            else:
+                t1 = reap(g, d, nv, t, slot)
             if t1 >= 0:
-                submit_begin(nv, t1, q)    # _complete calls _submit at once
+                submit_begin(nv, t1, q)    # _reap calls _submit at once
         elif kind == K_FETCH:
             fetch(g, d, nv, t, ev[a])
         elif kind == K_TRANSFER:
