@@ -61,9 +61,10 @@ def eligible(group: Any) -> bool:
     return any(m == group.mode and pol in ("*", group.policy) for m, pol in MODES)
 
 
-def nvme_arrays(wl: NvmeWorkload, vcpus: int) -> knvme.NvmeArrays:
+def nvme_arrays(wl: NvmeWorkload, vcpus: int, rng: np.random.Generator
+                ) -> knvme.NvmeArrays:
     """A started NvmeWorkload's state as NvmeArrays (its queues' pools as stacks; commands
-    in flight are not taken: set-up leaves none)."""
+    in flight are not taken: set-up leaves none), drawing from ``rng``."""
     p = wl.params
     nq = len(wl.queues)
     max_pages = _max_pages(p)
@@ -108,7 +109,8 @@ def nvme_arrays(wl: NvmeWorkload, vcpus: int) -> knvme.NvmeArrays:
         np.zeros((slots, knvme.NCF), np.int64), np.zeros((slots, max_pages, 2), np.int64),
         np.zeros((slots, max_pages), np.int64), np.zeros((slots, max_lists, 3), np.int64),
         np.arange(slots - 1, -1, -1, dtype=np.int64), np.zeros((max_pages, 2), np.int64),
-        np.zeros(max_pages + 1, np.int64), np.zeros((1, 2), np.int64), r)
+        np.zeros(max_pages + 1, np.int64), np.zeros((1, 2), np.int64), knvme.rng_words(rng),
+        r)
 
 
 def _slack(nv: knvme.NvmeArrays) -> tuple[int, int]:
@@ -138,7 +140,7 @@ class CompiledNvmeAgent(compiled.CompiledNicAgent):
             if fn.__name__ not in ("_submit", "_on_timer") or getattr(
                     fn, "__self__", None) not in (wl, self.dma):
                 raise ValueError(f"compiled NVMe loop: no event kind for {fn!r}")
-        nv = nvme_arrays(wl, self.vcpus)       # both copy and check (ValueError): nothing
+        nv = nvme_arrays(wl, self.vcpus, self.rng)   # both copy and check (ValueError): nothing
         self.d = dmaapi.freeze(self)           # of the agent changed before this line
         self.nic = nv
         g = kg.new_arrays(self.vm, self.vcpus, self.mem.frames, log_rows=self.LOG_ROWS,
@@ -164,13 +166,19 @@ class CompiledNvmeAgent(compiled.CompiledNicAgent):
 
     def _kernels(self) -> tuple[Any, Any]:
         """The compiled entry points of the NVMe loop and of the epoch's end for this
-        agent's argument types (see CompiledNicAgent._kernels)."""
+        agent's argument types (see CompiledNicAgent._kernels). The loop takes the agent's
+        Generator as ``rng_words`` in its arrays (read again here, so after unpickling),
+        not as an argument: the first entry point drops the one run_epoch passes."""
         k = self.__dict__.get("_entry")
         if k is None:
-            ty = [numba.typeof(x) for x in (self.g, self.d, self.nic, self.rng)]
+            self.nic.rngp[:] = knvme.rng_words(self.rng)
+            ty = [numba.typeof(x) for x in (self.g, self.d, self.nic)]
             i64 = numba.types.int64
-            k = self._entry = (knvme.run.compile((*ty, i64)),
-                               dmaapi.end_epoch.compile((ty[0], ty[1], i64)))
+            entry = knvme.run.compile((*ty, i64))
+
+            def run(g: Any, d: Any, nv: Any, _rng: Any, t_end: int) -> int:
+                return entry(g, d, nv, t_end)
+            k = self._entry = (run, dmaapi.end_epoch.compile((ty[0], ty[1], i64)))
         return k
 
     def _sync(self) -> None:

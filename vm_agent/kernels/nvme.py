@@ -31,10 +31,13 @@ into the time its vCPU work begins (submission, and the reaping half of a comple
 
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from host_iommu.defs import PAGE_SHIFT, PAGE_SIZE
 from vm_agent.kernels import dmaapi
@@ -84,6 +87,7 @@ NR = 7
 STEP_NONE, STEP_SUBMIT, STEP_PRP = range(3)
 
 ST_DONE, ST_ROOM, ST_ERR = kg.ST_DONE, kg.ST_ROOM, kg.ST_ERR
+HOT = kg.H_A0 + 2    # heap columns an NVMe event uses: t, seq, kind, a0, a1
 E_SLOTS = -2         # C_ERR_ARG with E_DMA: no free command slot (never expected)
 
 # The driver's per-call functions inlined into this loop (see vm_agent/kernels/nic.py: a
@@ -114,7 +118,52 @@ class NvmeArrays(NamedTuple):
     sg: np.ndarray        # int64[max_pages, 2]: the scatter list being built (gpa, len)
     tmp: np.ndarray       # int64[max_pages + 1]: run starts while building it
     out1: np.ndarray      # int64[1, 2]: a coherent page's mapping
+    rngp: np.ndarray      # int64[RNG_WORDS]: the agent's Generator's bit generator (rng_words)
     r: np.ndarray         # int64[NR]
+
+
+# --- the agent's random stream -------------------------------------------------------------
+RNG_WORDS = 6    # numba's BitGenerator model: state address, state, next_uint64/32/double, self
+
+
+def rng_words(rng: np.random.Generator) -> np.ndarray:
+    """What numba reads of ``rng`` when it is passed to a compiled function (its bit
+    generator's ctypes interface: state and function pointers), read once here: passing
+    the Generator itself costs ~6 us a call (numba casts its three function pointers
+    through ctypes each time), more than the rest of the call. Valid while ``rng`` lives;
+    read again after unpickling."""
+    ct = rng.bit_generator.ctypes
+
+    def ptr(f) -> int:
+        return ctypes.cast(f, ctypes.c_void_p).value or 0
+    words = [ct.state_address, ct.state.value or 0, ptr(ct.next_uint64),
+             ptr(ct.next_uint32), ptr(ct.next_double), ct.bit_generator.value or 0]
+    return np.array(words, np.uint64).view(np.int64)
+
+
+@intrinsic
+def generator_of(typingctx, words):
+    """The np.random.Generator (numba's value of it: the same draws from the same state)
+    over the bit generator ``rng_words`` read, with no Python object behind it (never
+    returned to Python) and no reference counted."""
+    if not (isinstance(words, types.Array) and words.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, value=args[0])
+
+        def word(i):
+            at = builder.gep(arr.data, [context.get_constant(types.intp, i)])
+            return builder.load(at)     # int64 and uintp: the same 64-bit word
+        bg = cgutils.create_struct_proxy(types.NumPyRandomBitGeneratorType("bit_generator"))(
+            context, builder)
+        for i, name in enumerate(("state_address", "state", "fnptr_next_uint64",
+                                  "fnptr_next_uint32", "fnptr_next_double", "bit_generator")):
+            setattr(bg, name, word(i))
+        gen = cgutils.create_struct_proxy(sig.return_type)(context, builder)
+        gen.bit_generator = bg._getvalue()
+        return gen._getvalue()
+    return types.npy_rng(words), codegen
 
 
 def prp_lists(npages: int) -> int:
@@ -316,7 +365,7 @@ def submit_steps(g, d, nv, rng):
     t = r[R_T]
     if t > nv.busy[cpu]:
         nv.busy[cpu] = t
-    kg.heap_push(g, t, K_FETCH, slot, 0, 0, 0, 0, 0, 0, 0, 0)   # SQ tail doorbell
+    push(g, t, K_FETCH, slot, 0)   # SQ tail doorbell
     r[R_STEP] = STEP_NONE
     return ST_DONE
 
@@ -331,25 +380,66 @@ def _page_ns(nv, size):
 
 @njit(cache=True, inline="always")
 def push_seq(g, t, seq, kind, a0, a1):
-    """guest.heap_push of an event with a sequence number taken earlier (``seq``)."""
+    """guest.heap_push of an event with a sequence number taken earlier (``seq``) and at
+    most two arguments (every NVMe event's): the heap's first HOT columns only, sifted up
+    by moving parents down into the hole rather than by swapping whole rows."""
     ctl = g.ctl
     h = g.heap
     i = ctl[kg.C_HEAP_N]
+    ctl[kg.C_HEAP_N] = i + 1
+    while i > 0:
+        p = (i - 1) >> 1
+        if h[p, 0] < t or (h[p, 0] == t and h[p, 1] < seq):
+            break
+        for c in range(HOT):
+            h[i, c] = h[p, c]
+        i = p
     h[i, 0] = t
     h[i, 1] = seq
     h[i, 2] = kind
     h[i, 3] = a0
     h[i, 4] = a1
-    for c in range(5, h.shape[1]):
-        h[i, c] = 0
-    ctl[kg.C_HEAP_N] = i + 1
-    while i > 0:
-        p = (i - 1) >> 1
-        if kg._less(h, i, p):
-            kg._swap(h, i, p)
-            i = p
-        else:
-            break
+
+
+@njit(cache=True, inline="always")
+def push(g, t, kind, a0, a1):
+    """guest.heap_push (VmAgent.schedule) of an event with at most two arguments."""
+    seq = g.ctl[kg.C_EV_SEQ]
+    g.ctl[kg.C_EV_SEQ] = seq + 1
+    push_seq(g, t, seq, kind, a0, a1)
+
+
+@njit(cache=True, inline="always")
+def pop(g):
+    """guest.heap_pop of the earliest (t, seq) event into ``g.ev`` (its first HOT
+    columns), the last row sifted down into the hole; its kind."""
+    ctl = g.ctl
+    h = g.heap
+    ev = g.ev
+    for c in range(HOT):
+        ev[c] = h[0, c]
+    n = ctl[kg.C_HEAP_N] - 1
+    ctl[kg.C_HEAP_N] = n
+    if n:
+        t = h[n, 0]
+        seq = h[n, 1]
+        i = 0
+        while True:
+            m = 2 * i + 1
+            if m >= n:
+                break
+            if m + 1 < n and (h[m + 1, 0] < h[m, 0]
+                              or (h[m + 1, 0] == h[m, 0] and h[m + 1, 1] < h[m, 1])):
+                m += 1
+            if t < h[m, 0] or (t == h[m, 0] and seq < h[m, 1]):
+                break
+            for c in range(HOT):
+                h[i, c] = h[m, c]
+            i = m
+        if i != n:
+            for c in range(HOT):
+                h[i, c] = h[n, c]
+    return ev[2]
 
 
 @njit(cache=True, inline="always")
@@ -421,7 +511,7 @@ def fetch(g, d, nv, t, slot):
     for k in range(crow[C_NLISTS]):
         _device_dma(g, d, sid, pasid, t, lists[k, 1], lists[k, 2] * PRP_ENTRY_BYTES, False)
     if crow[C_READ]:
-        kg.heap_push(g, t + p[P_READ_NS], K_TRANSFER, slot, 0, 0, 0, 0, 0, 0, 0, 0)
+        push(g, t + p[P_READ_NS], K_TRANSFER, slot, 0)
     else:
         transfer(g, nv, t, slot)
 
@@ -439,7 +529,7 @@ def complete(g, d, nv, t_ns, slot, t_end):
     cpu = qrow[Q_CPU]
     late = knic.stalled_until(g, cpu, max(t_ns, nv.busy[cpu]), t_end)
     if late:
-        kg.heap_push(g, late, K_REAP, slot, 0, 0, 0, 0, 0, 0, 0, 0)
+        push(g, late, K_REAP, slot, 0)
         return -2
     return reap(g, d, nv, t_ns, slot)
 
@@ -463,8 +553,7 @@ def reap(g, d, nv, t_ns, slot):
     if g.ctl[kg.C_ERR]:
         return -1
     if d.ctl[dmaapi.D_TIMER_NS] >= 0:
-        kg.heap_push(g, d.ctl[dmaapi.D_TIMER_NS], K_FQ_TIMER, d.ctl[dmaapi.D_TIMER_CPU],
-                     0, 0, 0, 0, 0, 0, 0, 0)
+        push(g, d.ctl[dmaapi.D_TIMER_NS], K_FQ_TIMER, d.ctl[dmaapi.D_TIMER_CPU], 0)
         d.ctl[dmaapi.D_TIMER_NS] = -1
     nbytes = crow[C_NBYTES]
     kg.mem_free(g, crow[C_GPA], _pages(nbytes))
@@ -489,7 +578,7 @@ def reap(g, d, nv, t_ns, slot):
 
 # --- the loop ------------------------------------------------------------------------------
 @njit(cache=True)
-def run(g, d, nv, rng, t_end):
+def run(g, d, nv, t_end):
     """VmAgent.run_epoch's loop: every event before ``t_end`` in (time, sequence) order.
 
     Each event, and each step of a submission (at most one DMA API call), runs only with
@@ -500,6 +589,7 @@ def run(g, d, nv, rng, t_end):
     g = kg.borrowed(g)                     # no reference counting inside the loop
     d = kg.borrowed(d)
     nv = kg.borrowed(nv)
+    rng = generator_of(nv.rngp)            # the agent's Generator (rng_words)
     ctl = g.ctl
     ev = g.ev
     r = nv.r
@@ -512,7 +602,7 @@ def run(g, d, nv, rng, t_end):
             break
         if not room_call(g, d):
             return ST_ROOM
-        kind = kg.heap_pop(g)
+        kind = pop(g)
         t = ev[kg.H_T]
         ctl[kg.C_NOW] = t
         a = kg.H_A0
