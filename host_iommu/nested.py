@@ -221,6 +221,35 @@ def one_entry_descs(host: HostIommu, dom: NestedDomain, addr: int, npages: int,
     return descs
 
 
+# qw0 of a page-selective-within-PASID PASID-based IOTLB invalidation (qi.piotlb_words,
+# VT-d spec 6.5.2.4), less its DID and PASID fields.
+_PIOTLB_PSI_QW0 = qi.QI_EIOTLB_TYPE | qi.QI_GRAN_PSI_PASID << qi.QI_GRAN_SHIFT
+_MAX_PFN_WIDTH = 64 - PAGE_SHIFT     # invalidate.MAX_AGAW_PFN_WIDTH
+
+
+def one_entry_words(host: HostIommu, dom: NestedDomain, addr: int, npages: int,
+                    flags: int) -> list[int]:
+    """The words of one_entry_descs(host, dom, addr, npages, flags), flat (4 per
+    descriptor), for the epoch kernel's table of resolved invalidations.
+
+    The common case, a range of a device without ATS (a guest's strict unmap: one
+    page-selective PASID-based IOTLB invalidation with the aligned range of Linux
+    calculate_psi_aligned_address, then the wait), is encoded here directly; every other
+    case (ATS, everything, no pages, a refused entry, a field out of range) is
+    one_entry_descs' own (tests/host_iommu/test_one_entry_words.py compares the two)."""
+    if (dom.sid not in host.ats_sids and flags & ~IOMMU_VTD_INV_FLAGS_LEAF == 0
+            and 0 < npages < ALL_PAGES and 0 <= addr <= qi.U64 and addr % PAGE_SIZE == 0
+            and 0 <= dom.did <= qi.QI_DID_MASK and 0 <= dom.pasid <= qi.QI_PASID_MASK):
+        start = addr >> PAGE_SHIFT
+        am = max((npages - 1).bit_length(), (start ^ (start + npages - 1)).bit_length())
+        am = min(am, _MAX_PFN_WIDTH)
+        qw0 = (_PIOTLB_PSI_QW0 | dom.did << qi.QI_DID_SHIFT
+               | dom.pasid << qi.QI_PASID_SHIFT)
+        qw1 = ((start >> am) << am << PAGE_SHIFT | (qi.QI_IH if flags else 0) | am)
+        return [qw0, qw1, 0, 0, *qi.WAIT_WORDS]
+    return one_entry_descs(host, dom, addr, npages, flags).view(np.uint64).tolist()
+
+
 def flush_derived(host: HostIommu, vm: int, gpa: int, npages: int, t_ns: int, *,
                   ih: bool = False) -> tuple[int, int]:
     """Flush everything derived from a range of the VM's second level (cache tags).

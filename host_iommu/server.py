@@ -47,7 +47,7 @@ from host_iommu.nested import (
     alloc_nested,
     attach_second_level,
     hwpt_invalidate_one,
-    one_entry_descs,
+    one_entry_words,
     sl_map,
     sl_unmap,
 )
@@ -399,8 +399,8 @@ class HostServer:
     def _resolve_invalidations(self, ops: np.ndarray, m: np.ndarray) -> np.ndarray:
         """m[M_RES], m[M_NDESC] of the one-entry HWPT invalidations a VM may send (its own
         HWPT, an entry iommufd accepts): where their descriptors start in the returned words
-        (nested.one_entry_descs, as hwpt_invalidate_one submits them) and how many; -1 for
-        the others (applied by _control).
+        (nested.one_entry_words: one_entry_descs, as hwpt_invalidate_one submits them) and
+        how many; -1 for the others (applied by _control).
 
         The words are kept across epochs in one buffer by one_entry_descs' own key (DID,
         PASID, addr, npages, flags, ATS), a pure function of it, bounded as its cache is; the
@@ -436,7 +436,7 @@ class HostServer:
                 hit = at.get(key)
                 if hit is None:
                     try:
-                        words = one_entry_descs(h, dom, a0, a1, a2).view(np.uint64)
+                        words = one_entry_words(h, dom, a0, a1, a2)
                     except IommufdError:
                         words = None
                     hit = at[key] = (_UNRESOLVED if words is None
@@ -455,9 +455,9 @@ class HostServer:
                 ek.inv_insert(ik, iv, self._inv_im, m, i)
         return self._inv_words
 
-    def _keep_words(self, words: np.ndarray) -> tuple[int, int]:
+    def _keep_words(self, words: list[int]) -> tuple[int, int]:
         """Append descriptor words to the kept buffer: (first word, descriptors)."""
-        n = words.size
+        n = len(words)
         end = self._inv_end
         if end + n > self._inv_words.size:
             grown = np.zeros(2 * (end + n), dtype=np.uint64)
