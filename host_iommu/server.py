@@ -388,6 +388,13 @@ class HostServer:
             return
         vm = m[ek.M_VM, gw]
         frame = ops["a0"][gw] >> np.uint64(PAGE_SHIFT)
+        v = int(vm[0])
+        if vm.size == 1 or int(vm.min()) == int(vm.max()):    # all of one VM
+            mem = self.iommu.vms[v]
+            ok = frame < np.uint64(mem.gpa_frames)
+            m[ek.M_RES, gw] = np.where(ok, mem.hpa_of[np.where(ok, frame, 0).astype(np.int64)],
+                                       -1)
+            return
         for v in np.unique(vm).tolist():
             sel = vm == v
             mem = self.iommu.vms[v]
@@ -442,17 +449,22 @@ class HostServer:
                     hit = at[key] = (_UNRESOLVED if words is None
                                      else self._keep_words(words))
             m[ek.M_RES, i], m[ek.M_NDESC, i] = hit
-            if not ek.inv_insert(self._inv_ik, self._inv_iv, self._inv_im, m, i):
-                cap = 2 * self._inv_ik.shape[0]
-                grow = cap <= _INV_TABLE_MAX     # else start afresh at the bound
-                cap = cap if grow else self._inv_ik.shape[0]
-                ik = np.full((cap, ek.K_FIELDS), -1, dtype=np.int64)
-                iv = np.zeros((cap, 2), dtype=np.int64)
-                self._inv_im[0] = 0
-                if grow:
-                    ek.inv_rehash(self._inv_ik, self._inv_iv, ik, iv, self._inv_im)
-                self._inv_ik, self._inv_iv = ik, iv
-                ek.inv_insert(ik, iv, self._inv_im, m, i)
+        # kept under their keys, in order (one compiled call while the table has room)
+        while todo.size:
+            done = ek.inv_insert_all(self._inv_ik, self._inv_iv, self._inv_im, m, todo)
+            if done == todo.size:
+                break
+            cap = 2 * self._inv_ik.shape[0]
+            grow = cap <= _INV_TABLE_MAX     # else start afresh at the bound
+            cap = cap if grow else self._inv_ik.shape[0]
+            ik = np.full((cap, ek.K_FIELDS), -1, dtype=np.int64)
+            iv = np.zeros((cap, 2), dtype=np.int64)
+            self._inv_im[0] = 0
+            if grow:
+                ek.inv_rehash(self._inv_ik, self._inv_iv, ik, iv, self._inv_im)
+            self._inv_ik, self._inv_iv = ik, iv
+            ek.inv_insert(ik, iv, self._inv_im, m, int(todo[done]))
+            todo = todo[done + 1:]
         return self._inv_words
 
     def _keep_words(self, words: list[int]) -> tuple[int, int]:
@@ -849,3 +861,4 @@ def warm_up_epoch() -> None:
     o.retire(1, np.arange(1 << 40, (1 << 40) + 64, dtype=np.int64))
     ek.inv_rehash(hs._inv_ik, hs._inv_iv, np.full((2048, ek.K_FIELDS), -1, dtype=np.int64),
                   np.zeros((2048, 2), dtype=np.int64), np.zeros(1, dtype=np.int64))
+    ek.inv_insert(hs._inv_ik, hs._inv_iv, hs._inv_im, hs._op_matrix(ops), 2)   # after a grow

@@ -508,6 +508,16 @@ def inv_insert(ik, iv, im, m, i):
     return True
 
 
+@njit(cache=True)
+def inv_insert_all(ik, iv, im, m, idx):
+    """inv_insert of the operations ``idx`` in order; returns how many went in before one
+    found the table too full (the caller grows it and goes on from there)."""
+    for r in range(idx.shape[0]):
+        if not inv_insert(ik, iv, im, m, idx[r]):
+            return r
+    return idx.shape[0]
+
+
 # --- admission (HostServer._admit) -------------------------------------------------------------
 @njit(cache=True)
 def admit(m, known_vm, known_op, sid_op, owner, max_pasid, op_dma, acc_read, acc_write,
