@@ -7,7 +7,7 @@ tests/conftest.py) does not spend it compiling. It translates a few requests of 
 bound nested (through the translate, walk, IOTLB, PWC and device-TLB kernels) and applies one
 invalidation of each kind the caches take; then the guest's flush-queue and page-table
 kernels, the boundary's batch checks, the host's epoch kernel, the guest's compiled DMA API
-and its whole-VM-epoch NIC loop.
+and its whole-VM-epoch NIC and NVMe loops.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from host_iommu.protocol import OP_DMA, OP_DTYPE, merge, pack_ops, unpack_ops
 from host_iommu.server import warm_up_epoch
 from host_iommu.walk import WalkBatch
 from vm_agent.compiled import warm_up as warm_nic_loop
+from vm_agent.compiled_nvme import warm_up as warm_nvme_loop
 from vm_agent.kernels.dmaapi import warm_up as warm_dma_api
 from vm_agent.kernels.flushq import warm_up as warm_flush_queues
 from vm_agent.memory import GuestMemory, GuestTableStore
@@ -68,7 +69,9 @@ def warm_up() -> None:
     merge([unpack_ops(pack_ops(ops))])
     # the host's epoch kernel and the array oracle (kernels/epoch.py, kernels/oracle.py)
     warm_up_epoch()
-    # the guest's compiled IOMMU driver and the whole-VM-epoch NIC loop (vm_agent/kernels/
-    # dmaapi.py, nic.py): about a minute of CPU on a cold cache, under a second to load
+    # the guest's compiled IOMMU driver and the whole-VM-epoch NIC and NVMe loops
+    # (vm_agent/kernels/dmaapi.py, nic.py, nvme.py): about two minutes of CPU on a cold
+    # cache, a second or two to load
     warm_dma_api()
     warm_nic_loop()
+    warm_nvme_loop()
