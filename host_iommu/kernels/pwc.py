@@ -63,7 +63,7 @@ def _lookup_deepest(state, counters, did, pasid, addr, levels, level_hit, entry)
     counters[C_CLOCK] = clock + n
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _probe_deepest(state, did, pasid, addr, levels, stamp):
     """One request of _lookup_deepest (the caller counts and advances the clock): (the
     lowest cached level in 2..levels, 0 on a miss; its entry), the hit stamped ``stamp``.

@@ -67,9 +67,16 @@ MAX_FILLS_PER_REQUEST = 24
 
 # Indices of the walk's scalar context vector ``ctx`` (int64).
 CX_AD, CX_NFL, CX_NSL = range(3)
+# Rows of _sl_walk's per-request arrays (u64, i64, u8, bool): hpa, table, entry read, its
+# address; references, levels, start level, selected; page order, fault; read and write
+# permission, beyond the address width, still walking, read inside memory.
+SU_HPA, SU_TABLE, SU_VAL, SU_EA = range(4)
+SI_REFS, SI_LEVELS, SI_START, SI_SEL = range(4)
+S8_ORDER, S8_FAULT = range(2)
+SB_R, SB_W, SB_BEYOND, SB_LIVE, SB_OK = range(5)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _read(slab, slot_of, ea):
     """(entry, inside memory): HostMemory.gather_u64 of one address."""
     frame = ea >> np.uint64(12)
@@ -81,7 +88,7 @@ def _read(slab, slot_of, ea):
     return slab[slot, np.int64((ea >> np.uint64(3)) & np.uint64(511))], True
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _or(slab, slot_of, ea, bit):
     """HostMemory.or_u64 of one address: frames beyond memory or without a table skipped."""
     frame = ea >> np.uint64(12)
@@ -102,90 +109,88 @@ def _sl_walk(slab, slot_of, amask, sl_rsvd, ix, gpa, write, seq, did, sl_levels,
     uint64[m]; write: bool[m]; seq: walk order of this call within a request (PWC fills);
     did, sl_levels, slptr, ssade: per batch request; pwc, pwc_counts: the second-level PWC
     (use_pwc); fills: int64/uint64 rows (req, seq, level, addr, value) appended at ctx[CX_NSL].
-    Returns (hpa, order, r, w, fault, refs) per k.
+    Returns (u64, u8, b, i64): per k, u64[SU_HPA], u8[S8_ORDER], b[SB_R], b[SB_W],
+    u8[S8_FAULT], i64[SI_REFS] are its hpa, order, read and write permission, fault, refs.
     """
     n = ix.shape[0]
-    # per-request scratch in one array per dtype (few allocations: this runs per level of
-    # every nested walk): rows of u64 hpa, table, vals, eas; i64 refs, levels, start, sel;
-    # u8 order, fault; b r, w, beyond, live, oks
+    # per-request state in one array per dtype, indexed in place (no row views: each view
+    # costs an atomic reference count update, most of a short walk's time): rows
+    # SU_* of u64, SI_* of i64, S8_* of u8, SB_* of b
     u64 = np.zeros((4, n), np.uint64)
     i64 = np.zeros((4, n), np.int64)
     u8 = np.zeros((2, n), np.uint8)
     b = np.zeros((5, n), np.bool_)
-    hpa, table, vals, eas = u64[0], u64[1], u64[2], u64[3]
-    refs, levels, start, sel = i64[0], i64[1], i64[2], i64[3]
-    order, fault = u8[0], u8[1]
-    r, w, beyond, live, oks = b[0], b[1], b[2], b[3], b[4]
-    r[:] = True
-    w[:] = True
+    for k in range(n):
+        b[SB_R, k] = True
+        b[SB_W, k] = True
     if n == 0:
-        return hpa, order, r, w, fault, refs
+        return u64, u8, b, i64
     for k in range(n):
         i = ix[k]
-        levels[k] = sl_levels[i]
-        beyond[k] = (gpa[k] >> SL_WIDTH[levels[k]]) != np.uint64(0)
-        if beyond[k]:
-            fault[k] = F_ADDR_BEYOND
-        table[k] = slptr[i]
-        start[k] = 0 if beyond[k] else levels[k]
+        i64[SI_LEVELS, k] = sl_levels[i]
+        b[SB_BEYOND, k] = (gpa[k] >> SL_WIDTH[i64[SI_LEVELS, k]]) != np.uint64(0)
+        if b[SB_BEYOND, k]:
+            u8[S8_FAULT, k] = F_ADDR_BEYOND
+        u64[SU_TABLE, k] = slptr[i]
+        i64[SI_START, k] = 0 if b[SB_BEYOND, k] else i64[SI_LEVELS, k]
     if use_pwc:
         clock = pwc_counts[PWC_CLOCK]
         hits = 0
         for k in range(n):
             lv, e = _probe_deepest(pwc, np.uint64(did[ix[k]]), np.uint64(0), gpa[k],
-                                   np.uint64(levels[k]), clock + k)
+                                   np.uint64(i64[SI_LEVELS, k]), clock + k)
             if lv > 0:
                 hits += 1
-                if not beyond[k]:
-                    table[k] = e & amask
-                    start[k] = lv - 1
-                    r[k] = (e & np.uint64(SL_R)) != 0
-                    w[k] = (e & np.uint64(SL_W)) != 0
+                if not b[SB_BEYOND, k]:
+                    u64[SU_TABLE, k] = e & amask
+                    i64[SI_START, k] = lv - 1
+                    b[SB_R, k] = (e & np.uint64(SL_R)) != 0
+                    b[SB_W, k] = (e & np.uint64(SL_W)) != 0
         pwc_counts[PWC_HITS] += hits
         pwc_counts[PWC_MISSES] += n - hits
         pwc_counts[PWC_CLOCK] = clock + n
     for k in range(n):
-        live[k] = start[k] > 0
+        b[SB_LIVE, k] = i64[SI_START, k] > 0
     for lvl in range(5, 0, -1):
         m = 0
         for k in range(n):
-            if live[k] and start[k] >= lvl:
-                sel[m] = k
+            if b[SB_LIVE, k] and i64[SI_START, k] >= lvl:
+                i64[SI_SEL, m] = k
                 m += 1
         if m == 0:
             continue
         shift = np.uint64(12 + 9 * (lvl - 1))
         for j in range(m):           # every read of the level before any A/D write
-            k = sel[j]
-            eas[j] = table[k] + ((gpa[k] >> shift) & np.uint64(511)) * np.uint64(8)
-            vals[j], oks[j] = _read(slab, slot_of, eas[j])
-            refs[k] += 1
+            k = i64[SI_SEL, j]
+            u64[SU_EA, j] = u64[SU_TABLE, k] + ((gpa[k] >> shift) & np.uint64(511)) * np.uint64(8)
+            u64[SU_VAL, j], b[SB_OK, j] = _read(slab, slot_of, u64[SU_EA, j])
+            i64[SI_REFS, k] += 1
         for j in range(m):
-            k = sel[j]
-            v = vals[j]
-            ok = oks[j]
+            k = i64[SI_SEL, j]
+            v = u64[SU_VAL, j]
+            ok = b[SB_OK, j]
             ps = ((v & np.uint64(SL_PS)) != 0) and (lvl == 2 or lvl == 3)
             rsvd = (v & sl_rsvd[lvl, 1 if ps else 0]) != 0
             present = (v & np.uint64(SL_R | SL_W)) != 0
             if not present:
-                fault[k] = F_SL_NOT_PRESENT
+                u8[S8_FAULT, k] = F_SL_NOT_PRESENT
             if not ok:
-                fault[k] = F_SL_ACCESS
+                u8[S8_FAULT, k] = F_SL_ACCESS
             bad = (not ok) or (not present)
             if not bad and rsvd:
-                fault[k] = F_SL_RSVD
+                u8[S8_FAULT, k] = F_SL_RSVD
             good = not bad and not rsvd
-            r[k] = r[k] and (v & np.uint64(SL_R)) != 0
-            w[k] = w[k] and (v & np.uint64(SL_W)) != 0
+            b[SB_R, k] = b[SB_R, k] and (v & np.uint64(SL_R)) != 0
+            b[SB_W, k] = b[SB_W, k] and (v & np.uint64(SL_W)) != 0
             leaf = good and (ps or lvl == 1)
             nonleaf = good and not leaf
             i = ix[k]
             if ssade[i] and good and (v & np.uint64(SL_A)) == 0:
-                _or(slab, slot_of, eas[j], SL_A)
+                _or(slab, slot_of, u64[SU_EA, j], SL_A)
                 ctx[CX_AD] += 1
             if fill_pwc and nonleaf:
-                perms = (np.uint64(SL_R) if r[k] else np.uint64(0)) | (
-                    np.uint64(SL_W) if w[k] else np.uint64(0))
+                perms = (np.uint64(SL_R) if b[SB_R, k] else np.uint64(0)) | (
+                    np.uint64(SL_W) if b[SB_W, k] else np.uint64(0))
                 f = ctx[CX_NSL]
                 fills[0, f] = i
                 fills[1, f] = seq
@@ -194,23 +199,23 @@ def _sl_walk(slab, slot_of, amask, sl_rsvd, ix, gpa, write, seq, did, sl_levels,
                 fills[4, f] = np.int64((v & ~np.uint64(SL_PERM_BITS)) | perms)
                 ctx[CX_NSL] = f + 1
             if nonleaf:
-                table[k] = v & amask
+                u64[SU_TABLE, k] = v & amask
             if leaf:
                 size_mask = (np.uint64(1) << shift) - np.uint64(1)
-                hpa[k] = (v & amask & ~size_mask) | (gpa[k] & size_mask)
-                order[k] = lvl - 1
-                if ssade[i] and write[k] and w[k] and (v & np.uint64(SL_D)) == 0:
-                    _or(slab, slot_of, eas[j], SL_D)
+                u64[SU_HPA, k] = (v & amask & ~size_mask) | (gpa[k] & size_mask)
+                u8[S8_ORDER, k] = lvl - 1
+                if ssade[i] and write[k] and b[SB_W, k] and (v & np.uint64(SL_D)) == 0:
+                    _or(slab, slot_of, u64[SU_EA, j], SL_D)
                     ctx[CX_AD] += 1
             if not nonleaf:
-                live[k] = False
+                b[SB_LIVE, k] = False
     for k in range(n):
-        if fault[k] == 0 and not beyond[k]:
-            if write[k] and not w[k]:
-                fault[k] = F_WRITE
-            elif not write[k] and not r[k]:
-                fault[k] = F_READ
-    return hpa, order, r, w, fault, refs
+        if u8[S8_FAULT, k] == 0 and not b[SB_BEYOND, k]:
+            if write[k] and not b[SB_W, k]:
+                u8[S8_FAULT, k] = F_WRITE
+            elif not write[k] and not b[SB_R, k]:
+                u8[S8_FAULT, k] = F_READ
+    return u64, u8, b, i64
 
 
 @njit(cache=True)
@@ -290,21 +295,21 @@ def _fl_walk(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, d
             for j in range(m):
                 sub[j] = ix[sel[j]]
                 sgpa[j] = eas[j]
-            h, _o, _r, _w, sfault, srefs = _sl_walk(
+            su, s8, _sb, si = _sl_walk(
                 slab, slot_of, amask, sl_rsvd, sub[:m], sgpa[:m], reads[:m], seq, did,
                 sl_levels, slptr, ssade, use_sl, sl_pwc, sl_counts, fill_pwc, sl_fills, ctx)
             seq += 1
             kept = 0
             for j in range(m):
                 k = sel[j]
-                refs[k] += srefs[j]
-                if sfault[j] != 0:
-                    fault[k] = sfault[j]
+                refs[k] += si[SI_REFS, j]
+                if s8[S8_FAULT, j] != 0:
+                    fault[k] = s8[S8_FAULT, j]
                     stage[k] = ST_SECOND
                     live[k] = False
                 else:
                     sel[kept] = k
-                    eas[kept] = h[j]
+                    eas[kept] = su[SU_HPA, j]
                     kept += 1
             m = kept
             if m == 0:
@@ -445,15 +450,16 @@ def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, 
         for k in range(m):
             g_addr[k] = addr[ix[k]]
             g_write[k] = access[ix[k]] == ACCESS_WRITE
-        h, o, r, w, f, rf = _sl_walk(slab, slot_of, amask, sl_rsvd, ix, g_addr, g_write,
-                                     np.int64(0), did, sl_levels, slptr, ssade, use_sl, sl_pwc,
-                                     sl_counts, fill_sl, sl_fills, ctx)
+        su, s8, sb, si = _sl_walk(slab, slot_of, amask, sl_rsvd, ix, g_addr, g_write,
+                                  np.int64(0), did, sl_levels, slptr, ssade, use_sl, sl_pwc,
+                                  sl_counts, fill_sl, sl_fills, ctx)
         for k in range(m):
             i = ix[k]
-            hpa[i], order[i], fault[i], refs[i] = h[k], o[k], f[k], rf[k]
-            if f[k] != 0:
+            hpa[i], order[i] = su[SU_HPA, k], s8[S8_ORDER, k]
+            fault[i], refs[i] = s8[S8_FAULT, k], si[SI_REFS, k]
+            if s8[S8_FAULT, k] != 0:
                 stage[i] = ST_SECOND
-            perm[i] = (1 if r[k] else 0) | (2 if w[k] else 0)
+            perm[i] = (1 if sb[SB_R, k] else 0) | (2 if sb[SB_W, k] else 0)
     # first level only, then nested
     for g, nested in ((PGTT_FL_ONLY, False), (PGTT_NESTED, True)):
         ix = np.empty(groups[g], np.int64)
@@ -494,18 +500,18 @@ def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, 
                 sw[j] = access[ix[k]] == ACCESS_WRITE
                 kk[j] = k
                 j += 1
-        h, so, r, w, sf, srf = _sl_walk(slab, slot_of, amask, sl_rsvd, sub, gpa, sw,
-                                        np.int64(5), did, sl_levels, slptr, ssade, use_sl,
-                                        sl_pwc, sl_counts, fill_sl, sl_fills, ctx)
+        su, s8, sb, si = _sl_walk(slab, slot_of, amask, sl_rsvd, sub, gpa, sw, np.int64(5),
+                                  did, sl_levels, slptr, ssade, use_sl, sl_pwc, sl_counts,
+                                  fill_sl, sl_fills, ctx)
         for j in range(okn):
             i = sub[j]
-            refs[i] += srf[j]
-            hpa[i] = h[j]
-            fault[i] = sf[j]
-            if sf[j] != 0:
+            refs[i] += si[SI_REFS, j]
+            hpa[i] = su[SU_HPA, j]
+            fault[i] = s8[S8_FAULT, j]
+            if s8[S8_FAULT, j] != 0:
                 stage[i] = ST_SECOND
-            order[i] = min(fo[kk[j]], so[j])
-            perm[i] = (1 if r[j] else 0) | (2 if (w[j] and rw[kk[j]]) else 0)
+            order[i] = min(fo[kk[j]], s8[S8_ORDER, j])
+            perm[i] = (1 if sb[SB_R, j] else 0) | (2 if (sb[SB_W, j] and rw[kk[j]]) else 0)
     for i in range(n):
         g = pgtt[i]
         if g not in (PGTT_PT, PGTT_SL_ONLY, PGTT_FL_ONLY, PGTT_NESTED):
