@@ -74,6 +74,14 @@ SU_HPA, SU_TABLE, SU_VAL, SU_EA = range(4)
 SI_REFS, SI_LEVELS, SI_START, SI_SEL = range(4)
 S8_ORDER, S8_FAULT = range(2)
 SB_R, SB_W, SB_BEYOND, SB_LIVE, SB_OK = range(5)
+# Rows of _fl_walk's: output address, IOVA, table, entry read, its address, the table
+# pointers' GPAs for the nested second-level walks; references, levels, start level,
+# selected, their batch requests; page order, fault, stage; read-write and user
+# permission, a write, canonical, still walking, read inside memory, all False (reads).
+FU_OUT, FU_IOVA, FU_TABLE, FU_VAL, FU_EA, FU_SGPA = range(6)
+FI_REFS, FI_LEVELS, FI_START, FI_SEL, FI_SUB = range(5)
+F8_ORDER, F8_FAULT, F8_STAGE = range(3)
+FB_RW, FB_US, FB_WRITE, FB_CANON, FB_LIVE, FB_OK, FB_READS = range(7)
 
 
 @njit(cache=True, inline="always")
@@ -230,97 +238,96 @@ def _fl_walk(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, d
     Returns (out_addr, order, rw, fault, stage, refs) per k; out_addr is a GPA when nested.
     """
     n = ix.shape[0]
-    # per-request scratch in one array per dtype (rows as in _sl_walk): u64 out, iova, table,
-    # vals, eas, and the nested second-level walks' GPAs; i64 refs, levels, start, sel, sub;
-    # u8 order, fault, stage; b rw, us, write, canon, live, oks, and all-False (reads)
+    # per-request state in one array per dtype, indexed in place (rows FU_*, FI_*, F8_*,
+    # FB_*; no row views, as in _sl_walk)
     u64 = np.zeros((6, n), np.uint64)
     i64 = np.zeros((5, n), np.int64)
     u8 = np.zeros((3, n), np.uint8)
     b = np.zeros((7, n), np.bool_)
-    out, iova, table, vals, eas, sgpa = u64[0], u64[1], u64[2], u64[3], u64[4], u64[5]
-    refs, levels, start, sel, sub = i64[0], i64[1], i64[2], i64[3], i64[4]
-    order, fault, stage = u8[0], u8[1], u8[2]
-    rw, us, write, canon, live, oks, reads = b[0], b[1], b[2], b[3], b[4], b[5], b[6]
-    rw[:] = True
-    us[:] = True
+    for k in range(n):
+        b[FB_RW, k] = True
+        b[FB_US, k] = True
     if n == 0:
-        return out, order, rw, fault, stage, refs
+        return (u64[FU_OUT], u8[F8_ORDER], b[FB_RW], u8[F8_FAULT], u8[F8_STAGE],
+            i64[FI_REFS])
     ones = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
     for k in range(n):
         i = ix[k]
-        iova[k] = addr[i]
-        levels[k] = fl_levels[i]
-        write[k] = access[i] == ACCESS_WRITE
-        sh = FL_WIDTH[levels[k]] - np.uint64(1)
-        top = iova[k] >> sh
-        canon[k] = top == 0 or top == (ones >> sh)
-        if not canon[k]:
-            fault[k] = F_NON_CANONICAL
-            stage[k] = ST_FIRST
-        table[k] = flptr[i]
-        start[k] = levels[k] if canon[k] else 0
+        u64[FU_IOVA, k] = addr[i]
+        i64[FI_LEVELS, k] = fl_levels[i]
+        b[FB_WRITE, k] = access[i] == ACCESS_WRITE
+        sh = FL_WIDTH[i64[FI_LEVELS, k]] - np.uint64(1)
+        top = u64[FU_IOVA, k] >> sh
+        b[FB_CANON, k] = top == 0 or top == (ones >> sh)
+        if not b[FB_CANON, k]:
+            u8[F8_FAULT, k] = F_NON_CANONICAL
+            u8[F8_STAGE, k] = ST_FIRST
+        u64[FU_TABLE, k] = flptr[i]
+        i64[FI_START, k] = i64[FI_LEVELS, k] if b[FB_CANON, k] else 0
     if use_fl:
         clock = fl_counts[PWC_CLOCK]
         hits = 0
         for k in range(n):
             lv, e = _probe_deepest(fl_pwc, np.uint64(did[ix[k]]), np.uint64(pasid[ix[k]]),
-                                   iova[k], np.uint64(levels[k]), clock + k)
+                                   u64[FU_IOVA, k], np.uint64(i64[FI_LEVELS, k]), clock + k)
             if lv > 0:
                 hits += 1
-                if canon[k]:
-                    table[k] = e & amask
-                    start[k] = lv - 1
-                    rw[k] = (e & np.uint64(FL_RW)) != 0
-                    us[k] = (e & np.uint64(FL_US)) != 0
+                if b[FB_CANON, k]:
+                    u64[FU_TABLE, k] = e & amask
+                    i64[FI_START, k] = lv - 1
+                    b[FB_RW, k] = (e & np.uint64(FL_RW)) != 0
+                    b[FB_US, k] = (e & np.uint64(FL_US)) != 0
         fl_counts[PWC_HITS] += hits
         fl_counts[PWC_MISSES] += n - hits
         fl_counts[PWC_CLOCK] = clock + n
     for k in range(n):
-        live[k] = start[k] > 0
+        b[FB_LIVE, k] = i64[FI_START, k] > 0
     seq = np.int64(0)   # walk order of the second-level walks (not a literal: see __init__)
     for lvl in range(5, 0, -1):
         m = 0
         for k in range(n):
-            if live[k] and start[k] >= lvl:
-                sel[m] = k
+            if b[FB_LIVE, k] and i64[FI_START, k] >= lvl:
+                i64[FI_SEL, m] = k
                 m += 1
         if m == 0:
             continue
         shift = np.uint64(12 + 9 * (lvl - 1))
         for j in range(m):
-            k = sel[j]
-            eas[j] = table[k] + ((iova[k] >> shift) & np.uint64(511)) * np.uint64(8)
+            k = i64[FI_SEL, j]
+            u64[FU_EA, j] = u64[FU_TABLE, k] + (
+                (u64[FU_IOVA, k] >> shift) & np.uint64(511)) * np.uint64(8)
         if nested:
             # the table pointers' GPAs of this level, through the second level (table reads)
             for j in range(m):
-                sub[j] = ix[sel[j]]
-                sgpa[j] = eas[j]
+                i64[FI_SUB, j] = ix[i64[FI_SEL, j]]
+                u64[FU_SGPA, j] = u64[FU_EA, j]
             su, s8, _sb, si = _sl_walk(
-                slab, slot_of, amask, sl_rsvd, sub[:m], sgpa[:m], reads[:m], seq, did,
-                sl_levels, slptr, ssade, use_sl, sl_pwc, sl_counts, fill_pwc, sl_fills, ctx)
+                slab, slot_of, amask, sl_rsvd, i64[FI_SUB, :m], u64[FU_SGPA, :m],
+                b[FB_READS, :m], seq, did, sl_levels, slptr, ssade, use_sl, sl_pwc, sl_counts,
+                fill_pwc, sl_fills, ctx)
             seq += 1
             kept = 0
             for j in range(m):
-                k = sel[j]
-                refs[k] += si[SI_REFS, j]
+                k = i64[FI_SEL, j]
+                i64[FI_REFS, k] += si[SI_REFS, j]
                 if s8[S8_FAULT, j] != 0:
-                    fault[k] = s8[S8_FAULT, j]
-                    stage[k] = ST_SECOND
-                    live[k] = False
+                    u8[F8_FAULT, k] = s8[S8_FAULT, j]
+                    u8[F8_STAGE, k] = ST_SECOND
+                    b[FB_LIVE, k] = False
                 else:
-                    sel[kept] = k
-                    eas[kept] = su[SU_HPA, j]
+                    i64[FI_SEL, kept] = k
+                    u64[FU_EA, kept] = su[SU_HPA, j]
                     kept += 1
             m = kept
             if m == 0:
                 continue
         for j in range(m):           # every read of the level before any A/D write
-            vals[j], oks[j] = _read(slab, slot_of, eas[j])
-            refs[sel[j]] += 1
+            u64[FU_VAL, j], b[FB_OK, j] = _read(slab, slot_of, u64[FU_EA, j])
+            i64[FI_REFS, i64[FI_SEL, j]] += 1
         for j in range(m):
-            k = sel[j]
-            v = vals[j]
-            ok = oks[j]
+            k = i64[FI_SEL, j]
+            v = u64[FU_VAL, j]
+            ok = b[FB_OK, j]
             present = (v & np.uint64(FL_P)) != 0
             ps_bit = (v & np.uint64(FL_PS)) != 0
             ps = ps_bit and (lvl == 2 or lvl == 3)
@@ -328,52 +335,53 @@ def _fl_walk(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, d
             ps_col = ps_bit if lvl >= 4 else ps
             rsvd = (v & fl_rsvd[lvl, 1 if ps_col else 0]) != 0
             if not ok:
-                fault[k] = F_FL_ACCESS
+                u8[F8_FAULT, k] = F_FL_ACCESS
             elif not present:
-                fault[k] = F_FL_NOT_PRESENT
+                u8[F8_FAULT, k] = F_FL_NOT_PRESENT
             elif rsvd:
-                fault[k] = F_FL_RSVD
+                u8[F8_FAULT, k] = F_FL_RSVD
             good = ok and present and not rsvd
             if not good:
-                stage[k] = ST_FIRST
-            rw[k] = rw[k] and (v & np.uint64(FL_RW)) != 0
-            us[k] = us[k] and (v & np.uint64(FL_US)) != 0
+                u8[F8_STAGE, k] = ST_FIRST
+            b[FB_RW, k] = b[FB_RW, k] and (v & np.uint64(FL_RW)) != 0
+            b[FB_US, k] = b[FB_US, k] and (v & np.uint64(FL_US)) != 0
             leaf = good and (ps or lvl == 1)
             nonleaf = good and not leaf
             if good and (v & np.uint64(FL_A)) == 0:
-                _or(slab, slot_of, eas[j], FL_A)
+                _or(slab, slot_of, u64[FU_EA, j], FL_A)
                 ctx[CX_AD] += 1
             if fill_pwc and nonleaf:
-                perms = (np.uint64(FL_RW) if rw[k] else np.uint64(0)) | (
-                    np.uint64(FL_US) if us[k] else np.uint64(0))
+                perms = (np.uint64(FL_RW) if b[FB_RW, k] else np.uint64(0)) | (
+                    np.uint64(FL_US) if b[FB_US, k] else np.uint64(0))
                 f = ctx[CX_NFL]
                 fl_fills[0, f] = ix[k]
                 fl_fills[1, f] = 0
                 fl_fills[2, f] = lvl
-                fl_fills[3, f] = np.int64(iova[k])
+                fl_fills[3, f] = np.int64(u64[FU_IOVA, k])
                 fl_fills[4, f] = np.int64((v & ~np.uint64(FL_PERM_BITS)) | perms)
                 ctx[CX_NFL] = f + 1
             if nonleaf:
-                table[k] = v & amask
+                u64[FU_TABLE, k] = v & amask
             if leaf:
                 size_mask = (np.uint64(1) << shift) - np.uint64(1)
-                out[k] = (v & amask & ~size_mask) | (iova[k] & size_mask)
-                order[k] = lvl - 1
-                perm_ok = us[k] and ((not write[k]) or rw[k])
-                if perm_ok and write[k] and (v & np.uint64(FL_D)) == 0:
-                    _or(slab, slot_of, eas[j], FL_D)
+                u64[FU_OUT, k] = (v & amask & ~size_mask) | (u64[FU_IOVA, k] & size_mask)
+                u8[F8_ORDER, k] = lvl - 1
+                perm_ok = b[FB_US, k] and ((not b[FB_WRITE, k]) or b[FB_RW, k])
+                if perm_ok and b[FB_WRITE, k] and (v & np.uint64(FL_D)) == 0:
+                    _or(slab, slot_of, u64[FU_EA, j], FL_D)
                     ctx[CX_AD] += 1
             if not nonleaf:
-                live[k] = False
+                b[FB_LIVE, k] = False
     for k in range(n):
-        if fault[k] == 0 and canon[k]:
-            if not us[k]:
-                fault[k] = F_FL_US
-                stage[k] = ST_FIRST
-            elif write[k] and not rw[k]:
-                fault[k] = F_FL_WRITE
-                stage[k] = ST_FIRST
-    return out, order, rw, fault, stage, refs
+        if u8[F8_FAULT, k] == 0 and b[FB_CANON, k]:
+            if not b[FB_US, k]:
+                u8[F8_FAULT, k] = F_FL_US
+                u8[F8_STAGE, k] = ST_FIRST
+            elif b[FB_WRITE, k] and not b[FB_RW, k]:
+                u8[F8_FAULT, k] = F_FL_WRITE
+                u8[F8_STAGE, k] = ST_FIRST
+    return (u64[FU_OUT], u8[F8_ORDER], b[FB_RW], u8[F8_FAULT], u8[F8_STAGE],
+            i64[FI_REFS])
 
 
 @njit(cache=True)
