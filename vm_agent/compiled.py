@@ -92,7 +92,7 @@ def nic_arrays(wl: NicWorkload, vcpus: int) -> knic.NicArrays:
     w = np.array([getattr(wl, n) for n in knic.W_NAMES], np.int64)
     rr_cap = p.rx_ring + 2
     q = np.zeros((nq, knic.NQF), np.int64)
-    posted = np.zeros((nq, p.rx_ring, 2), np.int64)
+    posted = np.zeros((nq, p.rx_ring, 3), np.int64)
     pending = np.zeros((nq, p.rx_ring, 4), np.int64)
     done = np.zeros((nq, p.tx_ring, 4), np.int64)
     rr = np.zeros((nq, rr_cap, 2), np.int64)

@@ -9,7 +9,9 @@ Per queue ``q`` (driven by vCPU ``q % vcpus``):
 - RX: ``rx_ring`` buffers of ``buffer_bytes`` are allocated and mapped DMA_FROM_DEVICE at
   start. Packets arrive as a Poisson process; the device reads the next RX descriptor
   (16 B), writes the packet into the posted buffer and writes the descriptor back (16 B). With
-  no buffer posted the packet is dropped (``rx_drops``).
+  no buffer posted the packet is dropped (``rx_drops``). A refilled buffer counts as posted
+  from the time its dma_map completed (the poll runs whole when its event is handled, its
+  calls stamped at the vCPU's time): a packet arriving before that finds it not yet posted.
 - Interrupt moderation: the queue's interrupt fires ``irq_coalesce_us`` after the first event
   (RX packet or TX completion) that finds the queue idle. The interrupt schedules NAPI; a poll
   cleans all TX completions, then handles up to ``napi_budget`` RX packets (unmap,
@@ -137,7 +139,8 @@ class _Queue:
     dev: Device | None = None   # the device, or its PASID for a PASID-tagged queue
     rx_ring_iova: int = 0
     tx_ring_iova: int = 0
-    rx_posted: deque[tuple[int, int]] = field(default_factory=deque)   # (gpa, iova)
+    # (gpa, iova, t_posted_ns): the device may use a buffer once its map completed
+    rx_posted: deque[tuple[int, int, int]] = field(default_factory=deque)
     rx_next_desc: int = 0
     # received, awaiting NAPI: (gpa, iova, nbytes, t_arrive_ns)
     rx_pending: deque[tuple[int, int, int, int]] = field(default_factory=deque)
@@ -286,7 +289,7 @@ class NicWorkload(Workload):
         size = self.params.buffer_bytes
         gpa = ctx.alloc_buffer(size)
         iova, t_ns = ctx.dma_map(qu.cpu, qu.dev, gpa, size, DMA_FROM_DEVICE, t_ns)
-        qu.rx_posted.append((gpa, iova))
+        qu.rx_posted.append((gpa, iova, t_ns))
         return t_ns
 
     # --- RX ----------------------------------------------------------------------------
@@ -307,10 +310,10 @@ class NicWorkload(Workload):
         if not rr:
             t_next = t_ns + max(1, round(rng.exponential(self._rx_gap_ns)))
             ctx.schedule(t_next, self._rx_arrival, ctx, t_next, q)
-        if not qu.rx_posted:
+        if not qu.rx_posted or qu.rx_posted[0][2] > t_ns:   # none posted by now
             self.rx_drops += 1
             return
-        gpa, iova = qu.rx_posted.popleft()
+        gpa, iova, _t_posted = qu.rx_posted.popleft()
         desc = qu.rx_ring_iova + (qu.rx_next_desc % p.rx_ring) * DESC_BYTES
         qu.rx_next_desc += 1
         dev = qu.dev
@@ -377,7 +380,7 @@ class NicWorkload(Workload):
                 self.rx_packets += 1
                 new_gpa = alloc_buffer(size)   # _post_rx_buffer: refill the ring
                 new_iova, t = dma_map(cpu, dev, new_gpa, size, DMA_FROM_DEVICE, t)
-                posted.append((new_gpa, new_iova))
+                posted.append((new_gpa, new_iova, t))
                 free_buffer(gpa, size)
                 done += 1
                 if rr:                         # the application answers the request at once

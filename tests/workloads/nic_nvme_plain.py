@@ -87,7 +87,7 @@ class PlainNic(NicWorkload):
         size = self.params.buffer_bytes
         gpa = ctx.alloc_buffer(size)
         iova, t_ns = ctx.dma_map(qu.cpu, qu.dev, gpa, size, DMA_FROM_DEVICE, t_ns)
-        qu.rx_posted.append((gpa, iova))
+        qu.rx_posted.append((gpa, iova, t_ns))
         return t_ns
 
     # --- RX ----------------------------------------------------------------------------
@@ -99,10 +99,10 @@ class PlainNic(NicWorkload):
         nbytes = self._sizes.draw(ctx.rng)
         if not rr:
             schedule_at(ctx, t_ns + self._gap(ctx, self._rx_gap_ns), self._rx_arrival, q)
-        if not qu.rx_posted:
+        if not qu.rx_posted or qu.rx_posted[0][2] > t_ns:
             self.rx_drops += 1
             return
-        gpa, iova = qu.rx_posted.popleft()
+        gpa, iova, _t_posted = qu.rx_posted.popleft()
         desc = qu.rx_ring_iova + (qu.rx_next_desc % self.params.rx_ring) * DESC_BYTES
         qu.rx_next_desc += 1
         ctx.device_dma(qu.dev, t_ns, desc, DESC_BYTES, False)

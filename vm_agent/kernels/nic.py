@@ -98,7 +98,7 @@ class NicArrays(NamedTuple):
     w: np.ndarray         # int64[NW]
     busy: np.ndarray      # int64[vcpus]: NicWorkload._busy_until
     q: np.ndarray         # int64[queues, NQF]
-    posted: np.ndarray    # int64[queues, rx_ring, 2]: (gpa, iova)
+    posted: np.ndarray    # int64[queues, rx_ring, 3]: (gpa, iova, t_posted)
     pending: np.ndarray   # int64[queues, rx_ring, 4]: (gpa, iova, nbytes, t_arrive)
     done: np.ndarray      # int64[queues, tx_ring, 4]: (gpa, iova, nbytes, t_queued)
     rr: np.ndarray        # int64[queues, rr_cap, 2]: (t_request, nbytes)
@@ -219,10 +219,10 @@ def rx_arrival(g, d, nic, rng, t, q):
     if not rr:
         t_next = t + _gap(rng, nic.f[F_RX_GAP])
         kg.heap_push(g, t_next, K_RX_ARRIVAL, q, 0, 0, 0, 0, 0, 0, 0, 0)
-    if qrow[Q_POSTED_N] == 0:
+    rx_ring = p[P_RX_RING]
+    if qrow[Q_POSTED_N] == 0 or nic.posted[q, qrow[Q_POSTED_HEAD], 2] > t:   # none by now
         w[W_RX_DROPS] += 1
         return
-    rx_ring = p[P_RX_RING]
     s = _pop_slot(qrow, Q_POSTED_HEAD, Q_POSTED_N, rx_ring)
     gpa = nic.posted[q, s, 0]
     iova = nic.posted[q, s, 1]
@@ -360,6 +360,7 @@ def napi_steps(g, d, nic, rng):
             s = _push_slot(qrow, Q_POSTED_HEAD, Q_POSTED_N, rx_ring)
             nic.posted[q, s, 0] = new_gpa
             nic.posted[q, s, 1] = new_iova
+            nic.posted[q, s, 2] = t
             kg.mem_free(g, r[R_GPA], _pages(size))
             done += 1
             step = STEP_ANSWER if rr else STEP_RX
