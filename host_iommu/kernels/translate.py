@@ -45,6 +45,11 @@ C_PGTT, C_FLPTR, C_FL_LEVELS, C_SLPTR, C_SL_LEVELS, C_SSADE = range(6)
 # followers answered by a leader's fill), A/D writes, device-TLB hits, IOTLB hits (not
 # counting device-TLB hits), walk references, faults.
 S_IOTLB_MISSES, S_AD, S_DEVTLB_HITS, S_IOTLB_HITS, S_WALK_REFS, S_FAULTS = range(6)
+# Rows of translate_batch's per-request arrays, indexed in place (a row view costs an atomic
+# reference count update): u8 fault, stage, page order, permission, permission needed;
+# bool IOTLB hit, still to be looked up.
+T8_FAULT, T8_STAGE, T8_ORDER, T8_PERM, T8_NEED = range(5)
+TB_HIT, TB_LIVE = range(2)
 
 
 @njit(cache=True)
@@ -98,11 +103,9 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
     """
     n = sid.shape[0]
     # per-request state, one array per dtype (few allocations: this runs per DMA run):
-    # u8 rows fault, stage, order, perm, need; b rows iotlb_hit, live
+    # rows T8_* of u8, TB_* of b, indexed in place
     u8 = np.zeros((5, n), np.uint8)
-    fault, stage, order, perm, need = u8[0], u8[1], u8[2], u8[3], u8[4]
     b = np.zeros((2, n), np.bool_)
-    iotlb_hit, live = b[0], b[1]
     hpa = np.zeros(n, np.uint64)
     walk_refs = np.zeros(n, np.int64)
     devtlb_hit = np.zeros(n, np.bool_)
@@ -110,11 +113,11 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
     nd = 0
     for i in range(n):
         f = req[i, R_FAULT]
-        fault[i] = f
+        u8[T8_FAULT, i] = f
         if f != 0:
-            stage[i] = ST_CONTEXT
-        need[i] = 2 if access[i] == ACCESS_WRITE else 1
-        live[i] = f == 0
+            u8[T8_STAGE, i] = ST_CONTEXT
+        u8[T8_NEED, i] = 2 if access[i] == ACCESS_WRITE else 1
+        b[TB_LIVE, i] = f == 0
         if req[i, R_DTE] != 0:
             nd += 1
     # 2. device-TLB (ATS devices): a hit with the permission needs no IOMMU look-up
@@ -135,15 +138,15 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
         _lookup(dtlb, dtlb_counts, du[0], du[1], du[2], h, du[3], d8[0], d8[1], d8[2])
         for j in range(nd):
             i = dix[j]
-            if h[j] and (d8[0, j] & need[i]) == need[i]:
+            if h[j] and (d8[0, j] & u8[T8_NEED, i]) == u8[T8_NEED, i]:
                 devtlb_hit[i] = True
                 hpa[i] = du[3, j]
-                order[i] = d8[1, j]
-                live[i] = False
+                u8[T8_ORDER, i] = d8[1, j]
+                b[TB_LIVE, i] = False
     # 3. IOTLB
     ni = 0
     for i in range(n):
-        if live[i]:
+        if b[TB_LIVE, i]:
             ni += 1
     ix = np.empty(ni, np.int64)
     iu = np.zeros((4, ni), np.uint64)           # did, pasid, addr; hpa out
@@ -151,7 +154,7 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
     h = np.zeros(ni, np.bool_)
     j = 0
     for i in range(n):
-        if live[i]:
+        if b[TB_LIVE, i]:
             ix[j] = i
             iu[0, j] = np.uint64(req[i, R_DID])
             iu[1, j] = np.uint64(pasid[i])
@@ -161,11 +164,11 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
     nm = 0
     for j in range(ni):
         i = ix[j]
-        if h[j] and (i8[0, j] & need[i]) == need[i]:
-            perm[i] = i8[0, j]
+        if h[j] and (i8[0, j] & u8[T8_NEED, i]) == u8[T8_NEED, i]:
+            u8[T8_PERM, i] = i8[0, j]
             hpa[i] = iu[3, j]
-            order[i] = i8[1, j]
-            iotlb_hit[i] = True
+            u8[T8_ORDER, i] = i8[1, j]
+            b[TB_HIT, i] = True
         else:
             nm += 1
     stats[S_IOTLB_MISSES] = nm
@@ -176,7 +179,7 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
         k = 0
         for j in range(ni):
             i = ix[j]
-            if not iotlb_hit[i]:
+            if not b[TB_HIT, i]:
                 miss[k] = i
                 mk[0, k] = req[i, R_DID]
                 mk[1, k] = pasid[i]
@@ -192,19 +195,18 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
             if lead[k] == k:
                 nl += 1
         pos = np.empty((2, nm), np.int64)       # position in miss of each leader; ranks
-        lpos, rank = pos[0], pos[1]
         j = 0
         for k in range(nm):
             if lead[k] == k:
-                lpos[j] = k
-                rank[k] = j
+                pos[0, j] = k
+                pos[1, k] = j
                 j += 1
         wu = np.zeros((4, nl), np.uint64)       # addr, flptr, slptr; hpa out
         w8 = np.zeros((8, nl), np.uint8)        # access, pgtt, fl/sl levels; outs
         wi = np.zeros((3, nl), np.int64)        # did, pasid; refs out
         wss = np.zeros(nl, np.bool_)
         for j in range(nl):
-            i = miss[lpos[j]]
+            i = miss[pos[0, j]]
             u = req[i, R_CTX]
             wu[0, j] = addr[i]
             wu[1, j] = ctx[u, C_FLPTR]
@@ -216,75 +218,73 @@ def translate_batch(sid, pasid, addr, access, req, ctx, iotlb, iotlb_counts, dtl
             wi[0, j] = req[i, R_DID]
             wi[1, j] = pasid[i]
             wss[j] = ctx[u, C_SSADE] != 0
-        w_addr, w_pgtt, w_did, w_pasid = wu[0], w8[1], wi[0], wi[1]
-        wh, wf, ws, wr, wo, wp = wu[3], w8[4], w8[5], wi[2], w8[6], w8[7]
-        stats[S_AD] = walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, w_addr, w8[0],
-                                 w_pgtt, w_did, w_pasid, wu[1], w8[2], wu[2], w8[3], wss,
+        stats[S_AD] = walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, wu[0], w8[0],
+                                 w8[1], wi[0], wi[1], wu[1], w8[2], wu[2], w8[3], wss,
                                  use_fl, fl_pwc, fl_counts, use_sl, sl_pwc, sl_counts,
-                                 use_fl or use_sl, wh, wf, ws, wr, wo, wp)
+                                 use_fl or use_sl, wu[3], w8[4], w8[5], wi[2], w8[6], w8[7])
         has_iotlb = iotlb.shape[1] > 0
         for k in range(nm):
             i = miss[k]
-            j = rank[lead[k]]
+            j = pos[1, lead[k]]
             if lead[k] == k:
-                hpa[i] = wh[j]
-                fault[i] = wf[j]
-                stage[i] = ws[j]
-                walk_refs[i] = wr[j]
-                order[i] = wo[j]
-                perm[i] = wp[j]
+                hpa[i] = wu[3, j]
+                u8[T8_FAULT, i] = w8[4, j]
+                u8[T8_STAGE, i] = w8[5, j]
+                walk_refs[i] = wi[2, j]
+                u8[T8_ORDER, i] = w8[6, j]
+                u8[T8_PERM, i] = w8[7, j]
                 continue
             # a follower takes its leader's outcome, at its own offset within the page
-            ok = wf[j] == 0
-            hpa[i] = ((wh[j] & ~PAGE_MASK_4K) | (addr[i] & PAGE_MASK_4K)) if ok else 0
-            fault[i] = wf[j]
-            stage[i] = ws[j]
-            order[i] = wo[j]
+            ok = w8[4, j] == 0
+            hpa[i] = ((wu[3, j] & ~PAGE_MASK_4K) | (addr[i] & PAGE_MASK_4K)) if ok else 0
+            u8[T8_FAULT, i] = w8[4, j]
+            u8[T8_STAGE, i] = w8[5, j]
+            u8[T8_ORDER, i] = w8[6, j]
             if has_iotlb:
-                iotlb_hit[i] = ok          # answered by the leader's fill
+                b[TB_HIT, i] = ok          # answered by the leader's fill
                 stats[S_IOTLB_MISSES] -= 1
             else:                          # no IOTLB to hold that fill: it walks itself
-                walk_refs[i] = wr[j]
-            perm[i] = wp[j]
+                walk_refs[i] = wi[2, j]
+            u8[T8_PERM, i] = w8[7, j]
         # IOTLB fills for the successful walks, in request order (iotlb._fill, line by line)
         clock = iotlb_counts[I_CLOCK]
         t = 0
         for j in range(nl):
-            if wf[j] == 0:
-                o = np.uint64(wo[j])
+            if w8[4, j] == 0:
+                o = np.uint64(w8[6, j])
                 shift = np.uint64(12) + np.uint64(9) * o
-                _fill_line(iotlb, iotlb_counts, np.uint64(w_did[j]), np.uint64(w_pasid[j]),
-                           w_addr[j] >> shift, o, (wh[j] >> shift) << shift,
-                           np.uint64(wp[j]), np.uint64(w_pgtt[j]), clock + t)
+                _fill_line(iotlb, iotlb_counts, np.uint64(wi[0, j]), np.uint64(wi[1, j]),
+                           wu[0, j] >> shift, o, (wu[3, j] >> shift) << shift,
+                           np.uint64(w8[7, j]), np.uint64(w8[1, j]), clock + t)
                 t += 1
         iotlb_counts[I_CLOCK] = clock + t
     for i in range(n):
-        if fault[i] != 0:
+        if u8[T8_FAULT, i] != 0:
             hpa[i] = 0
             stats[S_FAULTS] += 1
         if devtlb_hit[i]:
             stats[S_DEVTLB_HITS] += 1
-        if iotlb_hit[i]:
+        if b[TB_HIT, i]:
             stats[S_IOTLB_HITS] += 1
         stats[S_WALK_REFS] += walk_refs[i]
     # device-TLB fills: every ATS translation completion the device received (in order)
     clock = dtlb_counts[I_CLOCK]
     t = 0
     for i in range(n):
-        if req[i, R_DTE] != 0 and not devtlb_hit[i] and fault[i] == 0:
-            o = np.uint64(order[i])
+        if req[i, R_DTE] != 0 and not devtlb_hit[i] and u8[T8_FAULT, i] == 0:
+            o = np.uint64(u8[T8_ORDER, i])
             shift = np.uint64(12) + np.uint64(9) * o
             _fill_line(dtlb, dtlb_counts, np.uint64(sid[i]), np.uint64(pasid[i]),
-                       addr[i] >> shift, o, (hpa[i] >> shift) << shift, np.uint64(perm[i]),
+                       addr[i] >> shift, o, (hpa[i] >> shift) << shift, np.uint64(u8[T8_PERM, i]),
                        np.uint64(0), clock + t)
             t += 1
     dtlb_counts[I_CLOCK] = clock + t
     for i in range(n):
         out[i]["hpa"] = hpa[i]
-        out[i]["fault"] = fault[i]
-        out[i]["stage"] = stage[i]
+        out[i]["fault"] = u8[T8_FAULT, i]
+        out[i]["stage"] = u8[T8_STAGE, i]
         out[i]["walk_refs"] = walk_refs[i]
         out[i]["ctx_refs"] = req[i, R_CTX_REFS]
-        out[i]["iotlb_hit"] = iotlb_hit[i] or devtlb_hit[i]
-        out[i]["page_order"] = order[i]
+        out[i]["iotlb_hit"] = b[TB_HIT, i] or devtlb_hit[i]
+        out[i]["page_order"] = u8[T8_ORDER, i]
     return stats, devtlb_hit
