@@ -169,6 +169,15 @@ class CompiledNicAgent(VmAgent):
                 raise ValueError(f"compiled NIC loop: no event kind for {fn!r}")
         self.d = dmaapi.freeze(self)           # both copy and check (ValueError): nothing
         self.nic = nic_arrays(wl, self.vcpus)  # of the agent changed before this line
+        self._freeze_guest(_slack(wl.params), knic.KIND_OF, knic.K_FQ_TIMER)
+
+    def _freeze_guest(self, slack: tuple[int, int], kind_of: dict[str, int],
+                      fq_timer: int) -> None:
+        """The guest's own state as GuestArrays (self.g): memory, vCPU busy times,
+        counters, the op log, and the pending events on the heap in (time, sequence) order,
+        each as its kind in ``kind_of`` (by handler name) and its arguments (the flush-queue
+        timer, kind ``fq_timer``, keeps its CPU; a workload handler its arguments after
+        (ctx, t))."""
         g = kg.new_arrays(self.vm, self.vcpus, self.mem.frames, log_rows=self.LOG_ROWS,
                           heap_rows=self.HEAP_ROWS + 2 * len(self._events))
         kg.load_memory(g, self.mem)
@@ -177,10 +186,10 @@ class CompiledNicAgent(VmAgent):
         g = kg.load_log(g, self.log)
         ctl = g.ctl
         ctl[kg.C_NOW] = self.now
-        ctl[kg.C_LOG_SLACK], ctl[kg.C_HEAP_SLACK] = _slack(wl.params)
+        ctl[kg.C_LOG_SLACK], ctl[kg.C_HEAP_SLACK] = slack
         for t, seq, fn, args in sorted(self._events, key=lambda e: (e[0], e[1])):
-            kind = knic.KIND_OF[fn.__name__]
-            a = [args[1]] if kind == knic.K_FQ_TIMER else list(args[2:])
+            kind = kind_of[fn.__name__]
+            a = [args[1]] if kind == fq_timer else list(args[2:])
             a += [0] * (kg.H_ARGS - len(a))
             ctl[kg.C_EV_SEQ] = seq
             kg.heap_push(g, t, kind, *a)

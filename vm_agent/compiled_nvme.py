@@ -32,7 +32,6 @@ from host_iommu.defs import PAGE_SIZE
 from vm_agent import compiled
 from vm_agent.agent import GUEST_COUNTERS
 from vm_agent.kernels import dmaapi
-from vm_agent.kernels import guest as kg
 from vm_agent.kernels import nvme as knvme
 from workloads.nvme import NvmeWorkload
 
@@ -143,26 +142,7 @@ class CompiledNvmeAgent(compiled.CompiledNicAgent):
         nv = nvme_arrays(wl, self.vcpus, self.rng)   # both copy and check (ValueError): nothing
         self.d = dmaapi.freeze(self)           # of the agent changed before this line
         self.nic = nv
-        g = kg.new_arrays(self.vm, self.vcpus, self.mem.frames, log_rows=self.LOG_ROWS,
-                          heap_rows=self.HEAP_ROWS + 2 * len(self._events))
-        kg.load_memory(g, self.mem)
-        g.busy[:] = self.busy_until
-        g.stats[:] = [self.stats[n] for n in GUEST_COUNTERS]
-        g = kg.load_log(g, self.log)
-        ctl = g.ctl
-        ctl[kg.C_NOW] = self.now
-        ctl[kg.C_LOG_SLACK], ctl[kg.C_HEAP_SLACK] = _slack(nv)
-        for t, seq, fn, args in sorted(self._events, key=lambda e: (e[0], e[1])):
-            kind = knvme.KIND_OF[fn.__name__]
-            a = [args[1]] if kind == knvme.K_FQ_TIMER else list(args[2:])
-            a += [0] * (kg.H_ARGS - len(a))
-            ctl[kg.C_EV_SEQ] = seq
-            kg.heap_push(g, t, kind, *a)
-        self._events = []
-        ctl[kg.C_EV_SEQ] = next(self._event_seq)
-        self.g = g
-        if not kg.has_room(self.g):
-            self.g = self._grown_guest(self.g)
+        self._freeze_guest(_slack(nv), knvme.KIND_OF, knvme.K_FQ_TIMER)
 
     def _kernels(self) -> tuple[Any, Any]:
         """The compiled entry points of the NVMe loop and of the epoch's end for this
