@@ -510,6 +510,55 @@ def _untag(pg, tg, retired, ctl, s):
 
 
 # --- the DMA API ----------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _alloc_iova(gctl, ctl, cost, tree, ist, mag, pg, cpu, pages, t1):
+    """dma-iommu.c iommu_dma_alloc_iova of ``pages`` for ``cpu`` (below 4 GiB first for a
+    PCI device while that works), then the wait for the range's last deferred free
+    (dom.freed_ns.pop) and the allocation's cost: (pfn, t1), or (-1, t1) with E_IOVA set
+    when the IOVA space is exhausted."""
+    hits = ist[kiova.S_HITS]
+    pfn = np.int64(kiova.NONE)
+    if ctl[D_LIMIT_PFN] > DMA_BIT_MASK_32_PFN and ctl[D_PCI32]:
+        pfn = kiova.alloc_iova_fast(tree, ist, mag, cpu, pages, DMA_BIT_MASK_32_PFN, False)
+        if pfn == kiova.NONE:
+            ctl[D_PCI32] = 0
+    if pfn == kiova.NONE:
+        pfn = kiova.alloc_iova_fast(tree, ist, mag, cpu, pages, ctl[D_LIMIT_PFN], True)
+    if pfn < 0:
+        gctl[C_ERR] = E_IOVA
+        gctl[C_ERR_ARG] = ctl[D_SID]
+        return np.int64(-1), t1
+    fast = ist[kiova.S_HITS] > hits
+    s = _h_find(pg, pfn)
+    if s >= 0 and pg[s, P_FREED] >= 0:      # dom.freed_ns.pop(pfn, 0)
+        if pg[s, P_FREED] > t1:
+            t1 = pg[s, P_FREED]
+        pg[s, P_FREED] = -1
+        _pg_tidy(pg, ctl, s)
+    t1 += cost[K_ALLOC_FAST] if fast else cost[K_ALLOC_SLOW]
+    return pfn, t1
+
+
+@njit(cache=True, inline="always")
+def _map_run(gctl, log, fl, fl_off, fl_n, ctl, made, pt, rows_free, iova, end, phys, bits,
+             t1):
+    """One iommu_map of [iova, end) at ``phys`` (PageTable._map_kernel: the 4-KiB kernel
+    first, a missing table through _map_table), its stores logged at ``t1``: the number of
+    stores, or -1 when refused or out of guest memory (gctl[C_ERR] set)."""
+    code, pos, n = kpg.map_4k(pt, iova, end, phys, bits, -1)
+    _log_stores(gctl, log, ctl, made, pt, n, t1)
+    if code != kpg.DONE:
+        if code != kpg.NEED_TABLE:
+            _refuse(gctl, R_WALK)
+            return -1
+        more = _map_table(gctl, log, fl, fl_off, fl_n, ctl, made, pt, rows_free, pos,
+                          phys + (pos - iova), end, bits, t1)
+        if more < 0:
+            return -1
+        n += more
+    return n
+
+
 @njit(cache=True)
 def dma_map(g, d, cpu, gpa, size, direction, t):
     """VmAgent.dma_map: (iova, t1); the vCPU is busy from max(t, its busy time) to t1.
@@ -539,45 +588,20 @@ def dma_map(g, d, cpu, gpa, size, direction, t):
         return -1, t
     t1 = t0 + cost[K_DMA_CALL]
     stats[S_MAPS] += 1
-    # _alloc_iova (iommu_dma_alloc_iova)
-    hits = ist[kiova.S_HITS]
-    pfn = np.int64(kiova.NONE)
-    if ctl[D_LIMIT_PFN] > DMA_BIT_MASK_32_PFN and ctl[D_PCI32]:
-        pfn = kiova.alloc_iova_fast(tree, ist, mag, cpu, pages, DMA_BIT_MASK_32_PFN, False)
-        if pfn == kiova.NONE:
-            ctl[D_PCI32] = 0
-    if pfn == kiova.NONE:
-        pfn = kiova.alloc_iova_fast(tree, ist, mag, cpu, pages, ctl[D_LIMIT_PFN], True)
+    pfn, t1 = _alloc_iova(gctl, ctl, cost, tree, ist, mag, pg, cpu, pages, t1)
     if pfn < 0:
-        gctl[C_ERR] = E_IOVA
-        gctl[C_ERR_ARG] = ctl[D_SID]
         return -1, t
-    fast = ist[kiova.S_HITS] > hits
-    s = _h_find(pg, pfn)
-    if s >= 0 and pg[s, P_FREED] >= 0:      # dom.freed_ns.pop(pfn, 0)
-        if pg[s, P_FREED] > t1:
-            t1 = pg[s, P_FREED]
-        pg[s, P_FREED] = -1
-        _pg_tidy(pg, ctl, s)
-    t1 += cost[K_ALLOC_FAST] if fast else cost[K_ALLOC_SLOW]
     bits = FL_P | FL_US | FL_A
     if direction != DMA_TO_DEVICE:
         bits |= FL_RW | FL_D
     iova = pfn << PAGE_SHIFT
     end = iova + (pages << PAGE_SHIFT)
     phys = gpa & ~(PAGE_SIZE - 1)
-    # PageTable._map_kernel: the first kernel call here, the rest (a missing table) there
-    code, pos, n = kpg.map_4k(pt, iova, end, phys, bits, -1)
-    _log_stores(gctl, log, ctl, made, pt, n, t1)
-    if code != kpg.DONE:
-        if code != kpg.NEED_TABLE:
-            _refuse(gctl, R_WALK)
-            return -1, t
-        more = _map_table(gctl, log, fl, fl_off, fl_n, ctl, made, pt, rows_free, pos,
-                          phys + (pos - iova), end, bits, t1)
-        if more < 0:
-            return -1, t
-        n += more
+    # PageTable._map_kernel (_map_run)
+    n = _map_run(gctl, log, fl, fl_off, fl_n, ctl, made, pt, rows_free, iova, end, phys,
+                 bits, t1)
+    if n < 0:
+        return -1, t
     stats[S_IOMMU_MAP_EVENTS] += 1
     stats[S_PTE_WRITES] += n
     t1 += n * cost[K_PTE_WRITE]
@@ -645,27 +669,9 @@ def map_sg(g, d, cpu, sg, n, direction, t, out, charge):
         return -1, t
     t1 = t0 + cost[K_DMA_CALL]
     stats[S_MAPS] += 1
-    # _alloc_iova (iommu_dma_alloc_iova), as dma_map
-    hits = ist[kiova.S_HITS]
-    pfn = np.int64(kiova.NONE)
-    if ctl[D_LIMIT_PFN] > DMA_BIT_MASK_32_PFN and ctl[D_PCI32]:
-        pfn = kiova.alloc_iova_fast(tree, ist, mag, cpu, pages, DMA_BIT_MASK_32_PFN, False)
-        if pfn == kiova.NONE:
-            ctl[D_PCI32] = 0
-    if pfn == kiova.NONE:
-        pfn = kiova.alloc_iova_fast(tree, ist, mag, cpu, pages, ctl[D_LIMIT_PFN], True)
+    pfn, t1 = _alloc_iova(gctl, ctl, cost, tree, ist, mag, pg, cpu, pages, t1)
     if pfn < 0:
-        gctl[C_ERR] = E_IOVA
-        gctl[C_ERR_ARG] = ctl[D_SID]
         return -1, t
-    fast = ist[kiova.S_HITS] > hits
-    s = _h_find(pg, pfn)
-    if s >= 0 and pg[s, P_FREED] >= 0:      # dom.freed_ns.pop(pfn, 0)
-        if pg[s, P_FREED] > t1:
-            t1 = pg[s, P_FREED]
-        pg[s, P_FREED] = -1
-        _pg_tidy(pg, ctl, s)
-    t1 += cost[K_ALLOC_FAST] if fast else cost[K_ALLOC_SLOW]
     bits = FL_P | FL_US | FL_A
     if direction != DMA_TO_DEVICE:
         bits |= FL_RW | FL_D
@@ -677,17 +683,10 @@ def map_sg(g, d, cpu, sg, n, direction, t, out, charge):
         iova = page << PAGE_SHIFT
         end = iova + (k << PAGE_SHIFT)
         phys = gpa & ~(PAGE_SIZE - 1)
-        code, pos, m = kpg.map_4k(pt, iova, end, phys, bits, -1)
-        _log_stores(gctl, log, ctl, made, pt, m, t1)
-        if code != kpg.DONE:
-            if code != kpg.NEED_TABLE:
-                _refuse(gctl, R_WALK)
-                return -1, t
-            more = _map_table(gctl, log, fl, fl_off, fl_n, ctl, made, pt, rows_free, pos,
-                              phys + (pos - iova), end, bits, t1)
-            if more < 0:
-                return -1, t
-            m += more
+        m = _map_run(gctl, log, fl, fl_off, fl_n, ctl, made, pt, rows_free, iova, end, phys,
+                     bits, t1)
+        if m < 0:
+            return -1, t
         stores += m
         out[i, 0] = iova | (gpa & (PAGE_SIZE - 1))
         out[i, 1] = sg[i, 1]
