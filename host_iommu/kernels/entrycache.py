@@ -238,6 +238,40 @@ def _invalidate(st, kind, sid, sid_keep, pasid, did):
     return dropped
 
 
+@njit(cache=True, inline="always")
+def _scatter(req, keys, n, uk, fault, did, dte, fpd, refs, nu, fetched):
+    """Each request's context-stage result from its key's (``keys[i]``, sorted; < 0: no
+    root entry (-2) or no PASID directory) row ``u`` of the distinct keys ``uk``: fault,
+    DID, device-TLB enable, context row (``nu``: none), FPD, and the structure references
+    it paid (``fetched``: the first request of a key pays its fetches, ``refs[u]``; else
+    every request pays 0)."""
+    u = 0
+    prev = np.int64(-3)
+    for i in range(n):
+        k = keys[i]
+        if k < 0:
+            req[i, R_FAULT] = F_ROOT_ENTRY_P if k == -2 else F_PASID_DIR_ACCESS_ERR
+            req[i, R_DID] = 0
+            req[i, R_DTE] = 0
+            req[i, R_CTX] = nu
+            req[i, R_CTX_REFS] = 0
+            req[i, R_FPD] = 0
+        else:
+            if k != prev:
+                u = np.searchsorted(uk, k)
+                prev = k
+            req[i, R_FAULT] = fault[u]
+            req[i, R_DID] = did[u]
+            req[i, R_DTE] = dte[u]
+            req[i, R_CTX] = u
+            if fetched:
+                req[i, R_CTX_REFS] = refs[u]
+                refs[u] = 0
+            else:
+                req[i, R_CTX_REFS] = 0
+            req[i, R_FPD] = fpd[u]
+
+
 @njit(cache=True)
 def contexts_hit(sid, pasid, cst, cval, pst, pval, req, ctx):
     """The context stage of a batch whose every distinct (sid, pasid) hits both caches.
@@ -332,26 +366,7 @@ def contexts_hit(sid, pasid, cst, cval, pst, pval, req, ctx):
     ctx[nu, C_SLPTR] = 0
     ctx[nu, C_SL_LEVELS] = 4
     ctx[nu, C_SSADE] = 0
-    u = 0
-    prev = np.int64(-3)
-    for i in range(n):
-        k = keys[i]
-        req[i, R_CTX_REFS] = 0
-        if k < 0:
-            req[i, R_FAULT] = F_ROOT_ENTRY_P if k == -2 else F_PASID_DIR_ACCESS_ERR
-            req[i, R_DID] = 0
-            req[i, R_DTE] = 0
-            req[i, R_CTX] = nu
-            req[i, R_FPD] = 0
-        else:
-            if k != prev:
-                u = np.searchsorted(uk, k)
-                prev = k
-            req[i, R_FAULT] = fault[u]
-            req[i, R_DID] = did[u]
-            req[i, R_DTE] = dte[u]
-            req[i, R_CTX] = u
-            req[i, R_FPD] = fpd[u]
+    _scatter(req, keys, n, uk, fault, did, dte, fpd, fpd, nu, False)   # refs: none read
     return nu
 
 
@@ -560,26 +575,5 @@ def contexts_fetch(sid, pasid, cst, cval, pst, pval, slab, slot_of, rtaddr, req,
             ctx[u, C_SLPTR] = np.uint64(pe[V_SLPTR])
             ctx[u, C_SL_LEVELS] = pe[V_SL_LEVELS]
             ctx[u, C_SSADE] = pe[V_SSADE]
-    u = 0
-    prev = np.int64(-3)
-    for i in range(n):
-        k = keys[i]
-        if k < 0:
-            req[i, R_FAULT] = F_ROOT_ENTRY_P if k == -2 else F_PASID_DIR_ACCESS_ERR
-            req[i, R_DID] = 0
-            req[i, R_DTE] = 0
-            req[i, R_CTX] = nu
-            req[i, R_CTX_REFS] = 0
-            req[i, R_FPD] = 0
-        else:
-            if k != prev:
-                u = np.searchsorted(uk, k)
-                prev = k
-            req[i, R_FAULT] = fault[u]
-            req[i, R_DID] = did[u]
-            req[i, R_DTE] = dte[u]
-            req[i, R_CTX] = u
-            req[i, R_CTX_REFS] = refs[u]    # the first request of a key pays its fetches
-            refs[u] = 0
-            req[i, R_FPD] = fpd[u]
+    _scatter(req, keys, n, uk, fault, did, dte, fpd, refs, nu, True)
     return nu
