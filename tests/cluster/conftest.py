@@ -7,6 +7,7 @@ start their own Ray cluster (test_multinode.py) do not use it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,3 +24,23 @@ def ray_local() -> Iterator[object]:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def kill_and_wait(ray_local):
+    """A function that kills an actor and blocks until calls on it fail: ``ray.kill`` is
+    asynchronous, and a test that kills at epoch k expects the run's next call to see the
+    actor dead."""
+    return lambda actor: _kill_and_wait(ray_local, actor)
+
+
+def _kill_and_wait(ray, actor, timeout_s: float = 60.0) -> None:
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.node_id.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the killed actor still answers")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -88,20 +87,8 @@ def test_two_hosts_tables_equal_inproc_and_carry_host(tmp_path, ray_local):
     assert all((v in (1, 2)) == (h == 0) for v, h in zip(f["vm"], f["host"], strict=True))
 
 
-def _wait_until_dead(ray, actor, timeout_s: float = 60.0) -> None:
-    """Block until calls on a killed actor fail, so the run's next epoch sees it dead."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            ray.get(actor.node_id.remote(), timeout=5)
-        except ray.exceptions.RayActorError:
-            return
-        time.sleep(0.02)
-    raise AssertionError("the killed actor still answers")
-
-
 @pytest.mark.parametrize("victim", ["VM", "host"])
-def test_killed_actor_fails_the_run_with_readable_metrics(tmp_path, ray_local, victim):
+def test_killed_actor_fails_the_run_with_readable_metrics(tmp_path, kill_and_wait, victim):
     """An actor killed midway: RunFailed naming it, a failed manifest, partial metrics; a
     rerun redoes the run and completes it."""
     cfg = config({"n": nic("nested"), "s": nic("shadow")}, duration_us=2000, name="kill")
@@ -111,8 +98,7 @@ def test_killed_actor_fails_the_run_with_readable_metrics(tmp_path, ray_local, v
         if ep.index == 3:
             m = machine["m"]
             actor = m.vm_actors[0][0] if victim == "VM" else m.host_actors[0]
-            ray_local.kill(actor, no_restart=True)
-            _wait_until_dead(ray_local, actor)  # ray.kill is asynchronous
+            kill_and_wait(actor)
 
     with pytest.raises(RunFailed) as info:  # split: a host actor and VM actors
         run_config(cfg, tmp_path, "ray", on_epoch=kill_at_epoch_3, vms_per_actor=1,

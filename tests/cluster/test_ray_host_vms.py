@@ -61,14 +61,14 @@ def test_mixed_hosts_one_actor_and_split(tmp_path, ray_local):
         assert ta[name].equals(tc[name]), name
 
 
-def test_killed_host_vms_actor_fails_the_run_with_readable_metrics(tmp_path, ray_local):
+def test_killed_host_vms_actor_fails_the_run_with_readable_metrics(tmp_path, kill_and_wait):
     """Killed midway: RunFailed naming it, a failed manifest, metrics up to the kill."""
     cfg = config(duration_us=2000, name="hvkill")
     machine = {}
 
     def kill_at_epoch_3(ep) -> None:
         if ep.index == 3:
-            ray_local.kill(machine["m"].host_vms_actors[0][0], no_restart=True)
+            kill_and_wait(machine["m"].host_vms_actors[0][0])
 
     with pytest.raises(RunFailed) as info:  # one epoch per call: it fails at the next one
         run_config(cfg, tmp_path, "ray", vms_per_actor=8, epochs_per_call=1,
@@ -80,7 +80,7 @@ def test_killed_host_vms_actor_fails_the_run_with_readable_metrics(tmp_path, ray
     assert sorted(set(read_run(e.path)["metrics"]["epoch"].to_pylist())) == [0, 1, 2, 3]
 
 
-def test_killed_actor_with_batched_epochs_fails_the_run(tmp_path, ray_local):
+def test_killed_actor_with_batched_epochs_fails_the_run(tmp_path, kill_and_wait):
     """Killed while later epochs are already computed: the run still fails naming it (at its
     next call, or at finish), the metrics hold every epoch handed out before, in order."""
     cfg = config(duration_us=2000, name="hvkill2")
@@ -88,7 +88,7 @@ def test_killed_actor_with_batched_epochs_fails_the_run(tmp_path, ray_local):
 
     def kill_at_epoch_3(ep) -> None:
         if ep.index == 3:
-            ray_local.kill(machine["m"].host_vms_actors[0][0], no_restart=True)
+            kill_and_wait(machine["m"].host_vms_actors[0][0])
 
     with pytest.raises(RunFailed) as info:
         run_config(cfg, tmp_path, "ray", epochs_per_call=6, on_epoch=kill_at_epoch_3,
