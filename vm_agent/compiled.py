@@ -203,7 +203,8 @@ class CompiledNicAgent(VmAgent):
     # --- per epoch -----------------------------------------------------------------------
     def run_epoch(self, t_end_ns: int) -> np.ndarray:
         """VmAgent.run_epoch on the arrays: every event before ``t_end_ns``, then the
-        epoch's end (the DMA API's retired unmap ids); the epoch's host operations."""
+        epoch's end (the DMA API's retired unmap ids: in the loop's own call, ST_ENDED,
+        unless the log must grow for them first); the epoch's host operations."""
         if not self.compiled:
             return super().run_epoch(t_end_ns)
         self.epoch_ns = t_end_ns - self.now
@@ -212,7 +213,10 @@ class CompiledNicAgent(VmAgent):
         g, d, nic = self.g, self.d, self.nic
         while True:
             st = run(g, d, nic, t_end_ns)
+            if st == kg.ST_ENDED:
+                break
             if st == kg.ST_DONE:
+                g = self._end(end, t_end_ns)
                 break
             if st == kg.ST_ROOM:
                 g, d = self._grow(g, d)
@@ -220,6 +224,13 @@ class CompiledNicAgent(VmAgent):
             self._sync()
             kg.raise_error(g)
         self.now = t_end_ns
+        self._sync()
+        return kg.take_log(g)
+
+    def _end(self, end: Any, t_end_ns: int) -> kg.GuestArrays:
+        """The epoch's end where the loop left it to Python (no room in the log for the
+        retired ids' rows): the log grown, then dmaapi.end_epoch."""
+        g, d = self.g, self.d
         g.ctl[kg.C_NOW] = t_end_ns
         rows = dmaapi.end_epoch_rows(d)                 # rows end_epoch may append
         if g.ctl[kg.C_LOG_N] + rows > g.log.shape[0]:
@@ -227,8 +238,7 @@ class CompiledNicAgent(VmAgent):
         end(g, d, t_end_ns)
         if g.ctl[kg.C_ERR]:
             kg.raise_error(g)
-        self._sync()
-        return kg.take_log(g)
+        return g
 
     _loop = knic.run     # the workload's compiled loop: run(g, d, nic, t_end) -> ST_*
 

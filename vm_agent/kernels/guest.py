@@ -82,6 +82,7 @@ HEAP_COLUMNS = H_A0 + H_ARGS
 ST_DONE = 0          # every event before t_end ran
 ST_ROOM = 1          # stopped before an event: grow log / heap and call again
 ST_ERR = 2           # stopped at an error (ctl[C_ERR]): raise_error
+ST_ENDED = 4         # ST_DONE, and the epoch ended in the same call (kernels/nic.py end_here)
 
 # --- error codes (ctl[C_ERR])
 E_OK = 0
