@@ -293,12 +293,12 @@ def take_log(g: GuestArrays) -> np.ndarray:
     ctl = g.ctl
     n = int(ctl[C_LOG_N])
     seq0 = int(ctl[C_SEQ0])
-    out = np.empty(n, dtype=OP_DTYPE)
-    if n:
-        _pack(g.log, n, int(ctl[C_VM]), seq0, out.view(np.uint8))
+    buf = np.empty(n * OP_DTYPE.itemsize, np.uint8)   # the records' bytes: a structured
+    if n:                                              # array's .view(np.uint8) costs ~1 us
+        _pack(g.log, n, int(ctl[C_VM]), seq0, buf)
     ctl[C_LOG_N] = 0
     ctl[C_SEQ0] = seq0 + n
-    return out
+    return np.frombuffer(buf, dtype=OP_DTYPE)
 
 
 def load_log(g: GuestArrays, log: OpLog) -> GuestArrays:
