@@ -326,20 +326,19 @@ class HostServer:
         else:      # FaultLog.take_all with no record pending: it only clears PFO
             log.pfo = False
             any_faults = False
+        by_vm: dict[int, list[tuple[int, ...]]] = {}
         if any_faults:
             owned = np.isin(f["vm"], np.array(sorted(self.counters), dtype=np.int64))
             self.host_counters["host_faults"] += int((~owned).sum())
+            for v, *rec in zip(f["vm"].tolist(), f["time_ns"].tolist(), f["sid"].tolist(),
+                               f["pasid"].tolist(), f["addr"].tolist(), f["reason"].tolist(),
+                               f["stage"].tolist(), strict=True):
+                by_vm.setdefault(v, []).append(tuple(rec))    # each VM's, in record order
         reports = {}
-        for vm in sorted(self.counters):
-            faults = []
-            if any_faults:
-                m = f["vm"] == vm
-                faults = list(zip(f["time_ns"][m].tolist(), f["sid"][m].tolist(),
-                                  f["pasid"][m].tolist(), f["addr"][m].tolist(),
-                                  f["reason"][m].tolist(), f["stage"][m].tolist(),
-                                  strict=True))
-            reports[vm] = EpochReport(vm, dict(self.counters[vm]), faults,
-                                      self.unmap_waits.pop(vm, []))
+        counters, waits = self.counters, self.unmap_waits
+        for vm in sorted(counters):
+            reports[vm] = EpochReport(vm, counters[vm].copy(), by_vm.get(vm, []),
+                                      waits.pop(vm, []))
         return reports
 
     def _run(self, ops: np.ndarray, i: int, t: list[int], kind: list[int], vms: list[int]
@@ -638,31 +637,34 @@ class HostServer:
 
     def _fold_counts(self, cnt: np.ndarray, tst: np.ndarray) -> None:
         """Add the epoch kernel's per-VM counts (cnt: int64[vms, C_*]) to the VMs' counters
-        and its statistics (tst: TST_NAMES) to HostIommu.stats: only the VMs and columns with
-        a count, stale_window_max_ns as a maximum."""
-        used = cnt.any(axis=0)
-        if not used.any():
-            pass
-        elif len(self.counters) == 1:    # one VM: its row holds every count
-            vm = next(iter(self.counters))
-            self._fold_row(self.counters[vm], used, cnt[vm])
-        else:
-            for vm in np.flatnonzero(cnt[:, used].any(axis=1)).tolist():
-                self._fold_row(self.counters[vm], used, cnt[vm])
+        and its statistics (tst: TST_NAMES) to HostIommu.stats: the columns some VM used,
+        for the VMs with a count; stale_window_max_ns as a maximum."""
+        cols = np.flatnonzero(cnt.any(axis=0)).tolist()
+        if cols:
+            counters = self.counters
+            window = ek.C_WINDOW_MAX in cols
+            if window:
+                cols.remove(ek.C_WINDOW_MAX)
+            names = [ek.CNT_NAMES[c] for c in cols]
+            if len(counters) == 1:      # one VM: its row holds every count
+                vms = list(counters)
+            else:
+                vms = np.flatnonzero(cnt.any(axis=1)).tolist()
+            rows = cnt[np.ix_(vms, cols)].tolist() if cols else ()
+            for vm, row in zip(vms, rows, strict=False):
+                ctr = counters[vm]
+                for name, x in zip(names, row, strict=True):
+                    ctr[name] += x
+            if window:
+                name = ek.CNT_NAMES[ek.C_WINDOW_MAX]
+                for vm in vms:
+                    ctr = counters[vm]
+                    ctr[name] = max(ctr[name], int(cnt[vm, ek.C_WINDOW_MAX]))
         if tst.any():
             hs = self.iommu.stats
             for name, x in zip(ek.TST_NAMES, tst.tolist(), strict=True):
                 if x:
                     setattr(hs, name, getattr(hs, name) + x)
-
-    @staticmethod
-    def _fold_row(ctr: dict[str, int], used: np.ndarray, row: np.ndarray) -> None:
-        for c, x in zip(np.flatnonzero(used).tolist(), row[used].tolist(), strict=True):
-            name = ek.CNT_NAMES[c]
-            if c == ek.C_WINDOW_MAX:
-                ctr[name] = max(ctr[name], x)
-            else:
-                ctr[name] += x
 
     def _translation_state(self) -> tuple:
         """HostIommu.translate's arguments to the context stage and the translate kernel
