@@ -162,6 +162,7 @@ class HostServer:
         self._doms_version = 0    # bumped whenever a VM's domains may change
         self._known = np.zeros(1, dtype=bool)    # _admit_compiled: VM id -> known
         self._known_ver: tuple[int, int] | None = None
+        self._kinds = np.zeros(256, dtype=np.int64)   # kept operations by kind (this epoch)
 
     # --- set-up ---------------------------------------------------------------------------
     def setup_vm(self, s: VmSetup) -> None:
@@ -540,11 +541,13 @@ class HostServer:
         known = self._known
         refused = np.zeros((known.size, 2), dtype=np.int64)
         keep = np.empty(ops.size, dtype=bool)
+        kinds = self._kinds
+        kinds[:] = 0
         unknown = ek.admit(m, known, _KNOWN_OP, _SID_OP, self._owner_table(), MAX_PASID,
                            OP_DMA, ACCESS_READ, ACCESS_WRITE, OP_UNMAP_RETIRE, MAX_RETIRE_RUN,
-                           refused, keep)
+                           refused, keep, kinds)
         self.host_counters["unknown_vm_ops"] += unknown
-        if keep.all():
+        if unknown == 0 and int(kinds.sum()) == ops.size:     # every one kept
             return ops, m
         for v in np.flatnonzero(refused.any(axis=1)).tolist():
             c = self.counters[v]
@@ -560,8 +563,10 @@ class HostServer:
         h = self.iommu
         n = ops.size
         t = kind = vms = None        # the Python loop's lists, made at its first operation
-        self._resolve_stores(ops, m, 0)
-        words = self._resolve_invalidations(ops, m)
+        kinds = self._kinds      # _admit_compiled's count of this epoch's kinds
+        if kinds[OP_GUEST_WRITE]:
+            self._resolve_stores(ops, m, 0)
+        words = self._resolve_invalidations(ops, m) if kinds[OP_HWPT_INV] else self._inv_words
         val = np.ascontiguousarray(ops["a1"])
         addr = np.ascontiguousarray(ops["a0"])
         access = (ops["a2"] & 0xFF).astype(np.uint8)
@@ -639,17 +644,23 @@ class HostServer:
         """Add the epoch kernel's per-VM counts (cnt: int64[vms, C_*]) to the VMs' counters
         and its statistics (tst: TST_NAMES) to HostIommu.stats: the columns some VM used,
         for the VMs with a count; stale_window_max_ns as a maximum."""
-        cols = np.flatnonzero(cnt.any(axis=0)).tolist()
+        counters = self.counters
+        if len(counters) == 1:      # one VM: its row holds every count
+            vm = next(iter(counters))
+            ctr = counters[vm]
+            for c, x in enumerate(cnt[vm].tolist()):
+                if x:
+                    name = ek.CNT_NAMES[c]
+                    ctr[name] = max(ctr[name], x) if c == ek.C_WINDOW_MAX else ctr[name] + x
+            cols = []
+        else:
+            cols = np.flatnonzero(cnt.any(axis=0)).tolist()
         if cols:
-            counters = self.counters
             window = ek.C_WINDOW_MAX in cols
             if window:
                 cols.remove(ek.C_WINDOW_MAX)
             names = [ek.CNT_NAMES[c] for c in cols]
-            if len(counters) == 1:      # one VM: its row holds every count
-                vms = list(counters)
-            else:
-                vms = np.flatnonzero(cnt.any(axis=1)).tolist()
+            vms = np.flatnonzero(cnt.any(axis=1)).tolist()
             rows = cnt[np.ix_(vms, cols)].tolist() if cols else ()
             for vm, row in zip(vms, rows, strict=False):
                 ctr = counters[vm]
@@ -660,9 +671,10 @@ class HostServer:
                 for vm in vms:
                     ctr = counters[vm]
                     ctr[name] = max(ctr[name], int(cnt[vm, ek.C_WINDOW_MAX]))
-        if tst.any():
+        vals = tst.tolist()
+        if any(vals):
             hs = self.iommu.stats
-            for name, x in zip(ek.TST_NAMES, tst.tolist(), strict=True):
+            for name, x in zip(ek.TST_NAMES, vals, strict=True):
                 if x:
                     setattr(hs, name, getattr(hs, name) + x)
 
