@@ -1,4 +1,5 @@
-"""The end of a compiled epoch (vm_agent/compiled.py run_epoch, kernels/nic.py end_here):
+"""The end of a compiled epoch (vm_agent/compiled.py run_epoch, kernels/nic.py end_here)
+and the entry points agents share (CompiledNicAgent._kernels):
 the loop ends the epoch in its own call (dmaapi.end_epoch: the retired unmap ids as
 OP_UNMAP_RETIRE rows) when the log has their rows free, ST_ENDED; otherwise it returns
 ST_DONE and Python grows the log and ends it. Both ways give the same batch, the same arrays
@@ -68,3 +69,21 @@ def test_nvme_epoch_end_in_the_loop_or_in_python() -> None:
     _epochs(h, agents, 3)
     assert isinstance(agents[0], CompiledNvmeAgent) and agents[0].compiled
     _both_ways(agents[0], [5, 3, 4][:len(agents[0].d.retired)])
+
+
+def test_agents_of_the_same_array_types_share_entry_points() -> None:
+    """_kernels types a VM's arrays once per fingerprint, not once per agent: agents of
+    one config share the entry points; the NVMe loop's are its own; an unpickled agent
+    finds them again with its Generator's words read anew."""
+    from vm_agent.compiled_nvme import CompiledNvmeAgent
+    _h, nics = _agents(CONFIGS["ns"], True)
+    _h, nvmes = _agents(NVME_CONFIGS[next(iter(NVME_CONFIGS))], True)
+    assert len(nics) >= 2 and all(a.compiled for a in nics + nvmes)
+    assert nics[0]._kernels() is nics[1]._kernels()
+    assert isinstance(nvmes[0], CompiledNvmeAgent)
+    assert nvmes[0]._kernels()[0] is not nics[0]._kernels()[0]
+    b = pickle.loads(pickle.dumps(nics[0]))
+    assert "_entry" not in b.__dict__
+    b.nic.rngp[:] = 0
+    assert b._kernels() is nics[0]._kernels()
+    assert b.nic.rngp.tolist() == kg.rng_words(b.rng).tolist()
