@@ -179,3 +179,21 @@ def test_world_epochs_equal_both_ways(world, monkeypatch):
     (r_off, s_off), (r_on, s_on) = states
     assert r_off == r_on
     assert_same(s_off, s_on, world)
+
+
+@settings(max_examples=200, deadline=None)
+@given(times=st.lists(st.integers(-5, 60), max_size=30), lo=st.integers(0, 30),
+       hi=st.integers(0, 30), t=st.integers(-10, 70), ordered=st.booleans())
+def test_forget_until_equals_numpy(times, lo, hi, t, ordered):
+    """qiq._forget_until moves Q_LO as numpy's searchsorted(inflight[lo:hi], t, "right")
+    does (the reference InvalidationQueue.forget_until had), sorted or not."""
+    from host_iommu.kernels import qiq as qk
+
+    inflight = np.array(sorted(times) if ordered else times, dtype=np.int64)
+    hi = min(hi, inflight.size)
+    lo = min(lo, hi)
+    ctl = np.zeros(qk.Q_HI + 1, dtype=np.int64)
+    ctl[qk.Q_LO], ctl[qk.Q_HI] = lo, hi
+    qk._forget_until(ctl, inflight, t)
+    assert ctl[qk.Q_LO] == lo + int(np.searchsorted(inflight[lo:hi], t, "right"))
+    assert ctl[qk.Q_HI] == hi
