@@ -385,17 +385,13 @@ class HostServer:
         """The operations as kernels/epoch.py's int64[M_ROWS, n] (M_*), resolved columns
         unset (-1)."""
         m = np.empty((ek.M_ROWS, ops.size), dtype=np.int64)
-        m[ek.M_T] = ops["t_ns"]
-        m[ek.M_VM] = ops["vm"]
-        m[ek.M_OP] = ops["op"]
-        m[ek.M_SID] = ops["sid"]
-        m[ek.M_PASID] = ops["pasid"]
-        m[ek.M_A0] = ops["a0"].astype(np.int64)
-        m[ek.M_A1] = ops["a1"].astype(np.int64)
-        m[ek.M_A2] = ops["a2"]
-        m[ek.M_A3] = ops["a3"]
-        m[ek.M_RES] = -1
-        m[ek.M_NDESC] = 0
+        if ops.size:      # one compiled pass over the rows (C-contiguous: one signature)
+            ek.op_matrix(ops if ops.flags.c_contiguous else np.ascontiguousarray(ops), m)
+        # The next lines are equivalent and left for reference:
+        #     m[ek.M_T], m[ek.M_VM], m[ek.M_OP] = ops["t_ns"], ops["vm"], ops["op"]
+        #     m[ek.M_SID], m[ek.M_PASID] = ops["sid"], ops["pasid"]
+        #     m[ek.M_A0], m[ek.M_A1] = ops["a0"].astype(np.int64), ops["a1"].astype(np.int64)
+        #     m[ek.M_A2], m[ek.M_A3], m[ek.M_RES], m[ek.M_NDESC] = ops["a2"], ops["a3"], -1, 0
         return m
 
     def _resolve_stores(self, ops: np.ndarray, m: np.ndarray, start: int) -> None:
