@@ -563,9 +563,9 @@ class HostServer:
         if kinds[OP_GUEST_WRITE]:
             self._resolve_stores(ops, m, 0)
         words = self._resolve_invalidations(ops, m) if kinds[OP_HWPT_INV] else self._inv_words
-        val = np.ascontiguousarray(ops["a1"])
-        addr = np.ascontiguousarray(ops["a0"])
-        access = (ops["a2"] & 0xFF).astype(np.uint8)
+        val = m[ek.M_A1].view(np.uint64)       # ops["a1"], ops["a0"]: the matrix's bits
+        addr = m[ek.M_A0].view(np.uint64)
+        access = (m[ek.M_A2] & 0xFF).astype(np.uint8)
         outb = np.zeros(n, dtype=RESULT_DTYPE)
         reqb = np.zeros((n, 6), dtype=np.int64)
         devb = np.zeros(n, dtype=bool)
@@ -575,7 +575,7 @@ class HostServer:
             h.caches.pasidc, "vals")
         st[ek.ST_HIT_NS], st[ek.ST_REF_NS] = self.costs.iotlb_hit_ns, self.costs.mem_ref_ns
         st[ek.ST_FETCH] = EPOCH_KERNEL_FETCH and h.sm.mem is h.mem
-        cnt = np.zeros((max(self.counters) + 1, ek.CNT_FIELDS), dtype=np.int64)
+        cnt = np.zeros((self._known.size, ek.CNT_FIELDS), dtype=np.int64)   # VM id -> row
         waits = np.zeros((n, 4), dtype=np.int64)
         retires = np.zeros((n, 3), dtype=np.int64)
         ooo = np.zeros((0, 2), dtype=np.int64)
