@@ -436,10 +436,9 @@ DF_FINAL = 5
 # levels, SSADE) has one outcome: references, fault, permissions, leaf, the PWC hit (its
 # line) and the fills. A later walk of that page replays it for its own request and call:
 # the same counts, stamps, fills and results as walking it again, without the reads.
-MEMO_BITS = 9
-MEMO_SHIFT = np.uint64(64 - MEMO_BITS)
+MEMO_MAX_BITS = 10      # slots: about twice the group's requests, at most 1024
 MEMO_MIX = np.uint64(0x9E3779B97F4A7C15)
-MEMO_MIN_BATCH = 16     # smaller groups walk without it (a memo costs a 4-KiB clear)
+MEMO_MIN_BATCH = 16     # smaller groups walk without it (a memo costs a clear)
 (M_PAGE, M_SLPTR, M_CTX, M_BASE, M_MASK, M_ORDER, M_R, M_W, M_FAULT, M_REFS, M_LINE, M_NFILL,
  M_FILL) = range(13)
 M_FIELDS = M_FILL + 8   # fill levels, then fill values (at most 4 non-leaf entries each)
@@ -469,9 +468,13 @@ def _group_df(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, kind, addr, access, di
     sl_rec = np.empty((3, (n * DF_CALLS if nested else n) if use_sl else 0), np.int64)
     cnt = np.zeros(DF_CALLS, np.int64)      # requests of each second-level call
     use_memo = nested and n >= MEMO_MIN_BATCH
-    memo = np.empty((M_FIELDS, (1 << MEMO_BITS) if use_memo else 0), np.int64)
-    for t in range(memo.shape[1]):
-        memo[M_PAGE, t] = 0                 # page + 1: 0 is an empty slot
+    bits = 5
+    while bits < MEMO_MAX_BITS and (1 << bits) < 2 * n:
+        bits += 1
+    memo_shift = np.uint64(64 - bits)
+    memo = np.empty(((1 << bits) if use_memo else 0, M_FIELDS), np.int64)
+    for t in range(memo.shape[0]):
+        memo[t, M_PAGE] = 0                 # page + 1: 0 is an empty slot
     nfr = 0
     nsr = 0
     fl_hits = 0
@@ -567,14 +570,14 @@ def _group_df(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, kind, addr, access, di
                     ck = (did[i] << 8) | (np.int64(sl_levels[i]) << 1) | (
                         1 if ssade[i] else 0)
                     mh = np.int64(((page ^ (slptr[i] >> np.uint64(12))) * MEMO_MIX)
-                                   >> MEMO_SHIFT)
-                    if (memo[M_PAGE, mh] == np.int64(page) + 1
-                            and memo[M_SLPTR, mh] == np.int64(slptr[i])
-                            and memo[M_CTX, mh] == ck):
+                                   >> memo_shift)
+                    if (memo[mh, M_PAGE] == np.int64(page) + 1
+                            and memo[mh, M_SLPTR] == np.int64(slptr[i])
+                            and memo[mh, M_CTX] == ck):
                         hit_memo = True
                         mi = mh
                         mh = -1
-                        s_line = memo[M_LINE, mi]
+                        s_line = memo[mi, M_LINE]
                         if s_line >= 0:
                             sl_hits += 1
                             sl_rec[0, nsr] = s_line
@@ -582,20 +585,20 @@ def _group_df(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, kind, addr, access, di
                             sl_rec[2, nsr] = j
                             nsr += 1
                         if fill_sl:
-                            for q in range(memo[M_NFILL, mi]):
+                            for q in range(memo[mi, M_NFILL]):
                                 sl_fills[0, nsl] = i
                                 sl_fills[1, nsl] = c
-                                sl_fills[2, nsl] = memo[M_FILL + q, mi]
+                                sl_fills[2, nsl] = memo[mi, M_FILL + q]
                                 sl_fills[3, nsl] = np.int64(gpa)
-                                sl_fills[4, nsl] = memo[M_FILL + 4 + q, mi]
+                                sl_fills[4, nsl] = memo[mi, M_FILL + 4 + q]
                                 nsl += 1
-                        s_hpa = np.uint64(memo[M_BASE, mi]) | (
-                            gpa & np.uint64(memo[M_MASK, mi]))
-                        s_order = memo[M_ORDER, mi]
-                        s_r = memo[M_R, mi] != 0
-                        s_w = memo[M_W, mi] != 0
-                        s_fault = memo[M_FAULT, mi]
-                        s_refs = memo[M_REFS, mi]
+                        s_hpa = np.uint64(memo[mi, M_BASE]) | (
+                            gpa & np.uint64(memo[mi, M_MASK]))
+                        s_order = memo[mi, M_ORDER]
+                        s_r = memo[mi, M_R] != 0
+                        s_w = memo[mi, M_W] != 0
+                        s_fault = memo[mi, M_FAULT]
+                        s_refs = memo[mi, M_REFS]
                 if not hit_memo:
                     sl = np.int64(sl_levels[i])
                     s_line = -1
@@ -677,22 +680,22 @@ def _group_df(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, kind, addr, access, di
                             s_fault = F_READ
                     if mh >= 0:
                         nf = nsl - nsl0
-                        memo[M_PAGE, mh] = np.int64(page) + 1
-                        memo[M_SLPTR, mh] = np.int64(slptr[i])
-                        memo[M_CTX, mh] = ck
-                        memo[M_BASE, mh] = np.int64(s_hpa & ~s_mask)
-                        memo[M_MASK, mh] = np.int64(s_mask)
-                        memo[M_ORDER, mh] = s_order
-                        memo[M_R, mh] = 1 if s_r else 0
-                        memo[M_W, mh] = 1 if s_w else 0
-                        memo[M_FAULT, mh] = s_fault
-                        memo[M_REFS, mh] = s_refs
-                        memo[M_LINE, mh] = s_line
-                        memo[M_NFILL, mh] = nf if fill_sl else 0
+                        memo[mh, M_PAGE] = np.int64(page) + 1
+                        memo[mh, M_SLPTR] = np.int64(slptr[i])
+                        memo[mh, M_CTX] = ck
+                        memo[mh, M_BASE] = np.int64(s_hpa & ~s_mask)
+                        memo[mh, M_MASK] = np.int64(s_mask)
+                        memo[mh, M_ORDER] = s_order
+                        memo[mh, M_R] = 1 if s_r else 0
+                        memo[mh, M_W] = 1 if s_w else 0
+                        memo[mh, M_FAULT] = s_fault
+                        memo[mh, M_REFS] = s_refs
+                        memo[mh, M_LINE] = s_line
+                        memo[mh, M_NFILL] = nf if fill_sl else 0
                         if fill_sl:
                             for q in range(nf):
-                                memo[M_FILL + q, mh] = sl_fills[2, nsl0 + q]
-                                memo[M_FILL + 4 + q, mh] = sl_fills[4, nsl0 + q]
+                                memo[mh, M_FILL + q] = sl_fills[2, nsl0 + q]
+                                memo[mh, M_FILL + 4 + q] = sl_fills[4, nsl0 + q]
                 if final:
                     break
                 rf += s_refs
