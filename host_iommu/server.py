@@ -29,6 +29,7 @@ import os
 import numba
 import numpy as np
 
+from host_iommu import qi
 from host_iommu.costs import CostModel
 from host_iommu.defs import (
     ACCESS_READ,
@@ -40,6 +41,7 @@ from host_iommu.defs import (
 )
 from host_iommu.iommu import HostIommu, IommuParams
 from host_iommu.kernels import epoch as ek
+from host_iommu.kernels import vfio as vk
 from host_iommu.memory import HostMemoryError
 from host_iommu.nested import (
     IommufdError,
@@ -52,6 +54,7 @@ from host_iommu.nested import (
     sl_unmap,
 )
 from host_iommu.oracle import ArrayOracle
+from host_iommu.pgtable import HostTableStore, PageTable
 from host_iommu.protocol import (
     DMA_ROGUE,
     MAX_RETIRE_RUN,
@@ -72,7 +75,15 @@ from host_iommu.protocol import (
     bad_retire,
     check_setup,
 )
-from host_iommu.vfio import ShadowDomain, VfioError, vfio_attach, vfio_map, vfio_unmap
+from host_iommu.vfio import (
+    DomainRecord,
+    ShadowDomain,
+    VfioError,
+    VfioRecord,
+    vfio_attach,
+    vfio_map,
+    vfio_unmap,
+)
 from host_iommu.walk import NO_PWC
 
 # What became of each rogue DMA (DMA_ROGUE: aimed at the device's last unmapped IOVA), one
@@ -104,6 +115,9 @@ EPOCH_KERNEL = (os.environ.get("IOMMU_EMU_HOST_KERNEL", "1") != "0"
 # (then a run with a miss goes to HostIommu.translate's Python context stage).
 EPOCH_KERNEL_DMA = True
 EPOCH_KERNEL_FETCH = True
+# ... and applies VFIO maps and unmaps of shadow containers itself (kernels/vfio.py) unless
+# this is False (then each goes to _control: vfio.vfio_map / vfio_unmap).
+EPOCH_KERNEL_VFIO = True
 _UNRESOLVED = (-1, 0)   # a HWPT invalidation the epoch kernel leaves to _control
 # Invalidations whose descriptor words a server keeps, and the slots of the compiled table
 # of resolved invalidations: room for every IOVA range 64 NIC VMs of one host keep in use
@@ -148,6 +162,14 @@ class HostServer:
         self._inv_im = np.zeros(1, dtype=np.int64)
         self._inv_sig: tuple[int, int, int] | None = None
         self._doms_version = 0    # bumped whenever a VM's domains may change
+        # The VFIO containers as kernels/vfio.py's arrays (_vfio_arrays), made again when
+        # the domains may have changed: the containers' records, the VMs' pins and GPA map
+        # in flat buffers (each VmMemory's ``pins`` and ``hpa_of`` a view into them).
+        self._vfio_rec = VfioRecord()
+        self._vfio: vk.VfioArrays | None = None
+        self._vfio_none: vk.VfioArrays | None = None
+        self._vfio_doms: list[ShadowDomain] = []
+        self._vfio_sig: tuple[int, int, int] | None = None
 
     # --- set-up ---------------------------------------------------------------------------
     def setup_vm(self, s: VmSetup) -> None:
@@ -532,6 +554,7 @@ class HostServer:
         fl = h._no_pwc if c.fl_pwc is None else (c.fl_pwc.state, c.fl_pwc.counts)
         sl = h._no_pwc if c.sl_pwc is None else (c.sl_pwc.state, c.sl_pwc.counts)
         q, mem, flat = h.qi, h.mem, self.oracle.flat
+        vf = self._vfio_arrays(m, n)
         i = 0
         while True:
             st[ek.ST_NEXT_EFFECT] = h._next_effect_ns
@@ -550,7 +573,10 @@ class HostServer:
                            q._unresponsive, h._effects, q._done, c.iotlb.state, c.iotlb.counts,
                            fl[0], fl[1], sl[0], sl[1], c.dtlb.state, c.dtlb.counts, flat.seg,
                            flat.data, flat.spk, flat.spv, flat.spm, ooo, cnt, waits, retires,
-                           addr, access, self._translation_state(), tst, outb, reqb, devb)
+                           addr, access, self._translation_state(), tst, outb, reqb, devb,
+                           vf)
+            if vf.meta[vk.META_OPS]:
+                self._vfio_fold(vf)
             h._next_effect_ns = int(st[ek.ST_NEXT_EFFECT])
             h.now_ns = int(st[ek.ST_NOW])
             self._qi_stamp_max = int(st[ek.ST_STAMP_MAX])
@@ -583,6 +609,10 @@ class HostServer:
             i += 1
             if k in (OP_SL_UNMAP, OP_SL_MAP):   # a memory map changed
                 self._resolve_stores(ops, m, i)
+            elif k == OP_VFIO_MAP and vf.meta[vk.META_ON]:   # the record may have grown
+                rec = self._vfio_rec
+                if vf.rk is not rec.keys:
+                    vf = vf._replace(rk=rec.keys, rv=rec.vals)
         for vm in np.flatnonzero(cnt.any(axis=1)).tolist():
             ctr = self.counters[vm]
             for name, x in zip(ek.CNT_NAMES, cnt[vm].tolist(), strict=True):
@@ -594,6 +624,142 @@ class HostServer:
             hs = h.stats
             for name, x in zip(ek.TST_NAMES, tst.tolist(), strict=True):
                 setattr(hs, name, getattr(hs, name) + x)
+
+    def _vfio_arrays(self, m: np.ndarray, n: int) -> vk.VfioArrays:
+        """The VFIO containers for the epoch kernel (kernels/vfio.py VfioArrays): META_ON
+        when there are VFIO operations in ``m`` and the kernel may apply them. Made again
+        when the domains may have changed, or when something replaced what the arrays stand
+        for (a record, a VM's pins or GPA map); else the same arrays, the record's current
+        ones in them."""
+        h = self.iommu
+        kinds = m[ek.M_OP]
+        vfio = (kinds == OP_VFIO_MAP) | (kinds == OP_VFIO_UNMAP)
+        if not (EPOCH_KERNEL_VFIO and self.shadow_of_sid and vfio_map is _VFIO_MAP
+                and vfio_unmap is _VFIO_UNMAP and vfio.any()):
+            if self._vfio_none is None:
+                self._vfio_none = self._vfio_off()
+            return self._vfio_none
+        sig = (self._doms_version, len(h.vms), len(h.ats_sids))
+        if sig != self._vfio_sig or not self._vfio_intact():
+            self._vfio_build()
+            self._vfio_sig = sig
+        vf = self._vfio
+        rec = self._vfio_rec
+        rec.reserve(int(np.count_nonzero(kinds == OP_VFIO_MAP)) * 64)
+        if vf.log.shape[0] < 4 * n + 64:
+            vf = vf._replace(log=np.zeros((8 * n + 64, 3), dtype=np.int64))
+        if vf.rk is not rec.keys or vf.owner is not h.mem.owner:
+            vf = vf._replace(rk=rec.keys, rv=rec.vals, owner=h.mem.owner)
+        self._vfio = vf
+        return vf
+
+    def _vfio_off(self) -> vk.VfioArrays:
+        """VfioArrays that leave every VFIO operation to _control (META_ON 0)."""
+        def e() -> np.ndarray:
+            return np.zeros(1, dtype=np.int64)
+
+        return vk.VfioArrays(np.full(1, -1, dtype=np.int64),
+                             np.zeros((1, vk.D_FIELDS), np.int64), e(), e(), e(), e(),
+                             np.zeros(1, dtype=np.int32), e(),
+                             np.zeros((1, vk.V_FIELDS), np.int64), np.zeros((1, 3), np.int64),
+                             np.zeros(vk.META_FIELDS, np.int64),
+                             np.zeros(1, dtype=self.iommu.mem.owner.dtype))
+
+    def _vfio_intact(self) -> bool:
+        """Whether every container's record and every VM's pins and GPA map are still the
+        ones the arrays hold."""
+        vf, rec = self._vfio, self._vfio_rec
+        for dom in self._vfio_doms:
+            r = dom.gpa_of_iova
+            if type(r) is not DomainRecord or r.rec is not rec or r.did != dom.did:
+                return False
+        for v in self.iommu.vms.values():
+            if v.pins.base is not vf.pins or v.hpa_of.base is not vf.hpa:
+                return False
+        return True
+
+    def _vfio_build(self) -> None:
+        """Make the VFIO arrays: each VM's pins and GPA map moved into flat buffers (its
+        VmMemory keeps views), each plain-dict record moved into the VfioRecord, one row
+        per container the kernel may use (a 4-KiB-only second-level shadow table in host
+        memory, its record ours, at most one ATS device); the others' sids stay -1."""
+        h = self.iommu
+        vms = h.vms
+        top = max(vms, default=0) + 1
+        vmrow = np.zeros((top, vk.V_FIELDS), dtype=np.int64)
+        vmrow[:, vk.V_OFF] = -1
+        total = sum(v.gpa_frames for v in vms.values())
+        pins = np.zeros(total, dtype=np.int32)
+        hpa = np.zeros(total, dtype=np.int64)
+        off = 0
+        for vm in sorted(vms):
+            v = vms[vm]
+            k = v.gpa_frames
+            pins[off:off + k] = v.pins
+            hpa[off:off + k] = v.hpa_of
+            v.pins, v.hpa_of = pins[off:off + k], hpa[off:off + k]
+            vmrow[vm, vk.V_OFF], vmrow[vm, vk.V_FRAMES] = off, k
+            off += k
+        rec = self._vfio_rec
+        doms: list[ShadowDomain] = []
+        rows = []
+        sid_dom = np.full(1 << 16, -1, dtype=np.int64)
+        for dom in {id(x): x for x in self.shadow_of_sid.values()}.values():
+            if type(dom.gpa_of_iova) is dict:
+                items = dom.gpa_of_iova
+                dom.gpa_of_iova = DomainRecord(rec, dom.did)
+                rec.reserve(len(items))
+                dom.gpa_of_iova.update(items)
+            t = dom.table
+            ats = [sid for sid in dom.sids if sid in h.ats_sids]
+            r = dom.gpa_of_iova
+            ok = (type(r) is DomainRecord and r.rec is rec and r.did == dom.did
+                  and type(t) is PageTable and t.fmt == "sl" and t.max_order == 0 and t._live
+                  and not t._kernel and not t._l1_on and type(t.store) is HostTableStore
+                  and t.store.mem is h.mem and not t.store.freed and dom.vm in vms
+                  and len(ats) <= 1)
+            if not ok:
+                continue
+            row = len(doms)
+            doms.append(dom)
+            rows.append((dom.vm, dom.did, t.root, t.levels, t.limit, t.haw,
+                         ats[0] if ats else -1, 0, 0, 0))
+            for sid in dom.sids:
+                if self.shadow_of_sid.get(sid) is dom:
+                    sid_dom[sid] = row
+        dom_arr = np.array(rows, dtype=np.int64).reshape(len(rows), vk.D_FIELDS)
+        meta = np.zeros(vk.META_FIELDS, dtype=np.int64)
+        meta[vk.META_ON] = 1
+        meta[vk.META_MAMV] = -1 if h.p.mamv is None else h.p.mamv
+        meta[vk.META_WAIT0], meta[vk.META_WAIT1] = qi.WAIT_WORDS[0], qi.WAIT_WORDS[1]
+        self._vfio_doms = doms
+        self._vfio = vk.VfioArrays(sid_dom, dom_arr, rec.keys, rec.vals, rec.held, rec.count,
+                                   pins, hpa, vmrow, np.zeros((64, 3), dtype=np.int64), meta,
+                                   h.mem.owner)
+
+    def _vfio_fold(self, vf: vk.VfioArrays) -> None:
+        """What the kernel's VFIO operations changed outside the arrays, back into the
+        Python objects: each shadow table's count of non-zero entries per table page
+        (PageTable._used), its ``freed_tables`` (0 after an unmap that freed none), the
+        containers' and VMs' counts of entry writes and pins."""
+        doms = self._vfio_doms
+        nlog = int(vf.meta[vk.META_LOG])
+        for d, table, delta in vf.log[:nlog].tolist():
+            doms[d].table._used[table] += delta
+        dom = vf.dom
+        for d in np.flatnonzero(dom[:, vk.D_PTE_WRITES] | dom[:, vk.D_PINNED]
+                                | dom[:, vk.D_UNMAPS]).tolist():
+            sd = doms[d]
+            sd.pte_writes += int(dom[d, vk.D_PTE_WRITES])
+            sd.pinned_pages += int(dom[d, vk.D_PINNED])
+            if dom[d, vk.D_UNMAPS]:
+                sd.table.freed_tables = 0
+        dom[:, vk.D_PTE_WRITES:] = 0
+        pinned = vf.vmrow[:, vk.V_PINNED]
+        for v in np.flatnonzero(pinned).tolist():
+            self.counters[v]["pinned_pages"] += int(pinned[v])
+        pinned[:] = 0
+        vf.meta[vk.META_LOG] = vf.meta[vk.META_OPS] = 0
 
     def _translation_state(self) -> tuple:
         """HostIommu.translate's arguments to the context stage and the translate kernel
@@ -826,6 +992,7 @@ _IOMMU_HOOKS = {name: getattr(HostIommu, name) for name in (
 _SERVER_HOOKS = {name: getattr(HostServer, name) for name in (
     "_dma", "_reached", "_tally_each", "_tally_columns", "_tally", "_control", "_admit")}
 _HWPT_ONE = hwpt_invalidate_one
+_VFIO_MAP, _VFIO_UNMAP = vfio_map, vfio_unmap
 
 
 def _intact(obj: object, hooks: dict) -> bool:
