@@ -1029,3 +1029,32 @@ def warm_up_epoch() -> None:
     ek.inv_rehash(hs._inv_ik, hs._inv_iv, np.full((2048, ek.K_FIELDS), -1, dtype=np.int64),
                   np.zeros((2048, 2), dtype=np.int64), np.zeros(1, dtype=np.int64))
     ek.inv_insert(hs._inv_ik, hs._inv_iv, hs._inv_im, hs._op_matrix(ops), 2)   # after a grow
+    warm_up_vfio()
+
+
+def warm_up_vfio() -> None:
+    """Compile (or load) the epoch kernel's VFIO path (kernels/vfio.py): a tiny shadow host
+    applies maps and unmaps in the kernel and in Python (a table to allocate, one to free),
+    and a container's record grows, is read, iterated and emptied. Results are discarded."""
+    hs = HostServer(IommuParams(memory_mib=16, qi_entries=128, iotlb_entries=64,
+                                iotlb_ways=4))
+    sid = 0x100
+    hs.setup_vm(VmSetup(1, 2 << 20, "shadow", (sid,), True))
+    for e in range(2):
+        t = 1000 + 100_000 * e
+        rows = ((OP_VFIO_MAP, 0x40_0000, 0x1000, 2 << PAGE_SHIFT, 1),
+                (OP_DMA, 0x40_0000, 64, ACCESS_READ, -1),
+                (OP_VFIO_UNMAP, 0x40_0000, 2 << PAGE_SHIFT, 0, e),
+                (OP_UNMAP_RET, e, t + 3, 0, 0),
+                (OP_VFIO_MAP, 0x40_0000, 0x3000, 1 << PAGE_SHIFT, 0),
+                (OP_VFIO_UNMAP, 0x40_0000, 2 << 20, 0, -1))
+        ops = np.zeros(len(rows), dtype=OP_DTYPE)
+        for i, (k, a0, a1, a2, a3) in enumerate(rows):
+            ops[i] = (t + i, 1, 7 * e + i, k, sid, 0, a0, a1, a2, a3)
+        hs.apply_epoch(ops, t)
+    rec = DomainRecord(VfioRecord(8), 1)
+    for p in range(16):
+        rec[p] = p
+    _ = (3 in rec, rec[3], list(rec), repr(rec))
+    for p in range(16):
+        del rec[p]
