@@ -110,15 +110,21 @@ def merge(batches: list[np.ndarray]) -> np.ndarray:
 
     The same as ``ops = np.concatenate(batches); ops[np.lexsort((seq, vm, t_ns))]``, with
     the records moved as raw bytes: numpy's concatenate and fancy indexing of a structured
-    dtype copy field by field, several times slower than a byte copy and ``np.take``.
+    dtype copy field by field, several times slower than a byte copy and ``np.take`` (and a
+    structured array's ``view`` or dtype comparison costs a few us each: the batches'
+    buffers are joined as they are when their dtype is OP_DTYPE itself).
     """
     if not batches:
         return np.zeros(0, dtype=OP_DTYPE)
-    if any(b.dtype != OP_DTYPE or b.ndim != 1 for b in batches):
+    if not all(b.dtype is OP_DTYPE and b.ndim == 1 for b in batches) and any(
+            b.dtype != OP_DTYPE or b.ndim != 1 for b in batches):
         ops = np.concatenate(batches)
         return ops[np.lexsort((ops["seq"], ops["vm"], ops["t_ns"]))]
-    ops = np.concatenate([np.ascontiguousarray(b).view(np.uint8) for b in batches]
-                         ).view(OP_DTYPE)
+    try:    # one copy of the bytes, writable
+        ops = np.frombuffer(bytearray().join(batches), dtype=OP_DTYPE)
+    except (BufferError, TypeError):     # a batch that is not C-contiguous
+        ops = np.frombuffer(bytearray().join([np.ascontiguousarray(b) for b in batches]),
+                            dtype=OP_DTYPE)
     order = ops_order(ops)
     if order == 2:   # already in protocol order: the stable sort would keep it
         return ops
@@ -211,8 +217,9 @@ def unpack_ops(frame: bytes) -> np.ndarray:
     if n < 0 or len(data) != n * OP_DTYPE.itemsize:
         raise ProtocolError(f"operation batch length does not match its header: n={n}, "
                             f"{len(data)} bytes of {OP_DTYPE.itemsize}-byte records")
-    # a writable copy: copied as bytes (a structured .copy() goes field by field)
-    return check_ops(np.frombuffer(data, dtype=np.uint8).copy().view(OP_DTYPE))
+    # a writable copy: copied as bytes (a structured .copy() goes field by field, and a
+    # structured .view() costs more than the copy of an epoch's batch)
+    return check_ops(np.frombuffer(bytearray(data), dtype=OP_DTYPE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,11 +251,25 @@ class EpochReport:
     # QI that much later than the guest's modelled return (the guest charges it next epoch)
 
 
+_NAMES: dict[type, tuple[str, ...]] = {}   # a message class -> its field names, in order
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
 def pack(msg: VmSetup | EpochReport) -> bytes:
     # The same bytes as msgpack.packb({"type": ..., **asdict(msg)}): the fields hold only
     # ints, strings, bools and lists/tuples/dicts of them, which asdict would deep-copy as is.
+    # (The field names are looked up once per class: dataclasses.fields costs ~1 us a call.)
+    if type(msg) is EpochReport:   # once per VM and epoch: the fields spelled out
+        return msgpack.packb({"type": "EpochReport", "vm": msg.vm, "counters": msg.counters,
+                              "faults": msg.faults, "unmap_waits": msg.unmap_waits})
     return msgpack.packb({"type": type(msg).__name__,
-                          **{f.name: getattr(msg, f.name) for f in fields(msg)}})
+                          **{n: getattr(msg, n) for n in _names(type(msg))}})
 
 
 def _int(name: str, v: object, lo: int, hi: int) -> int:
@@ -293,11 +314,37 @@ def check_setup(s: VmSetup) -> VmSetup:
 
 
 def _fields_of(cls: type, d: dict) -> dict:
-    names = {f.name for f in fields(cls)}
-    extra = sorted(map(str, set(d) - names))
+    extra = sorted(map(str, set(d) - set(_names(cls))))
     if extra:
         raise ProtocolError(f"{cls.__name__}: unknown fields {extra}")
     return d
+
+
+_STR = frozenset((str,))
+_INT = frozenset((int, bool))   # the types msgpack decodes an integer (or a bool) to
+
+
+def _str_to_int(counters: dict) -> bool:
+    """Whether every key is a str and every value an int: whole-collection type sets first
+    (what msgpack decodes is of exactly these types), the per-item isinstance otherwise."""
+    if set(map(type, counters)) <= _STR and set(map(type, counters.values())) <= _INT:
+        return True
+    return all(isinstance(k, str) and isinstance(v, int) for k, v in counters.items())
+
+
+def _records(rows: list, width: int, lo: int | None) -> bool:
+    """Whether every row is a list or tuple of ``width`` ints (each >= ``lo`` unless
+    None). Rows that are all exactly lists of int (msgpack's decoding) are checked as one
+    flat list; anything else item by item."""
+    if not rows:
+        return True
+    if all(type(r) is list and len(r) == width for r in rows):
+        flat = [x for r in rows for x in r]
+        if set(map(type, flat)) <= _INT:
+            return lo is None or min(flat) >= lo
+    return all(isinstance(r, list | tuple) and len(r) == width
+               and all(isinstance(x, int) and (lo is None or x >= lo) for x in r)
+               for r in rows)
 
 
 def unpack(frame: bytes) -> VmSetup | EpochReport:
@@ -321,19 +368,13 @@ def unpack(frame: bytes) -> VmSetup | EpochReport:
         _fields_of(EpochReport, d)
         vm = _int("vm", d.get("vm"), 0, 2**31 - 1)
         counters = d.get("counters", {})
-        if not isinstance(counters, dict) or not all(
-                isinstance(k, str) and isinstance(v, int) for k, v in counters.items()):
+        if not isinstance(counters, dict) or not _str_to_int(counters):
             raise ProtocolError("EpochReport.counters must map names to integers")
         faults = d.get("faults", [])
-        if not isinstance(faults, list) or not all(
-                isinstance(f, list | tuple) and len(f) == 6
-                and all(isinstance(x, int) for x in f) for f in faults):
+        if not isinstance(faults, list) or not _records(faults, 6, None):
             raise ProtocolError("EpochReport.faults must be a list of 6-integer records")
         waits = d.get("unmap_waits", [])
-        if not isinstance(waits, list) or not all(
-                isinstance(w, list | tuple) and len(w) == 3
-                and all(isinstance(x, int) and x >= 0 for x in w) for w in waits):
+        if not isinstance(waits, list) or not _records(waits, 3, 0):
             raise ProtocolError("EpochReport.unmap_waits must be a list of 3 integers >= 0")
-        return EpochReport(vm, counters, [tuple(f) for f in faults],
-                           [tuple(w) for w in waits])
+        return EpochReport(vm, counters, list(map(tuple, faults)), list(map(tuple, waits)))
     raise ProtocolError(f"unknown control message {kind!r}")

@@ -24,12 +24,13 @@ own code over arrays the kernel shares.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import os
 
 import numba
 import numpy as np
 
-from host_iommu import qi
 from host_iommu.costs import CostModel
 from host_iommu.defs import (
     ACCESS_READ,
@@ -39,6 +40,7 @@ from host_iommu.defs import (
     PAGE_SHIFT,
     RESULT_DTYPE,
 )
+from host_iommu.fault import FaultLog
 from host_iommu.iommu import HostIommu, IommuParams
 from host_iommu.kernels import epoch as ek
 from host_iommu.kernels import vfio as vk
@@ -75,6 +77,7 @@ from host_iommu.protocol import (
     bad_retire,
     check_setup,
 )
+from host_iommu.qi import QI_DID_MASK, QI_PASID_MASK, WAIT_WORDS
 from host_iommu.vfio import (
     DomainRecord,
     ShadowDomain,
@@ -118,12 +121,17 @@ EPOCH_KERNEL_FETCH = True
 # ... and applies VFIO maps and unmaps of shadow containers itself (kernels/vfio.py) unless
 # this is False (then each goes to _control: vfio.vfio_map / vfio_unmap).
 EPOCH_KERNEL_VFIO = True
+# ... and encodes the first sight of a one-entry HWPT invalidation itself where
+# nested.one_entry_words would encode it directly (kernels/epoch.py inv_encode) unless False.
+EPOCH_INV_ENCODE = True
 _UNRESOLVED = (-1, 0)   # a HWPT invalidation the epoch kernel leaves to _control
+_WAIT_WORDS = np.array(WAIT_WORDS, dtype=np.uint64)   # the wait each invalidation ends with
 # Invalidations whose descriptor words a server keeps, and the slots of the compiled table
 # of resolved invalidations: room for every IOVA range 64 NIC VMs of one host keep in use
 # (a few hundred each), so that a many-VM host does not start afresh every few epochs and
 # resolve its invalidations in Python again (at most about 13 MB of words, 16 MB of table).
 _INV_AT_MAX = 1 << 17
+_INV_WORDS_MAX = 8 * _INV_AT_MAX
 _INV_TABLE_MAX = 1 << 18
 # Look-up tables indexed by the uint8 "op" column: a known kind, a kind that names a device.
 _KNOWN_OP = np.zeros(256, dtype=bool)
@@ -161,7 +169,12 @@ class HostServer:
         self._inv_iv = np.zeros((1024, 2), dtype=np.int64)
         self._inv_im = np.zeros(1, dtype=np.int64)
         self._inv_sig: tuple[int, int, int] | None = None
+        self._inv_dom: tuple[np.ndarray, np.ndarray] = (np.zeros(0, dtype=np.int64),
+                                                        np.zeros((0, 4), dtype=np.int64))
+        self._inv_dom_sig: tuple[int, int, int] | None = None
         self._doms_version = 0    # bumped whenever a VM's domains may change
+        self._known = np.zeros(1, dtype=bool)    # _admit_compiled: VM id -> known
+        self._known_ver: tuple[int, int] | None = None
         # The VFIO containers as kernels/vfio.py's arrays (_vfio_arrays), made again when
         # the domains may have changed: the containers' records, the VMs' pins and GPA map
         # in flat buffers (each VmMemory's ``pins`` and ``hpa_of`` a view into them).
@@ -327,8 +340,13 @@ class HostServer:
             self.oracle.retire_runs(vm, self._retiring[vm])
         self._retiring.clear()
         # The host driver's fault handler reads every record and clears PFO (dmar_fault).
-        f = h.faults.take_all()
-        any_faults = f["vm"].size > 0
+        log = h.faults
+        if log.pending or type(log) is not FaultLog:
+            f = log.take_all()
+            any_faults = f["vm"].size > 0
+        else:      # FaultLog.take_all with no record pending: it only clears PFO
+            log.pfo = False
+            any_faults = False
         if any_faults:
             owned = np.isin(f["vm"], np.array(sorted(self.counters), dtype=np.int64))
             self.host_counters["host_faults"] += int((~owned).sum())
@@ -405,25 +423,21 @@ class HostServer:
         """m[M_RES] of the guest stores from ``start`` on: the host frame each store reaches
         through its VM's memory map now (-1 when the GPA is not backed), as guest_write
         finds it; redone after an operation that changes a memory map (OP_SL_*)."""
+        vms = self.iommu.vms
+        if len(vms) == 1:      # one VM: every store is its own (kernels/epoch.py)
+            vm, mem = next(iter(vms.items()))
+            if ek.resolve_stores(m, start, vm, mem.hpa_of, mem.gpa_frames) == 0:
+                return
         gw = np.flatnonzero(m[ek.M_OP, start:] == OP_GUEST_WRITE) + start
         if gw.size == 0:
             return
         vm = m[ek.M_VM, gw]
-        frame = ops["a0"][gw] >> np.uint64(PAGE_SHIFT)
-        v = int(vm[0])
-        if vm.size == 1 or int(vm.min()) == int(vm.max()):    # all of one VM
-            mem = self.iommu.vms[v]
-            ok = frame < np.uint64(mem.gpa_frames)
-            m[ek.M_RES, gw] = np.where(ok, mem.hpa_of[np.where(ok, frame, 0).astype(np.int64)],
-                                       -1)
-            return
-        for v in np.unique(vm).tolist():
-            sel = vm == v
-            mem = self.iommu.vms[v]
-            f = frame[sel]
-            ok = f < np.uint64(mem.gpa_frames)
-            m[ek.M_RES, gw[sel]] = np.where(ok, mem.hpa_of[np.where(ok, f, 0).astype(np.int64)],
-                                            -1)
+        order = np.argsort(vm, kind="stable")      # each VM's stores together
+        gw, vm = gw[order], vm[order]
+        cuts = [0, *(np.flatnonzero(vm[1:] != vm[:-1]) + 1).tolist(), gw.size]
+        for lo, hi in itertools.pairwise(cuts):
+            mem = vms[int(vm[lo])]
+            ek.store_frames(m, gw[lo:hi], mem.hpa_of, mem.gpa_frames)
 
     def _resolve_invalidations(self, ops: np.ndarray, m: np.ndarray) -> np.ndarray:
         """m[M_RES], m[M_NDESC] of the one-entry HWPT invalidations a VM may send (its own
@@ -442,7 +456,8 @@ class HostServer:
             return self._inv_words
         h = self.iommu
         sig = (self._doms_version, len(self.nested), len(h.ats_sids))
-        if len(self._inv_at) >= _INV_AT_MAX:
+        if (len(self._inv_at) >= _INV_AT_MAX
+                or self._inv_end + 8 * idx.size > _INV_WORDS_MAX):
             self._inv_at.clear()
             self._inv_end = 0
             sig = None
@@ -454,9 +469,17 @@ class HostServer:
         nm = ek.inv_lookup(self._inv_ik, self._inv_iv, m, idx, miss)
         if not nm:
             return self._inv_words
+        todo = rest = idx[miss[:nm]]
+        if EPOCH_INV_ENCODE:     # first sights one_entry_words encodes itself: compiled
+            dk, dv = self._inv_domains()
+            self._inv_room(8 * todo.size)
+            left = np.empty(todo.size, dtype=np.int64)
+            nl, end = ek.inv_encode(m, todo, dk, dv, _WAIT_WORDS, self._inv_words,
+                                    self._inv_end, left)
+            self._inv_end = int(end)
+            rest = todo[left[:nl]]
         nested, ats, at = self.nested, h.ats_sids, self._inv_at
-        todo = idx[miss[:nm]]
-        for i, (vm, sid, pasid, a0, a1, a2) in zip(todo.tolist(), ops[todo][
+        for i, (vm, sid, pasid, a0, a1, a2) in zip(rest.tolist(), ops[rest][
                 ["vm", "sid", "pasid", "a0", "a1", "a2"]].tolist(), strict=True):
             dom = nested.get((sid, pasid))
             hit = _UNRESOLVED
@@ -489,14 +512,37 @@ class HostServer:
             todo = todo[done + 1:]
         return self._inv_words
 
-    def _keep_words(self, words: list[int]) -> tuple[int, int]:
-        """Append descriptor words to the kept buffer: (first word, descriptors)."""
-        n = len(words)
+    def _inv_room(self, n: int) -> None:
+        """Grow the kept words' buffer so that ``n`` more words fit."""
         end = self._inv_end
         if end + n > self._inv_words.size:
             grown = np.zeros(2 * (end + n), dtype=np.uint64)
             grown[:end] = self._inv_words[:end]
             self._inv_words = grown
+
+    def _inv_domains(self) -> tuple[np.ndarray, np.ndarray]:
+        """kernels/epoch.py inv_encode's table of the nested domains (dk: sid << 32 | pasid,
+        sorted; dv: vm, DID, PASID, encodable), made again whenever a VM's domains or the
+        ATS devices may have changed (the signature the table of resolutions is kept by)."""
+        h = self.iommu
+        sig = (self._doms_version, len(self.nested), len(h.ats_sids))
+        if self._inv_dom_sig != sig:
+            keys = sorted(self.nested)
+            dk = np.array([sid << 32 | pasid for sid, pasid in keys], dtype=np.int64)
+            dv = np.zeros((len(keys), 4), dtype=np.int64)
+            for r, key in enumerate(keys):
+                dom = self.nested[key]
+                fast = (dom.sid not in h.ats_sids and 0 <= dom.did <= QI_DID_MASK
+                        and 0 <= dom.pasid <= QI_PASID_MASK)
+                dv[r] = dom.vm, dom.did if fast else 0, dom.pasid if fast else 0, fast
+            self._inv_dom, self._inv_dom_sig = (dk, dv), sig
+        return self._inv_dom
+
+    def _keep_words(self, words: list[int]) -> tuple[int, int]:
+        """Append descriptor words to the kept buffer: (first word, descriptors)."""
+        n = len(words)
+        self._inv_room(n)
+        end = self._inv_end
         self._inv_words[end:end + n] = words
         self._inv_end = end + n
         return end, n >> 2
@@ -507,10 +553,14 @@ class HostServer:
         m = self._op_matrix(ops)
         if ops.size == 0:
             return ops, m
-        top = max(self.counters, default=0) + 1
-        known = np.zeros(top, dtype=bool)
-        known[list(self.counters)] = True
-        refused = np.zeros((top, 2), dtype=np.int64)
+        ver = (self._doms_version, len(self.counters))
+        if self._known_ver != ver:      # the VM ids, made again after a set-up
+            top = max(self.counters, default=0) + 1
+            known = np.zeros(top, dtype=bool)
+            known[list(self.counters)] = True
+            self._known, self._known_ver = known, ver
+        known = self._known
+        refused = np.zeros((known.size, 2), dtype=np.int64)
         keep = np.empty(ops.size, dtype=bool)
         unknown = ek.admit(m, known, _KNOWN_OP, _SID_OP, self._owner_table(), MAX_PASID,
                            OP_DMA, ACCESS_READ, ACCESS_WRITE, OP_UNMAP_RETIRE, MAX_RETIRE_RUN,
@@ -613,17 +663,35 @@ class HostServer:
                 rec = self._vfio_rec
                 if vf.rk is not rec.keys:
                     vf = vf._replace(rk=rec.keys, rv=rec.vals)
-        for vm in np.flatnonzero(cnt.any(axis=1)).tolist():
-            ctr = self.counters[vm]
-            for name, x in zip(ek.CNT_NAMES, cnt[vm].tolist(), strict=True):
-                if name == "stale_window_max_ns":
-                    ctr[name] = max(ctr[name], x)
-                elif x:
-                    ctr[name] += x
+        self._fold_counts(cnt, tst)
+
+    def _fold_counts(self, cnt: np.ndarray, tst: np.ndarray) -> None:
+        """Add the epoch kernel's per-VM counts (cnt: int64[vms, C_*]) to the VMs' counters
+        and its statistics (tst: TST_NAMES) to HostIommu.stats: only the VMs and columns with
+        a count, stale_window_max_ns as a maximum."""
+        used = cnt.any(axis=0)
+        if not used.any():
+            pass
+        elif len(self.counters) == 1:    # one VM: its row holds every count
+            vm = next(iter(self.counters))
+            self._fold_row(self.counters[vm], used, cnt[vm])
+        else:
+            for vm in np.flatnonzero(cnt[:, used].any(axis=1)).tolist():
+                self._fold_row(self.counters[vm], used, cnt[vm])
         if tst.any():
-            hs = h.stats
+            hs = self.iommu.stats
             for name, x in zip(ek.TST_NAMES, tst.tolist(), strict=True):
-                setattr(hs, name, getattr(hs, name) + x)
+                if x:
+                    setattr(hs, name, getattr(hs, name) + x)
+
+    @staticmethod
+    def _fold_row(ctr: dict[str, int], used: np.ndarray, row: np.ndarray) -> None:
+        for c, x in zip(np.flatnonzero(used).tolist(), row[used].tolist(), strict=True):
+            name = ek.CNT_NAMES[c]
+            if c == ek.C_WINDOW_MAX:
+                ctr[name] = max(ctr[name], x)
+            else:
+                ctr[name] += x
 
     def _vfio_arrays(self, m: np.ndarray, n: int) -> vk.VfioArrays:
         """The VFIO containers for the epoch kernel (kernels/vfio.py VfioArrays): META_ON
@@ -731,7 +799,7 @@ class HostServer:
         meta = np.zeros(vk.META_FIELDS, dtype=np.int64)
         meta[vk.META_ON] = 1
         meta[vk.META_MAMV] = -1 if h.p.mamv is None else h.p.mamv
-        meta[vk.META_WAIT0], meta[vk.META_WAIT1] = qi.WAIT_WORDS[0], qi.WAIT_WORDS[1]
+        meta[vk.META_WAIT0], meta[vk.META_WAIT1] = WAIT_WORDS[0], WAIT_WORDS[1]
         self._vfio_doms = doms
         self._vfio = vk.VfioArrays(sid_dom, dom_arr, rec.keys, rec.vals, rec.held, rec.count,
                                    pins, hpa, vmrow, np.zeros((64, 3), dtype=np.int64), meta,
@@ -995,9 +1063,15 @@ _HWPT_ONE = hwpt_invalidate_one
 _VFIO_MAP, _VFIO_UNMAP = vfio_map, vfio_unmap
 
 
+_HOOK_GET = {id(hooks): (operator.attrgetter(*hooks), tuple(hooks.values()))
+             for hooks in (_IOMMU_HOOKS, _SERVER_HOOKS)}
+
+
 def _intact(obj: object, hooks: dict) -> bool:
-    cls, own = type(obj), vars(obj)
-    return all(getattr(cls, name) is f and name not in own for name, f in hooks.items())
+    """No hook replaced on obj's class (one attrgetter; functions compare by identity) or
+    set on obj itself."""
+    get, funcs = _HOOK_GET[id(hooks)]
+    return get(type(obj)) == funcs and vars(obj).keys().isdisjoint(hooks)
 
 
 def warm_up_epoch() -> None:
@@ -1029,6 +1103,9 @@ def warm_up_epoch() -> None:
     ek.inv_rehash(hs._inv_ik, hs._inv_iv, np.full((2048, ek.K_FIELDS), -1, dtype=np.int64),
                   np.zeros((2048, 2), dtype=np.int64), np.zeros(1, dtype=np.int64))
     ek.inv_insert(hs._inv_ik, hs._inv_iv, hs._inv_im, hs._op_matrix(ops), 2)   # after a grow
+    mem = hs.iommu.vms[1]        # a many-VM host's stores, by VM (HostServer._resolve_stores)
+    ek.store_frames(hs._op_matrix(ops), np.flatnonzero(ops["op"] == OP_GUEST_WRITE),
+                    mem.hpa_of, mem.gpa_frames)
     warm_up_vfio()
 
 

@@ -68,8 +68,9 @@ def eligible(group: Any) -> bool:
     return any(m == group.mode and pol in ("*", group.policy) for m, pol in MODES)
 
 
-def nic_arrays(wl: NicWorkload, vcpus: int) -> knic.NicArrays:
-    """A started NicWorkload's state as NicArrays (its queues' deques as rings)."""
+def nic_arrays(wl: NicWorkload, vcpus: int, rng: np.random.Generator) -> knic.NicArrays:
+    """A started NicWorkload's state as NicArrays (its queues' deques as rings), drawing
+    from ``rng``."""
     p = wl.params
     nq = len(wl.queues)
     ip = np.zeros(knic.NP, np.int64)
@@ -117,7 +118,7 @@ def nic_arrays(wl: NicWorkload, vcpus: int) -> knic.NicArrays:
     return knic.NicArrays(ip, fp, np.ascontiguousarray(wl._sizes.cdf, np.float64),
                           np.array(wl._size_of, np.int64), w,
                           np.array(wl._busy_until, np.int64), q, posted, pending, done, rr,
-                          np.zeros(knic.NR, np.int64))
+                          np.zeros(knic.NR, np.int64), kg.rng_words(rng))
 
 
 def _slack(p: NicWorkload.Params) -> tuple[int, int]:
@@ -168,7 +169,7 @@ class CompiledNicAgent(VmAgent):
                     wl, self.dma):
                 raise ValueError(f"compiled NIC loop: no event kind for {fn!r}")
         self.d = dmaapi.freeze(self)           # both copy and check (ValueError): nothing
-        self.nic = nic_arrays(wl, self.vcpus)  # of the agent changed before this line
+        self.nic = nic_arrays(wl, self.vcpus, self.rng)  # of the agent changed before this line
         self._freeze_guest(_slack(wl.params), knic.KIND_OF, knic.K_FQ_TIMER)
 
     def _freeze_guest(self, slack: tuple[int, int], kind_of: dict[str, int],
@@ -208,9 +209,9 @@ class CompiledNicAgent(VmAgent):
         self.epoch_ns = t_end_ns - self.now
         self.t_end = t_end_ns
         run, end = self._kernels()
-        g, d, nic, rng = self.g, self.d, self.nic, self.rng
+        g, d, nic = self.g, self.d, self.nic
         while True:
-            st = run(g, d, nic, rng, t_end_ns)
+            st = run(g, d, nic, t_end_ns)
             if st == kg.ST_DONE:
                 break
             if st == kg.ST_ROOM:
@@ -229,16 +230,22 @@ class CompiledNicAgent(VmAgent):
         self._sync()
         return kg.take_log(g)
 
+    _loop = knic.run     # the workload's compiled loop: run(g, d, nic, t_end) -> ST_*
+
     def _kernels(self) -> tuple[Any, Any]:
         """The compiled entry points of the loop and of the epoch's end for this agent's
         argument types (compiled, or loaded from numba's cache, on first use): a call
         through the dispatcher types its namedtuples first, ~17 us of an epoch's ~25.
-        Arrays only ever grow into arrays of the same types, so the types hold."""
+        Arrays only ever grow into arrays of the same types, so the types hold. The loop
+        takes the agent's Generator as ``rng_words`` in its arrays (``nic.rngp``, read
+        again here, so after unpickling), not as an argument: numba casts a Generator's
+        three function pointers through ctypes on every call, ~4 us."""
         k = self.__dict__.get("_entry")
         if k is None:
-            ty = [numba.typeof(x) for x in (self.g, self.d, self.nic, self.rng)]
+            self.nic.rngp[:] = kg.rng_words(self.rng)
+            ty = [numba.typeof(x) for x in (self.g, self.d, self.nic)]
             i64 = numba.types.int64
-            k = self._entry = (knic.run.compile((*ty, i64)),
+            k = self._entry = (self._loop.compile((*ty, i64)),
                                dmaapi.end_epoch.compile((ty[0], ty[1], i64)))
         return k
 
@@ -268,28 +275,47 @@ class CompiledNicAgent(VmAgent):
         return self.g
 
     def _sync(self) -> None:
-        """stats, the workload's counters and the stale bound from the arrays (a new stats
-        dict: the Python DMA layer's reference to the old one is no longer used)."""
-        self.stats = dict(zip(GUEST_COUNTERS, self.g.stats.tolist(), strict=True))
+        """The workload's counters and the stale bound from the arrays; ``stats`` is built
+        again on its next read (a new dict: the Python DMA layer's reference to the old one
+        is no longer used)."""
+        self._stats = None
         self.workload.__dict__.update(zip(knic.W_NAMES, self.nic.w.tolist(), strict=True))
         self.dma.stale_bound_ns = dmaapi.stale_bound_ns(self.d)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """VmAgent.stats. Once compiled, a dict of the arrays' counters made on the first
+        read after an epoch or a report changed them (the runner reads it once an epoch,
+        the benchmarks at the end), not on every change."""
+        s = self.__dict__.get("_stats")
+        if s is None:
+            s = self._stats = dict(zip(GUEST_COUNTERS, self.g.stats.tolist(), strict=True))
+        return s
+
+    @stats.setter
+    def stats(self, value: dict[str, int]) -> None:
+        self._stats = value
 
     def receive(self, report: EpochReport) -> None:
         """VmAgent.receive on the arrays (the vCPUs' busy times and the stats)."""
         if not self.compiled:
             return super().receive(report)
         self.host_counters = report.counters
+        self.epoch_faults = faults = report.faults
+        waits = report.unmap_waits
+        if not (faults or waits):   # nothing to count or charge (most epochs of most VMs)
+            return
         s = self.g.stats
         busy = self.g.busy
-        s[kg.S_GUEST_FAULTS_REPORTED] += len(report.faults)
-        self.epoch_faults = report.faults
-        s[kg.S_UNMAP_QI_WAIT_NS] += sum(w for _u, _c, w in report.unmap_waits)
-        for cpu, stall in enumerate(stall_per_vcpu(report.unmap_waits, self.vcpus)):
+        s[kg.S_GUEST_FAULTS_REPORTED] += len(faults)
+        s[kg.S_UNMAP_QI_WAIT_NS] += sum(w for _u, _c, w in waits)
+        now = self.now
+        for cpu, stall in enumerate(stall_per_vcpu(waits, self.vcpus)):
             if stall:
-                t0 = max(int(busy[cpu]), self.now)
+                t0 = max(int(busy[cpu]), now)
                 busy[cpu] = t0 + stall
                 s[kg.S_CPU_BUSY_NS] += stall
-        self.stats = dict(zip(GUEST_COUNTERS, s.tolist(), strict=True))
+        self._stats = None
 
 
 def warm_up() -> None:

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 
 from host_iommu.defs import PAGE_SIZE
 from vm_agent import compiled
-from vm_agent.agent import GUEST_COUNTERS
 from vm_agent.kernels import dmaapi
 from vm_agent.kernels import nvme as knvme
 from workloads.nvme import NvmeWorkload
@@ -128,8 +126,10 @@ class CompiledNvmeAgent(compiled.CompiledNicAgent):
     ``setup()``, ``run_epoch``, ``receive`` and the growing of the arrays are
     CompiledNicAgent's; ``freeze`` here builds the arrays of the NVMe workload, which sit
     where CompiledNicAgent's loop keeps its workload's (``self.nic``: NvmeArrays here), and
-    ``_kernels`` names the NVMe loop.
+    ``_loop`` names the NVMe loop.
     """
+
+    _loop = knvme.run
 
     def freeze(self) -> None:
         """Move the guest's state after set-up into arrays (the Python objects are left
@@ -144,26 +144,10 @@ class CompiledNvmeAgent(compiled.CompiledNicAgent):
         self.nic = nv
         self._freeze_guest(_slack(nv), knvme.KIND_OF, knvme.K_FQ_TIMER)
 
-    def _kernels(self) -> tuple[Any, Any]:
-        """The compiled entry points of the NVMe loop and of the epoch's end for this
-        agent's argument types (see CompiledNicAgent._kernels). The loop takes the agent's
-        Generator as ``rng_words`` in its arrays (read again here, so after unpickling),
-        not as an argument: the first entry point drops the one run_epoch passes."""
-        k = self.__dict__.get("_entry")
-        if k is None:
-            self.nic.rngp[:] = knvme.rng_words(self.rng)
-            ty = [numba.typeof(x) for x in (self.g, self.d, self.nic)]
-            i64 = numba.types.int64
-            entry = knvme.run.compile((*ty, i64))
-
-            def run(g: Any, d: Any, nv: Any, _rng: Any, t_end: int) -> int:
-                return entry(g, d, nv, t_end)
-            k = self._entry = (run, dmaapi.end_epoch.compile((ty[0], ty[1], i64)))
-        return k
-
     def _sync(self) -> None:
-        """stats, the workload's counters and the stale bound from the arrays."""
-        self.stats = dict(zip(GUEST_COUNTERS, self.g.stats.tolist(), strict=True))
+        """The workload's counters and the stale bound from the arrays (CompiledNicAgent's
+        ``_sync``: ``stats`` made again on its next read)."""
+        self._stats = None
         self.workload.__dict__.update(zip(knvme.W_NAMES, self.nic.w.tolist(), strict=True))
         self.dma.stale_bound_ns = dmaapi.stale_bound_ns(self.d)
 

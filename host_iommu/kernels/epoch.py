@@ -42,6 +42,14 @@ way and calls again, so the Python loop stays the description and the reference
 
 Per-VM counters go to rows of ``cnt`` (C_*), unmap waits and retired runs to rows of
 ``waits``/``retires``; the scalar state goes in and out through ``st`` (ST_*).
+
+The server's preparation of an epoch runs here too: admission (``admit``), the guest stores'
+host frames (``resolve_stores``, ``store_frames``), the kept resolutions of one-entry HWPT
+invalidations (``inv_lookup``, ``inv_insert``) and the first sight of one: ``inv_encode``
+writes the descriptors nested.one_entry_words encodes itself (a page-selective PASID-based
+IOTLB invalidation with Linux calculate_psi_aligned_address's range, then the wait of
+qi_submit_sync; VT-d spec 6.5.2.4, 6.5.2.8), so that a many-VM host, which sees hundreds
+of new IOVA ranges an epoch, does not encode them one at a time in Python.
 """
 
 from __future__ import annotations
@@ -657,3 +665,98 @@ def inv_rehash(ik, iv, nk, nv, im):
         nk[d] = ik[s]
         nv[d] = iv[s]
         im[0] += 1
+
+
+# --- the first sight of a one-entry HWPT invalidation (HostServer._resolve_invalidations) ----
+# ``dk``: int64[d] the nested domains' keys, sid << 32 | pasid, sorted; ``dv``: int64[d, 4]
+# (vm, DID, PASID, encodable) of each: encodable where nested.one_entry_words encodes the
+# domain's one-entry invalidations itself (no ATS, DID and PASID within their fields).
+DV_VM, DV_DID, DV_PASID, DV_FAST = range(4)
+_PSI_QW0 = 0x6 | 3 << 4            # nested._PIOTLB_PSI_QW0: PASID-based IOTLB, G=11b (PSI)
+_QW0_DID_SHIFT, _QW0_PASID_SHIFT, _QW1_IH = 16, 32, 1 << 6
+_MAX_PFN_WIDTH = 64 - PAGE_SHIFT
+_PAGE_MASK = (1 << PAGE_SHIFT) - 1
+
+
+@njit(cache=True, inline="always")
+def _bit_length(x):
+    n = 0
+    while x:
+        x >>= 1
+        n += 1
+    return n
+
+
+@njit(cache=True)
+def inv_encode(m, idx, dk, dv, wait, words, end, left):
+    """nested.one_entry_words of the operations ``idx`` (their domain's key from m, checked
+    as HostServer._resolve_invalidations does: the VM's own HWPT at (sid, pasid)) wherever it
+    encodes them itself: a range (0 < npages < 2**64 - 1) at a 4-KiB aligned address, flags
+    0 or IOMMU_VTD_INV_FLAGS_LEAF, on an encodable domain (dv[DV_FAST]): one page-selective
+    PASID-based IOTLB descriptor with Linux calculate_psi_aligned_address's aligned range,
+    then the wait (``wait``: qi.WAIT_WORDS as uint64[4]), written at words[end:]
+    (room for 8 words each) and resolved in m[M_RES], m[M_NDESC]. The others' positions in
+    ``idx`` go to ``left`` (the Python loop's). Returns (how many left, the new end)."""
+    nl = 0
+    nd = dk.shape[0]
+    for r in range(idx.shape[0]):
+        i = idx[r]
+        key = m[M_SID, i] << 32 | m[M_PASID, i]
+        d = np.searchsorted(dk, key)
+        addr = np.uint64(m[M_A0, i])
+        npages = np.uint64(m[M_A1, i])
+        flags = m[M_A2, i]
+        if (d >= nd or dk[d] != key or dv[d, DV_VM] != m[M_VM, i] or dv[d, DV_FAST] == 0
+                or (flags != 0 and flags != 1) or npages == np.uint64(0)
+                or npages == ~np.uint64(0) or addr & np.uint64(_PAGE_MASK) != np.uint64(0)):
+            left[nl] = r
+            nl += 1
+            continue
+        start = addr >> np.uint64(PAGE_SHIFT)
+        span = npages - np.uint64(1)
+        if span >= np.uint64(1 << _MAX_PFN_WIDTH):
+            am = _MAX_PFN_WIDTH
+        else:        # start + span < 2**53: no wrap
+            am = min(max(_bit_length(span), _bit_length(start ^ (start + span))),
+                     _MAX_PFN_WIDTH)
+        ua = np.uint64(am)
+        w = words[end:end + 8]
+        w[0] = np.uint64(_PSI_QW0 | dv[d, DV_DID] << _QW0_DID_SHIFT
+                         | dv[d, DV_PASID] << _QW0_PASID_SHIFT)
+        w[1] = (((start >> ua) << ua) << np.uint64(PAGE_SHIFT)
+                | np.uint64(_QW1_IH if flags else 0) | ua)
+        w[2] = np.uint64(0)
+        w[3] = np.uint64(0)
+        for q in range(4):
+            w[4 + q] = wait[q]
+        m[M_RES, i], m[M_NDESC, i] = end, 2
+        end += 8
+    return nl, end
+
+
+# --- guest stores' host frames (HostServer._resolve_stores) ------------------------------
+@njit(cache=True)
+def resolve_stores(m, start, vm, hpa_of, frames):
+    """m[M_RES] of the guest stores of ``vm`` from operation ``start`` on: the host frame
+    its memory map (hpa_of: int64 per GPA frame, -1 where not backed; ``frames`` GPA frames)
+    gives the store's GPA, -1 past the map (HostIommu.guest_write's look-up). Returns how
+    many stores of other VMs it left (the caller resolves them with their own VM's map)."""
+    other = 0
+    for i in range(start, m.shape[1]):
+        if m[M_OP, i] != OP_GUEST_WRITE:
+            continue
+        if m[M_VM, i] != vm:
+            other += 1
+            continue
+        f = np.uint64(m[M_A0, i]) >> np.uint64(PAGE_SHIFT)
+        m[M_RES, i] = hpa_of[np.int64(f)] if f < np.uint64(frames) else -1
+    return other
+
+
+@njit(cache=True)
+def store_frames(m, idx, hpa_of, frames):
+    """resolve_stores of the operations ``idx``, guest stores of one VM (its map)."""
+    for r in range(idx.shape[0]):
+        i = idx[r]
+        f = np.uint64(m[M_A0, i]) >> np.uint64(PAGE_SHIFT)
+        m[M_RES, i] = hpa_of[np.int64(f)] if f < np.uint64(frames) else -1

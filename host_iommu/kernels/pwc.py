@@ -68,18 +68,28 @@ def _probe_deepest(state, did, pasid, addr, levels, stamp):
     """One request of _lookup_deepest (the caller counts and advances the clock): (the
     lowest cached level in 2..levels, 0 on a miss; its entry), the hit stamped ``stamp``.
     did, pasid, addr, levels: uint64."""
+    lv, e, s, way = _probe_find(state, did, pasid, addr, levels)
+    if lv > 0:
+        state[F_STAMP, s, way] = np.uint64(stamp)
+    return lv, e
+
+
+@njit(cache=True, inline="always")
+def _probe_find(state, did, pasid, addr, levels):
+    """_probe_deepest without the stamp: (the lowest cached level in 2..levels, 0 on a miss;
+    its entry; its set and way, -1 on a miss). The walk kernel's depth-first path stamps its
+    hits after the batch, in the order the level-synchronous walk would (kernels/walk.py)."""
     sets = state.shape[1]
     if sets == 0:
-        return 0, np.uint64(0)
+        return 0, np.uint64(0), np.int64(-1), np.int64(-1)
     for lv in range(PWC_MIN_LEVEL, int(levels) + 1):
         ulv = np.uint64(lv)
         prefix = addr >> np.uint64(12 + 9 * (lv - 1))
         s = _set_index(did, pasid, prefix, ulv, sets)
         way = _find_way(state, s, did, pasid, prefix, ulv)
         if way >= 0:
-            state[F_STAMP, s, way] = np.uint64(stamp)
-            return lv, state[F_HPA, s, way]
-    return 0, np.uint64(0)
+            return lv, state[F_HPA, s, way], np.int64(s), np.int64(way)
+    return 0, np.uint64(0), np.int64(-1), np.int64(-1)
 
 
 class PwcArrays:

@@ -36,8 +36,8 @@ from host_iommu.defs import (
 from host_iommu.kernels.iotlb import C_CLOCK as PWC_CLOCK
 from host_iommu.kernels.iotlb import C_HITS as PWC_HITS
 from host_iommu.kernels.iotlb import C_MISSES as PWC_MISSES
-from host_iommu.kernels.iotlb import _fill_line
-from host_iommu.kernels.pwc import _probe_deepest
+from host_iommu.kernels.iotlb import F_STAMP, _fill_line
+from host_iommu.kernels.pwc import _probe_deepest, _probe_find
 from host_iommu.pgtable import FL_A, FL_D, FL_P, FL_PS, FL_RW, FL_US, SL_A, SL_D, SL_PS, SL_R, SL_W
 
 # Fault reasons and stages as plain ints for the kernel.
@@ -414,10 +414,415 @@ def _pwc_fill(pwc, counts, fills, nf, did, pasid, pasid0):
     counts[PWC_CLOCK] = clock + nf
 
 
+# --- Depth-first path --------------------------------------------------------------------------
+# The level-synchronous walks above reproduce walk.py's batch semantics in full; they matter
+# only where a walk writes memory (A/D bits): a write is seen by the next level's reads of the
+# batch but not by its own level's. A batch that sets no A/D bit reads memory that does not
+# change, so its requests can be walked one after the other, each to its leaf (about one pass
+# over each request's state instead of one per level and stage), with the same reads. The
+# paging-structure caches come out the same too: look-ups see the caches as they were at the
+# batch's start either way (fills come after it); each hit is recorded with its call (the
+# first level's one look-up, or the second-level walk a nested level or the final GPA makes,
+# in the level-synchronous order) and rank within it, and stamped after the batch in that
+# order, from the clock each call would have started at. Fills are keyed by (request, walk,
+# level) and sorted, as before. The first entry that needs an A/D write stops the attempt
+# before anything is written: the group is then walked level-synchronously from the start.
+DF_CALLS = 6    # second-level calls of one nested group: first-level levels 5..1, final GPA
+DF_FINAL = 5
+# The nested depth-first walk's memo of table-page walks (direct-mapped, per batch): a nested
+# walk translates each first-level table pointer through the second level, and the requests
+# of a batch share most table pages. With memory unchanged during the batch and the PWCs'
+# look-ups seeing their state at its start, the walk of one page (key: page, SLPTR, DID,
+# levels, SSADE) has one outcome: references, fault, permissions, leaf, the PWC hit (its
+# line) and the fills. A later walk of that page replays it for its own request and call:
+# the same counts, stamps, fills and results as walking it again, without the reads.
+MEMO_BITS = 9
+MEMO_SHIFT = np.uint64(64 - MEMO_BITS)
+MEMO_MIX = np.uint64(0x9E3779B97F4A7C15)
+MEMO_MIN_BATCH = 16     # smaller groups walk without it (a memo costs a 4-KiB clear)
+(M_PAGE, M_SLPTR, M_CTX, M_BASE, M_MASK, M_ORDER, M_R, M_W, M_FAULT, M_REFS, M_LINE, M_NFILL,
+ M_FILL) = range(13)
+M_FIELDS = M_FILL + 8   # fill levels, then fill values (at most 4 non-leaf entries each)
+
+
+@njit(cache=True)
+def _group_df(slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, kind, addr, access, did, pasid,
+              flptr, fl_levels, sl_levels, slptr, ssade, use_fl, fl_pwc, fl_counts, use_sl,
+              sl_pwc, sl_counts, fill_fl, fill_sl, fl_fills, sl_fills, ctx, hpa, fault, stage,
+              refs, order, perm):
+    """Walk one PGTT group (requests ``ix``; kind: PGTT_SL_ONLY, PGTT_FL_ONLY or
+    PGTT_NESTED) depth-first, with walk_batch's arguments and outputs; returns False, having
+    changed nothing (outputs of ``ix`` zero again), when some entry needs an A/D write.
+
+    Each request runs _fl_walk's steps for its first level (when the group has one) and
+    _sl_walk's for each second-level walk: the table pointer of each nested level, then the
+    final GPA (or the input address of the second-level-only group). The second-level walk is
+    written once, at the top of the loop over a request's steps (the kernel calls no helper
+    that takes arrays: each such call costs reference count updates)."""
+    n = ix.shape[0]
+    nested = kind == PGTT_NESTED
+    first = kind != PGTT_SL_ONLY
+    second = kind != PGTT_FL_ONLY
+    nfl = ctx[CX_NFL]
+    nsl = ctx[CX_NSL]
+    fl_rec = np.empty((2, n if (use_fl and first) else 0), np.int64)   # line, stamp
+    sl_rec = np.empty((3, (n * DF_CALLS if nested else n) if use_sl else 0), np.int64)
+    cnt = np.zeros(DF_CALLS, np.int64)      # requests of each second-level call
+    use_memo = nested and n >= MEMO_MIN_BATCH
+    memo = np.empty((M_FIELDS, (1 << MEMO_BITS) if use_memo else 0), np.int64)
+    for t in range(memo.shape[1]):
+        memo[M_PAGE, t] = 0                 # page + 1: 0 is an empty slot
+    nfr = 0
+    nsr = 0
+    fl_hits = 0
+    sl_hits = 0
+    fl_clock = fl_counts[PWC_CLOCK]
+    fl_ways = fl_pwc.shape[2]
+    sl_ways = sl_pwc.shape[2]
+    ones = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+    zero = np.uint64(0)
+    nine = np.uint64(511)
+    eight = np.uint64(8)
+    ad = False
+    k = 0
+    while k < n:
+        i = ix[k]
+        wr = access[i] == ACCESS_WRITE
+        # first-level state (_fl_walk's rows for this request)
+        f = 0
+        stg = 0
+        rf = 0
+        rw = True
+        us = True
+        canon = True
+        out = zero
+        fo = 0
+        table = zero
+        iova = addr[i]
+        lvl = 0
+        if first:
+            levels = np.int64(fl_levels[i])
+            sh = FL_WIDTH[levels] - np.uint64(1)
+            top = iova >> sh
+            canon = top == 0 or top == (ones >> sh)
+            if not canon:
+                f = F_NON_CANONICAL
+                stg = ST_FIRST
+            table = flptr[i]
+            lvl = levels if canon else 0
+            if use_fl:
+                lv, e, s, way = _probe_find(fl_pwc, np.uint64(did[i]), np.uint64(pasid[i]),
+                                            iova, np.uint64(levels))
+                if lv > 0:
+                    fl_hits += 1
+                    fl_rec[0, nfr] = s * fl_ways + way
+                    fl_rec[1, nfr] = fl_clock + k
+                    nfr += 1
+                    if canon:
+                        table = e & amask
+                        lvl = lv - 1
+                        rw = (e & np.uint64(FL_RW)) != 0
+                        us = (e & np.uint64(FL_US)) != 0
+        else:
+            out = iova          # the second-level walk of the input address
+        # second-level walk results (_sl_walk's rows), of the last such walk
+        s_hpa = zero
+        s_order = 0
+        s_r = True
+        s_w = True
+        s_fault = 0
+        s_refs = 0
+        final = False
+        ea = zero
+        while True:
+            if lvl > 0:
+                shift = np.uint64(12 + 9 * (lvl - 1))
+                ea = table + ((iova >> shift) & nine) * eight
+            elif first:     # the first level is done: its permission checks
+                if f == 0 and canon:
+                    if not us:
+                        f = F_FL_US
+                        stg = ST_FIRST
+                    elif wr and not rw:
+                        f = F_FL_WRITE
+                        stg = ST_FIRST
+                if not nested or f != 0:
+                    break
+            if second:
+                # one second-level walk: of a nested level's table pointer (a read), or of
+                # the final GPA (or input address) with the request's access
+                final = lvl == 0
+                gpa = out if final else ea
+                swr = wr if final else False
+                c = (DF_FINAL if nested else 0) if final else DF_FINAL - lvl
+                j = cnt[c]
+                cnt[c] = j + 1
+                mh = -1
+                hit_memo = False
+                page = zero
+                ck = 0
+                if use_memo and not final:
+                    # a table page's walk seen before in this batch: its outcome again
+                    page = gpa >> np.uint64(12)
+                    ck = (did[i] << 8) | (np.int64(sl_levels[i]) << 1) | (
+                        1 if ssade[i] else 0)
+                    mh = np.int64(((page ^ (slptr[i] >> np.uint64(12))) * MEMO_MIX)
+                                   >> MEMO_SHIFT)
+                    if (memo[M_PAGE, mh] == np.int64(page) + 1
+                            and memo[M_SLPTR, mh] == np.int64(slptr[i])
+                            and memo[M_CTX, mh] == ck):
+                        hit_memo = True
+                        mi = mh
+                        mh = -1
+                        s_line = memo[M_LINE, mi]
+                        if s_line >= 0:
+                            sl_hits += 1
+                            sl_rec[0, nsr] = s_line
+                            sl_rec[1, nsr] = c
+                            sl_rec[2, nsr] = j
+                            nsr += 1
+                        if fill_sl:
+                            for q in range(memo[M_NFILL, mi]):
+                                sl_fills[0, nsl] = i
+                                sl_fills[1, nsl] = c
+                                sl_fills[2, nsl] = memo[M_FILL + q, mi]
+                                sl_fills[3, nsl] = np.int64(gpa)
+                                sl_fills[4, nsl] = memo[M_FILL + 4 + q, mi]
+                                nsl += 1
+                        s_hpa = np.uint64(memo[M_BASE, mi]) | (
+                            gpa & np.uint64(memo[M_MASK, mi]))
+                        s_order = memo[M_ORDER, mi]
+                        s_r = memo[M_R, mi] != 0
+                        s_w = memo[M_W, mi] != 0
+                        s_fault = memo[M_FAULT, mi]
+                        s_refs = memo[M_REFS, mi]
+                if not hit_memo:
+                    sl = np.int64(sl_levels[i])
+                    s_line = -1
+                    nsl0 = nsl
+                    beyond = (gpa >> SL_WIDTH[sl]) != zero
+                    s_fault = F_ADDR_BEYOND if beyond else 0
+                    stab = slptr[i]
+                    slv = 0 if beyond else sl
+                    s_r = True
+                    s_w = True
+                    if use_sl:
+                        lv, e, s, way = _probe_find(sl_pwc, np.uint64(did[i]), zero, gpa,
+                                                    np.uint64(sl))
+                        if lv > 0:
+                            sl_hits += 1
+                            s_line = s * sl_ways + way
+                            sl_rec[0, nsr] = s_line
+                            sl_rec[1, nsr] = c
+                            sl_rec[2, nsr] = j
+                            nsr += 1
+                            if not beyond:
+                                stab = e & amask
+                                slv = lv - 1
+                                s_r = (e & np.uint64(SL_R)) != 0
+                                s_w = (e & np.uint64(SL_W)) != 0
+                    s_hpa = zero
+                    s_order = 0
+                    s_refs = 0
+                    s_mask = zero
+                    while slv > 0:
+                        sshift = np.uint64(12 + 9 * (slv - 1))
+                        sea = stab + ((gpa >> sshift) & nine) * eight
+                        v, ok = _read(slab, slot_of, sea)
+                        s_refs += 1
+                        ps = ((v & np.uint64(SL_PS)) != 0) and (slv == 2 or slv == 3)
+                        rsvd = (v & sl_rsvd[slv, 1 if ps else 0]) != 0
+                        present = (v & np.uint64(SL_R | SL_W)) != 0
+                        if not present:
+                            s_fault = F_SL_NOT_PRESENT
+                        if not ok:
+                            s_fault = F_SL_ACCESS
+                        bad = (not ok) or (not present)
+                        if not bad and rsvd:
+                            s_fault = F_SL_RSVD
+                        good = not bad and not rsvd
+                        s_r = s_r and (v & np.uint64(SL_R)) != 0
+                        s_w = s_w and (v & np.uint64(SL_W)) != 0
+                        leaf = good and (ps or slv == 1)
+                        nonleaf = good and not leaf
+                        if ssade[i] and good and (v & np.uint64(SL_A)) == 0:
+                            ad = True
+                            break
+                        if fill_sl and nonleaf:
+                            perms = (np.uint64(SL_R) if s_r else zero) | (
+                                np.uint64(SL_W) if s_w else zero)
+                            sl_fills[0, nsl] = i
+                            sl_fills[1, nsl] = c
+                            sl_fills[2, nsl] = slv
+                            sl_fills[3, nsl] = np.int64(gpa)
+                            sl_fills[4, nsl] = np.int64((v & ~np.uint64(SL_PERM_BITS)) | perms)
+                            nsl += 1
+                        if not nonleaf:
+                            if leaf:
+                                size_mask = (np.uint64(1) << sshift) - np.uint64(1)
+                                s_hpa = (v & amask & ~size_mask) | (gpa & size_mask)
+                                s_mask = size_mask
+                                s_order = slv - 1
+                                if ssade[i] and swr and s_w and (v & np.uint64(SL_D)) == 0:
+                                    ad = True
+                            break
+                        stab = v & amask
+                        slv -= 1
+                    if ad:
+                        break
+                    if s_fault == 0 and not beyond:
+                        if swr and not s_w:
+                            s_fault = F_WRITE
+                        elif not swr and not s_r:
+                            s_fault = F_READ
+                    if mh >= 0:
+                        nf = nsl - nsl0
+                        memo[M_PAGE, mh] = np.int64(page) + 1
+                        memo[M_SLPTR, mh] = np.int64(slptr[i])
+                        memo[M_CTX, mh] = ck
+                        memo[M_BASE, mh] = np.int64(s_hpa & ~s_mask)
+                        memo[M_MASK, mh] = np.int64(s_mask)
+                        memo[M_ORDER, mh] = s_order
+                        memo[M_R, mh] = 1 if s_r else 0
+                        memo[M_W, mh] = 1 if s_w else 0
+                        memo[M_FAULT, mh] = s_fault
+                        memo[M_REFS, mh] = s_refs
+                        memo[M_LINE, mh] = s_line
+                        memo[M_NFILL, mh] = nf if fill_sl else 0
+                        if fill_sl:
+                            for q in range(nf):
+                                memo[M_FILL + q, mh] = sl_fills[2, nsl0 + q]
+                                memo[M_FILL + 4 + q, mh] = sl_fills[4, nsl0 + q]
+                if final:
+                    break
+                rf += s_refs
+                if s_fault != 0:
+                    f = s_fault
+                    stg = ST_SECOND
+                    lvl = 0
+                    continue
+                ea = s_hpa
+            # one first-level read at lvl (_fl_walk's level step)
+            v, ok = _read(slab, slot_of, ea)
+            rf += 1
+            present = (v & np.uint64(FL_P)) != 0
+            ps_bit = (v & np.uint64(FL_PS)) != 0
+            ps = ps_bit and (lvl == 2 or lvl == 3)
+            ps_col = ps_bit if lvl >= 4 else ps
+            rsvd = (v & fl_rsvd[lvl, 1 if ps_col else 0]) != 0
+            if not ok:
+                f = F_FL_ACCESS
+            elif not present:
+                f = F_FL_NOT_PRESENT
+            elif rsvd:
+                f = F_FL_RSVD
+            good = ok and present and not rsvd
+            if not good:
+                stg = ST_FIRST
+            rw = rw and (v & np.uint64(FL_RW)) != 0
+            us = us and (v & np.uint64(FL_US)) != 0
+            leaf = good and (ps or lvl == 1)
+            nonleaf = good and not leaf
+            if good and (v & np.uint64(FL_A)) == 0:
+                ad = True
+                break
+            if fill_fl and nonleaf:
+                perms = (np.uint64(FL_RW) if rw else zero) | (np.uint64(FL_US) if us else zero)
+                fl_fills[0, nfl] = i
+                fl_fills[1, nfl] = 0
+                fl_fills[2, nfl] = lvl
+                fl_fills[3, nfl] = np.int64(iova)
+                fl_fills[4, nfl] = np.int64((v & ~np.uint64(FL_PERM_BITS)) | perms)
+                nfl += 1
+            if nonleaf:
+                table = v & amask
+                lvl -= 1
+                continue
+            if leaf:
+                shift = np.uint64(12 + 9 * (lvl - 1))
+                size_mask = (np.uint64(1) << shift) - np.uint64(1)
+                out = (v & amask & ~size_mask) | (iova & size_mask)
+                fo = lvl - 1
+                perm_ok = us and ((not wr) or rw)
+                if perm_ok and wr and (v & np.uint64(FL_D)) == 0:
+                    ad = True
+                    break
+            lvl = 0
+        if ad:
+            break
+        if not first:
+            hpa[i], order[i], fault[i], refs[i] = s_hpa, s_order, s_fault, s_refs
+            if s_fault != 0:
+                stage[i] = ST_SECOND
+            perm[i] = (1 if s_r else 0) | (2 if s_w else 0)
+        elif not nested:
+            hpa[i], order[i], fault[i], stage[i], refs[i] = out, fo, f, stg, rf
+            perm[i] = 1 | (2 if rw else 0)
+        else:
+            fault[i], stage[i], refs[i] = f, stg, rf
+            if final:
+                refs[i] = rf + s_refs
+                hpa[i] = s_hpa
+                fault[i] = s_fault
+                if s_fault != 0:
+                    stage[i] = ST_SECOND
+                order[i] = min(fo, s_order)
+                perm[i] = (1 if s_r else 0) | (2 if (s_w and rw) else 0)
+        k += 1
+    if ad:      # undo: the outputs of the requests walked so far, as the caller zeroed them
+        for t in range(k):
+            i = ix[t]
+            hpa[i] = 0
+            fault[i] = 0
+            stage[i] = 0
+            refs[i] = 0
+            order[i] = 0
+            perm[i] = 0
+        return False
+    # commit: PWC stamps, counters and fills as the level-synchronous calls leave them
+    if use_fl and first:
+        for t in range(nfr):
+            line = fl_rec[0, t]
+            fl_pwc[F_STAMP, line // fl_ways, line % fl_ways] = np.uint64(fl_rec[1, t])
+        fl_counts[PWC_HITS] += fl_hits
+        fl_counts[PWC_MISSES] += n - fl_hits
+        fl_counts[PWC_CLOCK] = fl_clock + n
+    if use_sl and second:
+        clock = sl_counts[PWC_CLOCK]
+        off = 0
+        for c in range(DF_CALLS):       # calls in order; ranks ascend within a call
+            if cnt[c] == 0:
+                continue
+            for t in range(nsr):
+                if sl_rec[1, t] == c:
+                    line = sl_rec[0, t]
+                    sl_pwc[F_STAMP, line // sl_ways, line % sl_ways] = np.uint64(
+                        clock + off + sl_rec[2, t])
+            off += cnt[c]
+        sl_counts[PWC_HITS] += sl_hits
+        sl_counts[PWC_MISSES] += off - sl_hits
+        sl_counts[PWC_CLOCK] = clock + off
+    ctx[CX_NFL] = nfl
+    ctx[CX_NSL] = nsl
+    return True
+
+
 @njit(cache=True)
 def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, did, pasid,
                flptr, fl_levels, slptr, sl_levels, ssade, use_fl, fl_pwc, fl_counts, use_sl,
                sl_pwc, sl_counts, fill_pwc, hpa, fault, stage, refs, order, perm):
+    """walk_batch_mode with the depth-first path on (its docstring has the arguments)."""
+    return walk_batch_mode(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt,
+                           did, pasid, flptr, fl_levels, slptr, sl_levels, ssade, use_fl,
+                           fl_pwc, fl_counts, use_sl, sl_pwc, sl_counts, fill_pwc, hpa, fault,
+                           stage, refs, order, perm, True)
+
+
+@njit(cache=True)
+def walk_batch_mode(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, did,
+                    pasid, flptr, fl_levels, slptr, sl_levels, ssade, use_fl, fl_pwc, fl_counts,
+                    use_sl, sl_pwc, sl_counts, fill_pwc, hpa, fault, stage, refs, order, perm,
+                    depth_first):
     """Walk every request of a batch by its PGTT (walk.py Walker.walk); returns A/D writes.
 
     slab, slot_of: HostMemory's table slab and frame->slot map; haw: host address width;
@@ -426,7 +831,9 @@ def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, 
     flptr uint64, fl_levels uint8, slptr uint64, sl_levels uint8, ssade bool.
     fl_pwc/sl_pwc with their counters: the PWCs' line planes (used when use_fl/use_sl);
     fill_pwc: fill them after the batch. Outputs (length n, zeroed by the caller): hpa
-    uint64, fault, stage, order, perm uint8, refs int64.
+    uint64, fault, stage, order, perm uint8, refs int64. depth_first: try each group's
+    depth-first walk (_group_df) first; False walks every group level-synchronously (the
+    tests compare the two).
     """
     n = addr.shape[0]
     ctx = np.zeros(3, np.int64)
@@ -452,7 +859,11 @@ def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, 
         if pgtt[i] == PGTT_SL_ONLY:
             ix[m] = i
             m += 1
-    if m:
+    if m and not (depth_first and _group_df(
+            slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, np.int64(PGTT_SL_ONLY), addr, access,
+            did, pasid, flptr, fl_levels, sl_levels, slptr, ssade, use_fl, fl_pwc, fl_counts,
+            use_sl, sl_pwc, sl_counts, fill_fl, fill_sl, fl_fills, sl_fills, ctx, hpa, fault,
+            stage, refs, order, perm)):
         g_addr = np.empty(m, np.uint64)
         g_write = np.empty(m, np.bool_)
         for k in range(m):
@@ -477,6 +888,12 @@ def walk_batch(slab, slot_of, haw, amask, fl_rsvd, sl_rsvd, addr, access, pgtt, 
                 ix[m] = i
                 m += 1
         if m == 0:
+            continue
+        if depth_first and _group_df(
+                slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, g, addr, access, did, pasid, flptr,
+                fl_levels, sl_levels, slptr, ssade, use_fl, fl_pwc, fl_counts, use_sl, sl_pwc,
+                sl_counts, fill_fl, fill_sl, fl_fills, sl_fills, ctx, hpa, fault, stage, refs,
+                order, perm):
             continue
         out, fo, rw, f, s, rf = _fl_walk(
             slab, slot_of, amask, fl_rsvd, sl_rsvd, ix, nested, addr, access, did, pasid,

@@ -31,10 +31,12 @@ Checked against GuestMemory and OpLog by tests/vm_agent/test_kernel_guest.py.
 
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from host_iommu.defs import PAGE_SHIFT
@@ -102,6 +104,50 @@ class GuestArrays(NamedTuple):
     fl_n: np.ndarray     # int64[ORDERS]: frames in free list k
     heap: np.ndarray     # int64[cap, HEAP_COLUMNS]
     ev: np.ndarray       # int64[HEAP_COLUMNS]: the row heap_pop took
+
+
+# --- the agent's random stream -------------------------------------------------------------
+RNG_WORDS = 6    # numba's BitGenerator model: state address, state, next_uint64/32/double, self
+
+
+def rng_words(rng: np.random.Generator) -> np.ndarray:
+    """What numba reads of ``rng`` when it is passed to a compiled function (its bit
+    generator's ctypes interface: state and function pointers), read once here: passing
+    the Generator itself costs ~6 us a call (numba casts its three function pointers
+    through ctypes each time), more than the rest of the call. Valid while ``rng`` lives;
+    read again after unpickling."""
+    ct = rng.bit_generator.ctypes
+
+    def ptr(f) -> int:
+        return ctypes.cast(f, ctypes.c_void_p).value or 0
+    words = [ct.state_address, ct.state.value or 0, ptr(ct.next_uint64),
+             ptr(ct.next_uint32), ptr(ct.next_double), ct.bit_generator.value or 0]
+    return np.array(words, np.uint64).view(np.int64)
+
+
+@intrinsic
+def generator_of(typingctx, words):
+    """The np.random.Generator (numba's value of it: the same draws from the same state)
+    over the bit generator ``rng_words`` read, with no Python object behind it (never
+    returned to Python) and no reference counted."""
+    if not (isinstance(words, types.Array) and words.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, value=args[0])
+
+        def word(i):
+            at = builder.gep(arr.data, [context.get_constant(types.intp, i)])
+            return builder.load(at)     # int64 and uintp: the same 64-bit word
+        bg = cgutils.create_struct_proxy(types.NumPyRandomBitGeneratorType("bit_generator"))(
+            context, builder)
+        for i, name in enumerate(("state_address", "state", "fnptr_next_uint64",
+                                  "fnptr_next_uint32", "fnptr_next_double", "bit_generator")):
+            setattr(bg, name, word(i))
+        gen = cgutils.create_struct_proxy(sig.return_type)(context, builder)
+        gen.bit_generator = bg._getvalue()
+        return gen._getvalue()
+    return types.npy_rng(words), codegen
 
 
 def _segments(frames: int) -> np.ndarray:

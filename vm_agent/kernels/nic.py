@@ -12,7 +12,8 @@ clean-up, request/response requests awaiting their answer) as ring arrays.
 Every event handler below is the method of the same name in workloads/nic.py for the configs
 vm_agent/compiled.py admits (no rogue DMA, no PASID queues, one device), with the same guest
 calls in the same order: the same random draws from the agent's own np.random.Generator
-(numba's Generator.random and .exponential draw the same stream as numpy's), Python's
+(numba's Generator.random and .exponential draw the same stream as numpy's; the loop reads
+it through its bit generator's pointers, ``NicArrays.rngp``, guest.rng_words), Python's
 round() as np.rint (both round half to even), the size draw as bisect_right over the same
 float64 CDF, and events ordered by (time, sequence) with sequence numbers taken in
 scheduling order; a NAPI poll or a send whose vCPU cannot start before the epoch's end
@@ -103,6 +104,7 @@ class NicArrays(NamedTuple):
     done: np.ndarray      # int64[queues, tx_ring, 4]: (gpa, iova, nbytes, t_queued)
     rr: np.ndarray        # int64[queues, rr_cap, 2]: (t_request, nbytes)
     r: np.ndarray         # int64[NR]: a poll under way
+    rngp: np.ndarray      # int64[RNG_WORDS]: the agent's Generator (guest.rng_words)
 
 
 # --- ring deques -------------------------------------------------------------------------
@@ -479,7 +481,7 @@ def tx_complete(g, d, nic, t, q, desc, gpa, iova, nbytes, t_queued):
 
 # --- the loop ------------------------------------------------------------------------------
 @njit(cache=True)
-def run(g, d, nic, rng, t_end):
+def run(g, d, nic, t_end):
     """VmAgent.run_epoch's loop: every event before ``t_end`` in (time, sequence) order.
 
     Each event, and each step of a NAPI poll (at most one DMA API call), runs only with
@@ -490,6 +492,7 @@ def run(g, d, nic, rng, t_end):
     g = kg.borrowed(g)                     # no reference counting inside the loop
     d = kg.borrowed(d)
     nic = kg.borrowed(nic)
+    rng = kg.generator_of(nic.rngp)        # the agent's Generator, not an argument (~4 us)
     ctl = g.ctl
     ev = g.ev
     r = nic.r
