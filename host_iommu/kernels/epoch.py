@@ -304,7 +304,7 @@ def _dma_run(i, j, m, addr, access, st, tr, seg, data, spk, spv, cnt, tst, outb,
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _vfio_op(i, m, st, slab, slot_of, qctl, inflight, unresponsive, pend, done, seg, data,
              spk, spv, spm, ooo, cnt, vf):
     """Operation i, an OP_VFIO_MAP or OP_VFIO_UNMAP, as HostServer._control applies it, if

@@ -74,7 +74,7 @@ def rec_home(cap, key):
     return np.int64(h & np.uint64(cap - 1))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def rec_find(rk, key):
     """The slot holding ``key``, or -1."""
     cap = rk.shape[0]
@@ -86,7 +86,7 @@ def rec_find(rk, key):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def rec_put(rk, rv, rm, rcount, key, val):
     """Set key -> val (the caller made sure there is room: at most half full after)."""
     cap = rk.shape[0]
@@ -102,7 +102,7 @@ def rec_put(rk, rv, rm, rcount, key, val):
     rcount[key >> KEY_SHIFT] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def rec_del(rk, rv, rm, rcount, s):
     """Remove the key at slot ``s``: the keys after it in its probe run move back."""
     cap = rk.shape[0]
@@ -161,7 +161,7 @@ def _read(slab, slot_of, addr):
     return np.int64(slab[slot, (addr >> 3) & 511])
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _level1(vf, d, iova, slab, slot_of):
     """The level-1 table on ``iova``'s walk: its address; 0 when an entry on the way is not
     present (nothing mapped there); -1 when a large leaf is on the way (a split: Python)."""
@@ -188,7 +188,7 @@ def _writable_table(table, slot_of, owner):
 
 
 # --- VFIO_IOMMU_MAP_DMA --------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def map_check(vf, d, vm, iova, gpa, size, slab, slot_of):
     """The pages vfio_map would pin for this map, if the kernel may make it here: the
     checks vfio_map makes (raising nothing), PageTable.map's (the host frames inside the
@@ -231,7 +231,7 @@ def map_check(vf, d, vm, iova, gpa, size, slab, slot_of):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def map_apply(vf, d, vm, iova, gpa, n, write, slab, slot_of):
     """vfio_map after map_check passed: pin, record, install the leaves as
     PageTable._install_4k_run does (R, W if writable), log each level-1 table's change of
@@ -278,7 +278,7 @@ def _log(vf, d, table, delta):
 
 
 # --- VFIO_IOMMU_UNMAP_DMA ------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def unmap_check(vf, d, iova, size, slab, slot_of):
     """The pages of the range, if the kernel may unmap it here: vfio_unmap's checks, a
     range that covers no whole 2-MiB region (so PageTable.unmap frees no table page and
@@ -317,7 +317,7 @@ def unmap_check(vf, d, iova, size, slab, slot_of):
     return size >> PAGE_SHIFT
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def unmap_apply(vf, d, vm, iova, n, slab, slot_of):
     """vfio_unmap's record, pins and table stores after unmap_check passed: every mapped
     IOVA page of the range leaves the record and unpins its GPA frame; the present level-1
@@ -390,7 +390,7 @@ def _psi_am(start, npages):
     return min(am, MAX_AGAW_PFN_WIDTH)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def flush_words(vf, d, iova, n, out):
     """The descriptors vfio_unmap submits for an unmap that freed no table page (IH set):
     domain_flush_words(did, iova, n, ats_sids, mamv, ih=True) and the wait, as uint64
