@@ -625,8 +625,6 @@ class HostServer:
                            flat.data, flat.spk, flat.spv, flat.spm, ooo, cnt, waits, retires,
                            addr, access, self._translation_state(), tst, outb, reqb, devb,
                            vf)
-            if vf.meta[vk.META_OPS]:
-                self._vfio_fold(vf)
             h._next_effect_ns = int(st[ek.ST_NEXT_EFFECT])
             h.now_ns = int(st[ek.ST_NOW])
             self._qi_stamp_max = int(st[ek.ST_STAMP_MAX])
@@ -650,6 +648,8 @@ class HostServer:
                 break
             if t is None:
                 t, kind, vms = ops["t_ns"].tolist(), ops["op"].tolist(), ops["vm"].tolist()
+            if vf.meta[vk.META_OPS] and kind[i] in (OP_VFIO_MAP, OP_VFIO_UNMAP):
+                self._vfio_fold(vf)      # vfio.py reads and writes what the kernel changed
             h.advance_to(t[i])
             k = kind[i]
             if k in (OP_DMA, OP_GUEST_WRITE):
@@ -663,6 +663,8 @@ class HostServer:
                 rec = self._vfio_rec
                 if vf.rk is not rec.keys:
                     vf = vf._replace(rk=rec.keys, rv=rec.vals)
+        if vf.meta[vk.META_OPS]:
+            self._vfio_fold(vf)
         self._fold_counts(cnt, tst)
 
     def _fold_counts(self, cnt: np.ndarray, tst: np.ndarray) -> None:
@@ -809,7 +811,9 @@ class HostServer:
         """What the kernel's VFIO operations changed outside the arrays, back into the
         Python objects: each shadow table's count of non-zero entries per table page
         (PageTable._used), its ``freed_tables`` (0 after an unmap that freed none), the
-        containers' and VMs' counts of entry writes and pins."""
+        containers' and VMs' counts of entry writes and pins. Made before Python applies a
+        VFIO operation (the only code that reads or writes these mid-epoch) and at the
+        epoch's end; the records and pins are the arrays themselves."""
         doms = self._vfio_doms
         nlog = int(vf.meta[vk.META_LOG])
         log = vf.log[:nlog]
