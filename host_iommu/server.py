@@ -175,6 +175,7 @@ class HostServer:
         self._doms_version = 0    # bumped whenever a VM's domains may change
         self._known = np.zeros(1, dtype=bool)    # _admit_compiled: VM id -> known
         self._known_ver: tuple[int, int] | None = None
+        self._kinds = np.zeros(256, dtype=np.int64)   # kept operations by kind (this epoch)
         # The VFIO containers as kernels/vfio.py's arrays (_vfio_arrays), made again when
         # the domains may have changed: the containers' records, the VMs' pins and GPA map
         # in flat buffers (each VmMemory's ``pins`` and ``hpa_of`` a view into them).
@@ -347,20 +348,19 @@ class HostServer:
         else:      # FaultLog.take_all with no record pending: it only clears PFO
             log.pfo = False
             any_faults = False
+        by_vm: dict[int, list[tuple[int, ...]]] = {}
         if any_faults:
             owned = np.isin(f["vm"], np.array(sorted(self.counters), dtype=np.int64))
             self.host_counters["host_faults"] += int((~owned).sum())
+            for v, *rec in zip(f["vm"].tolist(), f["time_ns"].tolist(), f["sid"].tolist(),
+                               f["pasid"].tolist(), f["addr"].tolist(), f["reason"].tolist(),
+                               f["stage"].tolist(), strict=True):
+                by_vm.setdefault(v, []).append(tuple(rec))    # each VM's, in record order
         reports = {}
-        for vm in sorted(self.counters):
-            faults = []
-            if any_faults:
-                m = f["vm"] == vm
-                faults = list(zip(f["time_ns"][m].tolist(), f["sid"][m].tolist(),
-                                  f["pasid"][m].tolist(), f["addr"][m].tolist(),
-                                  f["reason"][m].tolist(), f["stage"][m].tolist(),
-                                  strict=True))
-            reports[vm] = EpochReport(vm, dict(self.counters[vm]), faults,
-                                      self.unmap_waits.pop(vm, []))
+        counters, waits = self.counters, self.unmap_waits
+        for vm in sorted(counters):
+            reports[vm] = EpochReport(vm, counters[vm].copy(), by_vm.get(vm, []),
+                                      waits.pop(vm, []))
         return reports
 
     def _run(self, ops: np.ndarray, i: int, t: list[int], kind: list[int], vms: list[int]
@@ -562,11 +562,13 @@ class HostServer:
         known = self._known
         refused = np.zeros((known.size, 2), dtype=np.int64)
         keep = np.empty(ops.size, dtype=bool)
+        kinds = self._kinds
+        kinds[:] = 0
         unknown = ek.admit(m, known, _KNOWN_OP, _SID_OP, self._owner_table(), MAX_PASID,
                            OP_DMA, ACCESS_READ, ACCESS_WRITE, OP_UNMAP_RETIRE, MAX_RETIRE_RUN,
-                           refused, keep)
+                           refused, keep, kinds)
         self.host_counters["unknown_vm_ops"] += unknown
-        if keep.all():
+        if unknown == 0 and int(kinds.sum()) == ops.size:     # every one kept
             return ops, m
         for v in np.flatnonzero(refused.any(axis=1)).tolist():
             c = self.counters[v]
@@ -582,8 +584,10 @@ class HostServer:
         h = self.iommu
         n = ops.size
         t = kind = vms = None        # the Python loop's lists, made at its first operation
-        self._resolve_stores(ops, m, 0)
-        words = self._resolve_invalidations(ops, m)
+        kinds = self._kinds      # _admit_compiled's count of this epoch's kinds
+        if kinds[OP_GUEST_WRITE]:
+            self._resolve_stores(ops, m, 0)
+        words = self._resolve_invalidations(ops, m) if kinds[OP_HWPT_INV] else self._inv_words
         val = np.ascontiguousarray(ops["a1"])
         addr = np.ascontiguousarray(ops["a0"])
         access = (ops["a2"] & 0xFF).astype(np.uint8)
@@ -604,7 +608,7 @@ class HostServer:
         fl = h._no_pwc if c.fl_pwc is None else (c.fl_pwc.state, c.fl_pwc.counts)
         sl = h._no_pwc if c.sl_pwc is None else (c.sl_pwc.state, c.sl_pwc.counts)
         q, mem, flat = h.qi, h.mem, self.oracle.flat
-        vf = self._vfio_arrays(m, n)
+        vf = self._vfio_arrays(n)
         i = 0
         while True:
             st[ek.ST_NEXT_EFFECT] = h._next_effect_ns
@@ -669,43 +673,52 @@ class HostServer:
 
     def _fold_counts(self, cnt: np.ndarray, tst: np.ndarray) -> None:
         """Add the epoch kernel's per-VM counts (cnt: int64[vms, C_*]) to the VMs' counters
-        and its statistics (tst: TST_NAMES) to HostIommu.stats: only the VMs and columns with
-        a count, stale_window_max_ns as a maximum."""
-        used = cnt.any(axis=0)
-        if not used.any():
-            pass
-        elif len(self.counters) == 1:    # one VM: its row holds every count
-            vm = next(iter(self.counters))
-            self._fold_row(self.counters[vm], used, cnt[vm])
+        and its statistics (tst: TST_NAMES) to HostIommu.stats: the columns some VM used,
+        for the VMs with a count; stale_window_max_ns as a maximum."""
+        counters = self.counters
+        if len(counters) == 1:      # one VM: its row holds every count
+            vm = next(iter(counters))
+            ctr = counters[vm]
+            for c, x in enumerate(cnt[vm].tolist()):
+                if x:
+                    name = ek.CNT_NAMES[c]
+                    ctr[name] = max(ctr[name], x) if c == ek.C_WINDOW_MAX else ctr[name] + x
+            cols = []
         else:
-            for vm in np.flatnonzero(cnt[:, used].any(axis=1)).tolist():
-                self._fold_row(self.counters[vm], used, cnt[vm])
-        if tst.any():
+            cols = np.flatnonzero(cnt.any(axis=0)).tolist()
+        if cols:
+            window = ek.C_WINDOW_MAX in cols
+            if window:
+                cols.remove(ek.C_WINDOW_MAX)
+            names = [ek.CNT_NAMES[c] for c in cols]
+            vms = np.flatnonzero(cnt.any(axis=1)).tolist()
+            rows = cnt[np.ix_(vms, cols)].tolist() if cols else ()
+            for vm, row in zip(vms, rows, strict=False):
+                ctr = counters[vm]
+                for name, x in zip(names, row, strict=True):
+                    ctr[name] += x
+            if window:
+                name = ek.CNT_NAMES[ek.C_WINDOW_MAX]
+                for vm in vms:
+                    ctr = counters[vm]
+                    ctr[name] = max(ctr[name], int(cnt[vm, ek.C_WINDOW_MAX]))
+        vals = tst.tolist()
+        if any(vals):
             hs = self.iommu.stats
-            for name, x in zip(ek.TST_NAMES, tst.tolist(), strict=True):
+            for name, x in zip(ek.TST_NAMES, vals, strict=True):
                 if x:
                     setattr(hs, name, getattr(hs, name) + x)
 
-    @staticmethod
-    def _fold_row(ctr: dict[str, int], used: np.ndarray, row: np.ndarray) -> None:
-        for c, x in zip(np.flatnonzero(used).tolist(), row[used].tolist(), strict=True):
-            name = ek.CNT_NAMES[c]
-            if c == ek.C_WINDOW_MAX:
-                ctr[name] = max(ctr[name], x)
-            else:
-                ctr[name] += x
-
-    def _vfio_arrays(self, m: np.ndarray, n: int) -> vk.VfioArrays:
+    def _vfio_arrays(self, n: int) -> vk.VfioArrays:
         """The VFIO containers for the epoch kernel (kernels/vfio.py VfioArrays): META_ON
-        when there are VFIO operations in ``m`` and the kernel may apply them. Made again
-        when the domains may have changed, or when something replaced what the arrays stand
-        for (a record, a VM's pins or GPA map); else the same arrays, the record's current
-        ones in them."""
+        when there are VFIO operations among the epoch's ``n`` and the kernel may apply
+        them. Made again when the domains may have changed, or when something replaced what
+        the arrays stand for (a record, a VM's pins or GPA map); else the same arrays, the
+        record's current ones in them."""
         h = self.iommu
-        kinds = m[ek.M_OP]
-        vfio = (kinds == OP_VFIO_MAP) | (kinds == OP_VFIO_UNMAP)
+        kinds = self._kinds      # _admit_compiled's count of this epoch's kinds
         if not (EPOCH_KERNEL_VFIO and self.shadow_of_sid and vfio_map is _VFIO_MAP
-                and vfio_unmap is _VFIO_UNMAP and vfio.any()):
+                and vfio_unmap is _VFIO_UNMAP and (kinds[OP_VFIO_MAP] or kinds[OP_VFIO_UNMAP])):
             if self._vfio_none is None:
                 self._vfio_none = self._vfio_off()
             return self._vfio_none
@@ -715,7 +728,7 @@ class HostServer:
             self._vfio_sig = sig
         vf = self._vfio
         rec = self._vfio_rec
-        rec.reserve(int(np.count_nonzero(kinds == OP_VFIO_MAP)) * 64)
+        rec.reserve(int(kinds[OP_VFIO_MAP]) * 64)
         if vf.log.shape[0] < 4 * n + 64:
             vf = vf._replace(log=np.zeros((8 * n + 64, 3), dtype=np.int64))
         if vf.rk is not rec.keys or vf.owner is not h.mem.owner:

@@ -27,6 +27,11 @@ from typing import Any
 import numba
 import numpy as np
 
+try:    # numba's typeof-cache key of a value (C); private, so optional
+    from numba._dispatcher import compute_fingerprint as _compute_fingerprint
+except ImportError:   # pragma: no cover - another numba
+    _compute_fingerprint = None
+
 from host_iommu.defs import PAGE_SIZE
 from host_iommu.protocol import EpochReport
 from vm_agent.agent import GUEST_COUNTERS, VmAgent, stall_per_vcpu
@@ -132,6 +137,22 @@ def _slack(p: NicWorkload.Params) -> tuple[int, int]:
     return per_call + dma_rows, 4
 
 
+_ENTRIES: dict[tuple, tuple[Any, Any]] = {}   # (loop, fingerprints) -> entry points
+
+
+def _fingerprint(loop: Any, args: tuple) -> tuple | None:
+    """A key for the entry points of ``loop`` over ``args`` (namedtuples of arrays): numba's
+    dispatcher fingerprint of each (the class and field names, each array's dtype, number
+    of dimensions, layout and writability: what its numba type is made of); None where
+    numba has no such function or cannot fingerprint a value (then nothing is shared)."""
+    if _compute_fingerprint is None:
+        return None
+    try:
+        return (loop, *(_compute_fingerprint(x) for x in args))
+    except (TypeError, ValueError, NotImplementedError):
+        return None
+
+
 class CompiledNicAgent(VmAgent):
     """A VmAgent (same constructor, interface and results) whose epochs run compiled.
 
@@ -203,7 +224,8 @@ class CompiledNicAgent(VmAgent):
     # --- per epoch -----------------------------------------------------------------------
     def run_epoch(self, t_end_ns: int) -> np.ndarray:
         """VmAgent.run_epoch on the arrays: every event before ``t_end_ns``, then the
-        epoch's end (the DMA API's retired unmap ids); the epoch's host operations."""
+        epoch's end (the DMA API's retired unmap ids: in the loop's own call, ST_ENDED,
+        unless the log must grow for them first); the epoch's host operations."""
         if not self.compiled:
             return super().run_epoch(t_end_ns)
         self.epoch_ns = t_end_ns - self.now
@@ -212,7 +234,10 @@ class CompiledNicAgent(VmAgent):
         g, d, nic = self.g, self.d, self.nic
         while True:
             st = run(g, d, nic, t_end_ns)
+            if st == kg.ST_ENDED:
+                break
             if st == kg.ST_DONE:
+                g = self._end(end, t_end_ns)
                 break
             if st == kg.ST_ROOM:
                 g, d = self._grow(g, d)
@@ -220,6 +245,13 @@ class CompiledNicAgent(VmAgent):
             self._sync()
             kg.raise_error(g)
         self.now = t_end_ns
+        self._sync()
+        return kg.take_log(g)
+
+    def _end(self, end: Any, t_end_ns: int) -> kg.GuestArrays:
+        """The epoch's end where the loop left it to Python (no room in the log for the
+        retired ids' rows): the log grown, then dmaapi.end_epoch."""
+        g, d = self.g, self.d
         g.ctl[kg.C_NOW] = t_end_ns
         rows = dmaapi.end_epoch_rows(d)                 # rows end_epoch may append
         if g.ctl[kg.C_LOG_N] + rows > g.log.shape[0]:
@@ -227,10 +259,9 @@ class CompiledNicAgent(VmAgent):
         end(g, d, t_end_ns)
         if g.ctl[kg.C_ERR]:
             kg.raise_error(g)
-        self._sync()
-        return kg.take_log(g)
+        return g
 
-    _loop = knic.run     # the workload's compiled loop: run(g, d, nic, t_end) -> ST_*
+    _loop = staticmethod(knic.run)   # the workload's compiled loop: (g, d, nic, t_end) -> ST_*
 
     def _kernels(self) -> tuple[Any, Any]:
         """The compiled entry points of the loop and of the epoch's end for this agent's
@@ -239,14 +270,24 @@ class CompiledNicAgent(VmAgent):
         Arrays only ever grow into arrays of the same types, so the types hold. The loop
         takes the agent's Generator as ``rng_words`` in its arrays (``nic.rngp``, read
         again here, so after unpickling), not as an argument: numba casts a Generator's
-        three function pointers through ctypes on every call, ~4 us."""
+        three function pointers through ctypes on every call, ~4 us. The entry points are
+        shared by every agent whose arrays have the same numba fingerprint (numba's own
+        key for a value's type): typing them and looking the signature up costs ~300 us,
+        once per agent before, 20 ms at the start of a 64-VM run."""
         k = self.__dict__.get("_entry")
         if k is None:
             self.nic.rngp[:] = kg.rng_words(self.rng)
-            ty = [numba.typeof(x) for x in (self.g, self.d, self.nic)]
-            i64 = numba.types.int64
-            k = self._entry = (self._loop.compile((*ty, i64)),
-                               dmaapi.end_epoch.compile((ty[0], ty[1], i64)))
+            args = (self.g, self.d, self.nic)
+            key = _fingerprint(self._loop, args)
+            k = _ENTRIES.get(key) if key is not None else None
+            if k is None:
+                ty = [numba.typeof(x) for x in args]
+                i64 = numba.types.int64
+                k = (self._loop.compile((*ty, i64)),
+                     dmaapi.end_epoch.compile((ty[0], ty[1], i64)))
+                if key is not None:
+                    _ENTRIES[key] = k
+            self._entry = k
         return k
 
     def __getstate__(self) -> dict:

@@ -129,7 +129,7 @@ class CompiledNvmeAgent(compiled.CompiledNicAgent):
     ``_loop`` names the NVMe loop.
     """
 
-    _loop = knvme.run
+    _loop = staticmethod(knvme.run)
 
     def freeze(self) -> None:
         """Move the guest's state after set-up into arrays (the Python objects are left

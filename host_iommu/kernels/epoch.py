@@ -623,11 +623,12 @@ def inv_insert_all(ik, iv, im, m, idx):
 # --- admission (HostServer._admit) -------------------------------------------------------------
 @njit(cache=True)
 def admit(m, known_vm, known_op, sid_op, owner, max_pasid, op_dma, acc_read, acc_write,
-          op_retire, max_run, refused, keep):
+          op_retire, max_run, refused, keep, kinds):
     """HostServer._admit over the operation matrix: keep[i] for the operations applied;
-    refused[vm, 0/1] += the VM's malformed / foreign-device operations; returns the number
-    of operations from unknown VMs. known_vm: bool[vms] (a VM id the host has); known_op,
-    sid_op: bool[256] by kind (_KNOWN_OP, _SID_OP); owner: int64[65536] sid -> VM."""
+    refused[vm, 0/1] += the VM's malformed / foreign-device operations; kinds[k] += the
+    operations of kind k kept; returns the number of operations from unknown VMs.
+    known_vm: bool[vms] (a VM id the host has); known_op, sid_op: bool[256] by kind
+    (_KNOWN_OP, _SID_OP); owner: int64[65536] sid -> VM."""
     n = m.shape[1]
     unknown = 0
     for i in range(n):
@@ -648,6 +649,8 @@ def admit(m, known_vm, known_op, sid_op, owner, max_pasid, op_dma, acc_read, acc
         if known and foreign:
             refused[vm, 1] += 1
         keep[i] = known and not bad and not foreign
+        if keep[i]:
+            kinds[k] += 1
     return unknown
 
 

@@ -75,33 +75,44 @@ def _lookup(state, counters, did, pasid, addr, hit, hpa, perm, order, pgtt):
     hit: bool[n]; hpa: uint64[n] (translated byte address); perm, order, pgtt: uint8[n].
     Spec 6.2.3: a request hits the entry of the smallest page size that holds its page.
     """
-    sets = state.shape[1]
     clock = counters[C_CLOCK]
     n = did.shape[0]
     hits = 0
     for i in range(n):
-        if sets == 0:
-            continue
-        for o in range(PAGE_ORDERS):
-            shift = np.uint64(12 + 9 * o)
-            vpn = addr[i] >> shift
-            uo = np.uint64(o)
-            s = _set_index(did[i], pasid[i], vpn, uo, sets)
-            way = _find_way(state, s, did[i], pasid[i], vpn, uo)
-            if way >= 0:
-                hit[i] = True
-                hpa[i] = state[F_HPA, s, way] + (addr[i] & ((np.uint64(1) << shift)
-                                                            - np.uint64(1)))
-                perm[i] = state[F_PERM, s, way]
-                order[i] = o
-                pgtt[i] = state[F_PGTT, s, way]
-                # Stamping now equals stamping after the batch: stamps never change a lookup.
-                state[F_STAMP, s, way] = np.uint64(clock + i)
-                hits += 1
-                break
+        h, a, p, o, g = _lookup_one(state, did[i], pasid[i], addr[i], clock + i)
+        if h:
+            hit[i] = True
+            hpa[i] = a
+            perm[i] = p
+            order[i] = o
+            pgtt[i] = g
+            hits += 1
     counters[C_HITS] += hits
     counters[C_MISSES] += n - hits
     counters[C_CLOCK] = clock + n
+
+
+@njit(cache=True, inline="always")
+def _lookup_one(state, did, pasid, addr, stamp):
+    """One request of _lookup (the caller counts and advances the clock): (hit, translated
+    address, perm, order, pgtt), the hit line stamped ``stamp``. did, pasid, addr: uint64.
+    Stamping at once equals stamping after the batch: stamps never change a lookup."""
+    sets = state.shape[1]
+    if sets == 0:
+        return False, np.uint64(0), np.uint8(0), np.uint8(0), np.uint8(0)
+    for o in range(PAGE_ORDERS):
+        shift = np.uint64(12 + 9 * o)
+        vpn = addr >> shift
+        uo = np.uint64(o)
+        s = _set_index(did, pasid, vpn, uo, sets)
+        way = _find_way(state, s, did, pasid, vpn, uo)
+        if way >= 0:
+            state[F_STAMP, s, way] = np.uint64(stamp)
+            return (True, state[F_HPA, s, way] + (addr & ((np.uint64(1) << shift)
+                                                          - np.uint64(1))),
+                    np.uint8(state[F_PERM, s, way]), np.uint8(o),
+                    np.uint8(state[F_PGTT, s, way]))
+    return False, np.uint64(0), np.uint8(0), np.uint8(0), np.uint8(0)
 
 
 @njit(cache=True)

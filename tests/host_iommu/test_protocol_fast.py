@@ -100,7 +100,7 @@ def test_pack_is_asdicts_bytes(vm, counters, faults, waits) -> None:
     r = EpochReport(vm, counters, faults, waits)
     assert pack(r) == msgpack.packb({"type": "EpochReport", **asdict(r)})
     assert unpack(pack(r)) == r
-    s = VmSetup(vm + 1, 1 << 20, "nested", (1, 2), True, 5, (0x1000, 0x2000), (1, 3, 0x3000))
+    s = VmSetup(max(vm, 1), 1 << 20, "nested", (1, 2), True, 5, (0x1000, 0x2000), (1, 3, 0x3000))
     assert pack(s) == msgpack.packb({"type": "VmSetup", **asdict(s)})
     assert unpack(pack(s)) == s
 

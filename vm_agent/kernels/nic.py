@@ -74,7 +74,7 @@ R_ACTIVE, R_Q, R_T, R_DONE, R_STEP, R_GPA, R_NBYTES, R_T_ARRIVE, R_SEND_NBYTES =
 NR = 9
 STEP_TX, STEP_RX, STEP_REFILL, STEP_ANSWER = range(4)
 
-ST_DONE, ST_ROOM, ST_ERR = kg.ST_DONE, kg.ST_ROOM, kg.ST_ERR
+ST_DONE, ST_ROOM, ST_ERR, ST_ENDED = kg.ST_DONE, kg.ST_ROOM, kg.ST_ERR, kg.ST_ENDED
 ST_SEND = 3          # napi_steps: send the answer in r[R_SEND_NBYTES], then go on
 
 # The driver's per-call functions inlined into this loop (numba IR inlining of the same
@@ -87,6 +87,7 @@ _dma_map = njit(inline="always")(getattr(dmaapi.dma_map, "py_func", dmaapi.dma_m
 _dma_unmap = njit(inline="always")(getattr(dmaapi.dma_unmap, "py_func", dmaapi.dma_unmap))
 _room_ok = njit(inline="always")(getattr(dmaapi.room_ok, "py_func", dmaapi.room_ok))
 _unmap_tag = njit(inline="always")(getattr(dmaapi.unmap_tag, "py_func", dmaapi.unmap_tag))
+_end_epoch = njit(inline="always")(getattr(dmaapi.end_epoch, "py_func", dmaapi.end_epoch))
 
 
 class NicArrays(NamedTuple):
@@ -480,6 +481,18 @@ def tx_complete(g, d, nic, t, q, desc, gpa, iova, nbytes, t_queued):
 
 
 # --- the loop ------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def end_here(g, d, t_end):
+    """What the caller does after ST_DONE, in the loop's own call (one compiled call an
+    epoch instead of two): the time at ``t_end``, then dmaapi.end_epoch when the log has
+    its rows free (ST_ENDED); else ST_DONE, and the caller makes room and ends the epoch."""
+    g.ctl[kg.C_NOW] = t_end
+    if g.ctl[kg.C_LOG_N] + d.ctl[dmaapi.D_RETIRED_N] > g.log.shape[0]:
+        return ST_DONE
+    _end_epoch(g, d, t_end)
+    return ST_ENDED
+
+
 @njit(cache=True)
 def run(g, d, nic, t_end):
     """VmAgent.run_epoch's loop: every event before ``t_end`` in (time, sequence) order.
@@ -487,8 +500,8 @@ def run(g, d, nic, t_end):
     Each event, and each step of a NAPI poll (at most one DMA API call), runs only with
     room for it (``room_call``); else ST_ROOM, nothing of it done: the caller grows the
     arrays (guest.grown, dmaapi.grown) and calls again, which goes on where this stopped.
-    ST_ERR if an event raised (ctl[C_ERR]). ST_DONE once the next event is at ``t_end`` or
-    later (the caller then ends the epoch)."""
+    ST_ERR if an event raised (ctl[C_ERR]). Once the next event is at ``t_end`` or later,
+    ``end_here``: ST_ENDED (the epoch ended), or ST_DONE (the caller ends it)."""
     g = kg.borrowed(g)                     # no reference counting inside the loop
     d = kg.borrowed(d)
     nic = kg.borrowed(nic)
@@ -546,7 +559,7 @@ def run(g, d, nic, t_end):
                 r[R_T] = t1
         if ctl[kg.C_ERR]:
             return ST_ERR
-    return ST_DONE
+    return end_here(g, d, t_end)
 
 
 def _stamp_with(dispatcher, *modules) -> None:

@@ -84,7 +84,7 @@ R_STEP, R_Q, R_T, R_T_START, R_SLOT, R_K, R_FREE_N = range(7)
 NR = 7
 STEP_NONE, STEP_SUBMIT, STEP_PRP = range(3)
 
-ST_DONE, ST_ROOM, ST_ERR = kg.ST_DONE, kg.ST_ROOM, kg.ST_ERR
+ST_DONE, ST_ROOM, ST_ERR, ST_ENDED = kg.ST_DONE, kg.ST_ROOM, kg.ST_ERR, kg.ST_ENDED
 HOT = kg.H_A0 + 2    # heap columns an NVMe event uses: t, seq, kind, a0, a1
 E_SLOTS = -2         # C_ERR_ARG with E_DMA: no free command slot (never expected)
 
@@ -538,8 +538,8 @@ def run(g, d, nv, t_end):
     Each event, and each step of a submission (at most one DMA API call), runs only with
     room for it; else ST_ROOM, nothing of it done: the caller grows the arrays
     (guest.grown, dmaapi.grown) and calls again, which goes on where this stopped. ST_ERR
-    if an event raised (ctl[C_ERR]). ST_DONE once the next event is at ``t_end`` or later
-    (the caller then ends the epoch)."""
+    if an event raised (ctl[C_ERR]). Once the next event is at ``t_end`` or later,
+    nic.end_here: ST_ENDED (the epoch ended), or ST_DONE (the caller ends it)."""
     g = kg.borrowed(g)                     # no reference counting inside the loop
     d = kg.borrowed(d)
     nv = kg.borrowed(nv)
@@ -584,7 +584,7 @@ def run(g, d, nv, t_end):
             ctl[kg.C_ERR_ARG] = kind
         if ctl[kg.C_ERR]:
             return ST_ERR
-    return ST_DONE
+    return knic.end_here(g, d, t_end)
 
 
 knic._stamp_with(run, dmaapi, kg, knic, dmaapi.kfq, dmaapi.kiova, dmaapi.kpg)
