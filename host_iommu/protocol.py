@@ -138,8 +138,11 @@ def pack_ops(ops: np.ndarray) -> bytes:
     return msgpack.packb({"dtype": "OP_DTYPE/1", "n": int(ops.size), "data": ops.tobytes()})
 
 
+_FRAME_TYPES = (bytes, bytearray, memoryview)   # a tuple: ``bytes | ...`` is built per call
+
+
 def _unpackb(frame: object) -> Any:
-    if not isinstance(frame, bytes | bytearray | memoryview):
+    if not isinstance(frame, _FRAME_TYPES):
         raise ProtocolError(f"a frame is bytes, not {type(frame).__name__}")
     try:
         return msgpack.unpackb(frame)

@@ -662,9 +662,10 @@ class InvalidationQueue:
     def forget_until(self, t_ns: int) -> None:
         """The caller will ask about no time before ``t_ns`` again (HostServer: the start of
         the epoch it applies): drop the effect times <= t_ns, which hold no slot then."""
-        ctl = self.ctl
-        lo, hi = int(ctl[qk.Q_LO]), int(ctl[qk.Q_HI])
-        ctl[qk.Q_LO] = lo + int(np.searchsorted(self.inflight[lo:hi], int(t_ns), "right"))
+        qk._forget_until(self.ctl, self.inflight, int(t_ns))
+        # The next lines are equivalent and left for reference:
+        #     lo, hi = int(ctl[qk.Q_LO]), int(ctl[qk.Q_HI])
+        #     ctl[qk.Q_LO] = lo + int(np.searchsorted(self.inflight[lo:hi], t_ns, "right"))
 
     def room_at(self, t_ns: int, n: int) -> int:
         """Earliest time >= t_ns at which ``n`` descriptors fit (software spins until then).

@@ -406,17 +406,13 @@ class HostServer:
         """The operations as kernels/epoch.py's int64[M_ROWS, n] (M_*), resolved columns
         unset (-1)."""
         m = np.empty((ek.M_ROWS, ops.size), dtype=np.int64)
-        m[ek.M_T] = ops["t_ns"]
-        m[ek.M_VM] = ops["vm"]
-        m[ek.M_OP] = ops["op"]
-        m[ek.M_SID] = ops["sid"]
-        m[ek.M_PASID] = ops["pasid"]
-        m[ek.M_A0] = ops["a0"].astype(np.int64)
-        m[ek.M_A1] = ops["a1"].astype(np.int64)
-        m[ek.M_A2] = ops["a2"]
-        m[ek.M_A3] = ops["a3"]
-        m[ek.M_RES] = -1
-        m[ek.M_NDESC] = 0
+        if ops.size:      # one compiled pass over the rows (C-contiguous: one signature)
+            ek.op_matrix(ops if ops.flags.c_contiguous else np.ascontiguousarray(ops), m)
+        # The next lines are equivalent and left for reference:
+        #     m[ek.M_T], m[ek.M_VM], m[ek.M_OP] = ops["t_ns"], ops["vm"], ops["op"]
+        #     m[ek.M_SID], m[ek.M_PASID] = ops["sid"], ops["pasid"]
+        #     m[ek.M_A0], m[ek.M_A1] = ops["a0"].astype(np.int64), ops["a1"].astype(np.int64)
+        #     m[ek.M_A2], m[ek.M_A3], m[ek.M_RES], m[ek.M_NDESC] = ops["a2"], ops["a3"], -1, 0
         return m
 
     def _resolve_stores(self, ops: np.ndarray, m: np.ndarray, start: int) -> None:
@@ -588,9 +584,9 @@ class HostServer:
         if kinds[OP_GUEST_WRITE]:
             self._resolve_stores(ops, m, 0)
         words = self._resolve_invalidations(ops, m) if kinds[OP_HWPT_INV] else self._inv_words
-        val = np.ascontiguousarray(ops["a1"])
-        addr = np.ascontiguousarray(ops["a0"])
-        access = (ops["a2"] & 0xFF).astype(np.uint8)
+        val = m[ek.M_A1].view(np.uint64)       # ops["a1"], ops["a0"]: the matrix's bits
+        addr = m[ek.M_A0].view(np.uint64)
+        access = (m[ek.M_A2] & 0xFF).astype(np.uint8)
         outb = np.zeros(n, dtype=RESULT_DTYPE)
         reqb = np.zeros((n, 6), dtype=np.int64)
         devb = np.zeros(n, dtype=bool)
@@ -600,7 +596,7 @@ class HostServer:
             h.caches.pasidc, "vals")
         st[ek.ST_HIT_NS], st[ek.ST_REF_NS] = self.costs.iotlb_hit_ns, self.costs.mem_ref_ns
         st[ek.ST_FETCH] = EPOCH_KERNEL_FETCH and h.sm.mem is h.mem
-        cnt = np.zeros((max(self.counters) + 1, ek.CNT_FIELDS), dtype=np.int64)
+        cnt = np.zeros((self._known.size, ek.CNT_FIELDS), dtype=np.int64)   # VM id -> row
         waits = np.zeros((n, 4), dtype=np.int64)
         retires = np.zeros((n, 3), dtype=np.int64)
         ooo = np.zeros((0, 2), dtype=np.int64)

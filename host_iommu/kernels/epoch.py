@@ -620,6 +620,26 @@ def inv_insert_all(ik, iv, im, m, idx):
     return idx.shape[0]
 
 
+# --- the operation matrix (HostServer._op_matrix) ---------------------------------------------
+@njit(cache=True)
+def op_matrix(ops, m):
+    """m[:, i] of each OP_DTYPE row: its fields (a0, a1 as their bits: numpy's astype),
+    the resolved columns unset (M_RES -1, M_NDESC 0)."""
+    for i in range(ops.shape[0]):
+        r = ops[i]
+        m[M_T, i] = r.t_ns
+        m[M_VM, i] = r.vm
+        m[M_OP, i] = r.op
+        m[M_SID, i] = r.sid
+        m[M_PASID, i] = r.pasid
+        m[M_A0, i] = np.int64(r.a0)
+        m[M_A1, i] = np.int64(r.a1)
+        m[M_A2, i] = r.a2
+        m[M_A3, i] = r.a3
+        m[M_RES, i] = -1
+        m[M_NDESC, i] = 0
+
+
 # --- admission (HostServer._admit) -------------------------------------------------------------
 @njit(cache=True)
 def admit(m, known_vm, known_op, sid_op, owner, max_pasid, op_dma, acc_read, acc_write,

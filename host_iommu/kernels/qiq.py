@@ -196,6 +196,21 @@ def decode_batch(words, mamv, out, err):
 
 
 @njit(cache=True)
+def _forget_until(ctl, inflight, t_ns):
+    """InvalidationQueue.forget_until: Q_LO moves past the effect times <= t_ns, by numpy's
+    ``searchsorted(inflight[lo:hi], t_ns, "right")`` bisection, step for step."""
+    lo = ctl[Q_LO]
+    a, b = 0, ctl[Q_HI] - lo
+    while a < b:
+        mid = a + ((b - a) >> 1)
+        if t_ns < inflight[lo + mid]:
+            b = mid
+        else:
+            a = mid + 1
+    ctl[Q_LO] = lo + a
+
+
+@njit(cache=True)
 def _room_at(ctl, inflight, t_ns, n):
     """Earliest time >= t_ns at which ``n`` descriptors fit (qi.InvalidationQueue.room_at);
     -1 when they never can."""

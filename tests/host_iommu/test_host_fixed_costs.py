@@ -179,3 +179,44 @@ def test_world_epochs_equal_both_ways(world, monkeypatch):
     (r_off, s_off), (r_on, s_on) = states
     assert r_off == r_on
     assert_same(s_off, s_on, world)
+
+
+@settings(max_examples=200, deadline=None)
+@given(times=st.lists(st.integers(-5, 60), max_size=30), lo=st.integers(0, 30),
+       hi=st.integers(0, 30), t=st.integers(-10, 70), ordered=st.booleans())
+def test_forget_until_equals_numpy(times, lo, hi, t, ordered):
+    """qiq._forget_until moves Q_LO as numpy's searchsorted(inflight[lo:hi], t, "right")
+    does (the reference InvalidationQueue.forget_until had), sorted or not."""
+    from host_iommu.kernels import qiq as qk
+
+    inflight = np.array(sorted(times) if ordered else times, dtype=np.int64)
+    hi = min(hi, inflight.size)
+    lo = min(lo, hi)
+    ctl = np.zeros(qk.Q_HI + 1, dtype=np.int64)
+    ctl[qk.Q_LO], ctl[qk.Q_HI] = lo, hi
+    qk._forget_until(ctl, inflight, t)
+    assert ctl[qk.Q_LO] == lo + int(np.searchsorted(inflight[lo:hi], t, "right"))
+    assert ctl[qk.Q_HI] == hi
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(-(1 << 63), (1 << 63) - 1),
+                               st.integers(-(1 << 31), (1 << 31) - 1), st.integers(0, 255),
+                               st.integers(0, 0xFFFF), st.integers(0, (1 << 32) - 1),
+                               st.integers(0, M64), st.integers(0, M64),
+                               st.integers(-(1 << 63), (1 << 63) - 1)), max_size=20),
+       strided=st.booleans())
+def test_op_matrix_equals_numpy(rows, strided):
+    """The compiled operation matrix equals the numpy columns (a0, a1 as int64 bits), for
+    contiguous and strided batches."""
+    ops = np.zeros(2 * len(rows), dtype=OP_DTYPE)
+    for i, (t, vm, k, sid, pasid, a0, a1, a) in enumerate(rows):
+        ops[2 * i] = (t, vm, i, k, sid, pasid, a0, a1, a, ~a)
+    ops = ops[::2] if strided else ops[:len(rows)]
+    m = server.HostServer._op_matrix(None, ops)
+    want = np.stack([ops["t_ns"], ops["vm"].astype(np.int64), ops["op"].astype(np.int64),
+                     ops["sid"].astype(np.int64), ops["pasid"].astype(np.int64),
+                     ops["a0"].astype(np.int64), ops["a1"].astype(np.int64), ops["a2"],
+                     ops["a3"], np.full(len(rows), -1), np.zeros(len(rows), np.int64)])
+    assert m.shape == (ek.M_ROWS, len(rows))
+    assert np.array_equal(m, want.reshape(ek.M_ROWS, len(rows)))
