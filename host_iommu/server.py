@@ -43,6 +43,7 @@ from host_iommu.defs import (
 from host_iommu.fault import FaultLog
 from host_iommu.iommu import HostIommu, IommuParams
 from host_iommu.kernels import epoch as ek
+from host_iommu.kernels import vfio as vk
 from host_iommu.memory import HostMemoryError
 from host_iommu.nested import (
     IommufdError,
@@ -55,6 +56,7 @@ from host_iommu.nested import (
     sl_unmap,
 )
 from host_iommu.oracle import ArrayOracle
+from host_iommu.pgtable import HostTableStore, PageTable
 from host_iommu.protocol import (
     DMA_ROGUE,
     MAX_RETIRE_RUN,
@@ -76,7 +78,15 @@ from host_iommu.protocol import (
     check_setup,
 )
 from host_iommu.qi import QI_DID_MASK, QI_PASID_MASK, WAIT_WORDS
-from host_iommu.vfio import ShadowDomain, VfioError, vfio_attach, vfio_map, vfio_unmap
+from host_iommu.vfio import (
+    DomainRecord,
+    ShadowDomain,
+    VfioError,
+    VfioRecord,
+    vfio_attach,
+    vfio_map,
+    vfio_unmap,
+)
 from host_iommu.walk import NO_PWC
 
 # What became of each rogue DMA (DMA_ROGUE: aimed at the device's last unmapped IOVA), one
@@ -108,6 +118,9 @@ EPOCH_KERNEL = (os.environ.get("IOMMU_EMU_HOST_KERNEL", "1") != "0"
 # (then a run with a miss goes to HostIommu.translate's Python context stage).
 EPOCH_KERNEL_DMA = True
 EPOCH_KERNEL_FETCH = True
+# ... and applies VFIO maps and unmaps of shadow containers itself (kernels/vfio.py) unless
+# this is False (then each goes to _control: vfio.vfio_map / vfio_unmap).
+EPOCH_KERNEL_VFIO = True
 # ... and encodes the first sight of a one-entry HWPT invalidation itself where
 # nested.one_entry_words would encode it directly (kernels/epoch.py inv_encode) unless False.
 EPOCH_INV_ENCODE = True
@@ -163,6 +176,14 @@ class HostServer:
         self._known = np.zeros(1, dtype=bool)    # _admit_compiled: VM id -> known
         self._known_ver: tuple[int, int] | None = None
         self._kinds = np.zeros(256, dtype=np.int64)   # kept operations by kind (this epoch)
+        # The VFIO containers as kernels/vfio.py's arrays (_vfio_arrays), made again when
+        # the domains may have changed: the containers' records, the VMs' pins and GPA map
+        # in flat buffers (each VmMemory's ``pins`` and ``hpa_of`` a view into them).
+        self._vfio_rec = VfioRecord()
+        self._vfio: vk.VfioArrays | None = None
+        self._vfio_none: vk.VfioArrays | None = None
+        self._vfio_doms: list[ShadowDomain] = []
+        self._vfio_sig: tuple[int, int, int] | None = None
 
     # --- set-up ---------------------------------------------------------------------------
     def setup_vm(self, s: VmSetup) -> None:
@@ -583,6 +604,7 @@ class HostServer:
         fl = h._no_pwc if c.fl_pwc is None else (c.fl_pwc.state, c.fl_pwc.counts)
         sl = h._no_pwc if c.sl_pwc is None else (c.sl_pwc.state, c.sl_pwc.counts)
         q, mem, flat = h.qi, h.mem, self.oracle.flat
+        vf = self._vfio_arrays(n)
         i = 0
         while True:
             st[ek.ST_NEXT_EFFECT] = h._next_effect_ns
@@ -601,7 +623,8 @@ class HostServer:
                            q._unresponsive, h._effects, q._done, c.iotlb.state, c.iotlb.counts,
                            fl[0], fl[1], sl[0], sl[1], c.dtlb.state, c.dtlb.counts, flat.seg,
                            flat.data, flat.spk, flat.spv, flat.spm, ooo, cnt, waits, retires,
-                           addr, access, self._translation_state(), tst, outb, reqb, devb)
+                           addr, access, self._translation_state(), tst, outb, reqb, devb,
+                           vf)
             h._next_effect_ns = int(st[ek.ST_NEXT_EFFECT])
             h.now_ns = int(st[ek.ST_NOW])
             self._qi_stamp_max = int(st[ek.ST_STAMP_MAX])
@@ -625,6 +648,8 @@ class HostServer:
                 break
             if t is None:
                 t, kind, vms = ops["t_ns"].tolist(), ops["op"].tolist(), ops["vm"].tolist()
+            if vf.meta[vk.META_OPS] and kind[i] in (OP_VFIO_MAP, OP_VFIO_UNMAP):
+                self._vfio_fold(vf)      # vfio.py reads and writes what the kernel changed
             h.advance_to(t[i])
             k = kind[i]
             if k in (OP_DMA, OP_GUEST_WRITE):
@@ -634,6 +659,12 @@ class HostServer:
             i += 1
             if k in (OP_SL_UNMAP, OP_SL_MAP):   # a memory map changed
                 self._resolve_stores(ops, m, i)
+            elif k == OP_VFIO_MAP and vf.meta[vk.META_ON]:   # the record may have grown
+                rec = self._vfio_rec
+                if vf.rk is not rec.keys:
+                    vf = vf._replace(rk=rec.keys, rv=rec.vals)
+        if vf.meta[vk.META_OPS]:
+            self._vfio_fold(vf)
         self._fold_counts(cnt, tst)
 
     def _fold_counts(self, cnt: np.ndarray, tst: np.ndarray) -> None:
@@ -673,6 +704,150 @@ class HostServer:
             for name, x in zip(ek.TST_NAMES, vals, strict=True):
                 if x:
                     setattr(hs, name, getattr(hs, name) + x)
+
+    def _vfio_arrays(self, n: int) -> vk.VfioArrays:
+        """The VFIO containers for the epoch kernel (kernels/vfio.py VfioArrays): META_ON
+        when there are VFIO operations among the epoch's ``n`` and the kernel may apply
+        them. Made again when the domains may have changed, or when something replaced what
+        the arrays stand for (a record, a VM's pins or GPA map); else the same arrays, the
+        record's current ones in them."""
+        h = self.iommu
+        kinds = self._kinds      # _admit_compiled's count of this epoch's kinds
+        if not (EPOCH_KERNEL_VFIO and self.shadow_of_sid and vfio_map is _VFIO_MAP
+                and vfio_unmap is _VFIO_UNMAP and (kinds[OP_VFIO_MAP] or kinds[OP_VFIO_UNMAP])):
+            if self._vfio_none is None:
+                self._vfio_none = self._vfio_off()
+            return self._vfio_none
+        sig = (self._doms_version, len(h.vms), len(h.ats_sids))
+        if sig != self._vfio_sig or not self._vfio_intact():
+            self._vfio_build()
+            self._vfio_sig = sig
+        vf = self._vfio
+        rec = self._vfio_rec
+        rec.reserve(int(kinds[OP_VFIO_MAP]) * 64)
+        if vf.log.shape[0] < 4 * n + 64:
+            vf = vf._replace(log=np.zeros((8 * n + 64, 3), dtype=np.int64))
+        if vf.rk is not rec.keys or vf.owner is not h.mem.owner:
+            vf = vf._replace(rk=rec.keys, rv=rec.vals, owner=h.mem.owner)
+        self._vfio = vf
+        return vf
+
+    def _vfio_off(self) -> vk.VfioArrays:
+        """VfioArrays that leave every VFIO operation to _control (META_ON 0)."""
+        def e() -> np.ndarray:
+            return np.zeros(1, dtype=np.int64)
+
+        return vk.VfioArrays(np.full(1, -1, dtype=np.int64),
+                             np.zeros((1, vk.D_FIELDS), np.int64), e(), e(), e(), e(),
+                             np.zeros(1, dtype=np.int32), e(),
+                             np.zeros((1, vk.V_FIELDS), np.int64), np.zeros((1, 3), np.int64),
+                             np.zeros(vk.META_FIELDS, np.int64),
+                             np.zeros(1, dtype=self.iommu.mem.owner.dtype))
+
+    def _vfio_intact(self) -> bool:
+        """Whether every container's record and every VM's pins and GPA map are still the
+        ones the arrays hold."""
+        vf, rec = self._vfio, self._vfio_rec
+        for dom in self._vfio_doms:
+            r = dom.gpa_of_iova
+            if type(r) is not DomainRecord or r.rec is not rec or r.did != dom.did:
+                return False
+        for v in self.iommu.vms.values():
+            if v.pins.base is not vf.pins or v.hpa_of.base is not vf.hpa:
+                return False
+        return True
+
+    def _vfio_build(self) -> None:
+        """Make the VFIO arrays: each VM's pins and GPA map moved into flat buffers (its
+        VmMemory keeps views), each plain-dict record moved into the VfioRecord, one row
+        per container the kernel may use (a 4-KiB-only second-level shadow table in host
+        memory, its record ours, at most one ATS device); the others' sids stay -1."""
+        h = self.iommu
+        vms = h.vms
+        top = max(vms, default=0) + 1
+        vmrow = np.zeros((top, vk.V_FIELDS), dtype=np.int64)
+        vmrow[:, vk.V_OFF] = -1
+        total = sum(v.gpa_frames for v in vms.values())
+        pins = np.zeros(total, dtype=np.int32)
+        hpa = np.zeros(total, dtype=np.int64)
+        off = 0
+        for vm in sorted(vms):
+            v = vms[vm]
+            k = v.gpa_frames
+            pins[off:off + k] = v.pins
+            hpa[off:off + k] = v.hpa_of
+            v.pins, v.hpa_of = pins[off:off + k], hpa[off:off + k]
+            vmrow[vm, vk.V_OFF], vmrow[vm, vk.V_FRAMES] = off, k
+            off += k
+        rec = self._vfio_rec
+        doms: list[ShadowDomain] = []
+        rows = []
+        sid_dom = np.full(1 << 16, -1, dtype=np.int64)
+        for dom in {id(x): x for x in self.shadow_of_sid.values()}.values():
+            if type(dom.gpa_of_iova) is dict:
+                items = dom.gpa_of_iova
+                dom.gpa_of_iova = DomainRecord(rec, dom.did)
+                rec.reserve(len(items))
+                dom.gpa_of_iova.update(items)
+            t = dom.table
+            ats = [sid for sid in dom.sids if sid in h.ats_sids]
+            r = dom.gpa_of_iova
+            ok = (type(r) is DomainRecord and r.rec is rec and r.did == dom.did
+                  and type(t) is PageTable and t.fmt == "sl" and t.max_order == 0 and t._live
+                  and not t._kernel and not t._l1_on and type(t.store) is HostTableStore
+                  and t.store.mem is h.mem and not t.store.freed and dom.vm in vms
+                  and len(ats) <= 1)
+            if not ok:
+                continue
+            row = len(doms)
+            doms.append(dom)
+            rows.append((dom.vm, dom.did, t.root, t.levels, t.limit, t.haw,
+                         ats[0] if ats else -1, 0, 0, 0))
+            for sid in dom.sids:
+                if self.shadow_of_sid.get(sid) is dom:
+                    sid_dom[sid] = row
+        dom_arr = np.array(rows, dtype=np.int64).reshape(len(rows), vk.D_FIELDS)
+        meta = np.zeros(vk.META_FIELDS, dtype=np.int64)
+        meta[vk.META_ON] = 1
+        meta[vk.META_MAMV] = -1 if h.p.mamv is None else h.p.mamv
+        meta[vk.META_WAIT0], meta[vk.META_WAIT1] = WAIT_WORDS[0], WAIT_WORDS[1]
+        self._vfio_doms = doms
+        self._vfio = vk.VfioArrays(sid_dom, dom_arr, rec.keys, rec.vals, rec.held, rec.count,
+                                   pins, hpa, vmrow, np.zeros((64, 3), dtype=np.int64), meta,
+                                   h.mem.owner)
+
+    def _vfio_fold(self, vf: vk.VfioArrays) -> None:
+        """What the kernel's VFIO operations changed outside the arrays, back into the
+        Python objects: each shadow table's count of non-zero entries per table page
+        (PageTable._used), its ``freed_tables`` (0 after an unmap that freed none), the
+        containers' and VMs' counts of entry writes and pins. Made before Python applies a
+        VFIO operation (the only code that reads or writes these mid-epoch) and at the
+        epoch's end; the records and pins are the arrays themselves."""
+        doms = self._vfio_doms
+        nlog = int(vf.meta[vk.META_LOG])
+        log = vf.log[:nlog]
+        if nlog > _FOLD_SUM_MIN:   # many VMs' operations interleaved: a sum per (dom, table)
+            key = (log[:, 0] << 40) | (log[:, 1] >> PAGE_SHIFT)
+            uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+            sums = np.zeros(uniq.size, dtype=np.int64)
+            np.add.at(sums, inv, log[:, 2])
+            log = np.column_stack((log[first, 0], log[first, 1], sums))
+        for d, table, delta in log.tolist():
+            doms[d].table._used[table] += delta
+        dom = vf.dom
+        for d in np.flatnonzero(dom[:, vk.D_PTE_WRITES] | dom[:, vk.D_PINNED]
+                                | dom[:, vk.D_UNMAPS]).tolist():
+            sd = doms[d]
+            sd.pte_writes += int(dom[d, vk.D_PTE_WRITES])
+            sd.pinned_pages += int(dom[d, vk.D_PINNED])
+            if dom[d, vk.D_UNMAPS]:
+                sd.table.freed_tables = 0
+        dom[:, vk.D_PTE_WRITES:] = 0
+        pinned = vf.vmrow[:, vk.V_PINNED]
+        for v in np.flatnonzero(pinned).tolist():
+            self.counters[v]["pinned_pages"] += int(pinned[v])
+        pinned[:] = 0
+        vf.meta[vk.META_LOG] = vf.meta[vk.META_OPS] = 0
 
     def _translation_state(self) -> tuple:
         """HostIommu.translate's arguments to the context stage and the translate kernel
@@ -905,6 +1080,9 @@ _IOMMU_HOOKS = {name: getattr(HostIommu, name) for name in (
 _SERVER_HOOKS = {name: getattr(HostServer, name) for name in (
     "_dma", "_reached", "_tally_each", "_tally_columns", "_tally", "_control", "_admit")}
 _HWPT_ONE = hwpt_invalidate_one
+_VFIO_MAP, _VFIO_UNMAP = vfio_map, vfio_unmap
+# _vfio_fold sums a longer log by (container, table page) before it adds to PageTable._used
+_FOLD_SUM_MIN = 32
 
 
 _HOOK_GET = {id(hooks): (operator.attrgetter(*hooks), tuple(hooks.values()))
@@ -950,3 +1128,32 @@ def warm_up_epoch() -> None:
     mem = hs.iommu.vms[1]        # a many-VM host's stores, by VM (HostServer._resolve_stores)
     ek.store_frames(hs._op_matrix(ops), np.flatnonzero(ops["op"] == OP_GUEST_WRITE),
                     mem.hpa_of, mem.gpa_frames)
+    warm_up_vfio()
+
+
+def warm_up_vfio() -> None:
+    """Compile (or load) the epoch kernel's VFIO path (kernels/vfio.py): a tiny shadow host
+    applies maps and unmaps in the kernel and in Python (a table to allocate, one to free),
+    and a container's record grows, is read, iterated and emptied. Results are discarded."""
+    hs = HostServer(IommuParams(memory_mib=16, qi_entries=128, iotlb_entries=64,
+                                iotlb_ways=4))
+    sid = 0x100
+    hs.setup_vm(VmSetup(1, 2 << 20, "shadow", (sid,), True))
+    for e in range(2):
+        t = 1000 + 100_000 * e
+        rows = ((OP_VFIO_MAP, 0x40_0000, 0x1000, 2 << PAGE_SHIFT, 1),
+                (OP_DMA, 0x40_0000, 64, ACCESS_READ, -1),
+                (OP_VFIO_UNMAP, 0x40_0000, 2 << PAGE_SHIFT, 0, e),
+                (OP_UNMAP_RET, e, t + 3, 0, 0),
+                (OP_VFIO_MAP, 0x40_0000, 0x3000, 1 << PAGE_SHIFT, 0),
+                (OP_VFIO_UNMAP, 0x40_0000, 2 << 20, 0, -1))
+        ops = np.zeros(len(rows), dtype=OP_DTYPE)
+        for i, (k, a0, a1, a2, a3) in enumerate(rows):
+            ops[i] = (t + i, 1, 7 * e + i, k, sid, 0, a0, a1, a2, a3)
+        hs.apply_epoch(ops, t)
+    rec = DomainRecord(VfioRecord(8), 1)
+    for p in range(16):
+        rec[p] = p
+    _ = (3 in rec, rec[3], list(rec), repr(rec))
+    for p in range(16):
+        del rec[p]

@@ -5,22 +5,109 @@ vfio_iommu_map_notify -> VFIO_IOMMU_MAP_DMA / VFIO_IOMMU_UNMAP_DMA) and what the
 it (drivers/vfio/vfio_iommu_type1.c: pin the pages, iommu_map into the container's domain;
 unmap, flush the IOTLB, unpin). The shadow domain is a second-level-only (PGTT=2) translation
 whose table maps GIOVA straight to HPA.
+
+A container's record of what is mapped (``ShadowDomain.gpa_of_iova``) is a dict, or, once a
+HostServer runs its epochs on the compiled kernel, a ``DomainRecord``: the same mapping kept
+in the server's ``VfioRecord`` arrays, which host_iommu/kernels/vfio.py updates in place when
+the epoch kernel applies a map or an unmap itself. These functions read and write either
+through the mapping interface alone, so they stay the reference for both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from host_iommu import qi
 from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE, PGTT_SL_ONLY
 from host_iommu.invalidate import domain_flush_descs
 from host_iommu.iommu import HostIommu
+from host_iommu.kernels import vfio as vk
 from host_iommu.pasid import PasidEntry
 from host_iommu.pgtable import HostTableStore, PageTable
 
 
 class VfioError(Exception):
     """A VFIO request the host refuses (the ioctl's -EINVAL/-EFAULT/-EEXIST), named."""
+
+
+class VfioRecord:
+    """Every container's record of one host in arrays (kernels/vfio.py: keys
+    ``did << 46 | IOVA page``, open addressing, at most half full; GPA frames)."""
+
+    def __init__(self, cap: int = 1 << 12) -> None:
+        self.keys = np.full(cap, vk.EMPTY, dtype=np.int64)
+        self.vals = np.zeros(cap, dtype=np.int64)
+        self.held = np.zeros(1, dtype=np.int64)
+        self.count = np.zeros(1 << 16, dtype=np.int64)   # per DID
+
+    def reserve(self, extra: int) -> None:
+        """Grow (rehash) until ``extra`` more keys keep the table at most half full."""
+        cap = self.keys.size
+        while 2 * (int(self.held[0]) + extra) > cap:
+            cap *= 2
+        if cap != self.keys.size:
+            keys = np.full(cap, vk.EMPTY, dtype=np.int64)
+            vals = np.zeros(cap, dtype=np.int64)
+            vk.rec_rehash(self.keys, self.vals, keys, vals, self.held, self.count)
+            self.keys, self.vals = keys, vals
+
+
+class DomainRecord(MutableMapping):
+    """One container's ``gpa_of_iova`` (IOVA page -> GPA frame) kept in a VfioRecord."""
+
+    def __init__(self, rec: VfioRecord, did: int) -> None:
+        self.rec = rec
+        self.did = did
+
+    def _key(self, page: int) -> int:
+        if not isinstance(page, int) or not 0 <= page < 1 << vk.KEY_SHIFT:
+            raise KeyError(page)
+        return (self.did << vk.KEY_SHIFT) | page
+
+    def __getitem__(self, page: int) -> int:
+        s = vk.rec_find(self.rec.keys, self._key(page))
+        if s < 0:
+            raise KeyError(page)
+        return int(self.rec.vals[s])
+
+    def __contains__(self, page: object) -> bool:
+        try:
+            key = self._key(page)   # type: ignore[arg-type]
+        except KeyError:
+            return False
+        return vk.rec_find(self.rec.keys, key) >= 0
+
+    def __setitem__(self, page: int, gframe: int) -> None:
+        key = self._key(page)
+        r = self.rec
+        r.reserve(1)
+        vk.rec_put(r.keys, r.vals, r.held, r.count, key, int(gframe))
+
+    def __delitem__(self, page: int) -> None:
+        r = self.rec
+        s = vk.rec_find(r.keys, self._key(page))
+        if s < 0:
+            raise KeyError(page)
+        vk.rec_del(r.keys, r.vals, r.held, r.count, s)
+
+    def _pairs(self) -> tuple[list[int], list[int]]:
+        n = len(self)
+        p, g = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        vk.rec_pages(self.rec.keys, self.rec.vals, self.did, p, g)
+        order = np.argsort(p, kind="stable")
+        return p[order].tolist(), g[order].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._pairs()[0])
+
+    def __len__(self) -> int:
+        return int(self.rec.count[self.did])
+
+    def __repr__(self) -> str:
+        return repr(dict(zip(*self._pairs(), strict=True)))
 
 
 @dataclass
@@ -36,7 +123,8 @@ class ShadowDomain:
     did: int
     table: PageTable
     sids: list[int] = field(default_factory=list)
-    gpa_of_iova: dict[int, int] = field(default_factory=dict)  # IOVA page -> GPA frame
+    # IOVA page -> GPA frame: a dict, or a DomainRecord (the server's compiled epochs)
+    gpa_of_iova: MutableMapping[int, int] = field(default_factory=dict)
     pinned_pages: int = 0   # pin operations performed (first pin of a page per mapping)
     pte_writes: int = 0
 

@@ -25,14 +25,20 @@ the same batch cuts, every operation it can apply exactly as the Python loop wou
   check and the per-VM tally; a run that faulted returns at once, so that Python writes its
   fault records (HostIommu._record_faults) in order.
 
+- a VFIO map or unmap of a shadow container (HostServer._control -> vfio.vfio_map /
+  vfio_unmap) in the common case kernels/vfio.py takes: pins, the container's record and the
+  shadow table's 4-KiB leaves in host memory; for an unmap, the domain's IOTLB (+ device-TLB)
+  flush and its wait submitted as the host driver does (IH set: no table page freed), the
+  queue's stamp order and the oracle's return time as for a HWPT invalidation.
+
 It stops, changing nothing of the operation it stops at, at anything else: a DMA run whose
-key has a cache line holding an entry with no numeric form (one Python put there), VFIO and
-second-level operations, an effect the Python caches apply (context/PASID cache), a table
-frame to free, a store to a frame with no table page yet, a refused or unresolved HWPT
-invalidation, a queue that is not clean or has no room, an oracle record to create or to
-grow. Python applies that one operation its own way and calls again, so the Python loop
-stays the description and the reference (tests/host_iommu/test_kernel_epoch.py runs both on
-the same operations).
+key has a cache line holding an entry with no numeric form (one Python put there), a VFIO
+operation kernels/vfio.py leaves to Python, second-level operations, an effect the Python
+caches apply (context/PASID cache), a table frame to free, a store to a frame with no
+table page yet, a refused or unresolved HWPT invalidation, a queue that is not clean or has
+no room, an oracle record to create or to grow. Python applies that one operation its own
+way and calls again, so the Python loop stays the description and the reference
+(tests/host_iommu/test_kernel_epoch.py runs both on the same operations).
 
 Per-VM counters go to rows of ``cnt`` (C_*), unmap waits and retired runs to rows of
 ``waits``/``retires``; the scalar state goes in and out through ``st`` (ST_*).
@@ -82,6 +88,15 @@ from host_iommu.kernels.translate import (
     S_WALK_REFS,
     translate_batch,
 )
+from host_iommu.kernels.vfio import (
+    D_VM,
+    META_ON,
+    flush_words,
+    map_apply,
+    map_check,
+    unmap_apply,
+    unmap_check,
+)
 from host_iommu.protocol import (
     DMA_ROGUE,
     OP_DMA,
@@ -89,6 +104,8 @@ from host_iommu.protocol import (
     OP_HWPT_INV,
     OP_UNMAP_RET,
     OP_UNMAP_RETIRE,
+    OP_VFIO_MAP,
+    OP_VFIO_UNMAP,
 )
 
 NEVER = (1 << 63) - 1
@@ -287,11 +304,81 @@ def _dma_run(i, j, m, addr, access, st, tr, seg, data, spk, spv, cnt, tst, outb,
     return True
 
 
+@njit(cache=True, inline="always")
+def _vfio_op(i, m, st, slab, slot_of, qctl, inflight, unresponsive, pend, done, seg, data,
+             spk, spv, spm, ooo, cnt, vf):
+    """Operation i, an OP_VFIO_MAP or OP_VFIO_UNMAP, as HostServer._control applies it, if
+    kernels/vfio.py takes it and (an unmap) its flush goes on the queue as the HWPT
+    invalidation's does; False, with nothing changed, otherwise."""
+    if vf.meta[META_ON] == 0:
+        return False
+    vm = m[M_VM, i]
+    d = vf.sid_dom[m[M_SID, i]]
+    if d < 0 or vf.dom[d, D_VM] != vm:
+        return False
+    if m[M_OP, i] == OP_VFIO_MAP:
+        n = map_check(vf, d, vm, m[M_A0, i], m[M_A1, i], m[M_A2, i], slab, slot_of)
+        if n < 0:
+            return False
+        st[ST_PTE_WRITES] += map_apply(vf, d, vm, m[M_A0, i], m[M_A1, i], n, m[M_A3, i] != 0,
+                                       slab, slot_of)
+        return True
+    t = m[M_T, i]
+    iova = m[M_A0, i]
+    n = unmap_check(vf, d, iova, m[M_A1, i], slab, slot_of)
+    if n < 0:
+        return False
+    uid = m[M_A3, i]
+    late = t < st[ST_STAMP_MAX] and uid >= 0     # _control: stamped before applied work
+    if late and st[ST_OUT_OF_ORDER] == ooo.shape[0]:
+        return False
+    words = np.empty(12, np.uint64)
+    nd = flush_words(vf, d, iova, n, words)
+    if (qctl[Q_IQE] != 0 or qctl[Q_ITE] != 0 or unresponsive.shape[0] != 0
+            or nd > qctl[Q_ENTRIES] - 1 - qctl[Q_HELD]
+            or qctl[Q_HI] + nd > inflight.shape[0] or pend[0, P_END] + nd > pend.shape[0]
+            or done.shape[0] < nd):
+        return False
+    f = np.zeros(DECODED_FIELDS, np.int64)
+    for q in range(nd):
+        b = 4 * q
+        if _decode(words[b], words[b + 1], words[b + 2], words[b + 3], qctl[Q_MAMV],
+                   f) != ERR_NONE:
+            return False
+    if uid >= 0 and not _ora_can_set(seg, spk, spm, vm, uid):
+        return False
+    # --- applied from here on: vfio_unmap's record, pins and stores, then its flush ---
+    if late:
+        seen = False
+        for q in range(st[ST_OUT_OF_ORDER]):
+            if ooo[q, 0] == vm and ooo[q, 1] == uid:
+                seen = True
+        if not seen:
+            q = st[ST_OUT_OF_ORDER]
+            ooo[q, 0], ooo[q, 1] = vm, uid
+            st[ST_OUT_OF_ORDER] = q + 1
+    if t > st[ST_STAMP_MAX]:
+        st[ST_STAMP_MAX] = t
+    st[ST_PTE_WRITES] += unmap_apply(vf, d, vm, iova, n, slab, slot_of)
+    status, processed, _t_at, t_done, _err = _submit(
+        qctl, inflight, unresponsive, words[:4 * nd], pend, done, t, M_DRIVER, True)
+    if status != S_OK:       # cannot happen after the checks above
+        raise RuntimeError("epoch kernel: host QI refused a checked VFIO flush")
+    if st[ST_NEXT_EFFECT] == NEVER:
+        first = pend[0, P_FIRST]
+        if first < pend[0, P_END]:
+            st[ST_NEXT_EFFECT] = pend[first, E_T]
+    cnt[vm, C_INV_DESCS] += processed
+    if uid >= 0:
+        _ora_set(seg, data, spk, spv, spm, vm, uid, t_done)
+    return True
+
+
 @njit(cache=True)
 def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, pend, done,
             it_state, it_counts, fl_state, fl_counts, sl_state, sl_counts, dt_state,
             dt_counts, seg, data, spk, spv, spm, ooo, cnt, waits, retires, addr, access,
-            tr, tst, outb, reqb, devb):
+            tr, tst, outb, reqb, devb, vf):
     """Apply operations from ``i`` on, as HostServer.apply_epoch does; returns the index of
     the first operation not applied (``m.shape[1]`` when all were).
 
@@ -305,7 +392,8 @@ def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, p
     waits: int64[n, 4] (vm, unmap id, sid, wait ns); retires: int64[n, 3] (vm, first, count);
     for DMA runs (_dma_run): addr uint64[n], access uint8[n] (a0, a2 & 0xFF), tr the
     translation state (caches, memory, walker masks, frame owners), tst int64[8] (TST_NAMES),
-    outb RESULT_DTYPE[n], reqb int64[n, 6], devb bool[n]: each run's results at its rows.
+    outb RESULT_DTYPE[n], reqb int64[n, 6], devb bool[n]: each run's results at its rows;
+    vf: the VFIO containers (kernels/vfio.py VfioArrays).
     """
     n = m.shape[1]
     f = np.zeros(DECODED_FIELDS, np.int64)
@@ -392,6 +480,12 @@ def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, p
             r = st[ST_RETIRES]
             retires[r, 0], retires[r, 1], retires[r, 2] = vm, m[M_A0, i], m[M_A1, i]
             st[ST_RETIRES] = r + 1
+            i += 1
+            continue
+        if k in (OP_VFIO_MAP, OP_VFIO_UNMAP):
+            if not _vfio_op(i, m, st, slab, slot_of, qctl, inflight, unresponsive, pend, done,
+                            seg, data, spk, spv, spm, ooo, cnt, vf):
+                return i
             i += 1
             continue
         if k != OP_HWPT_INV or m[M_RES, i] < 0:
