@@ -522,7 +522,7 @@ def _sh_drop_region(sh, sr, ctl, region):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _sh_range(sh, sr, ctl, page, pages, drop):
     """The pages of sh in [page, page + pages) (a walk's region: one page, or 2-MiB
     aligned), removed when ``drop`` (IovaTree.remove_range)."""
@@ -559,7 +559,7 @@ def _sh_range(sh, sr, ctl, page, pages, drop):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end, emit, t, unmap_id):
     """ShadowVmm.handle of one IOTLB invalidation over [start, end): PageTable.walk_range
     (QEMU vtd_page_walk: each entry meeting the range read in IOVA order at each level, a
@@ -593,8 +593,7 @@ def _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end, emit, t, 
     sid = ctl[D_SID]
     stamp = pt[kpg.H_STAMP] + 1
     pt[kpg.H_STAMP] = stamp
-    root = pt[kpg.H_ROOT]
-    row = kpg._row(pt, root)
+    row = pt[kpg.HEADER + (pt[kpg.H_ROOT] >> PAGE_SHIFT)]
     pt[mark + row] = stamp
     # a level's frame in ws: row, level, base, start, end, perms, next index, last index
     shift = PAGE_SHIFT + 9 * (levels - 1)
@@ -649,8 +648,8 @@ def _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end, emit, t, 
                 t += c[K_VFIO_MAP] + c[K_PIN_PAGE]
             continue
         if p:
-            child = entry & amask
-            crow = kpg._row(pt, child)
+            cf = (entry & amask) >> PAGE_SHIFT       # kpg._row of the table it leads to
+            crow = pt[kpg.HEADER + cf] if cf < frames else -1
             if crow < 0:
                 return -1, rows, added, regions, t
             if pt[mark + crow] != stamp:   # not reached before: walk into it
