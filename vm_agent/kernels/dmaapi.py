@@ -1,7 +1,7 @@
 """The guest's DMA API and IOMMU driver as numba functions, for the whole-VM-epoch kernel.
 
 What vm_agent/agent.py (VmAgent.dma_map / dma_unmap), vm_agent/dma.py (DmaApi), vm_agent/
-viommu.py and vm_agent/vmm.py (PassthroughVmm, NestedVmm) do for a guest's one device
+viommu.py and vm_agent/vmm.py (PassthroughVmm, NestedVmm, ShadowVmm) do for a guest's one device
 domain, compiled: Linux drivers/iommu/dma-iommu.c (iommu_dma_map_page: iommu_dma_alloc_iova
 then iommu_map; __iommu_dma_unmap: iommu_unmap, then a strict invalidation with a wait, or
 queue_iova onto the flush queue, whose fq_flush_iotlb is one PASID-wide invalidation and
@@ -9,7 +9,13 @@ fq_flush_timeout its timer) over drivers/iommu/intel/iommu.c's first-level table
 nested intel-iommu: the guest's tail write traps (a VM exit) and each PASID-based IOTLB
 invalidation it fetches (VT-d spec 6.5.2.4) is forwarded as one IOMMU_HWPT_INVALIDATE, an
 OP_HWPT_INV row of the op log. Pass-through (no vIOMMU) is dma-direct: the DMA address is
-the GPA. Shadow (caching mode) stays on the Python path.
+the GPA. Shadow is caching mode (CAP.CM, VT-d spec 6.1) over second-level tables, strict
+whatever the policy (Linux forces it): every map is followed by a page-selective IOTLB
+invalidation of its range (iommu.c iotlb_sync_map) and every unmap by one with the IH hint
+(a domain-selective one past CAP.MAMV), each trapping to the VMM, which syncs its shadow
+over the range as QEMU's vtd_sync_shadow_page_table_range does (``_shadow_walk``: the
+vtd_page_walk of PageTable.walk_range, each leaf or empty entry filtered through the shadow
+as vtd_page_walk_one, one OP_VFIO_MAP / OP_VFIO_UNMAP row per VFIO ioctl).
 
 The Python classes are the reference. These functions make the same calls in the same order
 on array state: the IOVA allocator of vm_agent/kernels/iova.py, the first-level table slab
@@ -25,6 +31,9 @@ for the rest of DmaApi's bookkeeping:
 - ``tg``: the same kind of table from unmap id to the pages it still tags (``pages_tagged``);
 - ``retired``: the ids retired since the last ``end_epoch`` (``DmaApi.retired``);
 - ``made``: VmAgent._made as (table page, store sequence number) pairs in insertion order;
+- ``sh``, ``sr`` (shadow): ShadowVmm's iova_tree as a hash table of IOVA page -> (GPA page,
+  writable), and its pages counted per 2-MiB region (an empty entry above level 1 removes a
+  whole region); ``ws``: the walk's stack;
 - ``ctl``: the scalars (D_*), ``costs``: the CostModel fields used (K_*).
 
 So stats, op-log rows (their order, times and values), IOVAs, table stores and flush-queue
@@ -33,6 +42,9 @@ by side). What is rare and not modelled here is refused BEFORE anything changes,
 ``g.ctl[C_ERR] = E_DMA`` and a reason R_* in ``C_ERR_ARG``: a mapping of more than
 MAX_PAGES pages (whose unmap could free a table page), a CPU outside the rcache, an array
 short of room (``room_ok`` / ``grown`` prevent it). IOVA exhaustion is E_IOVA, as DmaError.
+A shadow walk that would meet an entry leading to a page that is no table, or shadow more
+pages than a call's room, is refused (R_WALK) after the table stores: never, with the
+tables the driver builds and the shadow that strict caching mode keeps equal to them.
 """
 
 from __future__ import annotations
