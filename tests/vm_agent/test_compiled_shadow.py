@@ -141,7 +141,7 @@ def _table() -> tuple[PageTable, GuestMemory]:
 _PAGE = st.one_of(st.integers(0, 3 << 10), st.integers((1 << 18) - 600, (1 << 18) + 600),
                   st.integers((1 << 27) - 40, (1 << 27) + 40),
                   st.integers((1 << 20) - 3000, (1 << 20) - 1))
-_OP = st.tuples(st.sampled_from(["map", "unmap", "flush"]), _PAGE, st.integers(1, 64),
+_OP = st.tuples(st.sampled_from(["map", "unmap", "flush", "free"]), _PAGE, st.integers(1, 64),
                 st.integers(0, 1 << 20), st.booleans())
 
 
@@ -153,7 +153,8 @@ def test_walk_equals_shadow_vmm(ops: list, ats: bool) -> None:
     shadow, its ops (times included), stats and the time after the trap equal ShadowVmm's,
     flush by flush. Ranges crossing 2-MiB, 1-GiB and 512-GiB boundaries (empty entries at
     levels 2 to 4, a domain-wide walk past CAP.MAMV), remapped pages (changed
-    translations: an unmap then a map)."""
+    translations: an unmap then a map), whole 2-MiB and 1-GiB regions unmapped (tables
+    freed: one VFIO unmap of a shadowed region above level 1)."""
     costs = CostModel()
     table, mem = _table()
     stats = dict.fromkeys(GUEST_COUNTERS, 0)
@@ -164,10 +165,13 @@ def test_walk_equals_shadow_vmm(ops: list, ats: bool) -> None:
     d = None
     t = 1000
     for kind, page, pages, phys, write in ops:
+        if kind == "free":     # an unmap of a whole 2-MiB or 1-GiB region: its tables freed
+            pages = 512 if write else 1 << 18
+            page &= ~(pages - 1)
         iova = page << 12
         if kind == "map":
             table.map(iova, (phys % ((64 << 20) >> 12)) << 12, pages << 12, write=write)
-        elif kind == "unmap":
+        elif kind in ("unmap", "free"):
             table.unmap(iova, pages << 12)
         if kind == "flush" and write:    # a flush of the whole domain
             words = domain_flush_words(1, None, 0, ats_sids=[])
