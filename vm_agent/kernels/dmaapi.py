@@ -572,21 +572,19 @@ def _sh_range(sh, sr, ctl, page, pages, drop):
 
 
 @njit(cache=True, inline="always")
-def _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end, emit, t, unmap_id):
+def _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end, t, unmap_id):
     """ShadowVmm.handle of one IOTLB invalidation over [start, end): PageTable.walk_range
     (QEMU vtd_page_walk: each entry meeting the range read in IOVA order at each level, a
     valid non-leaf entry walked into, every other entry one event over its region) with
-    each event filtered through sh as vtd_page_walk_one does.
-
-    With ``emit`` 0, a dry run: (entries read, op-log rows, sh pages added, sr regions
-    added, ``t``), nothing changed; -1 entries read when the walk meets an entry leading to
-    a page that is no table (PageTable would read it as zeros: never met in a table the
-    driver built).
-    With ``emit`` 1 the events happen from ``t``: OP_VFIO_MAP / OP_VFIO_UNMAP rows, sh
-    updated, the VFIO calls' costs; (reads, rows, added, regions, the time after the last
-    call).
-    A table reached twice reads as nothing, as walk_range's ``seen`` (the stamps of
-    kpg.unmap_range mark the tables reached)."""
+    each event filtered through sh as vtd_page_walk_one does: OP_VFIO_MAP / OP_VFIO_UNMAP
+    rows from ``t`` on, sh updated, the VFIO calls' costs. (entries read, the time after
+    the last call); the rows' times and that time leave out the reads, which ShadowVmm
+    charges before the first call (the caller adds them). -1 entries read (R_WALK) when the
+    walk meets an entry leading to a page that is no table (PageTable would read it as
+    zeros), or when a row or a shadowed page would find no room: never, with the tables the
+    driver builds and the shadow strict caching mode keeps equal to them. A table reached
+    twice reads as nothing, as walk_range's ``seen`` (the stamps of kpg.unmap_range mark
+    the tables reached)."""
     frames = pt[kpg.H_FRAMES]
     nrows = pt[kpg.H_ROWS]
     mark = kpg.HEADER + frames + nrows
@@ -596,13 +594,10 @@ def _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end, emit, t, 
     hi = min(end, limit)
     lo = max(start, 0)
     reads = 0
-    rows = 0
-    added = 0
-    regions = 0
-    last_region = -1      # the last region found missing from sr (the walk goes up in IOVA)
     if lo >= hi:
-        return reads, rows, added, regions, t
+        return reads, t
     sid = ctl[D_SID]
+    cap = log.shape[0] - 2            # a row, or an unmap and a map, must find room
     stamp = pt[kpg.H_STAMP] + 1
     pt[kpg.H_STAMP] = stamp
     row = pt[kpg.HEADER + (pt[kpg.H_ROOT] >> PAGE_SHIFT)]
@@ -635,35 +630,31 @@ def _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end, emit, t, 
             i = _h_find(sh, page)
             if i >= 0 and sh[i, 1] == phys and sh[i, 2] == w:
                 continue                   # the same translation: skipped
-            rows += 1 if i < 0 else 2
-            if i < 0:
-                added += 1
-                if page >> 9 != last_region and _h_find(sr, page >> 9) < 0:
-                    last_region = page >> 9
-                    regions += 1
-            if emit:
-                if i >= 0:                 # changed: an emulated UNMAP first
-                    _log(gctl, log, t, OP_VFIO_UNMAP, sid, 0, page << PAGE_SHIFT, PAGE_SIZE,
-                         0, unmap_id)
-                    stats[S_VMM_UNMAP_CALLS] += 1
-                    t += c[K_VFIO_UNMAP] + c[K_QI_DESC] + c[K_QI_WAIT]
-                else:
-                    i = -1 - i
-                    sh[i, 0] = page
-                    ctl[D_SH_N] += 1
-                    _sr_add(sr, ctl, page >> 9, 1)
-                sh[i, 1] = phys
-                sh[i, 2] = w
-                _log(gctl, log, t, OP_VFIO_MAP, sid, 0, region, phys << PAGE_SHIFT, PAGE_SIZE,
-                     w)
-                stats[S_VMM_MAP_CALLS] += 1
-                t += c[K_VFIO_MAP] + c[K_PIN_PAGE]
+            if gctl[C_LOG_N] > cap:
+                return -1, t
+            if i >= 0:                     # changed: an emulated UNMAP first
+                _log(gctl, log, t, OP_VFIO_UNMAP, sid, 0, page << PAGE_SHIFT, PAGE_SIZE, 0,
+                     unmap_id)
+                stats[S_VMM_UNMAP_CALLS] += 1
+                t += c[K_VFIO_UNMAP] + c[K_QI_DESC] + c[K_QI_WAIT]
+            else:
+                if 2 * (ctl[D_SH_N] + 1) > sh.shape[0] or 2 * (ctl[D_SR_N] + 1) > sr.shape[0]:
+                    return -1, t
+                i = -1 - i
+                sh[i, 0] = page
+                ctl[D_SH_N] += 1
+                _sr_add(sr, ctl, page >> 9, 1)
+            sh[i, 1] = phys
+            sh[i, 2] = w
+            _log(gctl, log, t, OP_VFIO_MAP, sid, 0, region, phys << PAGE_SHIFT, PAGE_SIZE, w)
+            stats[S_VMM_MAP_CALLS] += 1
+            t += c[K_VFIO_MAP] + c[K_PIN_PAGE]
             continue
         if p:
             cf = (entry & amask) >> PAGE_SHIFT       # kpg._row of the table it leads to
             crow = pt[kpg.HEADER + cf] if cf < frames else -1
             if crow < 0:
-                return -1, rows, added, regions, t
+                return -1, t
             if pt[mark + crow] != stamp:   # not reached before: walk into it
                 pt[mark + crow] = stamp
                 s = max(ws[f + 3], region)
@@ -678,15 +669,13 @@ def _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end, emit, t, 
                 reads += ws[g + 7] + 1 - ws[g + 6]
                 continue
         # an entry that maps nothing: one VFIO unmap of its region if something is shadowed
-        page = region >> PAGE_SHIFT
-        pages = span >> PAGE_SHIFT
-        if _sh_range(sh, sr, ctl, page, pages, emit) > 0:
-            rows += 1
-            if emit:
-                _log(gctl, log, t, OP_VFIO_UNMAP, sid, 0, region, span, 0, unmap_id)
-                stats[S_VMM_UNMAP_CALLS] += 1
-                t += c[K_VFIO_UNMAP] + c[K_QI_DESC] + c[K_QI_WAIT]
-    return reads, rows, added, regions, t
+        if gctl[C_LOG_N] > cap:
+            return -1, t
+        if _sh_range(sh, sr, ctl, region >> PAGE_SHIFT, span >> PAGE_SHIFT, True) > 0:
+            _log(gctl, log, t, OP_VFIO_UNMAP, sid, 0, region, span, 0, unmap_id)
+            stats[S_VMM_UNMAP_CALLS] += 1
+            t += c[K_VFIO_UNMAP] + c[K_QI_DESC] + c[K_QI_WAIT]
+    return reads, t
 
 
 @njit(cache=True)
@@ -695,9 +684,9 @@ def _shadow_flush(stats, gctl, log, ctl, c, pt, ws, sh, sr, t, addr, npages, des
     """One strict flush under caching mode: ``descs`` descriptors (the page-selective
     IOTLB invalidation, a device-TLB one under ATS, the wait; domain-selective when the
     range's mask exceeds CAP.MAMV), the tail write traps, and the VMM syncs its shadow over
-    the range (ShadowVmm.handle). The time after the VM entry; refused (R_WALK, C_ERR) when
-    the walk meets what the VMM's Python walk alone handles, or would shadow more than the
-    caller's room (never, with the tables and the shadow the driver keeps)."""
+    the range (ShadowVmm.handle: ``vmm_pte_read_ns`` per entry its walk read, then each
+    VFIO call). The time after the VM entry; refused (R_WALK, C_ERR) as ``_shadow_walk``
+    says (never expected)."""
     stats[S_INV_DESCRIPTORS] += descs
     t += c[K_QI_SUBMIT]
     stats[S_VM_EXITS] += 1
@@ -708,18 +697,16 @@ def _shadow_flush(stats, gctl, log, ctl, c, pt, ws, sh, sr, t, addr, npages, des
         start, end = np.int64(0), np.int64(1) << 62
     else:
         start, end = a, a + (np.int64(PAGE_SIZE) << am)
-    reads, rows, added, regions, _t = _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c,
-                                                   start, end, 0, t, unmap_id)
-    if (reads < 0 or gctl[C_LOG_N] + rows + 1 > log.shape[0]
-            or 2 * (ctl[D_SH_N] + added) > sh.shape[0]
-            or 2 * (ctl[D_SR_N] + regions) > sr.shape[0]):
+    n0 = gctl[C_LOG_N]
+    reads, t = _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end, t,
+                            unmap_id)
+    if reads < 0:
         _refuse(gctl, R_WALK)
         return t
-    t += c[K_PTE_READ] * reads
-    _r, _n, _a, _g, t = _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end,
-                                     1, t, unmap_id)
-    return t + c[K_VM_EXIT] - half
-
+    late = c[K_PTE_READ] * reads       # the reads come first: every call that much later
+    for r in range(n0, gctl[C_LOG_N]):
+        log[r, L_T_NS] += late
+    return t + late + c[K_VM_EXIT] - half
 
 # --- IOVAs ----------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
