@@ -14,7 +14,8 @@ result tables of a whole run are the same value for value
 
 Eligible: the NIC workload with no rogue DMA and no PASID-tagged queues (one device), no
 host churn, buffers of at most dmaapi.MAX_PAGES pages, in a mode the compiled DMA API
-runs (pass-through; nested strict and lazy; shadow stays on the Python path).
+runs (pass-through; nested strict and lazy; shadow, which is strict whatever
+the policy: Linux forces strict under caching mode).
 ``ENABLED = False`` here, or ``IOMMU_EMU_GUEST_KERNEL=0`` in the environment, keeps every
 VM on the Python path.
 """
@@ -47,9 +48,10 @@ ENV = "IOMMU_EMU_GUEST_KERNEL"
 
 
 # (mode, policy) pairs whose compiled runs were checked equal to the Python path's
-# (tests/vm_agent/test_compiled_nic.py); "*": any policy (pass-through ignores it)
+# (tests/vm_agent/test_compiled_nic.py, test_compiled_shadow.py); "*": any policy
+# (pass-through ignores it; shadow is strict under either)
 MODES: tuple[tuple[str, str], ...] = (("passthrough", "*"), ("nested", "strict"),
-                                      ("nested", "lazy"))
+                                      ("nested", "lazy"), ("shadow", "*"))
 
 
 def enabled() -> bool:

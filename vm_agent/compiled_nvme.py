@@ -15,8 +15,9 @@ result tables of a whole run are the same value for value
 
 Eligible: the NVMe workload with no rogue DMA, no host churn, I/Os of at most
 dmaapi.MAX_PAGES pages, in a mode the compiled DMA API runs (pass-through; nested strict and
-lazy; shadow stays on the Python path). CompiledNicAgent's switches hold here too
-(compiled.ENABLED, IOMMU_EMU_GUEST_KERNEL=0, NUMBA_DISABLE_JIT=1), and ``ENABLED = False``
+lazy; shadow, strict whatever the policy, as Linux forces it under caching mode).
+CompiledNicAgent's switches hold here too (compiled.ENABLED, IOMMU_EMU_GUEST_KERNEL=0,
+NUMBA_DISABLE_JIT=1), and ``ENABLED = False``
 here keeps NVMe VMs alone on the Python path. Everything but the set-up of the arrays and
 the loop it calls is CompiledNicAgent's (epochs, growing, receive, pickling).
 """
@@ -36,9 +37,10 @@ from workloads.nvme import NvmeWorkload
 ENABLED = True          # this module's own switch (compiled.enabled() must hold too)
 
 # (mode, policy) pairs whose compiled runs were checked equal to the Python path's
-# (tests/vm_agent/test_compiled_nvme.py); "*": any policy (pass-through ignores it)
+# (tests/vm_agent/test_compiled_nvme.py, test_compiled_shadow.py); "*": any policy
+# (pass-through ignores it; shadow is strict under either)
 MODES: tuple[tuple[str, str], ...] = (("passthrough", "*"), ("nested", "strict"),
-                                      ("nested", "lazy"))
+                                      ("nested", "lazy"), ("shadow", "*"))
 
 
 def _max_pages(p: NvmeWorkload.Params) -> int:

@@ -228,7 +228,7 @@ def test_eligible(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not compiled.eligible(_group(_exp("e", {"a": _nic("passthrough", **wl)})))
     assert not compiled.eligible(_group(_exp("e", {"a": {
         **_nic("nested"), "workload": {"kind": "nic", "pasid_queues": 1}}})))
-    assert not compiled.eligible(_group(_exp("e", {"a": _nic("shadow")})))
+    assert compiled.eligible(_group(_exp("e", {"a": _nic("shadow")})))
     assert not compiled.eligible(_group(_exp("e", {"a": {
         "mode": "passthrough", "vcpus": 1, "memory_mib": 64,
         "workload": {"kind": "nvme"}}})))

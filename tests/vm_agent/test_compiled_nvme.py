@@ -201,7 +201,7 @@ def test_eligible(monkeypatch: pytest.MonkeyPatch) -> None:
     assert compiled_nvme.eligible(_group(_exp("e", {"a": _nvme("passthrough")})))
     for wl in ({"rogue_fraction": 0.01}, {"io_sizes": [4096, 270336]}):
         assert not compiled_nvme.eligible(_group(_exp("e", {"a": _nvme("nested", **wl)})))
-    assert not compiled_nvme.eligible(_group(_exp("e", {"a": _nvme("shadow")})))
+    assert compiled_nvme.eligible(_group(_exp("e", {"a": _nvme("shadow")})))
     assert not compiled_nvme.eligible(_group(_exp("e", {"a": {
         **_nvme("nested"), "churn": {"kind": "balloon", "interval_us": 100, "pages": 8}}})))
     assert not compiled_nvme.eligible(_group(_exp("e", {"a": {

@@ -123,6 +123,15 @@ def check_same(a: VmAgent, g, d) -> None:
     assert d.ctl[K.D_NEXT_ROW] == store._next_row
     assert d.rows_free[:d.ctl[K.D_FREE_ROWS_N]].tolist() == store._free_rows
     assert int(g.ctl[kg.C_NEXT_FRAME]) == a.mem.next_frame
+    if a.mode == "shadow":    # what the VMM shadowed, and its count per 2-MiB region
+        tree = a.vmm.shadowed.get(sid, {})
+        assert K.shadowed(d) == dict(tree)
+        assert d.ctl[K.D_SH_N] == len(tree)
+        regions: dict[int, int] = {}
+        for p in tree:
+            regions[p >> 9] = regions.get(p >> 9, 0) + 1
+        assert {int(r[0]): int(r[1]) for r in d.sr if r[0] >= 0} == regions
+        assert d.ctl[K.D_SR_N] == len(regions)
     if dom.fq is not None:
         s = dom.fq._st
         for k in range(kfq.S_START_CNT, kfq.S_MAX_PENDING + 1):
@@ -498,3 +507,43 @@ def test_sg_many_lists_reused():
         a = make_agent("nested", policy, 3, ats=True, fq_size=4)
         run_sg_pair(a, seq, contiguity)
         assert a.stats["iommu_map_events"] > 2 * a.stats["maps"] > 200
+
+
+# --- shadow (caching mode) ------------------------------------------------------------------
+@settings_
+@given(st.lists(op, max_size=60), st.integers(1, 3), st.booleans(),
+       st.sampled_from(["strict", "lazy"]), st.sampled_from([0, K._SLACK]))
+def test_shadow_equals_python(seq, vcpus, ats, policy, slack):
+    """Shadow: second-level table stores (no op-log rows), the page-selective invalidation
+    after every map and unmap, the trap, and the VMM's shadow walk over the range (its VFIO
+    map / unmap rows, times and counters) equal after every call; lazy is strict here, as
+    Linux forces it under caching mode (also with arrays frozen without room)."""
+    run_pair(make_agent("shadow", policy, vcpus, ats), seq, slack)
+
+
+@settings_
+@given(st.lists(sg_op, max_size=50), st.sampled_from([0.0, 0.1, 0.7, 1.0]),
+       st.integers(1, 3), st.booleans(), st.sampled_from([0, K._SLACK]))
+def test_sg_shadow_equals_python(seq, contiguity, vcpus, ats, slack):
+    """Shadow scatter lists: one IOVA range per list, one invalidation (and one shadow walk)
+    for the whole list after its segments' stores, coherent maps included."""
+    run_sg_pair(make_agent("shadow", "strict", vcpus, ats), seq, contiguity, slack)
+
+
+def test_shadow_many_pages_reused():
+    """Adversarial by hand under shadow: mappings of 1..64 pages on every CPU, unmapped out
+    of order and mapped again (a page shadowed again at another GPA, invalidation ranges
+    wider than the mapping), across epochs."""
+    rng = np.random.default_rng(11)
+    seq = []
+    for _ in range(400):
+        r = rng.integers(0, 10)
+        kind = "map" if r < 5 else "unmap" if r < 9 else "epoch"
+        seq.append((kind, int(rng.integers(0, 4)), int(rng.integers(0, 64 * PAGE)),
+                    int(rng.integers(0, PAGE)), int(rng.integers(0, 3)),
+                    int(rng.integers(0, 3000))))
+    seq += [("epoch", 0, 0, 0, 0, 0)]
+    g, _d = run_pair(make_agent("shadow", "strict", 3, ats=True), seq, 0)
+    s = dict(zip(GUEST_COUNTERS, g.stats.tolist(), strict=True))
+    assert s["vmm_map_calls"] > 1000 and s["vmm_unmap_calls"] > 1000
+    assert s["vm_exits"] == s["maps"] + s["unmaps"] - s["dma_api_errors"]

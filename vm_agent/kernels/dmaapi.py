@@ -1,7 +1,7 @@
 """The guest's DMA API and IOMMU driver as numba functions, for the whole-VM-epoch kernel.
 
 What vm_agent/agent.py (VmAgent.dma_map / dma_unmap), vm_agent/dma.py (DmaApi), vm_agent/
-viommu.py and vm_agent/vmm.py (PassthroughVmm, NestedVmm) do for a guest's one device
+viommu.py and vm_agent/vmm.py (PassthroughVmm, NestedVmm, ShadowVmm) do for a guest's one device
 domain, compiled: Linux drivers/iommu/dma-iommu.c (iommu_dma_map_page: iommu_dma_alloc_iova
 then iommu_map; __iommu_dma_unmap: iommu_unmap, then a strict invalidation with a wait, or
 queue_iova onto the flush queue, whose fq_flush_iotlb is one PASID-wide invalidation and
@@ -9,7 +9,13 @@ fq_flush_timeout its timer) over drivers/iommu/intel/iommu.c's first-level table
 nested intel-iommu: the guest's tail write traps (a VM exit) and each PASID-based IOTLB
 invalidation it fetches (VT-d spec 6.5.2.4) is forwarded as one IOMMU_HWPT_INVALIDATE, an
 OP_HWPT_INV row of the op log. Pass-through (no vIOMMU) is dma-direct: the DMA address is
-the GPA. Shadow (caching mode) stays on the Python path.
+the GPA. Shadow is caching mode (CAP.CM, VT-d spec 6.1) over second-level tables, strict
+whatever the policy (Linux forces it): every map is followed by a page-selective IOTLB
+invalidation of its range (iommu.c iotlb_sync_map) and every unmap by one with the IH hint
+(a domain-selective one past CAP.MAMV), each trapping to the VMM, which syncs its shadow
+over the range as QEMU's vtd_sync_shadow_page_table_range does (``_shadow_walk``: the
+vtd_page_walk of PageTable.walk_range, each leaf or empty entry filtered through the shadow
+as vtd_page_walk_one, one OP_VFIO_MAP / OP_VFIO_UNMAP row per VFIO ioctl).
 
 The Python classes are the reference. These functions make the same calls in the same order
 on array state: the IOVA allocator of vm_agent/kernels/iova.py, the first-level table slab
@@ -25,6 +31,9 @@ for the rest of DmaApi's bookkeeping:
 - ``tg``: the same kind of table from unmap id to the pages it still tags (``pages_tagged``);
 - ``retired``: the ids retired since the last ``end_epoch`` (``DmaApi.retired``);
 - ``made``: VmAgent._made as (table page, store sequence number) pairs in insertion order;
+- ``sh``, ``sr`` (shadow): ShadowVmm's iova_tree as a hash table of IOVA page -> (GPA page,
+  writable), and its pages counted per 2-MiB region (an empty entry above level 1 removes a
+  whole region); ``ws``: the walk's stack;
 - ``ctl``: the scalars (D_*), ``costs``: the CostModel fields used (K_*).
 
 So stats, op-log rows (their order, times and values), IOVAs, table stores and flush-queue
@@ -33,6 +42,9 @@ by side). What is rare and not modelled here is refused BEFORE anything changes,
 ``g.ctl[C_ERR] = E_DMA`` and a reason R_* in ``C_ERR_ARG``: a mapping of more than
 MAX_PAGES pages (whose unmap could free a table page), a CPU outside the rcache, an array
 short of room (``room_ok`` / ``grown`` prevent it). IOVA exhaustion is E_IOVA, as DmaError.
+A shadow walk that would meet an entry leading to a page that is no table, or shadow more
+pages than a call's room, is refused (R_WALK) after the table stores: never, with the
+tables the driver builds and the shadow that strict caching mode keeps equal to them.
 """
 
 from __future__ import annotations
@@ -44,14 +56,17 @@ from numba import njit
 
 from host_iommu.defs import NO_PASID, PAGE_SHIFT, PAGE_SIZE
 from host_iommu.nested import IOMMU_VTD_INV_FLAGS_LEAF
-from host_iommu.pgtable import FL_A, FL_D, FL_P, FL_RW, FL_US
+from host_iommu.pgtable import FL_A, FL_D, FL_P, FL_RW, FL_US, SL_R, SL_W
 from host_iommu.protocol import (
     MAX_RETIRE_RUN,
     OP_GUEST_WRITE,
     OP_HWPT_INV,
     OP_UNMAP_RET,
     OP_UNMAP_RETIRE,
+    OP_VFIO_MAP,
+    OP_VFIO_UNMAP,
 )
+from host_iommu.qi import QI_MAMV_DEFAULT
 from vm_agent.iova import IOVA_ANCHOR
 from vm_agent.kernels import flushq as kfq
 from vm_agent.kernels import iova as kiova
@@ -79,6 +94,8 @@ from vm_agent.kernels.guest import (
     S_UNMAPS,
     S_VM_EXITS,
     S_VMM_INVALIDATE_CALLS,
+    S_VMM_MAP_CALLS,
+    S_VMM_UNMAP_CALLS,
     log_row,
 )
 
@@ -109,22 +126,30 @@ D_MADE_N = 16         # pairs in made
 D_FREE_ROWS_N = 17    # slab rows in rows_free (GuestTableStore._free_rows)
 D_NEXT_ROW = 18       # GuestTableStore._next_row
 D_LEVELS = 19         # the first-level table's levels
-D_LEN = 20
+D_SH_N = 20           # (shadow) pages in sh: what the VMM shadowed
+D_SR_N = 21           # (shadow) 2-MiB regions in sr
+D_LEN = 22
 
 MODE_PASSTHROUGH = 0
 MODE_NESTED = 1
+MODE_SHADOW = 2
 
 # --- d.costs slots (host_iommu.costs.CostModel fields)
 COST_FIELDS = ("dma_call_ns", "pte_write_ns", "iova_alloc_fast_ns", "iova_alloc_slow_ns",
                "iova_free_ns", "qi_submit_ns", "vm_exit_ns", "vmm_trap_ns",
-               "hwpt_invalidate_ns", "qi_desc_ns", "qi_wait_ns")
+               "hwpt_invalidate_ns", "qi_desc_ns", "qi_wait_ns", "vmm_pte_read_ns",
+               "vfio_map_ns", "pin_page_ns", "vfio_unmap_ns")
 (K_DMA_CALL, K_PTE_WRITE, K_ALLOC_FAST, K_ALLOC_SLOW, K_IOVA_FREE, K_QI_SUBMIT, K_VM_EXIT,
- K_VMM_TRAP, K_HWPT_INV, K_QI_DESC, K_QI_WAIT) = range(len(COST_FIELDS))
+ K_VMM_TRAP, K_HWPT_INV, K_QI_DESC, K_QI_WAIT, K_PTE_READ, K_VFIO_MAP, K_PIN_PAGE,
+ K_VFIO_UNMAP) = range(len(COST_FIELDS))
 
 # --- pg columns (key -1: an empty slot)
 P_KEY, P_MAPPED, P_TAG, P_MPAGES, P_FREED = range(5)
 PG_COLS = 5
 TG_COLS = 2           # unmap id, pages it tags
+SH_COLS = 3           # (shadow) IOVA page, GPA page, writable: ShadowVmm's iova_tree
+SR_COLS = 2           # (shadow) 2-MiB region (IOVA page >> 9), pages of sh inside it
+WS_LEN = 8 * 5        # (shadow) the walk's stack: 8 words a level, 5 levels at most
 
 # --- refusals (g.ctl[C_ERR_ARG] with C_ERR = E_DMA), nothing changed
 R_PAGES = 1001        # a mapping of no page or of more than MAX_PAGES
@@ -154,6 +179,9 @@ class DomainArrays(NamedTuple):
     tg: np.ndarray         # int64[cap, TG_COLS]: per unmap id
     retired: np.ndarray    # int64[cap]
     made: np.ndarray       # int64[cap, 2]: (table page, sequence number)
+    sh: np.ndarray         # int64[cap, SH_COLS]: (shadow) per shadowed IOVA page
+    sr: np.ndarray         # int64[cap, SR_COLS]: (shadow) per 2-MiB region of sh
+    ws: np.ndarray         # int64[WS_LEN]: (shadow) the walk's stack
 
 
 # --- hash tables: linear probing, backward-shift deletion, keys >= 0 ----------------------
@@ -250,7 +278,7 @@ def _fq_room(st):
 
 
 @njit(cache=True, inline="always")
-def _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq):
+def _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq, sh, sr):
     """room_ok over the arrays."""
     if ctl[D_MODE] == MODE_PASSTHROUGH:
         return True
@@ -268,6 +296,11 @@ def _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq):
         return False
     if ctl[D_FREE_ROWS_N] + pt[kpg.H_ROWS] - ctl[D_NEXT_ROW] < 2 * ctl[D_LEVELS]:
         return False
+    if ctl[D_MODE] == MODE_SHADOW:   # a call shadows at most MAX_PAGES pages (2 regions)
+        if 2 * (ctl[D_SH_N] + MAX_PAGES + 1) > sh.shape[0]:
+            return False
+        if 2 * (ctl[D_SR_N] + 3) > sr.shape[0]:
+            return False
     if ctl[D_LAZY] != 0:
         return _fq_room(fq)
     return True
@@ -278,7 +311,7 @@ def room_ok(g, d):
     """Whether one call (map, unmap or timer) finds room in every array it may fill; when
     not, the caller grows ``d`` (``grown``) and ``g`` (guest.grown) first."""
     return _room(g.ctl, g.log, d.ctl, d.pg, d.tg, d.retired, d.made, d.tree, d.ist, d.pt,
-                 d.fq)
+                 d.fq, d.sh, d.sr)
 
 
 @njit(cache=True)
@@ -321,7 +354,10 @@ def _made_by(gctl, log, ctl, made, page, t):
 
 @njit(cache=True)
 def _log_stores(gctl, log, ctl, made, pt, n, now):
-    """VmAgent._log_table_stores of the ``n`` stores a table kernel listed in ``out``."""
+    """VmAgent._log_table_stores of the ``n`` stores a table kernel listed in ``out``
+    (none under shadow: the host sees the guest's table only through the VMM's walks)."""
+    if ctl[D_MODE] == MODE_SHADOW:
+        return
     frames = pt[kpg.H_FRAMES]
     out = kpg.HEADER + frames + 2 * pt[kpg.H_ROWS]
     for i in range(n):
@@ -458,6 +494,220 @@ def _invalidate(stats, gctl, log, ctl, c, t, everything, addr, npages, leaf, unm
     return t + c[K_VM_EXIT] - half
 
 
+# --- shadow: caching mode (DmaApi._invalidate, _trap, ShadowVmm.handle) ---------------------
+# ShadowVmm's iova_tree (IOVA page -> (GPA page, writable)) is ``sh``, a hash table as pg;
+# ``sr`` counts its pages per 2-MiB region, so that the walk's empty entries above level 1
+# (IovaTree.remove_range over 2 MiB, 1 GiB or 512 GiB) cost a look-up, not a scan of pages.
+@njit(cache=True, inline="always")
+def _sr_add(sr, ctl, region, delta):
+    """Count ``delta`` more pages of sh in ``region``; the entry goes when it reaches 0."""
+    j = _h_find(sr, region)
+    if j < 0:
+        j = -1 - j
+        sr[j, 0] = region
+        sr[j, 1] = 0
+        ctl[D_SR_N] += 1
+    sr[j, 1] += delta
+    if sr[j, 1] == 0:
+        _h_delete(sr, j)
+        ctl[D_SR_N] -= 1
+
+
+@njit(cache=True)
+def _sh_drop_region(sh, sr, ctl, region):
+    """IovaTree.remove_range of one whole 2-MiB region: the pages it held."""
+    j = _h_find(sr, region)
+    if j < 0:
+        return 0
+    n = sr[j, 1]
+    found = 0
+    p = region << 9
+    while found < n:
+        i = _h_find(sh, p)
+        if i >= 0:
+            _h_delete(sh, i)
+            found += 1
+        p += 1
+    _h_delete(sr, _h_find(sr, region))
+    ctl[D_SR_N] -= 1
+    ctl[D_SH_N] -= n
+    return n
+
+
+@njit(cache=True, inline="always")
+def _sh_range(sh, sr, ctl, page, pages, drop):
+    """The pages of sh in [page, page + pages) (a walk's region: one page, or 2-MiB
+    aligned), removed when ``drop`` (IovaTree.remove_range)."""
+    if pages == 1:
+        i = _h_find(sh, page)
+        if i < 0:
+            return 0
+        if drop:
+            _h_delete(sh, i)
+            ctl[D_SH_N] -= 1
+            _sr_add(sr, ctl, page >> 9, -1)
+        return 1
+    if ctl[D_SH_N] == 0:
+        return 0
+    lo = page >> 9
+    hi = (page + pages) >> 9
+    if hi - lo == 1:
+        if drop:
+            return _sh_drop_region(sh, sr, ctl, lo)
+        j = _h_find(sr, lo)
+        return sr[j, 1] if j >= 0 else 0
+    regions = np.empty(ctl[D_SR_N], np.int64)
+    k = 0
+    n = 0
+    for j in range(sr.shape[0]):
+        r = sr[j, 0]
+        if r >= lo and r < hi:
+            regions[k] = r
+            n += sr[j, 1]
+            k += 1
+    if drop:
+        for j in range(k):
+            _sh_drop_region(sh, sr, ctl, regions[j])
+    return n
+
+
+@njit(cache=True, inline="always")
+def _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end, t, unmap_id):
+    """ShadowVmm.handle of one IOTLB invalidation over [start, end): PageTable.walk_range
+    (QEMU vtd_page_walk: each entry meeting the range read in IOVA order at each level, a
+    valid non-leaf entry walked into, every other entry one event over its region) with
+    each event filtered through sh as vtd_page_walk_one does: OP_VFIO_MAP / OP_VFIO_UNMAP
+    rows from ``t`` on, sh updated, the VFIO calls' costs. (entries read, the time after
+    the last call); the rows' times and that time leave out the reads, which ShadowVmm
+    charges before the first call (the caller adds them). -1 entries read (R_WALK) when the
+    walk meets an entry leading to a page that is no table (PageTable would read it as
+    zeros), or when a row or a shadowed page would find no room: never, with the tables the
+    driver builds and the shadow strict caching mode keeps equal to them. A table reached
+    twice reads as nothing, as walk_range's ``seen`` (the stamps of kpg.unmap_range mark
+    the tables reached)."""
+    frames = pt[kpg.H_FRAMES]
+    nrows = pt[kpg.H_ROWS]
+    mark = kpg.HEADER + frames + nrows
+    slab = mark + nrows + kpg.EVENT * pt[kpg.H_EVENTS]
+    ps, amask, levels = pt[kpg.H_PS], pt[kpg.H_AMASK], pt[kpg.H_LEVELS]
+    limit = np.int64(1) << (PAGE_SHIFT + 9 * levels)   # sl widths 39, 48, 57: PageTable.limit
+    hi = min(end, limit)
+    lo = max(start, 0)
+    reads = 0
+    if lo >= hi:
+        return reads, t
+    sid = ctl[D_SID]
+    cap = log.shape[0] - 2            # a row, or an unmap and a map, must find room
+    stamp = pt[kpg.H_STAMP] + 1
+    pt[kpg.H_STAMP] = stamp
+    row = pt[kpg.HEADER + (pt[kpg.H_ROOT] >> PAGE_SHIFT)]
+    pt[mark + row] = stamp
+    # a level's frame in ws: row, level, base, start, end, perms, next index, last index
+    shift = PAGE_SHIFT + 9 * (levels - 1)
+    ws[0], ws[1], ws[2], ws[3], ws[4], ws[5] = row, levels, 0, lo, hi, 3
+    ws[6], ws[7] = lo >> shift, min(511, (hi - 1) >> shift)
+    reads += ws[7] + 1 - ws[6]
+    sp = 0
+    while sp >= 0:
+        f = 8 * sp
+        idx = ws[f + 6]
+        if idx > ws[f + 7]:
+            sp -= 1
+            continue
+        ws[f + 6] = idx + 1
+        level = ws[f + 1]
+        shift = PAGE_SHIFT + 9 * (level - 1)
+        span = np.int64(1) << shift
+        entry = pt[slab + ws[f] * kpg.SLOTS + idx]
+        region = ws[f + 2] + (idx << shift)
+        p = ws[f + 5] & entry & 3          # sl R, W are ACCESS_READ, ACCESS_WRITE
+        if p and (level == 1 or entry & ps):
+            if level > 1:
+                continue                   # a large leaf: reserved without SLLPS, skipped
+            page = region >> PAGE_SHIFT
+            phys = (entry & amask & ~(span - 1)) >> PAGE_SHIFT
+            w = 1 if p & 2 else 0
+            i = _h_find(sh, page)
+            if i >= 0 and sh[i, 1] == phys and sh[i, 2] == w:
+                continue                   # the same translation: skipped
+            if gctl[C_LOG_N] > cap:
+                return -1, t
+            if i >= 0:                     # changed: an emulated UNMAP first
+                _log(gctl, log, t, OP_VFIO_UNMAP, sid, 0, page << PAGE_SHIFT, PAGE_SIZE, 0,
+                     unmap_id)
+                stats[S_VMM_UNMAP_CALLS] += 1
+                t += c[K_VFIO_UNMAP] + c[K_QI_DESC] + c[K_QI_WAIT]
+            else:
+                if 2 * (ctl[D_SH_N] + 1) > sh.shape[0] or 2 * (ctl[D_SR_N] + 1) > sr.shape[0]:
+                    return -1, t
+                i = -1 - i
+                sh[i, 0] = page
+                ctl[D_SH_N] += 1
+                _sr_add(sr, ctl, page >> 9, 1)
+            sh[i, 1] = phys
+            sh[i, 2] = w
+            _log(gctl, log, t, OP_VFIO_MAP, sid, 0, region, phys << PAGE_SHIFT, PAGE_SIZE, w)
+            stats[S_VMM_MAP_CALLS] += 1
+            t += c[K_VFIO_MAP] + c[K_PIN_PAGE]
+            continue
+        if p:
+            cf = (entry & amask) >> PAGE_SHIFT       # kpg._row of the table it leads to
+            crow = pt[kpg.HEADER + cf] if cf < frames else -1
+            if crow < 0:
+                return -1, t
+            if pt[mark + crow] != stamp:   # not reached before: walk into it
+                pt[mark + crow] = stamp
+                s = max(ws[f + 3], region)
+                e = min(ws[f + 4], region + span)
+                sp += 1
+                g = 8 * sp
+                cshift = shift - 9
+                ws[g], ws[g + 1], ws[g + 2], ws[g + 3], ws[g + 4], ws[g + 5] = (
+                    crow, level - 1, region, s, e, p)
+                ws[g + 6] = (s - region) >> cshift
+                ws[g + 7] = min(511, (e - 1 - region) >> cshift)
+                reads += ws[g + 7] + 1 - ws[g + 6]
+                continue
+        # an entry that maps nothing: one VFIO unmap of its region if something is shadowed
+        if gctl[C_LOG_N] > cap:
+            return -1, t
+        if _sh_range(sh, sr, ctl, region >> PAGE_SHIFT, span >> PAGE_SHIFT, True) > 0:
+            _log(gctl, log, t, OP_VFIO_UNMAP, sid, 0, region, span, 0, unmap_id)
+            stats[S_VMM_UNMAP_CALLS] += 1
+            t += c[K_VFIO_UNMAP] + c[K_QI_DESC] + c[K_QI_WAIT]
+    return reads, t
+
+
+@njit(cache=True)
+def _shadow_flush(stats, gctl, log, ctl, c, pt, ws, sh, sr, t, addr, npages, descs,
+                  unmap_id):
+    """One strict flush under caching mode: ``descs`` descriptors (the page-selective
+    IOTLB invalidation, a device-TLB one under ATS, the wait; domain-selective when the
+    range's mask exceeds CAP.MAMV), the tail write traps, and the VMM syncs its shadow over
+    the range (ShadowVmm.handle: ``vmm_pte_read_ns`` per entry its walk read, then each
+    VFIO call). The time after the VM entry; refused (R_WALK, C_ERR) as ``_shadow_walk``
+    says (never expected)."""
+    stats[S_INV_DESCRIPTORS] += descs
+    t += c[K_QI_SUBMIT]
+    stats[S_VM_EXITS] += 1
+    half = c[K_VM_EXIT] // 2
+    t += half + c[K_VMM_TRAP]
+    a, am = _psi(addr, npages)
+    if am > QI_MAMV_DEFAULT:           # vtd_sync_shadow_page_table: the whole domain
+        start, end = np.int64(0), np.int64(1) << 62
+    else:
+        start, end = a, a + (np.int64(PAGE_SIZE) << am)
+    n0 = gctl[C_LOG_N]
+    reads, t = _shadow_walk(pt, ws, sh, sr, ctl, gctl, log, stats, c, start, end, t,
+                            unmap_id)
+    if reads < 0:
+        _refuse(gctl, R_WALK)
+        return t
+    late = c[K_PTE_READ] * reads       # the reads come first: every call that much later
+    for r in range(n0, gctl[C_LOG_N]):
+        log[r, L_T_NS] += late
+    return t + late + c[K_VM_EXIT] - half
+
 # --- IOVAs ----------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
 def _free_iova(tree, ist, mag, pg, ctl, cpu, pfn, pages, t):
@@ -510,6 +760,16 @@ def _untag(pg, tg, retired, ctl, s):
 
 
 # --- the DMA API ----------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _leaf_bits(ctl, direction):
+    """PageTable._leaf_bits of a mapping (read, and write unless DMA_TO_DEVICE): a
+    first-level leaf's P|US|A (+RW|D), or under shadow a second-level leaf's R (+W)."""
+    write = direction != DMA_TO_DEVICE
+    if ctl[D_MODE] == MODE_SHADOW:
+        return SL_R | (SL_W if write else 0)
+    return FL_P | FL_US | FL_A | ((FL_RW | FL_D) if write else 0)
+
+
 @njit(cache=True, inline="always")
 def _alloc_iova(gctl, ctl, cost, tree, ist, mag, pg, cpu, pages, t1):
     """dma-iommu.c iommu_dma_alloc_iova of ``pages`` for ``cpu`` (below 4 GiB first for a
@@ -568,6 +828,7 @@ def dma_map(g, d, cpu, gpa, size, direction, t):
     busy, stats, gctl, log, fl, fl_off, fl_n = g.busy, g.stats, g.ctl, g.log, g.fl, g.fl_off, g.fl_n
     ctl, cost, tree, ist, mag, pt, pg = d.ctl, d.costs, d.tree, d.ist, d.mag, d.pt, d.pg
     tg, retired, made, fq, rows_free = d.tg, d.retired, d.made, d.fq, d.rows_free
+    sh, sr, ws = d.sh, d.sr, d.ws
     c = cpu % busy.shape[0]
     t0 = max(t, busy[c])
     if ctl[D_MODE] == MODE_PASSTHROUGH:
@@ -583,7 +844,7 @@ def dma_map(g, d, cpu, gpa, size, direction, t):
     if cpu < 0 or cpu >= ist[kiova.S_CPUS]:
         _refuse(gctl, R_CPU)
         return -1, t
-    if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq):
+    if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq, sh, sr):
         _refuse(gctl, R_ROOM)
         return -1, t
     t1 = t0 + cost[K_DMA_CALL]
@@ -591,9 +852,7 @@ def dma_map(g, d, cpu, gpa, size, direction, t):
     pfn, t1 = _alloc_iova(gctl, ctl, cost, tree, ist, mag, pg, cpu, pages, t1)
     if pfn < 0:
         return -1, t
-    bits = FL_P | FL_US | FL_A
-    if direction != DMA_TO_DEVICE:
-        bits |= FL_RW | FL_D
+    bits = _leaf_bits(ctl, direction)
     iova = pfn << PAGE_SHIFT
     end = iova + (pages << PAGE_SHIFT)
     phys = gpa & ~(PAGE_SIZE - 1)
@@ -605,6 +864,12 @@ def dma_map(g, d, cpu, gpa, size, direction, t):
     stats[S_IOMMU_MAP_EVENTS] += 1
     stats[S_PTE_WRITES] += n
     t1 += n * cost[K_PTE_WRITE]
+    if ctl[D_MODE] == MODE_SHADOW:     # caching mode: iotlb_sync_map flushes the new range
+        t1 = _shadow_flush(stats, gctl, log, ctl, cost, pt, ws, sh, sr, t1, iova, pages, 2,
+                           -1)
+        if gctl[C_ERR]:
+            return -1, t
+        t1 += cost[K_QI_WAIT]
     s = _pg_slot(pg, ctl, pfn)
     pg[s, P_MPAGES] = pages
     for p in range(pfn, pfn + pages):
@@ -636,6 +901,7 @@ def map_sg(g, d, cpu, sg, n, direction, t, out, charge):
     busy, stats, gctl, log, fl, fl_off, fl_n = g.busy, g.stats, g.ctl, g.log, g.fl, g.fl_off, g.fl_n
     ctl, cost, tree, ist, mag, pt, pg = d.ctl, d.costs, d.tree, d.ist, d.mag, d.pt, d.pg
     tg, retired, made, fq, rows_free = d.tg, d.retired, d.made, d.fq, d.rows_free
+    sh, sr, ws = d.sh, d.sr, d.ws
     c = cpu % busy.shape[0]
     t0 = max(t, busy[c]) if charge else t
     if n <= 0:
@@ -664,7 +930,7 @@ def map_sg(g, d, cpu, sg, n, direction, t, out, charge):
     if cpu < 0 or cpu >= ist[kiova.S_CPUS]:
         _refuse(gctl, R_CPU)
         return -1, t
-    if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq):
+    if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq, sh, sr):
         _refuse(gctl, R_ROOM)
         return -1, t
     t1 = t0 + cost[K_DMA_CALL]
@@ -672,9 +938,7 @@ def map_sg(g, d, cpu, sg, n, direction, t, out, charge):
     pfn, t1 = _alloc_iova(gctl, ctl, cost, tree, ist, mag, pg, cpu, pages, t1)
     if pfn < 0:
         return -1, t
-    bits = FL_P | FL_US | FL_A
-    if direction != DMA_TO_DEVICE:
-        bits |= FL_RW | FL_D
+    bits = _leaf_bits(ctl, direction)
     stores = 0
     page = pfn
     for i in range(n):        # each segment its own table.map at the next pages
@@ -694,6 +958,12 @@ def map_sg(g, d, cpu, sg, n, direction, t, out, charge):
         page += k
     stats[S_PTE_WRITES] += stores
     t1 += stores * cost[K_PTE_WRITE]
+    if ctl[D_MODE] == MODE_SHADOW:     # caching mode: iotlb_sync_map flushes the new range
+        t1 = _shadow_flush(stats, gctl, log, ctl, cost, pt, ws, sh, sr, t1, pfn << PAGE_SHIFT,
+                           pages, 2, -1)
+        if gctl[C_ERR]:
+            return -1, t
+        t1 += cost[K_QI_WAIT]
     s = _pg_slot(pg, ctl, pfn)
     pg[s, P_MPAGES] = pages
     for p in range(pfn, pfn + pages):
@@ -724,6 +994,7 @@ def dma_unmap(g, d, cpu, iova, size, direction, t):
     busy, stats, gctl, log = g.busy, g.stats, g.ctl, g.log
     ctl, cost, tree, ist, mag, pt, pg = d.ctl, d.costs, d.tree, d.ist, d.mag, d.pt, d.pg
     tg, retired, made, fq = d.tg, d.retired, d.made, d.fq
+    sh, sr, ws = d.sh, d.sr, d.ws
     c = cpu % busy.shape[0]
     t0 = max(t, busy[c])
     if ctl[D_MODE] == MODE_PASSTHROUGH:
@@ -743,7 +1014,7 @@ def dma_unmap(g, d, cpu, iova, size, direction, t):
         if cpu < 0 or cpu >= ist[kiova.S_CPUS]:
             _refuse(gctl, R_CPU)
             return t
-        if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq):
+        if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, fq, sh, sr):
             _refuse(gctl, R_ROOM)
             return t
     t1 = t0 + cost[K_DMA_CALL]
@@ -779,8 +1050,14 @@ def dma_unmap(g, d, cpu, iova, size, direction, t):
     tg[j, 1] = pages
     ctl[D_TG_N] += 1
     if ctl[D_LAZY] == 0:    # strict: invalidate and wait now, then free the IOVA
-        t1 = _invalidate(stats, gctl, log, ctl, cost, t1, False, pfn << PAGE_SHIFT, pages,
-                         True, unmap_id)
+        if ctl[D_MODE] == MODE_SHADOW:
+            t1 = _shadow_flush(stats, gctl, log, ctl, cost, pt, ws, sh, sr, t1,
+                               pfn << PAGE_SHIFT, pages, 2 + ctl[D_ATS], unmap_id)
+            if gctl[C_ERR]:
+                return t
+        else:
+            t1 = _invalidate(stats, gctl, log, ctl, cost, t1, False, pfn << PAGE_SHIFT,
+                             pages, True, unmap_id)
         t1 += cost[K_QI_WAIT] + cost[K_IOVA_FREE]
         _free_iova(tree, ist, mag, pg, ctl, cpu, pfn, pages, t1)
     else:
@@ -848,10 +1125,10 @@ def fq_timer(g, d, cpu):
     (C_ERR) without change when short of room."""
     stats, gctl, log = g.stats, g.ctl, g.log
     ctl, costs, st, tree, ist, mag, pg = d.ctl, d.costs, d.fq, d.tree, d.ist, d.mag, d.pg
-    tg, retired, made, pt = d.tg, d.retired, d.made, d.pt
+    tg, retired, made, pt, sh, sr = d.tg, d.retired, d.made, d.pt, d.sh, d.sr
     if ctl[D_LAZY] == 0 or st[kfq.S_ARMED] == 0:
         return
-    if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, st):
+    if not _room(gctl, log, ctl, pg, tg, retired, made, tree, ist, pt, st, sh, sr):
         _refuse(gctl, R_ROOM)
         return
     t = st[kfq.S_DEADLINE_NS]
@@ -973,9 +1250,10 @@ def _iova_arrays(dom, slack: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def freeze(agent, slack: int = _SLACK) -> DomainArrays:
     """The DomainArrays of ``agent``'s one domain (a VmAgent after setup(); its own state is
     copied, not shared), with room for about ``slack`` more pages, ids and tables in each
-    array. Pass-through or nested, one device, no PASID besides 0."""
+    array. Pass-through, nested or shadow, one device, no PASID besides 0; under shadow the
+    VMM's shadow of the device (ShadowVmm.shadowed) is copied too."""
     dma = agent.dma
-    if agent.mode not in ("passthrough", "nested"):
+    if agent.mode not in ("passthrough", "nested", "shadow"):
         raise ValueError(f"compiled DMA API: mode {agent.mode!r} stays on the Python path")
     if len(agent.devices) != 1 or agent.pasid_devices:
         raise ValueError("compiled DMA API: one device and its PASID 0 only")
@@ -996,9 +1274,14 @@ def freeze(agent, slack: int = _SLACK) -> DomainArrays:
         ctl[D_MODE] = MODE_PASSTHROUGH
         return DomainArrays(ctl, costs, np.zeros((1, kiova.TREE_COLS), np.int64), z1,
                             np.zeros((1, kiova.MAG_COLS), np.int64), z1, z1, z1,
-                            np.zeros((1, PG_COLS), np.int64), z2, z1, z2)
-    ctl[D_MODE] = MODE_NESTED
+                            np.zeros((1, PG_COLS), np.int64), z2, z1, z2, *_no_shadow())
     dom = dma.domains[sid]
+    if agent.mode == "shadow":
+        ctl[D_MODE] = MODE_SHADOW
+        sh, sr = _shadow_arrays(agent, dom, slack)
+    else:
+        ctl[D_MODE] = MODE_NESTED
+        sh, sr, _ws = _no_shadow()
     store = dom.table.store
     if agent.mem.table_residue or store.zeroing is not None:
         raise ValueError("compiled DMA API: a freed table page awaits its zeroing stores")
@@ -1058,7 +1341,52 @@ def freeze(agent, slack: int = _SLACK) -> DomainArrays:
     if pairs:
         made[:len(pairs)] = pairs
     ctl[D_MADE_N] = len(pairs)
-    return DomainArrays(ctl, costs, tree, ist, mag, pt, rows_free, fq, pg, tg, retired, made)
+    ctl[D_SH_N], ctl[D_SR_N] = _shadow_counts(sh, sr)
+    return DomainArrays(ctl, costs, tree, ist, mag, pt, rows_free, fq, pg, tg, retired, made,
+                        sh, sr, np.zeros(WS_LEN, np.int64))
+
+
+def _no_shadow() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sh, sr, ws) of a domain without a shadow: empty, never used."""
+    return (np.full((1, SH_COLS), -1, np.int64), np.full((1, SR_COLS), -1, np.int64),
+            np.zeros(1, np.int64))
+
+
+def _shadow_counts(sh: np.ndarray, sr: np.ndarray) -> tuple[int, int]:
+    return int((sh[:, 0] >= 0).sum()), int((sr[:, 0] >= 0).sum())
+
+
+def _shadow_arrays(agent, dom, slack: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sh, sr) of the VMM's shadow of ``dom``'s device: ShadowVmm as built (its walk over
+    a 4-KiB-only second-level table in the plain store, the vIOMMU fetching), else
+    ValueError."""
+    from host_iommu.pgtable import SL_PS
+    from vm_agent.vmm import ShadowVmm
+    table = dom.table
+    if type(agent.vmm) is not ShadowVmm or not agent.viommu.caching_mode:
+        raise ValueError("compiled DMA API: shadow needs the plain ShadowVmm, caching mode")
+    if agent.viommu.iqe or agent.viommu.queued:
+        raise ValueError("compiled DMA API: the vIOMMU's queue is in error or holds work")
+    if (table.fmt != "sl" or table.max_order != 0 or not table._kernel
+            or int(table.store.state[kpg.H_PS]) != SL_PS or table.limit != 1 << (
+                PAGE_SHIFT + 9 * table.levels)):
+        raise ValueError("compiled DMA API: shadow of a 4-KiB second-level table only")
+    tree = agent.vmm.shadowed.get(dom.sid, {})
+    regions: dict[int, int] = {}
+    for p in tree:
+        regions[p >> 9] = regions.get(p >> 9, 0) + 1
+    sh = np.full((_pow2(4 * (len(tree) + slack)), SH_COLS), -1, np.int64)
+    for p, (phys, write) in tree.items():
+        sh[-1 - _h_find(sh, p)] = (p, phys, int(write))
+    sr = np.full((_pow2(4 * (len(regions) + slack)), SR_COLS), -1, np.int64)
+    for r, n in regions.items():
+        sr[-1 - _h_find(sr, r)] = (r, n)
+    return sh, sr
+
+
+def shadowed(d: DomainArrays) -> dict[int, tuple[int, bool]]:
+    """What the VMM shadowed of the device (ShadowVmm.shadowed[sid]'s items), read back."""
+    return {int(p): (int(ph), bool(w)) for p, ph, w in d.sh.tolist() if p >= 0}
 
 
 def grown(d: DomainArrays, slack: int = _SLACK) -> DomainArrays:
@@ -1102,6 +1430,18 @@ def grown(d: DomainArrays, slack: int = _SLACK) -> DomainArrays:
     if int(ctl[D_FREE_ROWS_N]) + rows - int(ctl[D_NEXT_ROW]) < 2 * int(ctl[D_LEVELS]):
         frames, events = int(d.pt[kpg.H_FRAMES]), int(d.pt[kpg.H_EVENTS])
         rep["pt"] = kpg.grown(d.pt, frames, 2 * rows + 2 * int(ctl[D_LEVELS]) + slack, events)
+    if ctl[D_MODE] == MODE_SHADOW:
+        n = int(ctl[D_SH_N])
+        if 2 * (n + MAX_PAGES + 1) > d.sh.shape[0]:
+            sh = np.full((_pow2(max(4 * (n + slack), 2 * (n + MAX_PAGES + 1))), SH_COLS), -1,
+                         np.int64)
+            _rehash(d.sh, sh)
+            rep["sh"] = sh
+        n = int(ctl[D_SR_N])
+        if 2 * (n + 3) > d.sr.shape[0]:
+            sr = np.full((_pow2(max(4 * (n + slack), 2 * (n + 3))), SR_COLS), -1, np.int64)
+            _rehash(d.sr, sr)
+            rep["sr"] = sr
     if ctl[D_LAZY] and not _fq_room(d.fq):
         st = d.fq
         rings = int(st[kfq.S_RINGS])
