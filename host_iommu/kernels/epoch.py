@@ -305,6 +305,23 @@ def _dma_run(i, j, m, addr, access, st, tr, seg, data, spk, spv, cnt, tst, outb,
 
 
 @njit(cache=True, inline="always")
+def _note_stamp(st, ooo, late, vm, uid, t):
+    """An invalidation stamped at t went on the queue: record its unmap id once among the
+    out-of-order ones when it came late, and raise the epoch's stamp maximum."""
+    if late:
+        seen = False
+        for q in range(st[ST_OUT_OF_ORDER]):
+            if ooo[q, 0] == vm and ooo[q, 1] == uid:
+                seen = True
+        if not seen:
+            q = st[ST_OUT_OF_ORDER]
+            ooo[q, 0], ooo[q, 1] = vm, uid
+            st[ST_OUT_OF_ORDER] = q + 1
+    if t > st[ST_STAMP_MAX]:
+        st[ST_STAMP_MAX] = t
+
+
+@njit(cache=True, inline="always")
 def _vfio_op(i, m, st, slab, slot_of, qctl, inflight, unresponsive, pend, done, seg, data,
              spk, spv, spm, ooo, cnt, vf):
     """Operation i, an OP_VFIO_MAP or OP_VFIO_UNMAP, as HostServer._control applies it, if
@@ -348,17 +365,7 @@ def _vfio_op(i, m, st, slab, slot_of, qctl, inflight, unresponsive, pend, done, 
     if uid >= 0 and not _ora_can_set(seg, spk, spm, vm, uid):
         return False
     # --- applied from here on: vfio_unmap's record, pins and stores, then its flush ---
-    if late:
-        seen = False
-        for q in range(st[ST_OUT_OF_ORDER]):
-            if ooo[q, 0] == vm and ooo[q, 1] == uid:
-                seen = True
-        if not seen:
-            q = st[ST_OUT_OF_ORDER]
-            ooo[q, 0], ooo[q, 1] = vm, uid
-            st[ST_OUT_OF_ORDER] = q + 1
-    if t > st[ST_STAMP_MAX]:
-        st[ST_STAMP_MAX] = t
+    _note_stamp(st, ooo, late, vm, uid, t)
     st[ST_PTE_WRITES] += unmap_apply(vf, d, vm, iova, n, slab, slot_of)
     status, processed, _t_at, t_done, _err = _submit(
         qctl, inflight, unresponsive, words[:4 * nd], pend, done, t, M_DRIVER, True)
@@ -518,17 +525,7 @@ def run_ops(i, m, val, words, st, slab, slot_of, qctl, inflight, unresponsive, p
             first = pend[0, P_FIRST]
             if first < pend[0, P_END]:
                 st[ST_NEXT_EFFECT] = pend[first, E_T]
-        if late:
-            seen = False
-            for q in range(st[ST_OUT_OF_ORDER]):
-                if ooo[q, 0] == vm and ooo[q, 1] == uid:
-                    seen = True
-            if not seen:
-                q = st[ST_OUT_OF_ORDER]
-                ooo[q, 0], ooo[q, 1] = vm, uid
-                st[ST_OUT_OF_ORDER] = q + 1
-        if t > st[ST_STAMP_MAX]:
-            st[ST_STAMP_MAX] = t
+        _note_stamp(st, ooo, late, vm, uid, t)
         cnt[vm, C_INV_DESCS] += processed
         if uid >= 0:
             _ora_set(seg, data, spk, spv, spm, vm, uid, t_done)

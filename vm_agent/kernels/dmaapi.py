@@ -1389,6 +1389,17 @@ def shadowed(d: DomainArrays) -> dict[int, tuple[int, bool]]:
     return {int(p): (int(ph), bool(w)) for p, ph, w in d.sh.tolist() if p >= 0}
 
 
+def _grow_hash(rep: dict, name: str, table: np.ndarray, n: int, extra: int,
+               slack: int) -> None:
+    """``rep[name]``: an open-addressing table of n entries rehashed into a larger one when
+    n + extra more would fill it past half."""
+    if 2 * (n + extra) > table.shape[0]:
+        new = np.full((_pow2(max(4 * (n + slack), 2 * (n + extra))), table.shape[1]), -1,
+                      np.int64)
+        _rehash(table, new)
+        rep[name] = new
+
+
 def grown(d: DomainArrays, slack: int = _SLACK) -> DomainArrays:
     """``d`` with every array ``room_ok`` checks grown to leave room for one call and about
     ``slack`` more (same dtypes and C order, so no kernel compiles again); ``d`` itself when
@@ -1397,17 +1408,8 @@ def grown(d: DomainArrays, slack: int = _SLACK) -> DomainArrays:
     if ctl[D_MODE] == MODE_PASSTHROUGH:
         return d
     rep = {}
-    n = int(ctl[D_PG_N])
-    if 2 * (n + MAX_PAGES + 1) > d.pg.shape[0]:
-        pg = np.full((_pow2(max(4 * (n + slack), 2 * (n + MAX_PAGES + 1))), PG_COLS), -1,
-                     np.int64)
-        _rehash(d.pg, pg)
-        rep["pg"] = pg
-    n = int(ctl[D_TG_N])
-    if 2 * (n + 2) > d.tg.shape[0]:
-        tg = np.full((_pow2(max(4 * (n + slack), 2 * (n + 2))), TG_COLS), -1, np.int64)
-        _rehash(d.tg, tg)
-        rep["tg"] = tg
+    _grow_hash(rep, "pg", d.pg, int(ctl[D_PG_N]), MAX_PAGES + 1, slack)
+    _grow_hash(rep, "tg", d.tg, int(ctl[D_TG_N]), 2, slack)
     n = int(ctl[D_RETIRED_N])
     if n + MAX_PAGES + 1 > d.retired.shape[0]:
         r = np.zeros(max(2 * d.retired.shape[0], n + MAX_PAGES + 1) + slack, np.int64)
@@ -1431,17 +1433,8 @@ def grown(d: DomainArrays, slack: int = _SLACK) -> DomainArrays:
         frames, events = int(d.pt[kpg.H_FRAMES]), int(d.pt[kpg.H_EVENTS])
         rep["pt"] = kpg.grown(d.pt, frames, 2 * rows + 2 * int(ctl[D_LEVELS]) + slack, events)
     if ctl[D_MODE] == MODE_SHADOW:
-        n = int(ctl[D_SH_N])
-        if 2 * (n + MAX_PAGES + 1) > d.sh.shape[0]:
-            sh = np.full((_pow2(max(4 * (n + slack), 2 * (n + MAX_PAGES + 1))), SH_COLS), -1,
-                         np.int64)
-            _rehash(d.sh, sh)
-            rep["sh"] = sh
-        n = int(ctl[D_SR_N])
-        if 2 * (n + 3) > d.sr.shape[0]:
-            sr = np.full((_pow2(max(4 * (n + slack), 2 * (n + 3))), SR_COLS), -1, np.int64)
-            _rehash(d.sr, sr)
-            rep["sr"] = sr
+        _grow_hash(rep, "sh", d.sh, int(ctl[D_SH_N]), MAX_PAGES + 1, slack)
+        _grow_hash(rep, "sr", d.sr, int(ctl[D_SR_N]), 3, slack)
     if ctl[D_LAZY] and not _fq_room(d.fq):
         st = d.fq
         rings = int(st[kfq.S_RINGS])
