@@ -28,6 +28,13 @@ LINE_FIELDS = ("valid", "did", "pasid", "vpn_at_order", "order", "hpa_page", "pe
                "stamp")
 # Counters: the LRU clock, then hits, misses, fills, evictions, invalidated (RefSetAssoc order).
 C_CLOCK, C_HITS, C_MISSES, C_FILLS, C_EVICTIONS, C_INVALIDATED = range(6)
+# After them, where the vector is long enough (IotlbArrays, PwcArrays: COUNTERS), C_IRREG: an
+# upper bound on the valid lines a set probe cannot enumerate (PASID != 0, or PGTT first-level
+# or nested): every such fill adds one (_fill_line), a full _invalidate scan sets the exact
+# count; drops elsewhere (_inv_range, qiq.py _probe_range) leave it high. While it is 0 a
+# page-selective invalidation need only visit the sets the range's keys hash to.
+C_IRREG = 6
+COUNTERS = 7
 PAGE_ORDERS = 3      # 4 KiB, 2 MiB, 1 GiB: probed in that order
 # Invalidation kinds (_invalidate's ``kind``): descriptor 0x2 global / domain / page-selective,
 # descriptor 0x6 all-in-PASID / page-selective-within-PASID.
@@ -128,6 +135,13 @@ def _fill(state, counters, did, pasid, addr, order, hpa_page, perm, pgtt):
     _fill_keyed(state, counters, did, pasid, tag, order, hpa_page, perm, pgtt)
 
 
+@njit(cache=True, inline="always")
+def _irregular(pasid, pgtt) -> bool:
+    """A line a page-selective set probe cannot find by its key: PASID != 0 (the probe
+    hashes PASID 0), or first-level / nested (INV_PAGE drops those at any address)."""
+    return pasid != 0 or pgtt in (PGTT_FL_ONLY, PGTT_NESTED)
+
+
 @njit(cache=True)
 def _fill_line(state, counters, did, pasid, tag, mixed, v0, v1, v2, stamp):
     """One fill of _fill_keyed (the caller advances the clock): the line of the key
@@ -151,6 +165,8 @@ def _fill_line(state, counters, did, pasid, tag, mixed, v0, v1, v2, stamp):
             if state[F_STAMP, s, w] < state[F_STAMP, s, way]:
                 way = w
         counters[C_EVICTIONS] += 1
+    if counters.shape[0] > C_IRREG and _irregular(pasid, v2):
+        counters[C_IRREG] += 1
     state[F_VALID, s, way] = 1
     state[F_DID, s, way] = did
     state[F_PASID, s, way] = pasid
@@ -183,6 +199,104 @@ def _fill_keyed(state, counters, did, pasid, tag, mixed, v0, v1, v2):
 @njit(cache=True)
 def _invalidate(state, counters, kind, did, pasid, lo, hi):
     """Drop the lines one invalidation selects; returns how many were dropped.
+
+    state, counters: as in _lookup. kind: INV_*; did, pasid: the descriptor's fields; lo, hi:
+    first and last 4-KiB page of the address range (page-selective kinds only). A line covers
+    pages [vpn << 9*order, (vpn + 1) << 9*order); it meets the range if any of those is in it.
+    The same lines and counters as _invalidate_scan: a page-selective 0x2 (INV_PAGE) while
+    no line is irregular (C_IRREG 0: every line PASID 0, none first-level or nested) visits
+    only the sets of the range's keys (_probe_page); otherwise every line is scanned (the
+    predicate of _invalidate_scan, the reference), and the scan sets C_IRREG to the
+    irregular lines it leaves.
+    """
+    if kind == INV_PAGE and counters.shape[0] > C_IRREG and counters[C_IRREG] == 0:
+        dropped = _probe_page(state, counters, did, lo, hi)
+        if dropped >= 0:
+            return dropped
+    sets = state.shape[1]
+    ways = state.shape[2]
+    dropped = 0
+    left = 0                 # irregular lines kept
+    nine = np.uint64(9)
+    one = np.uint64(1)
+    for s in range(sets):
+        for w in range(ways):
+            if state[F_VALID, s, w] == 0:
+                continue
+            g = state[F_PGTT, s, w]
+            first_level = g in (PGTT_FL_ONLY, PGTT_NESTED)
+            first = state[F_VPN, s, w] << (nine * state[F_ORDER, s, w])
+            last = first + ((one << (nine * state[F_ORDER, s, w])) - one)
+            meets = first <= hi and last >= lo
+            same_did = state[F_DID, s, w] == did
+            if kind == INV_GLOBAL:
+                drop = True
+            elif kind == INV_DOMAIN:
+                drop = same_did
+            elif kind == INV_PAGE:
+                drop = same_did and (first_level or (g in (PGTT_SL_ONLY, PGTT_PT) and meets))
+            elif kind == INV_PASID:
+                drop = same_did and state[F_PASID, s, w] == pasid and first_level
+            else:
+                drop = (same_did and state[F_PASID, s, w] == pasid and first_level
+                        and meets)
+            if drop:
+                state[F_VALID, s, w] = 0
+                dropped += 1
+            elif first_level or state[F_PASID, s, w] != 0:
+                left += 1
+    counters[C_INVALIDATED] += dropped
+    if counters.shape[0] > C_IRREG:
+        counters[C_IRREG] = left
+    return dropped
+
+
+@njit(cache=True)
+def _probe_page(state, counters, did, lo, hi) -> int:
+    """INV_PAGE of ``did`` over pages [lo, hi] when every valid line is PASID 0 and neither
+    first-level nor nested: drops the second-level-only and pass-through lines of ``did``
+    meeting the range, visiting only the sets _fill_line placed such lines in (the set of
+    key (did, 0, tag, order) for each order 0..2 and each tag in [lo >> 9 order, hi >> 9
+    order]); returns the count, or -1 (nothing done) when that is at least as many sets as
+    the cache has. A set visited twice drops nothing the second time."""
+    sets = state.shape[1]
+    if sets == 0:
+        return 0
+    nine = np.uint64(9)
+    one = np.uint64(1)
+    zero = np.uint64(0)
+    probes = 0
+    for o in range(PAGE_ORDERS):
+        sh = nine * np.uint64(o)
+        probes += int((hi >> sh) - (lo >> sh)) + 1
+        if probes >= sets:
+            return -1
+    dropped = 0
+    for o in range(PAGE_ORDERS):
+        uo = np.uint64(o)
+        sh = nine * uo
+        for tag in range(int(lo >> sh), int(hi >> sh) + 1):
+            s = _set_index(did, zero, np.uint64(tag), uo, sets)
+            for w in range(state.shape[2]):
+                if state[F_VALID, s, w] == 0 or state[F_DID, s, w] != did:
+                    continue
+                g = state[F_PGTT, s, w]
+                if g not in (PGTT_SL_ONLY, PGTT_PT):
+                    continue
+                span = nine * state[F_ORDER, s, w]
+                first = state[F_VPN, s, w] << span
+                last = first + ((one << span) - one)
+                if first <= hi and last >= lo:
+                    state[F_VALID, s, w] = 0
+                    dropped += 1
+    counters[C_INVALIDATED] += dropped
+    return dropped
+
+
+@njit(cache=True)
+def _invalidate_scan(state, counters, kind, did, pasid, lo, hi):
+    """Drop the lines one invalidation selects, scanning every line; returns how many were
+    dropped. The reference _invalidate is held to (tests/host_iommu/test_kernel_inv_probe.py).
 
     state, counters: as in _lookup. kind: INV_*; did, pasid: the descriptor's fields; lo, hi:
     first and last 4-KiB page of the address range (page-selective kinds only). A line covers
@@ -278,7 +392,7 @@ class IotlbArrays:
             raise ValueError("entries must be a non-negative multiple of ways")
         self.ways, self.sets = ways, entries // ways
         self.state = np.zeros((len(LINE_FIELDS), self.sets, ways), dtype=np.uint64)
-        self.counts = np.zeros(6, dtype=np.int64)
+        self.counts = np.zeros(COUNTERS, dtype=np.int64)
 
     def lookup(self, did: ArrayLike, pasid: ArrayLike, addr: ArrayLike
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

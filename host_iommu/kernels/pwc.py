@@ -20,6 +20,7 @@ from host_iommu.kernels.iotlb import (
     C_CLOCK,
     C_HITS,
     C_MISSES,
+    COUNTERS,
     F_DID,
     F_HPA,
     F_ORDER,
@@ -103,7 +104,7 @@ class PwcArrays:
             raise ValueError("entries must be a non-negative multiple of ways")
         self.stage, self.ways, self.sets = stage, ways, entries // ways
         self.state = np.zeros((len(LINE_FIELDS), self.sets, ways), dtype=np.uint64)
-        self.counts = np.zeros(6, dtype=np.int64)
+        self.counts = np.zeros(COUNTERS, dtype=np.int64)
 
     def _cols(self, did: ArrayLike, pasid: ArrayLike, addr: ArrayLike, level: ArrayLike,
               *rest: ArrayLike) -> list[np.ndarray]:
