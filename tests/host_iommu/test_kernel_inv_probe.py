@@ -37,7 +37,7 @@ REGULAR = (0, PGTT_SL_ONLY, PGTT_PT)             # pgtt values a probe can handl
 line = st.tuples(st.integers(0, 2),               # did
                  st.integers(0, 2),               # order
                  st.integers(-3, 3),              # tag offset from BASE's tag at that order
-                 st.sampled_from(REGULAR + (PGTT_FL_ONLY, PGTT_NESTED)),
+                 st.sampled_from((*REGULAR, PGTT_FL_ONLY, PGTT_NESTED)),
                  st.sampled_from([0, 0, 0, 0, 5]))  # pasid
 regular_line = st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(-3, 3),
                          st.sampled_from(REGULAR), st.just(0))
