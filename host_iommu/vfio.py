@@ -93,6 +93,35 @@ class DomainRecord(MutableMapping):
             raise KeyError(page)
         vk.rec_del(r.keys, r.vals, r.held, r.count, s)
 
+    def any_in(self, p0: int, n: int) -> bool:
+        """Whether any IOVA page in [p0, p0 + n) is mapped (the record's own probe or scan,
+        not an iteration over every container's keys)."""
+        if len(self) == 0 or n <= 0:
+            return False
+        if p0 < 0 or p0 + n > 1 << vk.KEY_SHIFT:
+            return any(p0 <= p < p0 + n for p in self)
+        return bool(vk.rec_any_in(self.rec.keys, self.did, p0, n))
+
+    def pages_in(self, p0: int, n: int) -> list[int]:
+        """The mapped IOVA pages in [p0, p0 + n), ascending."""
+        if len(self) == 0 or n <= 0:
+            return []
+        if p0 < 0 or p0 + n > 1 << vk.KEY_SHIFT:
+            return sorted(p for p in self if p0 <= p < p0 + n)
+        out = np.empty(min(n, len(self)), dtype=np.int64)
+        k = vk.rec_pages_in(self.rec.keys, self.rec.vals, self.did, p0, n, out)
+        return out[:k].tolist()
+
+    def put_run(self, p0: int, f0: int, n: int) -> None:
+        """self[p0 + i] = f0 + i for i in 0..n-1, in that order."""
+        if n <= 0:
+            return
+        self._key(p0)
+        self._key(p0 + n - 1)
+        r = self.rec
+        r.reserve(n)
+        vk.rec_put_run(r.keys, r.vals, r.held, r.count, self.did, p0, f0, n)
+
     def _pairs(self) -> tuple[list[int], list[int]]:
         n = len(self)
         p, g = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
@@ -170,14 +199,20 @@ def vfio_map(host: HostIommu, dom: ShadowDomain, iova: int, gpa: int, size: int,
     if f0 + n > v.gpa_frames or (v.hpa_of[f0:f0 + n] < 0).any():
         raise VfioError(f"VFIO map of unbacked GPA range {gpa:#x}+{size:#x}")
     p0 = iova >> PAGE_SHIFT
-    if n <= len(dom.gpa_of_iova):
-        taken = any(p in dom.gpa_of_iova for p in range(p0, p0 + n))
+    rec = dom.gpa_of_iova
+    if type(rec) is DomainRecord:     # the same answer as below, without iterating
+        taken = rec.any_in(p0, n)
+    elif n <= len(rec):
+        taken = any(p in rec for p in range(p0, p0 + n))
     else:
-        taken = any(p0 <= p < p0 + n for p in dom.gpa_of_iova)
+        taken = any(p0 <= p < p0 + n for p in rec)
     if taken:
         raise VfioError(f"VFIO map iova={iova:#x} size={size:#x} overlaps a mapping")
     v.pins[f0:f0 + n] += 1
-    dom.gpa_of_iova.update(zip(range(p0, p0 + n), range(f0, f0 + n), strict=True))
+    if type(rec) is DomainRecord:
+        rec.put_run(p0, f0, n)
+    else:
+        rec.update(zip(range(p0, p0 + n), range(f0, f0 + n), strict=True))
     frames = v.hpa_of[f0:f0 + n].tolist()
     if dom.table.max_order != 0:
         for i in range(n):
@@ -213,7 +248,9 @@ def vfio_unmap(host: HostIommu, dom: ShadowDomain, iova: int, size: int, t_ns: i
                         f"{dom.table.width}-bit IOVA space")
     v = host.vms[dom.vm]
     p0, n = iova >> PAGE_SHIFT, size >> PAGE_SHIFT
-    if n <= len(dom.gpa_of_iova):
+    if type(dom.gpa_of_iova) is DomainRecord:    # the same pages, without iterating
+        pages = dom.gpa_of_iova.pages_in(p0, n)
+    elif n <= len(dom.gpa_of_iova):
         pages = [p for p in range(p0, p0 + n) if p in dom.gpa_of_iova]
     else:
         pages = sorted(p for p in dom.gpa_of_iova if p0 <= p < p0 + n)

@@ -149,6 +149,58 @@ def rec_pages(rk, rv, did, out_p, out_g):
     return n
 
 
+@njit(cache=True)
+def rec_pages_in(rk, rv, did, p0, n, out_p):
+    """The IOVA pages of container ``did`` in [p0, p0 + n), ascending, into ``out_p``;
+    returns how many. Probes each page of the range when it is shorter than the record,
+    else scans the record (then sorts): O(min(n, capacity)), not a scan per call."""
+    cap = rk.shape[0]
+    hi = did << KEY_SHIFT
+    k = 0
+    if n <= cap:
+        for p in range(p0, p0 + n):
+            if rec_find(rk, hi | p) >= 0:
+                out_p[k] = p
+                k += 1
+        return k
+    mask = (np.int64(1) << KEY_SHIFT) - 1
+    for s in range(cap):
+        key = rk[s]
+        if key != EMPTY and (key >> KEY_SHIFT) == did and p0 <= (key & mask) < p0 + n:
+            out_p[k] = key & mask
+            k += 1
+    out_p[:k].sort()
+    return k
+
+
+@njit(cache=True)
+def rec_any_in(rk, did, p0, n):
+    """Whether container ``did`` maps any IOVA page in [p0, p0 + n): rec_pages_in's probe
+    or scan, stopping at the first."""
+    cap = rk.shape[0]
+    hi = did << KEY_SHIFT
+    if n <= cap:
+        for p in range(p0, p0 + n):  # noqa: SIM110 (a compiled loop, not a generator)
+            if rec_find(rk, hi | p) >= 0:
+                return True
+        return False
+    mask = (np.int64(1) << KEY_SHIFT) - 1
+    for s in range(cap):
+        key = rk[s]
+        if key != EMPTY and (key >> KEY_SHIFT) == did and p0 <= (key & mask) < p0 + n:
+            return True
+    return False
+
+
+@njit(cache=True)
+def rec_put_run(rk, rv, rm, rcount, did, p0, f0, n):
+    """Keys did << 46 | (p0 + i) -> f0 + i for i in 0..n-1, in that order (rec_put each; the
+    caller made room for n more)."""
+    hi = did << KEY_SHIFT
+    for i in range(n):
+        rec_put(rk, rv, rm, rcount, hi | (p0 + i), f0 + i)
+
+
 # --- host memory as memory.HostMemory.read_u64 reads it ------------------------------------
 @njit(cache=True, inline="always")
 def _read(slab, slot_of, addr):
