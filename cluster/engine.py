@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from host_iommu.protocol import EpochReport, merge, pack, pack_ops, unpack, unpack_ops
+from host_iommu.protocol import EpochReport, merge, pack, unpack, unpack_ops
 from host_iommu.server import HostServer
 from vm_agent.agent import VmAgent
 
@@ -57,8 +57,8 @@ class InProcTransport:
         return dict(self._host_of)
 
     def run_epochs(self, t_end_ns: int) -> dict[int, np.ndarray]:
-        return {vm: unpack_ops(pack_ops(self.agents[vm].run_epoch(t_end_ns)))
-                for vm in self.vm_ids()}
+        agents = self.agents
+        return {vm: unpack_ops(agents[vm].run_epoch_frame(t_end_ns)) for vm in self.vm_ids()}
 
     def host_apply(self, ops: dict[int, np.ndarray], t_start_ns: int | None = None
                    ) -> dict[int, EpochReport]:

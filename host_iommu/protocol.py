@@ -135,7 +135,12 @@ def merge(batches: list[np.ndarray]) -> np.ndarray:
 
 def pack_ops(ops: np.ndarray) -> bytes:
     """One msgpack frame holding the raw column bytes (for transports that need bytes)."""
+    if ops.size == 0:      # an idle VM's epoch: the frame is always the same
+        return _EMPTY_FRAME
     return msgpack.packb({"dtype": "OP_DTYPE/1", "n": int(ops.size), "data": ops.tobytes()})
+
+
+_EMPTY_FRAME = msgpack.packb({"dtype": "OP_DTYPE/1", "n": 0, "data": b""})
 
 
 _FRAME_TYPES = (bytes, bytearray, memoryview)   # a tuple: ``bytes | ...`` is built per call
@@ -209,6 +214,8 @@ def check_ops(ops: np.ndarray) -> np.ndarray:
 
 def unpack_ops(frame: bytes) -> np.ndarray:
     """The operations of one packed batch, checked (ProtocolError on anything malformed)."""
+    if type(frame) is bytes and frame == _EMPTY_FRAME:
+        return np.empty(0, dtype=OP_DTYPE)   # what the general path decodes it to
     msg = _unpackb(frame)
     if not isinstance(msg, dict) or set(msg) != {"dtype", "n", "data"}:
         raise ProtocolError("an operation batch is a map of dtype, n and data")
@@ -316,8 +323,16 @@ def check_setup(s: VmSetup) -> VmSetup:
     return s
 
 
+_NAME_SETS: dict[type, frozenset] = {}   # a message class -> its field names, as a set
+
+
 def _fields_of(cls: type, d: dict) -> dict:
-    extra = sorted(map(str, set(d) - set(_names(cls))))
+    names = _NAME_SETS.get(cls)
+    if names is None:
+        names = _NAME_SETS[cls] = frozenset(_names(cls))
+    if d.keys() <= names:     # the common case: no unknown field to name
+        return d
+    extra = sorted(map(str, set(d) - names))
     if extra:
         raise ProtocolError(f"{cls.__name__}: unknown fields {extra}")
     return d

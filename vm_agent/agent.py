@@ -51,6 +51,7 @@ from host_iommu.protocol import (
     EpochReport,
     OpLog,
     VmSetup,
+    pack_ops,
 )
 from vm_agent.dma import DmaApi, DmaError, IommuDomain, domain_key
 from vm_agent.flushq import DEFAULT_HZ
@@ -282,6 +283,10 @@ class VmAgent:
         self._made.clear()  # creation stores already sent are ordered by the epoch
         self.dma.log_retired(t_end_ns)
         return self.log.take()
+
+    def run_epoch_frame(self, t_end_ns: int) -> bytes:
+        """``run_epoch``'s batch as the frame a transport sends (protocol.pack_ops)."""
+        return pack_ops(self.run_epoch(t_end_ns))
 
     def receive(self, report: EpochReport) -> None:
         """Host counters, the faults reported to this guest's vIOMMU, and how much longer its

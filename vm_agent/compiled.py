@@ -139,6 +139,31 @@ def _slack(p: NicWorkload.Params) -> tuple[int, int]:
     return per_call + dma_rows, 4
 
 
+def counters_in_array(cls: type, names: tuple[str, ...]) -> None:
+    """Make each of ``names`` on ``cls`` (a subclass of a workload class) a property over
+    slot i of the instance's ``_w`` int64 array, its value a Python int: the compiled
+    agent hands its workload the loop's counter array (``nic.w``) instead of copying it
+    into the workload's attributes after every epoch (~2 us a VM-epoch). A property is a
+    data descriptor: it, not the instance's now stale attribute, answers."""
+    def slot(i: int) -> property:
+        def get(self: Any) -> int:
+            return int(self._w[i])
+
+        def put(self: Any, v: int) -> None:
+            self._w[i] = v
+        return property(get, put)
+    for i, name in enumerate(names):
+        setattr(cls, name, slot(i))
+
+
+class NicWorkloadOnArrays(NicWorkload):
+    """A NicWorkload whose counters (kernels/nic.py W_NAMES) live in the compiled loop's
+    array ``_w``: what a CompiledNicAgent's workload becomes once frozen."""
+
+
+counters_in_array(NicWorkloadOnArrays, knic.W_NAMES)
+
+
 _ENTRIES: dict[tuple, tuple[Any, Any]] = {}   # (loop, fingerprints) -> entry points
 
 
@@ -181,7 +206,18 @@ class CompiledNicAgent(VmAgent):
             except ValueError:
                 return vs
             self.compiled = True
+            self._counters_on_arrays()
         return vs
+
+    _workload_on_arrays: type = NicWorkloadOnArrays
+
+    def _counters_on_arrays(self) -> None:
+        """The workload's counters read from the loop's array from now on (its class
+        becomes ``_workload_on_arrays``, which adds only those properties): the values
+        are the same (nic_arrays copied them in), and ``_sync`` need not copy them back."""
+        wl = self.workload
+        wl._w = self.nic.w
+        wl.__class__ = self._workload_on_arrays
 
     def freeze(self) -> None:
         """Move the guest's state after set-up into arrays (the Python objects are left
@@ -230,12 +266,46 @@ class CompiledNicAgent(VmAgent):
         unless the log must grow for them first); the epoch's host operations."""
         if not self.compiled:
             return super().run_epoch(t_end_ns)
+        self._finish(t_end_ns, None)
+        return kg.take_log(self.g)
+
+    def run_epoch_frame(self, t_end_ns: int) -> bytes:
+        """``pack_ops(run_epoch(t_end_ns))``, the same bytes, in one compiled call where it
+        can (the ``_epoch`` kernel): the loop and, the epoch ended in it, its batch taken
+        as protocol.pack_ops's frame into a buffer kept from epoch to epoch, whose bytes
+        are copied out. Otherwise (the loop stopped for room or left the epoch's end to
+        Python, or the frame did not fit) ``run_epoch``'s way goes on from there."""
+        if not self.compiled:
+            return super().run_epoch_frame(t_end_ns)
+        k = self.__dict__.get("_entry") or self._kernels()
+        out = self.__dict__.get("_out")
+        if out is None:
+            out = self._out = np.zeros(kg.frame_bytes(256), np.uint8)
         self.epoch_ns = t_end_ns - self.now
         self.t_end = t_end_ns
-        run, end = self._kernels()
+        st = k[2](self.g, self.d, self.nic, t_end_ns, out)
+        if st < 0:                    # ended and framed: the common case
+            self.now = t_end_ns
+            self._sync()
+            return out[:-st].tobytes()
+        self._finish(t_end_ns, st)
+        g = self.g
+        need = kg.frame_bytes(int(g.ctl[kg.C_LOG_N]))
+        if need > out.size:
+            out = self._out = np.zeros(max(need, 2 * out.size), np.uint8)
+        return out[:kg.take_frame(g.ctl, g.log, out)].tobytes()
+
+    def _finish(self, t_end_ns: int, st: int | None) -> None:
+        """The epoch run to its end from a loop call's status ``st`` (None: none made
+        yet): the arrays grown and the loop called again for room, the epoch's end where
+        the loop left it to Python, an error raised; then the clock and ``_sync``."""
+        self.epoch_ns = t_end_ns - self.now
+        self.t_end = t_end_ns
+        run, end, _epoch = self._kernels()
         g, d, nic = self.g, self.d, self.nic
         while True:
-            st = run(g, d, nic, t_end_ns)
+            if st is None:
+                st = run(g, d, nic, t_end_ns)
             if st == kg.ST_ENDED:
                 break
             if st == kg.ST_DONE:
@@ -243,12 +313,12 @@ class CompiledNicAgent(VmAgent):
                 break
             if st == kg.ST_ROOM:
                 g, d = self._grow(g, d)
+                st = None
                 continue
             self._sync()
             kg.raise_error(g)
         self.now = t_end_ns
         self._sync()
-        return kg.take_log(g)
 
     def _end(self, end: Any, t_end_ns: int) -> kg.GuestArrays:
         """The epoch's end where the loop left it to Python (no room in the log for the
@@ -264,9 +334,11 @@ class CompiledNicAgent(VmAgent):
         return g
 
     _loop = staticmethod(knic.run)   # the workload's compiled loop: (g, d, nic, t_end) -> ST_*
+    _epoch = staticmethod(knic.epoch)  # the loop and the frame: (g, d, nic, t_end, out)
 
-    def _kernels(self) -> tuple[Any, Any]:
-        """The compiled entry points of the loop and of the epoch's end for this agent's
+    def _kernels(self) -> tuple[Any, Any, Any]:
+        """The compiled entry points of the loop, of the epoch's end and of the loop with
+        the frame (``_epoch``: its ``out`` a C-contiguous uint8 array) for this agent's
         argument types (compiled, or loaded from numba's cache, on first use): a call
         through the dispatcher types its namedtuples first, ~17 us of an epoch's ~25.
         Arrays only ever grow into arrays of the same types, so the types hold. The loop
@@ -286,7 +358,8 @@ class CompiledNicAgent(VmAgent):
                 ty = [numba.typeof(x) for x in args]
                 i64 = numba.types.int64
                 k = (self._loop.compile((*ty, i64)),
-                     dmaapi.end_epoch.compile((ty[0], ty[1], i64)))
+                     dmaapi.end_epoch.compile((ty[0], ty[1], i64)),
+                     self._epoch.compile((*ty, i64, numba.types.uint8[::1])))
                 if key is not None:
                     _ENTRIES[key] = k
             self._entry = k
@@ -295,6 +368,7 @@ class CompiledNicAgent(VmAgent):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("_entry", None)      # compiled entry points: found again after unpickling
+        state.pop("_out", None)        # the frame buffer: made again on first use
         return state
 
     def _grow(self, g: kg.GuestArrays, d: Any) -> tuple[kg.GuestArrays, Any]:
@@ -318,12 +392,12 @@ class CompiledNicAgent(VmAgent):
         return self.g
 
     def _sync(self) -> None:
-        """The workload's counters and the stale bound from the arrays; ``stats`` is built
-        again on its next read (a new dict: the Python DMA layer's reference to the old one
-        is no longer used)."""
+        """The stale bound from the arrays (dmaapi.stale_bound_ns; the workload's counters
+        are read from them: ``_counters_on_arrays``); ``stats`` is built again on its next
+        read (a new dict: the Python DMA layer's reference to the old one is no longer
+        used)."""
         self._stats = None
-        self.workload.__dict__.update(zip(knic.W_NAMES, self.nic.w.tolist(), strict=True))
-        self.dma.stale_bound_ns = dmaapi.stale_bound_ns(self.d)
+        self.dma.stale_bound_ns = int(self.d.ctl[dmaapi.D_STALE_BOUND])
 
     @property
     def stats(self) -> dict[str, int]:

@@ -122,6 +122,14 @@ def _slack(nv: knvme.NvmeArrays) -> tuple[int, int]:
     return per_call + int(nv.p[knvme.P_MAX_LISTS]) + 3, int(nv.p[knvme.P_MAX_PAGES]) + 2
 
 
+class NvmeWorkloadOnArrays(NvmeWorkload):
+    """An NvmeWorkload whose counters (kernels/nvme.py W_NAMES) live in the compiled loop's
+    array ``_w`` (compiled.counters_in_array): a CompiledNvmeAgent's workload once frozen."""
+
+
+compiled.counters_in_array(NvmeWorkloadOnArrays, knvme.W_NAMES)
+
+
 class CompiledNvmeAgent(compiled.CompiledNicAgent):
     """A VmAgent (same constructor, interface and results) whose NVMe epochs run compiled.
 
@@ -132,6 +140,8 @@ class CompiledNvmeAgent(compiled.CompiledNicAgent):
     """
 
     _loop = staticmethod(knvme.run)
+    _epoch = staticmethod(knvme.epoch)
+    _workload_on_arrays = NvmeWorkloadOnArrays
 
     def freeze(self) -> None:
         """Move the guest's state after set-up into arrays (the Python objects are left
@@ -145,13 +155,6 @@ class CompiledNvmeAgent(compiled.CompiledNicAgent):
         self.d = dmaapi.freeze(self)           # of the agent changed before this line
         self.nic = nv
         self._freeze_guest(_slack(nv), knvme.KIND_OF, knvme.K_FQ_TIMER)
-
-    def _sync(self) -> None:
-        """The workload's counters and the stale bound from the arrays (CompiledNicAgent's
-        ``_sync``: ``stats`` made again on its next read)."""
-        self._stats = None
-        self.workload.__dict__.update(zip(knvme.W_NAMES, self.nic.w.tolist(), strict=True))
-        self.dma.stale_bound_ns = dmaapi.stale_bound_ns(self.d)
 
 
 def warm_up() -> None:

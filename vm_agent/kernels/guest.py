@@ -301,6 +301,81 @@ def take_log(g: GuestArrays) -> np.ndarray:
     return np.frombuffer(buf, dtype=OP_DTYPE)
 
 
+# --- the epoch's batch as its wire frame ------------------------------------------------
+# protocol.pack_ops's msgpack frame, {"dtype": "OP_DTYPE/1", "n": n, "data": records}: a map
+# of three, the fixstr keys and format, n as msgpack's smallest unsigned int, the records as
+# bin 8/16/32 (checked against msgpack at import and by tests/vm_agent/test_guest_fixed_frame.py)
+FRAME_PREFIX = b"\x83\xa5dtype\xaaOP_DTYPE/1\xa1n"
+FRAME_DATA_KEY = b"\xa4data"
+FRAME_HEAD_MAX = len(FRAME_PREFIX) + 9 + len(FRAME_DATA_KEY) + 5   # the longest header
+_PREFIX = np.frombuffer(FRAME_PREFIX, np.uint8).copy()
+_DATA_KEY = np.frombuffer(FRAME_DATA_KEY, np.uint8).copy()
+
+
+@njit(cache=True, inline="always")
+def _put_be(out, at, v, nbytes):
+    """The low ``nbytes`` bytes of ``v`` at out[at:], big-endian (msgpack's order)."""
+    for k in range(nbytes):
+        out[at + k] = (v >> (8 * (nbytes - 1 - k))) & 0xFF
+    return at + nbytes
+
+
+@njit(cache=True, inline="always")
+def _put_uint(out, at, v, small, tag8, tag16, tag32, tag64):
+    """msgpack's shortest form of the unsigned ``v``: itself below ``small`` (a fixint; 0
+    for none), else a tag byte and 1, 2, 4 or 8 big-endian bytes (tag64 -1: none)."""
+    if v < small:
+        out[at] = v
+        return at + 1
+    if v < 0x100:
+        out[at] = tag8
+        return _put_be(out, at + 1, v, 1)
+    if v < 0x10000:
+        out[at] = tag16
+        return _put_be(out, at + 1, v, 2)
+    if v < 0x1_0000_0000 or tag64 < 0:
+        out[at] = tag32
+        return _put_be(out, at + 1, v, 4)
+    out[at] = tag64
+    return _put_be(out, at + 1, v, 8)
+
+
+@njit(cache=True, inline="always")
+def frame_log(ctl, log, out):
+    """take_log then protocol.pack_ops, into ``out`` (uint8): the frame's length; 0 when it
+    does not fit in ``out``, nothing taken then."""
+    n = ctl[C_LOG_N]
+    nb = n * 59
+    if FRAME_HEAD_MAX + nb > out.size:
+        return 0
+    at = 0
+    for k in range(_PREFIX.size):
+        out[at] = _PREFIX[k]
+        at += 1
+    at = _put_uint(out, at, n, 0x80, 0xCC, 0xCD, 0xCE, 0xCF)
+    for k in range(_DATA_KEY.size):
+        out[at] = _DATA_KEY[k]
+        at += 1
+    at = _put_uint(out, at, nb, 0, 0xC4, 0xC5, 0xC6, -1)
+    seq0 = ctl[C_SEQ0]
+    if n:
+        _pack(log, n, ctl[C_VM], seq0, out[at:])
+    ctl[C_LOG_N] = 0
+    ctl[C_SEQ0] = seq0 + n
+    return at + nb
+
+
+@njit(cache=True)
+def take_frame(ctl, log, out):
+    """``frame_log`` as its own call (the epoch kernels inline it)."""
+    return frame_log(ctl, log, out)
+
+
+def frame_bytes(n: int) -> int:
+    """The bytes ``frame_log`` needs in ``out`` for ``n`` rows."""
+    return FRAME_HEAD_MAX + 59 * n
+
+
 def load_log(g: GuestArrays, log: OpLog) -> GuestArrays:
     """The rows an OpLog holds (set-up's, not yet taken) moved into ``g``; the OpLog is left
     empty with its seq0 advanced past them (it logs no more). Returns ``g``, grown to fit."""

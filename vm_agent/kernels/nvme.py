@@ -588,3 +588,17 @@ def run(g, d, nv, t_end):
 
 
 knic._stamp_with(run, dmaapi, kg, knic, dmaapi.kfq, dmaapi.kiova, dmaapi.kpg)
+
+
+@njit(cache=True)
+def epoch(g, d, nv, t_end, out):
+    """``run``, then, where the epoch ended in that call (ST_ENDED) and its frame fits in
+    ``out``, the epoch's batch taken as protocol.pack_ops's frame into ``out``
+    (guest.frame_log): minus the frame's length; else run's status, the log not taken.
+    One call per VM-epoch for the agent's ``run_epoch_frame``."""
+    st = run(g, d, nv, t_end)
+    if st == kg.ST_ENDED:
+        nb = kg.frame_log(g.ctl, g.log, out)
+        if nb:
+            return -nb
+    return st
