@@ -132,6 +132,16 @@ def test_probe_path_taken_and_counted():
     assert cn[C_IRREG] == 1 == _irregular_lines(st_)
 
 
+def test_first_level_and_nested_lines_of_pasid_0_block_the_probe():
+    """A first-level or nested line (PASID 0) far from the range: INV_PAGE drops it anyway,
+    so its fill must mark the cache irregular; likewise a second-level line of PASID 5."""
+    for irregular in ((1, 0, 3, PGTT_FL_ONLY, 0), (1, 0, 3, PGTT_NESTED, 0),
+                      (1, 0, 0, PGTT_SL_ONLY, 5), (1, 1, 0, PGTT_PT, 5)):
+        regular = [(1, 0, k, PGTT_SL_ONLY, 0) for k in (-2, -1)]
+        _run((128, 8), [[*regular, irregular], (INV_PAGE, 1, 0, -2, 0),
+                        (INV_PAGE, 1, 0, -1, 0), (INV_PAGE, 1, 0, 0, 0)])
+
+
 def test_short_counter_vector_scans():
     """A 6-counter vector (no C_IRREG slot, as walk.py's NO_PWC) takes the scan, unharmed."""
     a = np.zeros((len(LINE_FIELDS), 8, 2), U64)
