@@ -124,6 +124,9 @@ EPOCH_KERNEL_VFIO = True
 # ... and encodes the first sight of a one-entry HWPT invalidation itself where
 # nested.one_entry_words would encode it directly (kernels/epoch.py inv_encode) unless False.
 EPOCH_INV_ENCODE = True
+# ... and finds a many-VM host's guest stores' host frames in one call over every VM's map
+# (kernels/epoch.py store_frames_flat) unless False (then a call per VM: store_frames).
+STORES_FLAT = True
 _UNRESOLVED = (-1, 0)   # a HWPT invalidation the epoch kernel leaves to _control
 _WAIT_WORDS = np.array(WAIT_WORDS, dtype=np.uint64)   # the wait each invalidation ends with
 # Invalidations whose descriptor words a server keeps, and the slots of the compiled table
@@ -176,6 +179,16 @@ class HostServer:
         self._known = np.zeros(1, dtype=bool)    # _admit_compiled: VM id -> known
         self._known_ver: tuple[int, int] | None = None
         self._kinds = np.zeros(256, dtype=np.int64)   # kept operations by kind (this epoch)
+        # The epoch kernel's buffers, kept across epochs (_epoch_buffers): room for ``_cap``
+        # operations (outb, reqb, devb, waits, retires, access, keep), the scalar state, the
+        # statistics, the per-VM counts (a row per VM id), the out-of-order pairs.
+        self._cap = 0
+        self._bufs: tuple = ()
+        self._st = np.zeros(ek.ST_FIELDS, dtype=np.int64)
+        self._tst = np.zeros(len(ek.TST_NAMES), dtype=np.int64)
+        self._cnt = np.zeros((1, ek.CNT_FIELDS), dtype=np.int64)
+        self._ooo = np.zeros((64, 2), dtype=np.int64)
+        self._smaps: tuple[np.ndarray, np.ndarray, int] | None = None   # _store_maps
         # The VFIO containers as kernels/vfio.py's arrays (_vfio_arrays), made again when
         # the domains may have changed: the containers' records, the VMs' pins and GPA map
         # in flat buffers (each VmMemory's ``pins`` and ``hpa_of`` a view into them).
@@ -313,9 +326,9 @@ class HostServer:
         if t_start_ns is not None:
             h.qi.forget_until(int(t_start_ns))
         if self._compiled():
-            ops, m = self._admit_compiled(ops)
+            ops, m, access = self._admit_compiled(ops)
             if ops.size:
-                self._apply_compiled(ops, m)
+                self._apply_compiled(ops, m, access)
         else:
             ops = self._admit(ops)
             n = ops.size
@@ -424,6 +437,10 @@ class HostServer:
             vm, mem = next(iter(vms.items()))
             if ek.resolve_stores(m, start, vm, mem.hpa_of, mem.gpa_frames) == 0:
                 return
+        if STORES_FLAT:      # every VM's stores in one call, the maps in one buffer
+            hpa, vmrow = self._store_maps()
+            ek.store_frames_flat(m, start, hpa, vmrow)
+            return
         gw = np.flatnonzero(m[ek.M_OP, start:] == OP_GUEST_WRITE) + start
         if gw.size == 0:
             return
@@ -434,6 +451,38 @@ class HostServer:
         for lo, hi in itertools.pairwise(cuts):
             mem = vms[int(vm[lo])]
             ek.store_frames(m, gw[lo:hi], mem.hpa_of, mem.gpa_frames)
+
+    def _store_maps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every VM's memory map (VmMemory.hpa_of) as one flat buffer and int64[vms, 2]
+        rows (offset, GPA frames) by VM id, for kernels/epoch.py store_frames_flat. The
+        maps are moved into one buffer (each VmMemory keeps its view, as _vfio_build does;
+        a buffer _vfio_build made serves as well) the first time, and again only when a
+        VM's map is not a view of the buffer the rows were made for."""
+        vms = self.iommu.vms
+        kept = self._smaps
+        if kept is not None and kept[2] == len(vms):
+            base = kept[0]
+            if all(v.hpa_of.base is base for v in vms.values()):
+                return base, kept[1]
+        vals = list(vms.values())
+        base = vals[0].hpa_of.base if vals else None
+        shared = (base is not None and base.ndim == 1 and base.dtype == np.int64
+                  and base.flags.c_contiguous
+                  and all(v.hpa_of.base is base and v.hpa_of.flags.c_contiguous
+                          for v in vals))
+        if not shared:
+            base = np.concatenate([v.hpa_of for v in vals]).astype(np.int64, copy=False)
+            off = 0
+            for v in vals:
+                k = v.hpa_of.size
+                v.hpa_of = base[off:off + k]
+                off += k
+        vmrow = np.full((max(vms, default=0) + 1, 2), -1, dtype=np.int64)
+        p0 = base.__array_interface__["data"][0]
+        for vm, v in vms.items():
+            vmrow[vm] = (v.hpa_of.__array_interface__["data"][0] - p0) // 8, v.gpa_frames
+        self._smaps = (base, vmrow, len(vms))
+        return base, vmrow
 
     def _resolve_invalidations(self, ops: np.ndarray, m: np.ndarray) -> np.ndarray:
         """m[M_RES], m[M_NDESC] of the one-entry HWPT invalidations a VM may send (its own
@@ -543,36 +592,59 @@ class HostServer:
         self._inv_end = end + n
         return end, n >> 2
 
-    def _admit_compiled(self, ops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """_admit on the operation matrix (kernels/epoch.py admit): the same operations
-        kept, the same refusals counted; returns them with their matrix."""
-        m = self._op_matrix(ops)
-        if ops.size == 0:
-            return ops, m
+    def _epoch_buffers(self, n: int) -> tuple:
+        """The epoch kernel's per-operation buffers with room for ``n`` operations, kept
+        across epochs (made again, twice as large, when an epoch has more): (outb, reqb,
+        devb, waits, retires, access, keep). The kernel writes every row it reads back."""
+        if n > self._cap:
+            cap = max(n, 2 * self._cap, 256)
+            self._bufs = (np.zeros(cap, dtype=RESULT_DTYPE), np.zeros((cap, 6), dtype=np.int64),
+                          np.zeros(cap, dtype=bool), np.zeros((cap, 4), dtype=np.int64),
+                          np.zeros((cap, 3), dtype=np.int64), np.zeros(cap, dtype=np.uint8),
+                          np.zeros(cap, dtype=bool))
+            self._cap = cap
+        return self._bufs
+
+    def _admit_compiled(self, ops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """_admit on the operation matrix (kernels/epoch.py prepare: op_matrix, then admit):
+        the same operations kept, the same refusals counted; returns them with their matrix
+        and their access bytes (a2 & 0xFF, uint8)."""
+        n = ops.size
+        if n == 0:
+            return ops, self._op_matrix(ops), np.zeros(0, dtype=np.uint8)
         ver = (self._doms_version, len(self.counters))
         if self._known_ver != ver:      # the VM ids, made again after a set-up
             top = max(self.counters, default=0) + 1
             known = np.zeros(top, dtype=bool)
             known[list(self.counters)] = True
             self._known, self._known_ver = known, ver
-        known = self._known
-        refused = np.zeros((known.size, 2), dtype=np.int64)
-        keep = np.empty(ops.size, dtype=bool)
+            self._cnt = np.zeros((top, ek.CNT_FIELDS), dtype=np.int64)
+            self._refused = np.zeros((top, 2), dtype=np.int64)
+        known, refused = self._known, self._refused
+        bufs = self._epoch_buffers(n)
+        access, keep = bufs[5][:n], bufs[6][:n]
+        m = np.empty((ek.M_ROWS, n), dtype=np.int64)
         kinds = self._kinds
         kinds[:] = 0
-        unknown = ek.admit(m, known, _KNOWN_OP, _SID_OP, self._owner_table(), MAX_PASID,
-                           OP_DMA, ACCESS_READ, ACCESS_WRITE, OP_UNMAP_RETIRE, MAX_RETIRE_RUN,
-                           refused, keep, kinds)
+        # The next lines are equivalent and left for reference:
+        #     m = self._op_matrix(ops)
+        #     unknown = ek.admit(m, known, ..., refused, keep, kinds)
+        #     access = (m[ek.M_A2] & 0xFF).astype(np.uint8)
+        unknown = ek.prepare(ops if ops.flags.c_contiguous else np.ascontiguousarray(ops), m,
+                             access, known, _KNOWN_OP, _SID_OP, self._owner_table(), MAX_PASID,
+                             OP_DMA, ACCESS_READ, ACCESS_WRITE, OP_UNMAP_RETIRE,
+                             MAX_RETIRE_RUN, refused, keep, kinds)
+        if unknown == 0 and int(kinds.sum()) == n:     # every one kept
+            return ops, m, access
         self.host_counters["unknown_vm_ops"] += unknown
-        if unknown == 0 and int(kinds.sum()) == ops.size:     # every one kept
-            return ops, m
         for v in np.flatnonzero(refused.any(axis=1)).tolist():
             c = self.counters[v]
             c["ops_refused"] += int(refused[v, 0])
             c["foreign_sid_refused"] += int(refused[v, 1])
-        return ops[keep], np.ascontiguousarray(m[:, keep])
+        refused[:] = 0
+        return ops[keep], np.ascontiguousarray(m[:, keep]), access[keep]
 
-    def _apply_compiled(self, ops: np.ndarray, m: np.ndarray) -> None:
+    def _apply_compiled(self, ops: np.ndarray, m: np.ndarray, access: np.ndarray) -> None:
         """apply_epoch's loop on kernels/epoch.py: the kernel applies what it can from i on;
         the operation it stops at is applied here, the Python way, then the kernel goes on.
         State crosses in ``st`` (ST_*); per-VM counts, unmap waits and retired runs come back
@@ -586,20 +658,16 @@ class HostServer:
         words = self._resolve_invalidations(ops, m) if kinds[OP_HWPT_INV] else self._inv_words
         val = m[ek.M_A1].view(np.uint64)       # ops["a1"], ops["a0"]: the matrix's bits
         addr = m[ek.M_A0].view(np.uint64)
-        access = (m[ek.M_A2] & 0xFF).astype(np.uint8)
-        outb = np.zeros(n, dtype=RESULT_DTYPE)
-        reqb = np.zeros((n, 6), dtype=np.int64)
-        devb = np.zeros(n, dtype=bool)
-        tst = np.zeros(len(ek.TST_NAMES), dtype=np.int64)
-        st = np.zeros(ek.ST_FIELDS, dtype=np.int64)
+        outb, reqb, devb, waits, retires = self._epoch_buffers(n)[:5]
+        tst, st, cnt = self._tst, self._st, self._cnt     # VM id -> row of cnt
+        tst[:] = 0
+        st[:] = 0
+        cnt[:] = 0
         st[ek.ST_DMA] = EPOCH_KERNEL_DMA and hasattr(h.caches.ctxc, "vals") and hasattr(
             h.caches.pasidc, "vals")
         st[ek.ST_HIT_NS], st[ek.ST_REF_NS] = self.costs.iotlb_hit_ns, self.costs.mem_ref_ns
         st[ek.ST_FETCH] = EPOCH_KERNEL_FETCH and h.sm.mem is h.mem
-        cnt = np.zeros((self._known.size, ek.CNT_FIELDS), dtype=np.int64)   # VM id -> row
-        waits = np.zeros((n, 4), dtype=np.int64)
-        retires = np.zeros((n, 3), dtype=np.int64)
-        ooo = np.zeros((0, 2), dtype=np.int64)
+        ooo = self._ooo
         c = h.caches
         fl = h._no_pwc if c.fl_pwc is None else (c.fl_pwc.state, c.fl_pwc.counts)
         sl = h._no_pwc if c.sl_pwc is None else (c.sl_pwc.state, c.sl_pwc.counts)
@@ -607,40 +675,42 @@ class HostServer:
         vf = self._vfio_arrays(n)
         i = 0
         while True:
-            st[ek.ST_NEXT_EFFECT] = h._next_effect_ns
-            st[ek.ST_FREE_AT] = h._deferred_free[0][0] if h._deferred_free else ek.NEVER
-            st[ek.ST_STAMP_MAX] = self._qi_stamp_max
-            st[ek.ST_NOW] = h.now_ns
             late = self._qi_out_of_order
             if len(late) + n > ooo.shape[0]:
-                ooo = np.zeros((2 * (len(late) + n), 2), dtype=np.int64)
+                ooo = self._ooo = np.zeros((2 * (len(late) + n), 2), dtype=np.int64)
             if late:
                 ooo[:len(late)] = list(late)
-            st[ek.ST_OUT_OF_ORDER] = len(late)
-            st[ek.ST_PTE_WRITES] = st[ek.ST_WAITS] = st[ek.ST_RETIRES] = 0
+            # ST_NEXT_EFFECT, ST_FREE_AT, ST_STAMP_MAX, ST_NOW, ST_OUT_OF_ORDER, ST_PTE_WRITES,
+            # ST_WAITS, ST_RETIRES in one assignment (0-7), then ST_FAULTED_I, ST_LAST_I
+            st[:8] = (h._next_effect_ns,
+                      h._deferred_free[0][0] if h._deferred_free else ek.NEVER,
+                      self._qi_stamp_max, h.now_ns, len(late), 0, 0, 0)
             st[ek.ST_FAULTED_I] = st[ek.ST_LAST_I] = -1
-            i = ek.run_ops(i, m, val, words, st, mem.slab, mem.slot_of, q.ctl, q.inflight,
-                           q._unresponsive, h._effects, q._done, c.iotlb.state, c.iotlb.counts,
-                           fl[0], fl[1], sl[0], sl[1], c.dtlb.state, c.dtlb.counts, flat.seg,
-                           flat.data, flat.spk, flat.spv, flat.spm, ooo, cnt, waits, retires,
-                           addr, access, self._translation_state(), tst, outb, reqb, devb,
-                           vf)
-            h._next_effect_ns = int(st[ek.ST_NEXT_EFFECT])
-            h.now_ns = int(st[ek.ST_NOW])
-            self._qi_stamp_max = int(st[ek.ST_STAMP_MAX])
-            mem.pte_writes += int(st[ek.ST_PTE_WRITES])
-            if late or st[ek.ST_OUT_OF_ORDER]:
-                self._qi_out_of_order = set(map(tuple, ooo[:st[ek.ST_OUT_OF_ORDER]].tolist()))
-            if st[ek.ST_WAITS]:
-                for vm, uid, sid, wait in waits[:st[ek.ST_WAITS]].tolist():
+            i = ek.run_ops(i, m, val, words, st,
+                           (mem.slab, mem.slot_of, q.ctl, q.inflight, q._unresponsive,
+                            h._effects, q._done, c.iotlb.state, c.iotlb.counts, fl[0], fl[1],
+                            sl[0], sl[1], c.dtlb.state, c.dtlb.counts),
+                           (flat.seg, flat.data, flat.spk, flat.spv, flat.spm),
+                           (ooo, cnt, waits, retires, addr, access, tst, outb, reqb, devb),
+                           self._translation_state(), vf)
+            so = st.tolist()        # what came back, as ints (no numpy scalar each)
+            h._next_effect_ns = so[ek.ST_NEXT_EFFECT]
+            h.now_ns = so[ek.ST_NOW]
+            self._qi_stamp_max = so[ek.ST_STAMP_MAX]
+            if so[ek.ST_PTE_WRITES]:
+                mem.pte_writes += so[ek.ST_PTE_WRITES]
+            if late or so[ek.ST_OUT_OF_ORDER]:
+                self._qi_out_of_order = set(map(tuple, ooo[:so[ek.ST_OUT_OF_ORDER]].tolist()))
+            if so[ek.ST_WAITS]:
+                for vm, uid, sid, wait in waits[:so[ek.ST_WAITS]].tolist():
                     self.unmap_waits.setdefault(vm, []).append((uid, sid, wait))
-            if st[ek.ST_RETIRES]:
-                for vm, first, count in retires[:st[ek.ST_RETIRES]].tolist():
+            if so[ek.ST_RETIRES]:
+                for vm, first, count in retires[:so[ek.ST_RETIRES]].tolist():
                     self._retiring.setdefault(vm, []).append((first, count))
-            if st[ek.ST_LAST_I] >= 0:
-                h.last_devtlb_hit = devb[st[ek.ST_LAST_I]:st[ek.ST_LAST_J]].copy()
-            if st[ek.ST_FAULTED_I] >= 0:   # a run the kernel translated faulted
-                a, b = int(st[ek.ST_FAULTED_I]), int(st[ek.ST_FAULTED_J])
+            if so[ek.ST_LAST_I] >= 0:
+                h.last_devtlb_hit = devb[so[ek.ST_LAST_I]:so[ek.ST_LAST_J]].copy()
+            if so[ek.ST_FAULTED_I] >= 0:   # a run the kernel translated faulted
+                a, b = so[ek.ST_FAULTED_I], so[ek.ST_FAULTED_J]
                 h._record_faults(outb[a:b], m[ek.M_SID, a:b], m[ek.M_PASID, a:b], addr[a:b],
                                  access[a:b], ops["t_ns"][a:b], reqb[a:b])
                 continue
