@@ -50,6 +50,24 @@ def test_range_queries_match_iteration(cap, ops):
         assert dict(x) == r == dict(y) and list(x) == sorted(r)
 
 
+def test_range_edges_probe_and_scan():
+    """Keys just outside and just inside [p0, p0 + n), for n below and above the capacity."""
+    for n in (5, 20, 100, 1000):
+        rec = VfioRecord(8)
+        d, other = DomainRecord(rec, 2), DomainRecord(rec, 3)
+        p0 = 50
+        other.put_run(p0, 0, 3)                     # another container's keys in range
+        for p in (p0 - 1, p0 + n):
+            d.put_run(p, 7, 1)
+        assert (n <= rec.keys.size) == (n == 5)     # probe; else scan the record
+        assert not d.any_in(p0, n) and d.pages_in(p0, n) == []
+        d.put_run(p0 + n - 1, 8, 1)
+        assert d.any_in(p0, n) and d.pages_in(p0, n) == [p0 + n - 1]
+        d.put_run(p0, 9, 1)
+        assert d.pages_in(p0, n) == [p0, p0 + n - 1]
+        assert d.pages_in(p0 - 1, n + 2) == [p0 - 1, p0, p0 + n - 1, p0 + n]
+
+
 def test_empty_and_out_of_key_space():
     rec = VfioRecord(8)
     d = DomainRecord(rec, 5)
