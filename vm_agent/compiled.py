@@ -437,9 +437,9 @@ class CompiledNicAgent(VmAgent):
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) the compiled NIC loop once: a tiny nested lazy
-    NIC VM run for one epoch (the array types are the same in every mode, so the one
-    signature serves pass-through and nested strict too). About 80 s of CPU with a cold
-    cache, well under a second to load."""
+    NIC VM run for two epochs, by run_epoch and run_epoch_frame (the array types are the
+    same in every mode, so the one signature serves pass-through and nested strict too).
+    About 80 s of CPU with a cold cache, well under a second to load."""
     from host_iommu.costs import CostModel
 
     wl = NicWorkload(NicWorkload.Params(rx_ring=4, tx_ring=4, offered_gbps=20.0,
@@ -450,3 +450,5 @@ def warm_up() -> None:
     a.setup()
     a.run_epoch(20_000)
     a.receive(EpochReport(0, {}, [], [(0, 0, 1)]))
+    a.run_epoch_frame(40_000)              # the loop with the frame (_epoch) and the
+    kg.take_frame(a.g.ctl, a.g.log, np.zeros(kg.frame_bytes(0), np.uint8))   # frame alone

@@ -159,7 +159,7 @@ class CompiledNvmeAgent(compiled.CompiledNicAgent):
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) the compiled NVMe loop once: a tiny nested lazy
-    NVMe VM with PRP-list I/Os run for one epoch (the array types are the same in every
+    NVMe VM with PRP-list I/Os run for two epochs (the array types are the same in every
     mode, so the one signature serves pass-through and nested strict too)."""
     from host_iommu.costs import CostModel
     from host_iommu.protocol import EpochReport
@@ -172,3 +172,4 @@ def warm_up() -> None:
     a.setup()
     a.run_epoch(20_000)
     a.receive(EpochReport(0, {}, [], [(0, 0, 1)]))
+    a.run_epoch_frame(40_000)              # the NVMe loop with the frame (_epoch)
