@@ -199,3 +199,35 @@ def test_nested_and_shadow_stores_both_ways():
     for r, s in results[1:]:
         assert r == results[0][0]
         assert_same(s, results[0][1])
+
+
+def test_store_maps_resolve_as_each_vms_own_map():
+    """HostServer._resolve_stores on a four-VM host (maps of different sizes, one VM's
+    memory with holes), STORES_FLAT on against off: the same host frame for every store,
+    also after the maps were moved into one buffer and after a VM's map was replaced."""
+    hs = server.HostServer(IommuParams(memory_mib=64, qi_entries=128, iotlb_entries=64,
+                                       iotlb_ways=4))
+    for vm, mib in ((1, 4), (2, 2), (5, 8), (3, 1)):
+        hs.setup_vm(VmSetup(vm, mib << 20, "passthrough", (0x100 * vm,)))
+    hs.iommu.vms[5].hpa_of[7:40:3] = -1
+    rng = np.random.default_rng(7)
+    n = 300
+    ops = np.zeros(n, dtype=OP_DTYPE)
+    ops["op"] = np.where(rng.random(n) < 0.8, server.OP_GUEST_WRITE, OP_DMA)
+    ops["vm"] = rng.choice([1, 2, 3, 5], size=n)
+    ops["a0"] = (rng.integers(0, 3000, size=n) << 12) | 8 * rng.integers(0, 512, size=n)
+    for step in range(3):
+        if step == 2:
+            hs.iommu.vms[2].hpa_of = hs.iommu.vms[2].hpa_of.copy()
+        got = []
+        for flat in (False, True):
+            saved = server.STORES_FLAT
+            server.STORES_FLAT = flat
+            try:
+                m = server.HostServer._op_matrix(None, ops)
+                hs._resolve_stores(ops, m, 5)
+                got.append(m)
+            finally:
+                server.STORES_FLAT = saved
+        assert np.array_equal(got[0], got[1])
+        assert (got[1][ek.M_RES, 5:][ops["op"][5:] == server.OP_GUEST_WRITE] >= 0).any()
