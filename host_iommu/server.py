@@ -1198,6 +1198,8 @@ def warm_up_epoch() -> None:
     mem = hs.iommu.vms[1]        # a many-VM host's stores, by VM (HostServer._resolve_stores)
     ek.store_frames(hs._op_matrix(ops), np.flatnonzero(ops["op"] == OP_GUEST_WRITE),
                     mem.hpa_of, mem.gpa_frames)
+    hpa, vmrow = hs._store_maps()      # ... and all of them in one call (STORES_FLAT)
+    ek.store_frames_flat(hs._op_matrix(ops), 0, hpa, vmrow)
     warm_up_vfio()
 
 
