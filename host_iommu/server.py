@@ -672,7 +672,7 @@ class HostServer:
         fl = h._no_pwc if c.fl_pwc is None else (c.fl_pwc.state, c.fl_pwc.counts)
         sl = h._no_pwc if c.sl_pwc is None else (c.sl_pwc.state, c.sl_pwc.counts)
         q, mem, flat = h.qi, h.mem, self.oracle.flat
-        vf = self._vfio_arrays(n)
+        vf = self._vfio_arrays(n, m)
         i = 0
         while True:
             late = self._qi_out_of_order
@@ -775,12 +775,14 @@ class HostServer:
                 if x:
                     setattr(hs, name, getattr(hs, name) + x)
 
-    def _vfio_arrays(self, n: int) -> vk.VfioArrays:
+    def _vfio_arrays(self, n: int, m: np.ndarray) -> vk.VfioArrays:
         """The VFIO containers for the epoch kernel (kernels/vfio.py VfioArrays): META_ON
-        when there are VFIO operations among the epoch's ``n`` and the kernel may apply
-        them. Made again when the domains may have changed, or when something replaced what
-        the arrays stand for (a record, a VM's pins or GPA map); else the same arrays, the
-        record's current ones in them."""
+        when there are VFIO operations among the epoch's ``n`` (operation matrix ``m``) and
+        the kernel may apply them. The record gets room for the pages the epoch's maps ask
+        for (a longer map than MAX_MAP_PAGES, or one without room, goes to Python). Made
+        again when the domains may have changed, or when something replaced what the arrays
+        stand for (a record, a VM's pins or GPA map); else the same arrays, the record's
+        current ones in them."""
         h = self.iommu
         kinds = self._kinds      # _admit_compiled's count of this epoch's kinds
         if not (EPOCH_KERNEL_VFIO and self.shadow_of_sid and vfio_map is _VFIO_MAP
@@ -794,7 +796,10 @@ class HostServer:
             self._vfio_sig = sig
         vf = self._vfio
         rec = self._vfio_rec
-        rec.reserve(int(kinds[OP_VFIO_MAP]) * 64)
+        if kinds[OP_VFIO_MAP]:
+            maps = m[ek.M_OP, :n] == OP_VFIO_MAP
+            pages = np.minimum(np.maximum(m[ek.M_A2, :n][maps], 0) >> 12, vk.MAX_MAP_PAGES)
+            rec.reserve(int(pages.sum()))
         if vf.log.shape[0] < 4 * n + 64:
             vf = vf._replace(log=np.zeros((8 * n + 64, 3), dtype=np.int64))
         if vf.rk is not rec.keys or vf.owner is not h.mem.owner:

@@ -21,6 +21,7 @@ from host_iommu.pasid import PasidEntry
 from host_iommu.pgtable import PageTable
 from host_iommu.protocol import OP_DMA, OP_DTYPE, merge, pack_ops, unpack_ops
 from host_iommu.server import warm_up_epoch
+from host_iommu.vfio import DomainRecord, VfioRecord
 from host_iommu.walk import WalkBatch
 from vm_agent.compiled import warm_up as warm_nic_loop
 from vm_agent.compiled_nvme import warm_up as warm_nvme_loop
@@ -69,6 +70,12 @@ def warm_up() -> None:
     merge([unpack_ops(pack_ops(ops))])
     # the host's epoch kernel and the array oracle (kernels/epoch.py, kernels/oracle.py)
     warm_up_epoch()
+    # a VFIO container's record probed by range (kernels/vfio.py rec_put_run, rec_any_in,
+    # rec_pages_in), as vfio_map and vfio_unmap use it
+    rec = DomainRecord(VfioRecord(8), 1)
+    rec.put_run(0, 0, 2)
+    rec.any_in(0, 4)
+    rec.pages_in(0, 64)
     # the guest's compiled IOMMU driver and the whole-VM-epoch NIC and NVMe loops
     # (vm_agent/kernels/dmaapi.py, nic.py, nvme.py): about two minutes of CPU on a cold
     # cache, a second or two to load
