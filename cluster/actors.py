@@ -31,7 +31,7 @@ from typing import Any
 
 from cluster.build import VmPlan, guest_epoch_stats, guest_final, make_agent, make_host
 from cluster.config import Config
-from host_iommu.protocol import EpochReport, merge, pack, pack_ops, unpack, unpack_ops
+from host_iommu.protocol import EpochReport, merge, pack, unpack, unpack_ops
 
 
 def _node_id() -> str:
@@ -103,7 +103,7 @@ class VmGroupActor:
         self._receive(reports)
         frames, stats = {}, {}
         for a in self.agents:
-            frames[a.vm] = pack_ops(a.run_epoch(t_end_ns))
+            frames[a.vm] = a.run_epoch_frame(t_end_ns)
             stats[a.vm] = guest_epoch_stats(a)
         return frames, (stats, time.perf_counter() - t0)
 
