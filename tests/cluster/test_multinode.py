@@ -135,7 +135,7 @@ def two_nodes() -> Iterator[TwoNodes]:
         c.stop()
 
 
-def iommu_emu(c: TwoNodes, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def iommu_emu(c: TwoNodes, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cluster", *args], env=c.env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -165,7 +165,7 @@ def test_submit_runs_a_job_and_its_results_appear(tmp_path, two_nodes):
     r = iommu_emu(two_nodes, "submit", "configs/quickstart.toml", "--address",
                   f"http://127.0.0.1:{two_nodes.dashboard}", "--out", str(out),
                   "--python", sys.executable, "--follow",
-                  *[a for ov in OVERRIDES for a in ("--set", ov)], timeout=400)
+                  *[a for ov in OVERRIDES for a in ("--set", ov)], timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "job: " in r.stdout and f"results: {out}/quickstart" in r.stdout
     assert "SUCCEEDED" in r.stdout

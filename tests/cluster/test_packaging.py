@@ -26,7 +26,7 @@ def wheel(tmp_path_factory) -> Path:
     src = base / "src"
     shutil.copytree(ROOT, src, ignore=SKIP)
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "-w", str(base / "w"),
-                        "--no-deps", "-q"], capture_output=True, text=True, timeout=300)
+                        "--no-deps", "-q"], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     (found,) = (base / "w").glob("iommu_emu-*.whl")
     return found
@@ -58,7 +58,7 @@ def test_installed_wheel_runs_quickstart_by_name_outside_the_repo(wheel, tmp_pat
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=900)
 
     where = subprocess.run([sys.executable, "-c", "import cluster; print(cluster.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, check=True)
